@@ -1,0 +1,65 @@
+"""RANDose on OpenKBP: the paper's recipe and its named variants.
+
+Run (the paper, DESIGN.md section 5; point data.root at the OpenKBP release):
+
+  python -m randose_jax.main --config=configs/openkbp.py \
+      --config.data.root=/path/to/open-kbp/provided-data --workdir=runs/randose
+
+Variants, chosen after a colon (`--config=configs/openkbp.py:smoke`):
+  (none)      the paper: full grid, widths 16..256, 80,000 steps at batch 2.
+  smoke       tiny grid (32^3), widths 4..64, a few steps on the 26 shared
+              patients in ../shared/openkbp; minutes on 2 CPU cores (tests).
+  bench_cpu   the CPU benchmark shape: 64^3, batch 2, widths 8..128, fp32.
+  row1..row5  Table 2a ablations (row5 = the paper).
+  loss1..loss3 Table 2b ablations (loss3 = the paper).
+Variants combine with commas: `:row3,smoke`.
+Expected result of the paper config (paper Table 1, test set): dose score
+2.190, DVH score 1.160.
+"""
+
+import pathlib
+
+from randose_jax import default_config
+
+# The 26 real patients beside a checkout of this repository.
+SHARED_OPENKBP = pathlib.Path(__file__).resolve().parents[2] / "shared" / "openkbp"
+
+
+def _smoke(config):
+  config.data.root = config.data.root or str(SHARED_OPENKBP)
+  config.data.downsample = 4  # 128^3 -> 32^3
+  config.data.num_workers = 0
+  config.model.widths = (4, 8, 16, 32, 64)
+  config.batch_size = 2
+  config.num_train_steps = 6
+  config.log_every_steps = 2
+  config.eval_every_steps = 3
+  config.checkpoint_every_steps = 3
+  config.max_eval_patients = 2
+  config.progress_bar = False
+
+
+def _bench_cpu(config):
+  config.data.root = config.data.root or str(SHARED_OPENKBP)
+  config.data.downsample = 2  # 64^3
+  config.model.widths = (8, 16, 32, 64, 128)
+  config.model.dtype = "float32"
+  config.batch_size = 2
+
+
+_VARIANTS = {"smoke": _smoke, "bench_cpu": _bench_cpu}
+for _row, _switches in default_config.ABLATION_ROWS.items():
+  _VARIANTS[f"row{_row}"] = lambda c, s=_switches: c.model.update(s)
+for _row, _regions in default_config.LOSS_ROWS.items():
+  _VARIANTS[f"loss{_row}"] = lambda c, r=_regions: setattr(
+      c.loss, "regions", tuple(x for x in r if x))
+
+
+def get_config(variants: str = ""):
+  config = default_config.get_default_config()
+  for name in filter(None, (v.strip() for v in variants.split(","))):
+    if name not in _VARIANTS:
+      raise ValueError(f"configs/openkbp.py: unknown variant {name!r}; "
+                       f"choose from {sorted(_VARIANTS)}")
+    _VARIANTS[name](config)
+  return config

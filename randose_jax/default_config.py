@@ -1,0 +1,111 @@
+"""The base configuration every file in `configs/` starts from.
+
+It lives inside the package (not in `configs/`) so that a config file loaded by
+path (`--config=/any/where/openkbp.py`) can import it from an installed
+package. Every choice DESIGN.md makes where the paper is silent is a field here.
+"""
+
+import ml_collections
+
+# Table 2a of the paper: which modules each ablation row switches on.
+ABLATION_ROWS = {
+    1: dict(use_msfe=False, use_csa=False, use_pi=False, use_af=False),  # plain U-Net
+    2: dict(use_msfe=True, use_csa=False, use_pi=False, use_af=False),  # + MSFE
+    3: dict(use_msfe=True, use_csa=True, use_pi=False, use_af=False),  # + CSA (MSCSA)
+    4: dict(use_msfe=True, use_csa=True, use_pi=True, use_af=False),  # + PI
+    5: dict(use_msfe=True, use_csa=True, use_pi=True, use_af=True),  # + AF = RANDose
+}
+
+# Table 2b of the paper: which region terms the loss has.
+LOSS_ROWS = {
+    1: ("",),  # L1 only
+    2: ("ptv",),  # L1 + PTV
+    3: ("ptv", "oar"),  # L1 + PTV + OAR
+}
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+  """The paper's recipe on OpenKBP (DESIGN.md sections 2 to 5)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # ---------------------------------------------------------------- data
+  config.data = data = ml_collections.ConfigDict()
+  # An OpenKBP `provided-data` folder holding train-pats/ and validation-pats/.
+  data.root = ""
+  data.train_split = "train-pats"
+  data.eval_split = "validation-pats"
+  # When set, `num_synthetic_*` phantom patients are written under
+  # <workdir>/synthetic and used instead of `root` (the embedded default).
+  data.synthetic = False
+  data.num_synthetic_train = 16
+  data.num_synthetic_eval = 4
+  data.synthetic_grid = 128  # phantom grid edge (voxels) written on disk
+  # Where the encoded cache lives; "" means <workdir>/cache.
+  data.cache_dir = ""
+  # Integer factor the 128^3 grid is reduced by before training (1 = full
+  # size). Predictions are brought back to the patient's own grid.
+  data.downsample = 1
+  # Input encoding (DESIGN.md section 2).
+  data.ct_clip = (-1024.0, 1500.0)  # HU
+  data.ct_scale = 1000.0  # HU per unit
+  data.dose_scale = 70.0  # Gy per target unit (the PTV70 prescription)
+  data.ptv_values = (0.8, 0.9, 1.0)  # PTV56, PTV63, PTV70 input levels
+  # Geometry-consistent augmentation (DESIGN.md section 1); training only.
+  data.augment = True
+  data.flip_lr = True
+  data.swap_parotids = True
+  data.flip_si = True
+  data.rotate = True  # multiples of 40 degrees about axis 2
+  # grain: multiprocess prefetch workers (0 = in-process; tests use 0).
+  data.num_workers = 2
+  data.worker_buffer_size = 2
+
+  # --------------------------------------------------------------- model
+  config.model = model = ml_collections.ConfigDict()
+  model.name = "randose"
+  model.use_msfe = True
+  model.use_csa = True
+  model.use_pi = True
+  model.use_af = True
+  model.widths = (16, 32, 64, 128, 256)  # one per stage; S = len(widths)
+  model.msfe_kernels = (3, 5, 7)
+  model.pi_kernels = (3, 5, 7)
+  model.msfe_fused = False  # compute MSFE as one conv with summed kernels
+  model.stem_kernel = 3
+  model.blocks_per_stage = 1
+  model.csa_reduction = 4
+  model.alpha_init = 1.0  # CSA: F_CA + alpha * F_SA
+  model.beta_init = 1.0  # AF: F_E^A + beta * F_D^A
+  model.norm = "instance"  # instance | batch-free group | none
+  model.activation = "relu"
+  model.down = "maxpool"  # maxpool | conv (2x2x2 stride 2)
+  model.up = "transpose"  # transpose | resize (trilinear + 1x1x1 conv)
+  model.dtype = "float32"  # float32 | bfloat16 (compute); params stay float32
+  model.remat = False
+
+  # ---------------------------------------------------------------- loss
+  config.loss = loss = ml_collections.ConfigDict()
+  loss.regions = ("ptv", "oar")  # Table 2b row 3
+  # "uncertainty": exp(-s_r) * L1_r + s_r, s_r learned in the parameter tree.
+  # "fixed": constant weights below.
+  loss.mode = "uncertainty"
+  loss.init_log_var = 0.0
+  loss.fixed_weights = (1.0, 1.0)  # (w_PTV, w_OAR) in "fixed" mode
+
+  # ---------------------------------------------------------- training
+  config.optimizer = "adam"
+  config.learning_rate = 1e-4
+  config.lr_schedule = "constant"  # constant | cosine
+  config.warmup_steps = 0
+  config.grad_clip_norm = 0.0  # 0 = no clipping
+  config.batch_size = 2  # global, over all devices and hosts
+  config.num_train_steps = 80_000
+  config.log_every_steps = 50
+  config.eval_every_steps = 2_000
+  config.checkpoint_every_steps = 1_000
+  config.keep_checkpoints = 3  # latest N, plus the best by validation dose score
+  config.eval_tta = False  # 4-flip test-time augmentation at prediction
+  config.max_eval_patients = 0  # 0 = all validation patients
+  config.progress_bar = True
+  return config
