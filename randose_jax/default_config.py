@@ -108,4 +108,6 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.eval_tta = False  # 4-flip test-time augmentation at prediction
   config.max_eval_patients = 0  # 0 = all validation patients
   config.progress_bar = True
+  # Resume order: a checkpoint in the workdir wins, then this one, then scratch.
+  config.init_checkpoint = ""  # a workdir or a checkpoint step folder
   return config
