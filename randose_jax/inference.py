@@ -1,0 +1,71 @@
+"""Forward passes shared by validation, `predict` and `export`.
+
+Test-time augmentation (TTA) averages the four flip combinations that map the
+nine-beam geometry onto itself (DESIGN.md section 1): left/right (grid axis 1,
+array axis 2 of a batch) and superior/inferior (grid axis 2, array axis 3).
+A left/right flip also swaps the parotid channels of the OAR input, and the
+prediction is flipped back before averaging.
+"""
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+INPUT_KEYS = ("ptv", "ct", "oar")
+# OAR channel indices of RightParotid and LeftParotid (official ROI order).
+PAROTID_CHANNELS = (2, 3)
+# Batch axes (N, D, H, W, C): H is patient left/right, W superior/inferior.
+LR_AXIS = 2
+SI_AXIS = 3
+
+Inputs = Mapping[str, jax.Array]
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict:
+  """The model's input dict out of a batch that may hold more keys."""
+  return {k: batch[k] for k in INPUT_KEYS}
+
+
+def flip_inputs(inputs: Inputs, lr: bool, si: bool,
+                swap_parotids: bool = True) -> dict:
+  """Flips a batch of encoded inputs; the left/right flip swaps parotids."""
+  out = {}
+  for key, x in inputs.items():
+    if lr:
+      x = jnp.flip(x, LR_AXIS)
+      if key == "oar" and swap_parotids:
+        r, l = PAROTID_CHANNELS
+        perm = list(range(x.shape[-1]))
+        perm[r], perm[l] = perm[l], perm[r]
+        x = x[..., jnp.array(perm)]
+    if si:
+      x = jnp.flip(x, SI_AXIS)
+    out[key] = x
+  return out
+
+
+def unflip(pred: jax.Array, lr: bool, si: bool) -> jax.Array:
+  if si:
+    pred = jnp.flip(pred, SI_AXIS)
+  if lr:
+    pred = jnp.flip(pred, LR_AXIS)
+  return pred
+
+
+def predict(apply_fn: Callable[[Inputs], jax.Array], inputs: Inputs,
+            tta: bool = False, swap_parotids: bool = True) -> jax.Array:
+  """(N, D, H, W, 1) prediction in target units, optionally 4-flip TTA."""
+  if not tta:
+    return apply_fn(inputs)
+  total = 0.0
+  for lr in (False, True):
+    for si in (False, True):
+      flipped = flip_inputs(inputs, lr, si, swap_parotids)
+      total = total + unflip(apply_fn(flipped), lr, si)
+  return total / 4.0
+
+
+def make_apply_fn(model, params) -> Callable[[Inputs], jax.Array]:
+  """Closes a linen model over its (model-only) parameters."""
+  return lambda inputs: model.apply({"params": params}, model_inputs(inputs))

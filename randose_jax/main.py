@@ -1,0 +1,39 @@
+"""Train and evaluate RANDose.
+
+  python -m randose_jax.main --config=configs/openkbp.py --workdir=runs/randose
+
+Running the same command in the same workdir resumes from its latest
+checkpoint. Notebooks and tests call `train.train_and_evaluate` directly.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from randose_jax import distributed
+from randose_jax import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and predictions go.")
+flags.DEFINE_bool("distributed", False,
+                  "Force jax.distributed.initialize() (multi-host runs are "
+                  "otherwise detected from SLURM / MPI / TPU environments).")
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/openkbp.py[:variant].",
+    lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.maybe_initialize(FLAGS.distributed)
+  logging.info("JAX process %d / %d; devices: %s", jax.process_index(),
+               jax.process_count(), jax.devices())
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,532 @@
+"""Training and evaluation loop: `train_and_evaluate(config, workdir)`.
+
+One `jax.jit`-compiled train step with explicit `NamedSharding`s on a 1-D
+'data' mesh over every device of every process: the batch is split over
+'data', the state is replicated and donated. The same code runs on one CPU,
+one GPU, all GPUs of a host, or several hosts after `jax.distributed`.
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from randose_jax import checkpointing
+from randose_jax import inference
+from randose_jax import losses
+from randose_jax import models
+from randose_jax import evaluation
+from randose_jax.data import cache as cache_lib
+from randose_jax.data import encoding
+from randose_jax.data import openkbp
+from randose_jax.data import phantoms
+from randose_jax.data import pipeline
+from randose_jax.metric_writers import MetricWriter
+
+BATCH_KEYS = ("ptv", "ct", "oar", "target", "mask")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any  # {'model': ..., 'loss': ...}
+  opt_state: Any
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+# --------------------------------------------------------------------- setup
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh named 'data' over `devices` (default: all of every process)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), ("data",))
+
+
+def create_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
+  lr = config.learning_rate
+  if config.lr_schedule == "constant":
+    schedule = optax.constant_schedule(lr)
+  elif config.lr_schedule == "cosine":
+    schedule = optax.cosine_decay_schedule(lr, max(1, config.num_train_steps))
+  else:
+    raise ValueError(f"config.lr_schedule: unknown {config.lr_schedule!r}")
+  if config.warmup_steps:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, config.warmup_steps), schedule],
+        [config.warmup_steps])
+  if config.optimizer == "adam":
+    tx = optax.adam(schedule)
+  elif config.optimizer == "adamw":
+    tx = optax.adamw(schedule)
+  else:
+    raise ValueError(f"config.optimizer: unknown {config.optimizer!r}")
+  if config.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return tx, schedule
+
+
+def dummy_inputs(model_config, batch: int = 1, grid=None) -> dict:
+  """Zeros shaped like the model inputs; parameters do not depend on the
+  grid, so the smallest valid grid (2^(S-1) per axis) is used by default."""
+  if grid is None:
+    grid = (2 ** (len(model_config.widths) - 1),) * 3
+  shape = (batch, *grid)
+  return {"ptv": jnp.zeros(shape + (1,)), "ct": jnp.zeros(shape + (1,)),
+          "oar": jnp.zeros(shape + (7,))}
+
+
+def init_params(model, loss_module, model_config, rng) -> dict:
+  inputs = dummy_inputs(model_config)
+  m_rng, l_rng = jax.random.split(rng)
+  model_params = model.init(m_rng, inputs)["params"]
+  pred = jnp.zeros(inputs["ct"].shape)
+  loss_vars = loss_module.init(l_rng, pred, pred, inputs["ptv"], inputs["oar"])
+  return {"model": model_params, "loss": loss_vars.get("params", {})}
+
+
+@dataclasses.dataclass
+class Trainer:
+  """The pieces of a run that do not change: model, loss, optimizer, mesh."""
+  config: ml_collections.ConfigDict
+  model: Any
+  loss_module: Any
+  tx: optax.GradientTransformation
+  schedule: Callable
+  mesh: Mesh
+
+  @classmethod
+  def create(cls, config, mesh: Optional[Mesh] = None) -> "Trainer":
+    tx, schedule = create_optimizer(config)
+    return cls(config=config, model=models.create_model(config.model),
+               loss_module=losses.create_loss(config.loss), tx=tx,
+               schedule=schedule, mesh=mesh or make_mesh())
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def data_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P("data"))
+
+  def _init_state(self, rng) -> TrainState:
+    params = init_params(self.model, self.loss_module, self.config.model, rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.tx.init(params))
+
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the state, without computing it."""
+    shapes = jax.eval_shape(self._init_state, jax.random.key(0))
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=self.replicated), shapes)
+
+  def init_state(self, seed: int) -> TrainState:
+    """The initial state, created already replicated by a jitted init."""
+    return jax.jit(self._init_state, out_shardings=self.replicated)(
+        jax.random.key(seed))
+
+  # ------------------------------------------------------------- the step
+  def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
+    """One optimisation step. Pure: (state, batch) -> (state, metrics)."""
+
+    def loss_fn(params):
+      pred = self.model.apply({"params": params["model"]},
+                              inference.model_inputs(batch))
+      loss, metrics = self.loss_module.apply(
+          {"params": params["loss"]}, pred, batch["target"], batch["ptv"],
+          batch["oar"])
+      return loss, metrics
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics)
+    metrics.update(
+        loss=loss, finite=jnp.isfinite(loss),
+        grad_norm=optax.global_norm(grads),
+        param_norm=optax.global_norm(params["model"]),
+        learning_rate=self.schedule(state.step))
+    return TrainState(step=state.step + 1, params=params,
+                      opt_state=opt_state), metrics
+
+  @functools.cached_property
+  def jit_train_step(self):
+    return jax.jit(self.train_step,
+                   in_shardings=(self.replicated, self.data_sharding),
+                   out_shardings=(self.replicated, self.replicated),
+                   donate_argnums=(0,))
+
+  def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict:
+    """Process-local numpy batch -> global arrays split over 'data'."""
+    out = {}
+    for k in BATCH_KEYS:
+      x = np.asarray(local_batch[k], np.float32)
+      global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+      out[k] = jax.make_array_from_process_local_data(
+          self.data_sharding, x, global_shape)
+    return out
+
+  # ----------------------------------------------------------- prediction
+  @functools.cached_property
+  def _jit_predict(self):
+    def fwd(params, inputs, tta):
+      apply_fn = inference.make_apply_fn(self.model, params)
+      return inference.predict(apply_fn, inputs, tta=tta,
+                               swap_parotids=self.config.data.swap_parotids)
+    return jax.jit(fwd, static_argnums=(2,),
+                   in_shardings=(self.replicated, self.data_sharding),
+                   out_shardings=self.data_sharding)
+
+  def predict_local(self, model_params, examples: list, tta: bool):
+    """Predictions (target units) for this process's examples.
+
+    Every process must call this the same number of times with the same
+    number of examples (pad if needed); rounds of one example per local
+    device go through the sharded forward.
+    """
+    n_local = jax.local_device_count()
+    preds = []
+    for start in range(0, len(examples), n_local):
+      chunk = examples[start:start + n_local]
+      valid = len(chunk)
+      chunk = chunk + [chunk[-1]] * (n_local - valid)
+      local = {k: np.stack([np.asarray(e[k], np.float32) for e in chunk])
+               for k in inference.INPUT_KEYS}
+      global_inputs = {
+          k: jax.make_array_from_process_local_data(
+              self.data_sharding, v, (v.shape[0] * jax.process_count(),)
+              + v.shape[1:]) for k, v in local.items()}
+      out = self._jit_predict(model_params, global_inputs, tta)
+      shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start)
+      rows = np.concatenate([np.asarray(s.data) for s in shards])[:valid]
+      preds.extend(rows[..., 0])
+    return preds
+
+
+# ----------------------------------------------------------------- data
+def prepare_data(config, workdir: pathlib.Path):
+  """Patient folders -> (train cache, eval cache, eval split dir)."""
+  data = config.data
+  if data.synthetic:
+    root = workdir / "synthetic"
+    if jax.process_index() == 0:
+      for split, n, first, seed in (
+          (data.train_split, data.num_synthetic_train, 1, config.seed),
+          (data.eval_split, data.num_synthetic_eval,
+           1 + data.num_synthetic_train, config.seed + 1)):
+        folder = root / split
+        if not (folder.is_dir() and len(list(folder.glob("pt_*"))) == n):
+          logging.info("Writing %d synthetic patients to %s", n, folder)
+          phantoms.write_phantoms(folder, n, grid=data.synthetic_grid,
+                                  seed=seed, first_id=first)
+  else:
+    if not data.root:
+      raise ValueError(
+          "config.data.root is empty: point it at an OpenKBP provided-data "
+          "folder (holding train-pats/ and validation-pats/), e.g. "
+          "--config.data.root=/path/to/open-kbp/provided-data, or use "
+          "configs/demo.py for synthetic patients.")
+    root = pathlib.Path(data.root).expanduser()
+  cache_root = pathlib.Path(data.cache_dir or workdir / "cache").expanduser()
+  caches = []
+  for split in (data.train_split, data.eval_split):
+    dirs = openkbp.list_patient_dirs(root / split)
+    if jax.process_index() == 0:
+      cache_lib.build_cache(dirs, cache_root / split, data)
+    _barrier(f"cache_{split}")
+    caches.append(cache_lib.build_cache(dirs, cache_root / split, data))
+  return caches[0], caches[1], root / data.eval_split
+
+
+def _barrier(name: str):
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+# ------------------------------------------------------------ evaluation
+def local_indices(n: int) -> list:
+  """This process's share of n items, padded so every process has as many."""
+  per = math.ceil(n / jax.process_count())
+  mine = list(range(jax.process_index(), n, jax.process_count()))
+  return mine + [None] * (per - len(mine))
+
+
+def _allreduce_sums(values: np.ndarray) -> np.ndarray:
+  if jax.process_count() == 1:
+    return values
+  return np.asarray(multihost_utils.process_allgather(values)).sum(0)
+
+
+def evaluate(trainer: Trainer, model_params, eval_cache, *, tta: bool = False,
+             max_patients: int = 0, write_dir: Optional[pathlib.Path] = None,
+             constant_gy: Optional[float] = None) -> dict:
+  """Dose score and DVH score of the model on the cached eval patients.
+
+  With `constant_gy`, scores the baseline that predicts that dose everywhere
+  inside the possible-dose mask instead of the model. With `write_dir`,
+  writes each prediction as the official `pt_*.csv`.
+  """
+  n = len(eval_cache)
+  if max_patients:
+    n = min(n, max_patients)
+  indices = local_indices(n)
+  evaluator = evaluation.Evaluator()
+  real = [i for i in indices if i is not None]
+  padded = [i if i is not None else (real[-1] if real else 0) for i in indices]
+  if constant_gy is None:
+    examples = [eval_cache[i] for i in padded]
+    preds = trainer.predict_local(model_params, examples, tta)
+  else:
+    preds = [None] * len(padded)
+  for i, pred in zip(indices, preds):
+    if i is None:
+      continue
+    ref = eval_cache.reference(i)
+    if constant_gy is None:
+      dose = encoding.decode_dose(pred, ref.possible_dose_mask,
+                                  trainer.config.data)
+    else:
+      dose = np.where(ref.possible_dose_mask, constant_gy, 0.0)
+    evaluator.add(ref, dose)
+    if write_dir is not None:
+      openkbp.write_prediction_csv(write_dir / f"{ref.patient_id}.csv", dose,
+                                   overwrite=True)
+  sums = _allreduce_sums(np.asarray(evaluator.partial_sums(), np.float64))
+  return evaluation.scores_from_sums(sums)
+
+
+def mean_training_dose(train_cache) -> float:
+  """Mean dose (Gy) over the possible-dose voxels of all training patients."""
+  total, count = 0.0, 0
+  for i in range(len(train_cache)):
+    ref = train_cache.reference(i)
+    total += float(ref.dose[ref.possible_dose_mask].sum())
+    count += int(ref.possible_dose_mask.sum())
+  return total / max(count, 1)
+
+
+# ----------------------------------------------------------------- loop
+def learned_scalars(params) -> dict:
+  """alpha (CSA), beta (AF) and the loss's region weights, for logging."""
+  out = {}
+  flat = flax.traverse_util.flatten_dict(params["model"], sep="/")
+  for path, v in flat.items():
+    name = path.rsplit("/", 1)[-1]
+    if name in ("alpha", "beta") and np.size(v) == 1:
+      out[f"scalars/{path}"] = float(np.asarray(v).reshape(()))
+  for name, v in flax.traverse_util.flatten_dict(params["loss"],
+                                                  sep="/").items():
+    v = float(np.asarray(v).reshape(()))
+    out[f"loss_params/{name}"] = v
+    if name.startswith("log_var_"):
+      out[f"loss_params/weight_{name[len('log_var_'):]}"] = math.exp(-v)
+  return out
+
+
+def _restore_or_init(trainer: Trainer, ckpt: checkpointing.Checkpointer,
+                     config) -> tuple[TrainState, Optional[dict], int]:
+  abstract = checkpointing.as_saveable(trainer.abstract_state())
+  restored = ckpt.restore(abstract, "latest")
+  if restored is None:
+    restored = ckpt.restore(abstract, "best")
+  if restored is not None:
+    state = TrainState(**restored["state"])
+    step = int(restored["step"])
+    logging.info("Resuming from the checkpoint at step %d in %s", step,
+                 ckpt.root)
+    print(f"Resuming from checkpoint at step {step} ({ckpt.root})",
+          flush=True)
+    return state, restored, step
+  state = trainer.init_state(config.seed)
+  if config.init_checkpoint:
+    init = checkpointing.Checkpointer(config.init_checkpoint, keep=1,
+                                      async_save=False)
+    got = init.restore(abstract, "best") or init.restore(abstract, "latest")
+    init.close()
+    if got is None:
+      raise checkpointing.CheckpointError(
+          f"config.init_checkpoint={config.init_checkpoint}: no checkpoint")
+    state = state.replace(params=TrainState(**got["state"]).params)
+    print(f"Initialised parameters from {config.init_checkpoint} "
+          f"(step {got['step']})", flush=True)
+  return state, None, 0
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
+                       mesh: Optional[Mesh] = None) -> dict:
+  """Trains per `config`, validating and checkpointing into `workdir`.
+
+  Returns the final summary: validation scores of the best checkpoint and,
+  for comparison, of the mean-training-dose baseline.
+  """
+  workdir = pathlib.Path(workdir).expanduser()
+  workdir.mkdir(parents=True, exist_ok=True)
+  if config.batch_size % jax.device_count():
+    raise ValueError(
+        f"config.batch_size={config.batch_size} must be divisible by the "
+        f"number of devices ({jax.device_count()}).")
+  train_cache, eval_cache, eval_dir = prepare_data(config, workdir)
+  trainer = Trainer.create(config, mesh)
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+  state, restored, start_step = _restore_or_init(trainer, ckpt, config)
+
+  local_batch = config.batch_size // jax.process_count()
+  train_ds = pipeline.train_dataset(
+      train_cache, config, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  train_iter = iter(train_ds)
+  if restored is not None:
+    train_iter.set_state(restored["data"])
+  best = checkpointing.best_meta(workdir)
+  best_score = best["dose_score"] if best else math.inf
+  config_dict = json.loads(config.to_json_best_effort())
+
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  if start_step == 0:
+    writer.write_hparams(config_dict)
+  logging.info("Training %s on %d devices (%d processes), local batch %d",
+               config.model.name, jax.device_count(), jax.process_count(),
+               local_batch)
+  bar = None
+  if config.progress_bar and jax.process_index() == 0:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(total=config.num_train_steps, initial=start_step,
+                    unit="step", dynamic_ncols=True, desc="train")
+
+  pending, all_finite = [], jnp.ones((), bool)
+  last_saved = start_step if restored is not None else None
+  t0, compile_s = time.time(), None
+  step = start_step
+  for step in range(start_step + 1, config.num_train_steps + 1):
+    batch = trainer.shard_batch(next(train_iter))
+    state, metrics = trainer.jit_train_step(state, batch)
+    all_finite = jnp.logical_and(all_finite, metrics["finite"])
+    pending.append(metrics)
+    if compile_s is None:
+      jax.block_until_ready(metrics["loss"])
+      compile_s = time.time() - t0
+      writer.write_scalars(step, {"perf/first_step_seconds": compile_s})
+      t0, t0_step = time.time(), step
+    if bar is not None:
+      bar.update(1)
+    is_last = step == config.num_train_steps
+    do_log = step % config.log_every_steps == 0 or is_last
+    do_eval = step % config.eval_every_steps == 0 or is_last
+    do_ckpt = step % config.checkpoint_every_steps == 0 or is_last
+    if do_log or do_ckpt or do_eval:
+      if not bool(all_finite):
+        ckpt.wait()
+        where = (f"the last good checkpoint is step {last_saved} in "
+                 f"{ckpt.root}" if last_saved else "no checkpoint was saved")
+        msg = (f"Training stopped: the loss became NaN or infinite between "
+               f"step {step - len(pending) + 1} and step {step}; {where}. "
+               "Try a lower learning rate or config.grad_clip_norm.")
+        if bar is not None:
+          bar.close()
+        writer.close()
+        ckpt.close()
+        raise NonFiniteLossError(msg)
+    if do_log and pending:
+      host = jax.device_get(pending)
+      summary = {f"train/{k}": float(np.mean([m[k] for m in host]))
+                 for k in host[0] if k != "finite"}
+      elapsed = time.time() - t0
+      if step > t0_step:
+        summary["perf/steps_per_second"] = (step - t0_step) / max(elapsed,
+                                                                  1e-9)
+      summary.update(learned_scalars(jax.device_get(state.params)))
+      writer.write_scalars(step, summary)
+      if bar is not None:
+        bar.set_postfix(loss=f"{summary['train/loss']:.4f}")
+      pending = []
+    if do_eval:
+      scores = evaluate(trainer, state.params["model"], eval_cache,
+                        max_patients=config.max_eval_patients)
+      writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
+      msg = (f"step {step}: validation dose score {scores['dose_score']:.4f}, "
+             f"DVH score {scores['dvh_score']:.4f}")
+      if scores["dose_score"] < best_score:
+        best_score = scores["dose_score"]
+        ckpt.save_best(step, checkpointing.as_saveable(state),
+                       train_iter.get_state(), config_dict,
+                       dict(step=step, **scores))
+        msg += " (best so far)"
+      logging.info(msg)
+      if bar is not None:
+        bar.write(msg)
+      elif jax.process_index() == 0:
+        print(msg, flush=True)
+    if do_ckpt:
+      ckpt.save_latest(step, checkpointing.as_saveable(state),
+                       train_iter.get_state(), config_dict,
+                       dict(step=step))
+      last_saved = step
+  if bar is not None:
+    bar.close()
+  ckpt.wait()
+
+  summary = finish(trainer, ckpt, state, train_cache, eval_cache, workdir,
+                   config)
+  writer.write_scalars(step, {f"final/{k}": v for k, v in summary.items()
+                              if isinstance(v, (int, float))})
+  writer.close()
+  ckpt.close()
+  return summary
+
+
+def finish(trainer, ckpt, state, train_cache, eval_cache, workdir, config):
+  """Scores the best checkpoint, writes its validation predictions + zip."""
+  abstract = checkpointing.as_saveable(trainer.abstract_state())
+  best = ckpt.restore(abstract, "best")
+  params = best["state"]["params"] if best else state.params
+  best_step = best["step"] if best else int(state.step)
+  out_dir = workdir / "predictions" / config.data.eval_split
+  out_dir.mkdir(parents=True, exist_ok=True)
+  scores = evaluate(trainer, params["model"], eval_cache,
+                    tta=config.eval_tta, max_patients=0, write_dir=out_dir)
+  _barrier("predictions_written")
+  zip_path = out_dir.with_suffix(".zip")
+  if jax.process_index() == 0:
+    openkbp.write_submission_zip(out_dir, zip_path, overwrite=True)
+  baseline = evaluate(trainer, None, eval_cache,
+                      constant_gy=mean_training_dose(train_cache))
+  summary = {
+      "checkpoint_step": best_step,
+      "dose_score": scores["dose_score"],
+      "dvh_score": scores["dvh_score"],
+      "num_patients": scores.get("num_patients"),
+      "tta": bool(config.eval_tta),
+      "baseline_mean_dose_score": baseline["dose_score"],
+      "baseline_mean_dvh_score": baseline["dvh_score"],
+      "predictions": str(out_dir),
+      "submission_zip": str(zip_path),
+  }
+  if jax.process_index() == 0:
+    tmp = workdir / "validation_scores.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(workdir / "validation_scores.json")
+    print(f"Validation ({summary['num_patients']} patients, checkpoint step "
+          f"{best_step}): dose score {summary['dose_score']:.4f}, "
+          f"DVH score {summary['dvh_score']:.4f}\n"
+          f"Baseline (mean training dose inside the mask): dose score "
+          f"{summary['baseline_mean_dose_score']:.4f}, DVH score "
+          f"{summary['baseline_mean_dvh_score']:.4f}\n"
+          f"Predictions: {out_dir} (zip: {zip_path})", flush=True)
+  return summary
