@@ -1,0 +1,179 @@
+"""Export a trained model as a self-contained inference artifact.
+
+  python -m randose_jax.export --workdir=runs/randose --output=randose.zip \
+      [--checkpoint=best] [--tta]
+
+The artifact is one zip file:
+  model.jaxexport   `jax.export` serialization of the forward pass (StableHLO)
+                    with a symbolic batch size, for CPU and CUDA;
+  params.msgpack    the model parameters (flax msgpack);
+  meta.json         input keys/channels, grid, dose scale, versions.
+`load(path)` runs it without building the model (no Flax module code needed):
+
+  model = randose_jax.export.load("randose.zip")
+  dose_target_units = model({"ptv": ptv, "ct": ct, "oar": oar})  # (N,D,H,W,1)
+"""
+
+import json
+import pathlib
+import sys
+import zipfile
+
+from absl import app
+from absl import flags
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from randose_jax import inference
+from randose_jax import restore
+
+FORMAT_VERSION = 1
+INPUT_CHANNELS = {"ptv": 1, "ct": 1, "oar": 7}
+DEFAULT_PLATFORMS = ("cpu", "cuda")
+
+
+def _input_specs(grid, batch):
+  return {k: jax.ShapeDtypeStruct((batch, *grid, c), jnp.float32)
+          for k, c in INPUT_CHANNELS.items()}
+
+
+def export_model(model, model_params, grid, *, tta=False, swap_parotids=True,
+                 platforms=DEFAULT_PLATFORMS):
+  """`jax.export.Exported` of params, inputs -> (N, *grid, 1) float32."""
+
+  def forward(params, inputs):
+    apply_fn = inference.make_apply_fn(model, params)
+    return inference.predict(apply_fn, inputs, tta=tta,
+                             swap_parotids=swap_parotids)
+
+  (batch,) = jax.export.symbolic_shape("b")
+  param_specs = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype),
+      model_params)
+  return jax.export.export(jax.jit(forward), platforms=tuple(platforms))(
+      param_specs, _input_specs(grid, batch))
+
+
+def save_artifact(path, exported, model_params, meta: dict) -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  params_np = jax.tree.map(np.asarray, jax.device_get(model_params))
+  with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    zf.writestr("model.jaxexport", bytes(exported.serialize()))
+    zf.writestr("params.msgpack", flax.serialization.msgpack_serialize(
+        params_np))
+    zf.writestr("meta.json", json.dumps(meta, indent=2))
+  tmp.replace(path)
+  return path
+
+
+class ExportedModel:
+  """A loaded artifact: call it with the encoded inputs."""
+
+  def __init__(self, exported, params, meta):
+    self.exported = exported
+    self.params = params
+    self.meta = meta
+
+  @property
+  def grid(self):
+    return tuple(self.meta["grid"])
+
+  def __call__(self, inputs) -> np.ndarray:
+    """inputs: {'ptv','ct','oar'} float32 (N, D, H, W, C) -> (N, D, H, W, 1)."""
+    args = {}
+    for k, c in INPUT_CHANNELS.items():
+      if k not in inputs:
+        raise ValueError(f"exported model: missing input {k!r}")
+      x = jnp.asarray(inputs[k], jnp.float32)
+      if x.ndim != 5 or x.shape[1:] != (*self.grid, c):
+        raise ValueError(f"exported model: input {k!r} has shape {x.shape}, "
+                         f"expected (N, {', '.join(map(str, self.grid))}, {c})")
+      args[k] = x
+    return np.asarray(self.exported.call(self.params, args))
+
+
+def load(path) -> ExportedModel:
+  """Loads an artifact written by `export` (no model code is built)."""
+  path = pathlib.Path(path)
+  try:
+    with zipfile.ZipFile(path) as zf:
+      names = set(zf.namelist())
+      missing = {"model.jaxexport", "params.msgpack", "meta.json"} - names
+      if missing:
+        raise ValueError(f"{path}: not a randose_jax export (missing "
+                         f"{sorted(missing)})")
+      meta = json.loads(zf.read("meta.json"))
+      exported = jax.export.deserialize(bytearray(zf.read("model.jaxexport")))
+      params = flax.serialization.msgpack_restore(zf.read("params.msgpack"))
+  except zipfile.BadZipFile as e:
+    raise ValueError(f"{path}: not a zip file ({e})") from e
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{path}: format version {meta.get('format_version')}, "
+                     f"this library reads {FORMAT_VERSION}")
+  return ExportedModel(exported, params, meta)
+
+
+def export_workdir(workdir, output, checkpoint="best", tta=False,
+                   platforms=DEFAULT_PLATFORMS) -> pathlib.Path:
+  restored = restore.restore_from_workdir(workdir, checkpoint)
+  config = restored.config
+  grid = _training_grid(config)
+  model_params = restored.params["model"]
+  exported = export_model(restored.trainer.model, model_params, grid, tta=tta,
+                          swap_parotids=config.data.swap_parotids,
+                          platforms=platforms)
+  meta = {
+      "format_version": FORMAT_VERSION,
+      "grid": list(grid),
+      "inputs": INPUT_CHANNELS,
+      "output": "dose / dose_scale, (N, D, H, W, 1) float32",
+      "dose_scale_gy": float(config.data.dose_scale),
+      "downsample": int(config.data.downsample),
+      "tta": bool(tta),
+      "platforms": list(exported.platforms),
+      "checkpoint": restored.which,
+      "checkpoint_step": restored.step,
+      "jax_version": jax.__version__,
+      "config": json.loads(config.to_json_best_effort()),
+  }
+  return save_artifact(output, exported, model_params, meta)
+
+
+def _training_grid(config):
+  """The grid the model sees: OpenKBP's 128^3 (or the phantom grid) /
+  config.data.downsample."""
+  edge = config.data.synthetic_grid if config.data.synthetic else 128
+  return (edge // config.data.downsample,) * 3
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+flags.DEFINE_string("output", None, "Artifact path (.zip).")
+flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
+flags.DEFINE_bool("tta", False, "Bake 4-flip test-time augmentation in.")
+flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
+                  "Platforms to lower for (cpu, cuda, rocm, tpu).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir or not FLAGS.output:
+    raise app.UsageError("--workdir and --output are required")
+  try:
+    path = export_workdir(FLAGS.workdir, FLAGS.output, FLAGS.checkpoint,
+                          FLAGS.tta, tuple(FLAGS.platforms))
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  size = path.stat().st_size / 2**20
+  print(f"Exported {FLAGS.workdir} ({FLAGS.checkpoint}) to {path} "
+        f"({size:.1f} MiB)")
+
+
+if __name__ == "__main__":
+  app.run(main)

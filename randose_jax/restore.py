@@ -1,0 +1,59 @@
+"""Rebuild a trained model from its workdir: config + parameters."""
+
+import dataclasses
+import pathlib
+from typing import Any, Optional
+
+import ml_collections
+
+from randose_jax import checkpointing
+
+
+@dataclasses.dataclass
+class Restored:
+  config: ml_collections.ConfigDict
+  trainer: Any  # train.Trainer
+  params: Any  # {'model': ..., 'loss': ...}
+  step: int
+  which: str
+
+
+def parse_checkpoint_flag(value: str) -> tuple[str, Optional[int]]:
+  """'best' | 'latest' | STEP -> (kind, step)."""
+  if value in ("best", "latest"):
+    return value, None
+  try:
+    return "latest", int(value)
+  except ValueError:
+    raise ValueError(f"--checkpoint must be best, latest or a step number, "
+                     f"got {value!r}") from None
+
+
+def restore_from_workdir(workdir, checkpoint: str = "best",
+                         mesh=None) -> Restored:
+  """Model, config and parameters of a trained workdir.
+
+  `checkpoint='best'` falls back to the latest checkpoint when the run never
+  validated (no best checkpoint yet).
+  """
+  from randose_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = pathlib.Path(workdir).expanduser()
+  if not (workdir / "checkpoints").is_dir():
+    raise checkpointing.CheckpointError(
+        f"{workdir}: no checkpoints/ folder (is this a training workdir?)")
+  which, step = parse_checkpoint_flag(checkpoint)
+  ckpt = checkpointing.Checkpointer(workdir, keep=1, async_save=False)
+  try:
+    if which == "best" and not ckpt.steps("best"):
+      which = "latest"
+    _, config_dict = checkpointing.read_config_dict(workdir, which, step)
+    config = ml_collections.ConfigDict(config_dict)
+    trainer = train.Trainer.create(config, mesh)
+    abstract = checkpointing.as_saveable(trainer.abstract_state())
+    got = ckpt.restore(abstract, which, step)
+  finally:
+    ckpt.close()
+  if got is None:
+    raise checkpointing.CheckpointError(f"{workdir}: no {which} checkpoint")
+  return Restored(config=config, trainer=trainer, params=got["state"]["params"],
+                  step=int(got["step"]), which=which)
