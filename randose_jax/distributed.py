@@ -25,6 +25,9 @@ def maybe_initialize(force: bool = False) -> None:
   """Initialises jax.distributed for multi-process runs, else does nothing."""
   if not (force or _multi_process_environment()):
     return
+  # CPU-only multi-process runs (and tests on loopback) need a collectives
+  # implementation; it does not affect GPU or TPU runs.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize()
   logging.info("jax.distributed: process %d of %d, %d local / %d global "
                "devices", jax.process_index(), jax.process_count(),
