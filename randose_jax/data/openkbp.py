@@ -1,0 +1,490 @@
+"""The OpenKBP on-disk format: reading patients, writing predictions.
+
+One folder per patient (`pt_<n>`), one sparse CSV per item (DESIGN.md section
+1). A sparse CSV has the header line `,data`; each following line holds a flat
+C-order voxel index and, for `ct.csv` and `dose.csv`, a value. Mask files
+(`possible_dose_mask.csv` and the ROI files) leave the value empty.
+
+The reader is vectorised numpy: the file is read as bytes and every field is
+parsed at once (right-aligned fixed-width digit gathers). Files that the fast
+path does not recognise (exponents, `nan`, stray text, blank lines) go through
+a plain per-line parser, which either reads them or raises a `DataError`
+naming the file, the line and the problem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import secrets
+import zipfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+
+# Official channel order of the structure masks.
+ROI_NAMES = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid",
+             "Esophagus", "Larynx", "Mandible", "PTV56", "PTV63", "PTV70")
+OAR_NAMES = ROI_NAMES[:7]
+TARGET_NAMES = ROI_NAMES[7:]  # PTV56, PTV63, PTV70
+# Prescription of each target, Gy (the number in its name).
+PRESCRIPTIONS_GY = {"PTV56": 56.0, "PTV63": 63.0, "PTV70": 70.0}
+GRID_SHAPE = (128, 128, 128)
+# Stored CT values are HU + CT_OFFSET; air (-1024 HU) is stored as 0 = absent.
+CT_OFFSET = 1024.0
+
+CT_FILE = "ct.csv"
+DOSE_FILE = "dose.csv"
+MASK_FILE = "possible_dose_mask.csv"
+VOXEL_DIMENSIONS_FILE = "voxel_dimensions.csv"
+# Project extension: three integers declaring a grid other than 128^3.
+GRID_SHAPE_FILE = "grid_shape.csv"
+
+
+class DataError(ValueError):
+  """Bad input data; the message names the file and what is wrong with it."""
+
+
+@dataclasses.dataclass
+class Patient:
+  """One patient at its own grid (D, H, W), axes as in DESIGN.md section 1.
+
+  Attributes:
+    patient_id: folder name, e.g. "pt_10".
+    ct: float32 (D, H, W), HU + 1024 as stored (0 = air / absent).
+    dose: float64 (D, H, W) in Gy, or None for a patient to predict.
+    structure_masks: bool (D, H, W, 10), channels in `ROI_NAMES` order.
+    roi_present: bool (10,), False where the ROI was not contoured.
+    possible_dose_mask: bool (D, H, W), voxels that can receive dose.
+    voxel_dimensions: float64 (3,), mm per voxel along each axis.
+  """
+  patient_id: str
+  ct: np.ndarray
+  dose: np.ndarray | None
+  structure_masks: np.ndarray
+  roi_present: np.ndarray
+  possible_dose_mask: np.ndarray
+  voxel_dimensions: np.ndarray
+
+  @property
+  def grid_shape(self) -> tuple[int, int, int]:
+    return tuple(self.ct.shape)
+
+
+# ------------------------------------------------------------ folders
+
+
+def _patient_sort_key(path: Path):
+  # Numeric order (pt_2 before pt_10), so the order does not depend on how
+  # many digits the ids have.
+  match = re.fullmatch(r"pt_(\d+)", path.name)
+  return (0, int(match.group(1)), path.name) if match else (1, 0, path.name)
+
+
+def list_patient_dirs(split_dir: str | os.PathLike) -> list[Path]:
+  """The `pt_*` folders of a split folder, in numeric id order.
+
+  Raises:
+    DataError: the folder does not exist or holds no `pt_*` folder.
+  """
+  split_dir = Path(split_dir)
+  if not split_dir.is_dir():
+    raise DataError(f"{split_dir}: patients folder not found")
+  dirs = [p for p in split_dir.iterdir() if p.is_dir() and p.name.startswith("pt_")]
+  if not dirs:
+    raise DataError(f"{split_dir}: no patient folders (pt_*) in it")
+  return sorted(dirs, key=_patient_sort_key)
+
+
+# ------------------------------------------------------- small files
+
+
+def _read_small_numbers(path: Path, what: str) -> list[str]:
+  try:
+    text = path.read_text(errors="replace")
+  except OSError as e:
+    raise DataError(f"{path}: cannot read {what}: {e}") from e
+  return [t for t in re.split(r"[\s,]+", text) if t]
+
+
+def read_voxel_dimensions(path: str | os.PathLike) -> np.ndarray:
+  """float64 (3,) voxel size in mm: three positive numbers, one per line."""
+  path = Path(path)
+  tokens = _read_small_numbers(path, "voxel dimensions")
+  try:
+    values = np.array([float(t) for t in tokens], np.float64)
+  except ValueError:
+    values = None
+  if values is None or values.shape != (3,) or not np.all(np.isfinite(values)) \
+      or not np.all(values > 0):
+    raise DataError(f"{path}: expected three positive numbers (voxel size in "
+                    f"mm), got {tokens[:6]!r}")
+  return values
+
+
+def read_grid_shape(patient_dir: str | os.PathLike) -> tuple[int, int, int]:
+  """The patient's grid: `grid_shape.csv` if present, else (128, 128, 128)."""
+  path = Path(patient_dir) / GRID_SHAPE_FILE
+  if not path.exists():
+    return GRID_SHAPE
+  tokens = _read_small_numbers(path, "grid shape")
+  try:
+    shape = tuple(int(t) for t in tokens)
+  except ValueError:
+    shape = ()
+  if len(shape) != 3 or min(shape) < 1:
+    raise DataError(f"{path}: expected three positive integers, got {tokens[:6]!r}")
+  return shape
+
+
+# -------------------------------------------------------- sparse CSV
+
+_NL, _COMMA, _DOT, _MINUS = 10, 44, 46, 45
+_U64 = np.uint64
+_ASCII_ZEROS = _U64(0x3030303030303030)
+_HIGH_NIBBLES = _U64(0xF0F0F0F0F0F0F0F0)
+_SIXES = _U64(0x0606060606060606)
+# _KEEP[n]: the top n bytes of a little-endian word (the last n characters).
+_KEEP = np.array([0] + [(~0 << (8 * (8 - n))) & (2**64 - 1) for n in range(1, 9)],
+                 np.uint64)
+_POW10_FLOAT = 10.0 ** np.arange(9)
+
+
+def _parse_digit_words(words: np.ndarray, ends: np.ndarray, lengths: np.ndarray):
+  """Parses up to 8 ASCII digits ending at each `ends` (exclusive), at once.
+
+  SWAR parsing: the 8 bytes before each end are loaded as one little-endian
+  uint64 (first character = lowest byte); bytes left of the field become
+  b'0', and three multiply-add steps combine digit pairs, then pairs of pairs,
+  then the two halves. `words[p]` must be the uint64 at byte offset p.
+
+  Returns (values uint64, all_digits bool): all_digits is False where a field
+  holds a byte other than 0-9.
+  """
+  keep = _KEEP[lengths]
+  x = (words[ends - 8] & keep) | (_ASCII_ZEROS & ~keep)
+  # Every byte is 0x30..0x39: high nibble 3, and adding 6 leaves it 3.
+  all_digits = (((x & _HIGH_NIBBLES) == _ASCII_ZEROS)
+                & (((x + _SIXES) & _HIGH_NIBBLES) == _ASCII_ZEROS))
+  x = x - _ASCII_ZEROS
+  x = (x * _U64(10) + (x >> _U64(8))) & _U64(0x00FF00FF00FF00FF)
+  x = (x * _U64(100) + (x >> _U64(16))) & _U64(0x0000FFFF0000FFFF)
+  x = (x * _U64(10000) + (x >> _U64(32))) & _U64(0x00000000FFFFFFFF)
+  return x, all_digits
+
+
+def _parse_fast(body: bytes, with_values: bool):
+  """Vectorised parse of a regular sparse CSV body (header removed).
+
+  Accepts only lines `<1-8 digits>,<value>`, a value being `-?<0-8 digits>`
+  and optionally `.<0-8 digits>` (at least one digit), or anything (ignored)
+  when `with_values` is False. Returns (indices int64, values
+  float64 | None), or None when the body is not of that form; every byte
+  of an accepted body has been checked.
+  """
+  # 8 leading newlines let the first field load the 8 bytes before its end.
+  buf = b"\n" * 8 + body
+  a = np.frombuffer(buf, np.uint8)
+  words = np.ndarray((a.size - 7,), "<u8", buf, strides=(1,))  # unaligned view
+  newlines = np.flatnonzero(a == _NL)[8:]
+  commas = np.flatnonzero(a == _COMMA)
+  n = newlines.size
+  if commas.size != n:
+    return None
+  starts = np.empty(n, np.int64)
+  starts[:1] = 8
+  starts[1:] = newlines[:-1] + 1
+  # Equal counts and each comma inside its own line <=> one comma per line.
+  lengths = commas - starts
+  if n and not (lengths.min() >= 1 and lengths.max() <= 8 and np.all(commas < newlines)):
+    return None
+  indices, ok = _parse_digit_words(words, commas, lengths)
+  if not ok.all():
+    return None
+  indices = indices.astype(np.int64)
+  if not with_values:
+    return indices, None
+
+  begin = commas + 1
+  # Decimal point of each line; a line without one ends its integer part at
+  # the newline.
+  points = np.flatnonzero(a == _DOT)
+  if points.size == n and np.all(points >= begin) and np.all(points < newlines):
+    dots = points  # the common case: one point in every value
+  else:
+    lines = np.searchsorted(newlines, points)
+    if np.any(np.diff(lines) == 0) or np.any(points < begin[lines]):
+      return None  # two points in a value, or a point in an index
+    dots = newlines.copy()
+    dots[lines] = points
+  negative = a[begin] == _MINUS
+  if np.count_nonzero(a == _MINUS) != np.count_nonzero(negative):
+    return None  # a '-' that is not the first character of a value
+  begin += negative
+  int_lengths = dots - begin
+  frac_lengths = np.maximum(newlines - dots - 1, 0)
+  if n and (int_lengths.max() > 8 or frac_lengths.max() > 8
+            or (int_lengths + frac_lengths).min() < 1):
+    return None
+  integer, ok_int = _parse_digit_words(words, dots, int_lengths)
+  fraction, ok_frac = _parse_digit_words(words, newlines, frac_lengths)
+  if not (ok_int.all() and ok_frac.all()):
+    return None
+  mantissa = integer * (10 ** frac_lengths).astype(np.uint64) + fraction
+  if n and mantissa.max() >= 2**53:
+    return None  # more digits than a float64 holds exactly
+  # One correctly rounded division of two exact integers = the nearest
+  # float64 to the decimal text, as strtod gives.
+  values = mantissa.astype(np.float64) / _POW10_FLOAT[frac_lengths]
+  np.negative(values, out=values, where=negative)
+  return indices, values
+
+
+def _outside_grid(path: Path, line: int, index, grid_shape, count: int) -> DataError:
+  num_voxels = int(np.prod(grid_shape))
+  return DataError(f"{path}: line {line}: voxel index {index} is outside the "
+                   f"{'x'.join(map(str, grid_shape))} grid (0..{num_voxels - 1}); "
+                   f"{count} such line(s)")
+
+
+def _parse_lines(path: Path, body: bytes, with_values: bool, grid_shape):
+  """Per-line parser for irregular files; raises DataError on a bad line.
+
+  Returns (indices int64, values float64 | None).
+  """
+  num_voxels = int(np.prod(grid_shape))
+  indices, values = [], []
+  text = body.decode("utf-8", errors="replace")
+  for line_number, line in enumerate(text.split("\n"), start=2):
+    line = line.strip()
+    if not line:
+      continue
+    fields = [f.strip() for f in line.split(",")]
+    if len(fields) > 2 or (with_values and len(fields) != 2):
+      raise DataError(f"{path}: line {line_number}: expected 'index,value', "
+                      f"got {line[:60]!r}")
+    try:
+      index = int(fields[0])
+    except ValueError:
+      try:
+        as_float = float(fields[0])
+      except ValueError:
+        as_float = float("nan")
+      if not as_float.is_integer():
+        raise DataError(f"{path}: line {line_number}: voxel index "
+                        f"{fields[0][:30]!r} is not an integer") from None
+      index = int(as_float)
+    if not 0 <= index < num_voxels:
+      raise _outside_grid(path, line_number, index, grid_shape, 1)
+    indices.append(index)
+    if with_values:
+      if not fields[1]:
+        raise DataError(f"{path}: line {line_number}: missing value")
+      try:
+        value = float(fields[1])
+      except ValueError:
+        raise DataError(f"{path}: line {line_number}: value {fields[1][:30]!r} "
+                        f"is not a number") from None
+      if not np.isfinite(value):
+        raise DataError(f"{path}: line {line_number}: value {fields[1][:30]!r} "
+                        f"is not finite (NaN or inf)")
+      values.append(value)
+  return (np.array(indices, np.int64),
+          np.array(values, np.float64) if with_values else None)
+
+
+def read_sparse_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE, *,
+                    with_values: bool = True):
+  """Reads one sparse OpenKBP CSV.
+
+  Args:
+    path: the CSV file.
+    grid_shape: the grid its flat C-order indices address.
+    with_values: read the `data` column (ct, dose) or only the indices (masks).
+
+  Returns:
+    (indices int64 (n,), values float64 (n,) or None).
+
+  Raises:
+    DataError: unreadable or empty file, a malformed line, a non-numeric or
+      non-finite value, or an index outside the grid.
+  """
+  path = Path(path)
+  try:
+    raw = path.read_bytes()
+  except OSError as e:
+    raise DataError(f"{path}: cannot read: {e}") from e
+  header_end = raw.find(b"\n")
+  header = raw if header_end < 0 else raw[:header_end]
+  if not header.strip():
+    raise DataError(f"{path}: empty file (expected the header line ',data')")
+  if header.lstrip()[:1].isdigit():
+    raise DataError(f"{path}: line 1 is {header[:40]!r}, expected the header "
+                    f"line ',data'")
+  body = b"" if header_end < 0 else raw[header_end + 1:]
+  if b"\r" in body:
+    body = body.replace(b"\r", b"")
+  if body and not body.endswith(b"\n"):
+    body += b"\n"
+
+  parsed = _parse_fast(body, with_values)
+  if parsed is None:
+    return _parse_lines(path, body, with_values, grid_shape)
+  # The fast path only reads digits, so values are finite and indices >= 0.
+  indices, values = parsed
+  outside = np.flatnonzero(indices >= np.prod(grid_shape))
+  if outside.size:
+    row = int(outside[0])  # the fast path saw no blank line: row r is line r + 2
+    raise _outside_grid(path, row + 2, indices[row], grid_shape, outside.size)
+  return indices, values
+
+
+# ----------------------------------------------------------- patients
+
+
+def load_patient(patient_dir: str | os.PathLike) -> Patient:
+  """Reads one OpenKBP patient folder (see `Patient`).
+
+  Required: ct.csv, possible_dose_mask.csv, voxel_dimensions.csv. Optional:
+  dose.csv (absent for patients to predict), each ROI file (absent = not
+  contoured), grid_shape.csv (absent = 128^3).
+
+  Raises:
+    DataError: a missing folder or required file, or a bad file (see
+      `read_sparse_csv`, `read_voxel_dimensions`).
+  """
+  patient_dir = Path(patient_dir)
+  if not patient_dir.is_dir():
+    raise DataError(f"{patient_dir}: patient folder not found")
+  for name in (CT_FILE, MASK_FILE, VOXEL_DIMENSIONS_FILE):
+    if not (patient_dir / name).is_file():
+      raise DataError(f"{patient_dir / name}: missing (every patient needs "
+                      f"{CT_FILE}, {MASK_FILE} and {VOXEL_DIMENSIONS_FILE})")
+  grid = read_grid_shape(patient_dir)
+  num_voxels = int(np.prod(grid))
+
+  def dense(name, dtype, with_values):
+    indices, values = read_sparse_csv(patient_dir / name, grid,
+                                      with_values=with_values)
+    out = np.zeros(num_voxels, dtype)
+    out[indices] = values if with_values else True
+    return out.reshape(grid)
+
+  ct = dense(CT_FILE, np.float32, True)
+  dose = dense(DOSE_FILE, np.float64, True) if (
+      patient_dir / DOSE_FILE).is_file() else None
+  possible_dose_mask = dense(MASK_FILE, bool, False)
+  structure_masks = np.zeros((num_voxels, len(ROI_NAMES)), bool)
+  # An empty ROI file marks nothing: treat it like a missing one.
+  roi_present = np.zeros(len(ROI_NAMES), bool)
+  for channel, name in enumerate(ROI_NAMES):
+    path = patient_dir / f"{name}.csv"
+    if path.is_file():
+      indices, _ = read_sparse_csv(path, grid, with_values=False)
+      structure_masks[indices, channel] = True
+      roi_present[channel] = indices.size > 0
+  return Patient(
+      patient_id=patient_dir.name,
+      ct=ct,
+      dose=dose,
+      structure_masks=structure_masks.reshape(*grid, len(ROI_NAMES)),
+      roi_present=roi_present,
+      possible_dose_mask=possible_dose_mask,
+      voxel_dimensions=read_voxel_dimensions(patient_dir / VOXEL_DIMENSIONS_FILE),
+  )
+
+
+# -------------------------------------------------------- predictions
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False
+                  ) -> Iterator[BinaryIO]:
+  """Opens a temporary file beside `path`; renames it onto `path` on success.
+
+  A reader never sees a half-written file, and a failure leaves `path` as it
+  was. With overwrite=False an existing `path` is refused (FileExistsError),
+  so a user's earlier predictions are never replaced by accident.
+  """
+  path = Path(path)
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"{path}: already exists; pass overwrite=True to "
+                          f"replace it")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+  try:
+    with open(tmp, "xb") as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def format_sparse_csv(indices: np.ndarray, values: np.ndarray | None = None) -> bytes:
+  """Sparse CSV text: the header `,data`, then `index,value` per voxel.
+
+  Values are written as Python's shortest round-trip repr (as pandas'
+  `to_csv` does); with values None the data column is left empty (masks).
+  """
+  indices = np.asarray(indices, np.int64).tolist()
+  if values is None:
+    lines = [f"{i},\n" for i in indices]
+  else:
+    values = np.asarray(values, np.float64).tolist()
+    lines = [f"{i},{v!r}\n" for i, v in zip(indices, values)]
+  return (",data\n" + "".join(lines)).encode()
+
+
+def write_prediction_csv(path: str | os.PathLike, dose_gy: np.ndarray, *,
+                         overwrite: bool = False) -> Path:
+  """Writes a predicted dose (float (D, H, W), Gy) in the submission format.
+
+  Raises:
+    FileExistsError: `path` exists and overwrite is False.
+    ValueError: dose_gy is not 3-D or holds NaN / inf.
+  """
+  dose_gy = np.asarray(dose_gy)
+  if dose_gy.ndim != 3:
+    raise ValueError(f"{path}: dose must be (D, H, W), got shape {dose_gy.shape}")
+  if not np.all(np.isfinite(dose_gy)):
+    raise ValueError(f"{path}: refusing to write a dose with NaN or inf")
+  flat = dose_gy.astype(np.float64).ravel()
+  indices = np.flatnonzero(flat)  # the official writer keeps nonzero voxels
+  data = format_sparse_csv(indices, flat[indices])
+  with atomic_output(path, overwrite=overwrite) as f:
+    f.write(data)
+  return Path(path)
+
+
+def read_prediction_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE) -> np.ndarray:
+  """float64 (D, H, W) Gy from a prediction (or dose) CSV; absent voxels = 0."""
+  indices, values = read_sparse_csv(path, grid_shape, with_values=True)
+  dose = np.zeros(int(np.prod(grid_shape)), np.float64)
+  dose[indices] = values
+  return dose.reshape(grid_shape)
+
+
+def write_submission_zip(pred_dir: str | os.PathLike, zip_path: str | os.PathLike,
+                         *, overwrite: bool = False) -> Path:
+  """Zips the `pt_*.csv` files of `pred_dir` (flat) for the leaderboard.
+
+  Raises:
+    DataError: `pred_dir` holds no `pt_*.csv`.
+    FileExistsError: `zip_path` exists and overwrite is False.
+  """
+  pred_dir = Path(pred_dir)
+  files = sorted((p for p in pred_dir.glob("pt_*.csv") if p.is_file()),
+                 key=lambda p: _patient_sort_key(p.with_suffix("")))
+  if not files:
+    raise DataError(f"{pred_dir}: no prediction files (pt_*.csv) to zip")
+  with atomic_output(zip_path, overwrite=overwrite) as f:
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+      for path in files:
+        archive.write(path, arcname=path.name)
+  return Path(zip_path)

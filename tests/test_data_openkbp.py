@@ -1,0 +1,324 @@
+"""The OpenKBP reader, bad-input errors, prediction writer and phantoms."""
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from randose_jax.data import openkbp
+from randose_jax.data import phantoms
+from randose_jax.data.openkbp import DataError
+
+
+def snapshot(folder: Path) -> dict:
+  """Every file under `folder` with its mtime and bytes."""
+  return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes())
+          for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def expect_data_error(patient_dir: Path, file_name: str, *words: str):
+  """load_patient fails with a DataError naming the file and the problem,
+  and leaves the folder exactly as it was."""
+  before = snapshot(patient_dir)
+  with pytest.raises(DataError) as info:
+    openkbp.load_patient(patient_dir)
+  message = str(info.value)
+  assert str(patient_dir / file_name) in message
+  for word in words:
+    assert word in message
+  assert snapshot(patient_dir) == before
+
+
+def replace_line(path: Path, line_number: int, new_line: str):
+  lines = path.read_text().splitlines()
+  lines[line_number - 1] = new_line
+  path.write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------- reading
+
+
+def test_load_phantom_patient(phantom_split):
+  patient = openkbp.load_patient(phantom_split / "pt_1")
+  shape = (16, 16, 16)
+  assert patient.patient_id == "pt_1"
+  assert patient.ct.shape == shape and patient.ct.dtype == np.float32
+  assert patient.dose.shape == shape and patient.dose.dtype == np.float64
+  assert patient.structure_masks.shape == shape + (10,)
+  assert patient.structure_masks.dtype == bool
+  assert patient.possible_dose_mask.dtype == bool
+  assert patient.voxel_dimensions.shape == (3,)
+  files = {p.stem for p in (phantom_split / "pt_1").glob("*.csv")}
+  assert list(patient.roi_present) == [name in files for name in openkbp.ROI_NAMES]
+  np.testing.assert_array_equal(patient.structure_masks.any((0, 1, 2)),
+                                patient.roi_present)
+
+
+def test_missing_dose_and_missing_roi(phantom_patient):
+  (phantom_patient / "dose.csv").unlink()
+  (phantom_patient / "PTV70.csv").unlink()
+  (phantom_patient / "Brainstem.csv").write_text(",data\n")  # contoured as empty
+  patient = openkbp.load_patient(phantom_patient)
+  assert patient.dose is None
+  assert not patient.roi_present[openkbp.ROI_NAMES.index("PTV70")]
+  assert not patient.roi_present[openkbp.ROI_NAMES.index("Brainstem")]
+  assert not patient.structure_masks[..., -1].any()
+
+
+def test_list_patient_dirs_numeric_order(tmp_path):
+  for name in ("pt_10", "pt_2", "pt_100", "pt_1"):
+    (tmp_path / name).mkdir()
+  (tmp_path / "notes.txt").write_text("not a patient")
+  (tmp_path / "pt_3.csv").write_text("a file, not a folder")
+  names = [p.name for p in openkbp.list_patient_dirs(tmp_path)]
+  assert names == ["pt_1", "pt_2", "pt_10", "pt_100"]
+
+
+def test_list_patient_dirs_empty_or_missing(tmp_path):
+  with pytest.raises(DataError, match="no patient folders"):
+    openkbp.list_patient_dirs(tmp_path)
+  with pytest.raises(DataError, match="not found"):
+    openkbp.list_patient_dirs(tmp_path / "absent")
+
+
+def write_csv(path: Path, lines: list[str], newline: str = "\n") -> Path:
+  path.write_text(newline.join([",data"] + lines) + newline)
+  return path
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fast_parser_matches_per_line_parser(tmp_path, seed):
+  rng = np.random.default_rng(seed)
+  n = 500
+  indices = np.sort(rng.choice(4096, n, replace=False))
+  values = rng.uniform(-3000, 3000, n) * 10.0 ** rng.integers(-6, 2, n)
+  text = [f"{i},{v:.{d}f}" for i, v, d in zip(indices, values, rng.integers(0, 8, n))]
+  path = write_csv(tmp_path / "x.csv", text)
+  body = path.read_bytes().split(b"\n", 1)[1]
+  fast = openkbp._parse_fast(body, True)
+  assert fast is not None, "these lines are the fast path's format"
+  slow = openkbp._parse_lines(path, body, True, (16, 16, 16))
+  np.testing.assert_array_equal(fast[0], slow[0])
+  np.testing.assert_array_equal(fast[1], slow[1])  # bit-exact, as strtod
+  np.testing.assert_array_equal(fast[1], [float(t.split(",")[1]) for t in text])
+
+
+def test_irregular_but_valid_csv(tmp_path):
+  # Exponents, a '+', CRLF, spaces, a blank line and no final newline: the
+  # per-line parser reads what the fast path does not.
+  path = tmp_path / "x.csv"
+  path.write_bytes(b",data\r\n3,1e-05\r\n 7 , +2.5\r\n\r\n4095,1E2")
+  indices, values = openkbp.read_sparse_csv(path, (16, 16, 16))
+  np.testing.assert_array_equal(indices, [3, 7, 4095])
+  np.testing.assert_array_equal(values, [1e-05, 2.5, 100.0])
+  # Integers without a decimal point, and negative values, on the fast path.
+  write_csv(path, ["1,5", "2,-17", "9,0"])
+  indices, values = openkbp.read_sparse_csv(path, (16, 16, 16))
+  np.testing.assert_array_equal(values, [5.0, -17.0, 0.0])
+  # A header and nothing else: no voxels.
+  write_csv(path, [])
+  indices, values = openkbp.read_sparse_csv(path, (16, 16, 16))
+  assert indices.size == 0 and values.size == 0
+
+
+# --------------------------------------------------------------- bad input
+
+
+def test_error_empty_folder(tmp_path):
+  split = tmp_path / "train-pats"
+  split.mkdir()
+  with pytest.raises(DataError) as info:
+    openkbp.list_patient_dirs(split)
+  assert str(split) in str(info.value)
+  assert list(split.iterdir()) == []
+
+
+def test_error_patient_without_ct(phantom_patient):
+  (phantom_patient / "ct.csv").unlink()
+  expect_data_error(phantom_patient, "ct.csv", "missing")
+
+
+def test_error_non_numeric_value(phantom_patient):
+  replace_line(phantom_patient / "ct.csv", 3, "100,abc")
+  expect_data_error(phantom_patient, "ct.csv", "line 3", "'abc'", "not a number")
+
+
+def test_error_non_integer_index(phantom_patient):
+  replace_line(phantom_patient / "PTV70.csv", 2, "x12,")
+  expect_data_error(phantom_patient, "PTV70.csv", "line 2", "not an integer")
+
+
+def test_error_index_outside_grid(phantom_patient):
+  replace_line(phantom_patient / "dose.csv", 4, f"{16**3},12.5")
+  expect_data_error(phantom_patient, "dose.csv", "line 4", "4096", "outside")
+
+
+def test_error_index_outside_grid_in_mask(phantom_patient):
+  replace_line(phantom_patient / "possible_dose_mask.csv", 2, f"{10**12},")
+  expect_data_error(phantom_patient, "possible_dose_mask.csv", "outside")
+
+
+def test_error_nan_value(phantom_patient):
+  replace_line(phantom_patient / "dose.csv", 5, "200,nan")
+  expect_data_error(phantom_patient, "dose.csv", "line 5", "NaN")
+
+
+def test_error_missing_value(phantom_patient):
+  replace_line(phantom_patient / "ct.csv", 2, "17,")
+  expect_data_error(phantom_patient, "ct.csv", "line 2", "missing value")
+
+
+@pytest.mark.parametrize("text", ["4.0\n4.0\n", "4.0\n-4.0\n2.5\n", "4\nabc\n2\n", ""])
+def test_error_voxel_dimensions(phantom_patient, text):
+  (phantom_patient / "voxel_dimensions.csv").write_text(text)
+  expect_data_error(phantom_patient, "voxel_dimensions.csv", "three positive numbers")
+
+
+def test_error_headerless_csv(phantom_patient):
+  path = phantom_patient / "ct.csv"
+  path.write_text(path.read_text().split("\n", 1)[1])  # drop the header
+  expect_data_error(phantom_patient, "ct.csv", "header")
+
+
+def test_error_bad_grid_shape(phantom_patient):
+  (phantom_patient / "grid_shape.csv").write_text("16\n16\n")
+  expect_data_error(phantom_patient, "grid_shape.csv", "three positive integers")
+
+
+# ----------------------------------------------------- the shared patients
+
+
+def reference_read(patient_dir: Path):
+  """A plain independent reading: pandas, then np.put into zeros."""
+  def dense(name, dtype, fill=None):
+    out = np.zeros(128**3, dtype)
+    path = patient_dir / name
+    if not path.exists():
+      return out.reshape(128, 128, 128), False
+    frame = pd.read_csv(path, index_col=0)
+    np.put(out, frame.index.values, frame["data"].values if fill is None else fill)
+    return out.reshape(128, 128, 128), True
+  ct, _ = dense("ct.csv", np.float32)
+  dose, _ = dense("dose.csv", np.float64)
+  mask, _ = dense("possible_dose_mask.csv", bool, 1)
+  rois = [dense(f"{name}.csv", bool, 1) for name in openkbp.ROI_NAMES]
+  spacing = np.loadtxt(patient_dir / "voxel_dimensions.csv")
+  return ct, dose, mask, rois, spacing
+
+
+def test_shared_patients_match_pandas(shared_openkbp):
+  dirs = (openkbp.list_patient_dirs(shared_openkbp / "train-pats")
+          + openkbp.list_patient_dirs(shared_openkbp / "validation-pats"))
+  assert len(dirs) == 26
+  for patient_dir in dirs:
+    patient = openkbp.load_patient(patient_dir)
+    ct, dose, mask, rois, spacing = reference_read(patient_dir)
+    name = patient_dir.name
+    np.testing.assert_array_equal(patient.ct, ct, err_msg=name)
+    # pandas' own float parser may differ from the nearest double by an ulp.
+    np.testing.assert_allclose(patient.dose, dose, rtol=1e-15, atol=0, err_msg=name)
+    np.testing.assert_array_equal(patient.possible_dose_mask, mask, err_msg=name)
+    for channel, (roi, present) in enumerate(rois):
+      np.testing.assert_array_equal(patient.structure_masks[..., channel], roi,
+                                    err_msg=f"{name} {openkbp.ROI_NAMES[channel]}")
+      assert patient.roi_present[channel] == present
+    np.testing.assert_array_equal(patient.voxel_dimensions, spacing)
+    # dose.csv lists exactly the mask's voxels (a few of them with 0.0 Gy).
+    frame = pd.read_csv(patient_dir / "dose.csv", index_col=0)
+    np.testing.assert_array_equal(frame.index.values,
+                                  np.flatnonzero(patient.possible_dose_mask))
+
+
+# ------------------------------------------------------------- predictions
+
+
+def test_prediction_round_trip_and_no_silent_overwrite(tmp_path):
+  rng = np.random.default_rng(0)
+  dose = np.where(rng.random((16, 16, 16)) < 0.3, rng.uniform(0, 80, (16, 16, 16)), 0.0)
+  path = tmp_path / "preds" / "pt_7.csv"
+  openkbp.write_prediction_csv(path, dose)
+  assert path.read_text().startswith(",data\n")
+  assert len(path.read_text().splitlines()) == 1 + np.count_nonzero(dose)
+  np.testing.assert_array_equal(openkbp.read_prediction_csv(path, (16, 16, 16)), dose)
+  # The official reading of the file gives the same dose.
+  frame = pd.read_csv(path, index_col=0)
+  official = np.zeros(16**3)
+  np.put(official, frame.index.values, frame["data"].values)
+  np.testing.assert_allclose(official.reshape(dose.shape), dose, rtol=1e-15)
+
+  before = path.read_bytes()
+  with pytest.raises(FileExistsError, match="overwrite=True"):
+    openkbp.write_prediction_csv(path, dose * 2)
+  assert path.read_bytes() == before
+  openkbp.write_prediction_csv(path, dose * 2, overwrite=True)
+  np.testing.assert_array_equal(openkbp.read_prediction_csv(path, (16, 16, 16)), dose * 2)
+  with pytest.raises(ValueError, match="NaN"):
+    openkbp.write_prediction_csv(tmp_path / "preds" / "pt_8.csv", dose * np.nan)
+  assert sorted(p.name for p in path.parent.iterdir()) == ["pt_7.csv"]  # no temp files
+
+
+def test_submission_zip(tmp_path):
+  preds = tmp_path / "preds"
+  for i in (2, 10):
+    openkbp.write_prediction_csv(preds / f"pt_{i}.csv", np.full((4, 4, 4), float(i)))
+  zip_path = openkbp.write_submission_zip(preds, tmp_path / "submission.zip")
+  with zipfile.ZipFile(zip_path) as archive:
+    assert archive.namelist() == ["pt_2.csv", "pt_10.csv"]
+    assert archive.read("pt_10.csv") == (preds / "pt_10.csv").read_bytes()
+  with pytest.raises(FileExistsError):
+    openkbp.write_submission_zip(preds, zip_path)
+  openkbp.write_submission_zip(preds, zip_path, overwrite=True)
+  with pytest.raises(DataError, match="no prediction files"):
+    openkbp.write_submission_zip(tmp_path / "empty", tmp_path / "x.zip")
+
+
+# ---------------------------------------------------------------- phantoms
+
+
+def test_phantoms_are_seeded_and_plausible(tmp_path):
+  a = phantoms.write_phantoms(tmp_path / "a", 3, grid=32, seed=5, first_id=7)
+  b = phantoms.write_phantoms(tmp_path / "b", 3, grid=32, seed=5, first_id=7)
+  c = phantoms.write_phantoms(tmp_path / "c", 1, grid=32, seed=6, first_id=7)
+  assert [p.name for p in a] == ["pt_7", "pt_8", "pt_9"]
+  strip = lambda snap: {k: v[1] for k, v in snap.items()}
+  assert strip(snapshot(a[0])) == strip(snapshot(b[0]))
+  assert (a[0] / "dose.csv").read_bytes() != (c[0] / "dose.csv").read_bytes()
+  assert (a[0] / "grid_shape.csv").read_text().split() == ["32"] * 3
+  for path in a:
+    patient = openkbp.load_patient(path)
+    mask = patient.possible_dose_mask
+    assert patient.roi_present[openkbp.ROI_NAMES.index("PTV70")]
+    np.testing.assert_array_equal(patient.dose > 0, mask)
+    np.testing.assert_array_equal(patient.ct > 0, mask)  # body is soft tissue or bone
+    assert np.all(patient.voxel_dimensions > 0)
+    for name, gy in openkbp.PRESCRIPTIONS_GY.items():
+      channel = openkbp.ROI_NAMES.index(name)
+      if patient.roi_present[channel]:
+        # A PTV is at least at its prescription, and PTV70 is exactly 70 Gy.
+        in_ptv = patient.dose[patient.structure_masks[..., channel]]
+        assert in_ptv.min() >= gy - 1e-9
+        if name == "PTV70":
+          np.testing.assert_allclose(in_ptv, 70.0)
+    # Dose falls off away from the targets.
+    in_targets = patient.structure_masks[..., 7:].any(-1)
+    assert patient.dose[mask & ~in_targets].mean() < 0.7 * 70
+  # Presence varies between patients (over a few more of them).
+  many = [openkbp.load_patient(p).roi_present
+          for p in phantoms.write_phantoms(tmp_path / "d", 12, grid=16, seed=0)]
+  assert len({tuple(r) for r in many}) > 1
+
+
+def test_phantoms_never_overwrite_other_data(tmp_path):
+  phantoms.write_phantoms(tmp_path, 2, grid=16)
+  before = snapshot(tmp_path)
+  phantoms.write_phantoms(tmp_path, 2, grid=16)  # the same phantoms: kept
+  assert snapshot(tmp_path) == before
+  with pytest.raises(FileExistsError):
+    phantoms.write_phantoms(tmp_path, 2, grid=16, seed=1)
+  (tmp_path / "pt_3").mkdir()
+  (tmp_path / "pt_3" / "ct.csv").write_text("precious")
+  with pytest.raises(FileExistsError):
+    phantoms.write_phantoms(tmp_path, 3, grid=16)
+  assert (tmp_path / "pt_3" / "ct.csv").read_text() == "precious"
