@@ -1,0 +1,160 @@
+"""Scores a folder of predicted doses with the official OpenKBP metrics.
+
+  python -m randose_jax.evaluate \
+      --reference=provided-data/validation-pats --predictions=predictions/ \
+      [--json=scores.json] [--per_roi=per_roi.csv]
+
+--reference holds the patients (`pt_*/` folders with dose.csv); --predictions
+holds one `pt_*.csv` per patient, the submission format. Prints the dose score,
+then the DVH score (DESIGN.md section 6; always in that order). --json writes
+both scores, the counts and each patient's dose error; --per_roi (alias
+--per-roi) writes one row per (patient, ROI, metric). Both are replaced if
+they exist, atomically. Patients are read and scored one at a time.
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+from randose_jax import evaluation
+from randose_jax.data import openkbp
+
+flags.DEFINE_string('reference', None,
+                    'Folder of pt_*/ patient folders, each with dose.csv.')
+flags.DEFINE_string('predictions', None, 'Folder of pt_*.csv predictions (Gy).')
+flags.DEFINE_string('json', None, 'Write the scores here (JSON).')
+flags.DEFINE_string('per_roi', None,
+                    'Write the per-patient, per-ROI DVH metrics here (CSV).')
+flags.DEFINE_alias('per-roi', 'per_roi')
+
+FLAGS = flags.FLAGS
+
+# Called with each reference patient and its prediction (Gy) once scored, e.g.
+# to plot it while it is in memory.
+PatientCallback = Callable[[openkbp.Patient, np.ndarray], None]
+
+
+def _names(paths, limit: int = 10) -> str:
+  names = [str(p) for p in paths]
+  more = f' and {len(names) - limit} more' if len(names) > limit else ''
+  return ', '.join(names[:limit]) + more
+
+
+def match_patients(reference_dir, predictions_dir) -> list[tuple[Path, Path]]:
+  """Pairs each reference patient folder with its prediction file.
+
+  Returns:
+    [(reference patient folder, prediction CSV)] in patient id order.
+
+  Raises:
+    DataError: a missing or empty folder, a reference patient without
+      dose.csv, a reference patient without a prediction, or a prediction
+      without a reference patient (all problems of a kind in one message).
+  """
+  patient_dirs = openkbp.list_patient_dirs(reference_dir)
+  no_dose = [d / openkbp.DOSE_FILE for d in patient_dirs
+             if not (d / openkbp.DOSE_FILE).is_file()]
+  if no_dose:
+    raise openkbp.DataError(
+        f'{reference_dir}: {len(no_dose)} reference patient(s) have no dose '
+        f'to score against: missing {_names(no_dose)}')
+  predictions_dir = Path(predictions_dir)
+  if not predictions_dir.is_dir():
+    raise openkbp.DataError(f'{predictions_dir}: predictions folder not found')
+  predictions = {p.stem: p for p in predictions_dir.glob('pt_*.csv')
+                 if p.is_file()}
+  if not predictions:
+    raise openkbp.DataError(
+        f'{predictions_dir}: no prediction files (pt_*.csv) in it')
+  missing = [predictions_dir / f'{d.name}.csv' for d in patient_dirs
+             if d.name not in predictions]
+  references = {d.name for d in patient_dirs}
+  unmatched = [p for name, p in sorted(predictions.items())
+               if name not in references]
+  problems = []
+  if missing:
+    problems.append(f'{len(missing)} reference patient(s) of '
+                    f'{reference_dir} have no prediction: missing '
+                    f'{_names(missing)}')
+  if unmatched:
+    problems.append(f'{len(unmatched)} prediction(s) have no reference '
+                    f'patient folder in {reference_dir}: {_names(unmatched)}')
+  if problems:
+    raise openkbp.DataError('; '.join(problems))
+  return [(d, predictions[d.name]) for d in patient_dirs]
+
+
+def evaluate_folders(reference_dir, predictions_dir, *,
+                     on_patient: Optional[PatientCallback] = None,
+                     ) -> evaluation.EvaluationResult:
+  """Scores every prediction of `predictions_dir` against `reference_dir`.
+
+  Only one patient is in memory at a time. `on_patient(patient, prediction)`,
+  if given, sees each patient after it is scored.
+
+  Raises:
+    DataError: see `match_patients`, or a bad patient or prediction file.
+  """
+  evaluator = evaluation.Evaluator()
+  for patient_dir, prediction_path in match_patients(reference_dir,
+                                                     predictions_dir):
+    patient = openkbp.load_patient(patient_dir)
+    prediction = openkbp.read_prediction_csv(prediction_path,
+                                             patient.grid_shape)
+    try:
+      error = evaluator.add(patient, prediction)
+    except ValueError as e:
+      raise openkbp.DataError(f'{prediction_path}: {e}') from e
+    logging.info('%s: dose error %.4f Gy', patient.patient_id, error)
+    if on_patient is not None:
+      on_patient(patient, prediction)
+  return evaluator.result()
+
+
+def write_json(result: evaluation.EvaluationResult, path, **extra) -> None:
+  """The scores (dose first), counts and per-patient dose errors, atomically."""
+  summary = dict(result.summary(), **extra)
+  with openkbp.atomic_output(path, overwrite=True) as f:
+    f.write((json.dumps(summary, indent=2) + '\n').encode())
+
+
+def write_per_roi(result: evaluation.EvaluationResult, path) -> None:
+  """CSV: patient_id, roi, metric, reference, prediction, abs_error (Gy)."""
+  with openkbp.atomic_output(path, overwrite=True) as f:
+    f.write(result.metric_table().to_csv(index=False).encode())
+
+
+def format_scores(result: evaluation.EvaluationResult) -> str:
+  return (f'dose score: {result.dose_score:.4f} Gy '
+          f'(mean over {result.num_patients} patients)\n'
+          f'DVH score: {result.dvh_score:.4f} Gy '
+          f'(mean over {result.num_dvh_metrics} DVH metrics)')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  for name in ('reference', 'predictions'):
+    if not FLAGS[name].value:
+      raise app.UsageError(f'--{name} is required')
+  try:
+    result = evaluate_folders(FLAGS.reference, FLAGS.predictions)
+  except openkbp.DataError as e:
+    sys.exit(f'error: {e}')
+  print(format_scores(result))
+  if FLAGS.json:
+    write_json(result, FLAGS.json,
+               reference=str(Path(FLAGS.reference).resolve()),
+               predictions=str(Path(FLAGS.predictions).resolve()))
+  if FLAGS.per_roi:
+    write_per_roi(result, FLAGS.per_roi)
+
+
+if __name__ == '__main__':
+  app.run(main)
