@@ -20,13 +20,16 @@ percentile is negative (the starter kit's `np.percentile` raises). It is
 clipped to 0 here, so D_0.1cc of such an ROI is its minimum dose: the whole ROI
 lies within its hottest 0.1 cc.
 
-Speed, without changing a number: the reference side of a patient (the flat
-voxel indices of each ROI, its metrics, the mask's voxel count) is computed
-once in `Reference`; each ROI's doses are a gather of a few thousand indices
+Speed, without changing a number (benchmarks/evaluator.py): the reference
+side of a patient (each ROI's flat voxel indices from one pass over the
+masks, its metrics, the possible-dose voxels) is computed once in `Reference`,
+which can be kept to score many predictions; each ROI's doses are one gather
 instead of a boolean mask over the whole volume; all percentiles of one ROI
-come from one partial sort; the dose error is summed in cache-sized chunks
-without full-volume temporaries. `Evaluator` takes one patient at a time, so
-scoring 100 patients at 128^3 never holds more than one in memory.
+come from one partial sort; when both doses are zero off the possible-dose
+mask (always so for decoded predictions), the dose error sums over the mask
+voxels only, otherwise over every voxel in cache-sized chunks. `Evaluator`
+takes one patient at a time, so scoring 100 patients at 128^3 never holds more
+than one in memory.
 """
 
 import dataclasses
@@ -35,19 +38,16 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from randose_jax.data.openkbp import OAR_NAMES, ROI_NAMES
+from randose_jax.data import openkbp
 
-# Column order of every (..., 10, 5) metric array.
+# Columns of every (..., 10, 5) metric array; rows are openkbp.ROI_NAMES.
+# OARs have the first two, targets the last three.
 METRIC_NAMES = ('D_0.1_cc', 'mean', 'D_99', 'D_95', 'D_1')
-OAR_METRIC_NAMES = METRIC_NAMES[:2]
-TARGET_METRIC_NAMES = METRIC_NAMES[2:]
 # D99, D95, D1: the dose received by 99%, 95%, 1% of the ROI is the
 # 1st, 5th, 99th percentile of its doses.
 TARGET_PERCENTILES = np.array([1.0, 5.0, 99.0])
-# (10, 5) bool: which metric applies to which ROI.
-METRIC_APPLIES = np.zeros((len(ROI_NAMES), len(METRIC_NAMES)), bool)
-METRIC_APPLIES[:len(OAR_NAMES), :2] = True
-METRIC_APPLIES[len(OAR_NAMES):, 2:] = True
+_NUM_OARS = len(openkbp.OAR_NAMES)
+_METRICS_SHAPE = (len(openkbp.ROI_NAMES), len(METRIC_NAMES))
 
 _CHUNK = 1 << 16  # voxels per chunk of the dose error (512 KiB of float64)
 _BLOCK = 4096  # bytes per block when searching a sparse mask
@@ -140,7 +140,7 @@ class _MetricPlan:
       n = roi.size
       if n == 0:
         continue
-      if r < len(OAR_NAMES):
+      if r < _NUM_OARS:
         q = np.array([max(0.0, 100 - tenth_cc_voxels / n * 100)])
         columns = [0]
         mean_segments.append(len(segments))
@@ -175,18 +175,19 @@ class _MetricPlan:
 
   def metrics(self, dose_flat: np.ndarray) -> np.ndarray:
     """(10, 5) float64 Gy metrics of a flat dose (NaN where none exists)."""
-    metrics = np.full(METRIC_APPLIES.size, np.nan)
+    metrics = np.full(_METRICS_SHAPE, np.nan)
     if not self.segments:
-      return metrics.reshape(METRIC_APPLIES.shape)
+      return metrics
+    cells = metrics.reshape(-1)  # a view
     values = dose_flat[self.indices].astype(np.float64, copy=False)
     if self.mean_segments.size:
       sums = np.add.reduceat(values, self.segment_starts)[self.mean_segments]
-      metrics[self.mean_cells] = sums / self.mean_counts
+      cells[self.mean_cells] = sums / self.mean_counts
     for start, stop, ranks in self.segments:
       values[start:stop].partition(ranks)  # in place: `values` is a copy
     low, high = values[self.below], values[self.above]
-    metrics[self.percentile_cells] = low + (high - low) * self.weight
-    return metrics.reshape(METRIC_APPLIES.shape)
+    cells[self.percentile_cells] = low + (high - low) * self.weight
+    return metrics
 
 
 def dvh_metrics(dose_gy: np.ndarray, structure_masks: np.ndarray,
@@ -201,7 +202,7 @@ def dvh_metrics(dose_gy: np.ndarray, structure_masks: np.ndarray,
     voxel_dimensions: (3,) mm.
 
   Returns:
-    float64 (10, 5) Gy: rows `ROI_NAMES`, columns `METRIC_NAMES`; NaN where the
+    float64 (10, 5) Gy: rows `openkbp.ROI_NAMES`, columns `METRIC_NAMES`; NaN where the
     ROI is absent or empty, or the metric does not apply to it.
   """
   _check_grid(dose_gy, structure_masks.shape[:-1], 'dose_gy')
@@ -285,7 +286,7 @@ class Reference:
     dose = np.ascontiguousarray(dose)
     _check_grid(possible_dose_mask, dose.shape, 'possible_dose_mask',
                 patient_id)
-    _check_grid(structure_masks, dose.shape + (len(ROI_NAMES),),
+    _check_grid(structure_masks, dose.shape + (len(openkbp.ROI_NAMES),),
                 'structure_masks', patient_id)
     mask = np.ascontiguousarray(possible_dose_mask, dtype=bool).reshape(-1)
     support = np.flatnonzero(mask)  # dense enough for the plain search
@@ -375,7 +376,7 @@ class EvaluationResult:
     prediction = self.predicted_metrics[p, r, m]
     return pd.DataFrame({
         'patient_id': np.asarray(self.patient_ids, dtype=object)[p],
-        'roi': np.asarray(ROI_NAMES, dtype=object)[r],
+        'roi': np.asarray(openkbp.ROI_NAMES, dtype=object)[r],
         'metric': np.asarray(METRIC_NAMES, dtype=object)[m],
         'reference': reference,
         'prediction': prediction,
@@ -403,9 +404,10 @@ class Evaluator:
       evaluator.add(patient, prediction)
     result = evaluator.result()         # result.dose_score, result.dvh_score
 
-  Only the small per-patient numbers are kept, never the volumes. Pass a
-  `Reference` (built once) to score many predictions of the same patients
-  without recomputing the reference metrics.
+  Only the small per-patient numbers are kept, never the volumes. A
+  `Reference` built once (`Reference.from_patient`) and kept, e.g. for the
+  validation patients during training, scores later predictions of that
+  patient several times faster than passing the Patient again.
   """
 
   def __init__(self):
@@ -425,10 +427,10 @@ class Evaluator:
       reference: a `Reference`, or a `Patient` with its dose loaded.
       prediction: (D, H, W) Gy on the reference's grid.
     """
-    if not isinstance(reference, Reference):
-      reference = Reference.from_patient(reference)
     if reference.patient_id in self._seen:
       raise ValueError(f'patient {reference.patient_id} was added twice')
+    if not isinstance(reference, Reference):
+      reference = Reference.from_patient(reference)
     error, metrics = reference.score(prediction)
     self._patient_ids.append(reference.patient_id)
     self._seen.add(reference.patient_id)
@@ -437,12 +439,18 @@ class Evaluator:
     self._predicted_metrics.append(metrics)
     return error
 
+  def _stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(reference (P, 10, 5), predicted (P, 10, 5), |errors| of the existing
+    metrics (M,))."""
+    reference = np.stack(self._reference_metrics)
+    predicted = np.stack(self._predicted_metrics)
+    return (reference, predicted,
+            np.abs(reference - predicted)[~np.isnan(reference)])
+
   def result(self) -> EvaluationResult:
     if not self._patient_ids:
       raise ValueError('no patients were added to the Evaluator')
-    reference = np.stack(self._reference_metrics)
-    predicted = np.stack(self._predicted_metrics)
-    abs_errors = np.abs(reference - predicted)[~np.isnan(reference)]
+    reference, predicted, abs_errors = self._stacked()
     return EvaluationResult(
         dose_score=float(np.mean(self._dose_errors)),
         dvh_score=float(abs_errors.mean()) if abs_errors.size else float('nan'),
@@ -458,9 +466,7 @@ class Evaluator:
     """
     if not self._patient_ids:
       return np.zeros(4)
-    reference = np.stack(self._reference_metrics)
-    exists = ~np.isnan(reference)
-    abs_errors = np.abs(reference - np.stack(self._predicted_metrics))[exists]
+    abs_errors = self._stacked()[2]
     return np.array([np.sum(self._dose_errors), len(self._patient_ids),
                      abs_errors.sum(), abs_errors.size], np.float64)
 
