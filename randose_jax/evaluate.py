@@ -25,15 +25,20 @@ import numpy as np
 from randose_jax import evaluation
 from randose_jax.data import openkbp
 
-flags.DEFINE_string('reference', None,
-                    'Folder of pt_*/ patient folders, each with dose.csv.')
-flags.DEFINE_string('predictions', None, 'Folder of pt_*.csv predictions (Gy).')
-flags.DEFINE_string('json', None, 'Write the scores here (JSON).')
-flags.DEFINE_string('per_roi', None,
-                    'Write the per-patient, per-ROI DVH metrics here (CSV).')
-flags.DEFINE_alias('per-roi', 'per_roi')
-
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so library
+  modules can be imported together without clashing flag names."""
+  flags.DEFINE_string('reference', None,
+                      'Folder of pt_*/ patient folders, each with dose.csv.')
+  flags.DEFINE_string('predictions', None,
+                      'Folder of pt_*.csv predictions (Gy).')
+  flags.DEFINE_string('json', None, 'Write the scores here (JSON).')
+  flags.DEFINE_string('per_roi', None,
+                      'Write the per-patient, per-ROI DVH metrics here (CSV).')
+  flags.DEFINE_alias('per-roi', 'per_roi')
 
 # Called with each reference patient and its prediction (Gy) once scored, e.g.
 # to plot it while it is in memory.
@@ -157,4 +162,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

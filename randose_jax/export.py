@@ -151,12 +151,16 @@ def _training_grid(config):
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
-flags.DEFINE_string("output", None, "Artifact path (.zip).")
-flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
-flags.DEFINE_bool("tta", False, "Bake 4-flip test-time augmentation in.")
-flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
-                  "Platforms to lower for (cpu, cuda, rocm, tpu).")
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a program)."""
+  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+  flags.DEFINE_string("output", None, "Artifact path (.zip).")
+  flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
+  flags.DEFINE_bool("tta", False, "Bake 4-flip test-time augmentation in.")
+  flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
+                    "Platforms to lower for (cpu, cuda, rocm, tpu).")
 
 
 def main(argv):
@@ -176,4 +180,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -27,15 +27,21 @@ from randose_jax.data import encoding
 from randose_jax.data import openkbp
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
-flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
-flags.DEFINE_string("patients", None, "Folder of pt_* patient folders.")
-flags.DEFINE_string("output", None, "Folder for the predictions (created).")
-flags.DEFINE_bool("tta", False, "Average the 4 left/right x superior/inferior "
-                  "flips (test-time augmentation).")
-flags.DEFINE_list("formats", ["csv"], "Any of csv, nifti, dicom.")
-flags.DEFINE_string("plots", None, "Folder for dose-slice and DVH plots.")
-flags.DEFINE_bool("overwrite", False, "Replace predictions already in --output.")
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a program)."""
+  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+  flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
+  flags.DEFINE_string("patients", None, "Folder of pt_* patient folders.")
+  flags.DEFINE_string("output", None, "Folder for the predictions (created).")
+  flags.DEFINE_bool("tta", False, "Average the 4 left/right x "
+                    "superior/inferior flips (test-time augmentation).")
+  flags.DEFINE_list("formats", ["csv"], "Any of csv, nifti, dicom.")
+  flags.DEFINE_string("plots", None, "Folder for dose-slice and DVH plots.")
+  flags.DEFINE_bool("overwrite", False,
+                    "Replace predictions already in --output.")
+
 
 FORMATS = ("csv", "nifti", "dicom")
 
@@ -127,4 +133,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
