@@ -60,6 +60,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   # grain: multiprocess prefetch workers (0 = in-process; tests use 0).
   data.num_workers = 2
   data.worker_buffer_size = 2
+  # grain reader threads per process (in each worker, or in the main process
+  # when num_workers = 0); each reads ahead batch_size examples (~90 MB each
+  # at 128^3), so keep it small.
+  data.read_threads = 1
 
   # --------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()

@@ -345,8 +345,97 @@ def read_sparse_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE, *,
 # ----------------------------------------------------------- patients
 
 
-def load_patient(patient_dir: str | os.PathLike) -> Patient:
-  """Reads one OpenKBP patient folder (see `Patient`).
+@dataclasses.dataclass
+class SparsePatient:
+  """A `Patient` as the CSVs hold it: sorted, unique flat C-order voxel
+  indices (int64) with values, the compact form the cache stores and the
+  encoder reads (`Patient` is its dense view, `to_patient`).
+
+  Attributes:
+    patient_id: folder name.
+    grid_shape: (D, H, W).
+    ct_index, ct_value: stored CT voxels, float32 HU + 1024.
+    dose_index, dose_value: float64 Gy, or both None for a patient to predict.
+    mask_index: the possible-dose mask's voxels.
+    roi_index: one index array per ROI, `ROI_NAMES` order (empty = absent).
+    voxel_dimensions: float64 (3,) mm.
+  """
+  patient_id: str
+  grid_shape: tuple[int, int, int]
+  ct_index: np.ndarray
+  ct_value: np.ndarray
+  dose_index: np.ndarray | None
+  dose_value: np.ndarray | None
+  mask_index: np.ndarray
+  roi_index: tuple[np.ndarray, ...]
+  voxel_dimensions: np.ndarray
+
+  @property
+  def roi_present(self) -> np.ndarray:
+    """bool (10,): an empty ROI file marks nothing, like a missing one."""
+    return np.array([index.size > 0 for index in self.roi_index])
+
+  @property
+  def num_voxels(self) -> int:
+    return int(np.prod(self.grid_shape))
+
+  def to_patient(self) -> Patient:
+    """The dense `Patient`."""
+    def dense(index, value, dtype):
+      out = np.zeros(self.num_voxels, dtype)
+      out[index] = value
+      return out.reshape(self.grid_shape)
+    masks = np.zeros((self.num_voxels, len(ROI_NAMES)), bool)
+    for channel, index in enumerate(self.roi_index):
+      masks[index, channel] = True
+    return Patient(
+        patient_id=self.patient_id,
+        ct=dense(self.ct_index, self.ct_value, np.float32),
+        dose=None if self.dose_index is None else dense(
+            self.dose_index, self.dose_value, np.float64),
+        structure_masks=masks.reshape(*self.grid_shape, len(ROI_NAMES)),
+        roi_present=self.roi_present,
+        possible_dose_mask=dense(self.mask_index, True, bool),
+        voxel_dimensions=np.asarray(self.voxel_dimensions, np.float64),
+    )
+
+  @classmethod
+  def from_patient(cls, patient: Patient) -> SparsePatient:
+    """The sparse form of a dense `Patient` (zero CT / dose voxels left out)."""
+    ct = patient.ct.ravel()
+    ct_index = np.flatnonzero(ct)
+    dose_index = dose_value = None
+    if patient.dose is not None:
+      dose = patient.dose.ravel()
+      dose_index = np.flatnonzero(dose)
+      dose_value = dose[dose_index].astype(np.float64)
+    voxels, channels = np.nonzero(patient.structure_masks.reshape(-1, len(ROI_NAMES)))
+    return cls(
+        patient_id=patient.patient_id,
+        grid_shape=tuple(patient.grid_shape),
+        ct_index=ct_index,
+        ct_value=ct[ct_index].astype(np.float32),
+        dose_index=dose_index,
+        dose_value=dose_value,
+        mask_index=np.flatnonzero(patient.possible_dose_mask),
+        roi_index=tuple(voxels[channels == c] for c in range(len(ROI_NAMES))),
+        voxel_dimensions=np.asarray(patient.voxel_dimensions, np.float64),
+    )
+
+
+def _sorted_unique(indices: np.ndarray, values: np.ndarray | None):
+  """Indices in increasing order without repeats; a repeated index keeps its
+  last value (as np.put does). OpenKBP files are sorted already: O(n) check."""
+  if np.all(indices[1:] > indices[:-1]):
+    return indices, values
+  order = np.argsort(indices, kind="stable")
+  indices = indices[order]
+  last = np.append(indices[1:] != indices[:-1], True)
+  return indices[last], None if values is None else values[order][last]
+
+
+def load_sparse_patient(patient_dir: str | os.PathLike) -> SparsePatient:
+  """Reads one OpenKBP patient folder into a `SparsePatient`.
 
   Required: ct.csv, possible_dose_mask.csv, voxel_dimensions.csv. Optional:
   dose.csv (absent for patients to predict), each ROI file (absent = not
@@ -364,37 +453,36 @@ def load_patient(patient_dir: str | os.PathLike) -> Patient:
       raise DataError(f"{patient_dir / name}: missing (every patient needs "
                       f"{CT_FILE}, {MASK_FILE} and {VOXEL_DIMENSIONS_FILE})")
   grid = read_grid_shape(patient_dir)
-  num_voxels = int(np.prod(grid))
 
-  def dense(name, dtype, with_values):
-    indices, values = read_sparse_csv(patient_dir / name, grid,
-                                      with_values=with_values)
-    out = np.zeros(num_voxels, dtype)
-    out[indices] = values if with_values else True
-    return out.reshape(grid)
+  def read(name, with_values=True):
+    return _sorted_unique(*read_sparse_csv(patient_dir / name, grid,
+                                           with_values=with_values))
 
-  ct = dense(CT_FILE, np.float32, True)
-  dose = dense(DOSE_FILE, np.float64, True) if (
-      patient_dir / DOSE_FILE).is_file() else None
-  possible_dose_mask = dense(MASK_FILE, bool, False)
-  structure_masks = np.zeros((num_voxels, len(ROI_NAMES)), bool)
-  # An empty ROI file marks nothing: treat it like a missing one.
-  roi_present = np.zeros(len(ROI_NAMES), bool)
-  for channel, name in enumerate(ROI_NAMES):
-    path = patient_dir / f"{name}.csv"
-    if path.is_file():
-      indices, _ = read_sparse_csv(path, grid, with_values=False)
-      structure_masks[indices, channel] = True
-      roi_present[channel] = indices.size > 0
-  return Patient(
+  ct_index, ct_value = read(CT_FILE)
+  dose_index, dose_value = read(DOSE_FILE) if (
+      patient_dir / DOSE_FILE).is_file() else (None, None)
+  empty = np.zeros(0, np.int64)
+  return SparsePatient(
       patient_id=patient_dir.name,
-      ct=ct,
-      dose=dose,
-      structure_masks=structure_masks.reshape(*grid, len(ROI_NAMES)),
-      roi_present=roi_present,
-      possible_dose_mask=possible_dose_mask,
+      grid_shape=grid,
+      ct_index=ct_index,
+      ct_value=ct_value.astype(np.float32),
+      dose_index=dose_index,
+      dose_value=dose_value,
+      mask_index=read(MASK_FILE, False)[0],
+      roi_index=tuple(read(f"{name}.csv", False)[0] if (
+          patient_dir / f"{name}.csv").is_file() else empty for name in ROI_NAMES),
       voxel_dimensions=read_voxel_dimensions(patient_dir / VOXEL_DIMENSIONS_FILE),
   )
+
+
+def load_patient(patient_dir: str | os.PathLike) -> Patient:
+  """Reads one OpenKBP patient folder (see `Patient`, `load_sparse_patient`).
+
+  Raises:
+    DataError: a missing folder or required file, or a bad file.
+  """
+  return load_sparse_patient(patient_dir).to_patient()
 
 
 # -------------------------------------------------------- predictions

@@ -1,0 +1,278 @@
+"""A compact random-access store of patients, built once from the CSVs.
+
+Layout of a cache folder:
+  <patient_id>-<key16>.npz   one per patient (numpy zip, deflate-compressed):
+      grid_shape int64 (3,), voxel_dimensions float64 (3,),
+      ct_index, mask_index, dose_index, roi_index: voxel indices, each list
+          sorted and stored as uint32 differences (runs of 1 compress to
+          almost nothing); roi_index holds the ten ROIs one after another,
+          roi_counts int64 (10,) says how many each,
+      ct_value: int16 HU + 1024 (float32 if some value is not an integer),
+      dose_value: int32 mGy (float64 Gy if some value is not a whole mGy;
+          absent, with dose_index, for a patient without dose).
+  manifest-<list16>.json     one per list of patient folders: the format
+      version, the encoding settings and, per patient, its key, file name,
+      size and CRC-32.
+
+A patient's key hashes the format version, the encoding settings (DESIGN.md
+section 2 fields of `config.data`) and the name, size and mtime of every file
+in its folder; its file name carries the key, so changed settings or data
+give new files. Files are written under a temporary name and renamed, and a
+file is reused only when the manifest lists it with the same key, size and
+CRC-32; anything else (missing, truncated, corrupt, stale) is rebuilt with a
+logged warning. Files of older settings are left in place (delete the folder
+to reclaim them).
+
+Storage is settings-independent and lossless (the reference dose is exactly
+what the CSV held); the encoding runs at read time, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from randose_jax.data import encoding
+from randose_jax.data import openkbp
+
+FORMAT_VERSION = 1
+_ENCODING_FIELDS = ("ct_clip", "ct_scale", "dose_scale", "ptv_values", "downsample")
+
+
+def encoding_settings(data_config) -> dict:
+  """The `config.data` fields the encoded examples depend on (JSON-able)."""
+  settings = {}
+  for name in _ENCODING_FIELDS:
+    value = data_config[name] if isinstance(data_config, dict) else getattr(data_config, name)
+    settings[name] = list(map(float, value)) if isinstance(value, (tuple, list)) else value
+  settings["downsample"] = int(settings["downsample"])
+  return settings
+
+
+def _hash(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def patient_key(patient_dir: Path, settings: dict) -> str:
+  """Hash of the format, the settings and every source file's name/size/mtime."""
+  files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                 for p in patient_dir.iterdir() if p.is_file())
+  return _hash({"format": FORMAT_VERSION, "settings": settings,
+                "patient": patient_dir.name, "files": files})
+
+
+# ---------------------------------------------------------- file format
+
+
+def _deltas(index: np.ndarray) -> np.ndarray:
+  return np.diff(index, prepend=0).astype(np.uint32)
+
+
+def _undeltas(deltas: np.ndarray) -> np.ndarray:
+  return np.cumsum(deltas, dtype=np.int64)
+
+
+def patient_bytes(patient: openkbp.SparsePatient) -> bytes:
+  """The compressed .npz bytes of one patient (format in the module doc)."""
+  if patient.num_voxels >= 2**32:
+    raise ValueError(f"{patient.patient_id}: grid {patient.grid_shape} too large "
+                     f"for uint32 voxel indices")
+  ct = patient.ct_value
+  ct_int = ct.astype(np.int16)
+  arrays = {
+      "grid_shape": np.array(patient.grid_shape, np.int64),
+      "voxel_dimensions": np.asarray(patient.voxel_dimensions, np.float64),
+      "ct_index": _deltas(patient.ct_index),
+      "ct_value": ct_int if np.array_equal(ct_int, ct) else ct,
+      "mask_index": _deltas(patient.mask_index),
+      # The ten ROIs one after another, differences restarting at each.
+      "roi_index": np.concatenate([_deltas(r) for r in patient.roi_index]),
+      "roi_counts": np.array([r.size for r in patient.roi_index], np.int64),
+  }
+  if patient.dose_index is not None:
+    dose = patient.dose_value
+    milligray = np.rint(dose * 1000).astype(np.int32) if np.all(
+        np.abs(dose) < 2e6) else None
+    # Whole mGy (OpenKBP has three decimals) are stored as integers, exactly:
+    # n / 1000.0 is the double nearest to the CSV's decimal text.
+    lossless = milligray is not None and np.array_equal(milligray / 1000.0, dose)
+    arrays["dose_index"] = _deltas(patient.dose_index)
+    arrays["dose_value"] = milligray if lossless else dose
+  buffer = io.BytesIO()
+  np.savez_compressed(buffer, **arrays)
+  return buffer.getvalue()
+
+
+def read_patient_file(path: Path, patient_id: str) -> openkbp.SparsePatient:
+  """Reads one cached patient.
+
+  Raises:
+    DataError: the file is missing, truncated or corrupt.
+  """
+  try:
+    with np.load(path) as data:
+      arrays = {name: data[name] for name in data.files}
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise openkbp.DataError(f"{path}: unreadable cache file ({e}); rerun "
+                            f"build_cache to rebuild it") from e
+  try:
+    roi_index = []
+    start = 0
+    for count in arrays["roi_counts"]:
+      roi_index.append(_undeltas(arrays["roi_index"][start:start + count]))
+      start += count
+    ct_value = arrays["ct_value"].astype(np.float32)
+    dose_index = dose_value = None
+    if "dose_index" in arrays:
+      dose_index = _undeltas(arrays["dose_index"])
+      dose_value = arrays["dose_value"]
+      dose_value = (dose_value / 1000.0 if dose_value.dtype == np.int32
+                    else dose_value.astype(np.float64))
+    return openkbp.SparsePatient(
+        patient_id=patient_id,
+        grid_shape=tuple(int(n) for n in arrays["grid_shape"]),
+        ct_index=_undeltas(arrays["ct_index"]),
+        ct_value=ct_value,
+        dose_index=dose_index,
+        dose_value=dose_value,
+        mask_index=_undeltas(arrays["mask_index"]),
+        roi_index=tuple(roi_index),
+        voxel_dimensions=arrays["voxel_dimensions"],
+    )
+  except KeyError as e:
+    raise openkbp.DataError(f"{path}: cache file lacks {e}; rerun build_cache "
+                            f"to rebuild it") from e
+
+
+# ------------------------------------------------------------- the cache
+
+
+class _Settings(dict):
+  """A dict whose keys also read as attributes, like `config.data`."""
+
+  def __getattr__(self, name):
+    try:
+      return self[name]
+    except KeyError:
+      raise AttributeError(name) from None
+
+
+class PatientCache:
+  """Encoded patients by index: a grain random-access data source.
+
+  `cache[i]` is `encoding.encode_patient` of patient i (a dict of float32
+  arrays at the training grid, DEVELOPING.md); `reference(i)` is the
+  full-resolution `Patient` (dose in Gy, masks, spacing) for scoring. Both
+  read the cache files, never the CSVs. Pickles small (paths and settings),
+  so grain worker processes can take it.
+  """
+
+  def __init__(self, cache_dir: str | os.PathLike, entries: list[dict], settings: dict):
+    self.cache_dir = Path(cache_dir)
+    self.entries = list(entries)
+    self.settings = _Settings(settings)
+
+  @property
+  def patient_ids(self) -> list[str]:
+    return [entry["patient_id"] for entry in self.entries]
+
+  @property
+  def num_bytes(self) -> int:
+    """Total size of this cache's patient files."""
+    return sum(entry["size"] for entry in self.entries)
+
+  def __len__(self) -> int:
+    return len(self.entries)
+
+  def sparse(self, index: int) -> openkbp.SparsePatient:
+    entry = self.entries[index]
+    return read_patient_file(self.cache_dir / entry["file"], entry["patient_id"])
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return encoding.encode_patient(self.sparse(int(index)), self.settings)
+
+  def reference(self, index: int) -> openkbp.Patient:
+    """Full-resolution scoring data of patient `index` (a `Patient`)."""
+    return self.sparse(int(index)).to_patient()
+
+  def __repr__(self) -> str:
+    return (f"PatientCache({str(self.cache_dir)!r}, {len(self)} patients, "
+            f"{self.num_bytes / 2**20:.1f} MiB)")
+
+
+def _file_ok(path: Path, entry: dict | None) -> bool:
+  if entry is None or not path.is_file() or path.stat().st_size != entry["size"]:
+    return False
+  return zlib.crc32(path.read_bytes()) == entry["crc32"]
+
+
+def build_cache(patient_dirs, cache_dir: str | os.PathLike, data_config,
+                logger: logging.Logger | None = None) -> PatientCache:
+  """Converts patient folders into a cache (or reuses a valid one).
+
+  Args:
+    patient_dirs: OpenKBP patient folders (e.g. `openkbp.list_patient_dirs`).
+    cache_dir: the cache folder (created if needed).
+    data_config: `config.data`; its encoding fields enter the cache key.
+    logger: where rebuild warnings go (default: this module's logger).
+
+  Returns:
+    A `PatientCache` over the patients, in the given order.
+
+  Raises:
+    DataError: a bad patient folder (see `openkbp.load_sparse_patient`).
+  """
+  log = logger or logging.getLogger(__name__)
+  patient_dirs = [Path(p) for p in patient_dirs]
+  if not patient_dirs:
+    raise openkbp.DataError(f"{cache_dir}: no patient folders to cache")
+  cache_dir = Path(cache_dir)
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  settings = encoding_settings(data_config)
+  list_hash = _hash([str(p.resolve()) for p in patient_dirs])[:16]
+  manifest_path = cache_dir / f"manifest-{list_hash}.json"
+
+  old = {}
+  if manifest_path.exists():
+    try:
+      manifest = json.loads(manifest_path.read_text())
+      if manifest.get("format_version") == FORMAT_VERSION:
+        old = {entry["key"]: entry for entry in manifest["patients"]}
+    except (ValueError, KeyError, TypeError) as e:
+      log.warning("%s: unreadable cache manifest (%s); rebuilding the cache",
+                  manifest_path, e)
+
+  entries = []
+  for patient_dir in patient_dirs:
+    if not patient_dir.is_dir():
+      raise openkbp.DataError(f"{patient_dir}: patient folder not found")
+    key = patient_key(patient_dir, settings)
+    file_name = f"{patient_dir.name}-{key[:16]}.npz"
+    path = cache_dir / file_name
+    entry = old.get(key)
+    if _file_ok(path, entry):
+      entries.append(entry)
+      continue
+    if entry is not None or path.exists():
+      log.warning("%s: cache file missing, truncated or corrupt; rebuilding it", path)
+    data = patient_bytes(openkbp.load_sparse_patient(patient_dir))
+    with openkbp.atomic_output(path, overwrite=True) as f:
+      f.write(data)
+    entries.append({"patient_id": patient_dir.name, "source": str(patient_dir.resolve()),
+                    "key": key, "file": file_name, "size": len(data),
+                    "crc32": zlib.crc32(data)})
+
+  manifest = {"format_version": FORMAT_VERSION, "settings": settings,
+              "key": _hash([entry["key"] for entry in entries]),
+              "patients": entries}
+  with openkbp.atomic_output(manifest_path, overwrite=True) as f:
+    f.write(json.dumps(manifest, indent=1).encode())
+  return PatientCache(cache_dir, entries, settings)

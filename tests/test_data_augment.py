@@ -1,0 +1,179 @@
+"""Geometry-consistent augmentation of encoded examples."""
+
+import numpy as np
+import pytest
+
+from randose_jax import default_config
+from randose_jax.data import augment
+from randose_jax.data import encoding
+from randose_jax.data import openkbp
+
+AIR = -1.024
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+  """An encoded 32^3 phantom: realistic masks, ct and dose."""
+  from randose_jax.data import phantoms
+  folder = tmp_path_factory.mktemp("aug")
+  (path,) = phantoms.write_phantoms(folder, 1, grid=32, seed=3)
+  return encoding.encode_patient(openkbp.load_patient(path),
+                                 default_config.get_default_config().data)
+
+
+def smooth_example(n=32):
+  """Smooth ct/target fields and a disc-shaped mask set, centred."""
+  c = (n - 1) / 2
+  i, j, k = np.meshgrid(*[np.arange(n, dtype=np.float32)] * 3, indexing="ij")
+  r2 = ((i - c) ** 2 + (j - c) ** 2) / (n / 4) ** 2
+  blob = np.exp(-((i - c - 3) ** 2 + (j - c) ** 2 + (k - c) ** 2) / 40)
+  oar = np.zeros((n, n, n, 7), np.float32)
+  oar[..., 2] = (i - c - 4) ** 2 + (j - c + 5) ** 2 < 9  # "right parotid"
+  return {
+      "ct": (0.2 * np.cos(i / 5) * np.sin(j / 7) + 0.1 * k / n)[..., None],
+      "target": blob[..., None],
+      "ptv": np.where(blob > 0.5, 1.0, np.where(blob > 0.2, 0.8, 0.0)).astype(np.float32)[..., None],
+      "oar": oar,
+      "mask": (r2 < 3).astype(np.float32)[..., None],
+      "index": np.int32(7),
+  }
+
+
+def assert_examples_equal(a, b):
+  assert set(a) == set(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_flips_twice_are_identity(example):
+  once = augment.flip_lr(example)
+  assert not np.array_equal(once["ct"], example["ct"])
+  assert_examples_equal(augment.flip_lr(once), example)
+  once = augment.flip_si(example)
+  assert not np.array_equal(once["ct"], example["ct"])
+  assert_examples_equal(augment.flip_si(once), example)
+
+
+def test_flips_move_voxels_where_expected(example):
+  lr = augment.flip_lr(example, swap_parotids=False)
+  np.testing.assert_array_equal(lr["ct"], example["ct"][:, ::-1])
+  np.testing.assert_array_equal(lr["oar"], example["oar"][:, ::-1])
+  si = augment.flip_si(example)
+  np.testing.assert_array_equal(si["target"], example["target"][:, :, ::-1])
+  np.testing.assert_array_equal(si["oar"], example["oar"][:, :, ::-1])
+
+
+def test_parotid_swap(example):
+  x = smooth_example()
+  lr = augment.flip_lr(x)
+  np.testing.assert_array_equal(lr["oar"][..., 3], x["oar"][:, ::-1, :, 2])
+  assert not lr["oar"][..., 2].any()
+  np.testing.assert_array_equal(lr["oar"][..., [0, 1, 4, 5, 6]],
+                                x["oar"][:, ::-1][..., [0, 1, 4, 5, 6]])
+  kept = augment.flip_lr(x, swap_parotids=False)
+  np.testing.assert_array_equal(kept["oar"][..., 2], x["oar"][:, ::-1, :, 2])
+  # Folded into a rotation as well.
+  rotated = augment.transform(x, k=2, mirror=True, ct_fill=AIR)
+  plain = augment.transform(x, k=2, mirror=True, swap_parotids=False, ct_fill=AIR)
+  np.testing.assert_array_equal(rotated["oar"][..., 3], plain["oar"][..., 2])
+
+
+def test_rotation_by_zero_is_identity(example):
+  assert_examples_equal(augment.rotate(example, 0, AIR), example)
+  assert_examples_equal(augment.rotate(example, 9, AIR), example)
+
+
+def interior(n, margin):
+  c = (n - 1) / 2
+  i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+  return (i - c) ** 2 + (j - c) ** 2 < (n / 2 - margin) ** 2
+
+
+def test_rotation_there_and_back_is_identity_in_the_interior():
+  x = smooth_example()
+  back = augment.rotate(augment.rotate(x, 1, AIR), 8, AIR)  # 40 + 320 degrees
+  inside = interior(32, 3)
+  for key in ("ct", "target"):
+    error = np.abs(back[key] - x[key])[inside]
+    assert error.max() < 0.05, key  # two bilinear resamplings of a smooth field
+  for key in ("ptv", "oar", "mask"):
+    agree = (back[key] == x[key]).all(-1)[inside].mean()
+    assert agree > 0.97, (key, agree)
+  # Not the identity on the way: 40 degrees moves things.
+  assert np.abs(augment.rotate(x, 1, AIR)["target"] - x["target"]).max() > 0.2
+
+
+def test_rotation_turns_about_the_centre():
+  n = 33  # odd: the centre is a voxel
+  x = {"target": np.zeros((n, n, 4, 1), np.float32)}
+  c = n // 2
+  x["target"][c, c] = 1.0
+  y = augment.rotate(x, 1, AIR)["target"][..., 0, 0]
+  assert y[c, c] == 1.0  # the centre stays
+  x["target"][c, c] = 0.0
+  x["target"][c + 9:c + 12, c - 1:c + 2] = 1.0  # a 3x3 square 10 voxels away
+  y = augment.rotate(x, 1, AIR)["target"][..., 0, 0]
+  i, j = np.indices(y.shape)
+  ci, cj = (y * i).sum() / y.sum(), (y * j).sum() / y.sum()
+  assert np.degrees(np.arctan2(abs(cj - c), ci - c)) == pytest.approx(40, abs=1)
+  assert np.hypot(ci - c, cj - c) == pytest.approx(10, abs=0.3)
+  assert y.sum() == pytest.approx(9, abs=0.2)  # bilinear keeps the mass
+  # The same for every axis-2 slice.
+  z = augment.rotate(x, 1, AIR)["target"]
+  assert all(np.array_equal(z[:, :, s], z[:, :, 0]) for s in range(4))
+
+
+def test_masks_stay_masks(example):
+  levels = set(np.unique(example["ptv"]))
+  for k in range(9):
+    out = augment.transform(example, k=k, mirror=k % 2 == 1, flip_axis2=k > 4, ct_fill=AIR)
+    assert set(np.unique(out["oar"])) <= {0.0, 1.0}
+    assert set(np.unique(out["mask"])) <= {0.0, 1.0}
+    assert set(np.unique(out["ptv"])) <= levels
+    for key in encoding.KEYS:
+      assert out[key].dtype == np.float32 and out[key].shape == example[key].shape
+      assert out[key].flags.c_contiguous
+
+
+def test_out_of_grid_fill():
+  n = 16
+  x = {"ct": np.full((n, n, 2, 1), 0.5, np.float32),
+       "target": np.full((n, n, 2, 1), 0.5, np.float32),
+       "mask": np.ones((n, n, 2, 1), np.float32)}
+  y = augment.rotate(x, 1, AIR)
+  for corner in ((0, 0), (0, n - 1), (n - 1, 0), (n - 1, n - 1)):
+    assert y["ct"][corner][0, 0] == pytest.approx(AIR)  # air, not 0
+    assert y["target"][corner][0, 0] == 0.0
+    assert y["mask"][corner][0, 0] == 0.0
+  assert y["ct"][n // 2, n // 2, 0, 0] == pytest.approx(0.5)
+  data_config = default_config.get_default_config().data
+  assert augment.air_value(data_config) == pytest.approx(AIR)
+  data_config.ct_clip = (-500.0, 500.0)
+  assert augment.air_value(data_config) == pytest.approx(-0.5)
+
+
+def test_inputs_are_not_modified(example):
+  copy = {k: np.array(v) for k, v in example.items()}
+  augment.transform(example, k=3, mirror=True, flip_axis2=True, ct_fill=AIR)
+  assert_examples_equal(example, copy)
+
+
+def test_augment_example_follows_the_config(example):
+  data_config = default_config.get_default_config().data
+  a = augment.augment_example(example, np.random.default_rng(5), data_config)
+  b = augment.augment_example(example, np.random.default_rng(5), data_config)
+  assert_examples_equal(a, b)
+  outcomes = {augment.augment_example(example, np.random.default_rng(s), data_config)
+              ["ct"].tobytes() for s in range(12)}
+  assert len(outcomes) > 6
+  data_config.augment = False
+  assert augment.augment_example(example, np.random.default_rng(5), data_config) is example
+  data_config.augment = True
+  data_config.flip_lr = data_config.flip_si = data_config.rotate = False
+  assert_examples_equal(
+      augment.augment_example(example, np.random.default_rng(5), data_config), example)
+  data_config.flip_si = True  # only SI flips: each output is one of two
+  for seed in range(6):
+    out = augment.augment_example(example, np.random.default_rng(seed), data_config)
+    assert (np.array_equal(out["ct"], example["ct"])
+            or np.array_equal(out["ct"], example["ct"][:, :, ::-1]))

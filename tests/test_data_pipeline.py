@@ -1,0 +1,129 @@
+"""grain datasets: batches, determinism, checkpointable state, evaluation."""
+
+import numpy as np
+import pytest
+
+from randose_jax import default_config
+from randose_jax.data import cache as cache_lib
+from randose_jax.data import openkbp
+from randose_jax.data import pipeline
+
+
+@pytest.fixture(scope="module")
+def cache(phantom_split, tmp_path_factory):
+  return cache_lib.build_cache(openkbp.list_patient_dirs(phantom_split),
+                               tmp_path_factory.mktemp("cache"),
+                               default_config.get_default_config().data)
+
+
+@pytest.fixture
+def config():
+  config = default_config.get_default_config()
+  config.data.num_workers = 0
+  config.batch_size = 2
+  return config
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert set(x) == set(y)
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_train_batches(cache, config):
+  batch = next(iter(pipeline.train_dataset(cache, config, seed=0)))
+  assert set(batch) == {"ptv", "ct", "oar", "target", "mask"}
+  for key, channels in (("ptv", 1), ("ct", 1), ("oar", 7), ("target", 1), ("mask", 1)):
+    assert batch[key].shape == (2, 16, 16, 16, channels), key
+    assert batch[key].dtype == np.float32
+  config.batch_size = 4
+  batch = next(iter(pipeline.train_dataset(cache, config, seed=0, process_index=1,
+                                           process_count=2)))
+  assert batch["ct"].shape[0] == 2
+  with pytest.raises(ValueError, match="divisible"):
+    pipeline.train_dataset(cache, config, seed=0, process_count=3)
+
+
+def test_same_seed_same_batches(cache, config):
+  a = take(iter(pipeline.train_dataset(cache, config, seed=3)), 5)
+  b = take(iter(pipeline.train_dataset(cache, config, seed=3)), 5)
+  c = take(iter(pipeline.train_dataset(cache, config, seed=4)), 5)
+  assert_batches_equal(a, b)
+  assert any(not np.array_equal(x["ct"], y["ct"]) for x, y in zip(a, c))
+
+
+def test_every_patient_each_epoch_unaugmented(cache, config):
+  config.data.augment = False
+  config.batch_size = 1
+  it = iter(pipeline.train_dataset(cache, config, seed=0))
+  examples = [cache[i] for i in range(len(cache))]
+  for _ in range(2):  # two epochs, each a permutation of the patients
+    seen = []
+    for batch in take(it, len(cache)):
+      matches = [i for i, e in enumerate(examples)
+                 if np.array_equal(e["target"], batch["target"][0])
+                 and np.array_equal(e["ct"], batch["ct"][0])]
+      assert len(matches) == 1
+      seen.append(matches[0])
+    assert sorted(seen) == list(range(len(cache)))
+
+
+def test_iterator_state_restores_the_stream(cache, config):
+  it = iter(pipeline.train_dataset(cache, config, seed=1))
+  take(it, 3)
+  state = it.get_state()
+  expected = take(it, 2)
+  fresh = iter(pipeline.train_dataset(cache, config, seed=1))
+  fresh.set_state(state)
+  assert_batches_equal(take(fresh, 2), expected)
+
+
+def test_processes_split_the_stream(cache, config):
+  config.batch_size = 2
+  config.data.augment = False
+  shares = [take(iter(pipeline.train_dataset(cache, config, seed=0, process_index=p,
+                                             process_count=2)), 4) for p in range(2)]
+  whole = take(iter(pipeline.train_dataset(cache, config, seed=0, process_count=1)), 4)
+  # Process p holds elements p, p + 2, ... of the global stream.
+  global_stream = [b["target"][i] for b in whole for i in range(2)]
+  for p, batches in enumerate(shares):
+    mine = [b["target"][0] for b in batches]
+    for got, want in zip(mine, global_stream[p::2]):
+      np.testing.assert_array_equal(got, want)
+
+
+def test_eval_dataset_visits_every_patient_once(cache, config):
+  batches = list(pipeline.eval_dataset(cache, config))
+  assert [int(b["index"][0]) for b in batches] == list(range(len(cache)))
+  for b in batches:
+    assert b["ct"].shape == (1, 16, 16, 16, 1)
+    expected = cache[int(b["index"][0])]
+    for key in expected:
+      np.testing.assert_array_equal(b[key][0], expected[key], err_msg=key)
+  shares = [[int(b["index"][0]) for b in pipeline.eval_dataset(cache, config, p, 3)]
+            for p in range(3)]
+  assert sorted(sum(shares, [])) == list(range(len(cache)))
+
+
+def test_worker_processes(cache, config):
+  in_process = take(iter(pipeline.train_dataset(cache, config, seed=2)), 4)
+  config.data.num_workers = 2
+  streams = []
+  for _ in range(2):
+    it = iter(pipeline.train_dataset(cache, config, seed=2))
+    try:
+      streams.append([{k: np.array(v) for k, v in b.items()} for b in take(it, 4)])
+    finally:
+      it.close()
+  assert_batches_equal(streams[0], streams[1])  # deterministic with workers too
+  # Each worker batches its own share of the same example stream, so the
+  # examples are those of the in-process run, grouped differently.
+  examples = lambda batches: sorted(b[k][i].tobytes() for b in batches for i in range(2)
+                                    for k in ("ct", "target", "oar"))
+  assert examples(streams[0]) == examples(in_process)
