@@ -1,0 +1,403 @@
+"""The building blocks of RANDose (paper section 2; DESIGN.md section 3).
+
+All arrays are channels-last 3D volumes, (N, D, H, W, C). Parameters are always
+float32 (`param_dtype`); `dtype` is the compute dtype (float32 or bfloat16).
+Where numerical range matters (instance-norm statistics, the channel-attention
+pooling and MLP, every sigmoid) the computation runs in float32 and only the
+result is cast back to `dtype`.
+
+Where each equation of the paper lives:
+  MSFE                      section 2.1: F_M = sum_n conv_{n x n x n}(F_In)
+  ChannelAttention          section 2.1: F_CA (GAP, FC, ReLU, FC, sigmoid, scale)
+  SpatialAttention          section 2.1: F_SA (1x1x1 conv, sigmoid, broadcast scale)
+  ChannelSpatialAttention   section 2.1: F_Out = F_CA + alpha * F_SA   (alias CSA)
+  MSCSA                     section 2.1: MSFE -> norm -> activation -> CSA
+  PTVIntegration            section 2.2: F_Int,s
+  AttentionFusion           section 2.3: F_fused,s = F_E,s^A + beta * F_D,s+1^A
+  UNetBlock                 Table 2a row 1: two 3x3x3 conv-norm-act
+"""
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Array = jax.Array
+
+# lax dimension numbers for channels-last 3D convolutions.
+_CONV_DIMS = ("NDHWC", "DHWIO", "NDHWC")
+
+ACTIVATIONS = {
+    "relu": nn.relu,
+    "leaky_relu": nn.leaky_relu,
+    "gelu": nn.gelu,
+    "silu": nn.silu,
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"model.activation: unknown {name!r}; choose from "
+                     f"{sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def conv(features: int, kernel_size: int, dtype: Dtype, name: str,
+         **kwargs) -> nn.Conv:
+  """A k^3 'SAME' conv with bias, float32 params, computing in `dtype`."""
+  return nn.Conv(features, (kernel_size,) * 3, padding="SAME", dtype=dtype,
+                 param_dtype=jnp.float32, name=name, **kwargs)
+
+
+def norm_layer(kind: str, dtype: Dtype, name: str, groups: int = 8):
+  """The normalisation after each conv: a module or the identity.
+
+  'instance': per-sample, per-channel statistics over (D, H, W) with a learned
+    scale and bias (DESIGN.md: batch 2 makes batch norm a poor fit).
+  'group': GroupNorm with gcd(groups, C) groups (also batch-free).
+  'none': identity.
+  Statistics are always reduced in float32 (flax's `force_float32_reductions`).
+  """
+  if kind == "instance":
+    return nn.InstanceNorm(epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+                           name=name)
+  if kind == "group":
+    return lambda x: nn.GroupNorm(
+        num_groups=_gcd(groups, x.shape[-1]), epsilon=1e-5, dtype=dtype,
+        param_dtype=jnp.float32, name=name)(x)
+  if kind == "none":
+    return lambda x: x
+  raise ValueError(f"model.norm: unknown {kind!r}; choose from "
+                   "'instance', 'group', 'none'")
+
+
+def _gcd(a: int, b: int) -> int:
+  while b:
+    a, b = b, a % b
+  return a
+
+
+def conv3d(x: Array, kernel: Array, bias: Array, dtype: Dtype) -> Array:
+  """'SAME' stride-1 3D conv of x (N,D,H,W,Cin) with kernel (k,k,k,Cin,Cout)."""
+  y = jax.lax.conv_general_dilated(
+      x.astype(dtype), kernel.astype(dtype), window_strides=(1, 1, 1),
+      padding="SAME", dimension_numbers=_CONV_DIMS)
+  return y + bias.astype(dtype)
+
+
+class ConvWeights(nn.Module):
+  """The parameters of one k^3 conv, without applying it.
+
+  Returns kernel (k, k, k, in_features, features) and bias (features,), both
+  float32, initialised like `nn.Conv` (LeCun normal on fan-in k^3 * Cin, zero
+  bias). MSFE uses it so both of its compute modes share one param tree.
+  """
+  features: int
+  kernel_size: int
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[Array, Array]:
+    k = self.kernel_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (k, k, k, in_features, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                      jnp.float32)
+    return kernel, bias
+
+
+class MSFE(nn.Module):
+  """Multi-Scale Feature Extraction (paper section 2.1).
+
+  F_M = sum over n in `kernels` of conv_{n x n x n}(F_In): parallel 'SAME'
+  convs, each with its own kernel and bias (params `conv_k3`, `conv_k5`, ...),
+  summed element-wise.
+
+  Because the branches are linear and summed before any nonlinearity, they are
+  exactly one max(n)^3 conv whose kernel is the sum of the branch kernels
+  zero-padded (centred) to max(n)^3, with the summed biases. `fused=True`
+  computes it that way from the SAME parameters: fewer FLOPs (7^3 = 343 taps
+  instead of 27 + 125 + 343 = 495) and one conv instead of three.
+
+  x: (N, D, H, W, Cin) -> (N, D, H, W, features).
+  """
+  features: int
+  kernels: Sequence[int] = (3, 5, 7)
+  fused: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    for k in self.kernels:
+      if k % 2 != 1:
+        raise ValueError(f"model.msfe_kernels: sizes must be odd, got {k}")
+    weights = [ConvWeights(self.features, k, name=f"conv_k{k}")(x.shape[-1])
+               for k in self.kernels]
+    if not self.fused:
+      out = conv3d(x, *weights[0], self.dtype)
+      for kernel, bias in weights[1:]:
+        out = out + conv3d(x, kernel, bias, self.dtype)
+      return out
+    k_max = max(self.kernels)
+    kernel = sum(_pad_kernel(w, k_max) for w, _ in weights)  # float32
+    bias = sum(b for _, b in weights)
+    return conv3d(x, kernel, bias, self.dtype)
+
+
+def _pad_kernel(kernel: Array, size: int) -> Array:
+  """Zero-pads a (k,k,k,Cin,Cout) kernel, centred, to (size,size,size,...)."""
+  p = (size - kernel.shape[0]) // 2
+  return jnp.pad(kernel, [(p, p)] * 3 + [(0, 0)] * 2)
+
+
+class ChannelAttention(nn.Module):
+  """Channel attention (paper section 2.1): F_CA = F_M * a_c.
+
+  a_c = sigmoid(FC_2(ReLU(FC_1(GAP(F_M))))), FC_1: C -> max(1, C // reduction),
+  FC_2: -> C. Pooling, MLP and sigmoid run in float32. The weights a_c
+  (N, C) are sown as intermediates['attention'].
+
+  x: (N, D, H, W, C) -> (N, D, H, W, C).
+  """
+  reduction: int = 4
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3))  # (N, C)
+    h = nn.relu(nn.Dense(max(1, c // self.reduction), name="fc1")(pooled))
+    weights = jax.nn.sigmoid(nn.Dense(c, name="fc2")(h))  # (N, C) in (0, 1)
+    self.sow("intermediates", "attention", weights)
+    return x * weights[:, None, None, None, :].astype(x.dtype)
+
+
+class SpatialAttention(nn.Module):
+  """Spatial attention (paper section 2.1): F_SA = F_M * a_s.
+
+  a_s = sigmoid(conv_{1x1x1}(F_M)), one map (N, D, H, W, 1) broadcast over the
+  channels; the sigmoid runs in float32. The map is sown as
+  intermediates['attention'].
+
+  x: (N, D, H, W, C) -> (N, D, H, W, C).
+  """
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    logits = conv(1, 1, self.dtype, name="conv")(x)
+    weights = jax.nn.sigmoid(logits.astype(jnp.float32))  # in (0, 1)
+    self.sow("intermediates", "attention", weights)
+    return x * weights.astype(x.dtype)
+
+
+class ChannelSpatialAttention(nn.Module):
+  """CSA (paper section 2.1): F_Out = F_CA + alpha * F_SA.
+
+  Both attentions see the same input; alpha is a learned float32 scalar,
+  param 'alpha' (init `alpha_init`).
+
+  x: (N, D, H, W, C) -> (N, D, H, W, C).
+  """
+  reduction: int = 4
+  alpha_init: float = 1.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    f_ca = ChannelAttention(self.reduction, name="channel_attention")(x)
+    f_sa = SpatialAttention(self.dtype, name="spatial_attention")(x)
+    alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (),
+                       jnp.float32)
+    return f_ca + alpha.astype(x.dtype) * f_sa
+
+
+CSA = ChannelSpatialAttention
+
+
+class MSCSA(nn.Module):
+  """Multi-Scale Channel Spatial Attention (paper section 2.1, Fig. 2a).
+
+  MSFE -> norm -> activation -> CSA. With `use_csa=False` it is the "MSFE
+  block" of Table 2a row 2 (MSFE -> norm -> activation): one MSFE per block,
+  so rows 2 and 3 differ by the CSA alone.
+
+  x: (N, D, H, W, Cin) -> (N, D, H, W, features).
+  """
+  features: int
+  msfe_kernels: Sequence[int] = (3, 5, 7)
+  msfe_fused: bool = False
+  use_csa: bool = True
+  csa_reduction: int = 4
+  alpha_init: float = 1.0
+  norm: str = "instance"
+  norm_groups: int = 8
+  activation: str = "relu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = MSFE(self.features, self.msfe_kernels, self.msfe_fused, self.dtype,
+             name="msfe")(x)
+    x = norm_layer(self.norm, self.dtype, "norm", self.norm_groups)(x)
+    x = get_activation(self.activation)(x)
+    if self.use_csa:
+      x = CSA(self.csa_reduction, self.alpha_init, self.dtype, name="csa")(x)
+    return x
+
+
+class UNetBlock(nn.Module):
+  """The plain U-Net block of Table 2a row 1: two 3x3x3 conv-norm-act.
+
+  `use_csa=True` appends a CSA (not a row of the paper; kept so that every
+  combination of the config switches builds).
+
+  x: (N, D, H, W, Cin) -> (N, D, H, W, features).
+  """
+  features: int
+  use_csa: bool = False
+  csa_reduction: int = 4
+  alpha_init: float = 1.0
+  norm: str = "instance"
+  norm_groups: int = 8
+  activation: str = "relu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    act = get_activation(self.activation)
+    for i in range(2):
+      x = conv(self.features, 3, self.dtype, name=f"conv_{i}")(x)
+      x = act(norm_layer(self.norm, self.dtype, f"norm_{i}",
+                         self.norm_groups)(x))
+    if self.use_csa:
+      x = CSA(self.csa_reduction, self.alpha_init, self.dtype, name="csa")(x)
+    return x
+
+
+def resize_ptv(f_p: Array, grid: Sequence[int], method: str = "avgpool"
+               ) -> Array:
+  """Brings F_P (N, D, H, W, C) to a coarser stage grid (d, h, w).
+
+  'avgpool': average pooling with window = stride = D / d per axis (integer
+    factors only): each stage voxel gets the mean PTV feature of the full-size
+    voxels it covers, the same cells the encoder's 2x2x2 poolings merge.
+  'linear': jax.image.resize, (anti-aliased) trilinear.
+  """
+  n, c = f_p.shape[0], f_p.shape[-1]
+  if tuple(grid) == tuple(f_p.shape[1:4]):
+    return f_p
+  if method == "avgpool":
+    factors = []
+    for full, small in zip(f_p.shape[1:4], grid):
+      if full % small:
+        raise ValueError(f"PTV integration: grid {tuple(f_p.shape[1:4])} is "
+                         f"not a multiple of the stage grid {tuple(grid)}")
+      factors.append(full // small)
+    return nn.avg_pool(f_p, tuple(factors), strides=tuple(factors))
+  if method == "linear":
+    return jax.image.resize(f_p, (n, *grid, c), "linear")
+  raise ValueError(f"model.pi_resize: unknown {method!r}; choose from "
+                   "'avgpool', 'linear'")
+
+
+class PTVIntegration(nn.Module):
+  """PTV Integration, PI (paper section 2.2, Fig. 2b), at encoder stage s >= 2.
+
+  F_P is resized to the stage grid (`resize_ptv`, sown as
+  intermediates['ptv_resized']). For each k in `kernels`:
+    F_E,s_k^Att = SA(conv_k(F_E,s)),  F_P_k^Att = SA(conv_k(F_P)),
+  each with its own conv (to `features` = the stage width) and its own spatial
+  attention; all 2 * len(kernels) refined maps are summed and a final spatial
+  attention gives F_Int,s, the input of the stage's MSCSA.
+
+  f_e: (N, d, h, w, C_e) encoder features entering stage s (after pooling).
+  f_p: (N, D, H, W, C_p) stem PTV features at full size.
+  Returns F_Int,s: (N, d, h, w, features).
+  """
+  features: int
+  kernels: Sequence[int] = (3, 5, 7)
+  resize: str = "avgpool"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, f_e: Array, f_p: Array) -> Array:
+    f_p = resize_ptv(f_p, f_e.shape[1:4], self.resize).astype(self.dtype)
+    self.sow("intermediates", "ptv_resized", f_p)
+    refined = []
+    for k in self.kernels:
+      f_e_k = conv(self.features, k, self.dtype, name=f"conv_enc_k{k}")(f_e)
+      refined.append(SpatialAttention(self.dtype, name=f"sa_enc_k{k}")(f_e_k))
+      f_p_k = conv(self.features, k, self.dtype, name=f"conv_ptv_k{k}")(f_p)
+      refined.append(SpatialAttention(self.dtype, name=f"sa_ptv_k{k}")(f_p_k))
+    return SpatialAttention(self.dtype, name="sa_out")(sum(refined))
+
+
+class AttentionFusion(nn.Module):
+  """Attention Fusion, AF (paper section 2.3, Fig. 2c), at decoder stage s.
+
+  F_fused,s = CSA_skip(F_E,s) + beta * CSA_up(F_D,s+1), two separate CSAs and
+  a learned float32 scalar beta, param 'beta' (init `beta_init`).
+
+  f_e: (N, D, H, W, C) skip features; f_d: (N, D, H, W, C) upsampled decoder
+  features. Returns (N, D, H, W, C).
+  """
+  reduction: int = 4
+  alpha_init: float = 1.0
+  beta_init: float = 1.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, f_e: Array, f_d: Array) -> Array:
+    if f_e.shape != f_d.shape:
+      raise ValueError(f"AttentionFusion: skip {f_e.shape} and upsampled "
+                       f"{f_d.shape} features differ in shape")
+    a_e = CSA(self.reduction, self.alpha_init, self.dtype, name="csa_skip")(f_e)
+    a_d = CSA(self.reduction, self.alpha_init, self.dtype, name="csa_up")(f_d)
+    beta = self.param("beta", nn.initializers.constant(self.beta_init), (),
+                      jnp.float32)
+    return a_e + beta.astype(a_d.dtype) * a_d
+
+
+class Downsample(nn.Module):
+  """2x down between encoder stages: (N, D, H, W, C) -> (N, D/2, H/2, W/2, C).
+
+  'maxpool': 2x2x2 max pooling (no params). 'conv': a 2x2x2 stride-2 conv
+  keeping the channel count (param 'conv').
+  """
+  mode: str = "maxpool"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    if self.mode == "maxpool":
+      return nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))
+    if self.mode == "conv":
+      return nn.Conv(x.shape[-1], (2, 2, 2), strides=(2, 2, 2), padding="VALID",
+                     dtype=self.dtype, param_dtype=jnp.float32, name="conv")(x)
+    raise ValueError(f"model.down: unknown {self.mode!r}; choose from "
+                     "'maxpool', 'conv'")
+
+
+class Upsample(nn.Module):
+  """2x up in the decoder: (N, D, H, W, Cin) -> (N, 2D, 2H, 2W, features).
+
+  'transpose': a 2x2x2 stride-2 transposed conv. 'resize': trilinear resize
+  then a 1x1x1 conv. Either way the param is 'conv'.
+  """
+  features: int
+  mode: str = "transpose"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    if self.mode == "transpose":
+      return nn.ConvTranspose(self.features, (2, 2, 2), strides=(2, 2, 2),
+                              padding="VALID", dtype=self.dtype,
+                              param_dtype=jnp.float32, name="conv")(x)
+    if self.mode == "resize":
+      n, d, h, w, c = x.shape
+      x = jax.image.resize(x, (n, 2 * d, 2 * h, 2 * w, c), "linear")
+      return conv(self.features, 1, self.dtype, name="conv")(x)
+    raise ValueError(f"model.up: unknown {self.mode!r}; choose from "
+                     "'transpose', 'resize'")

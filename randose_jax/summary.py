@@ -1,0 +1,219 @@
+"""Parameters and forward FLOPs of the configured network, without running it.
+
+  python -m randose_jax.summary --config=configs/openkbp.py[:variant] \
+      [--grid=128] [--json]
+
+Prints the parameter count of each top-level module (stem_*, encoder_s, pi_s,
+up_s, af_s, decoder_s, head), per kind and in total, and the forward GFLOPs of
+one sample (batch 1) at a grid^3 input. Nothing is executed: parameters come
+from `jax.eval_shape` of `init`, FLOPs from XLA's cost analysis of the lowered
+forward (`jax.jit(apply).lower(...).cost_analysis()`, HLO before optimisation;
+`--compile` uses the compiled executable's instead), cross-checked against an
+analytic count of the convolutions in the forward's jaxpr
+(2 * Cin * Cout * valid kernel taps per output voxel, per conv; padding taps
+excluded, as XLA counts them). With --json the last line printed is a JSON
+object with at least `params` and `gflops_per_sample`.
+"""
+
+import collections
+import json
+import re
+import time
+from typing import Any, Callable, Sequence
+
+from absl import app
+from absl import flags
+import jax
+from jax.extend import core as jex_core
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from randose_jax import models
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/openkbp.py:row3.",
+    lock_config=True)
+_GRID = flags.DEFINE_integer("grid", 128, "Edge of the cubic input grid.")
+_JSON = flags.DEFINE_bool("json", False,
+                          "Print a JSON object as the last line.")
+_COMPILE = flags.DEFINE_bool(
+    "compile", False, "Take FLOPs from the compiled executable (slower) "
+    "instead of the lowered HLO.")
+
+
+def abstract_inputs(grid: Sequence[int], batch: int = 1) -> dict[str, Any]:
+  """ShapeDtypeStructs of the model inputs at `grid` (D, H, W)."""
+  grid = tuple(grid)
+  return {
+      "ptv": jax.ShapeDtypeStruct((batch, *grid, 1), jnp.float32),
+      "ct": jax.ShapeDtypeStruct((batch, *grid, 1), jnp.float32),
+      "oar": jax.ShapeDtypeStruct((batch, *grid, 7), jnp.float32),
+  }
+
+
+def abstract_params(model, inputs) -> Any:
+  """The params tree of `model` as ShapeDtypeStructs (nothing computed)."""
+  variables = jax.eval_shape(model.init, jax.random.key(0), inputs)
+  return variables["params"]
+
+
+_STEMS = ("stem_ptv", "stem_ct", "stem_oar")
+_ENCODER_ORDER = ("down", "pi", "encoder")
+_DECODER_ORDER = ("up", "af", "decoder")
+
+
+def _network_order(name: str):
+  """Sort key: stems, encoder stages 1..S, decoder stages S-1..1, head."""
+  if name in _STEMS:
+    return (0, 0, _STEMS.index(name))
+  match = re.fullmatch(r"([a-z]+)_(\d+)", name)
+  if match and match.group(1) in _ENCODER_ORDER:
+    return (1, int(match.group(2)), _ENCODER_ORDER.index(match.group(1)))
+  if match and match.group(1) in _DECODER_ORDER:
+    return (2, -int(match.group(2)), _DECODER_ORDER.index(match.group(1)))
+  return (3 if name == "head" else 4, 0, name)
+
+
+def params_per_module(params) -> dict[str, int]:
+  """Parameter count of each top-level module, in network order."""
+  return {name: int(sum(np.prod(leaf.shape) for leaf in
+                        jax.tree_util.tree_leaves(params[name])))
+          for name in sorted(params, key=_network_order)}
+
+
+def params_per_kind(per_module: dict[str, int]) -> dict[str, int]:
+  """Sums `per_module` by kind: the name without its stage suffix."""
+  kinds = collections.OrderedDict()
+  for name, count in per_module.items():
+    kind = re.sub(r"_\d+$", "", name)
+    kind = "stem" if kind.startswith("stem_") else kind
+    kinds[kind] = kinds.get(kind, 0) + count
+  return dict(kinds)
+
+
+def _valid_taps(in_size, out_size, kernel, stride, pad_lo, lhs_dil, rhs_dil):
+  """Number of (output position, kernel tap) pairs that read a real input."""
+  out = np.arange(out_size)[:, None]
+  tap = np.arange(kernel)[None, :]
+  pos = out * stride + tap * rhs_dil - pad_lo  # in the dilated input
+  ok = (pos >= 0) & (pos <= (in_size - 1) * lhs_dil) & (pos % lhs_dil == 0)
+  return int(ok.sum())
+
+
+def _conv_eqn_flops(eqn) -> int:
+  lhs = eqn.invars[0].aval.shape
+  rhs = eqn.invars[1].aval.shape
+  out = eqn.outvars[0].aval.shape
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+  batch = lhs[lhs_spec[0]] // p["batch_group_count"]
+  c_out = rhs[rhs_spec[0]]
+  c_in_per_group = rhs[rhs_spec[1]]
+  taps = 1
+  for i in range(len(lhs_spec) - 2):
+    taps *= _valid_taps(
+        lhs[lhs_spec[2 + i]], out[out_spec[2 + i]], rhs[rhs_spec[2 + i]],
+        p["window_strides"][i], p["padding"][i][0], p["lhs_dilation"][i],
+        p["rhs_dilation"][i])
+  return 2 * batch * c_out * c_in_per_group * taps
+
+
+def _sub_jaxprs(value):
+  if isinstance(value, jex_core.ClosedJaxpr):
+    yield value.jaxpr
+  elif isinstance(value, jex_core.Jaxpr):
+    yield value
+  elif isinstance(value, (tuple, list)):
+    for v in value:
+      yield from _sub_jaxprs(v)
+
+
+def _jaxpr_conv_flops(jaxpr) -> int:
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      total += _conv_eqn_flops(eqn)
+    for value in eqn.params.values():
+      for sub in _sub_jaxprs(value):
+        total += _jaxpr_conv_flops(sub)
+  return total
+
+
+def conv_flops(fn: Callable, *args) -> int:
+  """Analytic FLOPs of every convolution `fn(*args)` runs (args may be
+  ShapeDtypeStructs): per conv 2 * N * Cout * Cin * (valid kernel taps summed
+  over output voxels), i.e. 2 * k^3 * Cin * Cout * voxels away from borders."""
+  return _jaxpr_conv_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def cost_analysis_flops(fn: Callable, *args, compile: bool = False
+                        ) -> tuple[float, float]:
+  """XLA's FLOP estimate of `jax.jit(fn)(*args)` and the seconds it took."""
+  start = time.perf_counter()
+  lowered = jax.jit(fn).lower(*args)
+  cost = lowered.compile().cost_analysis() if compile else (
+      lowered.cost_analysis())
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per device
+    cost = cost[0]
+  return float(cost["flops"]), time.perf_counter() - start
+
+
+def summarize(model_config, grid: Sequence[int] | int = 128,
+              compile: bool = False) -> dict[str, Any]:
+  """Parameter counts and per-sample forward FLOPs of `create_model(
+  model_config)` at `grid` (an int for a cube, or (D, H, W))."""
+  grid = (grid,) * 3 if isinstance(grid, int) else tuple(grid)
+  model = models.create_model(model_config)
+  inputs = abstract_inputs(grid, batch=1)
+  params = abstract_params(model, inputs)
+  per_module = params_per_module(params)
+
+  def forward(p, x):
+    return model.apply({"params": p}, x)
+
+  flops, seconds = cost_analysis_flops(forward, params, inputs,
+                                       compile=compile)
+  analytic = conv_flops(forward, params, inputs)
+  return {
+      "grid": list(grid),
+      "params": int(sum(per_module.values())),
+      "gflops_per_sample": flops / 1e9,
+      "analytic_conv_gflops_per_sample": analytic / 1e9,
+      "cost_analysis_seconds": seconds,
+      "params_per_module": per_module,
+      "params_per_kind": params_per_kind(per_module),
+  }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  lines = [f"{'module':<12} {'params':>12}"]
+  for name, count in summary["params_per_module"].items():
+    lines.append(f"{name:<12} {count:>12,}")
+  lines.append("by kind: " + ", ".join(
+      f"{k} {v:,}" for k, v in summary["params_per_kind"].items()))
+  grid = "x".join(str(n) for n in summary["grid"])
+  lines += [
+      f"{'total':<12} {summary['params']:>12,} params",
+      f"forward at {grid}, per sample: {summary['gflops_per_sample']:,.1f} "
+      f"GFLOPs (XLA cost analysis, {summary['cost_analysis_seconds']:.1f} s); "
+      f"convolutions alone (analytic): "
+      f"{summary['analytic_conv_gflops_per_sample']:,.1f} GFLOPs",
+  ]
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. configs/openkbp.py")
+  summary = summarize(_CONFIG.value.model, _GRID.value, _COMPILE.value)
+  print(format_summary(summary))
+  if _JSON.value:
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  app.run(main)
