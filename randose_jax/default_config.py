@@ -75,13 +75,17 @@ def get_default_config() -> ml_collections.ConfigDict:
   model.widths = (16, 32, 64, 128, 256)  # one per stage; S = len(widths)
   model.msfe_kernels = (3, 5, 7)
   model.pi_kernels = (3, 5, 7)
+  # How PI brings F_P to a stage's grid: avgpool (by the stage factor 2^(s-1))
+  # | linear (jax.image.resize, anti-aliased trilinear).
+  model.pi_resize = "avgpool"
   model.msfe_fused = False  # compute MSFE as one conv with summed kernels
   model.stem_kernel = 3
   model.blocks_per_stage = 1
   model.csa_reduction = 4
   model.alpha_init = 1.0  # CSA: F_CA + alpha * F_SA
   model.beta_init = 1.0  # AF: F_E^A + beta * F_D^A
-  model.norm = "instance"  # instance | batch-free group | none
+  model.norm = "instance"  # instance | group (batch-free GroupNorm) | none
+  model.norm_groups = 8  # norm="group": gcd(norm_groups, channels) groups
   model.activation = "relu"
   model.down = "maxpool"  # maxpool | conv (2x2x2 stride 2)
   model.up = "transpose"  # transpose | resize (trilinear + 1x1x1 conv)
