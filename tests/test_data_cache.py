@@ -72,6 +72,14 @@ def test_reuse_and_rebuild_on_changes(patient_dirs, tmp_path, data_config, caplo
   assert npz(files_state(folder)) == npz(before)  # nothing rewritten
   assert not caplog.records
 
+  # Another list of patients in the same folder reuses the files it shares.
+  with caplog.at_level(logging.WARNING):
+    other = cache_lib.build_cache(patient_dirs[1:] + patient_dirs[:1], folder, data_config)
+  assert npz(files_state(folder)) == npz(before)
+  assert not caplog.records
+  assert other.patient_ids == [p.name for p in patient_dirs[1:] + patient_dirs[:1]]
+  assert len(list(folder.glob("manifest-*.json"))) == 2
+
   # Changed settings give new keys, hence new files.
   data_config.ct_scale = 500.0
   cache = cache_lib.build_cache(patient_dirs, folder, data_config)
@@ -110,11 +118,18 @@ def test_damaged_cache_is_rebuilt_with_a_warning(patient_dirs, tmp_path, data_co
   assert_same_patient(rebuilt.reference(1), openkbp.load_patient(patient_dirs[1]))
 
 
-def test_reading_a_corrupt_file_raises(patient_dirs, tmp_path, data_config):
+def test_reading_a_damaged_file_raises(patient_dirs, tmp_path, data_config):
   cache = cache_lib.build_cache(patient_dirs, tmp_path / "cache", data_config)
   path = tmp_path / "cache" / cache.entries[0]["file"]
   path.write_bytes(path.read_bytes()[:100])
   with pytest.raises(openkbp.DataError, match=str(path)):
+    cache[0]
+  # A valid file of another patient in its place is caught too.
+  path.write_bytes((tmp_path / "cache" / cache.entries[1]["file"]).read_bytes())
+  with pytest.raises(openkbp.DataError, match="changed since it was written"):
+    cache.reference(0)
+  path.unlink()
+  with pytest.raises(openkbp.DataError, match="cannot read"):
     cache[0]
 
 

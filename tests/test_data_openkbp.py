@@ -123,6 +123,21 @@ def test_irregular_but_valid_csv(tmp_path):
   assert indices.size == 0 and values.size == 0
 
 
+def test_unsorted_and_repeated_indices_read_as_np_put_does(phantom_patient):
+  path = phantom_patient / "ct.csv"
+  lines = path.read_text().splitlines()
+  body = lines[1:]
+  first_index = body[0].split(",")[0]
+  body = body[::-1] + [f"{first_index},5.0"]  # reversed, and one index again
+  path.write_text("\n".join([lines[0]] + body) + "\n")
+  frame = pd.read_csv(path, index_col=0)
+  expected = np.zeros(16**3, np.float32)
+  np.put(expected, frame.index.values, frame["data"].values)  # the last one wins
+  patient = openkbp.load_patient(phantom_patient)
+  np.testing.assert_array_equal(patient.ct.ravel(), expected)
+  assert patient.ct.ravel()[int(first_index)] == 5.0
+
+
 # --------------------------------------------------------------- bad input
 
 

@@ -100,13 +100,17 @@ def _transform(x: np.ndarray, background: float, k: int, mirror: bool,
                flip_axis2: bool, linear: bool, channels=None) -> np.ndarray:
   """One (D, H, W, C) array through the plane map, the axis-2 flip and a
   channel permutation; the background is also the fill value."""
-  x = np.ascontiguousarray(x, np.float32)
+  x = np.ascontiguousarray(x)
   d, h, w, c = x.shape
   nearest, nearest_inside, taps, weights, fill_weight = _plane_map(k, d, h, mirror)
-  rows = x.reshape(d * h, w, c)
-  flat = rows.reshape(d * h, w * c)
-  background = np.float32(background)
-  active = (flat.max(1) != background) | (flat.min(1) != background)
+  rows = x.reshape(d * h, w * c)
+  background = x.dtype.type(background)
+  # Rows that hold something other than the background. Masks are never
+  # below it (0), so their maximum tells; ct and target get both ends.
+  active = rows.max(1) != background
+  if linear:
+    active |= rows.min(1) != background
+  rows = rows.reshape(d * h, w, c)
   if linear and k:
     # An output row needs computing if any of its taps holds something.
     selected = np.flatnonzero((active[taps] & (weights > 0)).any(0))
@@ -121,8 +125,8 @@ def _transform(x: np.ndarray, background: float, k: int, mirror: bool,
     y = y[:, ::-1]
   if channels is not None:
     y = y[..., channels]
-  out = np.zeros((d * h, w, c), np.float32) if background == 0 else np.full(
-      (d * h, w, c), background, np.float32)
+  out = np.zeros((d * h, w, c), x.dtype) if background == 0 else np.full(
+      (d * h, w, c), background, x.dtype)
   out[selected] = y
   return out.reshape(d, h, w, c)
 

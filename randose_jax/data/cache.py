@@ -18,10 +18,14 @@ A patient's key hashes the format version, the encoding settings (DESIGN.md
 section 2 fields of `config.data`) and the name, size and mtime of every file
 in its folder; its file name carries the key, so changed settings or data
 give new files. Files are written under a temporary name and renamed, and a
-file is reused only when the manifest lists it with the same key, size and
-CRC-32; anything else (missing, truncated, corrupt, stale) is rebuilt with a
-logged warning. Files of older settings are left in place (delete the folder
+file is reused only when a manifest in the folder lists it with the same key,
+size and CRC-32; anything else (missing, truncated, corrupt, unlisted) is
+rebuilt with a logged warning. Files of older settings are left in place (delete the folder
 to reclaim them).
+
+Every read checks the file's size and CRC-32 against the manifest too, so a
+file damaged or replaced after the build raises a `DataError` instead of
+being used.
 
 Storage is settings-independent and lossless (the reference dose is exactly
 what the CSV held); the encoding runs at read time, in milliseconds.
@@ -111,18 +115,27 @@ def patient_bytes(patient: openkbp.SparsePatient) -> bytes:
   return buffer.getvalue()
 
 
-def read_patient_file(path: Path, patient_id: str) -> openkbp.SparsePatient:
-  """Reads one cached patient.
+def read_patient_file(path: Path, entry: dict) -> openkbp.SparsePatient:
+  """Reads one cached patient, checking it against its manifest entry.
 
   Raises:
-    DataError: the file is missing, truncated or corrupt.
+    DataError: the file is missing, or its size or CRC-32 is not the one the
+      manifest recorded (truncated, corrupt or replaced), or it is unreadable.
   """
+  rebuild = "rerun build_cache to rebuild it"
   try:
-    with np.load(path) as data:
-      arrays = {name: data[name] for name in data.files}
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-    raise openkbp.DataError(f"{path}: unreadable cache file ({e}); rerun "
-                            f"build_cache to rebuild it") from e
+    data = path.read_bytes()
+  except OSError as e:
+    raise openkbp.DataError(f"{path}: cannot read cache file ({e}); {rebuild}") from e
+  if len(data) != entry["size"] or zlib.crc32(data) != entry["crc32"]:
+    raise openkbp.DataError(f"{path}: cache file changed since it was written "
+                            f"(size or CRC-32 differs); {rebuild}")
+  try:
+    with np.load(io.BytesIO(data)) as npz:
+      arrays = {name: npz[name] for name in npz.files}
+  except (ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise openkbp.DataError(f"{path}: unreadable cache file ({e}); {rebuild}") from e
+  patient_id = entry["patient_id"]
   try:
     roi_index = []
     start = 0
@@ -148,8 +161,7 @@ def read_patient_file(path: Path, patient_id: str) -> openkbp.SparsePatient:
         voxel_dimensions=arrays["voxel_dimensions"],
     )
   except KeyError as e:
-    raise openkbp.DataError(f"{path}: cache file lacks {e}; rerun build_cache "
-                            f"to rebuild it") from e
+    raise openkbp.DataError(f"{path}: cache file lacks {e}; {rebuild}") from e
 
 
 # ------------------------------------------------------------- the cache
@@ -175,10 +187,18 @@ class PatientCache:
   so grain worker processes can take it.
   """
 
-  def __init__(self, cache_dir: str | os.PathLike, entries: list[dict], settings: dict):
+  def __init__(self, cache_dir: str | os.PathLike, entries: list[dict], settings: dict,
+               compact: bool = False):
     self.cache_dir = Path(cache_dir)
     self.entries = list(entries)
     self.settings = _Settings(settings)
+    self.compact = compact  # see `compact_view`
+
+  def compact_view(self) -> PatientCache:
+    """The same cache whose examples give 0/1 channels as uint8
+    (`encoding.encode_patient(compact=True)`): the training pipeline passes
+    these between processes and makes them float32 after batching."""
+    return PatientCache(self.cache_dir, self.entries, self.settings, compact=True)
 
   @property
   def patient_ids(self) -> list[str]:
@@ -194,10 +214,11 @@ class PatientCache:
 
   def sparse(self, index: int) -> openkbp.SparsePatient:
     entry = self.entries[index]
-    return read_patient_file(self.cache_dir / entry["file"], entry["patient_id"])
+    return read_patient_file(self.cache_dir / entry["file"], entry)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return encoding.encode_patient(self.sparse(int(index)), self.settings)
+    return encoding.encode_patient(self.sparse(int(index)), self.settings,
+                                   compact=self.compact)
 
   def reference(self, index: int) -> openkbp.Patient:
     """Full-resolution scoring data of patient `index` (a `Patient`)."""
@@ -240,15 +261,17 @@ def build_cache(patient_dirs, cache_dir: str | os.PathLike, data_config,
   list_hash = _hash([str(p.resolve()) for p in patient_dirs])[:16]
   manifest_path = cache_dir / f"manifest-{list_hash}.json"
 
-  old = {}
-  if manifest_path.exists():
+  # Files listed by any manifest here can be reused: the training and the
+  # validation caches may share a folder.
+  known = {}
+  for path in sorted(cache_dir.glob("manifest-*.json")):
     try:
-      manifest = json.loads(manifest_path.read_text())
+      manifest = json.loads(path.read_text())
       if manifest.get("format_version") == FORMAT_VERSION:
-        old = {entry["key"]: entry for entry in manifest["patients"]}
+        known.update((entry["key"], entry) for entry in manifest["patients"])
     except (ValueError, KeyError, TypeError) as e:
-      log.warning("%s: unreadable cache manifest (%s); rebuilding the cache",
-                  manifest_path, e)
+      log.warning("%s: unreadable cache manifest (%s); rebuilding what it listed",
+                  path, e)
 
   entries = []
   for patient_dir in patient_dirs:
@@ -257,12 +280,15 @@ def build_cache(patient_dirs, cache_dir: str | os.PathLike, data_config,
     key = patient_key(patient_dir, settings)
     file_name = f"{patient_dir.name}-{key[:16]}.npz"
     path = cache_dir / file_name
-    entry = old.get(key)
+    entry = known.get(key)
     if _file_ok(path, entry):
-      entries.append(entry)
+      entries.append({**entry, "source": str(patient_dir.resolve())})
       continue
-    if entry is not None or path.exists():
+    if entry is not None:
       log.warning("%s: cache file missing, truncated or corrupt; rebuilding it", path)
+    elif path.exists():
+      log.warning("%s: cache file not listed in any manifest (an interrupted "
+                  "build?); rebuilding it", path)
     data = patient_bytes(openkbp.load_sparse_patient(patient_dir))
     with openkbp.atomic_output(path, overwrite=True) as f:
       f.write(data)

@@ -55,7 +55,7 @@ def block_reduce(x: np.ndarray, factor: int, how: str = "mean") -> np.ndarray:
 
 
 def encode_patient(patient: openkbp.Patient | openkbp.SparsePatient,
-                   data_config) -> dict[str, np.ndarray]:
+                   data_config, *, compact: bool = False) -> dict[str, np.ndarray]:
   """The network's inputs and target for one patient (see the module doc).
 
   Args:
@@ -63,6 +63,9 @@ def encode_patient(patient: openkbp.Patient | openkbp.SparsePatient,
       every channel is built by scattering its voxels into zeros).
     data_config: `config.data` (ptv_values, ct_clip, ct_scale, dose_scale,
       downsample).
+    compact: give the channels that are exactly 0/1 (mask; oar when
+      downsample is 1) as uint8 instead of float32: a quarter of the bytes,
+      for passing examples between processes (`to_float32` restores them).
 
   Returns:
     dict of float32 arrays at the training grid (grid // downsample):
@@ -87,16 +90,17 @@ def encode_patient(patient: openkbp.Patient | openkbp.SparsePatient,
   ct = np.full(n, hu(np.float32(0)) / scale, np.float32)
   ct[patient.ct_index] = hu(patient.ct_value) / scale
 
-  oar = np.zeros((n, num_oars), np.float32)
+  binary = np.uint8 if compact else np.float32
+  oar = np.zeros((n, num_oars), binary if f == 1 else np.float32)
   for channel, index in enumerate(patient.roi_index[:num_oars]):
-    oar[index, channel] = 1.0
+    oar[index, channel] = 1
 
   target = np.zeros(n, np.float32)
   if patient.dose_index is not None:
     target[patient.dose_index] = patient.dose_value / data_config.dose_scale
 
-  mask = np.zeros(n, np.float32)
-  mask[patient.mask_index] = 1.0
+  mask = np.zeros(n, binary)
+  mask[patient.mask_index] = 1
 
   shape = grid + (-1,)
   return {
@@ -106,6 +110,12 @@ def encode_patient(patient: openkbp.Patient | openkbp.SparsePatient,
       "target": block_reduce(target.reshape(shape), f),
       "mask": block_reduce(mask.reshape(shape), f, "max"),
   }
+
+
+def to_float32(example: dict) -> dict:
+  """Every array of an example (or batch) as float32, e.g. after `compact`."""
+  return {k: v.astype(np.float32) if v.dtype != np.float32 and k in KEYS else v
+          for k, v in example.items()}
 
 
 def _upsample_linear(x: np.ndarray, axis: int, factor: int) -> np.ndarray:

@@ -1,17 +1,25 @@
 """grain datasets over a `PatientCache`, for training and evaluation.
 
 Training: shuffle (reshuffled each epoch), repeat forever, take this
-process's share, augment (`augment.augment_example`, per-example random
-streams derived from the seed and the element, so the stream does not depend
-on the number of workers), batch, and prefetch in worker processes when
-`config.data.num_workers > 0`. The batch is formed on the iterator side
-(`to_iter_dataset().batch(...)`), which lets grain's workers write batches
-straight into shared memory instead of pickling ~90 MB per 128^3 example.
+process's share (`ds[process_index::process_count]`), augment
+(`augment.augment_example`, each element with its own random stream derived
+from the seed and its position), batch, prefetch in worker processes when
+`config.data.num_workers > 0`, and make every array float32.
 
-The same seed gives the same batches. With worker processes, each worker
-batches its own share of the example stream (worker w takes elements w,
-w + num_workers, ...), so the examples are those of an in-process run but
-grouped into batches differently: keep num_workers fixed to reproduce a run.
+Choices, with the reason:
+  - Examples travel with their 0/1 channels (oar, mask) as uint8 and become
+    float32 after batching: at 128^3 an example is 92 MB as float32 and 40 MB
+    this way, through augmentation, batching and the workers' shared memory.
+  - The batch is formed on the iterator side (`to_iter_dataset().batch()`),
+    where grain's workers write batches straight into shared memory; a
+    MapDataset batch is pickled through a pipe instead, which costs more.
+    So each worker batches its own share of the example stream (worker w
+    takes elements w, w + num_workers, ...): the examples are those of an
+    in-process run, grouped into batches differently. The same seed and the
+    same num_workers give the same batches.
+  - grain's default read-ahead (500 elements on 16 threads) would hold tens
+    of GB of 128^3 examples: `config.data.read_threads` threads read ahead
+    one batch each.
 
 The iterators are grain `DatasetIterator`s: `it.get_state()` and
 `it.set_state(state)` save and restore the position, so a resumed run
@@ -28,6 +36,7 @@ import numpy as np
 
 from randose_jax.data import augment
 from randose_jax.data import cache as cache_lib
+from randose_jax.data import encoding
 
 
 def _augment(example, rng, *, data_config):
@@ -58,12 +67,10 @@ def train_dataset(cache: cache_lib.PatientCache, config, *, seed: int,
     (batch_size // process_count, d, h, w, c).
   """
   batch_size = per_process_batch_size(config, process_count)
-  ds = grain.MapDataset.source(cache).seed(seed).shuffle().repeat()
+  ds = grain.MapDataset.source(cache.compact_view()).seed(seed).shuffle().repeat()
   ds = ds[process_index::process_count]
   if config.data.augment:
     ds = ds.random_map(functools.partial(_augment, data_config=config.data))
-  # grain's default read-ahead (500 elements on 16 threads) would hold tens
-  # of GB of 128^3 examples; a few elements per reader thread keep it busy.
   threads = config.data.read_threads
   read_options = grain.ReadOptions(num_threads=threads,
                                    prefetch_buffer_size=max(threads, 1) * batch_size)
@@ -76,7 +83,7 @@ def train_dataset(cache: cache_lib.PatientCache, config, *, seed: int,
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=config.data.num_workers,
         per_worker_buffer_size=config.data.worker_buffer_size))
-  return ds
+  return ds.map(encoding.to_float32)
 
 
 def _with_index(index, *, cache):
@@ -97,4 +104,5 @@ def eval_dataset(cache: cache_lib.PatientCache, config, process_index: int = 0,
   del config  # evaluation is batch 1 and unaugmented whatever the config says
   ds = grain.MapDataset.range(len(cache))[process_index::process_count]
   ds = ds.map(functools.partial(_with_index, cache=cache))
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)).batch(1)
+  read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
+  return ds.to_iter_dataset(read_options).batch(1)

@@ -1,0 +1,66 @@
+"""Helpers shared by the benchmarks: what machine a figure came from, where
+the shared data and the results live."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import pathlib
+import platform
+import socket
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+
+def openkbp_dir() -> pathlib.Path:
+  """The shared OpenKBP patients: $RANDOSE_OPENKBP_DIR, else `shared/openkbp`
+  beside the checkout."""
+  default = ROOT.parent / "shared" / "openkbp"
+  return pathlib.Path(os.environ.get("RANDOSE_OPENKBP_DIR", default))
+
+
+def default_json_path(benchmark: str) -> pathlib.Path:
+  """benchmarks/results/<benchmark>_<hostname>.json"""
+  return RESULTS_DIR / f"{benchmark}_{socket.gethostname()}.json"
+
+
+def _cpu_model() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def machine_info() -> dict:
+  """Hostname, CPU model, cores, library versions, date and load: enough to
+  tell whether two figures are comparable. Does not import jax."""
+  try:
+    usable_cores = len(os.sched_getaffinity(0))
+  except AttributeError:
+    usable_cores = os.cpu_count()
+  return {
+      "hostname": socket.gethostname(),
+      "cpu_model": _cpu_model(),
+      "cpu_count": os.cpu_count(),
+      "usable_cores": usable_cores,
+      "platform": platform.platform(),
+      "python": platform.python_version(),
+      "jax": _version("jax"),
+      "numpy": _version("numpy"),
+      "grain": _version("grain"),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      # Other jobs on the machine slow every timing: record how busy it was.
+      "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+  }

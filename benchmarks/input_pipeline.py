@@ -1,0 +1,196 @@
+"""Input pipeline timings on the shared OpenKBP patients (128^3).
+
+Rows:
+  parse, this reader          openkbp.load_patient: CSVs -> dense Patient
+  parse, official style       the OpenKBP starter kit's approach, re-implemented
+                              here: pandas.read_csv(index_col=0) per file, then
+                              np.put into float64 zeros of the kit's shapes
+                              (ct, dose (128,128,128,1); structure_masks
+                              (128,128,128,10); mask (128,128,128,1))
+  cache build                 cache.build_cache into an empty folder, per patient
+  cached read (sparse)        one patient's file -> SparsePatient
+  cached read (encoded)       cache[i]: file -> encoded float32 dict
+  cached read (reference)     cache.reference(i): file -> full Patient
+  augmented samples/s         pipeline.train_dataset, batch 2, every
+                              augmentation on, num_workers 0 and 2, after
+                              warm-up batches
+
+The parse rows alternate in rounds (fair under a changing load) and report
+the best round's mean (the median round is in the JSON). Every row also
+reports CPU time: the VM is shared, and CPU ms are less sensitive to other
+jobs than wall time. For the samples/s rows, CPU ms per sample are given for
+the main process and, after the workers exit, for the workers.
+
+  python benchmarks/input_pipeline.py [--json=PATH] [--samples=40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+_HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))
+if str(_HERE.parent) not in sys.path:
+  sys.path.insert(1, str(_HERE.parent))
+
+import common  # noqa: E402
+from randose_jax import default_config  # noqa: E402
+from randose_jax.data import cache as cache_lib  # noqa: E402
+from randose_jax.data import openkbp  # noqa: E402
+from randose_jax.data import pipeline  # noqa: E402
+
+
+def official_style_load(patient_dir: pathlib.Path) -> dict:
+  """The starter kit's way: pandas per file, np.put into float64 zeros."""
+  import pandas as pd  # benchmark-only dependency
+  shape = openkbp.GRID_SHAPE
+  arrays = {
+      "ct": np.zeros(shape + (1,)),
+      "dose": np.zeros(shape + (1,)),
+      "possible_dose_mask": np.zeros(shape + (1,)),
+      "structure_masks": np.zeros(shape + (len(openkbp.ROI_NAMES),)),
+  }
+  for path in sorted(patient_dir.glob("*.csv")):
+    if path.stem == "voxel_dimensions":
+      arrays["voxel_dimensions"] = np.loadtxt(path)
+      continue
+    frame = pd.read_csv(path, index_col=0)
+    if frame.isnull().values.any():  # a mask: indices only
+      indices = np.array(frame.index).squeeze()
+      if path.stem == "possible_dose_mask":
+        np.put(arrays["possible_dose_mask"], indices, 1)
+      else:
+        roi = openkbp.ROI_NAMES.index(path.stem)
+        np.put(arrays["structure_masks"], len(openkbp.ROI_NAMES) * indices + roi, 1)
+    else:
+      np.put(arrays[path.stem], frame.index.values, frame["data"].values)
+  return arrays
+
+
+def cpu_seconds(who=resource.RUSAGE_SELF) -> float:
+  usage = resource.getrusage(who)
+  return usage.ru_utime + usage.ru_stime
+
+
+def time_calls(fn, items) -> tuple[float, float]:
+  """(wall ms, CPU ms) per item of one pass over items."""
+  wall, cpu = time.perf_counter(), cpu_seconds()
+  for item in items:
+    fn(item)
+  n = len(items)
+  return (time.perf_counter() - wall) / n * 1e3, (cpu_seconds() - cpu) / n * 1e3
+
+
+def summarise(rounds: list[tuple[float, float]]) -> dict:
+  walls = [w for w, _ in rounds]
+  best = min(range(len(rounds)), key=lambda i: walls[i])
+  return {"wall_ms": round(walls[best], 2), "cpu_ms": round(rounds[best][1], 2),
+          "wall_ms_median": round(statistics.median(walls), 2),
+          "rounds": len(rounds)}
+
+
+def time_pipeline(cache, config, num_workers: int, samples: int, warmup: int) -> dict:
+  config.data.num_workers = num_workers
+  children_before = cpu_seconds(resource.RUSAGE_CHILDREN)
+  iterator = iter(pipeline.train_dataset(cache, config, seed=0))
+  try:
+    for _ in range(warmup):
+      next(iterator)
+    wall, cpu, count = time.perf_counter(), cpu_seconds(), 0
+    while count < samples:
+      count += next(iterator)["ct"].shape[0]
+    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+  finally:
+    iterator.close()
+  time.sleep(1)  # let the workers exit, so their CPU time is counted
+  children = cpu_seconds(resource.RUSAGE_CHILDREN) - children_before
+  return {"num_workers": num_workers, "samples": count,
+          "samples_per_s": round(count / wall, 2),
+          "main_cpu_ms_per_sample": round(cpu / count * 1e3, 1),
+          # Workers' whole lives (start-up and read-ahead included).
+          "workers_cpu_ms_per_sample": round(children / count * 1e3, 1) if num_workers else 0.0}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--data", type=pathlib.Path, default=common.openkbp_dir())
+  parser.add_argument("--json", type=pathlib.Path,
+                      default=common.default_json_path("input_pipeline"))
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--samples", type=int, default=40)
+  parser.add_argument("--warmup", type=int, default=4, help="batches")
+  args = parser.parse_args()
+
+  dirs = (openkbp.list_patient_dirs(args.data / "train-pats")
+          + openkbp.list_patient_dirs(args.data / "validation-pats"))
+  machine = common.machine_info()
+  config = default_config.get_default_config()
+  config.batch_size = 2
+  results = {"benchmark": "input_pipeline", "command": " ".join(sys.argv),
+             "num_patients": len(dirs), "grid": list(openkbp.GRID_SHAPE)}
+
+  ours, official = [], []
+  for _ in range(args.repeats):
+    ours.append(time_calls(openkbp.load_patient, dirs))
+    official.append(time_calls(official_style_load, dirs))
+  results["parse"] = summarise(ours)
+  results["parse_official_style"] = summarise(official)
+
+  with tempfile.TemporaryDirectory() as tmp:
+    build = []
+    for r in range(args.repeats):  # a new folder each time: a full build
+      folder = pathlib.Path(tmp) / f"cache{r}"
+      wall, cpu = time_calls(lambda f: cache_lib.build_cache(dirs, f, config.data), [folder])
+      build.append((wall / len(dirs), cpu / len(dirs)))
+    cache = cache_lib.build_cache(dirs, folder, config.data)  # reused, not rebuilt
+    results["cache_build"] = summarise(build)
+    results["cache_mib"] = round(cache.num_bytes / 2**20, 2)
+    indices = list(range(len(cache)))
+    for name, fn in (("cached_read_sparse", cache.sparse),
+                     ("cached_read_encoded", cache.__getitem__),
+                     ("cached_read_reference", cache.reference)):
+      results[name] = summarise([time_calls(fn, indices) for _ in range(args.repeats)])
+
+    train_cache = cache_lib.build_cache(
+        openkbp.list_patient_dirs(args.data / "train-pats"), folder, config.data)
+    results["augmented"] = [
+        time_pipeline(train_cache, config, workers, args.samples, args.warmup)
+        for workers in (0, 2)]
+
+  machine["load_average_end"] = common.machine_info()["load_average"]
+  results["machine"] = machine
+  args.json.parent.mkdir(parents=True, exist_ok=True)
+  args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+  rows = [("parse, this reader (ms/patient)", results["parse"]),
+          ("parse, official style (ms/patient)", results["parse_official_style"]),
+          ("cache build (ms/patient)", results["cache_build"]),
+          ("cached read, sparse (ms)", results["cached_read_sparse"]),
+          ("cached read, encoded 128^3 (ms)", results["cached_read_encoded"]),
+          ("cached read, reference Patient (ms)", results["cached_read_reference"])]
+  print(f"{machine['hostname']}: {machine['cpu_model']}, {machine['usable_cores']} cores, "
+        f"load {machine['load_average'][0]:.1f} -> {machine['load_average_end'][0]:.1f}")
+  print(f"{'':40s} {'wall':>8s} {'median':>8s} {'cpu':>8s}")
+  for label, row in rows:
+    print(f"{label:40s} {row['wall_ms']:8.1f} {row['wall_ms_median']:8.1f} {row['cpu_ms']:8.1f}")
+  speedup = results["parse_official_style"]["wall_ms"] / results["parse"]["wall_ms"]
+  print(f"parse speed-up over the official style: {speedup:.1f}x")
+  print(f"cache size, {len(dirs)} patients: {results['cache_mib']:.1f} MiB")
+  for row in results["augmented"]:
+    print(f"augmented 128^3 samples/s, {row['num_workers']} workers: "
+          f"{row['samples_per_s']:.1f}  (CPU ms/sample: main {row['main_cpu_ms_per_sample']}, "
+          f"workers {row['workers_cpu_ms_per_sample']})")
+  print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+  main()
