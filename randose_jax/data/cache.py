@@ -17,11 +17,12 @@ Layout of a cache folder:
 A patient's key hashes the format version, the encoding settings (DESIGN.md
 section 2 fields of `config.data`) and the name, size and mtime of every file
 in its folder; its file name carries the key, so changed settings or data
-give new files. Files are written under a temporary name and renamed, and a
-file is reused only when a manifest in the folder lists it with the same key,
-size and CRC-32; anything else (missing, truncated, corrupt, unlisted) is
-rebuilt with a logged warning. Files of older settings are left in place (delete the folder
-to reclaim them).
+give new files (the stored data does not depend on the settings, but a file
+never outlives the settings it was built for). Files are written under a
+temporary name and renamed, and a file is reused only when a manifest in the
+folder lists it with the same key, size and CRC-32; anything else (missing,
+truncated, corrupt, unlisted) is rebuilt with a logged warning. Files of
+older settings are left in place (delete the folder to reclaim them).
 
 Every read checks the file's size and CRC-32 against the manifest too, so a
 file damaged or replaced after the build raises a `DataError` instead of
@@ -55,7 +56,7 @@ def encoding_settings(data_config) -> dict:
   """The `config.data` fields the encoded examples depend on (JSON-able)."""
   settings = {}
   for name in _ENCODING_FIELDS:
-    value = data_config[name] if isinstance(data_config, dict) else getattr(data_config, name)
+    value = getattr(data_config, name)
     settings[name] = list(map(float, value)) if isinstance(value, (tuple, list)) else value
   settings["downsample"] = int(settings["downsample"])
   return settings
