@@ -102,7 +102,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   loss.fixed_weights = (1.0, 1.0)  # (w_PTV, w_OAR) in "fixed" mode
 
   # ---------------------------------------------------------- training
-  config.optimizer = "adam"
+  config.optimizer = "adam"  # adam | adamw | sgd
   config.learning_rate = 1e-4
   config.lr_schedule = "constant"  # constant | cosine
   config.warmup_steps = 0

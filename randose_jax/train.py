@@ -37,6 +37,9 @@ from randose_jax.data import pipeline
 from randose_jax.metric_writers import MetricWriter
 
 BATCH_KEYS = ("ptv", "ct", "oar", "target", "mask")
+# Parameter initialisation uses XLA's RngBitGenerator: on the CPU, threefry
+# takes seconds to compile per parameter shape (minutes for a whole RANDose).
+PRNG_IMPL = "rbg"
 
 
 @flax.struct.dataclass
@@ -73,6 +76,8 @@ def create_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
     tx = optax.adam(schedule)
   elif config.optimizer == "adamw":
     tx = optax.adamw(schedule)
+  elif config.optimizer == "sgd":
+    tx = optax.sgd(schedule)
   else:
     raise ValueError(f"config.optimizer: unknown {config.optimizer!r}")
   if config.grad_clip_norm:
@@ -131,7 +136,7 @@ class Trainer:
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the state, without computing it."""
-    shapes = jax.eval_shape(self._init_state, jax.random.key(0))
+    shapes = jax.eval_shape(self._init_state, jax.random.key(0, impl=PRNG_IMPL))
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                        sharding=self.replicated), shapes)
@@ -139,7 +144,7 @@ class Trainer:
   def init_state(self, seed: int) -> TrainState:
     """The initial state, created already replicated by a jitted init."""
     return jax.jit(self._init_state, out_shardings=self.replicated)(
-        jax.random.key(seed))
+        jax.random.key(seed, impl=PRNG_IMPL))
 
   # ------------------------------------------------------------- the step
   def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):

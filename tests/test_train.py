@@ -1,0 +1,257 @@
+"""End-to-end tests of the trainer: sharding, checkpoints, resume, NaN stop."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+from randose_jax import checkpointing
+from randose_jax import default_config
+from randose_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Subprocesses compile quickly too.
+SUBPROCESS_ENV = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true",
+                      PYTHONUNBUFFERED="1")
+SHARED = pathlib.Path(os.environ.get(
+    "RANDOSE_OPENKBP_DIR", REPO.parent / "shared" / "openkbp"))
+
+
+def tiny_config(**overrides):
+  """Synthetic 16^3 patients trained at 8^3; a 2-stage RANDose of width 4
+  (every module on, smaller kernel sets): the trainer is under test here,
+  the network has its own tests."""
+  config = default_config.get_default_config()
+  config.data.synthetic = True
+  config.data.synthetic_grid = 16
+  config.data.num_synthetic_train = 4
+  config.data.num_synthetic_eval = 2
+  config.data.num_workers = 0
+  config.data.downsample = 2
+  config.model.widths = (4, 4)
+  config.model.msfe_kernels = (3, 5)
+  config.model.pi_kernels = (3,)
+  config.learning_rate = 1e-3
+  config.batch_size = 2
+  config.num_train_steps = 4
+  config.log_every_steps = 2
+  config.eval_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.progress_bar = False
+  for k, v in overrides.items():
+    target = config
+    *path, last = k.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = v
+  return config
+
+
+def _params_of(workdir, which="latest", step=None):
+  config_step, config_dict = checkpointing.read_config_dict(workdir, which,
+                                                            step)
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  trainer = train.Trainer.create(ml_collections.ConfigDict(config_dict),
+                                 train.make_mesh(jax.devices()[:1]))
+  ckpt = checkpointing.Checkpointer(workdir, keep=3, async_save=False)
+  got = ckpt.restore(checkpointing.as_saveable(trainer.abstract_state()),
+                     which, step)
+  ckpt.close()
+  return jax.device_get(got["state"]["params"]), got
+
+
+def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
+                               atol=atol)
+
+
+def test_train_and_evaluate_writes_everything(tmp_path):
+  summary = train.train_and_evaluate(tiny_config(), tmp_path,
+                                     mesh=train.make_mesh(jax.devices()[:1]))
+  assert np.isfinite(summary["dose_score"]) and summary["dose_score"] > 0
+  assert np.isfinite(summary["dvh_score"])
+  assert summary["num_patients"] == 2
+  assert np.isfinite(summary["baseline_mean_dose_score"])
+  preds = sorted((tmp_path / "predictions" / "validation-pats").glob("pt_*.csv"))
+  assert [p.stem for p in preds] == ["pt_5", "pt_6"]
+  assert (tmp_path / "predictions" / "validation-pats.zip").is_file()
+  saved = json.loads((tmp_path / "validation_scores.json").read_text())
+  assert saved["dose_score"] == pytest.approx(summary["dose_score"])
+  lines = [json.loads(l) for l in
+           (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  keys = set().union(*lines)
+  for k in ("train/loss", "train/learning_rate", "train/grad_norm",
+            "eval/dose_score", "eval/dvh_score",
+            "loss_params/weight_ptv", "loss_params/weight_oar"):
+    assert k in keys, k
+  assert any(k.startswith("scalars/") and k.endswith("alpha") for k in keys)
+  assert any(k.startswith("scalars/") and k.endswith("beta") for k in keys)
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  ckpt = checkpointing.Checkpointer(tmp_path)
+  assert ckpt.steps("latest") == [2, 4]
+  assert len(ckpt.steps("best")) == 1
+  ckpt.close()
+
+
+def test_resume_equals_straight_run(tmp_path):
+  mesh = train.make_mesh(jax.devices()[:1])
+  config = tiny_config(eval_every_steps=100, num_train_steps=4)
+  train.train_and_evaluate(config, tmp_path / "straight", mesh=mesh)
+  config2 = tiny_config(eval_every_steps=100, num_train_steps=2)
+  train.train_and_evaluate(config2, tmp_path / "resumed", mesh=mesh)
+  train.train_and_evaluate(config, tmp_path / "resumed", mesh=mesh)
+  straight, _ = _params_of(tmp_path / "straight", step=4)
+  resumed, got = _params_of(tmp_path / "resumed", step=4)
+  assert got["step"] == 4
+  _assert_trees_close(straight, resumed)
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
+  mesh = train.make_mesh(jax.devices()[:1])
+  train.train_and_evaluate(tiny_config(eval_every_steps=100), tmp_path,
+                           mesh=mesh)
+  step_dir = tmp_path / "checkpoints" / "latest" / "4" / "state"
+  files = [p for p in step_dir.rglob("*") if p.is_file()]
+  assert files
+  for p in files:  # scramble every file of the newest state
+    p.write_bytes(b"corrupt")
+  import logging  # pylint: disable=g-import-not-at-top
+  caplog.set_level(logging.WARNING)
+  _, got = _params_of(tmp_path)
+  assert got["step"] == 2
+  assert any("unreadable" in r.getMessage() for r in caplog.records)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  mesh = train.make_mesh(jax.devices()[:1])
+  train.train_and_evaluate(tiny_config(num_train_steps=2, eval_every_steps=100),
+                           tmp_path, mesh=mesh)
+  bad = tiny_config(num_train_steps=8, eval_every_steps=100,
+                    learning_rate=1e38)
+  with pytest.raises(train.NonFiniteLossError, match="NaN or infinite.*step 2"):
+    train.train_and_evaluate(bad, tmp_path, mesh=mesh)
+  params, got = _params_of(tmp_path)
+  assert got["step"] == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+_SHARDED_SCRIPT = textwrap.dedent("""
+    import os, sys, json
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax, numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from tests.test_train import tiny_config
+    from randose_jax import train
+    assert jax.device_count() == 4, jax.devices()
+    # SGD: Adam divides by sqrt(v), which turns the rounding noise of
+    # gradients that are zero in exact arithmetic (conv biases before an
+    # instance norm) into full learning-rate steps of either sign.
+    config = tiny_config(batch_size=4, optimizer="sgd", learning_rate=0.1)
+    rng = np.random.default_rng(0)
+    g = (4, 8, 8, 8)
+    batches = [dict(ptv=rng.choice([0, .8, 1.], g + (1,)),
+                    ct=rng.normal(size=g + (1,)),
+                    oar=rng.integers(0, 2, g + (7,)).astype(float),
+                    target=rng.uniform(size=g + (1,)),
+                    mask=np.ones(g + (1,))) for _ in range(3)]
+    out = {}
+    for n in (1, 4):
+      t = train.Trainer.create(config, train.make_mesh(jax.devices()[:n]))
+      state = t.init_state(0)
+      losses = []
+      for b in batches:
+        state, m = t.jit_train_step(state, t.shard_batch(b))
+        losses.append([float(m["loss"]), float(m["grad_norm"])])
+      leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(state.params)]
+      out[n] = dict(losses=losses, params=np.concatenate(leaves).tolist())
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_four_devices_match_one_device():
+  proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(REPO)],
+                        capture_output=True, text=True, timeout=600,
+                        cwd=REPO, env=SUBPROCESS_ENV)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+  out = json.loads(line[len("RESULT"):])
+  np.testing.assert_allclose(out["4"]["losses"], out["1"]["losses"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(out["4"]["params"], out["1"]["params"],
+                             rtol=1e-4, atol=1e-6)
+
+
+def _run_main(workdir, *flags, timeout=600):
+  return subprocess.Popen(
+      [sys.executable, "-m", "randose_jax.main", "--config=configs/demo.py",
+       f"--workdir={workdir}", "--config.data.synthetic_grid=16",
+       "--config.data.downsample=2", "--config.model.widths=(4,4)",
+       "--config.model.msfe_kernels=(3,5)", "--config.model.pi_kernels=(3,)", "--config.data.num_synthetic_train=4",
+       "--config.data.num_synthetic_eval=2", "--config.progress_bar=False",
+       *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True, env=SUBPROCESS_ENV)
+
+
+def test_sigkill_mid_training_resumes(tmp_path):
+  proc = _run_main(tmp_path, "--config.num_train_steps=100000",
+                   "--config.checkpoint_every_steps=2",
+                   "--config.eval_every_steps=100000",
+                   "--config.log_every_steps=1000")
+  latest = tmp_path / "checkpoints" / "latest"
+  deadline = time.time() + 300
+  try:
+    while time.time() < deadline:
+      steps = ([int(p.name) for p in latest.glob("[0-9]*") if p.name.isdigit()]
+               if latest.is_dir() else [])
+      if steps and max(steps) >= 4:
+        break
+      assert proc.poll() is None, proc.stdout.read()
+      time.sleep(0.2)
+    else:
+      pytest.fail("no checkpoint within 300 s")
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  ckpt = checkpointing.Checkpointer(tmp_path)
+  last = max(ckpt.steps("latest"))
+  ckpt.close()
+  again = _run_main(tmp_path, f"--config.num_train_steps={last + 2}",
+                    "--config.checkpoint_every_steps=2",
+                    "--config.eval_every_steps=100000")
+  out, _ = again.communicate(timeout=600)
+  assert again.returncode == 0, out[-3000:]
+  assert f"Resuming from checkpoint at step {last}" in out
+  ckpt = checkpointing.Checkpointer(tmp_path)
+  assert max(ckpt.steps("latest")) == last + 2
+  ckpt.close()
+
+
+@pytest.mark.skipif(not (SHARED / "train-pats").is_dir(),
+                    reason=f"shared OpenKBP patients not found at {SHARED}")
+def test_smoke_config_on_shared_patients(tmp_path):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "openkbp_config", REPO / "configs" / "openkbp.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("smoke")
+  config.data.root = str(SHARED)
+  summary = train.train_and_evaluate(config, tmp_path,
+                                     mesh=train.make_mesh(jax.devices()[:1]))
+  assert summary["num_patients"] == len(list(
+      (SHARED / "validation-pats").glob("pt_*")))
+  assert np.isfinite(summary["dose_score"])
