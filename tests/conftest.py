@@ -7,9 +7,23 @@ import os
 import shutil
 from pathlib import Path
 
+import jax
 import pytest
 
 from randose_jax.data import phantoms
+
+# Tests run tiny models where XLA's optimisation passes cost more than they
+# save, and many tests compile the same tiny train step: a persistent
+# compilation cache shared by this session and its subprocesses compiles each
+# program once.
+jax.config.update("jax_disable_most_optimizations", True)
+_CACHE = Path(os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax")))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def openkbp_dir() -> Path:
