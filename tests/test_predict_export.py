@@ -1,0 +1,147 @@
+"""predict (CSV + zip, TTA, formats, plots, patients without dose) and export."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+
+from randose_jax import export
+from randose_jax import inference
+from randose_jax import predict
+from randose_jax import restore
+from randose_jax import train
+from randose_jax.data import encoding
+from randose_jax.data import openkbp
+from tests.test_train import REPO, SUBPROCESS_ENV, tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A workdir trained for 4 steps on 16^3 phantoms (8^3 model grid)."""
+  workdir = tmp_path_factory.mktemp("trained")
+  train.train_and_evaluate(tiny_config(), workdir,
+                           mesh=train.make_mesh(jax.devices()[:1]))
+  return workdir
+
+
+def _patients_without_dose(trained, tmp_path):
+  src = trained / "synthetic" / "validation-pats"
+  dst = tmp_path / "to-predict"
+  shutil.copytree(src, dst)
+  for d in dst.glob("pt_*"):
+    (d / "dose.csv").unlink()
+  return dst
+
+
+def test_tta_of_a_flip_symmetric_function_is_the_function():
+  # TTA must undo each flip: for a model that ignores its input geometry
+  # (returns the CT channel), TTA returns exactly the same thing.
+  rng = np.random.default_rng(0)
+  inputs = {"ptv": rng.uniform(size=(1, 4, 6, 8, 1)),
+            "ct": rng.uniform(size=(1, 4, 6, 8, 1)),
+            "oar": rng.uniform(size=(1, 4, 6, 8, 7))}
+  out = inference.predict(lambda x: x["ct"], inputs, tta=True)
+  np.testing.assert_allclose(out, inputs["ct"], rtol=1e-6)
+  # ... and the parotid channels are swapped under the left/right flip.
+  seen = []
+  inference.predict(lambda x: seen.append(np.asarray(x["oar"])) or x["ct"],
+                    inputs, tta=True)
+  lr_flipped = seen[2]  # order: (lr, si) = (F,F), (F,T), (T,F), (T,T)
+  np.testing.assert_allclose(lr_flipped[..., 2],
+                             np.flip(inputs["oar"][..., 3], 2))
+
+
+def test_predict_writes_csv_zip_formats_and_plots(trained, tmp_path):
+  patients = _patients_without_dose(trained, tmp_path)
+  out = tmp_path / "out"
+  restored = restore.restore_from_workdir(trained, "best")
+  summary = predict.predict_patients(
+      restored, openkbp.list_patient_dirs(patients), out, tta=True,
+      formats=("csv", "nifti", "dicom"), plots_dir=tmp_path / "plots",
+      log=lambda *_: None)
+  assert "dose_score" not in summary  # no reference dose to score against
+  names = sorted(p.name for p in out.iterdir())
+  assert names == ["pt_5.csv", "pt_5.dcm", "pt_5.nii.gz",
+                   "pt_6.csv", "pt_6.dcm", "pt_6.nii.gz"]
+  with zipfile.ZipFile(summary["submission_zip"]) as zf:
+    assert sorted(zf.namelist()) == ["pt_5.csv", "pt_6.csv"]
+  for pid in ("pt_5", "pt_6"):
+    patient = openkbp.load_patient(patients / pid)
+    dose = openkbp.read_prediction_csv(out / f"{pid}.csv",
+                                       patient.possible_dose_mask.shape)
+    assert dose.min() >= 0 and dose.max() > 0
+    assert not dose[~patient.possible_dose_mask].any()
+    assert (tmp_path / "plots" / f"{pid}_slices.png").is_file()
+  # Refuses to overwrite what is there without --overwrite.
+  with pytest.raises(FileExistsError, match="already holds predictions"):
+    predict.predict_patients(restored, openkbp.list_patient_dirs(patients),
+                             out, log=lambda *_: None)
+
+
+def test_predict_cli_scores_patients_with_dose(trained, tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "randose_jax.predict", f"--workdir={trained}",
+       f"--patients={trained / 'synthetic' / 'validation-pats'}",
+       f"--output={tmp_path / 'preds'}", "--checkpoint=latest"],
+      cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  dose_line = next(i for i, l in enumerate(lines) if l.startswith("dose score"))
+  assert lines[dose_line + 1].startswith("DVH score")
+  summary = json.loads(lines[-1])
+  assert summary["checkpoint"] == "latest" and summary["checkpoint_step"] == 4
+  # The same predictions scored by the evaluate command give the same scores.
+  ev = subprocess.run(
+      [sys.executable, "-m", "randose_jax.evaluate",
+       f"--reference={trained / 'synthetic' / 'validation-pats'}",
+       f"--predictions={tmp_path / 'preds'}", f"--json={tmp_path / 's.json'}"],
+      cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
+      timeout=600)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  scores = json.loads((tmp_path / "s.json").read_text())
+  assert scores["dose_score"] == pytest.approx(summary["dose_score"], rel=1e-5)
+  assert scores["dvh_score"] == pytest.approx(summary["dvh_score"], rel=1e-5)
+
+
+def test_predict_cli_bad_workdir_is_a_clear_error(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "randose_jax.predict", f"--workdir={tmp_path}",
+       f"--patients={tmp_path}", f"--output={tmp_path / 'o'}"],
+      cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode != 0
+  assert "no checkpoints/ folder" in proc.stderr
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_exported_model_equals_the_model(trained, tmp_path, tta):
+  path = export.export_workdir(trained, tmp_path / "model.zip", tta=tta)
+  loaded = export.load(path)
+  assert loaded.meta["grid"] == [8, 8, 8]
+  assert set(loaded.meta["platforms"]) >= {"cpu"}
+  restored = restore.restore_from_workdir(trained, "best")
+  patient = openkbp.load_patient(
+      trained / "synthetic" / "validation-pats" / "pt_5")
+  example = encoding.encode_patient(patient, restored.config.data)
+  (want,) = restored.trainer.predict_local(restored.params["model"],
+                                           [example], tta)
+  batch = {k: np.stack([example[k]] * 3) for k in inference.INPUT_KEYS}
+  got = loaded(batch)  # symbolic batch size: 3 works as well as 1
+  assert got.shape == (3, 8, 8, 8, 1)
+  for row in got:
+    # Separately compiled float32 programs (batch 3 vs 1): rounding only.
+    np.testing.assert_allclose(row[..., 0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_export_load_rejects_a_bad_file(tmp_path):
+  bad = tmp_path / "bad.zip"
+  bad.write_bytes(b"not a zip")
+  with pytest.raises(ValueError, match="bad.zip: not a zip file"):
+    export.load(bad)
