@@ -31,15 +31,19 @@ import numpy as np
 
 from randose_jax import models
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/openkbp.py:row3.",
-    lock_config=True)
-_GRID = flags.DEFINE_integer("grid", 128, "Edge of the cubic input grid.")
-_JSON = flags.DEFINE_bool("json", False,
-                          "Print a JSON object as the last line.")
-_COMPILE = flags.DEFINE_bool(
-    "compile", False, "Take FLOPs from the compiled executable (slower) "
-    "instead of the lowered HLO.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a program, so library
+  modules can be imported together without clashing flag names)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Config file, e.g. configs/openkbp.py:row3.",
+      lock_config=True)
+  flags.DEFINE_integer("grid", 128, "Edge of the cubic input grid.")
+  flags.DEFINE_bool("json", False, "Print a JSON object as the last line.")
+  flags.DEFINE_bool("compile", False, "Take FLOPs from the compiled "
+                    "executable (slower) instead of the lowered HLO.")
 
 
 def abstract_inputs(grid: Sequence[int], batch: int = 1) -> dict[str, Any]:
@@ -150,11 +154,24 @@ def conv_flops(fn: Callable, *args) -> int:
 
 def cost_analysis_flops(fn: Callable, *args, compile: bool = False
                         ) -> tuple[float, float]:
-  """XLA's FLOP estimate of `jax.jit(fn)(*args)` and the seconds it took."""
+  """XLA's FLOP estimate of `jax.jit(fn)(*args)` and the seconds it took.
+
+  Always analysed for the CPU backend (args are re-placed there), so the
+  figure is the same on any machine: plugin backends (CUDA) give no
+  pre-compilation cost analysis, and their compiled graphs hide convolutions
+  in library calls.
+  """
+  try:
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    args = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), args)
+  except RuntimeError:  # no CPU backend (JAX_PLATFORMS excludes it)
+    pass
   start = time.perf_counter()
   lowered = jax.jit(fn).lower(*args)
-  cost = lowered.compile().cost_analysis() if compile else (
-      lowered.cost_analysis())
+  cost = None if compile else lowered.cost_analysis()
+  if not cost:
+    cost = lowered.compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per device
     cost = cost[0]
   return float(cost["flops"]), time.perf_counter() - start
@@ -207,13 +224,14 @@ def format_summary(summary: dict[str, Any]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
+  if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. configs/openkbp.py")
-  summary = summarize(_CONFIG.value.model, _GRID.value, _COMPILE.value)
+  summary = summarize(FLAGS.config.model, FLAGS.grid, FLAGS.compile)
   print(format_summary(summary))
-  if _JSON.value:
+  if FLAGS.json:
     print(json.dumps(summary))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

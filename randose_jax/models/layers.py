@@ -283,6 +283,7 @@ def resize_ptv(f_p: Array, grid: Sequence[int], method: str = "avgpool"
     factors only): each stage voxel gets the mean PTV feature of the full-size
     voxels it covers, the same cells the encoder's 2x2x2 poolings merge.
   'linear': jax.image.resize, (anti-aliased) trilinear.
+  Pass float32 features: both methods sum many voxels per output voxel.
   """
   n, c = f_p.shape[0], f_p.shape[-1]
   if tuple(grid) == tuple(f_p.shape[1:4]):
@@ -322,7 +323,10 @@ class PTVIntegration(nn.Module):
 
   @nn.compact
   def __call__(self, f_e: Array, f_p: Array) -> Array:
-    f_p = resize_ptv(f_p, f_e.shape[1:4], self.resize).astype(self.dtype)
+    # Resized in float32: average pooling by 2^(s-1) sums up to 16^3 values
+    # per output voxel at stage 5, far beyond bfloat16's 8-bit mantissa.
+    f_p = resize_ptv(f_p.astype(jnp.float32), f_e.shape[1:4], self.resize)
+    f_p = f_p.astype(self.dtype)
     self.sow("intermediates", "ptv_resized", f_p)
     refined = []
     for k in self.kernels:

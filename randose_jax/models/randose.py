@@ -13,10 +13,17 @@ A U-shaped encoder/decoder with S = len(widths) stages, channels-last.
           F_D,s = blocks(x)
   head    1x1x1 conv to one channel -> (N,D,H,W,1) float32, target units (dose / 70)
 
-"blocks" are `blocks_per_stage` blocks of one kind, the first mapping to the
+"blocks" are `blocks_per_stage` blocks of one kind, each mapping to the
 stage width: MSCSA (use_msfe and use_csa), the MSFE block of Table 2a row 2
-(MSFE -> norm -> act; use_msfe only) or the plain U-Net block of row 1 (two
-3x3x3 conv-norm-act). Decoder stages use the same kind as the encoder.
+(one MSFE -> norm -> act per block, so rows 2 and 3 differ by the CSA alone;
+use_msfe only) or the plain U-Net block of row 1 (two 3x3x3 conv-norm-act).
+Decoder stages use the same kind as the encoder. The stem convs are plain
+convs (no norm or activation): the paper's "a convolutional layer". PI's F_E,s
+is the pooled input of stage s; AF's F_E,s is the output of encoder stage s.
+
+Every layer is convolutional, so the params do not depend on the grid: `init`
+(which runs a forward pass) is cheapest on a small input, 2^(S-1) voxels per
+axis, and the params then serve any grid.
 
 Top-level parameter groups: stem_ptv, stem_ct, stem_oar, encoder_{s}, down_{s}
 (only with down='conv'), pi_{s} (s >= 2, use_pi), up_{s}, af_{s} (use_af),
