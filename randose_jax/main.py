@@ -20,6 +20,11 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, logs and predictions go
 flags.DEFINE_bool("distributed", False,
                   "Force jax.distributed.initialize() (multi-host runs are "
                   "otherwise detected from SLURM / MPI / TPU environments).")
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for "
+                    "hand-started multi-process runs.")
+flags.DEFINE_integer("num_processes", 0, "Process count of a hand-started "
+                     "multi-process run (0: detect or single process).")
+flags.DEFINE_integer("process_id", -1, "This process's id in such a run.")
 config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/openkbp.py[:variant].",
     lock_config=True)
@@ -29,7 +34,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  distributed.maybe_initialize(FLAGS.distributed)
+  distributed.maybe_initialize(FLAGS.distributed, FLAGS.coordinator_address,
+                               FLAGS.num_processes, FLAGS.process_id)
   logging.info("JAX process %d / %d; devices: %s", jax.process_index(),
                jax.process_count(), jax.devices())
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

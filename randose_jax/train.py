@@ -241,6 +241,7 @@ def prepare_data(config, workdir: pathlib.Path):
           logging.info("Writing %d synthetic patients to %s", n, folder)
           phantoms.write_phantoms(folder, n, grid=data.synthetic_grid,
                                   seed=seed, first_id=first)
+    _barrier("synthetic_patients")
   else:
     if not data.root:
       raise ValueError(

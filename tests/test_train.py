@@ -255,3 +255,36 @@ def test_smoke_config_on_shared_patients(tmp_path):
   assert summary["num_patients"] == len(list(
       (SHARED / "validation-pats").glob("pt_*")))
   assert np.isfinite(summary["dose_score"])
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_on_loopback(tmp_path):
+  """jax.distributed with 2 CPU processes (gloo collectives) trains, checkpoints
+  and validates through the same main as one process."""
+  port = _free_port()
+  procs = [_run_main(tmp_path, f"--coordinator_address=127.0.0.1:{port}",
+                     "--num_processes=2", f"--process_id={i}",
+                     "--config.num_train_steps=4",
+                     "--config.checkpoint_every_steps=2",
+                     "--config.eval_every_steps=2",
+                     "--config.log_every_steps=2") for i in range(2)]
+  outs = []
+  for p in procs:
+    out, _ = p.communicate(timeout=900)
+    outs.append(out)
+    assert p.returncode == 0, out[-4000:]
+  assert "Validation (2 patients" in outs[0]  # process 0 reports
+  summary = json.loads((tmp_path / "validation_scores.json").read_text())
+  assert np.isfinite(summary["dose_score"])
+  ckpt = checkpointing.Checkpointer(tmp_path)
+  assert ckpt.steps("latest") == [2, 4]
+  ckpt.close()
+  assert sorted(p.name for p in
+                (tmp_path / "predictions" / "validation-pats").iterdir()) == [
+                    "pt_5.csv", "pt_6.csv"]
