@@ -177,3 +177,53 @@ def test_augment_example_follows_the_config(example):
     out = augment.augment_example(example, np.random.default_rng(seed), data_config)
     assert (np.array_equal(out["ct"], example["ct"])
             or np.array_equal(out["ct"], example["ct"][:, :, ::-1]))
+
+
+@pytest.fixture(scope="module")
+def sparse_patient(tmp_path_factory):
+  from randose_jax.data import phantoms
+  folder = tmp_path_factory.mktemp("aug_planes")
+  (path,) = phantoms.write_phantoms(folder, 1, grid=32, seed=5)
+  return openkbp.load_sparse_patient(path)
+
+
+@pytest.mark.parametrize("k", [0, 1, 4, 8])
+def test_row_packs_equal_the_dense_transform(sparse_patient, k):
+  """planes -> transform_planes -> PackedBatch -> unpack_batch gives, bit for
+  bit, `transform` of the encoded example (the pipeline's fast path)."""
+  from randose_jax.data import pipeline
+  data_config = default_config.get_default_config().data
+  data_config.ptv_values = (0.9, 0.8, 1.0)  # not increasing: the max still wins
+  example = encoding.encode_patient(sparse_patient, data_config)
+  planes = augment.planes_from_sparse(sparse_patient, data_config)
+  for mirror in (False, True):
+    for flip_axis2 in (False, True):
+      for swap in (False, True):
+        options = dict(k=k, mirror=mirror, flip_axis2=flip_axis2, swap_parotids=swap,
+                       ct_fill=AIR)
+        expected = augment.transform(example, **options)
+        packs = [augment.transform_planes(planes, **options),
+                 augment.transform_planes(planes, k=(k + 1) % 9, ct_fill=AIR)]
+        batch = pipeline.unpack_batch(pipeline.PackedBatch()(packs),
+                                      ptv_values=data_config.ptv_values, ct_fill=AIR)
+        second = augment.transform(example, k=(k + 1) % 9, ct_fill=AIR)
+        for key in encoding.KEYS:
+          assert batch[key].dtype == np.float32
+          np.testing.assert_array_equal(batch[key][0], expected[key],
+                                        err_msg=f"{key} {options}")
+          np.testing.assert_array_equal(batch[key][1], second[key], err_msg=key)
+  # A pack holds only the rows that are not background: much smaller.
+  pack = augment.transform_planes(planes, k=3, ct_fill=AIR)
+  packed_bytes = sum(v.nbytes for v in pack.values())
+  assert packed_bytes < 0.5 * sum(v.nbytes for v in example.values())
+
+
+def test_planes_find_the_rows_that_hold_something(sparse_patient):
+  data_config = default_config.get_default_config().data
+  planes = augment.planes_from_sparse(sparse_patient, data_config)
+  example = encoding.encode_patient(sparse_patient, data_config)
+  rows = lambda x: x.reshape(planes["ct"].shape[0], -1)
+  np.testing.assert_array_equal(planes["ct_active"], (rows(example["ct"]) != AIR).any(1))
+  np.testing.assert_array_equal(planes["target_active"], (rows(example["target"]) != 0).any(1))
+  masks = np.concatenate([example["oar"], example["mask"], example["ptv"]], -1)
+  np.testing.assert_array_equal(planes["codes_active"], (rows(masks) != 0).any(1))

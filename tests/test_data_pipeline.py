@@ -127,3 +127,15 @@ def test_worker_processes(cache, config):
   examples = lambda batches: sorted(b[k][i].tobytes() for b in batches for i in range(2)
                                     for k in ("ct", "target", "oar"))
   assert examples(streams[0]) == examples(in_process)
+
+
+def test_downsampled_training_batches(phantom_split, tmp_path, config):
+  """downsample > 1 takes the encoded-dict path: float32 batches all the same."""
+  config.data.downsample = 2
+  cache = cache_lib.build_cache(openkbp.list_patient_dirs(phantom_split), tmp_path,
+                                config.data)
+  batches = take(iter(pipeline.train_dataset(cache, config, seed=0)), 2)
+  for key, channels in (("ptv", 1), ("ct", 1), ("oar", 7), ("target", 1), ("mask", 1)):
+    assert batches[0][key].shape == (2, 8, 8, 8, channels), key
+    assert batches[0][key].dtype == np.float32
+  assert_batches_equal(batches, take(iter(pipeline.train_dataset(cache, config, seed=0)), 2))

@@ -33,6 +33,7 @@ import functools
 import numpy as np
 
 from randose_jax.data import encoding
+from randose_jax.data import openkbp
 
 ANGLE_STEP_DEGREES = 40
 NUM_ANGLES = 360 // ANGLE_STEP_DEGREES  # 9 beam-aligned rotations
@@ -96,21 +97,23 @@ def _plane_map(k: int, d: int, h: int, mirror: bool):
   return tables
 
 
-def _transform(x: np.ndarray, background: float, k: int, mirror: bool,
-               flip_axis2: bool, linear: bool, channels=None) -> np.ndarray:
-  """One (D, H, W, C) array through the plane map, the axis-2 flip and a
-  channel permutation; the background is also the fill value."""
-  x = np.ascontiguousarray(x)
-  d, h, w, c = x.shape
+def _resample_rows(rows: np.ndarray, active: np.ndarray, background, d: int, h: int,
+                   k: int, mirror: bool, linear: bool) -> tuple[np.ndarray, np.ndarray]:
+  """The plane map applied to rows (d*h, W, C) of one array.
+
+  Args:
+    rows: (d*h, W, C), row r = plane pixel r of every axis-2 slice.
+    active: bool (d*h,), the rows holding something other than the
+      background; only output rows that read one of them are computed.
+    background: the fill value, of rows' dtype.
+    linear: bilinear (else nearest).
+
+  Returns:
+    (selected int64 (S,), values (S, W, C)): the output rows that are not
+    entirely background and their values; every other output row is
+    background.
+  """
   nearest, nearest_inside, taps, weights, fill_weight = _plane_map(k, d, h, mirror)
-  rows = x.reshape(d * h, w * c)
-  background = x.dtype.type(background)
-  # Rows that hold something other than the background. Masks are never
-  # below it (0), so their maximum tells; ct and target get both ends.
-  active = rows.max(1) != background
-  if linear:
-    active |= rows.min(1) != background
-  rows = rows.reshape(d * h, w, c)
   if linear and k:
     # An output row needs computing if any of its taps holds something.
     selected = np.flatnonzero((active[taps] & (weights > 0)).any(0))
@@ -121,6 +124,24 @@ def _transform(x: np.ndarray, background: float, k: int, mirror: bool,
   else:
     selected = np.flatnonzero(nearest_inside & active[nearest])
     y = rows[nearest[selected]]
+  return selected, y
+
+
+def _transform(x: np.ndarray, background: float, k: int, mirror: bool,
+               flip_axis2: bool, linear: bool, channels=None) -> np.ndarray:
+  """One (D, H, W, C) array through the plane map, the axis-2 flip and a
+  channel permutation; the background is also the fill value."""
+  x = np.ascontiguousarray(x)
+  d, h, w, c = x.shape
+  rows = x.reshape(d * h, w * c)
+  background = x.dtype.type(background)
+  # Rows that hold something other than the background. Masks are never
+  # below it (0), so their maximum tells; ct and target get both ends.
+  active = rows.max(1) != background
+  if linear:
+    active |= rows.min(1) != background
+  selected, y = _resample_rows(rows.reshape(d * h, w, c), active, background, d, h,
+                               k, mirror, linear)
   if flip_axis2:
     y = y[:, ::-1]
   if channels is not None:
@@ -181,6 +202,15 @@ def rotate(example: dict, k: int, ct_fill: float) -> dict:
   return transform(example, k=k, ct_fill=ct_fill)
 
 
+def draw(rng: np.random.Generator, data_config) -> tuple[int, bool, bool]:
+  """(k, mirror, flip_axis2) of a random augmentation, as `augment_example`
+  draws them (same order, same stream)."""
+  mirror = bool(rng.integers(2)) if data_config.flip_lr else False
+  flip_axis2 = bool(rng.integers(2)) if data_config.flip_si else False
+  k = int(rng.integers(NUM_ANGLES)) if data_config.rotate else 0
+  return k, mirror, flip_axis2
+
+
 def augment_example(example: dict, rng: np.random.Generator, data_config) -> dict:
   """A random geometry-consistent augmentation, as `config.data` switches it.
 
@@ -190,9 +220,134 @@ def augment_example(example: dict, rng: np.random.Generator, data_config) -> dic
   """
   if not data_config.augment:
     return example
-  mirror = bool(rng.integers(2)) if data_config.flip_lr else False
-  flip_axis2 = bool(rng.integers(2)) if data_config.flip_si else False
-  k = int(rng.integers(NUM_ANGLES)) if data_config.rotate else 0
+  k, mirror, flip_axis2 = draw(rng, data_config)
   return transform(example, k=k, mirror=mirror, flip_axis2=flip_axis2,
                    swap_parotids=data_config.swap_parotids,
                    ct_fill=air_value(data_config))
+
+
+# ------------------------------------------------------ planes and row packs
+#
+# The training pipeline's fast path (full resolution, downsample 1). A
+# patient becomes three dense planes-by-rows arrays, (d*h, w) each:
+#   ct      float32, encoded (as `encoding.encode_patient`), air elsewhere;
+#   target  float32, dose / dose_scale;
+#   codes   uint16, every 0/1 channel in one bit each: OAR channel c in bit c
+#           (0..6), the possible-dose mask in bit MASK_BIT, PTV56, PTV63,
+#           PTV70 in bits PTV_SHIFT + 0, 1, 2,
+# with, per array, the rows holding something other than its background
+# (found from the sparse voxel lists, no scan of the dense arrays). Nine
+# channels of masks are thus rotated with one nearest-voxel gather of 2-byte
+# values instead of nine of 4-byte values, and the parotid swap of a flip is a
+# bit swap.
+#
+# The transform of planes (`transform_planes`) gives a row pack: for each
+# array, the output rows that are not entirely background (int32 (S,)) and
+# their values (S, w); every other row is background. At 128^3 a pack is a
+# few MB (a float32 example is 92 MB), which is what crosses from the
+# worker processes to the main process; `pipeline.unpack_batch` makes the
+# float32 channels there. The values equal those of `transform` on the
+# `encoding.encode_patient` example bit for bit (same gathers, same float32
+# arithmetic in the same order; tests/test_data_augment.py checks it).
+
+PACKED_KEYS = ("ct", "target", "codes")
+MASK_BIT = 7
+PTV_SHIFT = 8
+_LINEAR_PACKED = {"ct": True, "target": True, "codes": False}
+
+
+def _rows_of(index: np.ndarray, w: int, num_rows: int, active: np.ndarray | None = None):
+  """Marks the rows (flat index // w) of voxel indices in `active`."""
+  if active is None:
+    active = np.zeros(num_rows, bool)
+  if index.size:
+    active[index // w] = True
+  return active
+
+
+def planes_from_sparse(patient: openkbp.SparsePatient, settings) -> dict:
+  """The planes of one patient (see above) at its own grid.
+
+  Args:
+    patient: a `SparsePatient` (e.g. `PatientCache.sparse(i)`).
+    settings: the encoding fields of `config.data` (ct_clip, ct_scale,
+      dose_scale; ptv levels are applied at unpacking).
+
+  Returns:
+    dict: grid (d, h, w); ct, target (float32 (d*h, w)); codes (uint16
+    (d*h, w)); ct_active, target_active, codes_active (bool (d*h,)).
+  """
+  d, h, w = patient.grid_shape
+  n, num_rows = d * h * w, d * h
+  num_oars = len(openkbp.OAR_NAMES)
+
+  lo, hi = settings.ct_clip
+  scale = np.float32(settings.ct_scale)
+  hu = lambda stored: np.clip(stored - np.float32(openkbp.CT_OFFSET), lo, hi)
+  air = hu(np.float32(0)) / scale  # voxels absent from ct.csv
+  ct = np.full(n, air, np.float32)
+  ct_values = hu(patient.ct_value) / scale
+  ct[patient.ct_index] = ct_values
+  ct_active = _rows_of(patient.ct_index[ct_values != air], w, num_rows)
+
+  target = np.zeros(n, np.float32)
+  target_active = np.zeros(num_rows, bool)
+  if patient.dose_index is not None:
+    values = (patient.dose_value / settings.dose_scale).astype(np.float32)
+    target[patient.dose_index] = values
+    _rows_of(patient.dose_index[values != 0], w, num_rows, target_active)
+
+  codes = np.zeros(n, np.uint16)
+  codes_active = np.zeros(num_rows, bool)
+  bits = [(index, c) for c, index in enumerate(patient.roi_index[:num_oars])]
+  bits.append((patient.mask_index, MASK_BIT))
+  bits += [(index, PTV_SHIFT + j) for j, index in enumerate(patient.roi_index[num_oars:])]
+  for index, bit in bits:
+    if index.size:
+      codes[index] |= np.uint16(1 << bit)
+      _rows_of(index, w, num_rows, codes_active)
+  return {"grid": (d, h, w), "ct": ct.reshape(num_rows, w), "ct_active": ct_active,
+          "target": target.reshape(num_rows, w), "target_active": target_active,
+          "codes": codes.reshape(num_rows, w), "codes_active": codes_active}
+
+
+def _swap_bits(codes: np.ndarray, a: int, b: int) -> np.ndarray:
+  one = codes.dtype.type(1)
+  bit_a, bit_b = (codes >> a) & one, (codes >> b) & one
+  keep = codes & codes.dtype.type(~((1 << a) | (1 << b)) & 0xFFFF)
+  return keep | (bit_a << b) | (bit_b << a)
+
+
+def transform_planes(planes: dict, *, k: int = 0, mirror: bool = False,
+                     flip_axis2: bool = False, swap_parotids: bool = True,
+                     ct_fill: float = -1.024) -> dict:
+  """`transform` on planes (`planes_from_sparse`), giving a row pack.
+
+  Returns:
+    dict: grid int64 (3,); for each of `PACKED_KEYS`, `<key>_rows` int32 (S,)
+    and `<key>` (S, w) (values of the output rows that hold something; all
+    other output rows are background: ct_fill for ct, 0 otherwise).
+  """
+  k = int(k) % NUM_ANGLES
+  d, h, w = planes["grid"]
+  packed = {"grid": np.array([d, h, w], np.int64)}
+  for key in PACKED_KEYS:
+    rows = planes[key]
+    background = rows.dtype.type(ct_fill if key == "ct" else 0)
+    selected, y = _resample_rows(rows.reshape(d * h, w, 1), planes[key + "_active"],
+                                 background, d, h, k, mirror, _LINEAR_PACKED[key])
+    y = y[:, ::-1, 0] if flip_axis2 else y[:, :, 0]
+    if key == "codes" and mirror and swap_parotids:
+      y = _swap_bits(y, *PAROTID_CHANNELS)
+    packed[key + "_rows"] = selected.astype(np.int32)
+    packed[key] = y
+  return packed
+
+
+def augment_planes(planes: dict, rng: np.random.Generator, data_config) -> dict:
+  """`augment_example` for planes: the same draws, a row pack out (with
+  `augment` False, the identity's pack)."""
+  k, mirror, flip_axis2 = draw(rng, data_config) if data_config.augment else (0, False, False)
+  return transform_planes(planes, k=k, mirror=mirror, flip_axis2=flip_axis2,
+                          swap_parotids=data_config.swap_parotids,
+                          ct_fill=air_value(data_config))
