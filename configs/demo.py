@@ -6,12 +6,36 @@ Writes phantom patients (OpenKBP layout) under <workdir>/synthetic, trains a
 small RANDose on 2 CPU cores in a few minutes and prints its validation dose
 score next to the score of always predicting the mean training dose inside the
 possible-dose mask, which it must clearly beat.
+
+Variant, chosen after a colon (`--config=configs/demo.py:smoke`):
+  smoke   the fastest settings that train on one CPU (the trainer tests'
+          shape): 16^3 phantoms trained at 8^3, a 2-stage RANDose of width 4
+          with smaller kernel sets, 4 steps. Checks that everything runs
+          (the quickstart notebook under RANDOSE_SMOKE=1); it learns nothing.
 """
 
 from randose_jax import default_config
 
 
-def get_config():
+def _smoke(config):
+  config.data.synthetic_grid = 16
+  config.data.num_synthetic_train = 4
+  config.data.num_synthetic_eval = 2
+  config.data.downsample = 2  # 16^3 phantoms -> 8^3
+  config.model.widths = (4, 4)
+  config.model.msfe_kernels = (3, 5)
+  config.model.pi_kernels = (3,)
+  config.num_train_steps = 4
+  config.log_every_steps = 2
+  config.eval_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.progress_bar = False
+
+
+_VARIANTS = {"smoke": _smoke}
+
+
+def get_config(variant: str = ""):
   config = default_config.get_default_config()
   config.data.synthetic = True
   config.data.num_synthetic_train = 12
@@ -25,4 +49,9 @@ def get_config():
   config.log_every_steps = 50
   config.eval_every_steps = 200
   config.checkpoint_every_steps = 200
+  if variant:
+    if variant not in _VARIANTS:
+      raise ValueError(f"configs/demo.py: unknown variant {variant!r}; "
+                       f"choose from {sorted(_VARIANTS)}")
+    _VARIANTS[variant](config)
   return config

@@ -2,14 +2,16 @@
 
   python -m randose_jax.evaluate \
       --reference=provided-data/validation-pats --predictions=predictions/ \
-      [--json=scores.json] [--per_roi=per_roi.csv]
+      [--json=scores.json] [--per_roi=per_roi.csv] [--plots=DIR]
 
 --reference holds the patients (`pt_*/` folders with dose.csv); --predictions
 holds one `pt_*.csv` per patient, the submission format. Prints the dose score,
 then the DVH score (DESIGN.md section 6; always in that order). --json writes
 both scores, the counts and each patient's dose error; --per_roi (alias
 --per-roi) writes one row per (patient, ROI, metric). Both are replaced if
-they exist, atomically. Patients are read and scored one at a time.
+they exist, atomically. --plots writes `<id>_slices.png` (prediction,
+reference, difference) and `<id>_dvh.png` per patient into DIR. Patients are
+read and scored one at a time.
 """
 
 import json
@@ -39,6 +41,8 @@ def define_flags():
   flags.DEFINE_string('per_roi', None,
                       'Write the per-patient, per-ROI DVH metrics here (CSV).')
   flags.DEFINE_alias('per-roi', 'per_roi')
+  flags.DEFINE_string('plots', None, 'Write <id>_slices.png and <id>_dvh.png '
+                      'for each patient into this folder.')
 
 # Called with each reference patient and its prediction (Gy) once scored, e.g.
 # to plot it while it is in memory.
@@ -148,8 +152,14 @@ def main(argv):
   for name in ('reference', 'predictions'):
     if not FLAGS[name].value:
       raise app.UsageError(f'--{name} is required')
+  on_patient = None
+  if FLAGS.plots:
+    from randose_jax import viz  # pylint: disable=g-import-not-at-top
+    on_patient = lambda patient, dose: viz.write_patient_plots(
+        patient, dose, FLAGS.plots)
   try:
-    result = evaluate_folders(FLAGS.reference, FLAGS.predictions)
+    result = evaluate_folders(FLAGS.reference, FLAGS.predictions,
+                              on_patient=on_patient)
   except openkbp.DataError as e:
     sys.exit(f'error: {e}')
   print(format_scores(result))

@@ -443,3 +443,75 @@ def write_patient_plots(patient, dose_pred, out_dir, *, roi_names: Sequence[str]
                  out_dir / f'{pid}_dvh.png', title=f'{pid}: dose-volume histogram',
                  roi_names=names, dpi=dpi)
   return [slices, dvh]
+
+
+def plot_patient(patient, path=None, title: str | None = None, *,
+                 roi_names: Sequence[str] | None = None, dpi: int = 110) -> Figure:
+  """The model's inputs for one patient: CT with PTV and OAR contours, no dose.
+
+  One row of axial, coronal and sagittal slices through the PTV centre (the
+  same views, colours and conventions as `plot_dose_slices`), zoomed onto the
+  body; contoured ROIs are listed in the legend.
+
+  Args:
+    patient: a `data.openkbp.Patient` (uses patient_id, ct (HU + 1024),
+      structure_masks, voxel_dimensions; dose, if any, only to centre the
+      views when no target is contoured).
+    path: output PNG (parent folders are created), or None to only return
+      the figure.
+    title: figure title; default the patient id.
+    roi_names: channel names; default the OpenKBP order.
+    dpi: resolution.
+
+  Returns:
+    The figure (Agg; write it with `savefig` or show it in a notebook).
+  """
+  names = tuple(roi_names) if roi_names is not None else DEFAULT_ROI_NAMES
+  where = path if path is not None else patient.patient_id
+  ct = np.asarray(patient.ct)
+  if ct.ndim != 3:
+    raise ValueError(f'{where}: ct must be (D,H,W), got shape {ct.shape}')
+  shape = ct.shape
+  ct_hu = ct.astype(np.float32) - CT_OFFSET
+  masks = _check_masks(patient.structure_masks, shape, names, where)
+  voxel_dimensions = np.asarray(patient.voxel_dimensions, dtype=np.float64)
+  if voxel_dimensions.shape != (3,) or np.any(voxel_dimensions <= 0):
+    raise ValueError(f'{where}: voxel_dimensions must be three positive mm values, '
+                     f'got {voxel_dimensions}')
+  present = masks.reshape(-1, masks.shape[-1]).any(axis=0)
+  content = (ct_hu > -400) | masks.any(axis=-1)
+  dose = getattr(patient, 'dose', None)
+  targets = [c for c, name in enumerate(names) if _is_target(name)]
+  if dose is None and not masks[..., targets].any():
+    # Nothing to centre on: the centre of the body (or of the grid).
+    points = np.argwhere(content) if content.any() else np.argwhere(np.ones(shape, bool))
+    centre = tuple(int(round(c)) for c in points.mean(axis=0))
+  else:
+    centre = slice_centre(masks, dose, names)
+  boxes = [_view_box(v, centre, shape, voxel_dimensions, [_view_slice(content, v, centre)])
+           for v in _VIEWS]
+  # Column widths follow each view's physical aspect, so pixels stay square.
+  widths = [(b[1] - b[0]) / (b[3] - b[2]) for b in boxes]
+  panel_h = 3.8
+  fig = Figure(figsize=(panel_h * sum(widths) + 0.8, panel_h + 1.6), layout='constrained',
+               dpi=dpi)
+  axes = fig.subplots(1, 3, squeeze=False, gridspec_kw={'width_ratios': widths})[0]
+  nothing = np.ma.masked_all((1, 1))  # no dose wash: CT and contours only
+  for ax, view, box in zip(axes, _VIEWS, boxes):
+    _draw_panel(ax, view, centre, shape, voxel_dimensions, box, ct_hu, nothing, {}, masks,
+                names, present, scale_bar=True)
+    plane_axis = view[1]
+    ax.set_title(f'{view[0]} (axis {plane_axis} = {centre[plane_axis]})', fontsize=11)
+
+  handles = [Line2D([], [], color=_roi_colour(name, c), linewidth=2.0, label=name)
+             for c, name in enumerate(names) if present[c]]
+  if handles:
+    fig.legend(handles=handles, loc='outside lower center', ncol=min(len(handles), 5),
+               fontsize=10, frameon=False)
+  fig.suptitle(title or f'{patient.patient_id}: CT with PTV and OAR contours', fontsize=13,
+               fontweight='bold')
+  if path is not None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, facecolor='white')
+  return fig

@@ -164,3 +164,25 @@ def test_shape_errors_name_the_file(patient, tmp_path):
 def test_roi_names_match_openkbp():
   openkbp = pytest.importorskip('randose_jax.data.openkbp')
   assert tuple(openkbp.ROI_NAMES) == viz.DEFAULT_ROI_NAMES
+
+
+def test_plot_patient_inputs_without_dose(patient, tmp_path):
+  """CT with contours in three planes; no dose needed."""
+  inputs = SimpleNamespace(**vars(patient))
+  inputs.dose = None
+  fig = viz.plot_patient(inputs, tmp_path / 'sub' / 'inputs.png', dpi=DPI)
+  assert len(fig.axes) == 3
+  image = assert_real_png(tmp_path / 'sub' / 'inputs.png', min_side=150)
+  assert image.shape[1] > image.shape[0]  # One row of three views.
+  # Without a path nothing is written; without targets the views still render.
+  inputs.structure_masks = patient.structure_masks.copy()
+  inputs.structure_masks[..., 7:] = False
+  fig = viz.plot_patient(inputs, dpi=DPI)
+  assert len(fig.axes) == 3
+  assert list(tmp_path.rglob('*.png')) == [tmp_path / 'sub' / 'inputs.png']
+
+
+def test_plot_patient_shape_error_names_the_file(patient, tmp_path):
+  with pytest.raises(ValueError, match='bad.png'):
+    viz.plot_patient(SimpleNamespace(**dict(vars(patient), ct=patient.ct[:-1])),
+                     tmp_path / 'bad.png')
