@@ -21,18 +21,22 @@ clipped to 0 here, so D_0.1cc of such an ROI is its minimum dose: the whole ROI
 lies within its hottest 0.1 cc.
 
 Speed, without changing a number (benchmarks/evaluator.py): the reference
-side of a patient (each ROI's flat voxel indices from one pass over the
-masks, its metrics, the possible-dose voxels) is computed once in `Reference`,
-which can be kept to score many predictions; each ROI's doses are one gather
-instead of a boolean mask over the whole volume; all percentiles of one ROI
-come from one partial sort; when both doses are zero off the possible-dose
-mask (always so for decoded predictions), the dose error sums over the mask
-voxels only, otherwise over every voxel in cache-sized chunks. `Evaluator`
-takes one patient at a time, so scoring 100 patients at 128^3 never holds more
-than one in memory.
+side of a patient (each ROI's flat voxel indices, its metrics, the
+possible-dose voxels) is computed once in `Reference`, which can be kept to
+score many predictions. `Reference.from_sparse` builds it straight from the
+sorted voxel lists the cache and the CSVs hold (no dense mask is made or
+scanned; the reference dose at the ROI voxels is a binary search in the
+mask's list); `from_arrays` finds the lists in dense masks with one pass.
+Each ROI's doses are one gather instead of a boolean mask over the whole
+volume; all percentiles of one ROI come from one partial sort; when both
+doses are zero off the possible-dose mask (always so for decoded
+predictions), the dose error sums over the mask voxels only, otherwise over
+every voxel in cache-sized chunks. `Evaluator` takes one patient at a time,
+so scoring 100 patients at 128^3 never holds more than one in memory.
 """
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -175,11 +179,18 @@ class _MetricPlan:
 
   def metrics(self, dose_flat: np.ndarray) -> np.ndarray:
     """(10, 5) float64 Gy metrics of a flat dose (NaN where none exists)."""
+    if not self.segments:
+      return np.full(_METRICS_SHAPE, np.nan)
+    return self.metrics_of_values(
+        dose_flat[self.indices].astype(np.float64, copy=False))
+
+  def metrics_of_values(self, values: np.ndarray) -> np.ndarray:
+    """`metrics` from the doses at `indices` (float64 (V,), a copy this
+    call may reorder in place)."""
     metrics = np.full(_METRICS_SHAPE, np.nan)
     if not self.segments:
       return metrics
     cells = metrics.reshape(-1)  # a view
-    values = dose_flat[self.indices].astype(np.float64, copy=False)
     if self.mean_segments.size:
       sums = np.add.reduceat(values, self.segment_starts)[self.mean_segments]
       cells[self.mean_cells] = sums / self.mean_counts
@@ -248,6 +259,13 @@ def _count_nonzero_bits(values: np.ndarray) -> int:
   return int(np.count_nonzero(values))
 
 
+def _bits_nonzero(values: np.ndarray) -> np.ndarray:
+  """values != 0 by bits (-0.0 counts, as in `_count_nonzero_bits`)."""
+  if values.dtype.kind == 'f':
+    values = values.view(f'u{values.itemsize}')
+  return values != 0
+
+
 def _check_grid(array: np.ndarray, shape: tuple[int, ...], name: str,
                 patient_id: str | None = None) -> None:
   if array.shape != tuple(shape):
@@ -260,22 +278,35 @@ def _check_grid(array: np.ndarray, shape: tuple[int, ...], name: str,
 class Reference:
   """The reference side of one patient, prepared once for any predictions.
 
+  Build it with `from_sparse` (the voxel lists a `PatientCache` or
+  `openkbp.load_sparse_patient` gives: no pass over dense masks, the fastest),
+  `from_patient` or `from_arrays`.
+
   Attributes:
     patient_id: e.g. 'pt_201'.
-    dose: (D, H, W) Gy, the reference dose.
+    grid_shape: (D, H, W).
     num_mask_voxels: voxels in the possible-dose mask (the dose error's
       denominator).
     metrics: float64 (10, 5) Gy, the reference DVH metrics (NaN: none).
+    dose: (D, H, W) Gy, the reference dose (made on first use when built
+      from sparse data; scoring needs it only for a prediction with dose
+      outside the possible-dose mask).
   """
   patient_id: str
-  dose: np.ndarray
+  grid_shape: tuple[int, int, int]
   num_mask_voxels: int
   metrics: np.ndarray
   _plan: _MetricPlan = dataclasses.field(repr=False)
-  # Flat indices off which the reference dose is zero (the possible-dose mask
-  # for OpenKBP data), and the reference dose there.
+  # Sorted flat indices off which the reference dose is zero (the
+  # possible-dose mask for OpenKBP data), and the reference dose there.
   _support: np.ndarray = dataclasses.field(repr=False)
   _support_dose: np.ndarray = dataclasses.field(repr=False)
+
+  @functools.cached_property
+  def dose(self) -> np.ndarray:
+    dose = np.zeros(int(np.prod(self.grid_shape)), self._support_dose.dtype)
+    dose[self._support] = self._support_dose
+    return dose.reshape(self.grid_shape)
 
   @classmethod
   def from_arrays(cls, patient_id: str, dose: np.ndarray,
@@ -301,8 +332,43 @@ class Reference:
       support_dose = dose_flat[support]
     plan = _MetricPlan.build(roi_voxel_indices(structure_masks, roi_present),
                              voxels_per_tenth_cc(voxel_dimensions))
-    return cls(patient_id, dose, num_mask_voxels, plan.metrics(dose_flat),
-               plan, support, support_dose)
+    reference = cls(patient_id, tuple(dose.shape), num_mask_voxels,
+                    plan.metrics(dose_flat), plan, support, support_dose)
+    reference.__dict__['dose'] = dose  # the cached_property's slot
+    return reference
+
+  @classmethod
+  def from_sparse(cls, patient: Any) -> 'Reference':
+    """From a `randose_jax.data.openkbp.SparsePatient` (sorted voxel lists, as
+    `PatientCache.sparse(i)` and `openkbp.load_sparse_patient` give; its
+    dose must be loaded). Equal to `from_patient(patient.to_patient())`
+    without making or scanning a dense volume."""
+    if patient.dose_index is None:
+      raise ValueError(f'reference patient {patient.patient_id} has no dose '
+                       '(no dose.csv in its folder)')
+    mask_index = np.asarray(patient.mask_index, np.int64)
+    if mask_index.size == 0:
+      raise ValueError(f'{patient.patient_id}: the possible-dose mask is empty')
+    dose_index = np.asarray(patient.dose_index, np.int64)
+    dose_value = np.asarray(patient.dose_value)
+    if np.array_equal(dose_index, mask_index):  # OpenKBP: dose.csv = the mask
+      support, support_dose = mask_index, dose_value
+    else:
+      nonzero = _bits_nonzero(dose_value)
+      support = np.union1d(mask_index, dose_index[nonzero])
+      support_dose = np.zeros(support.size, dose_value.dtype)
+      support_dose[np.searchsorted(support, dose_index[nonzero])] = (
+          dose_value[nonzero])
+    plan = _MetricPlan.build(patient.roi_index,
+                             voxels_per_tenth_cc(patient.voxel_dimensions))
+    # The reference dose at the ROI voxels: found in the sorted support.
+    position = np.minimum(np.searchsorted(support, plan.indices),
+                          support.size - 1)
+    values = np.where(support[position] == plan.indices,
+                      support_dose[position], 0.0).astype(np.float64)
+    return cls(patient.patient_id, tuple(int(n) for n in patient.grid_shape),
+               int(mask_index.size), plan.metrics_of_values(values), plan,
+               support, support_dose)
 
   @classmethod
   def from_patient(cls, patient: Any) -> 'Reference':
@@ -323,7 +389,7 @@ class Reference:
     Returns:
       (dose error in Gy per mask voxel, predicted metrics float64 (10, 5) Gy).
     """
-    _check_grid(prediction, self.dose.shape, 'prediction', self.patient_id)
+    _check_grid(prediction, self.grid_shape, 'prediction', self.patient_id)
     prediction = np.ascontiguousarray(prediction).reshape(-1)
     on_support = prediction[self._support]
     if _count_nonzero_bits(prediction) == _count_nonzero_bits(on_support):
@@ -424,12 +490,15 @@ class Evaluator:
     """Scores one patient; returns its dose error (Gy per mask voxel).
 
     Args:
-      reference: a `Reference`, or a `Patient` with its dose loaded.
+      reference: a `Reference`, or a `SparsePatient` (fastest) or `Patient`
+        with its dose loaded.
       prediction: (D, H, W) Gy on the reference's grid.
     """
     if reference.patient_id in self._seen:
       raise ValueError(f'patient {reference.patient_id} was added twice')
-    if not isinstance(reference, Reference):
+    if isinstance(reference, openkbp.SparsePatient):
+      reference = Reference.from_sparse(reference)
+    elif not isinstance(reference, Reference):
       reference = Reference.from_patient(reference)
     error, metrics = reference.score(prediction)
     self._patient_ids.append(reference.patient_id)

@@ -6,6 +6,7 @@ randose_jax imports), to 1e-6 relative; hand-computed tiny cases pin the rules
 themselves, so a mistake shared by both cannot pass.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -338,6 +339,53 @@ def test_evaluator_errors_name_the_patient():
         q.structure_masks, q.roi_present, q.voxel_dimensions)
 
 
+
+def sparse_of(p: Arrays) -> openkbp.SparsePatient:
+  """The voxel lists of a Patient-like bundle, as the cache holds them (an
+  ROI whose flag is False has no list)."""
+  dose = p.dose.reshape(-1)
+  dose_index = np.flatnonzero(dose)
+  return openkbp.SparsePatient(
+      patient_id=p.patient_id, grid_shape=tuple(p.dose.shape),
+      ct_index=np.zeros(0, np.int64), ct_value=np.zeros(0, np.float32),
+      dose_index=dose_index, dose_value=dose[dose_index].astype(np.float64),
+      mask_index=np.flatnonzero(p.possible_dose_mask),
+      roi_index=tuple(np.flatnonzero(p.structure_masks[..., r]) if present
+                      else np.zeros(0, np.int64)
+                      for r, present in enumerate(p.roi_present)),
+      voxel_dimensions=p.voxel_dimensions)
+
+
+@pytest.mark.parametrize('outside', [False, True])
+def test_reference_from_sparse_equals_from_patient(outside):
+  """From the voxel lists: the same reference, the same scores (also for a
+  reference with dose off its mask and predictions with dose off it)."""
+  p = synthetic_patient(11)
+  if outside:
+    p.dose = p.dose.copy()
+    p.dose[0, 0, 0] = 4.0
+    p.dose[0, 0, 1] = -0.0  # off the mask, bits not zero: still no dose
+  dense = evaluation.Reference.from_patient(p)
+  sparse = evaluation.Reference.from_sparse(sparse_of(p))
+  assert sparse.num_mask_voxels == dense.num_mask_voxels
+  assert sparse.grid_shape == dense.grid_shape
+  np.testing.assert_array_equal(sparse.metrics, dense.metrics)
+  rng = np.random.default_rng(1)
+  off_mask = 2.0 * (~p.possible_dose_mask & (rng.random(p.dose.shape) < 0.1))
+  for pred in (noisy(p.dose, p.possible_dose_mask, 3),
+               noisy(p.dose, p.possible_dose_mask, 4) + off_mask):
+    (e1, m1), (e2, m2) = dense.score(pred), sparse.score(pred)
+    assert e2 == pytest.approx(e1, rel=1e-12)
+    np.testing.assert_array_equal(m2, m1)
+  np.testing.assert_array_equal(sparse.dose, p.dose)
+  with pytest.raises(ValueError, match='has no dose'):
+    evaluation.Reference.from_sparse(dataclasses.replace(
+        sparse_of(p), dose_index=None, dose_value=None))
+  with pytest.raises(ValueError, match='possible-dose mask is empty'):
+    evaluation.Reference.from_sparse(dataclasses.replace(
+        sparse_of(p), mask_index=np.zeros(0, np.int64)))
+
+
 # ----------------------------------------------------------- real patients
 
 
@@ -364,6 +412,18 @@ def test_real_patients_match_plain(real_patients):
   assert result.num_dvh_metrics == 3 * expected
   absent = result.metric_table().query('patient_id == "pt_61_noise"')
   assert 'PTV56' not in set(absent['roi'])
+
+
+def test_real_patients_from_sparse_match_plain(shared_openkbp, real_patients):
+  """Evaluator.add takes the sparse patients the loader (and the cache)
+  give, with the same scores as the plain scorer on the dense ones."""
+  evaluator, cases = evaluation.Evaluator(), []
+  for i, (d, p) in enumerate(zip(REAL_PATIENTS, real_patients)):
+    pred = noisy(p.dose, p.possible_dose_mask, i)
+    pred[0, 0, 0] = 1.5  # outside the mask
+    evaluator.add(openkbp.load_sparse_patient(shared_openkbp / d), pred)
+    cases.append(case_of(p, pred))
+  assert_matches_plain(evaluator.result(), cases)
 
 
 # --------------------------------------------------------------------- CLI
