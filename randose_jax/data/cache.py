@@ -303,3 +303,38 @@ def build_cache(patient_dirs, cache_dir: str | os.PathLike, data_config,
   with openkbp.atomic_output(manifest_path, overwrite=True) as f:
     f.write(json.dumps(manifest, indent=1).encode())
   return PatientCache(cache_dir, entries, settings)
+
+
+def open_cache(cache_dir: str | os.PathLike, data_config) -> PatientCache:
+  """Opens a cache built earlier, without its source patient folders.
+
+  For machines that receive only the cache (e.g. a GPU host): the folder must
+  hold a manifest built with the same encoding settings; every file it lists
+  is checked (size and CRC-32) before use.
+
+  Raises:
+    DataError: no matching manifest, or a listed file missing or corrupt.
+  """
+  cache_dir = Path(cache_dir)
+  settings = encoding_settings(data_config)
+  manifests = sorted(cache_dir.glob("manifest-*.json"),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+  if not manifests:
+    raise openkbp.DataError(f"{cache_dir}: no cache manifest (build the cache "
+                            "from the patient folders first)")
+  for path in manifests:
+    try:
+      manifest = json.loads(path.read_text())
+    except ValueError as e:
+      raise openkbp.DataError(f"{path}: unreadable cache manifest ({e})") from e
+    if (manifest.get("format_version") == FORMAT_VERSION
+        and manifest.get("settings") == settings):
+      for entry in manifest["patients"]:
+        if not _file_ok(cache_dir / entry["file"], entry):
+          raise openkbp.DataError(
+              f"{cache_dir / entry['file']}: cache file missing, truncated or "
+              "corrupt (rebuild the cache from the patient folders)")
+      return PatientCache(cache_dir, manifest["patients"], settings)
+  raise openkbp.DataError(
+      f"{cache_dir}: no cache manifest matches the encoding settings "
+      f"{settings} (rebuild the cache from the patient folders)")
