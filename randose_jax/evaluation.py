@@ -30,8 +30,9 @@ mask's list); `from_arrays` finds the lists in dense masks with one pass.
 Each ROI's doses are one gather instead of a boolean mask over the whole
 volume; all percentiles of one ROI come from one partial sort; when both
 doses are zero off the possible-dose mask (always so for decoded
-predictions), the dose error sums over the mask voxels only, otherwise over
-every voxel in cache-sized chunks. `Evaluator` takes one patient at a time,
+predictions), the dose error sums over the mask voxels only; otherwise
+|prediction| off the mask is added, in cache-sized chunks (the reference is
+zero there, so no dense reference dose is needed). `Evaluator` takes one patient at a time,
 so scoring 100 patients at 128^3 never holds more than one in memory.
 """
 
@@ -236,6 +237,21 @@ def _abs_difference_sum(a: np.ndarray, b: np.ndarray) -> float:
   return total
 
 
+def _abs_sum_off(values: np.ndarray, skip: np.ndarray) -> float:
+  """sum |values| (float64) over the flat indices not in `skip` (sorted,
+  unique), in cache-sized chunks."""
+  n = values.size
+  buffer = np.empty(min(_CHUNK, n), np.float64)
+  bounds = np.searchsorted(skip, np.arange(0, n + _CHUNK, _CHUNK))
+  total = 0.0
+  for chunk_index, start in enumerate(range(0, n, _CHUNK)):
+    chunk = buffer[:min(_CHUNK, n - start)]
+    np.abs(values[start:start + _CHUNK], out=chunk)
+    chunk[skip[bounds[chunk_index]:bounds[chunk_index + 1]] - start] = 0.0
+    total += float(chunk.sum())
+  return total
+
+
 def dose_error(reference: np.ndarray, prediction: np.ndarray,
                possible_dose_mask: np.ndarray) -> float:
   """One patient's dose error, Gy per possible-dose voxel.
@@ -289,8 +305,7 @@ class Reference:
       denominator).
     metrics: float64 (10, 5) Gy, the reference DVH metrics (NaN: none).
     dose: (D, H, W) Gy, the reference dose (made on first use when built
-      from sparse data; scoring needs it only for a prediction with dose
-      outside the possible-dose mask).
+      from sparse data; scoring never needs it).
   """
   patient_id: str
   grid_shape: tuple[int, int, int]
@@ -392,12 +407,11 @@ class Reference:
     _check_grid(prediction, self.grid_shape, 'prediction', self.patient_id)
     prediction = np.ascontiguousarray(prediction).reshape(-1)
     on_support = prediction[self._support]
-    if _count_nonzero_bits(prediction) == _count_nonzero_bits(on_support):
-      # Both doses are zero off the support: summing over it is summing over
-      # every voxel, at a fraction of the memory traffic.
-      total = float(np.abs(self._support_dose - on_support).sum())
-    else:
-      total = _abs_difference_sum(self.dose, prediction)
+    total = float(np.abs(self._support_dose - on_support).sum())
+    if _count_nonzero_bits(prediction) != _count_nonzero_bits(on_support):
+      # Dose off the support, where the reference is zero: add |prediction|
+      # there (a sum of non-negative terms; no dense reference needed).
+      total += _abs_sum_off(prediction, self._support)
     error = total / self.num_mask_voxels
     if not np.isfinite(error):
       raise ValueError(f'prediction of {self.patient_id} holds NaN or inf')
