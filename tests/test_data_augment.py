@@ -222,8 +222,16 @@ def test_planes_find_the_rows_that_hold_something(sparse_patient):
   data_config = default_config.get_default_config().data
   planes = augment.planes_from_sparse(sparse_patient, data_config)
   example = encoding.encode_patient(sparse_patient, data_config)
-  rows = lambda x: x.reshape(planes["ct"].shape[0], -1)
+  d, h, _ = planes["grid"]
+  rows = lambda x: x.reshape(d * h, -1)
   np.testing.assert_array_equal(planes["ct_active"], (rows(example["ct"]) != AIR).any(1))
   np.testing.assert_array_equal(planes["target_active"], (rows(example["target"]) != 0).any(1))
   masks = np.concatenate([example["oar"], example["mask"], example["ptv"]], -1)
   np.testing.assert_array_equal(planes["codes_active"], (rows(masks) != 0).any(1))
+  # Only those rows are stored (plus one background row).
+  for key, background in (("ct", AIR), ("target", 0)):
+    active = planes[key + "_active"]
+    assert planes[key].shape == (active.sum() + 1, 32)
+    np.testing.assert_array_equal(planes[key][planes[key + "_map"][active]],
+                                  rows(example[key])[active])
+    assert np.all(planes[key][-1] == np.float32(background))

@@ -98,15 +98,18 @@ def _plane_map(k: int, d: int, h: int, mirror: bool):
 
 
 def _resample_rows(rows: np.ndarray, active: np.ndarray, background, d: int, h: int,
-                   k: int, mirror: bool, linear: bool) -> tuple[np.ndarray, np.ndarray]:
+                   k: int, mirror: bool, linear: bool,
+                   row_map: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """The plane map applied to rows (d*h, W, C) of one array.
 
   Args:
-    rows: (d*h, W, C), row r = plane pixel r of every axis-2 slice.
+    rows: (d*h, W, C), row r = plane pixel r of every axis-2 slice; with
+      row_map, (R, W, C) where plane pixel r is row row_map[r].
     active: bool (d*h,), the rows holding something other than the
       background; only output rows that read one of them are computed.
     background: the fill value, of rows' dtype.
     linear: bilinear (else nearest).
+    row_map: int (d*h,) or None (see rows).
 
   Returns:
     (selected int64 (S,), values (S, W, C)): the output rows that are not
@@ -114,16 +117,17 @@ def _resample_rows(rows: np.ndarray, active: np.ndarray, background, d: int, h: 
     background.
   """
   nearest, nearest_inside, taps, weights, fill_weight = _plane_map(k, d, h, mirror)
+  source = (lambda r: r) if row_map is None else (lambda r: row_map[r])
   if linear and k:
     # An output row needs computing if any of its taps holds something.
     selected = np.flatnonzero((active[taps] & (weights > 0)).any(0))
-    y = np.multiply(rows[taps[0, selected]], weights[0, selected, None, None])
+    y = np.multiply(rows[source(taps[0, selected])], weights[0, selected, None, None])
     for tap, weight in zip(taps[1:], weights[1:]):
-      y += rows[tap[selected]] * weight[selected, None, None]
+      y += rows[source(tap[selected])] * weight[selected, None, None]
     y += (fill_weight[selected] * background)[:, None, None]
   else:
     selected = np.flatnonzero(nearest_inside & active[nearest])
-    y = rows[nearest[selected]]
+    y = rows[source(nearest[selected])]
   return selected, y
 
 
@@ -229,17 +233,19 @@ def augment_example(example: dict, rng: np.random.Generator, data_config) -> dic
 # ------------------------------------------------------ planes and row packs
 #
 # The training pipeline's fast path (full resolution, downsample 1). A
-# patient becomes three dense planes-by-rows arrays, (d*h, w) each:
+# patient becomes three planes-by-rows arrays (a row = the w voxels along
+# axis 2 of one (axis 0, axis 1) pixel):
 #   ct      float32, encoded (as `encoding.encode_patient`), air elsewhere;
 #   target  float32, dose / dose_scale;
 #   codes   uint16, every 0/1 channel in one bit each: OAR channel c in bit c
 #           (0..6), the possible-dose mask in bit MASK_BIT, PTV56, PTV63,
-#           PTV70 in bits PTV_SHIFT + 0, 1, 2,
-# with, per array, the rows holding something other than its background
-# (found from the sparse voxel lists, no scan of the dense arrays). Nine
-# channels of masks are thus rotated with one nearest-voxel gather of 2-byte
-# values instead of nine of 4-byte values, and the parotid swap of a flip is a
-# bit swap.
+#           PTV70 in bits PTV_SHIFT + 0, 1, 2.
+# Each holds only its active rows (those with something other than its
+# background, found from the sparse voxel lists) plus one background row
+# last; `<key>_map` (d*h,) says which row holds each pixel. Nine mask
+# channels are thus rotated with one nearest-voxel gather of 2-byte values
+# instead of nine of 4-byte values, the parotid swap of a flip is a bit swap,
+# and nothing of the size of a dense volume is allocated.
 #
 # The transform of planes (`transform_planes`) gives a row pack: for each
 # array, the output rows that are not entirely background (int32 (S,)) and
@@ -256,15 +262,6 @@ PTV_SHIFT = 8
 _LINEAR_PACKED = {"ct": True, "target": True, "codes": False}
 
 
-def _rows_of(index: np.ndarray, w: int, num_rows: int, active: np.ndarray | None = None):
-  """Marks the rows (flat index // w) of voxel indices in `active`."""
-  if active is None:
-    active = np.zeros(num_rows, bool)
-  if index.size:
-    active[index // w] = True
-  return active
-
-
 def planes_from_sparse(patient: openkbp.SparsePatient, settings) -> dict:
   """The planes of one patient (see above) at its own grid.
 
@@ -274,41 +271,62 @@ def planes_from_sparse(patient: openkbp.SparsePatient, settings) -> dict:
       dose_scale; ptv levels are applied at unpacking).
 
   Returns:
-    dict: grid (d, h, w); ct, target (float32 (d*h, w)); codes (uint16
-    (d*h, w)); ct_active, target_active, codes_active (bool (d*h,)).
+    dict: grid (d, h, w); ct, target (float32 (A + 1, w)); codes (uint16
+    (A + 1, w)); for each, `<key>_active` bool (d*h,) and `<key>_map` int32
+    (d*h,) (A: that array's active rows).
   """
   d, h, w = patient.grid_shape
-  n, num_rows = d * h * w, d * h
+  num_rows = d * h
   num_oars = len(openkbp.OAR_NAMES)
+  planes = {"grid": (d, h, w)}
+  # Row of a voxel: index // w, a shift when w is a power of two (int64
+  # division is not vectorised and would cost more than the rest).
+  shift = w.bit_length() - 1 if w & (w - 1) == 0 else None
+  row_of = (lambda index: index >> shift) if shift is not None else (
+      lambda index: index // w)
+
+  def add(key, background, dtype, lists):
+    """lists: (voxel index, values) of the voxels that are not background;
+    values an array (set) or an int (bits to set)."""
+    active = np.zeros(num_rows, bool)
+    rows = [row_of(index) for index, _ in lists]
+    for row in rows:
+      active[row] = True
+    # Only the active rows are stored, the background row last.
+    stored = np.flatnonzero(active)
+    row_map = np.full(num_rows, stored.size, np.int32)
+    row_map[stored] = np.arange(stored.size, dtype=np.int32)
+    values = np.full((stored.size + 1, w), background, dtype)
+    flat = values.reshape(-1)
+    for row, (index, value) in zip(rows, lists):
+      position = row_map[row] * np.int64(w) + (index - row * w)
+      if isinstance(value, np.ndarray):
+        flat[position] = value
+      else:
+        flat[position] |= dtype(value)
+    planes.update({key: values, key + "_active": active, key + "_map": row_map})
 
   lo, hi = settings.ct_clip
   scale = np.float32(settings.ct_scale)
   hu = lambda stored: np.clip(stored - np.float32(openkbp.CT_OFFSET), lo, hi)
   air = hu(np.float32(0)) / scale  # voxels absent from ct.csv
-  ct = np.full(n, air, np.float32)
   ct_values = hu(patient.ct_value) / scale
-  ct[patient.ct_index] = ct_values
-  ct_active = _rows_of(patient.ct_index[ct_values != air], w, num_rows)
+  not_air = ct_values != air
+  add("ct", air, np.float32, [(patient.ct_index[not_air], ct_values[not_air])])
 
-  target = np.zeros(n, np.float32)
-  target_active = np.zeros(num_rows, bool)
+  dose = []
   if patient.dose_index is not None:
     values = (patient.dose_value / settings.dose_scale).astype(np.float32)
-    target[patient.dose_index] = values
-    _rows_of(patient.dose_index[values != 0], w, num_rows, target_active)
+    nonzero = values != 0
+    dose.append((patient.dose_index[nonzero], values[nonzero]))
+  add("target", 0, np.float32, dose)
 
-  codes = np.zeros(n, np.uint16)
-  codes_active = np.zeros(num_rows, bool)
-  bits = [(index, c) for c, index in enumerate(patient.roi_index[:num_oars])]
-  bits.append((patient.mask_index, MASK_BIT))
-  bits += [(index, PTV_SHIFT + j) for j, index in enumerate(patient.roi_index[num_oars:])]
-  for index, bit in bits:
-    if index.size:
-      codes[index] |= np.uint16(1 << bit)
-      _rows_of(index, w, num_rows, codes_active)
-  return {"grid": (d, h, w), "ct": ct.reshape(num_rows, w), "ct_active": ct_active,
-          "target": target.reshape(num_rows, w), "target_active": target_active,
-          "codes": codes.reshape(num_rows, w), "codes_active": codes_active}
+  bits = [(index, 1 << c) for c, index in enumerate(patient.roi_index[:num_oars])]
+  bits.append((patient.mask_index, 1 << MASK_BIT))
+  bits += [(index, 1 << (PTV_SHIFT + j))
+           for j, index in enumerate(patient.roi_index[num_oars:])]
+  add("codes", 0, np.uint16, [(index, bit) for index, bit in bits if index.size])
+  return planes
 
 
 def _swap_bits(codes: np.ndarray, a: int, b: int) -> np.ndarray:
@@ -334,8 +352,9 @@ def transform_planes(planes: dict, *, k: int = 0, mirror: bool = False,
   for key in PACKED_KEYS:
     rows = planes[key]
     background = rows.dtype.type(ct_fill if key == "ct" else 0)
-    selected, y = _resample_rows(rows.reshape(d * h, w, 1), planes[key + "_active"],
-                                 background, d, h, k, mirror, _LINEAR_PACKED[key])
+    selected, y = _resample_rows(rows[..., None], planes[key + "_active"], background,
+                                 d, h, k, mirror, _LINEAR_PACKED[key],
+                                 row_map=planes[key + "_map"])
     y = y[:, ::-1, 0] if flip_axis2 else y[:, :, 0]
     if key == "codes" and mirror and swap_parotids:
       y = _swap_bits(y, *PAROTID_CHANNELS)
