@@ -11,6 +11,7 @@
 #   WORKDIR  output folder on a shared file system (checkpoints are written by
 #            all processes together; predictions land there). Rerun to resume.
 #   CONFIG   config (default configs/openkbp.py).
+#   CACHE_DIR where the encoded patient cache goes (default $WORKDIR/cache; shared).
 #   BATCH    global batch size, divisible by the total GPU count
 #            (default 2 per GPU).
 #   EXTRA    further flags.
