@@ -146,8 +146,8 @@ BENCHMARKS = [
         headline=_evaluator_headline),
     Benchmark(
         "train_step", "train_step.py", lambda ctx: None,
-        lambda ctx: (["--steps=2", "--quick"] if ctx.quick else [])
-        + (["--device=gpu", "--backend=gpu"] if ctx.gpu else [])),
+        lambda ctx: (["--steps=1", "--rounds=1", "--quick"] if ctx.quick else [])
+        + (["--config=configs/openkbp.py", "--device=gpu"] if ctx.gpu else [])),
     Benchmark(
         "inference", "inference.py", lambda ctx: None,
         lambda ctx: (["--steps=1", "--repeats=1", "--quick"] if ctx.quick else [])
