@@ -51,8 +51,8 @@ class Norm(nn.Module):
 
   'instance' normalises each sample's channel over (D, H, W); 'group' uses
   gcd(groups, C) groups. Both run as `F.group_norm` (one group per channel is
-  instance norm): on CPU it is the faster kernel and it keeps
-  channels_last_3d tensors as they are.
+  instance norm), which takes channels_last_3d tensors as they are where
+  `F.instance_norm` reshapes them through batch norm (no faster on CPU).
   """
 
   def __init__(self, kind: str, channels: int, groups: int = 8):
@@ -69,7 +69,10 @@ class Norm(nn.Module):
   def forward(self, x):
     if not self.groups:
       return x
-    return F.group_norm(x, self.groups, self.weight, self.bias, NORM_EPSILON)
+    # torch.group_norm, not F.group_norm: the latter refuses a single voxel
+    # per group (a 1^3 bottleneck, e.g. 5 stages at 16^3), which Flax allows.
+    return torch.group_norm(x, self.groups, self.weight, self.bias, NORM_EPSILON,
+                            torch.backends.cudnn.enabled)
 
 
 class MSFE(nn.Module):
@@ -314,6 +317,18 @@ class Upsample(nn.Module):
     return self.conv(x)
 
 
+def _flax_init(module: nn.Module):
+  """Flax's default init instead of torch's: LeCun normal (truncated at 2
+  sigma) on fan-in for conv / transposed-conv / dense kernels, zero bias."""
+  if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)):
+    w = module.weight
+    fan_in = w[0].numel() if not isinstance(module, nn.ConvTranspose3d) else (
+        w.shape[0] * w[0, 0].numel())
+    std = 1.0 / math.sqrt(fan_in) / 0.87962566103423978  # truncation correction
+    nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+    nn.init.zeros_(module.bias)
+
+
 class RANDose(nn.Module):
   """The network; `cfg` is `config.model`. Top-level modules (as in Flax):
   stem_ptv, stem_ct, stem_oar, encoder_s, down_s (down='conv'), pi_s (s >= 2,
@@ -346,6 +361,7 @@ class RANDose(nn.Module):
         self.add_module(f"af_{s}", AttentionFusion(w, cfg))
       self.add_module(f"decoder_{s}", Stage(w if cfg.use_af else 2 * w, w, cfg))
     self.head = nn.Conv3d(w0, 1, 1)
+    self.apply(_flax_init)
 
   def forward(self, inputs: Mapping[str, torch.Tensor]):
     f_p = self.stem_ptv(inputs["ptv"])

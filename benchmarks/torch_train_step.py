@@ -21,7 +21,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ sys.path.insert(0, str(_HERE))
 if str(_HERE.parent) not in sys.path:
   sys.path.insert(1, str(_HERE.parent))  # so a config file can import randose_jax
 
+import common  # noqa: E402
 import torch_randose  # noqa: E402
 
 PAROTIDS = (2, 3)  # RightParotid, LeftParotid in the OAR channels
@@ -97,9 +97,16 @@ def _to_device(arrays, device, memory_format):
           for k, v in arrays.items()}
 
 
-def _memory_format(name):
-  return {"channels_first": torch.contiguous_format,
-          "channels_last_3d": torch.channels_last_3d}[name]
+def _memory_format(name, device, dtype):
+  """'auto': channels_last_3d (10x faster than channels-first for a CPU fp32
+  step, and the layout cuDNN's tensor-core kernels prefer), except bf16 on CPU: there torch
+  2.13's conv3d backward in channels_last_3d stalled (a full-size-layer conv
+  ran over a minute where fp32 takes under one second), channels-first did not."""
+  if name == "auto":
+    name = ("channels_first" if device == "cpu" and dtype == "bfloat16"
+            else "channels_last_3d")
+  return name, {"channels_first": torch.contiguous_format,
+                "channels_last_3d": torch.channels_last_3d}[name]
 
 
 def _autocast(device, dtype):
@@ -107,26 +114,12 @@ def _autocast(device, dtype):
                         enabled=(dtype == "bfloat16"))
 
 
-def _cpu_model() -> str:
-  try:
-    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-  except OSError:
-    lines = []
-  for line in lines:
-    if line.startswith("model name"):
-      return line.split(":", 1)[1].strip()
-  return platform.processor() or platform.machine()
-
-
 def _environment(device, threads):
   """What a figure needs beside it to be comparable (load: other jobs)."""
-  env = {"torch_version": torch.__version__, "threads": threads,
-         "device": device, "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+  env = {"torch_version": torch.__version__, "threads": threads, "device": device,
          "mkldnn": torch.backends.mkldnn.is_available() and
                    torch.backends.mkldnn.enabled,
-         "hostname": platform.node(), "python": platform.python_version(),
-         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-         "load_average": list(os.getloadavg())}
+         **common.machine_info()}
   if device == "cuda":
     env["gpu"] = torch.cuda.get_device_name()
     env["cudnn_benchmark"] = torch.backends.cudnn.benchmark
@@ -137,7 +130,7 @@ def _environment(device, threads):
 def time_torch_train_step(model_config, batch: int = 2, grid: int = 64,
                           steps: int = 10, warmup: int = 2, threads=None,
                           device: str = "cpu", dtype: str = "float32",
-                          memory_format: str = "channels_last_3d",
+                          memory_format: str = "auto",
                           loss_config=None, compile: bool = False,
                           seed: int = 0) -> dict:
   """Milliseconds per full training step of the twin (median over `steps`).
@@ -148,7 +141,7 @@ def time_torch_train_step(model_config, batch: int = 2, grid: int = 64,
   """
   threads = _setup(threads, device)
   torch.manual_seed(seed)
-  fmt = _memory_format(memory_format)
+  memory_format, fmt = _memory_format(memory_format, device, dtype)
   model = torch_randose.build_from_config(model_config).to(device, memory_format=fmt)
   loss_fn = torch_randose.RegionAwareLoss(loss_config).to(device)
   params = list(model.parameters()) + list(loss_fn.parameters())
@@ -207,12 +200,12 @@ def flip_tta_predict(model, inputs: dict, swap_parotids: bool = True):
 
 def time_torch_inference(model_config, grid: int = 128, tta: bool = False,
                          device: str = "cpu", dtype: str = "float32",
-                         threads=None, memory_format: str = "channels_last_3d",
+                         threads=None, memory_format: str = "auto",
                          repeats: int = 1, warmup: int = 1, seed: int = 0) -> float:
   """Seconds per patient (batch 1, median over `repeats`), inference mode."""
   _setup(threads, device)
   torch.manual_seed(seed)
-  fmt = _memory_format(memory_format)
+  memory_format, fmt = _memory_format(memory_format, device, dtype)
   model = torch_randose.build_from_config(model_config).to(device, memory_format=fmt)
   model.eval()
   data = _to_device(synthetic_batch(1, grid, seed), device, fmt)
@@ -242,16 +235,19 @@ def main(argv=None):
   p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
   p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                  help="default: config.model.dtype")
-  p.add_argument("--memory_format", default="channels_last_3d",
-                 choices=("channels_first", "channels_last_3d"))
+  p.add_argument("--memory_format", default="auto",
+                 choices=("auto", "channels_first", "channels_last_3d"))
   p.add_argument("--compile", action="store_true", help="torch.compile the model")
   p.add_argument("--inference", action="store_true",
                  help="time inference (batch 1) instead of a training step")
   p.add_argument("--tta", action="store_true", help="with --inference: 4-flip TTA")
-  p.add_argument("--json", default="", help="also write the result here")
+  p.add_argument("--json", type=pathlib.Path, default=None,
+                 help="where to write the result; default: benchmarks/results/"
+                 "torch_<train_step|inference[_tta]>_<variant>_<hostname>.json")
   args = p.parse_args(argv)
 
   config = load_config(args.config)
+  load_start = list(os.getloadavg())
   grid = args.grid or 128 // config.data.downsample
   dtype = args.dtype or config.model.dtype
   if args.inference:
@@ -260,7 +256,8 @@ def main(argv=None):
         threads=args.threads, memory_format=args.memory_format,
         repeats=args.steps, warmup=args.warmup)
     result = {"s_per_patient": seconds, "grid": grid, "tta": args.tta,
-              "dtype": dtype, "memory_format": args.memory_format,
+              "dtype": dtype,
+              "memory_format": _memory_format(args.memory_format, args.device, dtype)[0],
               "repeats": args.steps, "warmup": args.warmup,
               **_environment(args.device, torch.get_num_threads())}
   else:
@@ -270,11 +267,15 @@ def main(argv=None):
         device=args.device, dtype=dtype, memory_format=args.memory_format,
         loss_config=config.loss, compile=args.compile)
   result["config"] = args.config
-  text = json.dumps(result, indent=2)
+  result["load_average_start"] = load_start  # machine_info's is at the end
+  text = json.dumps(result, indent=1)
   print(text)
-  if args.json:
-    pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.json).write_text(text + "\n")
+  variant = args.config.partition(":")[2].replace(",", "_") or "paper"
+  kind = ("inference_tta" if args.tta else "inference") if args.inference else "train_step"
+  path = args.json or common.default_json_path(f"torch_{kind}_{variant}")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text + "\n")
+  print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ def _to_torch(x):
     (1, {}),
     (3, {}),
     (4, {}),
+    (5, dict(widths=(4, 4, 8, 8, 8))),  # 5 stages: a 1^3 bottleneck
     (5, dict(up="resize", down="conv", pi_resize="linear", norm="group",
              norm_groups=2, msfe_fused=True, blocks_per_stage=2)),
 ])
