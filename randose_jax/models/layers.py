@@ -17,11 +17,13 @@ Where each equation of the paper lives:
   UNetBlock                 Table 2a row 1: two 3x3x3 conv-norm-act
 """
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Array = jax.Array
@@ -87,6 +89,146 @@ def conv3d(x: Array, kernel: Array, bias: Array, dtype: Dtype) -> Array:
   return y + bias.astype(dtype)
 
 
+# ------------------------------------------------------------ FFT convolution
+# A 'SAME' stride-1 conv (lax's cross-correlation, zero padding) computed in
+# the frequency domain: same math as `conv3d`, different rounding (~1e-6
+# relative in float32). Per grid axis of n voxels and kernel k the FFT length
+# L is the smallest 5-smooth number >= n + k // 2, enough that the circular
+# correlation equals the zero-padded one on the n kept outputs (the taps that
+# wrap around only ever read the >= k // 2 zeros appended to the input).
+#
+#   y[i] = sum_j x[i + j - p] w[j],  p = (k - 1) // 2  (lax 'SAME', low pad)
+#   Y[f] = X[f] * U[f],  U[f] = sum_j w[j] exp(+2 pi i f (j - p) / L)
+#
+# U is computed from the kernel with three small DFT matrices (k taps -> L
+# frequencies per axis; the last axis keeps L // 2 + 1, rfft), never by an FFT
+# of the zero-padded kernel, so its cost is that of its size. Kernels that
+# share an input share its FFT (`conv3d_fft` takes several), and kernels whose
+# outputs are summed (MSFE) add in the frequency domain into one spectrum.
+
+CONV_IMPLS = ("direct", "fft", "auto")
+# conv_impl='auto' on the CPU backend: FFT for kernels of at least this size
+# (benchmarks/NOTES.md has the measurements behind it); direct elsewhere.
+AUTO_FFT_MIN_KERNEL = 3
+# Layout of the frequency-domain channel mixing: 'freq_first' (channels last,
+# batched matmul over frequencies) | 'channels_first' (N, C, frequencies).
+FFT_LAYOUT = "channels_first"
+
+
+def resolve_conv_impl(impl: str, kernel_size: int) -> str:
+  """'direct' | 'fft' | 'auto' -> 'direct' | 'fft' for one conv.
+
+  'auto': FFT on the CPU backend for kernels >= AUTO_FFT_MIN_KERNEL (XLA's
+  CPU direct conv reaches ~10 GFLOP/s; the FFT path does ~100x fewer FLOPs for
+  7^3 kernels); direct on GPU/TPU, whose direct convs (cuDNN) are strong.
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"model.conv_impl: unknown {impl!r}; choose from "
+                     f"{CONV_IMPLS}")
+  if impl == "auto":
+    if jax.default_backend() == "cpu" and kernel_size >= AUTO_FFT_MIN_KERNEL:
+      return "fft"
+    return "direct"
+  return impl
+
+
+def _is_smooth(n: int) -> bool:
+  for p in (2, 3, 5):
+    while n % p == 0:
+      n //= p
+  return n == 1
+
+
+def fft_length(n: int, kernel_size: int) -> int:
+  """Smallest 5-smooth L >= n + kernel_size // 2 (see the section comment)."""
+  length = n + kernel_size // 2
+  while not _is_smooth(length):
+    length += 1
+  return length
+
+
+@functools.lru_cache(maxsize=None)
+def _dft_taps(length: int, kernel_size: int, half: bool) -> np.ndarray:
+  """(F, k) complex64: exp(+2 pi i f (j - p) / L), F = L or L // 2 + 1."""
+  p = (kernel_size - 1) // 2
+  freqs = np.arange(length // 2 + 1 if half else length)
+  taps = np.arange(kernel_size) - p
+  phase = 2 * np.pi * np.outer(freqs, taps) / length  # float64
+  return (np.cos(phase) + 1j * np.sin(phase)).astype(np.complex64)
+
+
+def kernel_spectrum(kernel: Array, lengths: Sequence[int],
+                    layout: str = "ioabc") -> Array:
+  """U (Cin, Cout, Ld, Lh, Lw // 2 + 1) complex64 of a (k,k,k,Cin,Cout)
+  kernel (odd or even k; lax 'SAME' alignment); layout 'abcio' puts the
+  frequencies first."""
+  k = kernel.shape[0]
+  ed, eh, ew = (jnp.asarray(_dft_taps(n, k, half=(a == 2)))
+                for a, n in enumerate(lengths))
+  u = kernel.astype(jnp.float32).astype(jnp.complex64)
+  u = jnp.einsum("cl,jklio->jkcio", ew, u)
+  u = jnp.einsum("bk,jkcio->jbcio", eh, u)
+  return jnp.einsum(f"aj,jbcio->{layout}", ed, u)
+
+
+def conv3d_fft(x: Array, kernels: Sequence[Sequence[Array]], bias: Array,
+               dtype: Dtype) -> Array:
+  """sum over g of conv3d(x, kernels[g]) + bias, through one FFT of x.
+
+  kernels: groups of (k,k,k,Cin,Cout_g) kernels; the kernels of a group are
+  summed (their spectra add), the groups' outputs are concatenated along
+  channels (they share the input FFT, one channel-mixing product and one
+  inverse FFT). bias: (sum_g Cout_g,). Computed in float32, returned in dtype.
+  """
+  n, d, h, w, _ = x.shape
+  k_max = max(kern.shape[0] for group in kernels for kern in group)
+  lengths = tuple(fft_length(m, k_max) for m in (d, h, w))
+  if FFT_LAYOUT == "freq_first":
+    # Channels stay last: the mixing is a batched (over frequencies) matmul
+    # (N, Cin) @ (Cin, Cout).
+    u = jnp.concatenate([
+        sum(kernel_spectrum(kern, lengths, "abcio") for kern in group)
+        for group in kernels], axis=-1)
+    xf = jnp.fft.rfftn(x.astype(jnp.float32), s=lengths, axes=(1, 2, 3))
+    yf = jnp.einsum("nabci,abcio->nabco", xf, u)
+    y = jnp.fft.irfftn(yf, s=lengths, axes=(1, 2, 3))[:, :d, :h, :w]
+    return (y + bias.astype(jnp.float32)).astype(dtype)
+  spectra = []
+  for group in kernels:
+    spectra.append(sum(kernel_spectrum(kern, lengths) for kern in group))
+  u = spectra[0] if len(spectra) == 1 else jnp.concatenate(spectra, axis=1)
+  xt = jnp.transpose(x.astype(jnp.float32), (0, 4, 1, 2, 3))  # N,C,D,H,W
+  xf = jnp.fft.rfftn(xt, s=lengths, axes=(2, 3, 4))
+  yf = jnp.einsum("nidhw,iodhw->nodhw", xf, u)
+  y = jnp.fft.irfftn(yf, s=lengths, axes=(2, 3, 4))[:, :, :d, :h, :w]
+  y = jnp.transpose(y, (0, 2, 3, 4, 1)) + bias.astype(jnp.float32)
+  return y.astype(dtype)
+
+
+class Conv(nn.Module):
+  """`nn.Conv(features, (k,k,k), padding='SAME')` with a choice of algorithm.
+
+  Same params as nn.Conv ('kernel' (k,k,k,Cin,features), 'bias', same
+  initialisers), same math; `impl` is 'direct' (lax conv), 'fft' or 'auto'
+  (`resolve_conv_impl`).
+  """
+  features: int
+  kernel_size: int
+  impl: str = "direct"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k = self.kernel_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (k, k, k, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                      jnp.float32)
+    if resolve_conv_impl(self.impl, k) == "fft":
+      return conv3d_fft(x, [[kernel]], bias, self.dtype)
+    return conv3d(x, kernel, bias, self.dtype)
+
+
 class ConvWeights(nn.Module):
   """The parameters of one k^3 conv, without applying it.
 
@@ -119,6 +261,8 @@ class MSFE(nn.Module):
   zero-padded (centred) to max(n)^3, with the summed biases. `fused=True`
   computes it that way from the SAME parameters: fewer FLOPs (7^3 = 343 taps
   instead of 27 + 125 + 343 = 495) and one conv instead of three.
+  `conv_impl` ('direct' | 'fft' | 'auto', `resolve_conv_impl` on max(n)) picks
+  the algorithm; 'fft' sums the branch spectra into one (`fused` is moot).
 
   x: (N, D, H, W, Cin) -> (N, D, H, W, features).
   """
@@ -126,6 +270,7 @@ class MSFE(nn.Module):
   kernels: Sequence[int] = (3, 5, 7)
   fused: bool = False
   dtype: Dtype = jnp.float32
+  conv_impl: str = "direct"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -134,6 +279,10 @@ class MSFE(nn.Module):
         raise ValueError(f"model.msfe_kernels: sizes must be odd, got {k}")
     weights = [ConvWeights(self.features, k, name=f"conv_k{k}")(x.shape[-1])
                for k in self.kernels]
+    if resolve_conv_impl(self.conv_impl, max(self.kernels)) == "fft":
+      # One spectrum: the branch spectra add (exactly the fused kernel's).
+      return conv3d_fft(x, [[w for w, _ in weights]],
+                        sum(b for _, b in weights), self.dtype)
     if not self.fused:
       out = conv3d(x, *weights[0], self.dtype)
       for kernel, bias in weights[1:]:
@@ -234,11 +383,12 @@ class MSCSA(nn.Module):
   norm_groups: int = 8
   activation: str = "relu"
   dtype: Dtype = jnp.float32
+  conv_impl: str = "direct"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x = MSFE(self.features, self.msfe_kernels, self.msfe_fused, self.dtype,
-             name="msfe")(x)
+             self.conv_impl, name="msfe")(x)
     x = norm_layer(self.norm, self.dtype, "norm", self.norm_groups)(x)
     x = get_activation(self.activation)(x)
     if self.use_csa:
@@ -262,12 +412,14 @@ class UNetBlock(nn.Module):
   norm_groups: int = 8
   activation: str = "relu"
   dtype: Dtype = jnp.float32
+  conv_impl: str = "direct"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     act = get_activation(self.activation)
     for i in range(2):
-      x = conv(self.features, 3, self.dtype, name=f"conv_{i}")(x)
+      x = Conv(self.features, 3, self.conv_impl, self.dtype,
+               name=f"conv_{i}")(x)
       x = act(norm_layer(self.norm, self.dtype, f"norm_{i}",
                          self.norm_groups)(x))
     if self.use_csa:
@@ -295,7 +447,12 @@ def resize_ptv(f_p: Array, grid: Sequence[int], method: str = "avgpool"
         raise ValueError(f"PTV integration: grid {tuple(f_p.shape[1:4])} is "
                          f"not a multiple of the stage grid {tuple(grid)}")
       factors.append(full // small)
-    return nn.avg_pool(f_p, tuple(factors), strides=tuple(factors))
+    # The block mean by reshape: the same average as nn.avg_pool (window =
+    # stride), but its gradient is a broadcast. avg_pool's gradient on the
+    # CPU is a reduce_window over the (interior-padded) full grid: 27 s for
+    # the 16^3 window at 64^3 (benchmarks/NOTES.md).
+    (fd, fh, fw), (d, h, w) = factors, grid
+    return f_p.reshape(n, d, fd, h, fh, w, fw, c).mean(axis=(2, 4, 6))
   if method == "linear":
     return jax.image.resize(f_p, (n, *grid, c), "linear")
   raise ValueError(f"model.pi_resize: unknown {method!r}; choose from "
@@ -320,6 +477,27 @@ class PTVIntegration(nn.Module):
   kernels: Sequence[int] = (3, 5, 7)
   resize: str = "avgpool"
   dtype: Dtype = jnp.float32
+  conv_impl: str = "direct"
+
+  def _convs(self, x: Array, prefix: str) -> dict:
+    """{k: conv_k(x)} for k in `kernels` (params `{prefix}_k{k}`, as
+    nn.Conv's); the FFT ones share one FFT of x, one mixing product and one
+    inverse FFT (their outputs concatenated along channels)."""
+    weights = {k: ConvWeights(self.features, k, name=f"{prefix}_k{k}")(
+        x.shape[-1]) for k in self.kernels}
+    out = {}
+    fft_ks = [k for k in self.kernels
+              if resolve_conv_impl(self.conv_impl, k) == "fft"]
+    if fft_ks:
+      y = conv3d_fft(x, [[weights[k][0]] for k in fft_ks],
+                     jnp.concatenate([weights[k][1] for k in fft_ks]),
+                     self.dtype)
+      for i, k in enumerate(fft_ks):
+        out[k] = y[..., i * self.features:(i + 1) * self.features]
+    for k in self.kernels:
+      if k not in out:
+        out[k] = conv3d(x, *weights[k], self.dtype)
+    return out
 
   @nn.compact
   def __call__(self, f_e: Array, f_p: Array) -> Array:
@@ -328,12 +506,14 @@ class PTVIntegration(nn.Module):
     f_p = resize_ptv(f_p.astype(jnp.float32), f_e.shape[1:4], self.resize)
     f_p = f_p.astype(self.dtype)
     self.sow("intermediates", "ptv_resized", f_p)
+    f_e_ks = self._convs(f_e, "conv_enc")
+    f_p_ks = self._convs(f_p, "conv_ptv")
     refined = []
     for k in self.kernels:
-      f_e_k = conv(self.features, k, self.dtype, name=f"conv_enc_k{k}")(f_e)
-      refined.append(SpatialAttention(self.dtype, name=f"sa_enc_k{k}")(f_e_k))
-      f_p_k = conv(self.features, k, self.dtype, name=f"conv_ptv_k{k}")(f_p)
-      refined.append(SpatialAttention(self.dtype, name=f"sa_ptv_k{k}")(f_p_k))
+      refined.append(
+          SpatialAttention(self.dtype, name=f"sa_enc_k{k}")(f_e_ks[k]))
+      refined.append(
+          SpatialAttention(self.dtype, name=f"sa_ptv_k{k}")(f_p_ks[k]))
     return SpatialAttention(self.dtype, name="sa_out")(sum(refined))
 
 
@@ -386,19 +566,37 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
   """2x up in the decoder: (N, D, H, W, Cin) -> (N, 2D, 2H, 2W, features).
 
-  'transpose': a 2x2x2 stride-2 transposed conv. 'resize': trilinear resize
+  'transpose': a 2x2x2 stride-2 transposed conv (`conv_impl` other than
+  'direct': as a matmul and a depth-to-space reshape, same params and math). 'resize': trilinear resize
   then a 1x1x1 conv. Either way the param is 'conv'.
   """
   features: int
   mode: str = "transpose"
   dtype: Dtype = jnp.float32
+  conv_impl: str = "direct"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    if self.mode == "transpose":
+    if self.mode == "transpose" and resolve_conv_impl(
+        self.conv_impl, AUTO_FFT_MIN_KERNEL) == "direct":
       return nn.ConvTranspose(self.features, (2, 2, 2), strides=(2, 2, 2),
                               padding="VALID", dtype=self.dtype,
                               param_dtype=jnp.float32, name="conv")(x)
+    if self.mode == "transpose":
+      # With conv_impl 'fft' (or 'auto' on the CPU): the same params as
+      # nn.ConvTranspose(features, (2,2,2), strides 2, 'VALID')'s params and
+      # math: no two output voxels share an input tap, so it is one matmul
+      # (Cin -> 8 * features) and a depth-to-space reshape,
+      #   y[2i + a, 2j + b, 2k + c] = x[i, j, k] @ kernel[1 - a, 1 - b, 1 - c]
+      # (lax.conv_transpose flips nothing; the dilated-conv lowering reads the
+      # kernel mirrored). XLA's CPU conv_transpose took 5.7 s fwd+bwd at
+      # 32^3 x 16 -> 64^3 x 8 (benchmarks/NOTES.md).
+      kernel, bias = ConvWeights(self.features, 2, name="conv")(x.shape[-1])
+      n, d, h, w, _ = x.shape
+      kernel = kernel[::-1, ::-1, ::-1].astype(self.dtype)
+      y = jnp.einsum("ndhwi,abcio->ndahbwco", x.astype(self.dtype), kernel)
+      y = y.reshape(n, 2 * d, 2 * h, 2 * w, self.features)
+      return y + bias.astype(self.dtype)
     if self.mode == "resize":
       n, d, h, w, c = x.shape
       x = jax.image.resize(x, (n, 2 * d, 2 * h, 2 * w, c), "linear")

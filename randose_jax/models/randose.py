@@ -87,6 +87,7 @@ class RANDose(nn.Module):
   pi_resize: str = "avgpool"
   dtype: Any = jnp.float32
   remat: bool = False
+  conv_impl: str = "direct"
 
   def _maybe_remat(self, cls):
     return nn.remat(cls) if self.remat else cls
@@ -100,6 +101,7 @@ class RANDose(nn.Module):
     else:
       cls = self._maybe_remat(layers.UNetBlock)
       kwargs = {}
+    kwargs["conv_impl"] = self.conv_impl
     blocks = [
         cls(features, use_csa=self.use_csa, csa_reduction=self.csa_reduction,
             alpha_init=self.alpha_init, norm=self.norm,
@@ -139,8 +141,9 @@ class RANDose(nn.Module):
     # Stem: one conv per input; F_P is kept for PI.
     feats = {}
     for key in ("ptv", "ct", "oar"):
-      feats[key] = layers.conv(widths[0], self.stem_kernel, dtype,
-                               name=f"stem_{key}")(inputs[key].astype(dtype))
+      feats[key] = layers.Conv(widths[0], self.stem_kernel, self.conv_impl,
+                               dtype, name=f"stem_{key}")(
+                                   inputs[key].astype(dtype))
     f_p = feats["ptv"]
     x = jnp.concatenate([feats["ptv"], feats["ct"], feats["oar"]], axis=-1)
 
@@ -152,13 +155,14 @@ class RANDose(nn.Module):
         if self.use_pi:
           pi = self._maybe_remat(layers.PTVIntegration)
           x = pi(widths[s - 1], tuple(self.pi_kernels), self.pi_resize, dtype,
-                 name=f"pi_{s}")(x, f_p)
+                 self.conv_impl, name=f"pi_{s}")(x, f_p)
       x = self._stage(widths[s - 1], name=f"encoder_{s}")(x)
       skips.append(x)
 
     # Decoder: x starts as F_E,S.
     for s in range(num_stages - 1, 0, -1):
-      up = layers.Upsample(widths[s - 1], self.up, dtype, name=f"up_{s}")(x)
+      up = layers.Upsample(widths[s - 1], self.up, dtype, self.conv_impl,
+                           name=f"up_{s}")(x)
       skip = skips[s - 1]
       if self.use_af:
         af = self._maybe_remat(layers.AttentionFusion)
@@ -212,4 +216,5 @@ def create_model(model_config) -> nn.Module:
       pi_resize=model_config.get("pi_resize", "avgpool"),
       dtype=dtypes[model_config.dtype],
       remat=model_config.remat,
+      conv_impl=model_config.get("conv_impl", "direct"),
   )

@@ -1,0 +1,185 @@
+"""The FFT convolution (`config.model.conv_impl='fft'`) equals the direct one.
+
+Tiny shapes; float32 tolerances. The FFT path computes lax's 'SAME'
+cross-correlation with zero padding, so it must agree with
+`lax.conv_general_dilated` for every kernel size, odd and even grids, and in
+its gradients w.r.t. the input and the kernel.
+"""
+
+import jax
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from randose_jax import default_config
+from randose_jax import models
+from randose_jax.models import layers
+
+
+def _rand(rng, shape, scale=1.0):
+  return jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
+
+
+def _rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+
+
+@pytest.mark.parametrize("k,grid,cin,cout", [
+    (1, (5, 6, 7), 3, 2), (3, (5, 6, 7), 1, 3), (3, (8, 4, 6), 3, 2),
+    (5, (8, 8, 8), 2, 3), (5, (9, 4, 3), 3, 1), (7, (5, 6, 7), 3, 2),
+    (7, (8, 4, 6), 1, 4), (2, (5, 6, 7), 2, 2), (4, (8, 4, 6), 2, 3)])
+def test_fft_conv_equals_direct_forward_and_gradients(k, grid, cin, cout):
+  rng = np.random.default_rng(k * 100 + grid[0] * 10 + cin)
+  x = _rand(rng, (2, *grid, cin))
+  kernel = _rand(rng, (k, k, k, cin, cout), 0.3)
+  bias = _rand(rng, (cout,))
+  probe = _rand(rng, (2, *grid, cout))  # a random cotangent
+
+  def loss(conv):
+    return lambda x, w, b: jnp.sum(conv(x, w, b) * probe)
+
+  direct = lambda x, w, b: layers.conv3d(x, w, b, jnp.float32)
+  fft = lambda x, w, b: layers.conv3d_fft(x, [[w]], b, jnp.float32)
+  y_d, y_f = direct(x, kernel, bias), fft(x, kernel, bias)
+  assert y_f.shape == y_d.shape and y_f.dtype == jnp.float32
+  assert _rel_err(y_f, y_d) < 1e-5
+  g_d = jax.grad(loss(direct), argnums=(0, 1, 2))(x, kernel, bias)
+  g_f = jax.grad(loss(fft), argnums=(0, 1, 2))(x, kernel, bias)
+  for a, b in zip(g_f, g_d):
+    assert _rel_err(a, b) < 1e-5
+
+
+def test_fft_conv_groups_sum_within_and_concatenate_across():
+  """[[a, b], [c]]: conv_a + conv_b (one spectrum) then conv_c, concatenated."""
+  rng = np.random.default_rng(1)
+  x = _rand(rng, (1, 6, 7, 8, 3))
+  a, b, c = (_rand(rng, (k, k, k, 3, 4), 0.3) for k in (3, 5, 7))
+  bias = _rand(rng, (8,))
+  got = layers.conv3d_fft(x, [[a, b], [c]], bias, jnp.float32)
+  zero = jnp.zeros((4,))
+  want = jnp.concatenate([
+      layers.conv3d(x, a, bias[:4], jnp.float32)
+      + layers.conv3d(x, b, zero, jnp.float32),
+      layers.conv3d(x, c, bias[4:], jnp.float32)], axis=-1)
+  assert _rel_err(got, want) < 1e-5
+
+
+def test_fft_length_is_smooth_and_long_enough():
+  for n in range(1, 70):
+    for k in (1, 3, 4, 7):
+      length = layers.fft_length(n, k)
+      assert length >= n + k // 2
+      m = length
+      for p in (2, 3, 5):
+        while m % p == 0:
+          m //= p
+      assert m == 1
+  assert layers.fft_length(64, 7) == 72 and layers.fft_length(4, 7) == 8
+
+
+def test_resolve_conv_impl():
+  assert layers.resolve_conv_impl("direct", 7) == "direct"
+  assert layers.resolve_conv_impl("fft", 1) == "fft"
+  auto = layers.resolve_conv_impl("auto", 7)
+  assert auto == ("fft" if jax.default_backend() == "cpu" else "direct")
+  with pytest.raises(ValueError, match="conv_impl"):
+    layers.resolve_conv_impl("winograd", 3)
+
+
+def _model_config(**overrides):
+  config = default_config.get_default_config().model
+  config.widths = (4, 8, 8)
+  config.update(overrides)
+  return config
+
+
+def _inputs(grid, batch=2, seed=0):
+  rng = np.random.default_rng(seed)
+  shape = (batch, *grid)
+  ptv = (rng.random(shape + (1,)) < 0.3) * 0.9
+  return {"ptv": jnp.asarray(ptv, jnp.float32),
+          "ct": _rand(rng, shape + (1,), 0.5),
+          "oar": jnp.asarray(rng.random(shape + (7,)) < 0.1, jnp.float32)}
+
+
+def _random_params(abstract, seed=0):
+  """Seeded random values in the abstract tree (no slow `init` compile)."""
+  rng = np.random.default_rng(seed)
+  flat = traverse_util.flatten_dict(abstract)
+  out = {}
+  for path, leaf in flat.items():
+    scale = 1.0 if path[-1] in ("alpha", "beta", "scale") else 0.2
+    out[path] = _rand(rng, leaf.shape, scale)
+  return traverse_util.unflatten_dict(out)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(use_msfe=False),
+                                       dict(msfe_fused=True)])
+def test_model_fft_equals_direct_forward_and_gradients(overrides):
+  inputs = _inputs((8, 8, 8))
+  direct = models.create_model(_model_config(conv_impl="direct", **overrides))
+  fft = models.create_model(_model_config(conv_impl="fft", **overrides))
+  auto = models.create_model(_model_config(conv_impl="auto", **overrides))
+  abstract = jax.eval_shape(direct.init, jax.random.key(0), inputs)["params"]
+  for other in (fft, auto):
+    # Identical parameter trees: checkpoints and the torch converter work.
+    assert jax.tree.structure(abstract) == jax.tree.structure(
+        jax.eval_shape(other.init, jax.random.key(0), inputs)["params"])
+    assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(
+        lambda a: a.shape,
+        jax.eval_shape(other.init, jax.random.key(0), inputs)["params"])
+  params = _random_params(abstract)
+
+  def loss(model):
+    return lambda p, x: jnp.mean(model.apply({"params": p}, x) ** 2)
+
+  outs = {}
+  for name, model in (("direct", direct), ("fft", fft), ("auto", auto)):
+    y = model.apply({"params": params}, inputs)
+    g = jax.grad(loss(model), argnums=(0, 1))(params, inputs)
+    outs[name] = (y, g)
+  y_d, g_d = outs["direct"]
+  for name in ("fft", "auto"):
+    y, g = outs[name]
+    assert _rel_err(y, y_d) < 1e-4, name
+    # Relative to the largest gradient entry of the whole tree: some
+    # gradients are exactly zero in exact arithmetic (a conv bias before an
+    # instance norm) and both sides hold only rounding noise there.
+    flat, flat_d = (traverse_util.flatten_dict(t[0]) for t in (g, g_d))
+    scale = max(float(jnp.max(jnp.abs(v))) for v in flat_d.values())
+    for path, b in flat_d.items():
+      err = float(jnp.max(jnp.abs(flat[path] - b))) / scale
+      assert err < 1e-4, (name, path, err)
+    for key in inputs:
+      assert _rel_err(g[1][key], g_d[1][key]) < 1e-4, (name, key)
+
+
+def test_model_init_is_the_same_for_every_impl():
+  """Same initial values (same names, same initialisers), so a seed gives
+  the same network whichever algorithm computes it."""
+  inputs = _inputs((4, 4, 4), batch=1)
+  trees = [models.create_model(_model_config(conv_impl=impl)).init(
+      jax.random.key(3), inputs)["params"] for impl in ("direct", "fft")]
+  for a, b in zip(jax.tree.leaves(trees[0]), jax.tree.leaves(trees[1])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_upsample_matmul_equals_conv_transpose():
+  rng = np.random.default_rng(2)
+  x = _rand(rng, (2, 3, 4, 5, 6))
+  direct = models.Upsample(4, conv_impl="direct")
+  fft = models.Upsample(4, conv_impl="fft")
+  p = direct.init(jax.random.key(0), x)
+  p = jax.tree.map(lambda a: _rand(rng, a.shape), p)
+  q = fft.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, q)
+  assert _rel_err(fft.apply(p, x), direct.apply(p, x)) < 1e-6
+  g = [jax.grad(lambda p, x: jnp.sum(m.apply(p, x) ** 3), argnums=(0, 1))(p, x)
+       for m in (fft, direct)]
+  for a, b in zip(jax.tree.leaves(g[0]), jax.tree.leaves(g[1])):
+    assert _rel_err(a, b) < 1e-5
