@@ -26,9 +26,12 @@ def _load_demo_config(variant):
   return module.get_config(variant)
 
 
-def test_smoke_variant_is_the_trainer_tests_tiny_config():
-  from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
-  assert _load_demo_config("smoke").to_dict() == tiny_config().to_dict()
+def test_smoke_variant_is_tiny_and_the_default_is_not():
+  # tests/test_train.py trains on exactly this variant (tiny_config).
+  smoke, default = _load_demo_config("smoke"), _load_demo_config("")
+  assert smoke.num_train_steps < default.num_train_steps
+  assert smoke.data.synthetic_grid < default.data.synthetic_grid
+  assert len(smoke.model.widths) < len(default.model.widths)
   with pytest.raises(ValueError, match="unknown variant"):
     _load_demo_config("nope")
 

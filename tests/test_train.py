@@ -28,26 +28,15 @@ SHARED = pathlib.Path(os.environ.get(
 
 
 def tiny_config(**overrides):
-  """Synthetic 16^3 patients trained at 8^3; a 2-stage RANDose of width 4
-  (every module on, smaller kernel sets): the trainer is under test here,
-  the network has its own tests."""
-  config = default_config.get_default_config()
-  config.data.synthetic = True
-  config.data.synthetic_grid = 16
-  config.data.num_synthetic_train = 4
-  config.data.num_synthetic_eval = 2
-  config.data.num_workers = 0
-  config.data.downsample = 2
-  config.model.widths = (4, 4)
-  config.model.msfe_kernels = (3, 5)
-  config.model.pi_kernels = (3,)
-  config.learning_rate = 1e-3
-  config.batch_size = 2
-  config.num_train_steps = 4
-  config.log_every_steps = 2
-  config.eval_every_steps = 2
-  config.checkpoint_every_steps = 2
-  config.progress_bar = False
+  """`configs/demo.py:smoke`: synthetic 16^3 patients trained at 8^3, a
+  2-stage RANDose of width 4 (every module on, smaller kernel sets): the
+  trainer is under test here, the network has its own tests."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("demo_config",
+                                                REPO / "configs" / "demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("smoke")
   for k, v in overrides.items():
     target = config
     *path, last = k.split(".")
