@@ -28,6 +28,7 @@ import numpy as np
 
 from randose_jax import inference
 from randose_jax import restore
+from randose_jax.data import encoding
 
 FORMAT_VERSION = 1
 INPUT_CHANNELS = {"ptv": 1, "ct": 1, "oar": 7}
@@ -144,10 +145,10 @@ def export_workdir(workdir, output, checkpoint="best", tta=False,
 
 
 def _training_grid(config):
-  """The grid the model sees: OpenKBP's 128^3 (or the phantom grid) /
-  config.data.downsample."""
+  """The grid the model sees: OpenKBP's 128^3 (or the phantom grid) reduced
+  by config.data.downsample."""
   edge = config.data.synthetic_grid if config.data.synthetic else 128
-  return (edge // config.data.downsample,) * 3
+  return encoding.training_grid((edge,) * 3, config.data.downsample)
 
 
 FLAGS = flags.FLAGS

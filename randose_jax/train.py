@@ -304,12 +304,25 @@ def evaluate(trainer: Trainer, model_params, eval_cache, *, tta: bool = False,
   evaluator = evaluation.Evaluator()
   real = [i for i in indices if i is not None]
   padded = [i if i is not None else (real[-1] if real else 0) for i in indices]
-  if constant_gy is None:
-    examples = [eval_cache[i] for i in padded]
-    preds = trainer.predict_local(model_params, examples, tta)
-  else:
-    preds = [None] * len(padded)
-  for i, pred in zip(indices, preds):
+  # One round of local devices at a time: a 128^3 example is ~92 MB, so the
+  # whole validation split is never held in memory at once.
+  step = jax.local_device_count()
+  for start in range(0, len(indices), step):
+    chunk = indices[start:start + step]
+    if constant_gy is None:
+      examples = [eval_cache[i] for i in padded[start:start + step]]
+      preds = trainer.predict_local(model_params, examples, tta)
+    else:
+      preds = [None] * len(chunk)
+    _score_chunk(trainer, eval_cache, chunk, preds, evaluator, write_dir,
+                 constant_gy)
+  sums = _allreduce_sums(np.asarray(evaluator.partial_sums(), np.float64))
+  return evaluation.scores_from_sums(sums)
+
+
+def _score_chunk(trainer, eval_cache, chunk, preds, evaluator, write_dir,
+                 constant_gy):
+  for i, pred in zip(chunk, preds):
     if i is None:
       continue
     ref = eval_cache.reference(i)
@@ -322,8 +335,6 @@ def evaluate(trainer: Trainer, model_params, eval_cache, *, tta: bool = False,
     if write_dir is not None:
       openkbp.write_prediction_csv(write_dir / f"{ref.patient_id}.csv", dose,
                                    overwrite=True)
-  sums = _allreduce_sums(np.asarray(evaluator.partial_sums(), np.float64))
-  return evaluation.scores_from_sums(sums)
 
 
 def mean_training_dose(train_cache) -> float:
@@ -338,19 +349,24 @@ def mean_training_dose(train_cache) -> float:
 
 # ----------------------------------------------------------------- loop
 def learned_scalars(params) -> dict:
-  """alpha (CSA), beta (AF) and the loss's region weights, for logging."""
-  out = {}
+  """alpha (CSA), beta (AF) and the loss's region weights, for logging.
+
+  Picks the scalar leaves by shape first and fetches only those from the
+  device (the whole tree is ~80M parameters at the paper config).
+  """
+  picked = {}
   flat = flax.traverse_util.flatten_dict(params["model"], sep="/")
   for path, v in flat.items():
-    name = path.rsplit("/", 1)[-1]
-    if name in ("alpha", "beta") and np.size(v) == 1:
-      out[f"scalars/{path}"] = float(np.asarray(v).reshape(()))
+    if path.rsplit("/", 1)[-1] in ("alpha", "beta") and np.size(v) == 1:
+      picked[f"scalars/{path}"] = v
   for name, v in flax.traverse_util.flatten_dict(params["loss"],
                                                   sep="/").items():
-    v = float(np.asarray(v).reshape(()))
-    out[f"loss_params/{name}"] = v
-    if name.startswith("log_var_"):
-      out[f"loss_params/weight_{name[len('log_var_'):]}"] = math.exp(-v)
+    picked[f"loss_params/{name}"] = v
+  out = {k: float(np.asarray(v).reshape(()))
+         for k, v in jax.device_get(picked).items()}
+  for k, v in list(out.items()):
+    if k.startswith("loss_params/log_var_"):
+      out[f"loss_params/weight_{k[len('loss_params/log_var_'):]}"] = math.exp(-v)
   return out
 
 
@@ -465,7 +481,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
       if step > t0_step:
         summary["perf/steps_per_second"] = (step - t0_step) / max(elapsed,
                                                                   1e-9)
-      summary.update(learned_scalars(jax.device_get(state.params)))
+      summary.update(learned_scalars(state.params))
       writer.write_scalars(step, summary)
       if bar is not None:
         bar.set_postfix(loss=f"{summary['train/loss']:.4f}")
