@@ -82,6 +82,76 @@ def test_fft_length_is_smooth_and_long_enough():
   assert layers.fft_length(64, 7) == 72 and layers.fft_length(4, 7) == 8
 
 
+@pytest.mark.parametrize("k,grid,tile", [
+    (3, (8, 8, 8), 4), (7, (8, 12, 4), 4), (5, (16, 8, 8), 8),
+    (4, (8, 8, 3), 4), (2, (4, 8, 8), 4), (7, (8, 8, 8), 2)])
+def test_tiled_fft_conv_equals_direct_forward_and_gradients(k, grid, tile):
+  """Overlap-save over tiles (some axes tiled, others whole; odd and even k;
+  tiles smaller than the kernel) is the same 'SAME' conv."""
+  rng = np.random.default_rng(k * 10 + tile)
+  x = _rand(rng, (2, *grid, 3))
+  kernel = _rand(rng, (k, k, k, 3, 2), 0.3)
+  bias = _rand(rng, (2,))
+  probe = _rand(rng, (2, *grid, 2))
+  direct = lambda x, w, b: layers.conv3d(x, w, b, jnp.float32)
+  tiled = lambda x, w, b: layers.conv3d_fft(x, [[w]], b, jnp.float32, tile)
+  assert _rel_err(tiled(x, kernel, bias), direct(x, kernel, bias)) < 1e-5
+  grads = [jax.grad(lambda x, w, b, f=f: jnp.sum(f(x, w, b) * probe),
+                    argnums=(0, 1, 2))(x, kernel, bias)
+           for f in (tiled, direct)]
+  for a, b in zip(*grads):
+    assert _rel_err(a, b) < 1e-5
+
+
+def test_tiled_fft_conv_groups():
+  """Summed odd kernels (tap-domain sum) and concatenated groups, tiled."""
+  rng = np.random.default_rng(5)
+  x = _rand(rng, (1, 8, 8, 8, 3))
+  a, b, c = (_rand(rng, (k, k, k, 3, 4), 0.3) for k in (3, 5, 7))
+  bias = _rand(rng, (8,))
+  zero = jnp.zeros((4,))
+  want = jnp.concatenate([
+      layers.conv3d(x, a, bias[:4], jnp.float32)
+      + layers.conv3d(x, c, zero, jnp.float32),
+      layers.conv3d(x, b, bias[4:], jnp.float32)], axis=-1)
+  got = layers.conv3d_fft(x, [[a, c], [b]], bias, jnp.float32, tile=4)
+  assert _rel_err(got, want) < 1e-5
+  with pytest.raises(ValueError, match="does not divide"):
+    layers.conv3d_fft(x, [[a]], bias[:4], jnp.float32, tile=3)
+
+
+def test_plan_conv():
+  shape = (1, 32, 32, 32, 16)
+  assert layers.plan_conv("direct", shape, [[3, 5, 7]], 16) == (
+      "direct", None)
+  algo, tile = layers.plan_conv("fft", shape, [[3, 5, 7]], 16)
+  assert algo == "fft" and tile in layers.fft_tiles((32, 32, 32))
+  # A 1x1x1 conv is never transformed.
+  assert layers.plan_conv("fft", shape, [[1]], 16) == ("direct", None)
+  # The chosen tile is the cheapest of the candidates by the estimate.
+  costs = {t: layers.fft_seconds(shape, [[3, 5, 7]], 16, t)
+           for t in layers.fft_tiles((32, 32, 32))}
+  assert costs[tile] == min(costs.values())
+  assert layers.fft_tiles((32, 32, 32)) == [None, 16, 8, 4]
+  assert layers.fft_tiles((16, 8, 12)) == [None, 4]  # 8 does not divide 12
+  if jax.default_backend() == "cpu":
+    # Paper widths at 128^3: the first MSFE is tiled (its whole-grid
+    # spectrum would be 7.6 GB); the 8^3 x 256 channel stage stays direct.
+    algo, tile = layers.plan_conv("auto", (1, 128, 128, 128, 48),
+                                  [[3, 5, 7]], 16)
+    assert algo == "fft" and tile is not None
+    assert layers.plan_conv("auto", (1, 8, 8, 8, 256), [[3, 5, 7]], 256) == (
+        "direct", None)
+  with pytest.raises(ValueError, match="conv_impl"):
+    layers.plan_conv("winograd", shape, [[3]], 16)
+
+
+def test_plan_conv_respects_the_spectrum_cap(monkeypatch):
+  monkeypatch.setattr(layers, "MAX_SPECTRUM_BYTES", 1)
+  # Nothing fits: the smallest tile is taken.
+  assert layers.plan_conv("fft", (1, 16, 16, 16, 4), [[3]], 4) == ("fft", 4)
+
+
 def test_resolve_conv_impl():
   assert layers.resolve_conv_impl("direct", 7) == "direct"
   assert layers.resolve_conv_impl("fft", 1) == "fft"
@@ -157,6 +227,19 @@ def test_model_fft_equals_direct_forward_and_gradients(overrides):
       assert err < 1e-4, (name, path, err)
     for key in inputs:
       assert _rel_err(g[1][key], g_d[1][key]) < 1e-4, (name, key)
+
+
+def test_model_with_tiled_fft_equals_direct(monkeypatch):
+  """Every FFT conv of the model forced onto the smallest tiles."""
+  monkeypatch.setattr(layers, "fft_tiles", lambda grid: [2])
+  inputs = _inputs((8, 8, 8), batch=1)
+  direct = models.create_model(_model_config(conv_impl="direct"))
+  tiled = models.create_model(_model_config(conv_impl="fft"))
+  params = _random_params(
+      jax.eval_shape(direct.init, jax.random.key(0), inputs)["params"])
+  y_d = direct.apply({"params": params}, inputs)
+  y_t = tiled.apply({"params": params}, inputs)
+  assert _rel_err(y_t, y_d) < 1e-4
 
 
 def test_model_init_is_the_same_for_every_impl():

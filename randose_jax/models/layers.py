@@ -107,20 +107,17 @@ def conv3d(x: Array, kernel: Array, bias: Array, dtype: Dtype) -> Array:
 # outputs are summed (MSFE) add in the frequency domain into one spectrum.
 
 CONV_IMPLS = ("direct", "fft", "auto")
-# conv_impl='auto' on the CPU backend: FFT for kernels of at least this size
-# (benchmarks/NOTES.md has the measurements behind it); direct elsewhere.
+# The smallest kernel 'auto' may move off the direct conv on the CPU.
 AUTO_FFT_MIN_KERNEL = 3
-# Layout of the frequency-domain channel mixing: 'freq_first' (channels last,
-# batched matmul over frequencies) | 'channels_first' (N, C, frequencies).
-FFT_LAYOUT = "channels_first"
 
 
 def resolve_conv_impl(impl: str, kernel_size: int) -> str:
-  """'direct' | 'fft' | 'auto' -> 'direct' | 'fft' for one conv.
+  """'direct' | 'fft' | 'auto' -> 'direct' | 'fft', by backend alone.
 
-  'auto': FFT on the CPU backend for kernels >= AUTO_FFT_MIN_KERNEL (XLA's
-  CPU direct conv reaches ~10 GFLOP/s; the FFT path does ~100x fewer FLOPs for
-  7^3 kernels); direct on GPU/TPU, whose direct convs (cuDNN) are strong.
+  'auto' is 'fft' on the CPU backend for kernels >= AUTO_FFT_MIN_KERNEL and
+  'direct' elsewhere. The convs themselves decide per layer with `plan_conv`
+  (which also weighs the direct conv on the CPU); this coarser answer picks
+  the transposed conv's form (`Upsample`).
   """
   if impl not in CONV_IMPLS:
     raise ValueError(f"model.conv_impl: unknown {impl!r}; choose from "
@@ -171,38 +168,205 @@ def kernel_spectrum(kernel: Array, lengths: Sequence[int],
   return jnp.einsum(f"aj,jbcio->{layout}", ed, u)
 
 
+def tiled_fft_length(tile: int, kernel_size: int) -> int:
+  """Smallest 5-smooth L >= tile + kernel_size - 1 (overlap-save)."""
+  length = tile + kernel_size - 1
+  while not _is_smooth(length):
+    length += 1
+  return length
+
+
+def _axis_plan(m: int, tile: int | None, k_max: int):
+  """(T, count, lo, L) for one grid axis of m voxels.
+
+  One tile (tile None or >= m): the whole axis, no leading zeros (lo = 0),
+  L = `fft_length(m, k)`: reads below 0 wrap to the >= k // 2 trailing zeros.
+  Several tiles (overlap-save): lo = (k - 1) // 2 leading zeros, tiles cut
+  L = `tiled_fft_length(T, k)` long every T voxels.
+  """
+  if tile is None or tile >= m:
+    return m, 1, 0, fft_length(m, k_max)
+  if m % tile:
+    raise ValueError(f"conv3d_fft: tile {tile} does not divide the grid "
+                     f"axis of {m} voxels")
+  return tile, m // tile, (k_max - 1) // 2, tiled_fft_length(tile, k_max)
+
+
 def conv3d_fft(x: Array, kernels: Sequence[Sequence[Array]], bias: Array,
-               dtype: Dtype) -> Array:
+               dtype: Dtype, tile: int | None = None) -> Array:
   """sum over g of conv3d(x, kernels[g]) + bias, through one FFT of x.
 
   kernels: groups of (k,k,k,Cin,Cout_g) kernels; the kernels of a group are
   summed (their spectra add), the groups' outputs are concatenated along
   channels (they share the input FFT, one channel-mixing product and one
   inverse FFT). bias: (sum_g Cout_g,). Computed in float32, returned in dtype.
+
+  tile: None = one FFT over the whole grid. An int T < an axis's length
+  (dividing it) = overlap-save along that axis: with P = (k_max - 1) // 2
+  leading zeros, output tile t reads the padded input [t*T, t*T + T + k_max -
+  1); it is cut L = `tiled_fft_length(T, k_max)` long (the extra voxels only
+  reach discarded outputs), transformed, mixed with the kernel spectra at
+  length L (the same `kernel_spectrum`, whose phase puts output r of a tile
+  at circular index r + P), and outputs [P, P + T) are kept: every tap they
+  read lies in the tile's first T + k_max - 1 voxels, so nothing wraps.
+  Tiles make the spectra the size of one tile instead of the grid (at 128^3
+  the first MSFE's whole-grid spectrum is 135 * 135 * 68 frequencies x 48 x
+  16 channels = 7.6 GB) and (L_tile / L_grid)^3 as costly to build, for
+  (L / T)^3 more transformed voxels; `plan_conv` weighs the two.
+
+  The channel mixing is a batched matmul over frequencies, (F, tiles, Cin) @
+  (F, Cin, Cout): ~4x faster on the CPU than with the frequencies last
+  (benchmarks/NOTES.md). Odd kernels of one group are summed in the tap
+  domain first (zero-padded, centred), so each group costs one spectrum.
   """
-  n, d, h, w, _ = x.shape
+  n, d, h, w, cin = x.shape
   k_max = max(kern.shape[0] for group in kernels for kern in group)
-  lengths = tuple(fft_length(m, k_max) for m in (d, h, w))
-  if FFT_LAYOUT == "freq_first":
-    # Channels stay last: the mixing is a batched (over frequencies) matmul
-    # (N, Cin) @ (Cin, Cout).
-    u = jnp.concatenate([
-        sum(kernel_spectrum(kern, lengths, "abcio") for kern in group)
-        for group in kernels], axis=-1)
-    xf = jnp.fft.rfftn(x.astype(jnp.float32), s=lengths, axes=(1, 2, 3))
-    yf = jnp.einsum("nabci,abcio->nabco", xf, u)
-    y = jnp.fft.irfftn(yf, s=lengths, axes=(1, 2, 3))[:, :d, :h, :w]
-    return (y + bias.astype(jnp.float32)).astype(dtype)
+  plans = [_axis_plan(m, tile, k_max) for m in (d, h, w)]
+  sizes = tuple(p[0] for p in plans)
+  counts = tuple(p[1] for p in plans)
+  los = tuple(p[2] for p in plans)
+  lengths = tuple(p[3] for p in plans)
   spectra = []
   for group in kernels:
-    spectra.append(sum(kernel_spectrum(kern, lengths) for kern in group))
-  u = spectra[0] if len(spectra) == 1 else jnp.concatenate(spectra, axis=1)
-  xt = jnp.transpose(x.astype(jnp.float32), (0, 4, 1, 2, 3))  # N,C,D,H,W
-  xf = jnp.fft.rfftn(xt, s=lengths, axes=(2, 3, 4))
-  yf = jnp.einsum("nidhw,iodhw->nodhw", xf, u)
-  y = jnp.fft.irfftn(yf, s=lengths, axes=(2, 3, 4))[:, :, :d, :h, :w]
-  y = jnp.transpose(y, (0, 2, 3, 4, 1)) + bias.astype(jnp.float32)
-  return y.astype(dtype)
+    if len(group) > 1 and all(kern.shape[0] % 2 for kern in group):
+      km = max(kern.shape[0] for kern in group)
+      group = [sum(_pad_kernel(kern.astype(jnp.float32), km)
+                   for kern in group)]
+    spectra.append(sum(kernel_spectrum(kern, lengths, "abcio")
+                       for kern in group))
+  u = spectra[0] if len(spectra) == 1 else jnp.concatenate(spectra, axis=-1)
+  cout = u.shape[-1]
+  fshape = u.shape[:3]  # (Ld, Lh, Lw // 2 + 1)
+  freqs = fshape[0] * fshape[1] * fshape[2]
+  u = u.reshape(freqs, cin, cout)
+  xp = jnp.transpose(x.astype(jnp.float32), (0, 4, 1, 2, 3))  # N, C, D, H, W
+  if any(c > 1 for c in counts):
+    # Leading zeros, and trailing ones so that the last tile's L voxels exist.
+    xp = jnp.pad(xp, [(0, 0), (0, 0)] + [
+        (lo, (c - 1) * t + length - m - lo) if c > 1 else (0, 0)
+        for (t, c, lo, length), m in zip(plans, (d, h, w))])
+  # Overlapping tiles, one axis at a time: (.., M, ..) -> (.., count, L, ..)
+  # (an untiled axis keeps its m voxels; rfftn zero-pads it to L).
+  for axis, (t, count, _, length) in zip((2, 4, 6), plans):
+    if count == 1:
+      xp = jnp.expand_dims(xp, axis)
+    else:
+      xp = jnp.stack([jax.lax.slice_in_dim(xp, i * t, i * t + length,
+                                           axis=axis) for i in range(count)],
+                     axis=axis)
+  # (N, C, nd, Sd, nh, Sh, nw, Sw) -> (N * tiles, C, Sd, Sh, Sw)
+  xt = jnp.transpose(xp, (0, 2, 4, 6, 1, 3, 5, 7))
+  xt = xt.reshape(-1, cin, *xt.shape[5:])
+  tiles = xt.shape[0]
+  xf = jnp.fft.rfftn(xt, s=lengths, axes=(2, 3, 4)).reshape(tiles, cin, freqs)
+  yf = jnp.einsum("fni,fio->fno", jnp.transpose(xf, (2, 0, 1)), u)
+  yf = jnp.transpose(yf, (1, 2, 0)).reshape(tiles, cout, *fshape)
+  y = jnp.fft.irfftn(yf, s=lengths, axes=(2, 3, 4))
+  y = y[:, :, los[0]:los[0] + sizes[0], los[1]:los[1] + sizes[1],
+        los[2]:los[2] + sizes[2]]
+  y = y.reshape(n, *counts, cout, *sizes)
+  # (N, nd, nh, nw, Co, Td, Th, Tw) -> (N, nd, Td, nh, Th, nw, Tw, Co)
+  y = jnp.transpose(y, (0, 1, 5, 2, 6, 3, 7, 4)).reshape(n, d, h, w, cout)
+  return (y + bias.astype(jnp.float32)).astype(dtype)
+
+
+# --------------------------------------------------- choosing the algorithm
+# `plan_conv` estimates each algorithm's seconds on the CPU from counts
+# fitted to forward timings of this machine's XLA (benchmarks/NOTES.md,
+# "Tiled FFT and the per-layer plan"); only their ranking matters.
+# Direct conv: GFLOP/s against log2(Cin * Cout) (small channel counts run at
+# a few GFLOP/s, 256 x 256 at ~110).
+_DIRECT_RATE = ((4, 1.5), (6, 4.8), (8, 18.5), (10, 19.5), (12, 65.0),
+                (14, 60.0), (16, 110.0))
+# FFT path, seconds per 1e9 of: transformed points * log2(points), mixing
+# FLOPs, spectrum-building FLOPs.
+_FFT_COST = (0.65, 0.0125, 0.133)
+# Never build a spectrum larger than this (bytes, complex64).
+MAX_SPECTRUM_BYTES = 2 << 30
+
+
+def direct_seconds(x_shape, kernel_groups, cout: int, fused: bool) -> float:
+  """Estimated CPU seconds of the direct convs (forward)."""
+  n, d, h, w, cin = x_shape
+  taps = 0
+  for sizes in kernel_groups:
+    group_taps = [k ** 3 for k in sizes]
+    taps += max(group_taps) if fused else sum(group_taps)
+  taps = taps / len(kernel_groups)  # per output channel
+  flops = 2 * n * d * h * w * taps * cin * cout
+  xs, ys = zip(*_DIRECT_RATE)
+  rate = np.interp(np.log2(max(cin * cout, 1)), xs, ys) * 1e9
+  return flops / rate
+
+
+def fft_seconds(x_shape, kernel_groups, cout: int, tile) -> float:
+  """Estimated CPU seconds of `conv3d_fft(..., tile=tile)` (forward)."""
+  n, d, h, w, cin = x_shape
+  k_max = max(max(sizes) for sizes in kernel_groups)
+  plans = [_axis_plan(m, tile, k_max) for m in (d, h, w)]
+  tiles = n * int(np.prod([p[1] for p in plans]))
+  ld, lh, lw = (p[3] for p in plans)
+  points = ld * lh * lw
+  freqs = ld * lh * (lw // 2 + 1)
+  # Summed odd groups cost one spectrum of their largest kernel.
+  spectrum_taps = sum(max(sizes) for sizes in kernel_groups)
+  spectrum_taps /= len(kernel_groups)
+  fft = tiles * (cin + cout) * points * np.log2(points)
+  mix = 8 * tiles * freqs * cin * cout
+  spectrum = 8 * spectrum_taps * freqs * cin * cout
+  a, b, c = _FFT_COST
+  return (a * fft + b * mix + c * spectrum) / 1e9
+
+
+def fft_tiles(grid) -> list:
+  """Candidate tiles: None (whole grid) and halvings of the largest axis
+  that divide every axis longer than the tile, down to 4 voxels."""
+  out, tile = [None], max(grid) // 2
+  while tile >= 4:
+    if all(m <= tile or m % tile == 0 for m in grid):
+      out.append(tile)
+    tile //= 2
+  return out
+
+
+def plan_conv(impl: str, x_shape, kernel_groups, cout: int,
+              fused: bool = True) -> tuple:
+  """('direct', None) or ('fft', tile) for one conv layer.
+
+  x_shape (N, D, H, W, Cin); kernel_groups: kernel sizes per `conv3d_fft`
+  group (e.g. [[3, 5, 7]] for an MSFE, [[3], [5], [7]] for PI's convs);
+  cout: output channels of each group; fused: whether the direct path would
+  sum a group's kernels into one (MSFE's `fused`).
+
+  'direct': always direct. 'fft': the FFT path with the tile of least
+  estimated cost (`fft_seconds`) among the whole grid and halvings
+  (`fft_tiles`) whose spectrum fits MAX_SPECTRUM_BYTES. 'auto': on the CPU
+  the cheaper of that and the direct conv (`direct_seconds`); on other
+  backends direct (cuDNN's direct convs are strong; nothing else measured
+  there). A 1x1x1 kernel is always direct.
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"model.conv_impl: unknown {impl!r}; choose from "
+                     f"{CONV_IMPLS}")
+  k_max = max(max(sizes) for sizes in kernel_groups)
+  if impl == "direct" or k_max < 2 or (
+      impl == "auto" and jax.default_backend() != "cpu"):
+    return "direct", None
+  grid, cin = tuple(x_shape[1:4]), x_shape[4]
+  best = None
+  for tile in fft_tiles(grid):
+    plans = [_axis_plan(m, tile, k_max) for m in grid]
+    freqs = plans[0][3] * plans[1][3] * (plans[2][3] // 2 + 1)
+    if (freqs * cin * cout * len(kernel_groups) * 8 > MAX_SPECTRUM_BYTES
+        and tile != fft_tiles(grid)[-1]):
+      continue
+    cost = fft_seconds(x_shape, kernel_groups, cout, tile)
+    if best is None or cost < best[0]:
+      best = (cost, tile)
+  if impl == "auto" and direct_seconds(x_shape, kernel_groups, cout,
+                                       fused) < best[0]:
+    return "direct", None
+  return "fft", best[1]
 
 
 class Conv(nn.Module):
@@ -210,7 +374,7 @@ class Conv(nn.Module):
 
   Same params as nn.Conv ('kernel' (k,k,k,Cin,features), 'bias', same
   initialisers), same math; `impl` is 'direct' (lax conv), 'fft' or 'auto'
-  (`resolve_conv_impl`).
+  (`plan_conv`: per layer, from the input shape).
   """
   features: int
   kernel_size: int
@@ -224,8 +388,9 @@ class Conv(nn.Module):
                         (k, k, k, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
                       jnp.float32)
-    if resolve_conv_impl(self.impl, k) == "fft":
-      return conv3d_fft(x, [[kernel]], bias, self.dtype)
+    algo, tile = plan_conv(self.impl, x.shape, [[k]], self.features)
+    if algo == "fft":
+      return conv3d_fft(x, [[kernel]], bias, self.dtype, tile)
     return conv3d(x, kernel, bias, self.dtype)
 
 
@@ -261,7 +426,7 @@ class MSFE(nn.Module):
   zero-padded (centred) to max(n)^3, with the summed biases. `fused=True`
   computes it that way from the SAME parameters: fewer FLOPs (7^3 = 343 taps
   instead of 27 + 125 + 343 = 495) and one conv instead of three.
-  `conv_impl` ('direct' | 'fft' | 'auto', `resolve_conv_impl` on max(n)) picks
+  `conv_impl` ('direct' | 'fft' | 'auto', `plan_conv` per input shape) picks
   the algorithm; 'fft' sums the branch spectra into one (`fused` is moot).
 
   x: (N, D, H, W, Cin) -> (N, D, H, W, features).
@@ -279,10 +444,12 @@ class MSFE(nn.Module):
         raise ValueError(f"model.msfe_kernels: sizes must be odd, got {k}")
     weights = [ConvWeights(self.features, k, name=f"conv_k{k}")(x.shape[-1])
                for k in self.kernels]
-    if resolve_conv_impl(self.conv_impl, max(self.kernels)) == "fft":
+    algo, tile = plan_conv(self.conv_impl, x.shape, [list(self.kernels)],
+                           self.features, self.fused)
+    if algo == "fft":
       # One spectrum: the branch spectra add (exactly the fused kernel's).
       return conv3d_fft(x, [[w for w, _ in weights]],
-                        sum(b for _, b in weights), self.dtype)
+                        sum(b for _, b in weights), self.dtype, tile)
     if not self.fused:
       out = conv3d(x, *weights[0], self.dtype)
       for kernel, bias in weights[1:]:
@@ -485,19 +652,15 @@ class PTVIntegration(nn.Module):
     inverse FFT (their outputs concatenated along channels)."""
     weights = {k: ConvWeights(self.features, k, name=f"{prefix}_k{k}")(
         x.shape[-1]) for k in self.kernels}
-    out = {}
-    fft_ks = [k for k in self.kernels
-              if resolve_conv_impl(self.conv_impl, k) == "fft"]
-    if fft_ks:
-      y = conv3d_fft(x, [[weights[k][0]] for k in fft_ks],
-                     jnp.concatenate([weights[k][1] for k in fft_ks]),
-                     self.dtype)
-      for i, k in enumerate(fft_ks):
-        out[k] = y[..., i * self.features:(i + 1) * self.features]
-    for k in self.kernels:
-      if k not in out:
-        out[k] = conv3d(x, *weights[k], self.dtype)
-    return out
+    algo, tile = plan_conv(self.conv_impl, x.shape,
+                           [[k] for k in self.kernels], self.features)
+    if algo == "direct":
+      return {k: conv3d(x, *weights[k], self.dtype) for k in self.kernels}
+    y = conv3d_fft(x, [[weights[k][0]] for k in self.kernels],
+                   jnp.concatenate([weights[k][1] for k in self.kernels]),
+                   self.dtype, tile)
+    return {k: y[..., i * self.features:(i + 1) * self.features]
+            for i, k in enumerate(self.kernels)}
 
   @nn.compact
   def __call__(self, f_e: Array, f_p: Array) -> Array:
