@@ -80,13 +80,12 @@ def get_default_config() -> ml_collections.ConfigDict:
   model.pi_resize = "avgpool"
   model.msfe_fused = False  # compute MSFE as one conv with summed kernels
   # How the k^3 convs (stem, MSFE, PI, plain blocks) are computed; same params
-  # and math either way: direct (lax conv) | fft (frequency domain, one FFT
-  # per input shared by MSFE's branches and PI's kernels) | auto (fft on the
-  # CPU backend, where XLA's direct 3D conv is ~10x slower than oneDNN;
-  # direct on GPU/TPU). benchmarks/NOTES.md has the measurements. The default
-  # stays direct while summary.py's analytic FLOP count reads conv ops from
-  # the jaxpr; on the CPU pass --config.model.conv_impl=auto.
-  model.conv_impl = "direct"
+  # and math either way: direct (lax conv) | fft (frequency domain, whole grid
+  # or overlap-save tiles, one FFT per input shared by MSFE's branches and
+  # PI's kernels) | auto (per layer, the cheaper of direct and FFT by a cost
+  # estimate on the CPU backend, where XLA's direct 3D conv runs at a few to
+  # ~100 GFLOP/s; direct on GPU/TPU). benchmarks/NOTES.md has the measurements.
+  model.conv_impl = "auto"
   model.stem_kernel = 3
   model.blocks_per_stage = 1
   model.csa_reduction = 4

@@ -42,7 +42,12 @@ def _input_specs(grid, batch):
 
 def export_model(model, model_params, grid, *, tta=False, swap_parotids=True,
                  platforms=DEFAULT_PLATFORMS):
-  """`jax.export.Exported` of params, inputs -> (N, *grid, 1) float32."""
+  """`jax.export.Exported` of params, inputs -> (N, *grid, 1) float32.
+
+  Traced once for every platform: the convs are computed the way
+  `model.conv_impl` plans them on the exporting backend (with 'auto' on a
+  CPU: FFT where cheaper, planned for one sample), which is the same math on
+  every platform."""
 
   def forward(params, inputs):
     apply_fn = inference.make_apply_fn(model, params)

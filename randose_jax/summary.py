@@ -182,6 +182,12 @@ def summarize(model_config, grid: Sequence[int] | int = 128,
   """Parameter counts and per-sample forward FLOPs of `create_model(
   model_config)` at `grid` (an int for a cube, or (D, H, W))."""
   grid = (grid,) * 3 if isinstance(grid, int) else tuple(grid)
+  # The network's math, whatever algorithm computes its convs: built with
+  # direct convs so the FLOPs below count conv ops (the FFT path has none;
+  # parameters are the same for every conv_impl).
+  model_config = model_config.copy_and_resolve_references()
+  with model_config.unlocked():
+    model_config.conv_impl = "direct"
   model = models.create_model(model_config)
   inputs = abstract_inputs(grid, batch=1)
   params = abstract_params(model, inputs)

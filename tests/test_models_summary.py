@@ -61,7 +61,9 @@ def test_conv_flops_of_single_layers_match_the_hand_count():
 def test_conv_flops_of_the_plain_unet_match_its_architecture():
   """Row 1 (plain U-Net) counted by hand from DESIGN.md section 3."""
   g, (w0, w1) = 16, (4, 8)
-  model = models.create_model(model_config(1, (w0, w1)))
+  # conv_flops reads conv ops: the direct algorithm (summarize() builds it
+  # so itself; the FFT path computes the same math without conv ops).
+  model = models.create_model(model_config(1, (w0, w1), conv_impl="direct"))
   inputs = summary.abstract_inputs((g,) * 3)
   params = summary.abstract_params(model, inputs)
   t = lambda n: taps(n, 3) ** 3  # 3x3x3 'SAME' conv on an n^3 grid

@@ -353,6 +353,11 @@ def plan_conv(impl: str, x_shape, kernel_groups, cout: int,
       impl == "auto" and jax.default_backend() != "cpu"):
     return "direct", None
   grid, cin = tuple(x_shape[1:4]), x_shape[4]
+  if not all(isinstance(m, int) for m in (*grid, cin)):
+    # A symbolic grid (jax.export): no tiles to plan.
+    return ("direct", None) if impl == "auto" else ("fft", None)
+  # A symbolic batch (jax.export's 'b') is costed as one sample.
+  x_shape = (x_shape[0] if isinstance(x_shape[0], int) else 1, *grid, cin)
   best = None
   for tile in fft_tiles(grid):
     plans = [_axis_plan(m, tile, k_max) for m in grid]
