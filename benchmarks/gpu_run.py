@@ -126,9 +126,11 @@ def define_flags():
   flags.DEFINE_float("budget_s", 420.0, "Wall-clock budget of the whole script; "
                      "a watchdog writes the results and exits when it runs out.")
   flags.DEFINE_string("variant", "", "configs/openkbp.py variant(s), e.g. smoke.")
-  flags.DEFINE_list("jax_variants", ["bf16_fused", "fp32"],
-                    "JAX train-step variants, dtype[_fused]: bf16|fp32, _fused "
-                    "= msfe_fused. The first also trains (phase 4).")
+  flags.DEFINE_list("jax_variants", ["bf16_fused", "fp32", "bf16_fused_fft"],
+                    "JAX train-step variants, dtype[_fused][_fft]: bf16|fp32, "
+                    "_fused = msfe_fused, _fft = conv_impl fft (tiled FFT "
+                    "convs). The first also trains (phase 4); later ones run "
+                    "while the budget lasts.")
   flags.DEFINE_list("torch_variants", ["bf16_fused", "fp32"],
                     "PyTorch twin variants (same names).")
   flags.DEFINE_list("phases", ["matmul", "torch", "jax", "train", "jax_rest"],
@@ -182,14 +184,17 @@ def log(msg: str) -> None:
   print(f"[{elapsed():7.1f} s] {msg}", flush=True)
 
 
-def parse_variant(name: str) -> tuple[str, bool]:
-  """'bf16_fused' -> ('bfloat16', True); 'fp32' -> ('float32', False)."""
+def parse_variant(name: str) -> tuple[str, bool, str]:
+  """'bf16_fused' -> ('bfloat16', True, 'auto'); 'fp32' -> ('float32', False,
+  'auto'); a '_fft' suffix -> conv_impl 'fft' (the tiled-FFT convs, which
+  'auto' uses on the CPU only; never measured on a GPU before)."""
   dtypes = {"bf16": "bfloat16", "fp32": "float32"}
   parts = name.strip().split("_")
-  if parts[0] not in dtypes or any(p != "fused" for p in parts[1:]):
-    raise ValueError(f"variant {name!r}: expected bf16|fp32 with an optional "
-                     "_fused suffix")
-  return dtypes[parts[0]], "fused" in parts[1:]
+  if parts[0] not in dtypes or any(p not in ("fused", "fft") for p in parts[1:]):
+    raise ValueError(f"variant {name!r}: expected bf16|fp32 with optional "
+                     "_fused and _fft suffixes")
+  return (dtypes[parts[0]], "fused" in parts[1:],
+          "fft" if "fft" in parts[1:] else "auto")
 
 
 def load_config(variant_name: str = None):
@@ -201,7 +206,8 @@ def load_config(variant_name: str = None):
   spec.loader.exec_module(module)
   config = module.get_config(FLAGS.variant)
   if variant_name:
-    config.model.dtype, config.model.msfe_fused = parse_variant(variant_name)
+    (config.model.dtype, config.model.msfe_fused,
+     config.model.conv_impl) = parse_variant(variant_name)
   return config
 
 
@@ -762,6 +768,9 @@ def main(argv):
   torch_variants = [v.strip() for v in FLAGS.torch_variants if v.strip()]
   for v in jax_variants + torch_variants:
     parse_variant(v)  # fail before any work
+  for v in torch_variants:
+    if parse_variant(v)[2] != "auto":
+      raise ValueError(f"--torch_variants {v!r}: the twin has no FFT path")
   tmp_root = pathlib.Path(tempfile.mkdtemp(prefix="randose_gpu_run_",
                                             dir=_fast_tmp()))
   _STATE["tmp_root"] = tmp_root

@@ -13,9 +13,10 @@ import gpu_run  # noqa: E402
 
 
 def test_parse_variant():
-  assert gpu_run.parse_variant("bf16_fused") == ("bfloat16", True)
-  assert gpu_run.parse_variant("fp32") == ("float32", False)
-  assert gpu_run.parse_variant("fp32_fused") == ("float32", True)
+  assert gpu_run.parse_variant("bf16_fused") == ("bfloat16", True, "auto")
+  assert gpu_run.parse_variant("fp32") == ("float32", False, "auto")
+  assert gpu_run.parse_variant("fp32_fused") == ("float32", True, "auto")
+  assert gpu_run.parse_variant("bf16_fused_fft") == ("bfloat16", True, "fft")
   for bad in ("fp16", "bf16_fast", ""):
     with pytest.raises(ValueError):
       gpu_run.parse_variant(bad)
