@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from randose_jax import inference
+from randose_jax import logs
 from randose_jax import restore
 from randose_jax.data import encoding
 
@@ -172,6 +173,7 @@ def define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logs.quiet_library_logs()
   if not FLAGS.workdir or not FLAGS.output:
     raise app.UsageError("--workdir and --output are required")
   try:

@@ -13,6 +13,7 @@ import jax
 from ml_collections import config_flags
 
 from randose_jax import distributed
+from randose_jax import logs
 from randose_jax import train
 
 FLAGS = flags.FLAGS
@@ -34,6 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logs.quiet_library_logs()
   distributed.maybe_initialize(FLAGS.distributed, FLAGS.coordinator_address,
                                FLAGS.num_processes, FLAGS.process_id)
   logging.info("JAX process %d / %d; devices: %s", jax.process_index(),

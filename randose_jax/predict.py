@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from randose_jax import evaluation
+from randose_jax import logs
 from randose_jax import restore
 from randose_jax import train
 from randose_jax.data import encoding
@@ -107,6 +108,7 @@ def predict_patients(restored: restore.Restored, patient_dirs, output_dir, *,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logs.quiet_library_logs()
   for name in ("workdir", "patients", "output"):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
