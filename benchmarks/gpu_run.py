@@ -126,11 +126,14 @@ def define_flags():
   flags.DEFINE_float("budget_s", 420.0, "Wall-clock budget of the whole script; "
                      "a watchdog writes the results and exits when it runs out.")
   flags.DEFINE_string("variant", "", "configs/openkbp.py variant(s), e.g. smoke.")
-  flags.DEFINE_list("jax_variants", ["bf16_fused", "fp32", "bf16_fused_fft"],
+  flags.DEFINE_list("jax_variants", ["bf16_fused", "bf16_fused_fft", "fp32"],
                     "JAX train-step variants, dtype[_fused][_fft]: bf16|fp32, "
                     "_fused = msfe_fused, _fft = conv_impl fft (tiled FFT "
                     "convs). The first also trains (phase 4); later ones run "
                     "while the budget lasts.")
+  flags.DEFINE_integer("before_train", 2, "How many --jax_variants are timed "
+                       "before the training run (phase 3); the rest after it "
+                       "(phase 5), while the budget lasts.")
   flags.DEFINE_list("torch_variants", ["bf16_fused", "fp32"],
                     "PyTorch twin variants (same names).")
   flags.DEFINE_list("phases", ["matmul", "torch", "jax", "train", "jax_rest"],
@@ -909,9 +912,11 @@ def main(argv):
         twin[name] = r
       RESULTS["torch_twin"] = twin
 
-  # ------------------------------------------- 3: JAX, the first variant
+  # ---------------------- 3: JAX, the first --before_train variants
   step_s = None
   order = 0
+  early = jax_variants[:max(1, FLAGS.before_train)]
+  later = jax_variants[len(early):]
   if "jax" in FLAGS.phases and jax_variants:
     with phase(f"3 JAX train step {jax_variants[0]}",
                ("jax_train_step", jax_variants[0])):
@@ -921,11 +926,14 @@ def main(argv):
       r["compilation_cache_events"] = _diff(_STATE["cache_events"], before)
       # The run goes at the slower of the device step and the host side.
       step_s = max(r["ms_per_step"] / 1e3, r.get("host_s_per_batch") or 0)
+    for name in early[1:]:
+      _time_later_variant(name, flops, peak, order + 1, "3")
+      order += 1
 
   # ----------------------------------------------- 4: the training run
   if "train" in FLAGS.phases and jax_variants:
     name = jax_variants[0]
-    rest = [v for v in jax_variants[1:]] if "jax_rest" in FLAGS.phases else []
+    rest = list(later) if "jax_rest" in FLAGS.phases else []
     first_compile = (RESULTS.get("jax_train_step", {}).get(name) or {}).get(
         "compile_s") or 30.0
     per_rest = max(FLAGS.later_compile_est_s, 4 * first_compile) + 15
@@ -958,22 +966,9 @@ def main(argv):
 
   # ------------------------------------------ 5: the remaining variants
   if "jax_rest" in FLAGS.phases:
-    for name in jax_variants[1:]:
-      first_compile = (RESULTS.get("jax_train_step", {}).get(
-          jax_variants[0]) or {}).get("compile_s") or 30.0
-      need = max(FLAGS.later_compile_est_s, 4 * first_compile) + 15
-      if left() < need:
-        RESULTS.setdefault("jax_train_step", {})[name] = (
-            f"skipped: {left():.0f} s left, about {need:.0f} s needed "
-            "(compile estimate + steps)")
-        log(f"JAX {name}: {RESULTS['jax_train_step'][name]}")
-        write()
-        continue
-      with phase(f"5 JAX train step {name}", ("jax_train_step", name)):
-        before = _diff(_STATE["cache_events"], {})
-        order += 1
-        r = time_jax_variant(name, flops, peak, order)
-        r["compilation_cache_events"] = _diff(_STATE["cache_events"], before)
+    for name in later:
+      order += 1
+      _time_later_variant(name, flops, peak, order, "5")
 
   with _LOCK:
     RESULTS["status"] = "complete" + (
@@ -984,6 +979,24 @@ def main(argv):
   print("\n" + markdown(RESULTS), flush=True)
   if not FLAGS.keep_tmp:
     shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def _time_later_variant(name, flops, peak, order, phase_number):
+  """Times one more JAX variant if the budget still holds its estimate."""
+  first_compile = (RESULTS.get("jax_train_step", {}).get(
+      FLAGS.jax_variants[0]) or {}).get("compile_s") or 30.0
+  need = max(FLAGS.later_compile_est_s, 4 * first_compile) + 15
+  if left() < need:
+    RESULTS.setdefault("jax_train_step", {})[name] = (
+        f"skipped: {left():.0f} s left, about {need:.0f} s needed "
+        "(compile estimate + steps)")
+    log(f"JAX {name}: {RESULTS['jax_train_step'][name]}")
+    write()
+    return
+  with phase(f"{phase_number} JAX train step {name}", ("jax_train_step", name)):
+    before = _diff(_STATE["cache_events"], {})
+    r = time_jax_variant(name, flops, peak, order)
+    r["compilation_cache_events"] = _diff(_STATE["cache_events"], before)
 
 
 def _diff(now: dict, before: dict) -> dict:
