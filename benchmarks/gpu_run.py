@@ -32,6 +32,9 @@ figures where there are some; the plan is printed at the start):
      pipelined (unsynchronised) mean; the host side of a training batch;
      then one 128^3 prediction (compile + s/patient), which also caches
      the evaluation forward                                           ~45 s
+     then the next --before_train - 1 entries (default: bf16_fused_fft,
+     the tiled-FFT convs that win on the CPU; never run on a GPU, and
+     the FLOP cut that the 2-H100-hour goal needs)          ~40-80 s (?)
   4. the training run (train.train_and_evaluate on the cached real
      patients, same config as 3, so its step and its evaluation forward
      come from the persistent compilation cache instead of compiling
@@ -42,11 +45,15 @@ figures where there are some; the plan is printed at the start):
      (~2.5-3 min at the default budget, more with a larger one)
   5. the remaining --jax_variants (fp32, paper config as is: its compile
      took ~97 s last time), only if the estimate fits what is left     ~110 s
+     (at --budget_s=420 it usually does not: a second call with
+     --phases=jax_rest --jax_variants=bf16_fused,fp32 --before_train=1
+     times it alone)
 
 Why this order: the cheap, certain figures come first (the peak every
 fraction needs, then the twin: no compile); the bf16 step is needed before
 the training run (its measured step time sets the run's step count, and its
-compile fills the persistent cache the run reads); the fp32 compile is the
+compile fills the persistent cache the run reads); the FFT variant decides
+what to optimise next, so it comes before the run too; the fp32 compile is the
 longest and least certain phase, so it goes last, where an overrun costs no
 other figure.
 
