@@ -772,6 +772,10 @@ def main(argv):
   if FLAGS.torch_child_out:
     torch_child(pathlib.Path(FLAGS.torch_child_out))
     return
+  # orbax's INFO lines would push the phase lines out of the device tool's
+  # 12,000-character output tail.
+  from randose_jax import logs  # pylint: disable=g-import-not-at-top
+  logs.quiet_library_logs()
   OUT = pathlib.Path(FLAGS.out or os.environ.get("OUT") or "gpu_out").resolve()
   OUT.mkdir(parents=True, exist_ok=True)
   jax_variants = [v.strip() for v in FLAGS.jax_variants if v.strip()]

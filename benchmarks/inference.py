@@ -35,7 +35,8 @@ import numpy as np  # noqa: E402
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--config", default="configs/openkbp.py")
-  p.add_argument("--impls", default="fft")
+  p.add_argument("--impls", default="auto",
+                 help="comma-separated config.model.conv_impl values to time")
   p.add_argument("--grid", type=int, default=None,
                  help="default: 128 // config.data.downsample")
   p.add_argument("--repeats", type=int, default=1,

@@ -86,7 +86,7 @@ class JaxStep:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--config", default="configs/openkbp.py:bench_cpu")
-  p.add_argument("--impls", default="fft,auto",
+  p.add_argument("--impls", default="auto",
                  help="comma-separated config.model.conv_impl values to time "
                  "('direct' takes minutes per step at bench_cpu on 2 cores)")
   p.add_argument("--rounds", type=int, default=2,
