@@ -54,6 +54,12 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # --------------------------------------------------------------------- setup
+
+# optax.tree.norm (newer optax) or the deprecated optax.global_norm.
+_tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or (
+    optax.global_norm)
+
+
 def make_mesh(devices=None) -> Mesh:
   """A 1-D mesh named 'data' over `devices` (default: all of every process)."""
   devices = jax.devices() if devices is None else list(devices)
@@ -165,8 +171,8 @@ class Trainer:
     metrics = dict(metrics)
     metrics.update(
         loss=loss, finite=jnp.isfinite(loss),
-        grad_norm=optax.global_norm(grads),
-        param_norm=optax.global_norm(params["model"]),
+        grad_norm=_tree_norm(grads),
+        param_norm=_tree_norm(params["model"]),
         learning_rate=self.schedule(state.step))
     return TrainState(step=state.step + 1, params=params,
                       opt_state=opt_state), metrics
