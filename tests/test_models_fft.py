@@ -29,29 +29,33 @@ def _rel_err(a, b):
   return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
 
 
+def _check_equals_direct(conv, rng, k, grid, cin, cout):
+  """conv(x, kernel, bias) equals the direct conv, forward and gradients
+  (w.r.t. x, kernel, bias, through a random cotangent)."""
+  x = _rand(rng, (2, *grid, cin))
+  kernel = _rand(rng, (k, k, k, cin, cout), 0.3)
+  bias = _rand(rng, (cout,))
+  probe = _rand(rng, (2, *grid, cout))
+  direct = lambda x, w, b: layers.conv3d(x, w, b, jnp.float32)
+  y_d, y = direct(x, kernel, bias), conv(x, kernel, bias)
+  assert y.shape == y_d.shape and y.dtype == jnp.float32
+  assert _rel_err(y, y_d) < 1e-5
+  grads = [jax.grad(lambda x, w, b, f=f: jnp.sum(f(x, w, b) * probe),
+                    argnums=(0, 1, 2))(x, kernel, bias)
+           for f in (conv, direct)]
+  for a, b in zip(*grads):
+    assert _rel_err(a, b) < 1e-5
+
+
 @pytest.mark.parametrize("k,grid,cin,cout", [
     (1, (5, 6, 7), 3, 2), (3, (5, 6, 7), 1, 3), (3, (8, 4, 6), 3, 2),
     (5, (8, 8, 8), 2, 3), (5, (9, 4, 3), 3, 1), (7, (5, 6, 7), 3, 2),
     (7, (8, 4, 6), 1, 4), (2, (5, 6, 7), 2, 2), (4, (8, 4, 6), 2, 3)])
 def test_fft_conv_equals_direct_forward_and_gradients(k, grid, cin, cout):
   rng = np.random.default_rng(k * 100 + grid[0] * 10 + cin)
-  x = _rand(rng, (2, *grid, cin))
-  kernel = _rand(rng, (k, k, k, cin, cout), 0.3)
-  bias = _rand(rng, (cout,))
-  probe = _rand(rng, (2, *grid, cout))  # a random cotangent
-
-  def loss(conv):
-    return lambda x, w, b: jnp.sum(conv(x, w, b) * probe)
-
-  direct = lambda x, w, b: layers.conv3d(x, w, b, jnp.float32)
-  fft = lambda x, w, b: layers.conv3d_fft(x, [[w]], b, jnp.float32)
-  y_d, y_f = direct(x, kernel, bias), fft(x, kernel, bias)
-  assert y_f.shape == y_d.shape and y_f.dtype == jnp.float32
-  assert _rel_err(y_f, y_d) < 1e-5
-  g_d = jax.grad(loss(direct), argnums=(0, 1, 2))(x, kernel, bias)
-  g_f = jax.grad(loss(fft), argnums=(0, 1, 2))(x, kernel, bias)
-  for a, b in zip(g_f, g_d):
-    assert _rel_err(a, b) < 1e-5
+  _check_equals_direct(
+      lambda x, w, b: layers.conv3d_fft(x, [[w]], b, jnp.float32),
+      rng, k, grid, cin, cout)
 
 
 def test_fft_conv_groups_sum_within_and_concatenate_across():
@@ -88,19 +92,9 @@ def test_fft_length_is_smooth_and_long_enough():
 def test_tiled_fft_conv_equals_direct_forward_and_gradients(k, grid, tile):
   """Overlap-save over tiles (some axes tiled, others whole; odd and even k;
   tiles smaller than the kernel) is the same 'SAME' conv."""
-  rng = np.random.default_rng(k * 10 + tile)
-  x = _rand(rng, (2, *grid, 3))
-  kernel = _rand(rng, (k, k, k, 3, 2), 0.3)
-  bias = _rand(rng, (2,))
-  probe = _rand(rng, (2, *grid, 2))
-  direct = lambda x, w, b: layers.conv3d(x, w, b, jnp.float32)
-  tiled = lambda x, w, b: layers.conv3d_fft(x, [[w]], b, jnp.float32, tile)
-  assert _rel_err(tiled(x, kernel, bias), direct(x, kernel, bias)) < 1e-5
-  grads = [jax.grad(lambda x, w, b, f=f: jnp.sum(f(x, w, b) * probe),
-                    argnums=(0, 1, 2))(x, kernel, bias)
-           for f in (tiled, direct)]
-  for a, b in zip(*grads):
-    assert _rel_err(a, b) < 1e-5
+  _check_equals_direct(
+      lambda x, w, b: layers.conv3d_fft(x, [[w]], b, jnp.float32, tile),
+      np.random.default_rng(k * 10 + tile), k, grid, 3, 2)
 
 
 def test_tiled_fft_conv_groups():
