@@ -865,6 +865,10 @@ def main(argv):
       traceback.print_exc()
       RESULTS["flops_error"] = f"{type(e).__name__}: {e}"[:2000]
     RESULTS["analytic_conv_gflops_fwd_per_sample"] = flops
+    RESULTS["flops_basis"] = (
+        "conv FLOPs of the network computed with direct convolutions; for "
+        "the _fft variants TFLOP/s and fraction of peak are therefore "
+        "direct-conv-equivalent rates (the FFT path does far fewer FLOPs)")
     log(f"analytic conv GFLOPs per sample (forward): {flops}")
     if "matmul" in FLAGS.phases:
       import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
