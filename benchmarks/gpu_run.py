@@ -141,6 +141,9 @@ def define_flags():
   flags.DEFINE_integer("before_train", 2, "How many --jax_variants are timed "
                        "before the training run (phase 3); the rest after it "
                        "(phase 5), while the budget lasts.")
+  flags.DEFINE_bool("train_fastest", True, "Train (phase 4) with the variant "
+                    "timed fastest in phase 3 when it is >= 1.5x faster than "
+                    "the first.")
   flags.DEFINE_list("torch_variants", ["bf16_fused", "fp32"],
                     "PyTorch twin variants (same names).")
   flags.DEFINE_list("phases", ["matmul", "torch", "jax", "train", "jax_rest"],
@@ -219,6 +222,29 @@ def load_config(variant_name: str = None):
     (config.model.dtype, config.model.msfe_fused,
      config.model.conv_impl) = parse_variant(variant_name)
   return config
+
+
+def pick_training_variant(first: str, early, timed: dict, step_s,
+                          fastest: bool):
+  """(variant, step_s, extra overhead s, why) of the training run.
+
+  The first variant, unless `fastest` and another variant timed before the
+  run was at least 1.5x faster: then that one (more steps in the budget),
+  with its train-step compile as extra overhead (its evaluation forward was
+  not compiled in phase 3). step_s keeps the host side measured with the
+  first variant (the input pipeline does not depend on the variant)."""
+  ms = {v: r["ms_per_step"] for v in early
+        if isinstance(r := timed.get(v), dict) and r.get("ms_per_step")}
+  if not fastest or first not in ms:
+    return first, step_s, 0.0, "the first --jax_variants entry"
+  best = min(ms, key=ms.get)
+  if best == first or ms[best] * 1.5 > ms[first]:
+    return first, step_s, 0.0, (f"the first entry ({first} {ms[first]:.0f} "
+                                "ms/step; no other was 1.5x faster)")
+  host = (timed.get(first) or {}).get("host_s_per_batch") or 0.0
+  return best, max(ms[best] / 1e3, host), float(
+      timed[best].get("compile_s") or 30.0), (
+          f"{best} at {ms[best]:.0f} ms/step vs {first} at {ms[first]:.0f}")
 
 
 def plan_train_steps(time_left: float, step_s: float, reserve_s: float,
@@ -814,10 +840,13 @@ def main(argv):
   threading.Thread(target=_watchdog, daemon=True).start()
   threading.Thread(target=_ticker, daemon=True).start()
   log(f"card: {card_line}; budget {FLAGS.budget_s:.0f} s; out {OUT}")
+  n_early = max(1, FLAGS.before_train)
   log("plan: matmul peak ~15 s; torch twin ~40-90 s (cap "
-      f"{FLAGS.torch_timeout_s:.0f} s); JAX {jax_variants[:1]} ~45 s; training "
-      f"run budget-driven; JAX {jax_variants[1:]} ~"
-      f"{FLAGS.later_compile_est_s:.0f} s each if they fit")
+      f"{FLAGS.torch_timeout_s:.0f} s); JAX {jax_variants[:1]} ~45 s, then "
+      f"{jax_variants[1:n_early]} if they fit; training run budget-driven "
+      f"(fastest of those if >= 1.5x: {FLAGS.train_fastest}); JAX "
+      f"{jax_variants[n_early:]} ~{FLAGS.later_compile_est_s:.0f} s each if "
+      "they fit")
 
   # -------------------------------------- 1: JAX, FLOPs, matmul peak
   flops, peak = {}, None
@@ -948,22 +977,28 @@ def main(argv):
   # ----------------------------------------------- 4: the training run
   if "train" in FLAGS.phases and jax_variants:
     name = jax_variants[0]
+    timed = RESULTS.get("jax_train_step", {})
+    name, step_s, extra_overhead, chosen = pick_training_variant(
+        jax_variants[0], early, timed, step_s, FLAGS.train_fastest)
     rest = list(later) if "jax_rest" in FLAGS.phases else []
-    first_compile = (RESULTS.get("jax_train_step", {}).get(name) or {}).get(
+    first_compile = (timed.get(jax_variants[0]) or {}).get(
         "compile_s") or 30.0
     per_rest = max(FLAGS.later_compile_est_s, 4 * first_compile) + 15
     reserve = per_rest * len(rest) + 10
+    overhead = FLAGS.train_overhead_s + extra_overhead
     if FLAGS.train_steps:
       steps, keep, why = FLAGS.train_steps, True, "--train_steps"
     else:
       steps, keep, why = plan_train_steps(
           left() - 5, step_s or FLAGS.fallback_step_s, reserve,
-          FLAGS.train_overhead_s, FLAGS.step_margin, FLAGS.min_train_steps,
+          overhead, FLAGS.step_margin, FLAGS.min_train_steps,
           FLAGS.max_train_steps)
-    plan = {"steps": steps, "why": why, "reserve_s_for_later_variants": reserve,
+    plan = {"steps": steps, "why": why, "variant": name,
+            "variant_choice": chosen,
+            "reserve_s_for_later_variants": reserve,
             "reserve_kept": keep, "step_s_assumed": step_s or FLAGS.fallback_step_s,
             "step_margin": FLAGS.step_margin,
-            "overhead_s_assumed": FLAGS.train_overhead_s,
+            "overhead_s_assumed": overhead,
             "left_s_at_plan": round(left(), 1)}
     log(f"training plan: {plan}")
     if steps <= 0:

@@ -87,3 +87,27 @@ def test_markdown_shows_figures_errors_and_progress():
                      "baseline_mean_dvh_score": 9.0}}
   table = gpu_run.markdown(results)
   assert "| 5.000 | 3.000 |" in table and "| 10.600 | 9.000 |" in table
+
+
+def test_pick_training_variant():
+  timed = {"bf16_fused": {"ms_per_step": 800.0, "host_s_per_batch": 0.09,
+                          "compile_s": 25.0},
+           "bf16_fused_fft": {"ms_per_step": 300.0, "compile_s": 40.0}}
+  early = ["bf16_fused", "bf16_fused_fft"]
+  name, step_s, extra, _ = gpu_run.pick_training_variant(
+      "bf16_fused", early, timed, 0.8, True)
+  assert (name, step_s, extra) == ("bf16_fused_fft", 0.3, 40.0)
+  # Not asked to, or not 1.5x faster, or the first failed: the first entry.
+  assert gpu_run.pick_training_variant(
+      "bf16_fused", early, timed, 0.8, False)[:3] == ("bf16_fused", 0.8, 0.0)
+  timed["bf16_fused_fft"]["ms_per_step"] = 600.0
+  assert gpu_run.pick_training_variant(
+      "bf16_fused", early, timed, 0.8, True)[0] == "bf16_fused"
+  timed["bf16_fused"] = "failed: OOM"
+  assert gpu_run.pick_training_variant(
+      "bf16_fused", early, timed, None, True)[:2] == ("bf16_fused", None)
+  # The host side bounds the run's step.
+  timed = {"a": {"ms_per_step": 100.0, "host_s_per_batch": 0.09},
+           "b": {"ms_per_step": 20.0, "compile_s": 10.0}}
+  assert gpu_run.pick_training_variant("a", ["a", "b"], timed, 0.1,
+                                       True)[1] == 0.09
