@@ -29,7 +29,9 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from randose_jax import logs
 from randose_jax import models
+from randose_jax.models import layers
 
 FLAGS = flags.FLAGS
 
@@ -44,6 +46,10 @@ def define_flags():
   flags.DEFINE_bool("json", False, "Print a JSON object as the last line.")
   flags.DEFINE_bool("compile", False, "Take FLOPs from the compiled "
                     "executable (slower) instead of the lowered HLO.")
+  flags.DEFINE_bool("plan", False, "Print how each conv layer is computed "
+                    "here (config.model.conv_impl) instead of the summary.")
+  flags.DEFINE_integer("batch", 1, "Batch size of --plan (the plan depends "
+                       "on it; training uses config.batch_size).")
 
 
 def abstract_inputs(grid: Sequence[int], batch: int = 1) -> dict[str, Any]:
@@ -210,6 +216,36 @@ def summarize(model_config, grid: Sequence[int] | int = 128,
   }
 
 
+def conv_plan(model_config, grid: Sequence[int] | int = 128,
+              batch: int = 1) -> list[dict[str, Any]]:
+  """How each k^3 conv of `create_model(model_config)` is computed on this
+  backend (`layers.plan_conv` under `model_config.conv_impl`), in network
+  order: one dict per conv layer (input shape, kernels, cout, algorithm,
+  tile, estimated seconds), from a trace (nothing runs)."""
+  grid = (grid,) * 3 if isinstance(grid, int) else tuple(grid)
+  model = models.create_model(model_config)
+  inputs = abstract_inputs(grid, batch=batch)
+  with layers.recording_plans() as records:
+    jax.eval_shape(
+        lambda x: model.init(jax.random.key(0, impl="rbg"), x), inputs)
+  return list(records)
+
+
+def format_conv_plan(records: list[dict[str, Any]]) -> str:
+  lines = [f"{'input (N,D,H,W,C)':<26}{'kernels':<16}{'cout':>6}  "
+           f"{'algorithm':<10}{'tile':>6}{'est. direct s':>15}{'est. FFT s':>12}"]
+  for r in records:
+    if max(max(g) for g in r["kernels"]) < 2:
+      continue
+    kernels = "+".join("/".join(map(str, g)) for g in r["kernels"])
+    lines.append(
+        f"{str(r['input']):<26}{kernels:<16}{r['cout']:>6}  "
+        f"{r['algorithm']:<10}{str(r['tile'] or '-'):>6}"
+        f"{r.get('est_direct_s', float('nan')):>15.3f}"
+        f"{r.get('est_fft_s', float('nan')):>12.3f}")
+  return "\n".join(lines)
+
+
 def format_summary(summary: dict[str, Any]) -> str:
   lines = [f"{'module':<12} {'params':>12}"]
   for name, count in summary["params_per_module"].items():
@@ -232,6 +268,14 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. configs/openkbp.py")
+  logs.quiet_library_logs()
+  if FLAGS.plan:
+    print(f"conv plan, conv_impl={FLAGS.config.model.conv_impl!r}, backend "
+          f"{jax.default_backend()}, batch {FLAGS.batch}, {FLAGS.grid}^3 "
+          "(estimates are CPU forward seconds; layers.plan_conv):")
+    print(format_conv_plan(conv_plan(FLAGS.config.model, FLAGS.grid,
+                                     FLAGS.batch)))
+    return
   summary = summarize(FLAGS.config.model, FLAGS.grid, FLAGS.compile)
   print(format_summary(summary))
   if FLAGS.json:

@@ -133,3 +133,20 @@ def test_cli_prints_json_last():
   assert "encoder_1" in last["params_per_module"]
   assert "pi_2" not in last["params_per_module"]  # row 3: no PI
   assert "total" in result.stdout
+
+
+def test_conv_plan_lists_every_conv_layer_and_its_algorithm():
+  # Row 5 with 3 stages: 3 stems, encoder_1..3, pi_2..3 (enc + ptv convs),
+  # decoder_1..2: 3 + 3 + 2 * 2 + 2 = 12 planned convs.
+  config = model_config(5, (4, 8, 8))
+  config.conv_impl = "direct"
+  records = summary.conv_plan(config, 16, batch=2)
+  assert len(records) == 12
+  assert {r["algorithm"] for r in records} == {"direct"}
+  assert records[0]["input"] == (2, 16, 16, 16, 1)
+  config.conv_impl = "fft"
+  records = summary.conv_plan(config, 16)
+  assert len(records) == 12 and {r["algorithm"] for r in records} == {"fft"}
+  assert all(r["est_fft_s"] > 0 for r in records)
+  text = summary.format_conv_plan(records)
+  assert len(text.splitlines()) == 13 and "fft" in text

@@ -17,6 +17,7 @@ Where each equation of the paper lives:
   UNetBlock                 Table 2a row 1: two 3x3x3 conv-norm-act
 """
 
+import contextlib
 import functools
 from typing import Any, Callable, Sequence
 
@@ -329,6 +330,22 @@ def fft_tiles(grid) -> list:
   return out
 
 
+_PLAN_RECORDS: list | None = None
+
+
+@contextlib.contextmanager
+def recording_plans():
+  """Collects every `plan_conv` decision made while tracing inside the
+  block: yields a list that fills with dicts (input shape, kernel groups,
+  cout, conv_impl, algorithm, tile, estimated seconds)."""
+  global _PLAN_RECORDS
+  outer, _PLAN_RECORDS = _PLAN_RECORDS, []
+  try:
+    yield _PLAN_RECORDS
+  finally:
+    _PLAN_RECORDS = outer
+
+
 def plan_conv(impl: str, x_shape, kernel_groups, cout: int,
               fused: bool = True) -> tuple:
   """('direct', None) or ('fft', tile) for one conv layer.
@@ -344,7 +361,29 @@ def plan_conv(impl: str, x_shape, kernel_groups, cout: int,
   the cheaper of that and the direct conv (`direct_seconds`); on other
   backends direct (cuDNN's direct convs are strong; nothing else measured
   there). A 1x1x1 kernel is always direct.
+
+  Inside `recording_plans()` every decision is also recorded.
   """
+  plan = _plan_conv(impl, x_shape, kernel_groups, cout, fused)
+  if _PLAN_RECORDS is not None:
+    shape = tuple(int(m) if isinstance(m, int) else str(m) for m in x_shape)
+    record = {"input": shape, "kernels": [list(g) for g in kernel_groups],
+              "cout": cout, "conv_impl": impl, "algorithm": plan[0],
+              "tile": plan[1]}
+    if all(isinstance(m, int) for m in x_shape) and max(
+        max(g) for g in kernel_groups) > 1:
+      record["est_direct_s"] = float(direct_seconds(
+          x_shape, kernel_groups, cout, fused))
+      if plan[0] == "fft":
+        record["est_fft_s"] = float(fft_seconds(
+            x_shape, kernel_groups, cout, plan[1]))
+    _PLAN_RECORDS.append(record)
+  return plan
+
+
+def _plan_conv(impl: str, x_shape, kernel_groups, cout: int,
+               fused: bool = True) -> tuple:
+  """`plan_conv` without the recording."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"model.conv_impl: unknown {impl!r}; choose from "
                      f"{CONV_IMPLS}")
