@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import os
 import pathlib
 import platform
@@ -24,6 +25,19 @@ def openkbp_dir() -> pathlib.Path:
 def default_json_path(benchmark: str) -> pathlib.Path:
   """benchmarks/results/<benchmark>_<hostname>.json"""
   return RESULTS_DIR / f"{benchmark}_{socket.gethostname()}.json"
+
+
+def write_result(result: dict, json_path, benchmark: str,
+                 config: str) -> pathlib.Path:
+  """Writes `result` as JSON to `json_path`, or by default to
+  benchmarks/results/<benchmark>_<config variant or 'paper'>_<hostname>.json
+  (config: 'configs/openkbp.py[:variant,...]'); returns the path."""
+  variant = config.partition(":")[2].replace(",", "_") or "paper"
+  path = pathlib.Path(json_path) if json_path else default_json_path(
+      f"{benchmark}_{variant}")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=1) + "\n")
+  return path
 
 
 def _cpu_model() -> str:

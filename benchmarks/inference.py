@@ -14,7 +14,6 @@ seconds, so the default is one timed repeat per side after one warm-up.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
@@ -99,11 +98,7 @@ def main(argv=None):
             "load_average_start": load_start,
             "torch_version": __import__("torch").__version__,
             **common.machine_info()}
-  text = json.dumps(result, indent=1)
-  variant = args.config.partition(":")[2].replace(",", "_") or "paper"
-  path = args.json or common.default_json_path(f"inference_{variant}")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(text + "\n")
+  path = common.write_result(result, args.json, "inference", args.config)
   print(f"\ninference, 1 patient, {grid}^3, widths "
         f"{tuple(config.model.widths)}; load {load_start[0]:.2f} -> "
         f"{result['load_average'][0]:.2f}")

@@ -268,13 +268,9 @@ def main(argv=None):
         loss_config=config.loss, compile=args.compile)
   result["config"] = args.config
   result["load_average_start"] = load_start  # machine_info's is at the end
-  text = json.dumps(result, indent=1)
-  print(text)
-  variant = args.config.partition(":")[2].replace(",", "_") or "paper"
+  print(json.dumps(result, indent=1))
   kind = ("inference_tta" if args.tta else "inference") if args.inference else "train_step"
-  path = args.json or common.default_json_path(f"torch_{kind}_{variant}")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(text + "\n")
+  path = common.write_result(result, args.json, f"torch_{kind}", args.config)
   print(f"wrote {path}")
 
 

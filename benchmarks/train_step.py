@@ -19,7 +19,6 @@ and only figures from the same run should be compared.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
@@ -155,11 +154,7 @@ def main(argv=None):
     result["torch_ms_per_step"] = torch_result["ms_per_step"]
     result["jax_over_torch"] = result["ms_per_step"] / torch_result["ms_per_step"]
   result.update(common.machine_info())
-  text = json.dumps(result, indent=1)
-  variant = args.config.partition(":")[2].replace(",", "_") or "paper"
-  path = args.json or common.default_json_path(f"train_step_{variant}")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(text + "\n")
+  path = common.write_result(result, args.json, "train_step", args.config)
 
   print(f"\ntrain step, batch {batch_size}, {grid}^3, widths "
         f"{tuple(config.model.widths)}, {config.model.dtype}; load "
