@@ -398,11 +398,12 @@ def _plan_conv(impl: str, x_shape, kernel_groups, cout: int,
   # A symbolic batch (jax.export's 'b') is costed as one sample.
   x_shape = (x_shape[0] if isinstance(x_shape[0], int) else 1, *grid, cin)
   best = None
-  for tile in fft_tiles(grid):
+  tiles = fft_tiles(grid)
+  for tile in tiles:
     plans = [_axis_plan(m, tile, k_max) for m in grid]
     freqs = plans[0][3] * plans[1][3] * (plans[2][3] // 2 + 1)
     if (freqs * cin * cout * len(kernel_groups) * 8 > MAX_SPECTRUM_BYTES
-        and tile != fft_tiles(grid)[-1]):
+        and tile != tiles[-1]):  # the smallest tile is always allowed
       continue
     cost = fft_seconds(x_shape, kernel_groups, cout, tile)
     if best is None or cost < best[0]:
