@@ -93,12 +93,15 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=2, help="timed steps per round")
   p.add_argument("--torch", dest="torch", action="store_true", default=True)
   p.add_argument("--no_torch", dest="torch", action="store_false")
+  p.add_argument("--remat", action="store_true",
+                 help="config.model.remat=True (JAX side)")
   p.add_argument("--json", type=pathlib.Path, default=None,
                  help="default: benchmarks/results/train_step_<variant>_<host>.json")
   args = p.parse_args(argv)
 
   import torch_train_step
   config = torch_train_step.load_config(args.config)
+  config.model.remat = args.remat
   grid = 128 // config.data.downsample
   batch_size = config.batch_size
   load_start = list(os.getloadavg())
@@ -132,6 +135,7 @@ def main(argv=None):
   result = {
       "config": args.config, "batch": batch_size, "grid": grid,
       "dtype": config.model.dtype, "widths": list(config.model.widths),
+      "remat": bool(config.model.remat),
       # The headline: the fastest impl timed (see "jax" for each).
       "ms_per_step": jax_results[best]["ms_per_step"],
       "params": jax_results[best]["params"],
