@@ -12,6 +12,12 @@ excluded), compile seconds (JAX) / first step seconds (torch), params.
   python benchmarks/train_step.py --config=configs/openkbp.py:bench_cpu \
       --json=benchmarks/results/train_step_vm.json
 
+With --compile_only nothing runs: each impl's step is compiled and XLA's
+memory analysis (arguments, outputs, temporaries) is reported, which says
+whether a config fits a machine before a minute is spent on a step
+(default JSON: train_step_memory_<variant>_<host>.json). Every run records
+it next to the timings.
+
 The machine is shared: the load average is recorded at the start and the end,
 and only figures from the same run should be compared.
 """
@@ -46,10 +52,41 @@ def jax_batch(batch: int, grid: int, seed: int = 0) -> dict:
   return out
 
 
+def xla_memory(compiled) -> dict:
+  """XLA's buffer assignment of a compiled step, in bytes: arguments,
+  outputs, temporaries (activations kept for the backward pass, spectra,
+  workspace) and the generated code; {} where the backend gives none."""
+  try:
+    stats = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):
+    return {}
+  if stats is None:
+    return {}
+  return {key: int(getattr(stats, key + "_size_in_bytes"))
+          for key in ("argument", "output", "temp", "alias",
+                      "generated_code")}
+
+
+def remat_fft_convs() -> None:
+  """Experiment switch (--remat_fft): wrap every FFT conv in
+  `jax.checkpoint` saving nothing, so its tile spectra are recomputed in
+  the backward pass instead of kept."""
+  from randose_jax.models import layers
+  plain = layers.conv3d_fft
+
+  def rematted(x, kernels, bias, dtype, tile=None):
+    fn = jax.checkpoint(lambda x, kernels, bias: plain(x, kernels, bias,
+                                                       dtype, tile),
+                        policy=jax.checkpoint_policies.nothing_saveable)
+    return fn(x, kernels, bias)
+
+  layers.conv3d_fft = rematted
+
+
 class JaxStep:
   """One `conv_impl`: a Trainer, its state, the compiled step."""
 
-  def __init__(self, config, impl: str, batch: dict):
+  def __init__(self, config, impl: str, batch: dict, run_first: bool = True):
     from randose_jax import train
     config = config.copy_and_resolve_references()
     config.model.conv_impl = impl
@@ -61,9 +98,10 @@ class JaxStep:
     self.step_fn = self.trainer.jit_train_step.lower(
         self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
+    self.memory = xla_memory(self.step_fn)
     self.params = int(sum(np.prod(x.shape) for x in
                           jax.tree.leaves(self.state.params["model"])))
-    self.first_step_s = self.run()
+    self.first_step_s = self.run() if run_first else None
     self.times = []
 
   def run(self) -> float:
@@ -76,10 +114,11 @@ class JaxStep:
 
   def result(self) -> dict:
     ms = [1e3 * t for t in self.times]
-    return {"ms_per_step": statistics.median(ms), "ms_all": ms,
-            "compile_s": self.compile_s, "first_step_s": self.first_step_s,
-            "params": self.params, "conv_impl": self.impl,
-            "backend": jax.default_backend()}
+    return {"ms_per_step": statistics.median(ms) if ms else None,
+            "ms_all": ms, "compile_s": self.compile_s,
+            "first_step_s": self.first_step_s, "params": self.params,
+            "conv_impl": self.impl, "backend": jax.default_backend(),
+            "xla_memory_bytes": self.memory}
 
 
 def main(argv=None):
@@ -95,6 +134,12 @@ def main(argv=None):
   p.add_argument("--no_torch", dest="torch", action="store_false")
   p.add_argument("--remat", action="store_true",
                  help="config.model.remat=True (JAX side)")
+  p.add_argument("--remat_fft", action="store_true",
+                 help="experiment: jax.checkpoint around every FFT conv "
+                 "(recompute its spectra in the backward pass)")
+  p.add_argument("--compile_only", action="store_true",
+                 help="compile and report XLA's memory analysis only (no "
+                 "steps, no torch): will this config fit?")
   p.add_argument("--json", type=pathlib.Path, default=None,
                  help="default: benchmarks/results/train_step_<variant>_<host>.json")
   args = p.parse_args(argv)
@@ -102,6 +147,10 @@ def main(argv=None):
   import torch_train_step
   config = torch_train_step.load_config(args.config)
   config.model.remat = args.remat
+  if args.remat_fft:
+    remat_fft_convs()
+  if args.compile_only:
+    args.torch, args.rounds = False, 0
   grid = 128 // config.data.downsample
   batch_size = config.batch_size
   load_start = list(os.getloadavg())
@@ -110,9 +159,13 @@ def main(argv=None):
   steps = {}
   for impl in args.impls.split(","):
     print(f"[jax {impl}] compiling ...", flush=True)
-    steps[impl] = JaxStep(config, impl, batch)
-    print(f"[jax {impl}] compiled in {steps[impl].compile_s:.1f} s, first "
-          f"step {steps[impl].first_step_s:.1f} s", flush=True)
+    steps[impl] = JaxStep(config, impl, batch, run_first=not args.compile_only)
+    mem = steps[impl].memory
+    print(f"[jax {impl}] compiled in {steps[impl].compile_s:.1f} s"
+          + (f", first step {steps[impl].first_step_s:.1f} s"
+             if steps[impl].first_step_s is not None else "")
+          + (f"; XLA temp {mem['temp'] / 2**30:.2f} GiB, arguments "
+             f"{mem['argument'] / 2**30:.2f} GiB" if mem else ""), flush=True)
 
   torch_runs = []
   for r in range(args.rounds):
@@ -131,17 +184,20 @@ def main(argv=None):
             f"load {os.getloadavg()[0]:.2f}", flush=True)
 
   jax_results = {impl: s.result() for impl, s in steps.items()}
-  best = min(jax_results, key=lambda i: jax_results[i]["ms_per_step"])
+  best = min(jax_results, key=lambda i: jax_results[i]["ms_per_step"]
+             or jax_results[i]["compile_s"])
   result = {
       "config": args.config, "batch": batch_size, "grid": grid,
       "dtype": config.model.dtype, "widths": list(config.model.widths),
-      "remat": bool(config.model.remat),
-      # The headline: the fastest impl timed (see "jax" for each).
+      "remat": bool(config.model.remat), "remat_fft": args.remat_fft,
+      "compile_only": args.compile_only,
+      # The headline: the fastest impl timed (see "jax_impls" for each;
+      # "jax" is the library version, from machine_info).
       "ms_per_step": jax_results[best]["ms_per_step"],
       "params": jax_results[best]["params"],
       "compile_s": jax_results[best]["compile_s"],
       "conv_impl": best,
-      "jax": jax_results,
+      "jax_impls": jax_results,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "load_average_start": load_start,
   }
@@ -158,15 +214,21 @@ def main(argv=None):
     result["torch_ms_per_step"] = torch_result["ms_per_step"]
     result["jax_over_torch"] = result["ms_per_step"] / torch_result["ms_per_step"]
   result.update(common.machine_info())
-  path = common.write_result(result, args.json, "train_step", args.config)
+  path = common.write_result(
+      result, args.json,
+      "train_step_memory" if args.compile_only else "train_step", args.config)
 
   print(f"\ntrain step, batch {batch_size}, {grid}^3, widths "
         f"{tuple(config.model.widths)}, {config.model.dtype}; load "
         f"{load_start[0]:.2f} -> {result['load_average'][0]:.2f}")
-  print(f"{'side':<18}{'ms/step':>10}{'compile s':>11}{'params':>11}")
+  print(f"{'side':<18}{'ms/step':>10}{'compile s':>11}{'params':>11}"
+        f"{'XLA temp GiB':>14}")
   for impl, r in jax_results.items():
-    print(f"{'jax ' + impl:<18}{r['ms_per_step']:>10.0f}{r['compile_s']:>11.1f}"
-          f"{r['params']:>11d}")
+    ms = f"{r['ms_per_step']:.0f}" if r["ms_per_step"] else "-"
+    temp = r["xla_memory_bytes"].get("temp")
+    temp = f"{temp / 2**30:.2f}" if temp is not None else "-"
+    print(f"{'jax ' + impl:<18}{ms:>10}{r['compile_s']:>11.1f}"
+          f"{r['params']:>11d}{temp:>14}")
   if torch_runs:
     print(f"{'torch (oneDNN)':<18}{result['torch_ms_per_step']:>10.0f}"
           f"{'':>11}{result['torch']['params']:>11d}")
