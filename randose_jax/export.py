@@ -1,7 +1,7 @@
 """Export a trained model as a self-contained inference artifact.
 
   python -m randose_jax.export --workdir=runs/randose --output=randose.zip \
-      [--checkpoint=best] [--tta]
+      [--checkpoint=best] [--tta] [--conv_impl=direct]
 
 The artifact is one zip file:
   model.jaxexport   `jax.export` serialization of the forward pass (StableHLO)
@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from randose_jax import checkpointing
 from randose_jax import inference
 from randose_jax import logs
 from randose_jax import restore
@@ -125,8 +126,12 @@ def load(path) -> ExportedModel:
 
 
 def export_workdir(workdir, output, checkpoint="best", tta=False,
-                   platforms=DEFAULT_PLATFORMS) -> pathlib.Path:
-  restored = restore.restore_from_workdir(workdir, checkpoint)
+                   platforms=DEFAULT_PLATFORMS, conv_impl=None) -> pathlib.Path:
+  """Exports a workdir's checkpoint; `conv_impl` overrides the run's
+  `model.conv_impl` (e.g. 'direct' for an artifact meant for a GPU, where
+  cuDNN's direct convolutions are the fast path, or for less memory)."""
+  restored = restore.restore_from_workdir(workdir, checkpoint,
+                                          conv_impl=conv_impl)
   config = restored.config
   grid = _training_grid(config)
   model_params = restored.params["model"]
@@ -144,6 +149,7 @@ def export_workdir(workdir, output, checkpoint="best", tta=False,
       "platforms": list(exported.platforms),
       "checkpoint": restored.which,
       "checkpoint_step": restored.step,
+      "conv_impl": config.model.conv_impl,
       "jax_version": jax.__version__,
       "config": json.loads(config.to_json_best_effort()),
   }
@@ -168,6 +174,11 @@ def define_flags():
   flags.DEFINE_bool("tta", False, "Bake 4-flip test-time augmentation in.")
   flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
                     "Platforms to lower for (cpu, cuda, rocm, tpu).")
+  flags.DEFINE_enum("conv_impl", None, ["auto", "direct", "fft"],
+                    "Override the run's model.conv_impl for the export "
+                    "(the convolutions are traced once, on this backend): "
+                    "'direct' for an artifact to run on GPUs, or for less "
+                    "memory.")
 
 
 def main(argv):
@@ -178,8 +189,8 @@ def main(argv):
     raise app.UsageError("--workdir and --output are required")
   try:
     path = export_workdir(FLAGS.workdir, FLAGS.output, FLAGS.checkpoint,
-                          FLAGS.tta, tuple(FLAGS.platforms))
-  except (ValueError, OSError) as e:
+                          FLAGS.tta, tuple(FLAGS.platforms), FLAGS.conv_impl)
+  except (checkpointing.CheckpointError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   size = path.stat().st_size / 2**20

@@ -2,7 +2,7 @@
 
   python -m randose_jax.predict --workdir=runs/randose --patients=test-pats \
       --output=predictions [--checkpoint=best|latest|STEP] [--tta] \
-      [--formats=csv,nifti,dicom] [--plots=DIR]
+      [--formats=csv,nifti,dicom] [--plots=DIR] [--conv_impl=direct]
 
 Writes `pt_*.csv` (the OpenKBP submission format, Gy, masked, clipped at 0)
 and `<output>.zip` for the leaderboard; NIfTI / DICOM RT Dose files beside
@@ -20,6 +20,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from randose_jax import checkpointing
 from randose_jax import evaluation
 from randose_jax import logs
 from randose_jax import restore
@@ -42,6 +43,10 @@ def define_flags():
   flags.DEFINE_string("plots", None, "Folder for dose-slice and DVH plots.")
   flags.DEFINE_bool("overwrite", False,
                     "Replace predictions already in --output.")
+  flags.DEFINE_enum("conv_impl", None, ["auto", "direct", "fft"],
+                    "Override the run's model.conv_impl (same parameters, "
+                    "same function): 'direct' needs about a quarter of the "
+                    "memory of the CPU's FFT plan, and is slower there.")
 
 
 FORMATS = ("csv", "nifti", "dicom")
@@ -114,7 +119,8 @@ def main(argv):
       raise app.UsageError(f"--{name} is required")
   try:
     restored = restore.restore_from_workdir(
-        FLAGS.workdir, FLAGS.checkpoint, mesh=train.make_mesh(jax.local_devices()))
+        FLAGS.workdir, FLAGS.checkpoint, mesh=train.make_mesh(jax.local_devices()),
+        conv_impl=FLAGS.conv_impl)
     dirs = openkbp.list_patient_dirs(FLAGS.patients)
     out = pathlib.Path(FLAGS.output).resolve()
     if out == pathlib.Path(FLAGS.patients).resolve():
@@ -125,7 +131,8 @@ def main(argv):
     summary = predict_patients(
         restored, dirs, out, tta=FLAGS.tta, formats=tuple(FLAGS.formats),
         plots_dir=FLAGS.plots, overwrite=FLAGS.overwrite)
-  except (openkbp.DataError, FileExistsError, ValueError, OSError) as e:
+  except (openkbp.DataError, checkpointing.CheckpointError, FileExistsError,
+          ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if "dose_score" in summary:

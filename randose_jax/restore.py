@@ -30,13 +30,20 @@ def parse_checkpoint_flag(value: str) -> tuple[str, Optional[int]]:
 
 
 def restore_from_workdir(workdir, checkpoint: str = "best",
-                         mesh=None) -> Restored:
+                         mesh=None, conv_impl: Optional[str] = None) -> Restored:
   """Model, config and parameters of a trained workdir.
 
   `checkpoint='best'` falls back to the latest checkpoint when the run never
-  validated (no best checkpoint yet).
+  validated (no best checkpoint yet). `conv_impl` ('auto', 'direct' or
+  'fft'), when given, replaces the run's `model.conv_impl`: the parameters
+  are the same for every algorithm, so e.g. 'direct' predicts with a
+  quarter of the memory of the CPU's FFT plan (benchmarks/NOTES.md).
   """
   from randose_jax import train  # pylint: disable=g-import-not-at-top
+  from randose_jax.models import layers  # pylint: disable=g-import-not-at-top
+  if conv_impl is not None and conv_impl not in layers.CONV_IMPLS:
+    raise ValueError(f"conv_impl: unknown {conv_impl!r}; choose from "
+                     f"{layers.CONV_IMPLS}")
   workdir = pathlib.Path(workdir).expanduser()
   if not (workdir / "checkpoints").is_dir():
     raise checkpointing.CheckpointError(
@@ -48,6 +55,8 @@ def restore_from_workdir(workdir, checkpoint: str = "best",
       which = "latest"
     _, config_dict = checkpointing.read_config_dict(workdir, which, step)
     config = ml_collections.ConfigDict(config_dict)
+    if conv_impl is not None:
+      config.model.conv_impl = conv_impl
     trainer = train.Trainer.create(config, mesh)
     abstract = checkpointing.as_saveable(trainer.abstract_state())
     got = ckpt.restore(abstract, which, step)

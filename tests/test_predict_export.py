@@ -120,6 +120,29 @@ def test_predict_cli_bad_workdir_is_a_clear_error(tmp_path):
   assert "no checkpoints/ folder" in proc.stderr
 
 
+def test_conv_impl_override_same_predictions(trained, tmp_path):
+  # The parameters are the same for every algorithm: restoring the run with
+  # conv_impl='direct' or 'fft' must predict the same dose (float32 rounding).
+  patient = openkbp.load_patient(
+      trained / "synthetic" / "validation-pats" / "pt_5")
+  preds = {}
+  for impl in ("direct", "fft"):
+    restored = restore.restore_from_workdir(trained, "best", conv_impl=impl)
+    assert restored.config.model.conv_impl == impl
+    example = encoding.encode_patient(patient, restored.config.data)
+    (preds[impl],) = restored.trainer.predict_local(
+        restored.params["model"], [example], False)
+  scale = np.abs(preds["direct"]).max()
+  assert scale > 0
+  np.testing.assert_allclose(preds["fft"], preds["direct"], rtol=0,
+                             atol=1e-4 * scale)
+  path = export.export_workdir(trained, tmp_path / "direct.zip",
+                               platforms=("cpu",), conv_impl="direct")
+  assert export.load(path).meta["conv_impl"] == "direct"
+  with pytest.raises(ValueError, match="conv_impl: unknown 'winograd'"):
+    restore.restore_from_workdir(trained, "best", conv_impl="winograd")
+
+
 @pytest.mark.parametrize("tta", [False, True])
 def test_exported_model_equals_the_model(trained, tmp_path, tta):
   path = export.export_workdir(trained, tmp_path / "model.zip", tta=tta)
