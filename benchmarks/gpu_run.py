@@ -2,8 +2,8 @@
 ask for, in one call that fits the device budget and leaves partial results.
 
 Device command (one `run` call, carry [".whl", ".gpu_cache", ".gpu_snapshot"],
-timeout_s about budget_s + 60; refresh the snapshot from HEAD beforehand:
-`rm -rf .gpu_snapshot && mkdir .gpu_snapshot && git archive HEAD | tar -x -C .gpu_snapshot`):
+timeout_s about budget_s + 60; `bash benchmarks/prepare_gpu_run.sh` makes
+the three folders first, the snapshot always from HEAD):
 
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; cd .gpu_snapshot && PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py --cache_dir=../.gpu_cache --out=$OUT --budget_s=420 2>&1 | tee $OUT/log.txt
 
