@@ -26,6 +26,7 @@ if str(_HERE.parent) not in sys.path:
   sys.path.insert(1, str(_HERE.parent))
 
 import common  # noqa: E402
+import train_step  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -80,6 +81,7 @@ def main(argv=None):
                    "s_per_patient": statistics.median(timed),
                    "s_all": timed, "first_s": times[0],
                    "compile_s": compile_s,
+                   "xla_memory_bytes": train_step.xla_memory(compiled),
                    "load": os.getloadavg()[0]})
       print(rows[-1], flush=True)
       del compiled, params
@@ -102,10 +104,13 @@ def main(argv=None):
   print(f"\ninference, 1 patient, {grid}^3, widths "
         f"{tuple(config.model.widths)}; load {load_start[0]:.2f} -> "
         f"{result['load_average'][0]:.2f}")
-  print(f"{'side':<18}{'TTA':>5}{'s/patient':>11}{'compile s':>11}")
+  print(f"{'side':<18}{'TTA':>5}{'s/patient':>11}{'compile s':>11}"
+        f"{'XLA temp GiB':>14}")
   for r in rows:
+    temp = r.get("xla_memory_bytes", {}).get("temp")
     print(f"{r['side']:<18}{'yes' if r['tta'] else 'no':>5}"
-          f"{r['s_per_patient']:>11.1f}{r.get('compile_s', float('nan')):>11.1f}")
+          f"{r['s_per_patient']:>11.1f}{r.get('compile_s', float('nan')):>11.1f}"
+          f"{'-' if temp is None else f'{temp / 2**30:.2f}':>14}")
   print(f"wrote {path}")
 
 

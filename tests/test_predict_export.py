@@ -8,6 +8,7 @@ import sys
 import zipfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -48,13 +49,36 @@ def test_tta_of_a_flip_symmetric_function_is_the_function():
             "oar": rng.uniform(size=(1, 4, 6, 8, 7))}
   out = inference.predict(lambda x: x["ct"], inputs, tta=True)
   np.testing.assert_allclose(out, inputs["ct"], rtol=1e-6)
-  # ... and the parotid channels are swapped under the left/right flip.
-  seen = []
-  inference.predict(lambda x: seen.append(np.asarray(x["oar"])) or x["ct"],
-                    inputs, tta=True)
-  lr_flipped = seen[2]  # order: (lr, si) = (F,F), (F,T), (T,F), (T,T)
-  np.testing.assert_allclose(lr_flipped[..., 2],
-                             np.flip(inputs["oar"][..., 3], 2))
+  # ... and the parotid channels are swapped under the left/right flip: a
+  # model that returns channel 2 sees channel 3 (flipped, then unflipped)
+  # in the two left/right-flipped passes.
+  out = inference.predict(lambda x: x["oar"][..., 2:3], inputs, tta=True)
+  np.testing.assert_allclose(
+      out[..., 0], (inputs["oar"][..., 2] + inputs["oar"][..., 3]) / 2,
+      rtol=1e-6)
+
+
+def test_tta_is_the_mean_of_the_four_unflipped_predictions():
+  # A model that is not flip-symmetric (cumulative sums along both flipped
+  # axes, weighted by a parotid channel): TTA must equal the explicit mean.
+  rng = np.random.default_rng(1)
+  inputs = {"ptv": rng.uniform(size=(2, 4, 6, 8, 1)).astype(np.float32),
+            "ct": rng.uniform(size=(2, 4, 6, 8, 1)).astype(np.float32),
+            "oar": rng.uniform(size=(2, 4, 6, 8, 7)).astype(np.float32)}
+
+  def model(x):
+    y = jnp.cumsum(jnp.cumsum(x["ct"] * x["oar"][..., 2:3], 2), 3)
+    return y + x["ptv"]
+
+  want = 0.0
+  for lr in (False, True):
+    for si in (False, True):
+      want = want + inference.unflip(
+          model(inference.flip_inputs(inputs, lr, si)), lr, si)
+  got = jax.jit(lambda i: inference.predict(model, i, tta=True))(inputs)
+  np.testing.assert_allclose(got, want / 4.0, rtol=1e-6)
+  plain = inference.predict(model, inputs, tta=False)
+  assert np.abs(np.asarray(plain) - np.asarray(got)).max() > 1e-3
 
 
 def test_predict_writes_csv_zip_formats_and_plots(trained, tmp_path):
