@@ -63,7 +63,7 @@ def predict(apply_fn: Callable[[Inputs], jax.Array], inputs: Inputs,
   With TTA the four flipped inputs go through the network one after the
   other (`lax.map`): unrolled, XLA overlaps the four forward passes and
   needs ~1.7x the memory (paper config at 128^3 on the CPU: 7.3 GiB of
-  temporaries instead of 4.2, same result to the bit, no slower;
+  temporaries instead of 4.2, same result to the bit, about as fast;
   benchmarks/NOTES.md)."""
   if not tta:
     return apply_fn(inputs)
