@@ -40,6 +40,23 @@ def write_result(result: dict, json_path, benchmark: str,
   return path
 
 
+def xla_memory(compiled) -> dict:
+  """XLA's buffer assignment of a compiled program, in bytes: argument,
+  output, alias (outputs sharing a donated argument's buffer), temp
+  (activations kept for the backward pass, spectra, workspace),
+  generated_code, and peak = argument + output - alias + temp; {} where the
+  backend gives none."""
+  try:
+    stats = compiled.memory_analysis()
+    out = {key: int(getattr(stats, key + "_size_in_bytes"))
+           for key in ("argument", "output", "alias", "temp",
+                       "generated_code")}
+  except (NotImplementedError, RuntimeError, AttributeError):
+    return {}  # AttributeError: no analysis (None) or an older jaxlib
+  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
 def _cpu_model() -> str:
   try:
     for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():

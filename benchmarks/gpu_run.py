@@ -611,18 +611,11 @@ def time_jax_variant(name: str, flops: dict, peak: float, order: int) -> dict:
   step_fn = trainer.jit_train_step.lower(state, batch).compile()
   r["compile_s"] = time.perf_counter() - t
   log(f"JAX {name}: compiled in {r['compile_s']:.1f} s")
-  try:
-    m = step_fn.memory_analysis()
-    gib = {f: getattr(m, f) / 2**30 for f in (
-        "argument_size_in_bytes", "output_size_in_bytes",
-        "alias_size_in_bytes", "temp_size_in_bytes",
-        "generated_code_size_in_bytes")}
-    r["memory_analysis_gib"] = gib
-    r["memory_analysis_peak_gib"] = (
-        gib["argument_size_in_bytes"] + gib["output_size_in_bytes"]
-        - gib["alias_size_in_bytes"] + gib["temp_size_in_bytes"])
-  except Exception as e:  # pylint: disable=broad-except
-    r["memory_analysis_gib"] = f"unavailable: {e}"
+  import common  # pylint: disable=g-import-not-at-top
+  gib = {k: v / 2**30 for k, v in common.xla_memory(step_fn).items()}
+  r["memory_analysis_gib"] = gib or "unavailable"
+  if gib:
+    r["memory_analysis_peak_gib"] = gib["peak"]
   write()
 
   times = []

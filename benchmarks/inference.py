@@ -26,7 +26,6 @@ if str(_HERE.parent) not in sys.path:
   sys.path.insert(1, str(_HERE.parent))
 
 import common  # noqa: E402
-import train_step  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -81,7 +80,7 @@ def main(argv=None):
                    "s_per_patient": statistics.median(timed),
                    "s_all": timed, "first_s": times[0],
                    "compile_s": compile_s,
-                   "xla_memory_bytes": train_step.xla_memory(compiled),
+                   "xla_memory_bytes": common.xla_memory(compiled),
                    "load": os.getloadavg()[0]})
       print(rows[-1], flush=True)
       del compiled, params

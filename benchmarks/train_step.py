@@ -52,21 +52,6 @@ def jax_batch(batch: int, grid: int, seed: int = 0) -> dict:
   return out
 
 
-def xla_memory(compiled) -> dict:
-  """XLA's buffer assignment of a compiled step, in bytes: arguments,
-  outputs, temporaries (activations kept for the backward pass, spectra,
-  workspace) and the generated code; {} where the backend gives none."""
-  try:
-    stats = compiled.memory_analysis()
-  except (NotImplementedError, RuntimeError):
-    return {}
-  if stats is None:
-    return {}
-  return {key: int(getattr(stats, key + "_size_in_bytes"))
-          for key in ("argument", "output", "temp", "alias",
-                      "generated_code")}
-
-
 def remat_fft_convs() -> None:
   """Experiment switch (--remat_fft): wrap every FFT conv in
   `jax.checkpoint` saving nothing, so its tile spectra are recomputed in
@@ -98,7 +83,7 @@ class JaxStep:
     self.step_fn = self.trainer.jit_train_step.lower(
         self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
-    self.memory = xla_memory(self.step_fn)
+    self.memory = common.xla_memory(self.step_fn)
     self.params = int(sum(np.prod(x.shape) for x in
                           jax.tree.leaves(self.state.params["model"])))
     self.first_step_s = self.run() if run_first else None

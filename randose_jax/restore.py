@@ -41,9 +41,8 @@ def restore_from_workdir(workdir, checkpoint: str = "best",
   """
   from randose_jax import train  # pylint: disable=g-import-not-at-top
   from randose_jax.models import layers  # pylint: disable=g-import-not-at-top
-  if conv_impl is not None and conv_impl not in layers.CONV_IMPLS:
-    raise ValueError(f"conv_impl: unknown {conv_impl!r}; choose from "
-                     f"{layers.CONV_IMPLS}")
+  if conv_impl is not None:
+    layers.check_conv_impl(conv_impl)
   workdir = pathlib.Path(workdir).expanduser()
   if not (workdir / "checkpoints").is_dir():
     raise checkpointing.CheckpointError(

@@ -112,6 +112,13 @@ CONV_IMPLS = ("direct", "fft", "auto")
 AUTO_FFT_MIN_KERNEL = 3
 
 
+def check_conv_impl(impl: str) -> None:
+  """ValueError naming the choices unless impl is one of CONV_IMPLS."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"model.conv_impl: unknown {impl!r}; choose from "
+                     f"{CONV_IMPLS}")
+
+
 def resolve_conv_impl(impl: str, kernel_size: int) -> str:
   """'direct' | 'fft' | 'auto' -> 'direct' | 'fft', by backend alone.
 
@@ -120,9 +127,7 @@ def resolve_conv_impl(impl: str, kernel_size: int) -> str:
   (which also weighs the direct conv on the CPU); this coarser answer picks
   the transposed conv's form (`Upsample`).
   """
-  if impl not in CONV_IMPLS:
-    raise ValueError(f"model.conv_impl: unknown {impl!r}; choose from "
-                     f"{CONV_IMPLS}")
+  check_conv_impl(impl)
   if impl == "auto":
     if jax.default_backend() == "cpu" and kernel_size >= AUTO_FFT_MIN_KERNEL:
       return "fft"
@@ -384,9 +389,7 @@ def plan_conv(impl: str, x_shape, kernel_groups, cout: int,
 def _plan_conv(impl: str, x_shape, kernel_groups, cout: int,
                fused: bool = True) -> tuple:
   """`plan_conv` without the recording."""
-  if impl not in CONV_IMPLS:
-    raise ValueError(f"model.conv_impl: unknown {impl!r}; choose from "
-                     f"{CONV_IMPLS}")
+  check_conv_impl(impl)
   k_max = max(max(sizes) for sizes in kernel_groups)
   if impl == "direct" or k_max < 2 or (
       impl == "auto" and jax.default_backend() != "cpu"):
