@@ -20,6 +20,9 @@ percentile is negative (the starter kit's `np.percentile` raises). It is
 clipped to 0 here, so D_0.1cc of such an ROI is its minimum dose: the whole ROI
 lies within its hottest 0.1 cc.
 
+A dose is never negative: a reference or a prediction holding a negative
+value is refused (ValueError), never clipped or scored as it stands.
+
 Speed, without changing a number (benchmarks/evaluator.py): the reference
 side of a patient (each ROI's flat voxel indices, its metrics, the
 possible-dose voxels) is computed once in `Reference`, which can be kept to
@@ -282,6 +285,14 @@ def _bits_nonzero(values: np.ndarray) -> np.ndarray:
   return values != 0
 
 
+def _check_nonnegative(values: np.ndarray, what: str) -> None:
+  """A dose is never negative: raises ValueError naming `what` if one is."""
+  if values.size and values.min() < 0:
+    raise ValueError(f'{what} holds a negative dose at '
+                     f'{np.count_nonzero(values < 0)} voxel(s) (min '
+                     f'{float(values.min())!r} Gy); a dose is never negative')
+
+
 def _check_grid(array: np.ndarray, shape: tuple[int, ...], name: str,
                 patient_id: str | None = None) -> None:
   if array.shape != tuple(shape):
@@ -339,6 +350,7 @@ class Reference:
     if support.size == 0:
       raise ValueError(f'{patient_id}: the possible-dose mask is empty')
     dose_flat = dose.reshape(-1)
+    _check_nonnegative(dose_flat, f'reference dose of {patient_id}')
     support_dose = dose_flat[support]
     num_mask_voxels = support.size
     if _count_nonzero_bits(dose_flat) != _count_nonzero_bits(support_dose):
@@ -366,6 +378,7 @@ class Reference:
       raise ValueError(f'{patient.patient_id}: the possible-dose mask is empty')
     dose_index = np.asarray(patient.dose_index, np.int64)
     dose_value = np.asarray(patient.dose_value)
+    _check_nonnegative(dose_value, f'reference dose of {patient.patient_id}')
     if np.array_equal(dose_index, mask_index):  # OpenKBP: dose.csv = the mask
       support, support_dose = mask_index, dose_value
     else:
@@ -403,14 +416,20 @@ class Reference:
 
     Returns:
       (dose error in Gy per mask voxel, predicted metrics float64 (10, 5) Gy).
+
+    Raises:
+      ValueError: a wrong grid, NaN / inf, or a negative dose (never clipped).
     """
     _check_grid(prediction, self.grid_shape, 'prediction', self.patient_id)
     prediction = np.ascontiguousarray(prediction).reshape(-1)
     on_support = prediction[self._support]
+    what = f'prediction of {self.patient_id}'
+    _check_nonnegative(on_support, what)
     total = float(np.abs(self._support_dose - on_support).sum())
     if _count_nonzero_bits(prediction) != _count_nonzero_bits(on_support):
       # Dose off the support, where the reference is zero: add |prediction|
       # there (a sum of non-negative terms; no dense reference needed).
+      _check_nonnegative(prediction, what)
       total += _abs_sum_off(prediction, self._support)
     error = total / self.num_mask_voxels
     if not np.isfinite(error):

@@ -180,6 +180,43 @@ def test_error_nan_value(phantom_patient):
   expect_data_error(phantom_patient, "dose.csv", "line 5", "NaN")
 
 
+def test_error_negative_dose(phantom_patient):
+  """A dose is never negative: the fast path names the first negative line."""
+  path = phantom_patient / "dose.csv"
+  index = path.read_text().splitlines()[3].split(",")[0]
+  replace_line(path, 4, f"{index},-5.0")
+  expect_data_error(phantom_patient, "dose.csv", "line 4", "-5.0", "negative",
+                    "1 such line")
+
+
+def test_error_negative_dose_irregular_file(phantom_patient):
+  """The per-line parser (here: an exponent and a blank line) too."""
+  path = phantom_patient / "dose.csv"
+  lines = path.read_text().splitlines()
+  lines[2] = lines[2].split(",")[0] + ",1.5e1"
+  lines[5] = lines[5].split(",")[0] + ",-2.5e-1"
+  lines[6] = lines[6].split(",")[0] + ",-3"
+  path.write_text("\n".join(lines[:4] + [""] + lines[4:]) + "\n")
+  expect_data_error(phantom_patient, "dose.csv", "line 7", "-2.5e-1",
+                    "negative", "2 such line")
+
+
+def test_negative_zero_dose_is_zero(phantom_patient):
+  path = phantom_patient / "dose.csv"
+  index = int(path.read_text().splitlines()[3].split(",")[0])
+  replace_line(path, 4, f"{index},-0.0")
+  patient = openkbp.load_patient(phantom_patient)
+  assert patient.dose.reshape(-1)[index] == 0.0
+
+
+def test_negative_ct_value_is_not_a_dose_error(phantom_patient):
+  """Only dose files are checked for sign (CT values are HU + 1024)."""
+  path = phantom_patient / "ct.csv"
+  index = int(path.read_text().splitlines()[2].split(",")[0])
+  replace_line(path, 3, f"{index},-3.0")
+  assert openkbp.load_patient(phantom_patient).ct.reshape(-1)[index] == -3.0
+
+
 def test_error_missing_value(phantom_patient):
   replace_line(phantom_patient / "ct.csv", 2, "17,")
   expect_data_error(phantom_patient, "ct.csv", "line 2", "missing value")
@@ -271,7 +308,20 @@ def test_prediction_round_trip_and_no_silent_overwrite(tmp_path):
   np.testing.assert_array_equal(openkbp.read_prediction_csv(path, (16, 16, 16)), dose * 2)
   with pytest.raises(ValueError, match="NaN"):
     openkbp.write_prediction_csv(tmp_path / "preds" / "pt_8.csv", dose * np.nan)
+  with pytest.raises(ValueError, match="negative dose"):
+    openkbp.write_prediction_csv(tmp_path / "preds" / "pt_9.csv", dose - 1.0)
   assert sorted(p.name for p in path.parent.iterdir()) == ["pt_7.csv"]  # no temp files
+
+
+def test_negative_prediction_is_an_error_naming_the_line(tmp_path):
+  """A prediction CSV with a negative dose is refused (never clipped)."""
+  path = tmp_path / "pt_1.csv"
+  path.write_text(",data\n1,2.5\n5,-7.5\n9,-1.0\n")
+  with pytest.raises(DataError) as info:
+    openkbp.read_prediction_csv(path, (4, 4, 4))
+  message = str(info.value)
+  for word in (str(path), "line 3", "-7.5", "negative", "2 such line"):
+    assert word in message
 
 
 def test_submission_zip(tmp_path):

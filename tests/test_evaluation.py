@@ -150,14 +150,14 @@ def test_synthetic_patients_match_plain():
 
 
 def test_prediction_kinds_match_plain():
-  """Dose outside the mask, negative dose, float32, a spatial shift."""
+  """Dose outside the mask, float32, a spatial shift (a negative dose is an
+  error: test_negative_doses_are_errors)."""
   p = synthetic_patient(5)
   rng = np.random.default_rng(0)
   outside = noisy(p.dose, p.possible_dose_mask, 1) + 3.0 * (
       ~p.possible_dose_mask & (rng.random(p.dose.shape) < 0.1))
   predictions = {
       'outside': outside,
-      'negative': p.dose - 5.0 * rng.random(p.dose.shape),
       'float32': noisy(p.dose, p.possible_dose_mask, 2).astype(np.float32),
       'shifted': np.roll(p.dose, (2, -1, 3), axis=(0, 1, 2)),
       'perfect': p.dose.copy(),
@@ -337,6 +337,30 @@ def test_evaluator_errors_name_the_patient():
     evaluation.Reference.from_arrays(
         'pt_10', q.dose, np.zeros_like(q.possible_dose_mask),
         q.structure_masks, q.roi_present, q.voxel_dimensions)
+
+
+def test_negative_doses_are_errors():
+  """A dose is never negative: a negative prediction (inside or outside the
+  mask) or reference is refused, naming the patient; -0.0 is zero."""
+  p = synthetic_patient(12)
+  evaluator = evaluation.Evaluator()
+  for where in (tuple(np.argwhere(p.possible_dose_mask)[0]),
+                tuple(np.argwhere(~p.possible_dose_mask)[0])):
+    bad = p.dose.copy()
+    bad[where] = -7.5
+    with pytest.raises(ValueError, match=r'prediction of pt_12 holds a '
+                       r'negative dose at 1 voxel\(s\) \(min -7.5 Gy\)'):
+      evaluator.add(p, bad)
+  signed_zero = p.dose.copy()
+  signed_zero[~p.possible_dose_mask] = -0.0
+  assert evaluator.add(p, signed_zero) == 0.0
+  reference = synthetic_patient(12)
+  reference.dose[tuple(np.argwhere(p.possible_dose_mask)[0])] = -5.0
+  for build in (evaluation.Reference.from_patient,
+                lambda r: evaluation.Reference.from_sparse(sparse_of(r))):
+    with pytest.raises(ValueError, match='reference dose of pt_12 holds a '
+                       'negative dose'):
+      build(reference)
 
 
 
@@ -546,6 +570,38 @@ def test_empty_and_missing_folders(folders, tmp_path):
   expect_error(reference, empty, empty, 'no prediction files')
   expect_error(empty, preds, empty, 'no patient folders')
   expect_error(reference, tmp_path / 'nowhere', 'not found')
+
+
+def test_negative_prediction_csv(folders):
+  """The CLI's path: a prediction CSV with a negative dose is an error naming
+  the file and the line (not clipped, not scored)."""
+  reference, preds = folders
+  path = preds / 'pt_2.csv'
+  lines = path.read_text().splitlines()
+  lines[3] = lines[3].split(',')[0] + ',-7.5'
+  path.write_text('\n'.join(lines) + '\n')
+  expect_error(reference, preds, path, 'line 4', '-7.5', 'negative')
+
+
+def test_negative_reference_dose(folders):
+  reference, preds = folders
+  path = reference / 'pt_3' / 'dose.csv'
+  lines = path.read_text().splitlines()
+  lines[4] = lines[4].split(',')[0] + ',-5.0'
+  path.write_text('\n'.join(lines) + '\n')
+  expect_error(reference, preds, path, 'line 5', '-5.0', 'negative')
+
+
+def test_cli_negative_prediction_exits_with_message(folders):
+  reference, preds = folders
+  path = preds / 'pt_1.csv'
+  lines = path.read_text().splitlines()
+  lines[1] = lines[1].split(',')[0] + ',-7.5'
+  path.write_text('\n'.join(lines) + '\n')
+  done = run_cli(f'--reference={reference}', f'--predictions={preds}')
+  assert done.returncode == 1
+  assert f'{path}: line 2: dose -7.5 Gy is negative' in done.stderr
+  assert 'Traceback' not in done.stderr
 
 
 def test_prediction_on_the_wrong_grid(folders):

@@ -250,13 +250,20 @@ def _outside_grid(path: Path, line: int, index, grid_shape, count: int) -> DataE
                    f"{count} such line(s)")
 
 
-def _parse_lines(path: Path, body: bytes, with_values: bool, grid_shape):
+def _negative_dose(path: Path, line: int, value, count: int) -> DataError:
+  return DataError(f"{path}: line {line}: dose {value} Gy is negative (a dose "
+                   f"is never negative); {count} such line(s)")
+
+
+def _parse_lines(path: Path, body: bytes, with_values: bool, grid_shape,
+                 nonnegative: bool = False):
   """Per-line parser for irregular files; raises DataError on a bad line.
 
   Returns (indices int64, values float64 | None).
   """
   num_voxels = int(np.prod(grid_shape))
   indices, values = [], []
+  first_negative, negatives = None, 0
   text = body.decode("utf-8", errors="replace")
   for line_number, line in enumerate(text.split("\n"), start=2):
     line = line.strip()
@@ -291,26 +298,34 @@ def _parse_lines(path: Path, body: bytes, with_values: bool, grid_shape):
       if not np.isfinite(value):
         raise DataError(f"{path}: line {line_number}: value {fields[1][:30]!r} "
                         f"is not finite (NaN or inf)")
+      if nonnegative and value < 0:
+        negatives += 1
+        first_negative = first_negative or (line_number, fields[1][:30])
       values.append(value)
+  if negatives:
+    raise _negative_dose(path, *first_negative, negatives)
   return (np.array(indices, np.int64),
           np.array(values, np.float64) if with_values else None)
 
 
 def read_sparse_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE, *,
-                    with_values: bool = True):
+                    with_values: bool = True, nonnegative: bool = False):
   """Reads one sparse OpenKBP CSV.
 
   Args:
     path: the CSV file.
     grid_shape: the grid its flat C-order indices address.
     with_values: read the `data` column (ct, dose) or only the indices (masks).
+    nonnegative: a negative value is an error (dose files: a dose is never
+      negative).
 
   Returns:
     (indices int64 (n,), values float64 (n,) or None).
 
   Raises:
     DataError: unreadable or empty file, a malformed line, a non-numeric or
-      non-finite value, or an index outside the grid.
+      non-finite value, a negative value when `nonnegative`, or an index
+      outside the grid.
   """
   path = Path(path)
   try:
@@ -332,13 +347,18 @@ def read_sparse_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE, *,
 
   parsed = _parse_fast(body, with_values)
   if parsed is None:
-    return _parse_lines(path, body, with_values, grid_shape)
+    return _parse_lines(path, body, with_values, grid_shape, nonnegative)
   # The fast path only reads digits, so values are finite and indices >= 0.
+  # It saw no blank line either: row r of the body is line r + 2.
   indices, values = parsed
   outside = np.flatnonzero(indices >= np.prod(grid_shape))
   if outside.size:
-    row = int(outside[0])  # the fast path saw no blank line: row r is line r + 2
+    row = int(outside[0])
     raise _outside_grid(path, row + 2, indices[row], grid_shape, outside.size)
+  if nonnegative and values is not None and values.size and values.min() < 0:
+    negative = np.flatnonzero(values < 0)
+    row = int(negative[0])
+    raise _negative_dose(path, row + 2, repr(float(values[row])), negative.size)
   return indices, values
 
 
@@ -459,7 +479,8 @@ def load_sparse_patient(patient_dir: str | os.PathLike) -> SparsePatient:
                                            with_values=with_values))
 
   ct_index, ct_value = read(CT_FILE)
-  dose_index, dose_value = read(DOSE_FILE) if (
+  dose_index, dose_value = _sorted_unique(*read_sparse_csv(
+      patient_dir / DOSE_FILE, grid, nonnegative=True)) if (
       patient_dir / DOSE_FILE).is_file() else (None, None)
   empty = np.zeros(0, np.int64)
   return SparsePatient(
@@ -535,13 +556,17 @@ def write_prediction_csv(path: str | os.PathLike, dose_gy: np.ndarray, *,
 
   Raises:
     FileExistsError: `path` exists and overwrite is False.
-    ValueError: dose_gy is not 3-D or holds NaN / inf.
+    ValueError: dose_gy is not 3-D or holds NaN / inf or a negative dose.
   """
   dose_gy = np.asarray(dose_gy)
   if dose_gy.ndim != 3:
     raise ValueError(f"{path}: dose must be (D, H, W), got shape {dose_gy.shape}")
   if not np.all(np.isfinite(dose_gy)):
     raise ValueError(f"{path}: refusing to write a dose with NaN or inf")
+  if dose_gy.size and dose_gy.min() < 0:
+    raise ValueError(f"{path}: refusing to write a negative dose "
+                     f"({np.count_nonzero(dose_gy < 0)} voxels, min "
+                     f"{float(dose_gy.min())!r} Gy)")
   flat = dose_gy.astype(np.float64).ravel()
   indices = np.flatnonzero(flat)  # the official writer keeps nonzero voxels
   data = format_sparse_csv(indices, flat[indices])
@@ -551,8 +576,14 @@ def write_prediction_csv(path: str | os.PathLike, dose_gy: np.ndarray, *,
 
 
 def read_prediction_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE) -> np.ndarray:
-  """float64 (D, H, W) Gy from a prediction (or dose) CSV; absent voxels = 0."""
-  indices, values = read_sparse_csv(path, grid_shape, with_values=True)
+  """float64 (D, H, W) Gy from a prediction (or dose) CSV; absent voxels = 0.
+
+  Raises:
+    DataError: see `read_sparse_csv`; a negative dose is an error naming the
+      file and its first negative line (never clipped silently).
+  """
+  indices, values = read_sparse_csv(path, grid_shape, with_values=True,
+                                    nonnegative=True)
   dose = np.zeros(int(np.prod(grid_shape)), np.float64)
   dose[indices] = values
   return dose.reshape(grid_shape)
