@@ -123,19 +123,38 @@ def test_irregular_but_valid_csv(tmp_path):
   assert indices.size == 0 and values.size == 0
 
 
-def test_unsorted_and_repeated_indices_read_as_np_put_does(phantom_patient):
+def test_unsorted_indices_read_as_np_put_does(phantom_patient):
   path = phantom_patient / "ct.csv"
   lines = path.read_text().splitlines()
-  body = lines[1:]
-  first_index = body[0].split(",")[0]
-  body = body[::-1] + [f"{first_index},5.0"]  # reversed, and one index again
-  path.write_text("\n".join([lines[0]] + body) + "\n")
+  path.write_text("\n".join([lines[0]] + lines[1:][::-1]) + "\n")  # reversed
   frame = pd.read_csv(path, index_col=0)
   expected = np.zeros(16**3, np.float32)
-  np.put(expected, frame.index.values, frame["data"].values)  # the last one wins
+  np.put(expected, frame.index.values, frame["data"].values)
   patient = openkbp.load_patient(phantom_patient)
   np.testing.assert_array_equal(patient.ct.ravel(), expected)
-  assert patient.ct.ravel()[int(first_index)] == 5.0
+
+
+@pytest.mark.parametrize("irregular", [False, True])
+def test_error_repeated_index_names_both_lines(phantom_patient, irregular):
+  # Which of two values would be meant? A repeat is refused, on the fast
+  # path and on the per-line path (a '+' sends the file there).
+  path = phantom_patient / "ct.csv"
+  lines = path.read_text().splitlines()
+  first_index = lines[3].split(",")[0]
+  lines.insert(6, f"{first_index},{'+' if irregular else ''}5.0")
+  path.write_text("\n".join(lines) + "\n")
+  expect_data_error(phantom_patient, "ct.csv",
+                    f"line 7: voxel index {first_index} already appeared on "
+                    "line 4; 1 repeated line(s)")
+
+
+@pytest.mark.parametrize("header", ["index,value", ",dose", "a,b,data"])
+def test_error_wrong_header(phantom_patient, header):
+  path = phantom_patient / "possible_dose_mask.csv"
+  lines = path.read_text().splitlines()
+  path.write_text("\n".join([header] + lines[1:]) + "\n")
+  expect_data_error(phantom_patient, "possible_dose_mask.csv",
+                    "expected the header line ',data'")
 
 
 # --------------------------------------------------------------- bad input
@@ -387,3 +406,17 @@ def test_phantoms_never_overwrite_other_data(tmp_path):
   with pytest.raises(FileExistsError):
     phantoms.write_phantoms(tmp_path, 3, grid=16)
   assert (tmp_path / "pt_3" / "ct.csv").read_text() == "precious"
+
+
+def test_atomic_output_errors_name_the_requested_path(tmp_path, monkeypatch):
+  # A failed write (here: the disk fills up) is reported under the path the
+  # caller gave, not the hidden temporary file, and leaves nothing behind.
+  import errno  # pylint: disable=g-import-not-at-top
+  target = tmp_path / "out.csv"
+  with pytest.raises(OSError) as info:
+    with openkbp.atomic_output(target) as f:
+      f.write(b"partial")
+      raise OSError(errno.ENOSPC, "No space left on device")
+  assert info.value.errno == errno.ENOSPC
+  assert info.value.filename == str(target)
+  assert list(tmp_path.iterdir()) == []

@@ -259,10 +259,10 @@ def _parse_lines(path: Path, body: bytes, with_values: bool, grid_shape,
                  nonnegative: bool = False):
   """Per-line parser for irregular files; raises DataError on a bad line.
 
-  Returns (indices int64, values float64 | None).
+  Returns (indices int64, values float64 | None, line numbers int64).
   """
   num_voxels = int(np.prod(grid_shape))
-  indices, values = [], []
+  indices, values, line_numbers = [], [], []
   first_negative, negatives = None, 0
   text = body.decode("utf-8", errors="replace")
   for line_number, line in enumerate(text.split("\n"), start=2):
@@ -287,6 +287,7 @@ def _parse_lines(path: Path, body: bytes, with_values: bool, grid_shape,
     if not 0 <= index < num_voxels:
       raise _outside_grid(path, line_number, index, grid_shape, 1)
     indices.append(index)
+    line_numbers.append(line_number)
     if with_values:
       if not fields[1]:
         raise DataError(f"{path}: line {line_number}: missing value")
@@ -305,7 +306,27 @@ def _parse_lines(path: Path, body: bytes, with_values: bool, grid_shape,
   if negatives:
     raise _negative_dose(path, *first_negative, negatives)
   return (np.array(indices, np.int64),
-          np.array(values, np.float64) if with_values else None)
+          np.array(values, np.float64) if with_values else None,
+          np.array(line_numbers, np.int64))
+
+
+def _check_unique(path: Path, indices: np.ndarray, lines: np.ndarray) -> None:
+  """DataError if a voxel index appears on two lines (which value would be
+  meant?). Sorted files, as OpenKBP's are, pass in one O(n) comparison."""
+  if np.all(indices[1:] > indices[:-1]):
+    return
+  order = np.argsort(indices, kind="stable")
+  repeats = np.flatnonzero(indices[order][1:] == indices[order][:-1])
+  if not repeats.size:
+    return
+  # The stable sort keeps equal indices in file order: order[r + 1] is a
+  # later line repeating order[r]. Report the first repeat in the file.
+  later = order[repeats + 1]
+  k = int(np.argmin(later))
+  raise DataError(f"{path}: line {lines[later[k]]}: voxel index "
+                  f"{indices[later[k]]} already appeared on line "
+                  f"{lines[order[repeats[k]]]}; {repeats.size} repeated "
+                  f"line(s)")
 
 
 def read_sparse_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE, *,
@@ -323,9 +344,10 @@ def read_sparse_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE, *,
     (indices int64 (n,), values float64 (n,) or None).
 
   Raises:
-    DataError: unreadable or empty file, a malformed line, a non-numeric or
-      non-finite value, a negative value when `nonnegative`, or an index
-      outside the grid.
+    DataError: unreadable or empty file, a header other than `,data` (any
+      first field), a malformed line, a non-numeric or non-finite value, a
+      negative value when `nonnegative`, an index outside the grid, or an
+      index on two lines.
   """
   path = Path(path)
   try:
@@ -336,7 +358,9 @@ def read_sparse_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE, *,
   header = raw if header_end < 0 else raw[:header_end]
   if not header.strip():
     raise DataError(f"{path}: empty file (expected the header line ',data')")
-  if header.lstrip()[:1].isdigit():
+  fields = header.strip().split(b",")
+  if header.lstrip()[:1].isdigit() or len(fields) != 2 or (
+      fields[1].strip() != b"data"):
     raise DataError(f"{path}: line 1 is {header[:40]!r}, expected the header "
                     f"line ',data'")
   body = b"" if header_end < 0 else raw[header_end + 1:]
@@ -347,7 +371,10 @@ def read_sparse_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE, *,
 
   parsed = _parse_fast(body, with_values)
   if parsed is None:
-    return _parse_lines(path, body, with_values, grid_shape, nonnegative)
+    indices, values, lines = _parse_lines(path, body, with_values, grid_shape,
+                                          nonnegative)
+    _check_unique(path, indices, lines)
+    return indices, values
   # The fast path only reads digits, so values are finite and indices >= 0.
   # It saw no blank line either: row r of the body is line r + 2.
   indices, values = parsed
@@ -359,6 +386,7 @@ def read_sparse_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE, *,
     negative = np.flatnonzero(values < 0)
     row = int(negative[0])
     raise _negative_dose(path, row + 2, repr(float(values[row])), negative.size)
+  _check_unique(path, indices, np.arange(2, indices.size + 2))
   return indices, values
 
 
@@ -444,8 +472,9 @@ class SparsePatient:
 
 
 def _sorted_unique(indices: np.ndarray, values: np.ndarray | None):
-  """Indices in increasing order without repeats; a repeated index keeps its
-  last value (as np.put does). OpenKBP files are sorted already: O(n) check."""
+  """Indices in increasing order (`read_sparse_csv` refuses repeats; here a
+  repeat would keep its last value, as np.put does). OpenKBP files are sorted
+  already: O(n) check."""
   if np.all(indices[1:] > indices[:-1]):
     return indices, values
   order = np.argsort(indices, kind="stable")
@@ -530,6 +559,12 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
+  except OSError as e:
+    # A failed open, write (disk full) or rename is reported under the path
+    # the caller asked for, not under the hidden temporary name.
+    if e.errno is None or e.filename not in (None, str(tmp)):
+      raise
+    raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
   finally:
     if tmp.exists():
       tmp.unlink()
