@@ -1,0 +1,270 @@
+"""Learning curves of several model / recipe variants on the same batches.
+
+Trains each variant from the same seed on the same stream of training
+batches (the real `train_dataset` pipeline, seeded alike) with the real
+`Trainer.jit_train_step`, records the training losses every step and, every
+`--eval_every` steps, the validation dose score and DVH score (official
+rules, at the patients' own 128^3 grid) of the current parameters. One JSON
+(curves + final scores + the mean-dose baseline + machine) and one PNG with
+the curves side by side.
+
+  python benchmarks/learning_curves.py --data_root=/data/openkbp \
+      --cache_dir=/data/cache --config=configs/openkbp.py:bench_cpu \
+      --variants=row1,row5 --steps=300 --eval_every=100 \
+      --set=model.widths=4,8,16,32,64 --set=learning_rate=3e-4
+
+A variant is a comma-free name: `rowN`, `lossN` (configs/openkbp.py), or
+`name:field=value;field=value` for config overrides (`model.` / `loss.` /
+top-level fields), e.g. `--variant=row5_lr1e-3:learning_rate=1e-3` (one
+`--variant` per such variant: values may hold commas). Variants run one
+after another in this process, so wall times are comparable between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import pathlib
+import sys
+import time
+
+_HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))
+if str(_HERE.parent) not in sys.path:
+  sys.path.insert(1, str(_HERE.parent))
+
+import common  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from randose_jax import train  # noqa: E402
+from randose_jax.data import pipeline  # noqa: E402
+
+LOSS_KEYS = ("loss", "l1_all", "l1_ptv", "l1_oar", "grad_norm")
+
+
+def _parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if "," in text:
+      return tuple(_parse_value(t) for t in text.split(","))
+    return text
+
+
+def apply_override(config, assignment: str) -> None:
+  """`a.b=value` on a ConfigDict; the field must exist (typos are errors)."""
+  path, sep, value = assignment.partition("=")
+  if not sep:
+    raise ValueError(f"override {assignment!r}: expected field=value")
+  *parents, leaf = path.strip().split(".")
+  node = config
+  for p in parents:
+    node = getattr(node, p)
+  if leaf not in node:
+    raise ValueError(f"override {assignment!r}: no config field {path!r}")
+  value = _parse_value(value.strip())
+  if isinstance(node[leaf], tuple) and not isinstance(value, tuple):
+    value = (value,)
+  if isinstance(node[leaf], float) and isinstance(value, int):
+    value = float(value)
+  node[leaf] = value
+
+
+def variant_config(base_spec: str, variant: str, overrides: list):
+  """The config of one variant: base file + variant name or assignments."""
+  name, _, assignments = variant.partition(":")
+  path, _, base_variants = base_spec.partition(":")
+  spec = importlib.util.spec_from_file_location("_cfg", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  named = [v for v in base_variants.split(",") if v]
+  if not assignments:
+    named.append(name)
+  config = module.get_config(",".join(named))
+  for o in overrides:
+    apply_override(config, o)
+  for a in filter(None, assignments.split(";")):
+    apply_override(config, a)
+  return name, config
+
+
+def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
+                max_eval_patients, log=print) -> dict:
+  trainer = train.Trainer.create(config)
+  state = trainer.init_state(config.seed)
+  ds = pipeline.train_dataset(train_cache, config, seed=config.seed)
+  it = iter(ds)
+  curve = {k: [] for k in LOSS_KEYS}
+  evals = []
+  t_start = time.time()
+  compile_s = None
+  train_s = 0.0
+
+  def do_eval(step):
+    t = time.time()
+    scores = train.evaluate(trainer, state.params["model"], eval_cache,
+                            max_patients=max_eval_patients)
+    evals.append({"step": step, "train_seconds": round(train_s, 2),
+                  "dose_score": scores["dose_score"],
+                  "dvh_score": scores["dvh_score"],
+                  "eval_seconds": round(time.time() - t, 2)})
+    log(f"  [{name}] step {step}: dose score {scores['dose_score']:.3f}, DVH "
+        f"score {scores['dvh_score']:.3f} ({train_s:.0f} s of training)")
+
+  for step in range(1, steps + 1):
+    batch = trainer.shard_batch(next(it))
+    t = time.time()
+    state, metrics = trainer.jit_train_step(state, batch)
+    metrics = jax.device_get({k: metrics[k] for k in LOSS_KEYS})
+    dt = time.time() - t
+    if compile_s is None:
+      compile_s = dt
+    else:
+      train_s += dt
+    for k in LOSS_KEYS:
+      curve[k].append(float(metrics[k]))
+    if not np.isfinite(curve["loss"][-1]):
+      log(f"  [{name}] non-finite loss at step {step}; stopping this variant")
+      break
+    if step % 50 == 0:
+      recent = np.mean(curve["l1_ptv"][-50:])
+      log(f"  [{name}] step {step}: L1 PTV (last 50) {recent:.3f}, L1 all "
+          f"{np.mean(curve['l1_all'][-50:]):.4f}")
+    if eval_every and step % eval_every == 0:
+      do_eval(step)
+  if not evals or evals[-1]["step"] != step:
+    do_eval(step)
+  return {
+      "name": name,
+      "model": config.model.to_dict(),
+      "learning_rate": config.learning_rate,
+      "loss": config.loss.to_dict(),
+      "steps": step,
+      "compile_seconds": round(compile_s or 0.0, 2),
+      "train_seconds": round(train_s, 2),
+      "wall_seconds": round(time.time() - t_start, 2),
+      "curve": curve,
+      "evals": evals,
+      "final_dose_score": evals[-1]["dose_score"],
+      "final_dvh_score": evals[-1]["dvh_score"],
+  }
+
+
+def plot(result: dict, path: pathlib.Path, window: int = 20) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  for run in result["runs"]:
+    l1 = np.asarray(run["curve"]["l1_ptv"])
+    if len(l1) >= window:
+      smooth = np.convolve(l1, np.ones(window) / window, mode="valid")
+      axes[0].plot(np.arange(window, len(l1) + 1), smooth, label=run["name"])
+    steps = [e["step"] for e in run["evals"]]
+    axes[1].plot(steps, [e["dose_score"] for e in run["evals"]], "o-",
+                 label=run["name"])
+    axes[2].plot(steps, [e["dvh_score"] for e in run["evals"]], "o-",
+                 label=run["name"])
+  base = result["baseline"]
+  axes[1].axhline(base["dose_score"], color="gray", ls="--",
+                  label="mean-dose baseline")
+  axes[2].axhline(base["dvh_score"], color="gray", ls="--",
+                  label="mean-dose baseline")
+  axes[0].set(title=f"training L1 over the PTVs (mean of {window} steps)",
+              xlabel="step", ylabel="target units (x70 Gy)")
+  axes[1].set(title="validation dose score", xlabel="step", ylabel="Gy")
+  axes[2].set(title="validation DVH score", xlabel="step", ylabel="Gy")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(result["title"], fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--config", default="configs/openkbp.py:bench_cpu")
+  p.add_argument("--data_root", required=True,
+                 help="folder with train-pats/ and validation-pats/")
+  p.add_argument("--cache_dir", default="",
+                 help="where the encoded caches go (default: under /tmp)")
+  p.add_argument("--variants", default="",
+                 help="comma-separated variant names (default row1,row5)")
+  p.add_argument("--variant", action="append", default=[],
+                 help="one variant, may hold commas (repeatable)")
+  p.add_argument("--set", action="append", default=[],
+                 help="field=value applied to every variant")
+  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--eval_every", type=int, default=100)
+  p.add_argument("--max_eval_patients", type=int, default=0)
+  p.add_argument("--json", default="")
+  p.add_argument("--png", default="")
+  args = p.parse_args(argv)
+
+  names = [v for v in args.variants.split(",") if v] + args.variant
+  variants = [variant_config(args.config, v, args.set)
+              for v in names or ["row1", "row5"]]
+  first = variants[0][1]
+  first.data.root = args.data_root
+  first.data.cache_dir = args.cache_dir or "/tmp/randose_learning_cache"
+  first.data.num_workers = 0
+  t = time.time()
+  train_cache, eval_cache, _ = train.prepare_data(first,
+                                                  pathlib.Path("/tmp"))
+  print(f"caches ready in {time.time() - t:.1f} s: {len(train_cache)} train, "
+        f"{len(eval_cache)} validation patients", flush=True)
+  trainer = train.Trainer.create(first)
+  baseline = train.evaluate(trainer, None, eval_cache,
+                            max_patients=args.max_eval_patients,
+                            constant_gy=train.mean_training_dose(train_cache))
+  print(f"mean-dose baseline: dose score {baseline['dose_score']:.3f}, DVH "
+        f"score {baseline['dvh_score']:.3f}", flush=True)
+  result = {
+      "benchmark": "learning_curves",
+      "config": args.config,
+      "overrides": args.set,
+      "data_root": args.data_root,
+      "num_train_patients": len(train_cache),
+      "num_eval_patients": (min(len(eval_cache), args.max_eval_patients)
+                            if args.max_eval_patients else len(eval_cache)),
+      "baseline": {"dose_score": baseline["dose_score"],
+                   "dvh_score": baseline["dvh_score"]},
+      "machine": common.machine_info(),
+      "runs": [],
+  }
+  grid = 128 // first.data.downsample
+  result["title"] = (f"{args.config} {' '.join(args.set)}, {grid}^3, "
+                     f"{len(train_cache)} train / {result['num_eval_patients']}"
+                     f" validation patients, same batches for every variant")
+  stem = (pathlib.Path(args.json).with_suffix("") if args.json else
+          common.RESULTS_DIR / f"learning_curves_{common.machine_info()['hostname']}")
+  for name, config in variants:
+    config.data.root = args.data_root
+    config.data.cache_dir = first.data.cache_dir
+    config.data.num_workers = 0
+    print(f"variant {name}: widths {tuple(config.model.widths)}, lr "
+          f"{config.learning_rate}", flush=True)
+    result["runs"].append(run_variant(
+        name, config, train_cache, eval_cache, steps=args.steps,
+        eval_every=args.eval_every,
+        max_eval_patients=args.max_eval_patients))
+    result["machine_end"] = common.machine_info()
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(f"{stem}.json").write_text(json.dumps(result) + "\n")
+    plot(result, pathlib.Path(args.png or f"{stem}.png"))
+  print("\nvariant       steps  train s  dose   DVH   (baseline "
+        f"{baseline['dose_score']:.2f} / {baseline['dvh_score']:.2f})")
+  for run in result["runs"]:
+    print(f"{run['name']:<13} {run['steps']:>5} {run['train_seconds']:>8.0f} "
+          f"{run['final_dose_score']:6.2f} {run['final_dvh_score']:6.2f}")
+  print(f"wrote {stem}.json and {args.png or f'{stem}.png'}")
+
+
+if __name__ == "__main__":
+  main()
