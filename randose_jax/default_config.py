@@ -7,6 +7,10 @@ package. Every choice DESIGN.md makes where the paper is silent is a field here.
 
 import ml_collections
 
+
+class ConfigError(ValueError):
+  """A config field or flag value that cannot work; the message names it."""
+
 # Table 2a of the paper: which modules each ablation row switches on.
 ABLATION_ROWS = {
     1: dict(use_msfe=False, use_csa=False, use_pi=False, use_af=False),  # plain U-Net

@@ -1,4 +1,4 @@
-"""Scores a folder of predicted doses with the official OpenKBP metrics.
+r"""Scores a folder of predicted doses with the official OpenKBP metrics.
 
   python -m randose_jax.evaluate \
       --reference=provided-data/validation-pats --predictions=predictions/ \
@@ -12,10 +12,14 @@ both scores, the counts and each patient's dose error; --per_roi (alias
 they exist, atomically. --plots writes `<id>_slices.png` (prediction,
 reference, difference) and `<id>_dvh.png` per patient into DIR. Patients are
 read and scored one at a time.
+
+The output paths are checked before any scoring, and the outputs are written
+only when every patient has been scored (plots are staged until then): a
+failed run leaves them as they were. A bad reference or prediction file, or
+an unusable output path, is one `error:` line naming the file (exit 2).
 """
 
 import json
-import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -24,25 +28,32 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from randose_jax import cli
 from randose_jax import evaluation
+from randose_jax import fileio
 from randose_jax.data import openkbp
 
 FLAGS = flags.FLAGS
 
 
-def define_flags():
+def define_flags(flag_values: flags.FlagValues = FLAGS):
   """Command-line flags; defined only when run as a program, so library
   modules can be imported together without clashing flag names."""
   flags.DEFINE_string('reference', None,
-                      'Folder of pt_*/ patient folders, each with dose.csv.')
+                      'Folder of pt_*/ patient folders, each with dose.csv.',
+                      flag_values=flag_values)
   flags.DEFINE_string('predictions', None,
-                      'Folder of pt_*.csv predictions (Gy).')
-  flags.DEFINE_string('json', None, 'Write the scores here (JSON).')
+                      'Folder of pt_*.csv predictions (Gy).',
+                      flag_values=flag_values)
+  flags.DEFINE_string('json', None, 'Write the scores here (JSON).',
+                      flag_values=flag_values)
   flags.DEFINE_string('per_roi', None,
-                      'Write the per-patient, per-ROI DVH metrics here (CSV).')
-  flags.DEFINE_alias('per-roi', 'per_roi')
+                      'Write the per-patient, per-ROI DVH metrics here (CSV).',
+                      flag_values=flag_values)
+  flags.DEFINE_alias('per-roi', 'per_roi', flag_values=flag_values)
   flags.DEFINE_string('plots', None, 'Write <id>_slices.png and <id>_dvh.png '
-                      'for each patient into this folder.')
+                      'for each patient into this folder.',
+                      flag_values=flag_values)
 
 # Called with each reference patient and its prediction (Gy) once scored, e.g.
 # to plot it while it is in memory.
@@ -152,25 +163,30 @@ def main(argv):
   for name in ('reference', 'predictions'):
     if not FLAGS[name].value:
       raise app.UsageError(f'--{name} is required')
-  on_patient = None
+  # --json and --per_roi are replaced if they exist (documented).
+  for name in ('json', 'per_roi'):
+    if FLAGS[name].value:
+      fileio.check_output_file(FLAGS[name].value, overwrite=True)
   if FLAGS.plots:
-    from randose_jax import viz  # pylint: disable=g-import-not-at-top
-    on_patient = lambda patient, dose: viz.write_patient_plots(
-        patient, dose, FLAGS.plots)
-  try:
+    fileio.check_output_dir(FLAGS.plots)
+  with fileio.StagedOutput() as stage:
+    on_patient = None
+    if FLAGS.plots:
+      from randose_jax import viz  # pylint: disable=g-import-not-at-top
+      plots = stage.dir(FLAGS.plots)
+      on_patient = lambda patient, dose: viz.write_patient_plots(
+          patient, dose, plots)
     result = evaluate_folders(FLAGS.reference, FLAGS.predictions,
                               on_patient=on_patient)
-  except openkbp.DataError as e:
-    sys.exit(f'error: {e}')
+    if FLAGS.json:
+      write_json(result, stage.path(FLAGS.json),
+                 reference=str(Path(FLAGS.reference).resolve()),
+                 predictions=str(Path(FLAGS.predictions).resolve()))
+    if FLAGS.per_roi:
+      write_per_roi(result, stage.path(FLAGS.per_roi))
   print(format_scores(result))
-  if FLAGS.json:
-    write_json(result, FLAGS.json,
-               reference=str(Path(FLAGS.reference).resolve()),
-               predictions=str(Path(FLAGS.predictions).resolve()))
-  if FLAGS.per_roi:
-    write_per_roi(result, FLAGS.per_roi)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

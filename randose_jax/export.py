@@ -1,7 +1,7 @@
-"""Export a trained model as a self-contained inference artifact.
+r"""Export a trained model as a self-contained inference artifact.
 
   python -m randose_jax.export --workdir=runs/randose --output=randose.zip \
-      [--checkpoint=best] [--tta] [--conv_impl=direct]
+      [--checkpoint=best] [--tta] [--conv_impl=direct] [--overwrite]
 
 The artifact is one zip file:
   model.jaxexport   `jax.export` serialization of the forward pass (StableHLO)
@@ -12,11 +12,14 @@ The artifact is one zip file:
 
   model = randose_jax.export.load("randose.zip")
   dose_target_units = model({"ptv": ptv, "ct": ct, "oar": oar})  # (N,D,H,W,1)
+
+--output is checked before the model is traced (its folder writable, no
+artifact there unless --overwrite) and written atomically: a failure leaves
+it as it was. A problem is one `error:` line naming the path (exit 2).
 """
 
 import json
 import pathlib
-import sys
 import zipfile
 
 from absl import app
@@ -26,11 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from randose_jax import checkpointing
+from randose_jax import cli
+from randose_jax import fileio
 from randose_jax import inference
 from randose_jax import logs
 from randose_jax import restore
 from randose_jax.data import encoding
+from randose_jax.data import openkbp
 
 FORMAT_VERSION = 1
 INPUT_CHANNELS = {"ptv": 1, "ct": 1, "oar": 7}
@@ -64,17 +69,17 @@ def export_model(model, model_params, grid, *, tta=False, swap_parotids=True,
       param_specs, _input_specs(grid, batch))
 
 
-def save_artifact(path, exported, model_params, meta: dict) -> pathlib.Path:
+def save_artifact(path, exported, model_params, meta: dict, *,
+                  overwrite: bool = False) -> pathlib.Path:
+  """Writes the artifact zip atomically (`openkbp.atomic_output`)."""
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
   params_np = jax.tree.map(np.asarray, jax.device_get(model_params))
-  with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-    zf.writestr("model.jaxexport", bytes(exported.serialize()))
-    zf.writestr("params.msgpack", flax.serialization.msgpack_serialize(
-        params_np))
-    zf.writestr("meta.json", json.dumps(meta, indent=2))
-  tmp.replace(path)
+  with openkbp.atomic_output(path, overwrite=overwrite) as f:
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+      zf.writestr("model.jaxexport", bytes(exported.serialize()))
+      zf.writestr("params.msgpack", flax.serialization.msgpack_serialize(
+          params_np))
+      zf.writestr("meta.json", json.dumps(meta, indent=2))
   return path
 
 
@@ -126,10 +131,16 @@ def load(path) -> ExportedModel:
 
 
 def export_workdir(workdir, output, checkpoint="best", tta=False,
-                   platforms=DEFAULT_PLATFORMS, conv_impl=None) -> pathlib.Path:
+                   platforms=DEFAULT_PLATFORMS, conv_impl=None, *,
+                   overwrite: bool = False) -> pathlib.Path:
   """Exports a workdir's checkpoint; `conv_impl` overrides the run's
   `model.conv_impl` (e.g. 'direct' for an artifact meant for a GPU, where
-  cuDNN's direct convolutions are the fast path, or for less memory)."""
+  cuDNN's direct convolutions are the fast path, or for less memory).
+
+  `output` is checked first (FileExistsError if it exists and not
+  `overwrite`, an OSError naming it if it cannot be written), before the
+  seconds of restoring and tracing."""
+  fileio.check_output_file(output, overwrite=overwrite)
   restored = restore.restore_from_workdir(workdir, checkpoint,
                                           conv_impl=conv_impl)
   config = restored.config
@@ -153,7 +164,8 @@ def export_workdir(workdir, output, checkpoint="best", tta=False,
       "jax_version": jax.__version__,
       "config": json.loads(config.to_json_best_effort()),
   }
-  return save_artifact(output, exported, model_params, meta)
+  return save_artifact(output, exported, model_params, meta,
+                       overwrite=overwrite)
 
 
 def _training_grid(config):
@@ -166,33 +178,37 @@ def _training_grid(config):
 FLAGS = flags.FLAGS
 
 
-def define_flags():
+def define_flags(flag_values: flags.FlagValues = FLAGS):
   """Command-line flags (defined only when run as a program)."""
-  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
-  flags.DEFINE_string("output", None, "Artifact path (.zip).")
-  flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
-  flags.DEFINE_bool("tta", False, "Bake 4-flip test-time augmentation in.")
+  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("output", None, "Artifact path (.zip).",
+                      flag_values=flag_values)
+  flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.",
+                      flag_values=flag_values)
+  flags.DEFINE_bool("tta", False, "Bake 4-flip test-time augmentation in.",
+                    flag_values=flag_values)
   flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
-                    "Platforms to lower for (cpu, cuda, rocm, tpu).")
+                    "Platforms to lower for (cpu, cuda, rocm, tpu).",
+                    flag_values=flag_values)
   flags.DEFINE_enum("conv_impl", None, ["auto", "direct", "fft"],
                     "Override the run's model.conv_impl for the export "
                     "(the convolutions are traced once, on this backend): "
                     "'direct' for an artifact to run on GPUs, or for less "
-                    "memory.")
+                    "memory.", flag_values=flag_values)
+  flags.DEFINE_bool("overwrite", False, "Replace an artifact already at "
+                    "--output.", flag_values=flag_values)
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_library_logs()
   if not FLAGS.workdir or not FLAGS.output:
     raise app.UsageError("--workdir and --output are required")
-  try:
-    path = export_workdir(FLAGS.workdir, FLAGS.output, FLAGS.checkpoint,
-                          FLAGS.tta, tuple(FLAGS.platforms), FLAGS.conv_impl)
-  except (checkpointing.CheckpointError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  path = export_workdir(FLAGS.workdir, FLAGS.output, FLAGS.checkpoint,
+                        FLAGS.tta, tuple(FLAGS.platforms), FLAGS.conv_impl,
+                        overwrite=FLAGS.overwrite)
   size = path.stat().st_size / 2**20
   print(f"Exported {FLAGS.workdir} ({FLAGS.checkpoint}) to {path} "
         f"({size:.1f} MiB)")
@@ -200,4 +216,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

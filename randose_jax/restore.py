@@ -7,6 +7,7 @@ from typing import Any, Optional
 import ml_collections
 
 from randose_jax import checkpointing
+from randose_jax.default_config import ConfigError
 
 
 @dataclasses.dataclass
@@ -25,8 +26,18 @@ def parse_checkpoint_flag(value: str) -> tuple[str, Optional[int]]:
   try:
     return "latest", int(value)
   except ValueError:
-    raise ValueError(f"--checkpoint must be best, latest or a step number, "
+    raise ConfigError(f"--checkpoint must be best, latest or a step number, "
                      f"got {value!r}") from None
+
+
+def check_workdir(workdir) -> pathlib.Path:
+  """The workdir as a path; CheckpointError unless it holds checkpoints/
+  (a cheap check before the seconds of building the model)."""
+  workdir = pathlib.Path(workdir).expanduser()
+  if not (workdir / "checkpoints").is_dir():
+    raise checkpointing.CheckpointError(
+        f"{workdir}: no checkpoints/ folder (is this a training workdir?)")
+  return workdir
 
 
 def restore_from_workdir(workdir, checkpoint: str = "best",
@@ -43,10 +54,7 @@ def restore_from_workdir(workdir, checkpoint: str = "best",
   from randose_jax.models import layers  # pylint: disable=g-import-not-at-top
   if conv_impl is not None:
     layers.check_conv_impl(conv_impl)
-  workdir = pathlib.Path(workdir).expanduser()
-  if not (workdir / "checkpoints").is_dir():
-    raise checkpointing.CheckpointError(
-        f"{workdir}: no checkpoints/ folder (is this a training workdir?)")
+  workdir = check_workdir(workdir)
   which, step = parse_checkpoint_flag(checkpoint)
   ckpt = checkpointing.Checkpointer(workdir, keep=1, async_save=False)
   try:

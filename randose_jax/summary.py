@@ -1,4 +1,4 @@
-"""Parameters and forward FLOPs of the configured network, without running it.
+r"""Parameters and forward FLOPs of the configured network, without running it.
 
   python -m randose_jax.summary --config=configs/openkbp.py[:variant] \
       [--grid=128] [--json]
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from randose_jax import cli
 from randose_jax import logs
 from randose_jax import models
 from randose_jax.models import layers
@@ -36,20 +37,25 @@ from randose_jax.models import layers
 FLAGS = flags.FLAGS
 
 
-def define_flags():
+def define_flags(flag_values: flags.FlagValues = FLAGS):
   """Command-line flags (defined only when run as a program, so library
   modules can be imported together without clashing flag names)."""
   config_flags.DEFINE_config_file(
       "config", None, "Config file, e.g. configs/openkbp.py:row3.",
-      lock_config=True)
-  flags.DEFINE_integer("grid", 128, "Edge of the cubic input grid.")
-  flags.DEFINE_bool("json", False, "Print a JSON object as the last line.")
+      lock_config=True, flag_values=flag_values)
+  flags.DEFINE_integer("grid", 128, "Edge of the cubic input grid.",
+                       flag_values=flag_values)
+  flags.DEFINE_bool("json", False, "Print a JSON object as the last line.",
+                    flag_values=flag_values)
   flags.DEFINE_bool("compile", False, "Take FLOPs from the compiled "
-                    "executable (slower) instead of the lowered HLO.")
+                    "executable (slower) instead of the lowered HLO.",
+                    flag_values=flag_values)
   flags.DEFINE_bool("plan", False, "Print how each conv layer is computed "
-                    "here (config.model.conv_impl) instead of the summary.")
+                    "here (config.model.conv_impl) instead of the summary.",
+                    flag_values=flag_values)
   flags.DEFINE_integer("batch", 1, "Batch size of --plan (the plan depends "
-                       "on it; training uses config.batch_size).")
+                       "on it; training uses config.batch_size).",
+                       flag_values=flag_values)
 
 
 def abstract_inputs(grid: Sequence[int], batch: int = 1) -> dict[str, Any]:
@@ -269,6 +275,14 @@ def main(argv):
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. configs/openkbp.py")
   logs.quiet_library_logs()
+  factor = 2 ** (len(FLAGS.config.model.widths) - 1)
+  if FLAGS.grid < factor or FLAGS.grid % factor:
+    raise app.UsageError(
+        f"--grid={FLAGS.grid}: must be a positive multiple of {factor} (the "
+        f"{len(FLAGS.config.model.widths)}-stage network halves the grid "
+        f"{len(FLAGS.config.model.widths) - 1} times)")
+  if FLAGS.batch < 1:
+    raise app.UsageError(f"--batch={FLAGS.batch}: must be at least 1")
   if FLAGS.plan:
     print(f"conv plan, conv_impl={FLAGS.config.model.conv_impl!r}, backend "
           f"{jax.default_backend()}, batch {FLAGS.batch}, {FLAGS.grid}^3 "
@@ -284,4 +298,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from randose_jax import checkpointing
+from randose_jax import fileio
 from randose_jax import inference
 from randose_jax import losses
 from randose_jax import models
@@ -34,6 +35,7 @@ from randose_jax.data import encoding
 from randose_jax.data import openkbp
 from randose_jax.data import phantoms
 from randose_jax.data import pipeline
+from randose_jax.default_config import ConfigError
 from randose_jax.metric_writers import MetricWriter
 
 BATCH_KEYS = ("ptv", "ct", "oar", "target", "mask")
@@ -73,7 +75,7 @@ def create_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
   elif config.lr_schedule == "cosine":
     schedule = optax.cosine_decay_schedule(lr, max(1, config.num_train_steps))
   else:
-    raise ValueError(f"config.lr_schedule: unknown {config.lr_schedule!r}")
+    raise ConfigError(f"config.lr_schedule: unknown {config.lr_schedule!r}")
   if config.warmup_steps:
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, lr, config.warmup_steps), schedule],
@@ -85,7 +87,7 @@ def create_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
   elif config.optimizer == "sgd":
     tx = optax.sgd(schedule)
   else:
-    raise ValueError(f"config.optimizer: unknown {config.optimizer!r}")
+    raise ConfigError(f"config.optimizer: unknown {config.optimizer!r}")
   if config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   return tx, schedule
@@ -259,7 +261,7 @@ def prepare_data(config, workdir: pathlib.Path):
             cache_lib.open_cache(cache_root / data.eval_split, data),
             None)
   else:
-    raise ValueError(
+    raise ConfigError(
         "config.data.root is empty: point it at an OpenKBP provided-data "
         "folder (holding train-pats/ and validation-pats/), e.g. "
         "--config.data.root=/path/to/open-kbp/provided-data, or use "
@@ -413,15 +415,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
   for comparison, of the mean-training-dose baseline.
   """
   workdir = pathlib.Path(workdir).expanduser()
-  workdir.mkdir(parents=True, exist_ok=True)
   if config.batch_size % jax.device_count():
-    raise ValueError(
+    raise ConfigError(
         f"config.batch_size={config.batch_size} must be divisible by the "
         f"number of devices ({jax.device_count()}).")
-  train_cache, eval_cache, eval_dir = prepare_data(config, workdir)
-  trainer = Trainer.create(config, mesh)
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-  state, restored, start_step = _restore_or_init(trainer, ckpt, config)
+  # A failure before training (a bad patient, an unreadable checkpoint)
+  # leaves the workdir as it was: no half-built cache, no empty folders.
+  with fileio.undo_new_files(workdir, enabled=jax.process_index() == 0):
+    workdir.mkdir(parents=True, exist_ok=True)
+    train_cache, eval_cache, eval_dir = prepare_data(config, workdir)
+    trainer = Trainer.create(config, mesh)
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    try:
+      state, restored, start_step = _restore_or_init(trainer, ckpt, config)
+    except BaseException:
+      ckpt.close()
+      raise
 
   local_batch = config.batch_size // jax.process_count()
   train_ds = pipeline.train_dataset(
@@ -440,6 +449,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
   logging.info("Training %s on %d devices (%d processes), local batch %d",
                config.model.name, jax.device_count(), jax.process_count(),
                local_batch)
+  if jax.process_index() == 0:
+    print(training_plan(config, len(eval_cache), start_step), flush=True)
   bar = None
   if config.progress_bar and jax.process_index() == 0:
     import tqdm  # pylint: disable=g-import-not-at-top
@@ -447,6 +458,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
                     unit="step", dynamic_ncols=True, desc="train")
 
   pending, all_finite = [], jnp.ones((), bool)
+  told_negative = False
   last_saved = start_step if restored is not None else None
   t0, compile_s = time.time(), None
   step = start_step
@@ -491,13 +503,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
       writer.write_scalars(step, summary)
       if bar is not None:
         bar.set_postfix(loss=f"{summary['train/loss']:.4f}")
+      if summary["train/loss"] < 0 and not told_negative:
+        told_negative = True
+        _console(bar, negative_loss_note(step, summary))
       pending = []
     if do_eval:
       scores = evaluate(trainer, state.params["model"], eval_cache,
                         max_patients=config.max_eval_patients)
       writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
       msg = (f"step {step}: validation dose score {scores['dose_score']:.4f}, "
-             f"DVH score {scores['dvh_score']:.4f}")
+             f"DVH score {scores['dvh_score']:.4f} "
+             f"({scores['num_patients']} patients)")
       if scores["dose_score"] < best_score:
         best_score = scores["dose_score"]
         ckpt.save_best(step, checkpointing.as_saveable(state),
@@ -505,10 +521,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
                        dict(step=step, **scores))
         msg += " (best so far)"
       logging.info(msg)
-      if bar is not None:
-        bar.write(msg)
-      elif jax.process_index() == 0:
-        print(msg, flush=True)
+      _console(bar, msg)
     if do_ckpt:
       ckpt.save_latest(step, checkpointing.as_saveable(state),
                        train_iter.get_state(), config_dict,
@@ -565,4 +578,56 @@ def finish(trainer, ckpt, state, train_cache, eval_cache, workdir, config):
           f"{summary['baseline_mean_dose_score']:.4f}, DVH score "
           f"{summary['baseline_mean_dvh_score']:.4f}\n"
           f"Predictions: {out_dir} (zip: {zip_path})", flush=True)
+    if summary["dose_score"] >= summary["baseline_mean_dose_score"]:
+      print(short_run_note(config, best_step), flush=True)
   return summary
+
+
+def _console(bar, msg: str) -> None:
+  """A line for the user (process 0), above the progress bar if there is
+  one."""
+  if bar is not None:
+    bar.write(msg)
+  elif jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def training_plan(config, num_eval: int, start_step: int) -> str:
+  """What the run will do, said once at the start: steps, and how many
+  validation patients the periodic validations and the final one score."""
+  periodic = (min(num_eval, config.max_eval_patients)
+              if config.max_eval_patients else num_eval)
+  some = (f"the first {periodic} of the {num_eval} validation patients "
+          f"(config.max_eval_patients)" if periodic < num_eval
+          else f"all {num_eval} validation patients")
+  start = f" from step {start_step}" if start_step else ""
+  return (f"Training {config.model.name} for {config.num_train_steps} steps"
+          f"{start}, batch {config.batch_size}; every "
+          f"{config.eval_every_steps} steps and at the end a validation "
+          f"scores {some}; then the best checkpoint is scored on all "
+          f"{num_eval} and its predictions written.")
+
+
+def negative_loss_note(step: int, summary: dict) -> str:
+  """Why the printed loss can be below 0 (said once)."""
+  l1 = summary.get("train/l1_all")
+  l1_text = f" (step {step}: L1 over all voxels {l1:.4f})" if l1 is not None else ""
+  return (f"note: the loss is negative from step {step}: with the learned "
+          "region weights (config.loss.mode='uncertainty') each region adds "
+          "exp(-s) * L1 + s, and its log-variance s goes below 0 as the "
+          "weight exp(-s) grows; the L1 terms themselves stay >= 0"
+          f"{l1_text}. Compare runs by the validation scores.")
+
+
+def short_run_note(config, best_step: int) -> str:
+  """Said when the model did not beat the mean-dose baseline."""
+  if best_step < 1000:
+    return (f"note: the model does not beat the mean-dose baseline: "
+            f"{best_step} training steps are far too few to learn a dose "
+            "(the demo trains 1,200 steps to beat it; the paper 80,000). "
+            "This is expected of a short test run "
+            f"(num_train_steps={config.num_train_steps}); train longer for "
+            "meaningful scores.")
+  return (f"note: the model does not beat the mean-dose baseline after "
+          f"{best_step} steps: check the learning rate, the data and "
+          "metrics.jsonl (train/l1_all should fall).")

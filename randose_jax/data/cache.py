@@ -22,7 +22,9 @@ never outlives the settings it was built for). Files are written under a
 temporary name and renamed, and a file is reused only when a manifest in the
 folder lists it with the same key, size and CRC-32; anything else (missing,
 truncated, corrupt, unlisted) is rebuilt with a logged warning. Files of
-older settings are left in place (delete the folder to reclaim them).
+older settings are left in place (delete the folder to reclaim them). A
+build that fails (a bad patient) removes the files it wrote, so the folder
+is as it was.
 
 Every read checks the file's size and CRC-32 against the manifest too, so a
 file damaged or replaced after the build raises a `DataError` instead of
@@ -45,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from randose_jax import fileio
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
 
@@ -251,12 +254,19 @@ def build_cache(patient_dirs, cache_dir: str | os.PathLike, data_config,
 
   Raises:
     DataError: a bad patient folder (see `openkbp.load_sparse_patient`).
+      Whatever the build wrote before the error is removed again (and
+      `cache_dir`, if it created it): no patient files without a manifest.
   """
-  log = logger or logging.getLogger(__name__)
   patient_dirs = [Path(p) for p in patient_dirs]
   if not patient_dirs:
     raise openkbp.DataError(f"{cache_dir}: no patient folders to cache")
-  cache_dir = Path(cache_dir)
+  with fileio.undo_new_files(cache_dir):
+    return _build_cache(patient_dirs, Path(cache_dir), data_config,
+                        logger or logging.getLogger(__name__))
+
+
+def _build_cache(patient_dirs, cache_dir: Path, data_config,
+                 log: logging.Logger) -> PatientCache:
   cache_dir.mkdir(parents=True, exist_ok=True)
   settings = encoding_settings(data_config)
   list_hash = _hash([str(p.resolve()) for p in patient_dirs])[:16]

@@ -1,0 +1,201 @@
+"""Output files that never leave a failed command's folders half-written.
+
+Three mechanisms, one each, shared by the command-line tools and the trainer:
+
+- `check_output_file` / `check_output_dir`: before any work, is this output
+  path usable (its folder creatable and writable, not a file where a folder
+  is needed, not already holding an output unless `overwrite`)? The error
+  names the path the user gave, in the seconds before a long computation
+  rather than after it.
+- `StagedOutput`: files are written into hidden staging folders beside
+  their destinations and moved into place together at the end; a failure
+  removes the staging folders, so the destinations are as they were.
+- `undo_new_files(root)`: on an exception, removes whatever appeared under
+  `root` during the block (and `root` itself, and its parents, if the block
+  created them): e.g. a cache half-built from a bad patient.
+
+Each raises `OSError` subclasses whose `filename` is the user's path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+STAGING_PREFIX = ".randose-staging-"
+
+
+def _oserror(code: int, message: str, path) -> OSError:
+  """An OSError (the subclass of `code`) with `filename` = path."""
+  return OSError(code, message, str(path))
+
+
+def nearest_existing(path: Path) -> Path:
+  """`path` or its nearest ancestor that exists."""
+  path = Path(os.path.abspath(path))
+  while not os.path.lexists(path):
+    path = path.parent
+  return path
+
+
+def _check_creatable_under(path: Path, anchor: Path) -> None:
+  """`path` can be created below `anchor` (its nearest existing ancestor):
+  `anchor` is a folder we can create files in (probed with a file created
+  and removed at once, which also catches read-only and special file
+  systems, and root's permissions, that `os.access` would miss)."""
+  if not anchor.is_dir():
+    raise _oserror(errno.ENOTDIR, f"cannot create it: {anchor} is a file, "
+                   "not a folder", path)
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".randose-probe-", dir=anchor)
+  except OSError as e:
+    raise _oserror(e.errno or errno.EACCES, f"cannot write in {anchor} "
+                   f"({e.strerror or e})", path) from e
+  os.close(fd)
+  os.unlink(probe)
+
+
+def check_output_file(path, *, overwrite: bool = False,
+                      hint: str = "pass --overwrite to replace it") -> Path:
+  """Raises an OSError naming `path` unless a file can be written there.
+
+  An existing file is refused (FileExistsError) unless `overwrite`; an
+  existing folder always is.
+  """
+  path = Path(path).expanduser()
+  if path.is_dir():
+    raise _oserror(errno.EISDIR, "is a folder, expected a file path", path)
+  if os.path.lexists(path) and not overwrite:
+    raise _oserror(errno.EEXIST, f"already exists ({hint})", path)
+  _check_creatable_under(path, nearest_existing(path.parent))
+  return path
+
+
+def check_output_dir(path) -> Path:
+  """Raises an OSError naming `path` unless it is (or can become) a folder
+  we can write in."""
+  path = Path(path).expanduser()
+  if os.path.lexists(path) and not path.is_dir():
+    raise _oserror(errno.ENOTDIR, "is a file, expected a folder", path)
+  _check_creatable_under(path, nearest_existing(path))
+  return path
+
+
+class StagedOutput:
+  """Output files written under temporary names, moved into place together.
+
+    with fileio.StagedOutput() as stage:
+      folder = stage.dir(output_dir)     # write output_dir's files here
+      write_zip(stage.path(zip_path))    # write zip_path's content here
+    # only now do output_dir/* and zip_path exist (created or replaced)
+
+  The staging folders are hidden folders (`.randose-staging-*`) in each
+  destination's nearest existing ancestor, on its file system, so the final
+  moves are renames. An exception in the block removes them and changes
+  nothing at the destinations.
+  """
+
+  def __init__(self):
+    self._stages: dict[Path, Path] = {}  # anchor -> staging folder
+    self._files: list[tuple[Path, Path]] = []  # (staged, final)
+    self._dirs: list[tuple[Path, Path]] = []  # (staged folder, final folder)
+
+  def _stage_near(self, final: Path) -> Path:
+    anchor = nearest_existing(final)
+    if anchor not in self._stages:
+      self._stages[anchor] = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX,
+                                                   dir=anchor))
+    return self._stages[anchor]
+
+  def path(self, final) -> Path:
+    """Where to write the content of the file `final`."""
+    final = Path(os.path.abspath(Path(final).expanduser()))
+    staged = self._stage_near(final.parent) / f"f{len(self._files)}-{final.name}"
+    self._files.append((staged, final))
+    return staged
+
+  def dir(self, final) -> Path:
+    """A folder whose files become files of the folder `final`."""
+    final = Path(os.path.abspath(Path(final).expanduser()))
+    staged = self._stage_near(final) / f"d{len(self._dirs)}-{final.name}"
+    staged.mkdir()
+    self._dirs.append((staged, final))
+    return staged
+
+  def commit(self) -> None:
+    moves = [(s, f) for s, f in self._files if os.path.lexists(s)]
+    for staged, final in self._dirs:
+      moves += [(p, final / p.name) for p in sorted(staged.iterdir())]
+    for staged, final in moves:
+      final.parent.mkdir(parents=True, exist_ok=True)
+      os.replace(staged, final)
+    for staged, final in self._dirs:
+      final.mkdir(parents=True, exist_ok=True)  # an output folder, if empty
+    self.discard()
+
+  def discard(self) -> None:
+    for stage in self._stages.values():
+      shutil.rmtree(stage, ignore_errors=True)
+    self._stages.clear()
+
+  def __enter__(self) -> StagedOutput:
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.commit()
+    else:
+      self.discard()
+
+
+def _tree(root: Path) -> set[str]:
+  """Relative paths of everything under `root` (links not followed)."""
+  found = set()
+  for folder, dirs, files in os.walk(root):
+    rel = os.path.relpath(folder, root)
+    for name in dirs + files:
+      found.add(os.path.normpath(os.path.join(rel, name)))
+  return found
+
+
+@contextlib.contextmanager
+def undo_new_files(root, enabled: bool = True) -> Iterator[None]:
+  """On an exception in the block, removes what it created under `root`.
+
+  Files and folders that did not exist under `root` when the block began
+  are removed (files first, then the folders, deepest first), and so are
+  `root` and the ancestors the block created. Files that existed are left
+  as they are (replaced contents are not restored: use atomic writes).
+  """
+  root = Path(os.path.abspath(Path(root).expanduser()))
+  if not enabled:
+    yield
+    return
+  created = []  # root and its missing ancestors, deepest first
+  p = root
+  while not os.path.lexists(p):
+    created.append(p)
+    p = p.parent
+  before = _tree(root) if root.is_dir() else set()
+  try:
+    yield
+  except BaseException:
+    if root.is_dir():
+      new = sorted(_tree(root) - before, key=lambda r: r.count(os.sep),
+                   reverse=True)
+      for rel in new:
+        path = root / rel
+        if path.is_dir() and not path.is_symlink():
+          shutil.rmtree(path, ignore_errors=True)
+        else:
+          with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    for path in created:
+      with contextlib.suppress(OSError):
+        path.rmdir()  # only when empty
+    raise
