@@ -9,12 +9,26 @@ iterator state (so a resume continues the same example stream), `config` the
 run's config and `meta` small JSON facts (step, validation scores).
 Orbax writes each save into a temporary folder and renames it when complete,
 so a run killed mid-save leaves the previous checkpoints intact.
+
+A checkpoint that cannot be read is skipped in favour of the one before it,
+with one warning line naming it. A training run (`restore(...,
+set_aside_unreadable=True)`) also moves such a folder (renamed, never
+deleted) to `checkpoints/unreadable/<kind>-<step>-<UTC time>/`, so that the
+step is written again when training reaches it (orbax never writes a step
+that is not newer than the newest folder it sees). Nothing is moved when no
+checkpoint of the kind can be read: that is an error for the user to look at.
 """
 
+import datetime
 import logging
+import os
 import pathlib
+import shutil
+import sys
 from typing import Any, Optional
 
+import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data", "config", "meta")
@@ -22,6 +36,60 @@ ITEMS = ("state", "data", "config", "meta")
 
 class CheckpointError(RuntimeError):
   pass
+
+
+def brief_error(e: BaseException, limit: int = 200) -> str:
+  """`Type: first line of the message`, without TensorStore's spec dump and
+  at most `limit` characters: what a one-line warning can carry."""
+  text = str(e).strip()
+  text = text.splitlines()[0] if text else ""
+  text = text.split(" [tensorstore_spec")[0].strip()
+  if len(text) > limit:  # the start says what failed, the end why
+    head = limit // 3
+    text = text[:head] + " ... " + text[-(limit - head - 5):]
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+_STALE_CALLBACK_FILTER = []
+
+
+def _ignore_stale_loop_callbacks():
+  """A failed orbax restore closes its event loop while TensorStore reads
+  are still in flight; each one's completion then prints a traceback of
+  `RuntimeError: Event loop is closed` (dozens of them, after the failure was
+  handled). Those, and only those, are dropped from `sys.unraisablehook`."""
+  if _STALE_CALLBACK_FILTER and sys.unraisablehook is _STALE_CALLBACK_FILTER[-1]:
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+  _STALE_CALLBACK_FILTER.append(hook)
+
+
+def _utc_stamp() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _move_aside(folder: pathlib.Path, into: pathlib.Path, name: str) -> pathlib.Path:
+  """Renames `folder` to `into/name` (or `name-2`, ...); returns the target."""
+  into.mkdir(parents=True, exist_ok=True)
+  target, n = into / name, 1
+  while target.exists():
+    n += 1
+    target = into / f"{name}-{n}"
+  os.rename(folder, target)
+  return target
+
+
+def _barrier(name: str):
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def _manager(directory: pathlib.Path, keep: int, async_save: bool):
@@ -37,23 +105,57 @@ class Checkpointer:
   def __init__(self, workdir, keep: int = 3, async_save: bool = True):
     root = pathlib.Path(workdir) / "checkpoints"
     self.root = root
-    self.latest = _manager(root / "latest", keep, async_save)
+    self._keep, self._async_save = keep, async_save
+    self.latest = self._new_manager("latest")
     # The best checkpoint is written rarely: synchronous keeps it simple.
-    self.best = _manager(root / "best", 1, False)
+    self.best = self._new_manager("best")
+
+  def _new_manager(self, which: str):
+    if which == "latest":
+      return _manager(self.root / "latest", self._keep, self._async_save)
+    return _manager(self.root / "best", 1, False)
+
+  def _reopen(self, which: str):
+    """A fresh manager for `which` (orbax caches the list of steps)."""
+    self._mgr(which).close()
+    setattr(self, which, self._new_manager(which))
 
   def _save(self, manager, step, state, data_state, config_dict, meta):
-    manager.save(step, args=ocp.args.Composite(
+    saved = manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config_dict),
         meta=ocp.args.JsonSave(meta)))
+    if not saved:  # orbax skips a step not newer than its newest: say so
+      logging.warning("Checkpoint step %d was not written to %s (it holds "
+                      "steps %s).", step, manager.directory,
+                      sorted(manager.all_steps()))
 
   def save_latest(self, step: int, state, data_state, config_dict, meta):
     self._save(self.latest, step, state, data_state, config_dict, meta)
 
   def save_best(self, step: int, state, data_state, config_dict, meta):
+    """Saves the new best checkpoint, replacing the previous one.
+
+    A previous best at this step or a later one (a resumed run that reached
+    a better score the second time, e.g. on a nondeterministic GPU) is moved
+    aside to `checkpoints/superseded/` while the new one is written, then
+    removed, as orbax removes an older best once the new one is complete.
+    """
     self.latest.wait_until_finished()
+    newer = sorted(s for s in self.best.all_steps() if s >= step)
+    moved = []
+    if newer:
+      if jax.process_index() == 0:
+        moved = [_move_aside(self.root / "best" / str(s),
+                             self.root / "superseded",
+                             f"best-{s}-{_utc_stamp()}") for s in newer]
+      _barrier(f"best_set_aside_{step}")
+      self._reopen("best")
     self._save(self.best, step, state, data_state, config_dict, meta)
+    self.best.wait_until_finished()
+    for folder in moved:
+      shutil.rmtree(folder, ignore_errors=True)
 
   def wait(self):
     self.latest.wait_until_finished()
@@ -72,13 +174,18 @@ class Checkpointer:
     return self.latest if which == "latest" else self.best
 
   def restore(self, abstract_state, which: str = "latest",
-              step: Optional[int] = None) -> Optional[dict]:
+              step: Optional[int] = None, *,
+              set_aside_unreadable: bool = False) -> Optional[dict]:
     """Restores the newest readable checkpoint (or `step`) of `which`.
 
     Returns a dict with `state`, `data`, `config`, `meta` and `step`, or None
     when there is no checkpoint. A checkpoint that fails to read is skipped
-    with a warning in favour of the one before it; an explicitly requested
-    `step` that fails raises a CheckpointError naming its folder.
+    with a one-line warning in favour of the one before it; with
+    `set_aside_unreadable` (training, which will write those steps again)
+    process 0 also moves each skipped folder to `checkpoints/unreadable/`
+    (every process must then call this together). An explicitly requested
+    `step` that fails, or a kind none of whose checkpoints can be read,
+    raises a CheckpointError naming the folder (nothing is moved).
     """
     manager = self._mgr(which)
     steps = sorted(manager.all_steps(), reverse=True)
@@ -88,6 +195,7 @@ class Checkpointer:
             f"{self.root / which}: no checkpoint at step {step} "
             f"(available: {sorted(steps)})")
       steps = [step]
+    unreadable = []
     for s in steps:
       try:
         restored = manager.restore(s, args=ocp.args.Composite(
@@ -96,20 +204,43 @@ class Checkpointer:
             config=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
+        _ignore_stale_loop_callbacks()
         where = self.root / which / str(s)
         if step is not None:
-          raise CheckpointError(f"{where}: unreadable checkpoint ({e})") from e
-        logging.warning("Checkpoint %s is unreadable (%s: %s); falling back "
-                        "to the one before it.", where, type(e).__name__, e)
+          raise CheckpointError(
+              f"{where}: unreadable checkpoint ({brief_error(e)})") from e
+        unreadable.append((s, e))
         continue
+      if unreadable:
+        self._skip_unreadable(which, unreadable, s, set_aside_unreadable)
       out = {k: restored[k] for k in ITEMS}
       out["step"] = s
       return out
     if steps:
       raise CheckpointError(
           f"{self.root / which}: none of the checkpoints {sorted(steps)} "
-          "could be read")
+          f"could be read (step {steps[0]}: {brief_error(unreadable[0][1])}); "
+          "nothing was moved or deleted")
     return None
+
+  def _skip_unreadable(self, which: str, unreadable: list, used: int,
+                       set_aside: bool):
+    """One warning line per unreadable step; moves them aside if asked."""
+    moved = {}
+    if set_aside and jax.process_index() == 0:
+      for s, _ in unreadable:
+        moved[s] = _move_aside(self.root / which / str(s),
+                               self.root / "unreadable",
+                               f"{which}-{s}-{_utc_stamp()}")
+    for s, e in unreadable:
+      where = self.root / which / str(s)
+      action = (f"moved it to {moved[s]}" if s in moved else
+                "left it in place" if not set_aside else "process 0 moves it")
+      logging.warning("Checkpoint %s is unreadable (%s); %s; using step %d.",
+                      where, brief_error(e), action, used)
+    if set_aside:
+      _barrier(f"unreadable_set_aside_{which}")
+      self._reopen(which)
 
 
 def best_meta(workdir) -> Optional[dict]:

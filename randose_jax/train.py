@@ -381,9 +381,10 @@ def learned_scalars(params) -> dict:
 def _restore_or_init(trainer: Trainer, ckpt: checkpointing.Checkpointer,
                      config) -> tuple[TrainState, Optional[dict], int]:
   abstract = checkpointing.as_saveable(trainer.abstract_state())
-  restored = ckpt.restore(abstract, "latest")
+  # Unreadable checkpoints are moved aside: training writes their steps again.
+  restored = ckpt.restore(abstract, "latest", set_aside_unreadable=True)
   if restored is None:
-    restored = ckpt.restore(abstract, "best")
+    restored = ckpt.restore(abstract, "best", set_aside_unreadable=True)
   if restored is not None:
     state = TrainState(**restored["state"])
     step = int(restored["step"])
@@ -443,7 +444,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
   best_score = best["dose_score"] if best else math.inf
   config_dict = json.loads(config.to_json_best_effort())
 
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0,
+                        resume_step=start_step)
   if start_step == 0:
     writer.write_hparams(config_dict)
   logging.info("Training %s on %d devices (%d processes), local batch %d",

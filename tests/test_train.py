@@ -123,6 +123,106 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
   _, got = _params_of(tmp_path)
   assert got["step"] == 2
   assert any("unreadable" in r.getMessage() for r in caplog.records)
+  # Reading (predict, export) moves nothing.
+  assert files[0].exists()
+  assert not (tmp_path / "checkpoints" / "unreadable").exists()
+
+
+def _garble(path: pathlib.Path, seed: int = 0):
+  path.write_bytes(np.random.default_rng(seed).bytes(path.stat().st_size))
+
+
+def test_corrupt_latest_is_moved_aside_and_written_again(tmp_path, caplog):
+  """The issue's repro: a garbled manifest of the newest latest checkpoint.
+  The rerun falls back to the one before, moves the unreadable folder aside
+  (renamed, not deleted) with one warning line naming it, trains again and
+  writes a readable checkpoint at the final step; a third run is clean."""
+  import logging  # pylint: disable=g-import-not-at-top
+  mesh = train.make_mesh(jax.devices()[:1])
+  config = tiny_config(eval_every_steps=100)
+  train.train_and_evaluate(config, tmp_path, mesh=mesh)
+  straight, _ = _params_of(tmp_path, step=4)
+  manifest = tmp_path / "checkpoints" / "latest" / "4" / "state" / "manifest.ocdbt"
+  garbled = np.random.default_rng(0).bytes(manifest.stat().st_size)
+  manifest.write_bytes(garbled)
+  caplog.set_level(logging.WARNING)
+  train.train_and_evaluate(config, tmp_path, mesh=mesh)
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.WARNING and "unreadable" in r.getMessage()]
+  assert len(warnings) == 1, warnings
+  aside = list((tmp_path / "checkpoints" / "unreadable").iterdir())
+  assert [p.name.split("-")[:2] for p in aside] == [["latest", "4"]]
+  assert (aside[0] / "state" / "manifest.ocdbt").read_bytes() == garbled
+  message = warnings[0]
+  assert "\n" not in message and len(message) < 600, message
+  assert str(tmp_path / "checkpoints" / "latest" / "4") in message
+  assert str(aside[0]) in message and "using step 2" in message
+  assert "tensorstore_spec" not in message
+  resumed, got = _params_of(tmp_path, step=4)
+  assert got["step"] == 4
+  _assert_trees_close(straight, resumed)
+  caplog.clear()
+  train.train_and_evaluate(config, tmp_path, mesh=mesh)
+  assert not [r for r in caplog.records if "unreadable" in r.getMessage()]
+  assert len(list((tmp_path / "checkpoints" / "unreadable").iterdir())) == 1
+
+
+def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
+  mesh = train.make_mesh(jax.devices()[:1])
+  config = tiny_config(eval_every_steps=100)
+  train.train_and_evaluate(config, tmp_path, mesh=mesh)
+  latest = tmp_path / "checkpoints" / "latest"
+  for step in (2, 4):
+    _garble(latest / str(step) / "state" / "manifest.ocdbt", step)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"none of the checkpoints \[2, 4\] could be read "
+                     r"\(step 4: ValueError.*nothing was moved"):
+    train.train_and_evaluate(config, tmp_path, mesh=mesh)
+  assert sorted(p.name for p in latest.iterdir()) == ["2", "4"]
+  assert not (tmp_path / "checkpoints" / "unreadable").exists()
+
+
+def test_save_best_replaces_a_best_at_a_later_step(tmp_path):
+  """A resumed run that reaches a better score at or before the step of the
+  current best (possible on a nondeterministic GPU) must not be skipped
+  silently by orbax (which never writes a step not newer than its newest)."""
+  state = {"w": np.arange(3.0)}
+  ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+  ckpt.save_best(6, state, {}, {}, {"step": 6, "dose_score": 3.0})
+  ckpt.save_best(4, {"w": np.ones(3)}, {}, {}, {"step": 4, "dose_score": 2.0})
+  ckpt.save_best(4, {"w": np.zeros(3)}, {}, {}, {"step": 4, "dose_score": 1.0})
+  assert ckpt.steps("best") == [4]
+  got = ckpt.restore({"w": np.zeros(3)}, "best")
+  ckpt.close()
+  np.testing.assert_array_equal(got["state"]["w"], np.zeros(3))
+  assert checkpointing.best_meta(tmp_path)["dose_score"] == 1.0
+  assert not list((tmp_path / "checkpoints" / "superseded").iterdir())
+
+
+def test_metrics_jsonl_has_no_duplicates_after_resume(tmp_path):
+  """A run stopped after logging past its last checkpoint (here: the log of
+  step 3 and a torn last line) logs those steps again when resumed: the
+  resume drops the stale records first, keeping the others byte for byte."""
+  mesh = train.make_mesh(jax.devices()[:1])
+  train.train_and_evaluate(tiny_config(eval_every_steps=100, log_every_steps=1,
+                                       num_train_steps=2), tmp_path, mesh=mesh)
+  path = tmp_path / "metrics.jsonl"
+  kept = path.read_bytes()
+  kept = b"".join(l + b"\n" for l in kept.split(b"\n")[:-1]
+                  if b'"final/' not in l)
+  path.write_bytes(path.read_bytes() + b'{"step": 3, "train/loss": 9.0}\n'
+                   b'{"step": 3, "train/lo')
+  train.train_and_evaluate(tiny_config(eval_every_steps=100, log_every_steps=1),
+                           tmp_path, mesh=mesh)
+  data = path.read_bytes()
+  assert data.startswith(kept)
+  records = [json.loads(l) for l in data.decode().splitlines()]
+  steps = [r["step"] for r in records]
+  assert steps == sorted(steps)
+  pairs = [(r["step"], k) for r in records for k in r if k != "step"]
+  assert len(pairs) == len(set(pairs))
+  assert 9.0 not in [r.get("train/loss") for r in records]
+  assert sum(1 for r in records if "final/dose_score" in r) == 1
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
