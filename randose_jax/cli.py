@@ -144,8 +144,7 @@ def _describe_parse_error(e: BaseException, argv) -> str:
       return message
     if "get_config" in text:
       given = _argument_of(argv, flag.name)
-      return (f"--{flag.name}={given}: {given.split(':', 1)[0]}: no "
-              "get_config() function in it")
+      return f"--{flag.name}={given}: no get_config() function in the file"
   if isinstance(e, flags.Error):
     # absl names the flag ("flag --x=y: problem"); a config file that raised
     # while loading comes with its traceback: keep the flag and the last line.
@@ -173,7 +172,8 @@ def _check_config_files(argv, flag_values: flags.FlagValues) -> None:
     path = given.split(":", 1)[0]
     error = flag.value.__dict__.get("_error")
     if path and not os.path.exists(path):
-      fail(f"--{name}={given}: {path}: no such config file")
+      where = "" if path == given else f" {path}:"
+      fail(f"--{name}={given}:{where} no such config file")
     fail(f"--{name}={given}: {_one_line(str(error))}")
 
 

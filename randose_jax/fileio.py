@@ -143,14 +143,31 @@ class StagedOutput:
       shutil.rmtree(stage, ignore_errors=True)
     self._stages.clear()
 
+  def final_path(self, path) -> Path | None:
+    """The destination of a staged path (None if `path` is not staged)."""
+    path = Path(path)
+    for staged, final in self._files:
+      if path == staged:
+        return final
+    for staged, final in self._dirs:
+      if path == staged or staged in path.parents:
+        return final / path.relative_to(staged)
+    return None
+
   def __enter__(self) -> StagedOutput:
     return self
 
   def __exit__(self, exc_type, exc, tb) -> None:
     if exc_type is None:
       self.commit()
-    else:
-      self.discard()
+      return
+    self.discard()
+    if isinstance(exc, OSError) and exc.filename is not None and (
+        exc.errno is not None):
+      final = self.final_path(exc.filename)
+      if final is not None:  # name the user's path, not the staged one
+        raise _oserror(exc.errno, exc.strerror or os.strerror(exc.errno),
+                       final) from exc
 
 
 def _tree(root: Path) -> set[str]:
