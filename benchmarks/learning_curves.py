@@ -93,7 +93,7 @@ def variant_config(base_spec: str, variant: str, overrides: list):
 
 
 def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
-                max_eval_patients, log=print) -> dict:
+                max_eval_patients, budget_s=0.0, log=print) -> dict:
   trainer = train.Trainer.create(config)
   state = trainer.init_state(config.seed)
   ds = pipeline.train_dataset(train_cache, config, seed=config.seed)
@@ -136,6 +136,10 @@ def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
           f"{np.mean(curve['l1_all'][-50:]):.4f}")
     if eval_every and step % eval_every == 0:
       do_eval(step)
+    if budget_s and train_s >= budget_s:
+      log(f"  [{name}] training budget of {budget_s:.0f} s reached at step "
+          f"{step}")
+      break
   if not evals or evals[-1]["step"] != step:
     do_eval(step)
   return {
@@ -149,6 +153,7 @@ def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
       "wall_seconds": round(time.time() - t_start, 2),
       "curve": curve,
       "evals": evals,
+      "budget_seconds": budget_s,
       "final_dose_score": evals[-1]["dose_score"],
       "final_dvh_score": evals[-1]["dvh_score"],
   }
@@ -201,6 +206,9 @@ def main(argv=None):
   p.add_argument("--set", action="append", default=[],
                  help="field=value applied to every variant")
   p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--budget_s", type=float, default=0.0,
+                 help="also stop a variant after this many seconds of "
+                 "training steps (compile and validation not counted)")
   p.add_argument("--eval_every", type=int, default=100)
   p.add_argument("--max_eval_patients", type=int, default=0)
   p.add_argument("--json", default="")
@@ -250,10 +258,18 @@ def main(argv=None):
     config.data.num_workers = 0
     print(f"variant {name}: widths {tuple(config.model.widths)}, lr "
           f"{config.learning_rate}", flush=True)
-    result["runs"].append(run_variant(
+    run = run_variant(
         name, config, train_cache, eval_cache, steps=args.steps,
-        eval_every=args.eval_every,
-        max_eval_patients=args.max_eval_patients))
+        eval_every=args.eval_every, budget_s=args.budget_s,
+        max_eval_patients=args.max_eval_patients)
+    # The keys of a run's validation_scores.json, for this variant's end.
+    run.update(config=f"{args.config} {name}", dose_score=run["final_dose_score"],
+               dvh_score=run["final_dvh_score"],
+               num_patients=result["num_eval_patients"],
+               baseline_mean_dose_score=baseline["dose_score"],
+               baseline_mean_dvh_score=baseline["dvh_score"],
+               num_train_patients=len(train_cache), wall_s=run["wall_seconds"])
+    result["runs"].append(run)
     result["machine_end"] = common.machine_info()
     stem.parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(f"{stem}.json").write_text(json.dumps(result) + "\n")

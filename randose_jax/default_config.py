@@ -102,6 +102,12 @@ def get_default_config() -> ml_collections.ConfigDict:
   model.up = "transpose"  # transpose | resize (trilinear + 1x1x1 conv)
   model.dtype = "float32"  # float32 | bfloat16 (compute); params stay float32
   model.remat = False
+  # Initial kernel of the 1x1x1 head: zeros (every prediction starts at 0 Gy,
+  # the dose of most voxels) | lecun (flax's default). With lecun, the first
+  # steps can park the full RANDose in a state that predicts ~0 inside the
+  # targets for hundreds of steps (benchmarks/NOTES.md, "Why the full RANDose
+  # learned slowly on real data"); zeros avoided it in every run measured.
+  model.head_init = "zeros"
 
   # ---------------------------------------------------------------- loss
   config.loss = loss = ml_collections.ConfigDict()

@@ -43,6 +43,8 @@ from randose_jax.models import layers
 Array = jax.Array
 
 _INPUT_CHANNELS = {"ptv": 1, "ct": 1, "oar": 7}
+HEAD_INITS = {"lecun": nn.initializers.lecun_normal(),
+              "zeros": nn.initializers.zeros_init()}
 
 
 class Stage(nn.Module):
@@ -88,6 +90,7 @@ class RANDose(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   conv_impl: str = "direct"
+  head_init: str = "zeros"
 
   def _maybe_remat(self, cls):
     return nn.remat(cls) if self.remat else cls
@@ -173,7 +176,13 @@ class RANDose(nn.Module):
       x = self._stage(widths[s - 1], name=f"decoder_{s}")(x)
 
     # Head in float32: the dose regression output needs no bf16 rounding.
+    # head_init='zeros' starts every prediction at 0 (benchmarks/NOTES.md,
+    # "Why the full RANDose learned slowly").
+    if self.head_init not in HEAD_INITS:
+      raise ValueError(f"model.head_init: unknown {self.head_init!r}; choose "
+                       f"from {sorted(HEAD_INITS)}")
     out = nn.Conv(1, (1, 1, 1), dtype=jnp.float32, param_dtype=jnp.float32,
+                  kernel_init=HEAD_INITS[self.head_init],
                   name="head")(x.astype(jnp.float32))
     return out.astype(jnp.float32)
 
@@ -217,4 +226,5 @@ def create_model(model_config) -> nn.Module:
       dtype=dtypes[model_config.dtype],
       remat=model_config.remat,
       conv_impl=model_config.get("conv_impl", "direct"),
+      head_init=model_config.get("head_init", "zeros"),
   )
