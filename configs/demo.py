@@ -10,6 +10,8 @@ possible-dose mask, which it must clearly beat.
 Measured (2026-11-27, 2-core VM, load ~2, conv_impl auto): 1,200 steps,
 validation dose score 3.05 Gy vs 10.62 Gy for the baseline (DVH score 12.1
 vs 32.9), 133 s wall including the 4 validations and the final predictions.
+Under load (2026-11-28, load 4.0-7.2, median 6.3): 630 s wall, dose score
+3.21 vs 10.62 (README, "Performance").
 
 Variant, chosen after a colon (`--config=configs/demo.py:smoke`):
   smoke   the fastest settings that train on one CPU (the trainer tests'

@@ -115,7 +115,8 @@ class StagedOutput:
   def path(self, final) -> Path:
     """Where to write the content of the file `final`."""
     final = Path(os.path.abspath(Path(final).expanduser()))
-    staged = self._stage_near(final.parent) / f"f{len(self._files)}-{final.name}"
+    name = f"f{len(self._files)}-{final.name}"
+    staged = self._stage_near(final.parent) / name
     self._files.append((staged, final))
     return staged
 

@@ -613,7 +613,8 @@ def training_plan(config, num_eval: int, start_step: int) -> str:
 def negative_loss_note(step: int, summary: dict) -> str:
   """Why the printed loss can be below 0 (said once)."""
   l1 = summary.get("train/l1_all")
-  l1_text = f" (step {step}: L1 over all voxels {l1:.4f})" if l1 is not None else ""
+  l1_text = (f" (step {step}: L1 over all voxels {l1:.4f})"
+             if l1 is not None else "")
   return (f"note: the loss is negative from step {step}: with the learned "
           "region weights (config.loss.mode='uncertainty') each region adds "
           "exp(-s) * L1 + s, and its log-variance s goes below 0 as the "
