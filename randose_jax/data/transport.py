@@ -105,25 +105,27 @@ def max_dose_error_gy(dose_decimals: int) -> float:
 def _runs(index: np.ndarray, shape, axis: int):
   """The runs along `axis` of a voxel set (sorted flat C-order indices).
 
-  Returns (order, first): `order` lists the voxels run by run (each run
-  in increasing `axis` coordinate: the set sorted with `axis` varying
-  fastest), `first[i]` is True where voxel order[i] starts a run (its
-  predecessor along `axis` is not in the set).
+  Returns (order, first): `order` lists the voxels run by run, each run in
+  increasing `axis` coordinate (the set sorted with `axis` varying fastest;
+  None for the last axis: C order already is), and `first[i]` is True where
+  the i-th voxel of that order starts a run (its predecessor along `axis`
+  is not in the set).
   """
-  coords = np.unravel_index(index, shape)
-  others = [a for a in range(len(shape)) if a != axis]
+  n = shape[axis]
   if axis == len(shape) - 1:
-    order = np.arange(index.size)  # C order already runs along the last axis
+    order, key = None, index
   else:
-    key = np.ravel_multi_index([coords[a] for a in others] + [coords[axis]],
-                               [shape[a] for a in others] + [shape[axis]])
+    stride = int(np.prod(shape[axis + 1:]))
+    outer, rest = np.divmod(index, stride)
+    before, coord = np.divmod(outer, n)
+    # The flat index in the grid transposed to put `axis` last.
+    key = (before * stride + rest) * n + coord
     order = np.argsort(key, kind="stable")
-  c = coords[axis][order]
-  same_line = np.ones(index.size, bool)
-  for a in others:
-    same_line[1:] &= coords[a][order][1:] == coords[a][order][:-1]
-  first = np.ones(index.size, bool)
-  first[1:] = ~(same_line[1:] & (c[1:] == c[:-1] + 1))
+    key = key[order]
+  first = key % n == 0
+  first[1:] |= key[1:] - key[:-1] != 1
+  if key.size:
+    first[0] = True
   return order, first
 
 
@@ -133,10 +135,12 @@ def _run_diff(values: np.ndarray, index: np.ndarray, shape, axis: int,
   voxel minus its predecessor along `axis`, or minus `start` where the
   predecessor is not in the set (values int64, aligned with index)."""
   order, first = _runs(index, shape, axis)
-  v = values[order]
+  v = values if order is None else values[order]
   r = np.empty_like(v)
   r[1:] = v[1:] - v[:-1]
   r[first] = v[first] - start
+  if order is None:
+    return r
   out = np.empty_like(r)
   out[order] = r
   return out
@@ -146,13 +150,15 @@ def _run_cumsum(residuals: np.ndarray, index: np.ndarray, shape, axis: int,
                 start: int = 0) -> np.ndarray:
   """The inverse of `_run_diff`: cumulative sums restarting at each run."""
   order, first = _runs(index, shape, axis)
-  r = residuals[order]
+  r = residuals.copy() if order is None else residuals[order]
   r[first] += start
   c = np.cumsum(r)
   starts = np.flatnonzero(first)
-  base = (c[starts] - r[starts])[np.cumsum(first) - 1]
+  c -= (c[starts] - r[starts])[np.cumsum(first) - 1]
+  if order is None:
+    return c
   out = np.empty_like(c)
-  out[order] = c - base
+  out[order] = c
   return out
 
 
