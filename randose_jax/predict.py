@@ -24,7 +24,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 
 from randose_jax import cli
 from randose_jax import evaluation

@@ -56,7 +56,6 @@ from typing import Callable, Optional
 
 from absl import flags
 import jax
-import numpy as np
 import pytest
 
 from randose_jax import cli
@@ -232,7 +231,6 @@ class Row:
   world and returns (the file the error must name, its line or None) and
   the arguments of the tool."""
   setup: Callable
-  xfail: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -525,19 +523,11 @@ def _full_disk_writer(real):
   return patched
 
 
-# Rows that wait for the other half of issue 11 (checkpointing, part B).
-XFAIL: dict[tuple[str, str], str] = {}
-
-
 def _cells():
   for fault in FAULTS:
     for tool in CLIS:
-      cell = TABLE[fault][tool]
-      if isinstance(cell, Row):
-        marks = ()
-        if (fault, tool) in XFAIL:
-          marks = (pytest.mark.xfail(strict=True, reason=XFAIL[fault, tool]),)
-        yield pytest.param(tool, fault, id=f"{tool}-{fault}", marks=marks)
+      if isinstance(TABLE[fault][tool], Row):
+        yield pytest.param(tool, fault, id=f"{tool}-{fault}")
 
 
 def test_the_table_covers_every_tool_and_fault():
