@@ -7,7 +7,11 @@ Rows:
                               np.put into float64 zeros of the kit's shapes
                               (ct, dose (128,128,128,1); structure_masks
                               (128,128,128,10); mask (128,128,128,1))
-  cache build                 cache.build_cache into an empty folder, per patient
+  cache build                 cache.build_cache into an empty folder, per patient,
+                              in a child process (its wall and CPU seconds, its
+                              RSS after the imports and peak RSS during the
+                              build: Linux VmHWM, reset after the imports);
+                              total seconds, bytes per patient (mean, min, max)
   cached read (sparse)        one patient's file -> SparsePatient
   cached read (encoded)       cache[i]: file -> encoded float32 dict
   cached read (reference)     cache.reference(i): file -> full Patient
@@ -25,6 +29,15 @@ jobs than wall time. For the samples/s rows, CPU ms per sample are given for
 the main process and for the workers, both over the timed window.
 
   python benchmarks/input_pipeline.py [--json=PATH] [--samples=40]
+
+On the full OpenKBP release (the timings of issue 13, item 1): every
+patient of train-pats/ and validation-pats/, one epoch of the training
+split per pipeline row, at 128^3 and 64^3, caches built outside the repo:
+
+  python benchmarks/input_pipeline.py --data=/path/to/provided-data \
+      --repeats=1 --samples=0 --downsample=1,2 \
+      --cache_root=/tmp/bench_cache_full \
+      --json=benchmarks/results/input_pipeline_full_vm.json
 """
 
 from __future__ import annotations
@@ -34,7 +47,9 @@ import json
 import os
 import pathlib
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -119,6 +134,47 @@ def children_cpu_seconds() -> float | None:
   return total
 
 
+_BUILD_CHILD = r"""
+import json, sys, time
+args = json.loads(sys.argv[1])
+sys.path.insert(0, args["root"])
+from randose_jax import default_config
+from randose_jax.data import cache
+
+
+def status_kib(field):
+  for line in open("/proc/self/status"):
+    if line.startswith(field + ":"):
+      return int(line.split()[1])
+
+
+config = default_config.get_default_config()
+config.data.downsample = args["downsample"]
+rss_imports = status_kib("VmRSS")
+# Linux: reset the peak RSS (VmHWM) to the current RSS, so what follows is
+# the build's peak (ru_maxrss cannot be reset, and after exec it still holds
+# the parent's peak).
+with open("/proc/self/clear_refs", "w") as f:
+  f.write("5")
+wall, cpu = time.perf_counter(), time.process_time()
+built = cache.build_cache(args["dirs"], args["folder"], config.data)
+wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+print(json.dumps({"wall_s": wall, "cpu_s": cpu, "rss_imports_kib": rss_imports,
+                  "peak_rss_kib": status_kib("VmHWM")}))
+"""
+
+
+def build_in_child(dirs, folder: pathlib.Path, downsample: int) -> dict:
+  """A full cache build in a fresh Python process (Linux): wall and CPU
+  seconds of the build, its RSS after the imports and its peak RSS during
+  the build (VmHWM, reset after the imports)."""
+  args = {"root": str(_HERE.parent), "dirs": [str(d) for d in dirs],
+          "folder": str(folder), "downsample": downsample}
+  out = subprocess.run([sys.executable, "-c", _BUILD_CHILD, json.dumps(args)],
+                       check=True, capture_output=True, text=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def touch_pages(batch: dict) -> None:
   """Reads one value per 4 KiB page of every array of a batch."""
   for value in batch.values():
@@ -157,7 +213,14 @@ def main():
   parser.add_argument("--json", type=pathlib.Path,
                       default=common.default_json_path("input_pipeline"))
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--samples", type=int, default=40)
+  parser.add_argument("--samples", type=int, default=40,
+                      help="per pipeline row; 0: one epoch of train-pats")
+  parser.add_argument("--downsample", default="1",
+                      help="comma-separated config.data.downsample values to "
+                      "time the pipeline at (1: 128^3, 2: 64^3)")
+  parser.add_argument("--cache_root", type=pathlib.Path, default=None,
+                      help="build the caches here (emptied first; kept); "
+                      "default: a temporary folder, removed")
   parser.add_argument("--warmup", type=int, default=4, help="batches")
   args = parser.parse_args()
 
@@ -177,25 +240,50 @@ def main():
   results["parse_official_style"] = summarise(official)
 
   with tempfile.TemporaryDirectory() as tmp:
-    build = []
+    cache_root = args.cache_root or pathlib.Path(tmp)
+    if args.cache_root and cache_root.exists():
+      shutil.rmtree(cache_root)
+    build, builds = [], []
     for r in range(args.repeats):  # a new folder each time: a full build
-      folder = pathlib.Path(tmp) / f"cache{r}"
-      wall, cpu = time_calls(lambda f: cache_lib.build_cache(dirs, f, config.data), [folder])
-      build.append((wall / len(dirs), cpu / len(dirs)))
+      folder = cache_root / f"cache{r}"
+      child = build_in_child(dirs, folder, 1)
+      builds.append(child)
+      build.append((child["wall_s"] / len(dirs) * 1e3, child["cpu_s"] / len(dirs) * 1e3))
+    config.data.downsample = 1
     cache = cache_lib.build_cache(dirs, folder, config.data)  # reused, not rebuilt
     results["cache_build"] = summarise(build)
     results["cache_mib"] = round(cache.num_bytes / 2**20, 2)
+    sizes = np.array([e["size"] for e in cache.entries])
+    results["cache_build_full"] = {
+        "patients": len(dirs),
+        "total_s": [round(b["wall_s"], 2) for b in builds],
+        "cpu_s": [round(b["cpu_s"], 2) for b in builds],
+        # Peak resident memory of the building process (imports included).
+        "peak_rss_mib": [round(b["peak_rss_kib"] / 1024, 1) for b in builds],
+        "rss_after_imports_mib": [round(b["rss_imports_kib"] / 1024, 1) for b in builds],
+        "bytes_per_patient": {"mean": int(sizes.mean()), "min": int(sizes.min()),
+                              "max": int(sizes.max())},
+        "total_bytes": int(sizes.sum())}
     indices = list(range(len(cache)))
     for name, fn in (("cached_read_sparse", cache.sparse),
                      ("cached_read_encoded", cache.__getitem__),
                      ("cached_read_reference", cache.reference)):
       results[name] = summarise([time_calls(fn, indices) for _ in range(args.repeats)])
 
-    train_cache = cache_lib.build_cache(
-        openkbp.list_patient_dirs(args.data / "train-pats"), folder, config.data)
-    results["augmented"] = [
-        time_pipeline(train_cache, config, workers, args.samples, args.warmup)
-        for workers in (0, 2)]
+    train_dirs = openkbp.list_patient_dirs(args.data / "train-pats")
+    by_downsample = {}
+    for downsample in (int(d) for d in args.downsample.split(",")):
+      config.data.downsample = downsample
+      train_cache = cache_lib.build_cache(train_dirs, folder, config.data)
+      samples = args.samples or len(train_cache)
+      rows = [time_pipeline(train_cache, config, workers, samples, args.warmup)
+              for workers in (0, 2)]
+      for row in rows:
+        row["grid"] = 128 // downsample
+        row["train_patients"] = len(train_cache)
+      by_downsample[str(downsample)] = rows
+    results["augmented"] = by_downsample.get("1", [])
+    results["augmented_by_downsample"] = by_downsample
 
   machine["load_average_end"] = common.machine_info()["load_average"]
   results["machine"] = machine
@@ -216,8 +304,13 @@ def main():
   speedup = results["parse_official_style"]["wall_ms"] / results["parse"]["wall_ms"]
   print(f"parse speed-up over the official style: {speedup:.1f}x")
   print(f"cache size, {len(dirs)} patients: {results['cache_mib']:.1f} MiB")
-  for row in results["augmented"]:
-    print(f"augmented 128^3 samples/s, {row['num_workers']} workers: "
+  full = results["cache_build_full"]
+  print(f"cache build: {full['total_s']} s for {len(dirs)} patients, peak RSS "
+        f"{full['peak_rss_mib']} MiB (after imports {full['rss_after_imports_mib']}), "
+        f"bytes/patient mean {full['bytes_per_patient']['mean']} "
+        f"min {full['bytes_per_patient']['min']} max {full['bytes_per_patient']['max']}")
+  for row in sum(results["augmented_by_downsample"].values(), []):
+    print(f"augmented {row['grid']}^3 samples/s, {row['num_workers']} workers: "
           f"{row['samples_per_s']:.1f}  (CPU ms/sample: main {row['main_cpu_ms_per_sample']}, "
           f"workers {row['workers_cpu_ms_per_sample']})")
   print(f"wrote {args.json}")
