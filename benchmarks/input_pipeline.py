@@ -143,9 +143,12 @@ from randose_jax.data import cache
 
 
 def status_kib(field):
-  for line in open("/proc/self/status"):
-    if line.startswith(field + ":"):
-      return int(line.split()[1])
+  try:
+    for line in open("/proc/self/status"):
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  except OSError:
+    return None  # not Linux
 
 
 config = default_config.get_default_config()
@@ -154,8 +157,11 @@ rss_imports = status_kib("VmRSS")
 # Linux: reset the peak RSS (VmHWM) to the current RSS, so what follows is
 # the build's peak (ru_maxrss cannot be reset, and after exec it still holds
 # the parent's peak).
-with open("/proc/self/clear_refs", "w") as f:
-  f.write("5")
+try:
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+except OSError:
+  pass  # then the peak below may include the imports' (it is their RSS at least)
 wall, cpu = time.perf_counter(), time.process_time()
 built = cache.build_cache(args["dirs"], args["folder"], config.data)
 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -259,8 +265,10 @@ def main():
         "total_s": [round(b["wall_s"], 2) for b in builds],
         "cpu_s": [round(b["cpu_s"], 2) for b in builds],
         # Peak resident memory of the building process (imports included).
-        "peak_rss_mib": [round(b["peak_rss_kib"] / 1024, 1) for b in builds],
-        "rss_after_imports_mib": [round(b["rss_imports_kib"] / 1024, 1) for b in builds],
+        "peak_rss_mib": [b["peak_rss_kib"] and round(b["peak_rss_kib"] / 1024, 1)
+                         for b in builds],
+        "rss_after_imports_mib": [b["rss_imports_kib"] and round(
+            b["rss_imports_kib"] / 1024, 1) for b in builds],
         "bytes_per_patient": {"mean": int(sizes.mean()), "min": int(sizes.min()),
                               "max": int(sizes.max())},
         "total_bytes": int(sizes.sum())}

@@ -149,6 +149,10 @@ def _cli(argv) -> int:
 def test_command_line_check_and_errors(small_root, archive, tmp_path, capsys):
   assert _cli(["check", f"--archive={archive}", f"--root={small_root}"]) == 0
   assert "2 patients equal to the CSVs" in capsys.readouterr().out
+  assert _cli(["unpack", f"--archive={archive}", f"--cache_dir={tmp_path / 'ok'}",
+               "--workers=2"]) == 0  # in worker processes
+  config = default_config.get_default_config()
+  assert len(cache_lib.open_cache(tmp_path / "ok" / "validation-pats", config.data)) == 1
   damaged = _damaged(archive, tmp_path, size=archive.stat().st_size - 1)
   assert _cli(["unpack", f"--archive={damaged}", f"--cache_dir={tmp_path / 'c'}"]) == 2
   err = capsys.readouterr().err.strip().splitlines()

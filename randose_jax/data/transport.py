@@ -1,15 +1,15 @@
 r"""A compact archive of OpenKBP patients, to carry data with the code.
 
 A rented GPU host receives the code and the data in one transfer of at most
-64 MiB; the patient cache (`cache.py`, about 0.5 MiB per patient) of the
-200 + 40 OpenKBP patients does not fit, the CSVs (about 5 MiB per patient)
-even less. This archive holds the same patients in about 0.3 MiB each:
+64 MiB; the patient cache (`cache.py`) of the 120 + 33 OpenKBP patients
+unpacked here is 82.9 MiB, their CSVs 793 MiB. This archive holds them in
+43.0 MiB (287 KiB per patient, 58..532; benchmarks/transport_archive.py):
 
   CT, voxel sets (the CT's voxels, the possible-dose mask, the ten ROIs, the
       dose's voxels) and voxel sizes: lossless (bit-exact against the CSVs).
   dose: rounded to 10^-dose_decimals Gy, so the error is at most half of
       that: 0.005 Gy with the default `dose_decimals=2` (OpenKBP writes
-      whole mGy; `dose_decimals=3` stores those exactly, in ~25% more bytes).
+      whole mGy; `dose_decimals=3` stores those exactly: 50.4 MiB).
       Each patient's measured maximum error is recorded in the header.
 
   python -m randose_jax.data.transport pack --root=DIR --archive=F.rdt \
@@ -23,8 +23,10 @@ even less. This archive holds the same patients in about 0.3 MiB each:
 the archive trains with `config.data.root=""` and
 `config.data.cache_dir=<cache_dir>`.
 
-Encoding (DESIGN: the data are noisy, so prediction + entropy coding is what
-counts; `benchmarks/NOTES.md` has the measurements):
+Encoding (CT and dose are noisy at the stored precision, about 8 and 7 bits
+per voxel remain after prediction, so the prediction and the entropy coding
+are what count; `benchmarks/NOTES.md`, "Transport archive", has the
+measurements behind each choice):
   voxel sets: a bitmap of the grid each (numpy packbits), xz (LZMA2).
   CT (integer HU + 1024 as OpenKBP stores it): along each run of CT voxels
       on axis 2, the difference to the previous voxel (the first voxel of a
