@@ -427,8 +427,11 @@ def pack(root: str | os.PathLike, archive: str | os.PathLike, *,
 
   Raises:
     DataError: a bad patient folder (nothing is written).
-    FileExistsError: `archive` exists and overwrite is False.
+    OSError: `archive` cannot be written, or exists and overwrite is False
+      (checked before any work).
   """
+  fileio.check_output_file(archive, overwrite=overwrite,
+                           hint="pass --overwrite to replace it")
   root = Path(root)
   jobs = [(split, d) for split in splits for d in openkbp.list_patient_dirs(root / split)]
   encoded = _map(_encode_dir, [(d, dose_decimals) for _, d in jobs], workers)
@@ -442,10 +445,8 @@ def pack_patients(patients: Iterable, archive: str | os.PathLike, *,
   """Packs (split, SparsePatient) pairs (e.g. from a `PatientCache`'s
   `sparse(i)`) into one archive; see `pack`. With encoded=True the pairs
   are (split, (entry, block)) from `encode_patient`."""
-  archive = Path(archive)
-  if archive.exists() and not overwrite:
-    raise FileExistsError(f"{archive}: already exists; pass overwrite=True to "
-                          f"replace it")
+  archive = fileio.check_output_file(archive, overwrite=overwrite,
+                                     hint="pass --overwrite to replace it")
   if not 0 <= int(dose_decimals) <= 6:
     raise ValueError(f"dose_decimals={dose_decimals}: choose 0..6")
   entries, blocks, splits = [], [], {}
@@ -590,7 +591,7 @@ def unpack_to_cache(archive: str | os.PathLike | Archive, cache_root: str | os.P
       raise openkbp.DataError(f"{archive.path}: no split {split!r} (it holds "
                               f"{sorted(archive.splits)})")
   settings = cache_lib.encoding_settings(data_config)
-  cache_root = Path(cache_root)
+  cache_root = fileio.check_output_dir(cache_root)
   caches = {}
   with fileio.undo_new_files(cache_root):
     for split in splits:
