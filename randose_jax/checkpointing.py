@@ -32,6 +32,8 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data", "config", "meta")
+# Where unreadable checkpoints are moved, relative to the workdir.
+UNREADABLE_DIR = os.path.join("checkpoints", "unreadable")
 
 
 class CheckpointError(RuntimeError):
@@ -230,7 +232,7 @@ class Checkpointer:
     if set_aside and jax.process_index() == 0:
       for s, _ in unreadable:
         moved[s] = _move_aside(self.root / which / str(s),
-                               self.root / "unreadable",
+                               self.root.parent / UNREADABLE_DIR,
                                f"{which}-{s}-{_utc_stamp()}")
     for s, e in unreadable:
       where = self.root / which / str(s)

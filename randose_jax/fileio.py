@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 STAGING_PREFIX = ".randose-staging-"
 
@@ -182,15 +182,26 @@ def _tree(root: Path) -> set[str]:
 
 
 @contextlib.contextmanager
-def undo_new_files(root, enabled: bool = True) -> Iterator[None]:
+def undo_new_files(root, enabled: bool = True,
+                   keep: Sequence[str] = ()) -> Iterator[None]:
   """On an exception in the block, removes what it created under `root`.
 
   Files and folders that did not exist under `root` when the block began
   are removed (files first, then the folders, deepest first), and so are
   `root` and the ancestors the block created. Files that existed are left
   as they are (replaced contents are not restored: use atomic writes).
+  Paths under `keep` (relative to `root`), and the folders that hold them,
+  are never removed: e.g. `checkpoints/unreadable`, where an unreadable
+  checkpoint of the user's is moved during the block.
   """
   root = Path(os.path.abspath(Path(root).expanduser()))
+  kept = tuple(os.path.normpath(k) for k in keep)
+
+  def is_kept(rel: str) -> bool:
+    return any(rel == k or rel.startswith(k + os.sep) or
+               (k.startswith(rel + os.sep) and os.path.lexists(root / k))
+               for k in kept)
+
   if not enabled:
     yield
     return
@@ -204,8 +215,8 @@ def undo_new_files(root, enabled: bool = True) -> Iterator[None]:
     yield
   except BaseException:
     if root.is_dir():
-      new = sorted(_tree(root) - before, key=lambda r: r.count(os.sep),
-                   reverse=True)
+      new = sorted((r for r in _tree(root) - before if not is_kept(r)),
+                   key=lambda r: r.count(os.sep), reverse=True)
       for rel in new:
         path = root / rel
         if path.is_dir() and not path.is_symlink():

@@ -421,8 +421,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
         f"config.batch_size={config.batch_size} must be divisible by the "
         f"number of devices ({jax.device_count()}).")
   # A failure before training (a bad patient, an unreadable checkpoint)
-  # leaves the workdir as it was: no half-built cache, no empty folders.
-  with fileio.undo_new_files(workdir, enabled=jax.process_index() == 0):
+  # leaves the workdir as it was: no half-built cache, no empty folders;
+  # checkpoints moved aside as unreadable stay where they were moved.
+  with fileio.undo_new_files(workdir, enabled=jax.process_index() == 0,
+                             keep=(checkpointing.UNREADABLE_DIR,)):
     workdir.mkdir(parents=True, exist_ok=True)
     train_cache, eval_cache, eval_dir = prepare_data(config, workdir)
     trainer = Trainer.create(config, mesh)

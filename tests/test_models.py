@@ -375,8 +375,11 @@ def test_same_seed_same_params_different_seed_different():
     np.testing.assert_array_equal(a, b)
   kernels = [(a, b) for (path, a), b in zip(
       jax.tree_util.tree_leaves_with_path(p0), jax.tree_util.tree_leaves(p1))
-             if path[-1].key == "kernel"]
+             if path[-1].key == "kernel" and path[0].key != "head"]
   assert kernels and all(not np.allclose(a, b) for a, b in kernels)
+  # The head starts at zero (model.head_init='zeros', the default): every
+  # prediction starts at 0 Gy whatever the seed.
+  assert not np.any(p0["head"]["kernel"]) and not np.any(p1["head"]["kernel"])
   # alpha and beta start at their configured values.
   flat = traverse_util.flatten_dict(p0)
   assert all(float(v) == 1.0 for k, v in flat.items()

@@ -167,6 +167,31 @@ def test_corrupt_latest_is_moved_aside_and_written_again(tmp_path, caplog):
   assert len(list((tmp_path / "checkpoints" / "unreadable").iterdir())) == 1
 
 
+def test_a_failure_after_the_move_keeps_the_unreadable_checkpoint(
+    tmp_path, monkeypatch):
+  """The workdir undo of a failed start must not delete the checkpoint that
+  was just moved aside: it is the only copy of the user's folder."""
+  mesh = train.make_mesh(jax.devices()[:1])
+  config = tiny_config(eval_every_steps=100)
+  train.train_and_evaluate(config, tmp_path, mesh=mesh)
+  manifest = tmp_path / "checkpoints" / "latest" / "4" / "state" / "manifest.ocdbt"
+  garbled = np.random.default_rng(1).bytes(manifest.stat().st_size)
+  manifest.write_bytes(garbled)
+
+  def interrupted(self, which):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(checkpointing.Checkpointer, "_reopen", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, tmp_path, mesh=mesh)
+  aside = list((tmp_path / "checkpoints" / "unreadable").iterdir())
+  assert [p.name.split("-")[:2] for p in aside] == [["latest", "4"]]
+  assert (aside[0] / "state" / "manifest.ocdbt").read_bytes() == garbled
+  monkeypatch.undo()
+  train.train_and_evaluate(config, tmp_path, mesh=mesh)
+  _, got = _params_of(tmp_path, step=4)
+  assert got["step"] == 4
+
+
 def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
   mesh = train.make_mesh(jax.devices()[:1])
   config = tiny_config(eval_every_steps=100)

@@ -51,7 +51,9 @@ from randose_jax import fileio
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
 
-FORMAT_VERSION = 1
+# 2: patients whose dose CSV holds negative values are refused (version 1
+# caches may hold them), so caches written before are rebuilt.
+FORMAT_VERSION = 2
 _ENCODING_FIELDS = ("ct_clip", "ct_scale", "dose_scale", "ptv_values", "downsample")
 
 
