@@ -95,6 +95,27 @@ def test_reuse_and_rebuild_on_changes(patient_dirs, tmp_path, data_config, caplo
   assert new == {cache.entries[1]["file"]}
 
 
+def test_switching_settings_back_reuses_every_file(patient_dirs, tmp_path,
+                                                   data_config, caplog):
+  """Each (patients, settings) keeps its own manifest: a build with other
+  settings used to replace the first one's, whose files then read as
+  'not listed in any manifest' and were rebuilt."""
+  folder = tmp_path / "cache"
+  first = cache_lib.build_cache(patient_dirs, folder, data_config)
+  files = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.npz")}
+  scale = data_config.ct_scale
+  data_config.ct_scale = scale / 2
+  cache_lib.build_cache(patient_dirs, folder, data_config)
+  data_config.ct_scale = scale
+  with caplog.at_level(logging.WARNING):
+    again = cache_lib.build_cache(patient_dirs, folder, data_config)
+  assert not caplog.records, [r.getMessage() for r in caplog.records]
+  assert again.entries == first.entries
+  for name, mtime in files.items():
+    assert (folder / name).stat().st_mtime_ns == mtime, name
+  assert len(list(folder.glob("manifest-*.json"))) == 2
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "delete", "manifest"])
 def test_damaged_cache_is_rebuilt_with_a_warning(patient_dirs, tmp_path, data_config,
                                                  caplog, damage):

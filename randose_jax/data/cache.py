@@ -10,9 +10,11 @@ Layout of a cache folder:
       ct_value: int16 HU + 1024 (float32 if some value is not an integer),
       dose_value: int32 mGy (float64 Gy if some value is not a whole mGy;
           absent, with dose_index, for a patient without dose).
-  manifest-<list16>.json     one per list of patient folders: the format
-      version, the encoding settings and, per patient, its key, file name,
-      size and CRC-32.
+  manifest-<key16>.json      one per list of patient folders, encoding
+      settings and format version (`manifest_name`): the format version, the
+      settings and, per patient, its key, file name, size and CRC-32. Caches
+      of other settings may share the folder: switching settings back and
+      forth reuses every file.
 
 A patient's key hashes the format version, the encoding settings (DESIGN.md
 section 2 fields of `config.data`) and the name, size and mtime of every file
@@ -44,6 +46,7 @@ import os
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -267,12 +270,20 @@ def build_cache(patient_dirs, cache_dir: str | os.PathLike, data_config,
                         logger or logging.getLogger(__name__))
 
 
+def manifest_name(sources: Sequence[str], settings: dict) -> str:
+  """The manifest file of a cache of these patient folders (resolved paths,
+  in order) built with these encoding settings by this format version."""
+  return (f"manifest-"
+          f"{_hash({'format': FORMAT_VERSION, 'settings': settings, 'sources': list(sources)})[:16]}"
+          ".json")
+
+
 def _build_cache(patient_dirs, cache_dir: Path, data_config,
                  log: logging.Logger) -> PatientCache:
   cache_dir.mkdir(parents=True, exist_ok=True)
   settings = encoding_settings(data_config)
-  list_hash = _hash([str(p.resolve()) for p in patient_dirs])[:16]
-  manifest_path = cache_dir / f"manifest-{list_hash}.json"
+  manifest_path = cache_dir / manifest_name(
+      [str(p.resolve()) for p in patient_dirs], settings)
 
   # Files listed by any manifest here can be reused: the training and the
   # validation caches may share a folder.

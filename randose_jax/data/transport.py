@@ -601,7 +601,7 @@ def unpack_to_cache(archive: str | os.PathLike | Archive, cache_root: str | os.P
       entries = list(_map(_write_cache_file, jobs, workers))
       manifest = {"format_version": cache_lib.FORMAT_VERSION, "settings": settings,
                   "key": _hash([e["key"] for e in entries]), "patients": entries}
-      name = f"manifest-{_hash([e['source'] for e in entries])[:16]}.json"
+      name = cache_lib.manifest_name([e["source"] for e in entries], settings)
       with openkbp.atomic_output(cache_dir / name, overwrite=True) as f:
         f.write(json.dumps(manifest, indent=1).encode())
       caches[split] = cache_lib.open_cache(cache_dir, data_config)
