@@ -18,6 +18,12 @@ A variant is a comma-free name: `rowN`, `lossN` (configs/openkbp.py), or
 top-level fields), e.g. `--variant=row5_lr1e-3:learning_rate=1e-3` (one
 `--variant` per such variant: values may hold commas). Variants run one
 after another in this process, so wall times are comparable between them.
+
+A variant with a moving average of the parameters (`config.ema_decay > 0`,
+e.g. `--variant=ema:ema_decay=0.999`) is validated as training validates
+it, with the EMA (`dose_score`, `dvh_score`), and also with the trained
+parameters (`raw_dose_score`, `raw_dvh_score`), so one run measures what
+the EMA gains; the plot draws the raw scores dashed.
 """
 
 from __future__ import annotations
@@ -106,14 +112,25 @@ def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
 
   def do_eval(step):
     t = time.time()
-    scores = train.evaluate(trainer, state.params["model"], eval_cache,
+    # What training validates: the EMA when the variant keeps one.
+    scores = train.evaluate(trainer, trainer.eval_params(state), eval_cache,
                             max_patients=max_eval_patients)
-    evals.append({"step": step, "train_seconds": round(train_s, 2),
-                  "dose_score": scores["dose_score"],
-                  "dvh_score": scores["dvh_score"],
-                  "eval_seconds": round(time.time() - t, 2)})
+    entry = {"step": step, "train_seconds": round(train_s, 2),
+             "dose_score": scores["dose_score"],
+             "dvh_score": scores["dvh_score"]}
+    raw_text = ""
+    if state.ema_params is not None:
+      raw = train.evaluate(trainer, state.params["model"], eval_cache,
+                           max_patients=max_eval_patients)
+      entry.update(raw_dose_score=raw["dose_score"],
+                   raw_dvh_score=raw["dvh_score"])
+      raw_text = (f" with the EMA; trained parameters {raw['dose_score']:.3f}"
+                  f" / {raw['dvh_score']:.3f}")
+    entry["eval_seconds"] = round(time.time() - t, 2)
+    evals.append(entry)
     log(f"  [{name}] step {step}: dose score {scores['dose_score']:.3f}, DVH "
-        f"score {scores['dvh_score']:.3f} ({train_s:.0f} s of training)")
+        f"score {scores['dvh_score']:.3f}{raw_text} ({train_s:.0f} s of "
+        "training)")
 
   for step in range(1, steps + 1):
     batch = trainer.shard_batch(next(it))
@@ -142,6 +159,10 @@ def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
       break
   if not evals or evals[-1]["step"] != step:
     do_eval(step)
+  ema = {}
+  if state.ema_params is not None:
+    ema = {"final_raw_dose_score": evals[-1]["raw_dose_score"],
+           "final_raw_dvh_score": evals[-1]["raw_dvh_score"]}
   return {
       "name": name,
       "model": config.model.to_dict(),
@@ -156,6 +177,9 @@ def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
       "budget_seconds": budget_s,
       "final_dose_score": evals[-1]["dose_score"],
       "final_dvh_score": evals[-1]["dvh_score"],
+      # The scores above are the EMA's when ema_decay > 0 (as training's).
+      "ema_decay": train.ema_decay_of(config),
+      **ema,
   }
 
 
@@ -174,6 +198,10 @@ def plot(result: dict, path: pathlib.Path, window: int = 20) -> None:
                  label=run["name"])
     axes[2].plot(steps, [e["dvh_score"] for e in run["evals"]], "o-",
                  label=run["name"])
+    if "final_raw_dose_score" in run:
+      for ax, key in ((axes[1], "raw_dose_score"), (axes[2], "raw_dvh_score")):
+        ax.plot(steps, [e[key] for e in run["evals"]], "x--",
+                label=f"{run['name']} (trained params, no EMA)")
   base = result["baseline"]
   axes[1].axhline(base["dose_score"], color="gray", ls="--",
                   label="mean-dose baseline")
@@ -256,8 +284,11 @@ def main(argv=None):
     config.data.root = args.data_root
     config.data.cache_dir = first.data.cache_dir
     config.data.num_workers = 0
+    decay = train.ema_decay_of(config)
     print(f"variant {name}: widths {tuple(config.model.widths)}, lr "
-          f"{config.learning_rate}", flush=True)
+          f"{config.learning_rate}"
+          f"{f', validated with the EMA (decay {decay:g})' if decay else ''}",
+          flush=True)
     run = run_variant(
         name, config, train_cache, eval_cache, steps=args.steps,
         eval_every=args.eval_every, budget_s=args.budget_s,
@@ -265,6 +296,7 @@ def main(argv=None):
     # The keys of a run's validation_scores.json, for this variant's end.
     run.update(config=f"{args.config} {name}", dose_score=run["final_dose_score"],
                dvh_score=run["final_dvh_score"],
+               ema=run["ema_decay"] > 0,
                num_patients=result["num_eval_patients"],
                baseline_mean_dose_score=baseline["dose_score"],
                baseline_mean_dvh_score=baseline["dvh_score"],
@@ -277,8 +309,11 @@ def main(argv=None):
   print("\nvariant       steps  train s  dose   DVH   (baseline "
         f"{baseline['dose_score']:.2f} / {baseline['dvh_score']:.2f})")
   for run in result["runs"]:
+    raw = (f"  (EMA; trained parameters {run['final_raw_dose_score']:.2f} / "
+           f"{run['final_raw_dvh_score']:.2f})"
+           if "final_raw_dose_score" in run else "")
     print(f"{run['name']:<13} {run['steps']:>5} {run['train_seconds']:>8.0f} "
-          f"{run['final_dose_score']:6.2f} {run['final_dvh_score']:6.2f}")
+          f"{run['final_dose_score']:6.2f} {run['final_dvh_score']:6.2f}{raw}")
   print(f"wrote {stem}.json and {args.png or f'{stem}.png'}")
 
 

@@ -4,8 +4,9 @@ Layout under `<workdir>/checkpoints/`:
   latest/<step>/{state, data, config, meta}   kept: the last `keep` saves
   best/<step>/{state, data, config, meta}     kept: the best validation dose score
 
-`state` is the train state (step, params, optimizer state), `data` the grain
-iterator state (so a resume continues the same example stream), `config` the
+`state` is the train state (step, params, optimizer state, and `ema_params`,
+the moving average of the model parameters, only in runs with
+`config.ema_decay > 0`), `data` the grain iterator state (so a resume continues the same example stream), `config` the
 run's config and `meta` small JSON facts (step, validation scores).
 Orbax writes each save into a temporary folder and renames it when complete,
 so a run killed mid-save leaves the previous checkpoints intact.
@@ -32,6 +33,9 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data", "config", "meta")
+# The entry of the saved state that only some checkpoints hold (runs with
+# config.ema_decay > 0): the EMA of params['model'], the same tree.
+EMA_KEY = "ema_params"
 # Where unreadable checkpoints are moved, relative to the workdir.
 UNREADABLE_DIR = os.path.join("checkpoints", "unreadable")
 
@@ -181,7 +185,10 @@ class Checkpointer:
     """Restores the newest readable checkpoint (or `step`) of `which`.
 
     Returns a dict with `state`, `data`, `config`, `meta` and `step`, or None
-    when there is no checkpoint. A checkpoint that fails to read is skipped
+    when there is no checkpoint. The restored state holds `ema_params`
+    exactly when the checkpoint does, whether or not `abstract_state` asks
+    for it (a run may switch its EMA on or off between resumes; the caller
+    decides what to do). A checkpoint that fails to read is skipped
     with a one-line warning in favour of the one before it; with
     `set_aside_unreadable` (training, which will write those steps again)
     process 0 also moves each skipped folder to `checkpoints/unreadable/`
@@ -201,7 +208,8 @@ class Checkpointer:
     for s in steps:
       try:
         restored = manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
+            state=ocp.args.StandardRestore(_fit_ema_entry(
+                abstract_state, self.root / which / str(s))),
             data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
@@ -279,6 +287,42 @@ def read_config_dict(workdir, which: str = "latest",
     mgr.close()
 
 
+def saved_state_keys(state_dir) -> Optional[set]:
+  """The top-level entries of a saved `state` item (None if unreadable)."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return set(handler.metadata(pathlib.Path(state_dir)).tree.keys())
+  except Exception:  # pylint: disable=broad-except
+    return None  # the restore itself then reports what is wrong
+  finally:
+    handler.close()
+
+
+def _fit_ema_entry(abstract_state, step_dir: pathlib.Path):
+  """`abstract_state` with `ema_params` present exactly when the checkpoint
+  at `step_dir` holds it (orbax restores only an identical tree): dropped
+  when the checkpoint has none (written with the EMA off), added as the
+  shape of `params['model']` when it has one the caller did not ask for."""
+  if not isinstance(abstract_state, dict):
+    return abstract_state
+  saved = saved_state_keys(step_dir / "state")
+  if saved is None:
+    return abstract_state
+  if EMA_KEY in abstract_state and EMA_KEY not in saved:
+    return {k: v for k, v in abstract_state.items() if k != EMA_KEY}
+  if (EMA_KEY in saved and EMA_KEY not in abstract_state
+      and isinstance(abstract_state.get("params"), dict)
+      and "model" in abstract_state["params"]):
+    return dict(abstract_state, **{EMA_KEY: abstract_state["params"]["model"]})
+  return abstract_state
+
+
 def as_saveable(state) -> dict[str, Any]:
-  return {"step": state.step, "params": state.params,
-          "opt_state": state.opt_state}
+  """The train state as saved: `ema_params` only when the run keeps an EMA
+  (with the EMA off, the tree is exactly what earlier versions saved)."""
+  out = {"step": state.step, "params": state.params,
+         "opt_state": state.opt_state}
+  ema = getattr(state, EMA_KEY, None)
+  if ema is not None:
+    out[EMA_KEY] = ema
+  return out

@@ -124,6 +124,14 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.lr_schedule = "constant"  # constant | cosine
   config.warmup_steps = 0
   config.grad_clip_norm = 0.0  # 0 = no clipping
+  # Exponential moving average of the model parameters (not the loss's
+  # region weights), updated every step: ema = d * ema + (1 - d) * params,
+  # starting from the initial parameters, with d = min(ema_decay, (1 + t) /
+  # (10 + t)) at step t (so early steps are not dominated by the initial
+  # weights). When on, the validations (scores, best checkpoint), predict
+  # and export use the EMA; it is saved with the checkpoints. 0 = off (the
+  # paper's recipe); e.g. 0.999. Must be in [0, 1).
+  config.ema_decay = 0.0
   config.batch_size = 2  # global, over all devices and hosts
   config.num_train_steps = 80_000
   config.log_every_steps = 50

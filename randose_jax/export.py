@@ -6,7 +6,8 @@ r"""Export a trained model as a self-contained inference artifact.
 The artifact is one zip file:
   model.jaxexport   `jax.export` serialization of the forward pass (StableHLO)
                     with a symbolic batch size, for CPU and CUDA;
-  params.msgpack    the model parameters (flax msgpack);
+  params.msgpack    the model parameters (flax msgpack): their moving
+                    average when the run kept one (config.ema_decay > 0);
   meta.json         input keys/channels, grid, dose scale, versions.
 `load(path)` runs it without building the model (no Flax module code needed):
 
@@ -145,7 +146,7 @@ def export_workdir(workdir, output, checkpoint="best", tta=False,
                                           conv_impl=conv_impl)
   config = restored.config
   grid = _training_grid(config)
-  model_params = restored.params["model"]
+  model_params = restored.model_params  # the EMA when the run kept one
   exported = export_model(restored.trainer.model, model_params, grid, tta=tta,
                           swap_parotids=config.data.swap_parotids,
                           platforms=platforms)
@@ -160,6 +161,7 @@ def export_workdir(workdir, output, checkpoint="best", tta=False,
       "platforms": list(exported.platforms),
       "checkpoint": restored.which,
       "checkpoint_step": restored.step,
+      "ema": restored.uses_ema,
       "conv_impl": config.model.conv_impl,
       "jax_version": jax.__version__,
       "config": json.loads(config.to_json_best_effort()),

@@ -7,7 +7,8 @@ r"""Predict dose for patient folders with a trained workdir.
 Writes `pt_*.csv` (the OpenKBP submission format, Gy, masked, clipped at 0)
 and `<output>.zip` for the leaderboard; NIfTI / DICOM RT Dose files beside
 them when asked. Patient folders need no dose.csv; when every patient has
-one, the dose score and DVH score are printed too.
+one, the dose score and DVH score are printed too. A run trained with
+`config.ema_decay > 0` predicts with the moving average of its parameters.
 
 Nothing is written until every patient has been read and checked and every
 prediction made: the files are staged beside --output and moved into place
@@ -131,14 +132,14 @@ def predict_patients(restored: restore.Restored, patient_dirs, output_dir, *,
   t0 = time.time()
   summary = {"num_patients": len(patient_dirs), "checkpoint": restored.which,
              "checkpoint_step": restored.step, "tta": bool(tta),
-             "output": str(output_dir)}
+             "ema": restored.uses_ema, "output": str(output_dir)}
   with fileio.StagedOutput() as stage:
     staged = stage.dir(output_dir)
     staged_plots = stage.dir(plots_dir) if plots_dir else None
     for d in patient_dirs:
       patient = openkbp.load_patient(d)
       example = encoding.encode_patient(patient, config.data)
-      (pred,) = trainer.predict_local(restored.params["model"], [example], tta)
+      (pred,) = trainer.predict_local(restored.model_params, [example], tta)
       dose = encoding.decode_dose(pred, patient.possible_dose_mask,
                                   config.data)
       if "csv" in formats:
@@ -193,6 +194,7 @@ def main(argv):
       mesh=train.make_mesh(jax.local_devices()), conv_impl=FLAGS.conv_impl)
   print(f"Predicting {len(dirs)} patients with the {restored.which} "
         f"checkpoint (step {restored.step}) of {FLAGS.workdir}"
+        f"{' (its EMA parameters)' if restored.uses_ema else ''}"
         f"{' with 4-flip TTA' if FLAGS.tta else ''}", flush=True)
   summary = predict_patients(
       restored, dirs, out, tta=FLAGS.tta, formats=formats,

@@ -1,4 +1,9 @@
-"""Rebuild a trained model from its workdir: config + parameters."""
+"""Rebuild a trained model from its workdir: config + parameters.
+
+`Restored.model_params` are the parameters to predict with: the moving
+average of the model parameters when the checkpoint holds one (a run with
+`config.ema_decay > 0`), else the trained parameters.
+"""
 
 import dataclasses
 import pathlib
@@ -14,9 +19,20 @@ from randose_jax.default_config import ConfigError
 class Restored:
   config: ml_collections.ConfigDict
   trainer: Any  # train.Trainer
-  params: Any  # {'model': ..., 'loss': ...}
+  params: Any  # {'model': ..., 'loss': ...}: the trained parameters
   step: int
   which: str
+  ema_params: Any = None  # the EMA of params['model'], when saved
+
+  @property
+  def uses_ema(self) -> bool:
+    return self.ema_params is not None
+
+  @property
+  def model_params(self):
+    """What predict and export use: the EMA when saved, else the trained
+    model parameters."""
+    return self.ema_params if self.uses_ema else self.params["model"]
 
 
 def parse_checkpoint_flag(value: str) -> tuple[str, Optional[int]]:
@@ -72,4 +88,5 @@ def restore_from_workdir(workdir, checkpoint: str = "best",
   if got is None:
     raise checkpointing.CheckpointError(f"{workdir}: no {which} checkpoint")
   return Restored(config=config, trainer=trainer, params=got["state"]["params"],
-                  step=int(got["step"]), which=which)
+                  step=int(got["step"]), which=which,
+                  ema_params=got["state"].get(checkpointing.EMA_KEY))

@@ -46,9 +46,14 @@ PRNG_IMPL = "rbg"
 
 @flax.struct.dataclass
 class TrainState:
+  """The whole training state. `ema_params` (the exponential moving average
+  of `params['model']`, float32) exists only when `config.ema_decay > 0`;
+  with the EMA off it is None, which adds no leaf: the state, the step and
+  the checkpoints are exactly those of a run without the option."""
   step: jax.Array
   params: Any  # {'model': ..., 'loss': ...}
   opt_state: Any
+  ema_params: Any = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -93,6 +98,42 @@ def create_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
   return tx, schedule
 
 
+def ema_decay_of(config) -> float:
+  """`config.ema_decay` checked (0 <= decay < 1); 0 for a config without
+  the field (a run saved before the option existed)."""
+  value = config.get("ema_decay", 0.0)
+  try:
+    decay = float(value)
+  except (TypeError, ValueError):
+    decay = math.nan
+  if isinstance(value, bool) or not 0.0 <= decay < 1.0:
+    raise ConfigError(f"config.ema_decay={value!r}: must be >= 0 and < 1 "
+                      "(0 = no moving average of the parameters; e.g. 0.999)")
+  return decay
+
+
+def ema_update(ema, params, decay: float, step):
+  """One step of the moving average: `d * ema + (1 - d) * params`, float32.
+
+  `step` is the number of updates the parameters had before this one (the
+  train state's step before the increment) and `d = min(decay, (1 + step)
+  / (10 + step))`: 0.1 at the first update, 0.5 at step 8, `decay` from
+  step ~10 / (1 - decay) on (8,990 for 0.999). Without this warm-up the
+  average of a short run would still weigh the initial parameters heavily
+  (0.999^1500 = 22% after 1,500 steps); with it the average covers roughly
+  the last min(t, 1 / (1 - decay)) steps.
+  """
+  t = jnp.asarray(step, jnp.float32)
+  d = jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+  return jax.tree.map(
+      lambda e, p: d * e + (1.0 - d) * p.astype(jnp.float32), ema, params)
+
+
+def _copy_float32(tree):
+  """A fresh float32 copy (its own buffers: the train step donates both)."""
+  return jax.tree.map(lambda x: jnp.copy(x.astype(jnp.float32)), tree)
+
+
 def dummy_inputs(model_config, batch: int = 1, grid=None) -> dict:
   """Zeros shaped like the model inputs; parameters do not depend on the
   grid, so the smallest valid grid (2^(S-1) per axis) is used by default."""
@@ -124,6 +165,7 @@ class Trainer:
 
   @classmethod
   def create(cls, config, mesh: Optional[Mesh] = None) -> "Trainer":
+    ema_decay_of(config)
     tx, schedule = create_optimizer(config)
     return cls(config=config, model=models.create_model(config.model),
                loss_module=losses.create_loss(config.loss), tx=tx,
@@ -137,10 +179,16 @@ class Trainer:
   def data_sharding(self) -> NamedSharding:
     return NamedSharding(self.mesh, P("data"))
 
+  @property
+  def ema_decay(self) -> float:
+    """`config.ema_decay` (0: no moving average of the parameters)."""
+    return ema_decay_of(self.config)
+
   def _init_state(self, rng) -> TrainState:
     params = init_params(self.model, self.loss_module, self.config.model, rng)
+    ema = _copy_float32(params["model"]) if self.ema_decay else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.tx.init(params))
+                      opt_state=self.tx.init(params), ema_params=ema)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the state, without computing it."""
@@ -153,6 +201,30 @@ class Trainer:
     """The initial state, created already replicated by a jitted init."""
     return jax.jit(self._init_state, out_shardings=self.replicated)(
         jax.random.key(seed, impl=PRNG_IMPL))
+
+  @staticmethod
+  def eval_params(state: TrainState):
+    """The model parameters validation uses: the EMA when the state has one,
+    else the trained parameters."""
+    if state.ema_params is not None:
+      return state.ema_params
+    return state.params["model"]
+
+  def fit_ema(self, state: TrainState, source: str) -> TrainState:
+    """`state` (restored from `source`) with the EMA this run keeps: the
+    saved one, or (EMA on, none saved) one started from the restored model
+    parameters, or (EMA off) none. A change is said in one line."""
+    if self.ema_decay and state.ema_params is None:
+      _say(f"config.ema_decay={self.ema_decay:g}: {source} holds no moving "
+           "average of the parameters; the EMA starts from its parameters.")
+      return state.replace(ema_params=jax.jit(
+          _copy_float32, out_shardings=self.replicated)(
+              state.params["model"]))
+    if not self.ema_decay and state.ema_params is not None:
+      _say(f"config.ema_decay=0: the moving average of the parameters in "
+           f"{source} is not used (validation uses the trained parameters).")
+      return state.replace(ema_params=None)
+    return state
 
   # ------------------------------------------------------------- the step
   def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
@@ -170,6 +242,10 @@ class Trainer:
         state.params)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ema = None
+    if self.ema_decay:
+      ema = ema_update(state.ema_params, params["model"], self.ema_decay,
+                       state.step)
     metrics = dict(metrics)
     metrics.update(
         loss=loss, finite=jnp.isfinite(loss),
@@ -177,7 +253,7 @@ class Trainer:
         param_norm=_tree_norm(params["model"]),
         learning_rate=self.schedule(state.step))
     return TrainState(step=state.step + 1, params=params,
-                      opt_state=opt_state), metrics
+                      opt_state=opt_state, ema_params=ema), metrics
 
   @functools.cached_property
   def jit_train_step(self):
@@ -392,6 +468,7 @@ def _restore_or_init(trainer: Trainer, ckpt: checkpointing.Checkpointer,
                  ckpt.root)
     print(f"Resuming from checkpoint at step {step} ({ckpt.root})",
           flush=True)
+    state = trainer.fit_ema(state, f"the checkpoint at step {step}")
     return state, restored, step
   state = trainer.init_state(config.seed)
   if config.init_checkpoint:
@@ -403,8 +480,14 @@ def _restore_or_init(trainer: Trainer, ckpt: checkpointing.Checkpointer,
       raise checkpointing.CheckpointError(
           f"config.init_checkpoint={config.init_checkpoint}: no checkpoint")
     state = state.replace(params=TrainState(**got["state"]).params)
+    if trainer.ema_decay:  # the EMA starts from the loaded parameters
+      state = state.replace(ema_params=jax.jit(
+          _copy_float32, out_shardings=trainer.replicated)(
+              state.params["model"]))
     print(f"Initialised parameters from {config.init_checkpoint} "
-          f"(step {got['step']})", flush=True)
+          f"(step {got['step']})"
+          f"{'; the EMA starts from them' if trainer.ema_decay else ''}",
+          flush=True)
   return state, None, 0
 
 
@@ -416,6 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
   for comparison, of the mean-training-dose baseline.
   """
   workdir = pathlib.Path(workdir).expanduser()
+  ema_decay_of(config)
   if config.batch_size % jax.device_count():
     raise ConfigError(
         f"config.batch_size={config.batch_size} must be divisible by the "
@@ -453,8 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
   logging.info("Training %s on %d devices (%d processes), local batch %d",
                config.model.name, jax.device_count(), jax.process_count(),
                local_batch)
-  if jax.process_index() == 0:
-    print(training_plan(config, len(eval_cache), start_step), flush=True)
+  _say(training_plan(config, len(eval_cache), start_step))
   bar = None
   if config.progress_bar and jax.process_index() == 0:
     import tqdm  # pylint: disable=g-import-not-at-top
@@ -512,7 +595,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
         _console(bar, negative_loss_note(step, summary))
       pending = []
     if do_eval:
-      scores = evaluate(trainer, state.params["model"], eval_cache,
+      scores = evaluate(trainer, trainer.eval_params(state), eval_cache,
                         max_patients=config.max_eval_patients)
       writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
       msg = (f"step {step}: validation dose score {scores['dose_score']:.4f}, "
@@ -548,11 +631,13 @@ def finish(trainer, ckpt, state, train_cache, eval_cache, workdir, config):
   """Scores the best checkpoint, writes its validation predictions + zip."""
   abstract = checkpointing.as_saveable(trainer.abstract_state())
   best = ckpt.restore(abstract, "best")
-  params = best["state"]["params"] if best else state.params
+  # The best checkpoint's EMA when it holds one (what chose it), as predict
+  # and export do.
+  final = TrainState(**best["state"]) if best else state
   best_step = best["step"] if best else int(state.step)
   out_dir = workdir / "predictions" / config.data.eval_split
   out_dir.mkdir(parents=True, exist_ok=True)
-  scores = evaluate(trainer, params["model"], eval_cache,
+  scores = evaluate(trainer, trainer.eval_params(final), eval_cache,
                     tta=config.eval_tta, max_patients=0, write_dir=out_dir)
   _barrier("predictions_written")
   zip_path = out_dir.with_suffix(".zip")
@@ -566,6 +651,7 @@ def finish(trainer, ckpt, state, train_cache, eval_cache, workdir, config):
       "dvh_score": scores["dvh_score"],
       "num_patients": scores.get("num_patients"),
       "tta": bool(config.eval_tta),
+      "ema": final.ema_params is not None,
       "baseline_mean_dose_score": baseline["dose_score"],
       "baseline_mean_dvh_score": baseline["dvh_score"],
       "predictions": str(out_dir),
@@ -576,7 +662,8 @@ def finish(trainer, ckpt, state, train_cache, eval_cache, workdir, config):
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(workdir / "validation_scores.json")
     print(f"Validation ({summary['num_patients']} patients, checkpoint step "
-          f"{best_step}): dose score {summary['dose_score']:.4f}, "
+          f"{best_step}{', EMA parameters' if summary['ema'] else ''}): "
+          f"dose score {summary['dose_score']:.4f}, "
           f"DVH score {summary['dvh_score']:.4f}\n"
           f"Baseline (mean training dose inside the mask): dose score "
           f"{summary['baseline_mean_dose_score']:.4f}, DVH score "
@@ -585,6 +672,13 @@ def finish(trainer, ckpt, state, train_cache, eval_cache, workdir, config):
     if summary["dose_score"] >= summary["baseline_mean_dose_score"]:
       print(short_run_note(config), flush=True)
   return summary
+
+
+def _say(msg: str) -> None:
+  """One line in the log and (process 0) on the console."""
+  logging.info(msg)
+  if jax.process_index() == 0:
+    print(msg, flush=True)
 
 
 def _console(bar, msg: str) -> None:
@@ -605,11 +699,17 @@ def training_plan(config, num_eval: int, start_step: int) -> str:
           f"(config.max_eval_patients)" if periodic < num_eval
           else f"all {num_eval} validation patients")
   start = f" from step {start_step}" if start_step else ""
+  decay = ema_decay_of(config)
+  which = (f"the exponential moving average of the model parameters "
+           f"(config.ema_decay={decay:g}), also in the checkpoints, predict "
+           f"and export" if decay else
+           "the trained parameters (config.ema_decay=0: no moving average)")
   return (f"Training {config.model.name} for {config.num_train_steps} steps"
           f"{start}, batch {config.batch_size}; every "
           f"{config.eval_every_steps} steps and at the end a validation "
           f"scores {some}; then the best checkpoint is scored on all "
-          f"{num_eval} and its predictions written.")
+          f"{num_eval} and its predictions written. Validation uses "
+          f"{which}.")
 
 
 def negative_loss_note(step: int, summary: dict) -> str:
