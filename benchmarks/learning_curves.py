@@ -99,7 +99,9 @@ def variant_config(base_spec: str, variant: str, overrides: list):
 
 
 def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
-                max_eval_patients, budget_s=0.0, log=print) -> dict:
+                max_eval_patients, budget_s=0.0, final_tta=False, log=print,
+                on_eval=None) -> dict:
+  """Trains one variant; `on_eval(partial)` sees the run after each eval."""
   trainer = train.Trainer.create(config)
   state = trainer.init_state(config.seed)
   ds = pipeline.train_dataset(train_cache, config, seed=config.seed)
@@ -131,6 +133,11 @@ def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
     log(f"  [{name}] step {step}: dose score {scores['dose_score']:.3f}, DVH "
         f"score {scores['dvh_score']:.3f}{raw_text} ({train_s:.0f} s of "
         "training)")
+    if on_eval is not None:
+      on_eval({"name": name, "in_progress": True, "steps": step,
+               "train_seconds": round(train_s, 2),
+               "wall_seconds": round(time.time() - t_start, 2),
+               "curve": curve, "evals": evals})
 
   for step in range(1, steps + 1):
     batch = trainer.shard_batch(next(it))
@@ -159,10 +166,22 @@ def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
       break
   if not evals or evals[-1]["step"] != step:
     do_eval(step)
-  ema = {}
+  extra = {}
   if state.ema_params is not None:
-    ema = {"final_raw_dose_score": evals[-1]["raw_dose_score"],
+    extra = {"final_raw_dose_score": evals[-1]["raw_dose_score"],
            "final_raw_dvh_score": evals[-1]["raw_dvh_score"]}
+  wall_s = time.time() - t_start
+  if final_tta:
+    # The final parameters again, with the mean of the four flipped passes
+    # (config.eval_tta): what test-time flips gain at validation.
+    t = time.time()
+    tta = train.evaluate(trainer, trainer.eval_params(state), eval_cache,
+                         tta=True, max_patients=max_eval_patients)
+    extra.update(final_tta_dose_score=tta["dose_score"],
+               final_tta_dvh_score=tta["dvh_score"],
+               final_tta_eval_seconds=round(time.time() - t, 2))
+    log(f"  [{name}] step {step} with test-time flips: dose score "
+        f"{tta['dose_score']:.3f}, DVH score {tta['dvh_score']:.3f}")
   return {
       "name": name,
       "model": config.model.to_dict(),
@@ -171,7 +190,7 @@ def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
       "steps": step,
       "compile_seconds": round(compile_s or 0.0, 2),
       "train_seconds": round(train_s, 2),
-      "wall_seconds": round(time.time() - t_start, 2),
+      "wall_seconds": round(wall_s, 2),
       "curve": curve,
       "evals": evals,
       "budget_seconds": budget_s,
@@ -179,7 +198,7 @@ def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
       "final_dvh_score": evals[-1]["dvh_score"],
       # The scores above are the EMA's when ema_decay > 0 (as training's).
       "ema_decay": train.ema_decay_of(config),
-      **ema,
+      **extra,
   }
 
 
@@ -239,6 +258,9 @@ def main(argv=None):
                  "training steps (compile and validation not counted)")
   p.add_argument("--eval_every", type=int, default=100)
   p.add_argument("--max_eval_patients", type=int, default=0)
+  p.add_argument("--final_tta", action="store_true",
+                 help="also score each variant's final parameters with "
+                 "test-time flips (final_tta_dose_score, 4x an eval)")
   p.add_argument("--json", default="")
   p.add_argument("--png", default="")
   args = p.parse_args(argv)
@@ -289,10 +311,19 @@ def main(argv=None):
           f"{config.learning_rate}"
           f"{f', validated with the EMA (decay {decay:g})' if decay else ''}",
           flush=True)
+
+    def write_partial(partial, done=tuple(result["runs"])):
+      # After every validation: a run cut short (machine gone, killed)
+      # still leaves its curve so far, marked in_progress.
+      stem.parent.mkdir(parents=True, exist_ok=True)
+      snapshot = dict(result, runs=[*done, partial])
+      pathlib.Path(f"{stem}.json").write_text(json.dumps(snapshot) + "\n")
+
     run = run_variant(
         name, config, train_cache, eval_cache, steps=args.steps,
         eval_every=args.eval_every, budget_s=args.budget_s,
-        max_eval_patients=args.max_eval_patients)
+        final_tta=args.final_tta, max_eval_patients=args.max_eval_patients,
+        on_eval=write_partial)
     # The keys of a run's validation_scores.json, for this variant's end.
     run.update(config=f"{args.config} {name}", dose_score=run["final_dose_score"],
                dvh_score=run["final_dvh_score"],

@@ -31,6 +31,7 @@ from randose_jax import restore
 from randose_jax import train
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
+from randose_jax.data import pipeline
 from randose_jax.default_config import ConfigError
 from tests.test_fault_table import DEMO, run_in_process
 from tests.test_train import REPO, tiny_config
@@ -430,3 +431,35 @@ def test_learning_curves_validates_with_the_ema_and_records_both(tmp_path):
             "title": "test"}
   lc.plot(result, tmp_path / "curves.png")
   assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_learning_curves_reports_each_eval_and_scores_final_tta(tmp_path):
+  lc = _learning_curves()
+  config = tiny_config(eval_every_steps=100)
+  train_cache, eval_cache, _ = train.prepare_data(config, tmp_path)
+  seen = []
+  run = lc.run_variant(
+      "tta", config, train_cache, eval_cache, steps=4, eval_every=2,
+      max_eval_patients=0, final_tta=True, log=lambda *_: None,
+      on_eval=lambda partial: seen.append(
+          (partial["steps"], partial["in_progress"],
+           len(partial["evals"]), len(partial["curve"]["loss"]))))
+  # A partial result after each validation, with the curve so far.
+  assert seen == [(2, True, 1, 2), (4, True, 2, 4)]
+  # The final parameters scored again with the four flipped passes: what
+  # train.evaluate(tta=True) gives for them (same batches, same seed).
+  trainer = train.Trainer.create(config)
+  state = trainer.init_state(config.seed)
+  it = iter(pipeline.train_dataset(train_cache, config, seed=config.seed))
+  for _ in range(4):
+    state, _ = trainer.jit_train_step(state, trainer.shard_batch(next(it)))
+  want = train.evaluate(trainer, trainer.eval_params(state), eval_cache,
+                        tta=True)
+  plain = train.evaluate(trainer, trainer.eval_params(state), eval_cache)
+  assert run["final_tta_dose_score"] == pytest.approx(want["dose_score"],
+                                                      rel=1e-5)
+  assert run["final_tta_dvh_score"] == pytest.approx(want["dvh_score"],
+                                                     rel=1e-5)
+  assert run["final_dose_score"] == pytest.approx(plain["dose_score"],
+                                                  rel=1e-5)
+  assert want["dose_score"] != pytest.approx(plain["dose_score"], rel=1e-6)
