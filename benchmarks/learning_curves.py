@@ -306,6 +306,9 @@ def main(argv=None):
     config.data.root = args.data_root
     config.data.cache_dir = first.data.cache_dir
     config.data.num_workers = 0
+    # A schedule (lr_schedule='cosine') spans this run's --steps; a run cut
+    # by --budget_s stops before its end.
+    config.num_train_steps = args.steps
     decay = train.ema_decay_of(config)
     print(f"variant {name}: widths {tuple(config.model.widths)}, lr "
           f"{config.learning_rate}"

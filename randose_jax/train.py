@@ -75,16 +75,22 @@ def make_mesh(devices=None) -> Mesh:
 
 def create_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
   lr = config.learning_rate
+  warmup = config.warmup_steps
+  if warmup < 0 or (warmup and warmup >= config.num_train_steps):
+    raise ConfigError(f"config.warmup_steps={warmup}: must be >= 0 and below "
+                      f"num_train_steps ({config.num_train_steps})")
   if config.lr_schedule == "constant":
     schedule = optax.constant_schedule(lr)
   elif config.lr_schedule == "cosine":
-    schedule = optax.cosine_decay_schedule(lr, max(1, config.num_train_steps))
+    # Cosine from lr to 0 over the steps after the warm-up, so that the
+    # last step (num_train_steps) trains at ~0 whatever the warm-up.
+    schedule = optax.cosine_decay_schedule(
+        lr, max(1, config.num_train_steps - warmup))
   else:
     raise ConfigError(f"config.lr_schedule: unknown {config.lr_schedule!r}")
-  if config.warmup_steps:
+  if warmup:
     schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, config.warmup_steps), schedule],
-        [config.warmup_steps])
+        [optax.linear_schedule(0.0, lr, warmup), schedule], [warmup])
   if config.optimizer == "adam":
     tx = optax.adam(schedule)
   elif config.optimizer == "adamw":
