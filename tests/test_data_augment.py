@@ -265,10 +265,12 @@ def test_planes_find_the_rows_that_hold_something(sparse_patient):
   example = encoding.encode_patient(sparse_patient, data_config)
   d, h, _ = planes["grid"]
   rows = lambda x: x.reshape(d * h, -1)
-  np.testing.assert_array_equal(planes["ct_active"], (rows(example["ct"]) != AIR).any(1))
-  np.testing.assert_array_equal(planes["target_active"], (rows(example["target"]) != 0).any(1))
+  holds = lambda x, background: (rows(x) != background).any(1)
+  np.testing.assert_array_equal(planes["ct_active"], holds(example["ct"], AIR))
+  np.testing.assert_array_equal(planes["target_active"],
+                                holds(example["target"], 0))
   masks = np.concatenate([example["oar"], example["mask"], example["ptv"]], -1)
-  np.testing.assert_array_equal(planes["codes_active"], (rows(masks) != 0).any(1))
+  np.testing.assert_array_equal(planes["codes_active"], holds(masks, 0))
   # Only those rows are stored (plus one background row).
   for key, background in (("ct", AIR), ("target", 0)):
     active = planes[key + "_active"]

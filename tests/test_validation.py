@@ -62,8 +62,8 @@ def test_model_scores_equal_the_dense_path(config_and_cache, tmp_path):
     example = encoding.encode_patient(patient, config.data)
     pred = model.predict_local(None, [example], False)[0]
     dose = encoding.decode_dose(pred, patient.possible_dose_mask, config.data)
-    written = openkbp.read_prediction_csv(tmp_path / f"{patient.patient_id}.csv",
-                                          patient.grid_shape)
+    written = openkbp.read_prediction_csv(
+        tmp_path / f"{patient.patient_id}.csv", patient.grid_shape)
     np.testing.assert_allclose(written, dose, atol=1e-3)
     return dose
 

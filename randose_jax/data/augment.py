@@ -51,8 +51,8 @@ def _plane_map(k: int, d: int, h: int, mirror: bool):
   weight goes to fill_weight (the share of the fill value).
   """
   theta = np.deg2rad(ANGLE_STEP_DEGREES * k)
-  i, j = np.meshgrid(np.arange(d, dtype=np.float64), np.arange(h, dtype=np.float64),
-                     indexing="ij")
+  i, j = np.meshgrid(np.arange(d, dtype=np.float64),
+                     np.arange(h, dtype=np.float64), indexing="ij")
   if mirror:
     j = h - 1 - j
   ci, cj = (d - 1) / 2, (h - 1) / 2
@@ -81,8 +81,8 @@ def _plane_map(k: int, d: int, h: int, mirror: bool):
     taps.append(np.where(ok, ti * h + tj, 0).astype(np.int64))
     weights.append(np.where(ok, w, 0.0))
     fill_weight += np.where(ok, 0.0, w)
-  tables = (nearest, nearest_inside, np.array(taps), np.array(weights, np.float32),
-            fill_weight.astype(np.float32))
+  tables = (nearest, nearest_inside, np.array(taps),
+            np.array(weights, np.float32), fill_weight.astype(np.float32))
   for table in tables:
     table.flags.writeable = False
   return tables
@@ -105,7 +105,8 @@ def _resample_rows(rows: np.ndarray, row_map: np.ndarray, active: np.ndarray,
     entirely background and their values; every other output row is
     background.
   """
-  nearest, nearest_inside, taps, weights, fill_weight = _plane_map(k, d, h, mirror)
+  nearest, nearest_inside, taps, weights, fill_weight = _plane_map(
+      k, d, h, mirror)
   if linear and k:
     # An output row needs computing if any of its taps holds something.
     selected = np.flatnonzero((active[taps] & (weights > 0)).any(0))
@@ -159,9 +160,9 @@ def transform(planes: dict, data_config, *, k: int = 0, mirror: bool = False,
       continue
     rows = planes[key]
     empty = rows.dtype.type(encoding.background(key, data_config))
-    selected, y = _resample_rows(rows, planes[key + "_map"],
-                                 planes[key + "_active"], empty, d, h, k, mirror,
-                                 key in _LINEAR_KEYS)
+    selected, y = _resample_rows(
+        rows, planes[key + "_map"], planes[key + "_active"], empty, d, h, k,
+        mirror, key in _LINEAR_KEYS)
     if flip_axis2:
       y = y[:, ::-1]
     if mirror and data_config.swap_parotids and key in ("oar", "codes"):

@@ -193,11 +193,12 @@ class PatientCache:
   pipeline encodes and validation scores, `evaluation.Reference.from_sparse`);
   `cache[i]` is its `encoding.encode_patient` (a dict of float32 arrays at
   the training grid, DEVELOPING.md); `reference(i)` is the dense
-  full-resolution `Patient`. All read the cache files, never the CSVs. Pickles small (paths and settings),
-  so grain worker processes can take it.
+  full-resolution `Patient`. All read the cache files, never the CSVs.
+  Pickles small (paths and settings), so grain worker processes can take it.
   """
 
-  def __init__(self, cache_dir: str | os.PathLike, entries: list[dict], settings: dict):
+  def __init__(self, cache_dir: str | os.PathLike, entries: list[dict],
+               settings: dict):
     self.cache_dir = Path(cache_dir)
     self.entries = list(entries)
     self.settings = _Settings(settings)

@@ -272,7 +272,8 @@ def encode_patient(patient: openkbp.Patient | openkbp.SparsePatient,
 
   Returns:
     dict of float32 arrays at the training grid (grid // downsample):
-    ptv (d,h,w,1), ct (d,h,w,1), oar (d,h,w,7), target (d,h,w,1), mask (d,h,w,1).
+    ptv (d,h,w,1), ct (d,h,w,1), oar (d,h,w,7), target (d,h,w,1),
+    mask (d,h,w,1).
   """
   if isinstance(patient, openkbp.Patient):
     patient = openkbp.SparsePatient.from_patient(patient)
@@ -297,7 +298,8 @@ def _upsample_linear(x: np.ndarray, axis: int, factor: int) -> np.ndarray:
   n = x.shape[axis]
   coord = (np.arange(n * factor) + 0.5) / factor - 0.5
   lower = np.floor(coord).astype(np.int64)
-  weight = (coord - lower).reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+  weight = (coord - lower).reshape(
+      [-1 if a == axis else 1 for a in range(x.ndim)])
   below = np.take(x, np.clip(lower, 0, n - 1), axis=axis)
   above = np.take(x, np.clip(lower + 1, 0, n - 1), axis=axis)
   return below + weight * (above - below)
@@ -328,8 +330,8 @@ def decode_dose(pred: np.ndarray,
   f = int(data_config.downsample)
   expected = training_grid(grid, f)
   if pred.shape != expected:
-    raise ValueError(f"prediction shape {pred.shape} does not match the training "
-                     f"grid {expected} of a {tuple(grid)} patient "
+    raise ValueError(f"prediction shape {pred.shape} does not match the "
+                     f"training grid {expected} of a {tuple(grid)} patient "
                      f"with downsample={f}")
   if f > 1:
     for axis in range(3):

@@ -107,7 +107,8 @@ def per_process_batch_size(config, process_count: int) -> int:
 
 
 def train_dataset(cache: cache_lib.PatientCache, config, *, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                  process_index: int = 0,
+                  process_count: int = 1) -> grain.IterDataset:
   """Endless shuffled, augmented training batches for this process.
 
   Args:
@@ -128,8 +129,8 @@ def train_dataset(cache: cache_lib.PatientCache, config, *, seed: int,
   ds = ds[process_index::process_count]
   ds = ds.random_map(functools.partial(_augment, data_config=data_config))
   threads = data_config.read_threads
-  read_options = grain.ReadOptions(num_threads=threads,
-                                   prefetch_buffer_size=max(threads, 1) * batch_size)
+  read_options = grain.ReadOptions(
+      num_threads=threads, prefetch_buffer_size=max(threads, 1) * batch_size)
   ds = ds.to_iter_dataset(read_options).batch(
       batch_size, drop_remainder=True, batch_fn=PackedBatch())
   if data_config.num_workers > 0:
