@@ -285,8 +285,36 @@ def encode_patient(patient: openkbp.Patient | openkbp.SparsePatient,
   for key in ("ct", "target", "codes"):
     stored[key + "_rows"] = np.flatnonzero(planes[key + "_active"])
     stored[key] = planes[key][:-1]
-  return {key: block_reduce(x[0], f, "max" if key == "mask" else "mean")
-          for key, x in unpack(stored, data_config).items()}
+  dense = {key: x[0] for key, x in unpack(stored, data_config).items()}
+  if f == 1:
+    return dense
+  # The 0/1 channels' block means and maxima come from voxel counts: sums of
+  # ones are exact in float32 in any order, so these equal `block_reduce` of
+  # the dense channels, at a fraction of the cost (oar is 7 of 11 channels).
+  grid = training_grid(patient.grid_shape, f)
+  blocks = lambda index: _block_of(index, patient.grid_shape, f)
+  num_blocks = int(np.prod(grid))
+  oar = np.bincount(np.concatenate([
+      blocks(index) * _NUM_OARS + c
+      for c, index in enumerate(patient.roi_index[:_NUM_OARS])]),
+                    minlength=num_blocks * _NUM_OARS)
+  mask = np.bincount(blocks(patient.mask_index), minlength=num_blocks)
+  return {
+      "ptv": block_reduce(dense["ptv"], f),
+      "ct": block_reduce(dense["ct"], f),
+      "oar": (oar.astype(np.float32) * np.float32(1.0 / f**3)).reshape(
+          grid + (_NUM_OARS,)),
+      "target": block_reduce(dense["target"], f),
+      "mask": (mask > 0).astype(np.float32).reshape(grid + (1,)),
+  }
+
+
+def _block_of(index: np.ndarray, grid_shape, factor: int) -> np.ndarray:
+  """The factor^3 block (C-order number) of each flat voxel index."""
+  _, h, w = training_grid(grid_shape, factor)
+  i, rest = np.divmod(index, grid_shape[1] * grid_shape[2])
+  j, k = np.divmod(rest, grid_shape[2])
+  return ((i // factor) * h + j // factor) * w + k // factor
 
 
 def _upsample_linear(x: np.ndarray, axis: int, factor: int) -> np.ndarray:
