@@ -79,6 +79,10 @@ def test_downsample_averages_blocks(patient, data_config):
                                atol=1e-7, err_msg=key)
   np.testing.assert_array_equal(half["mask"], blocks(full["mask"], 2, "max"))
   assert set(np.unique(half["mask"])) <= {0.0, 1.0}
+  # oar and mask come from voxel counts, to the bit what block_reduce gives.
+  np.testing.assert_array_equal(half["oar"], encoding.block_reduce(full["oar"], 2))
+  np.testing.assert_array_equal(half["mask"],
+                                encoding.block_reduce(full["mask"], 2, "max"))
   data_config.downsample = 3
   with pytest.raises(ValueError, match="downsample"):
     encoding.encode_patient(patient, data_config)
