@@ -20,8 +20,9 @@ The same numbers come in two forms, both made here:
     `codes` array: OAR channel c in bit c, the possible-dose mask in bit
     `MASK_BIT`, PTV56, PTV63, PTV70 in bits `PTV_SHIFT` + 0, 1, 2. A 128^3
     patient is then a few MB instead of 92.
-The dense form is the packed form unpacked, so each convention (`encoded_ct`,
-`encoded_dose`, the bits and `_code_tables`) is written once.
+The dense form is the packed form unpacked (and block-reduced at downsample
+> 1), so each convention (`encoded_ct`, `encoded_dose`, the bits and
+`_code_tables`) is written once.
 
 Planes (`encode_planes`, the input of `augment.transform`): grid (d, h, w)
 and, per array key, `<key>` (R, w, C) rows, `<key>_map` int32 (d*h,) (the
@@ -40,7 +41,9 @@ every other row is background.
 channel becomes the mean over its f^3 block (PTV and OAR channels become
 fractional occupancies, so `ptv > 0` still marks every block touching a PTV),
 except `mask`, which is the max over its block (1 where any voxel of the block
-can receive dose), so it stays 0/1 and never hides a deliverable voxel.
+can receive dose), so it stays 0/1 and never hides a deliverable voxel. (The
+0/1 channels, oar and mask, are counted per block from the voxel lists: the
+same numbers to the bit, without a dense pass.)
 `decode_dose` brings a prediction back with trilinear interpolation
 (voxel-centre aligned, edges clamped): dose is smooth, and nearest-neighbour
 blocks would add a staircase error to every voxel.
