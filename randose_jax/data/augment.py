@@ -34,7 +34,6 @@ from randose_jax.data import encoding
 
 ANGLE_STEP_DEGREES = 40
 NUM_ANGLES = 360 // ANGLE_STEP_DEGREES  # 9 beam-aligned rotations
-PAROTID_CHANNELS = (2, 3)  # RightParotid, LeftParotid in the oar input
 _LINEAR_KEYS = ("ct", "target")  # interpolated; the rest are masks
 
 
@@ -123,7 +122,7 @@ def _resample_rows(rows: np.ndarray, row_map: np.ndarray, active: np.ndarray,
 
 def _swap_parotids(key: str, y: np.ndarray) -> np.ndarray:
   """Rows (S, W, C) of oar or codes with the two parotids exchanged."""
-  right, left = PAROTID_CHANNELS
+  right, left = encoding.PAROTID_CHANNELS
   if key == "oar":
     channels = list(range(y.shape[-1]))
     channels[right], channels[left] = left, right
