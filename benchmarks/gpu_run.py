@@ -554,12 +554,13 @@ def _real_batch(config, size: int) -> dict:
 
 def host_seconds_per_batch(trainer, config, batch_np) -> float:
   """The training loop's main-thread work per step besides the step: at
-  downsample 1 unpacking the workers' row packs into float32 channels
-  (`pipeline.unpack_batch`), then the host-to-device copy (`shard_batch`);
+  downsample 1 unpacking the workers' packs into float32 channels
+  (`encoding.unpack`), then the host-to-device copy (`shard_batch`);
   median of 3. The workers' side (read, augment, pack) runs in parallel."""
   import jax  # pylint: disable=g-import-not-at-top
   from randose_jax.data import augment  # pylint: disable=g-import-not-at-top
   from randose_jax.data import cache as cache_lib  # pylint: disable=g-import-not-at-top
+  from randose_jax.data import encoding  # pylint: disable=g-import-not-at-top
   from randose_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   unpack = None
   if int(config.data.downsample) == 1:
@@ -567,14 +568,10 @@ def host_seconds_per_batch(trainer, config, batch_np) -> float:
         pathlib.Path(FLAGS.cache_dir).resolve() / config.data.train_split,
         config.data)
     source = pipeline.PlaneSource(cache)
-    fill = augment.air_value(config.data)
     packed = pipeline.PackedBatch()([
-        augment.transform_planes(source[i % len(source)],
-                                 swap_parotids=config.data.swap_parotids,
-                                 ct_fill=fill)
+        augment.transform(source[i % len(source)], config.data)
         for i in range(config.batch_size)])
-    unpack = lambda: pipeline.unpack_batch(  # pylint: disable=g-long-lambda
-        packed, ptv_values=cache.settings.ptv_values, ct_fill=fill)
+    unpack = lambda: encoding.unpack(packed, cache.settings)
   times = []
   for _ in range(3):
     t = time.perf_counter()

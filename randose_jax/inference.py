@@ -12,9 +12,9 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from randose_jax.data import encoding
+
 INPUT_KEYS = ("ptv", "ct", "oar")
-# OAR channel indices of RightParotid and LeftParotid (official ROI order).
-PAROTID_CHANNELS = (2, 3)
 # Batch axes (N, D, H, W, C): H is patient left/right, W superior/inferior.
 LR_AXIS = 2
 SI_AXIS = 3
@@ -35,7 +35,7 @@ def flip_inputs(inputs: Inputs, lr: bool, si: bool,
     if lr:
       x = jnp.flip(x, LR_AXIS)
       if key == "oar" and swap_parotids:
-        r, l = PAROTID_CHANNELS
+        r, l = encoding.PAROTID_CHANNELS
         perm = list(range(x.shape[-1]))
         perm[r], perm[l] = perm[l], perm[r]
         x = x[..., jnp.array(perm)]

@@ -399,41 +399,46 @@ def evaluate(trainer: Trainer, model_params, eval_cache, *, tta: bool = False,
   step = jax.local_device_count()
   for start in range(0, len(indices), step):
     chunk = indices[start:start + step]
+    # Each patient's file is read once: its voxel lists are encoded for the
+    # model and scored as they are (`Reference.from_sparse`), never dense.
+    patients = [eval_cache.sparse(i) for i in padded[start:start + step]]
     if constant_gy is None:
-      examples = [eval_cache[i] for i in padded[start:start + step]]
+      examples = [encoding.encode_patient(p, eval_cache.settings)
+                  for p in patients]
       preds = trainer.predict_local(model_params, examples, tta)
     else:
       preds = [None] * len(chunk)
-    _score_chunk(trainer, eval_cache, chunk, preds, evaluator, write_dir,
+    _score_chunk(trainer, chunk, patients, preds, evaluator, write_dir,
                  constant_gy)
   sums = _allreduce_sums(np.asarray(evaluator.partial_sums(), np.float64))
   return evaluation.scores_from_sums(sums)
 
 
-def _score_chunk(trainer, eval_cache, chunk, preds, evaluator, write_dir,
+def _score_chunk(trainer, chunk, patients, preds, evaluator, write_dir,
                  constant_gy):
-  for i, pred in zip(chunk, preds):
+  for i, patient, pred in zip(chunk, patients, preds):
     if i is None:
       continue
-    ref = eval_cache.reference(i)
     if constant_gy is None:
-      dose = encoding.decode_dose(pred, ref.possible_dose_mask,
-                                  trainer.config.data)
+      dose = encoding.decode_dose(pred, patient, trainer.config.data)
     else:
-      dose = np.where(ref.possible_dose_mask, constant_gy, 0.0)
-    evaluator.add(ref, dose)
+      dose = np.zeros(patient.num_voxels)
+      dose[patient.mask_index] = constant_gy
+      dose = dose.reshape(patient.grid_shape)
+    evaluator.add(patient, dose)
     if write_dir is not None:
-      openkbp.write_prediction_csv(write_dir / f"{ref.patient_id}.csv", dose,
-                                   overwrite=True)
+      openkbp.write_prediction_csv(write_dir / f"{patient.patient_id}.csv",
+                                   dose, overwrite=True)
 
 
 def mean_training_dose(train_cache) -> float:
   """Mean dose (Gy) over the possible-dose voxels of all training patients."""
   total, count = 0.0, 0
   for i in range(len(train_cache)):
-    ref = train_cache.reference(i)
-    total += float(ref.dose[ref.possible_dose_mask].sum())
-    count += int(ref.possible_dose_mask.sum())
+    patient = train_cache.sparse(i)
+    on_mask = np.isin(patient.dose_index, patient.mask_index)
+    total += float(patient.dose_value[on_mask].sum())
+    count += patient.mask_index.size
   return total / max(count, 1)
 
 

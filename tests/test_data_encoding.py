@@ -79,6 +79,10 @@ def test_downsample_averages_blocks(patient, data_config):
                                atol=1e-7, err_msg=key)
   np.testing.assert_array_equal(half["mask"], blocks(full["mask"], 2, "max"))
   assert set(np.unique(half["mask"])) <= {0.0, 1.0}
+  # oar and mask come from voxel counts, to the bit what block_reduce gives.
+  np.testing.assert_array_equal(half["oar"], encoding.block_reduce(full["oar"], 2))
+  np.testing.assert_array_equal(half["mask"],
+                                encoding.block_reduce(full["mask"], 2, "max"))
   data_config.downsample = 3
   with pytest.raises(ValueError, match="downsample"):
     encoding.encode_patient(patient, data_config)
@@ -122,3 +126,20 @@ def test_downsample_then_decode_is_close(patient, data_config):
   error = np.abs(dose[patient.possible_dose_mask] - inside).mean()
   # Far better than the best constant guess, even on a coarse 16^3 phantom.
   assert error < 0.5 * np.abs(inside - np.median(inside)).mean()
+
+
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_decode_with_a_sparse_patient_equals_the_dense_mask(phantom_split,
+                                                            data_config,
+                                                            downsample):
+  """Validation decodes with the patient's voxel lists, never a dense mask."""
+  sparse = openkbp.load_sparse_patient(phantom_split / "pt_2")
+  mask = sparse.to_patient().possible_dose_mask
+  assert mask.any() and not mask.all()
+  data_config.downsample = downsample
+  grid = encoding.training_grid(sparse.grid_shape, downsample)
+  pred = np.random.default_rng(0).uniform(-1.0, 1.0, grid + (1,))
+  dense = encoding.decode_dose(pred, mask, data_config)
+  assert (dense[mask] == 0).any() and (dense[mask] > 0).any()  # clipped, kept
+  np.testing.assert_array_equal(encoding.decode_dose(pred, sparse, data_config),
+                                dense)

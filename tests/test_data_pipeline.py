@@ -1,4 +1,4 @@
-"""grain datasets: batches, determinism, checkpointable state, evaluation."""
+"""grain training datasets: batches, determinism, checkpointable state."""
 
 import numpy as np
 import pytest
@@ -58,9 +58,14 @@ def test_same_seed_same_batches(cache, config):
   assert any(not np.array_equal(x["ct"], y["ct"]) for x, y in zip(a, c))
 
 
-def test_every_patient_each_epoch_unaugmented(cache, config):
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_every_patient_each_epoch_unaugmented(phantom_split, tmp_path, config,
+                                              downsample):
   config.data.augment = False
+  config.data.downsample = downsample
   config.batch_size = 1
+  cache = cache_lib.build_cache(openkbp.list_patient_dirs(phantom_split), tmp_path,
+                                config.data)
   it = iter(pipeline.train_dataset(cache, config, seed=0))
   examples = [cache[i] for i in range(len(cache))]
   for _ in range(2):  # two epochs, each a permutation of the patients
@@ -70,6 +75,8 @@ def test_every_patient_each_epoch_unaugmented(cache, config):
                  if np.array_equal(e["target"], batch["target"][0])
                  and np.array_equal(e["ct"], batch["ct"][0])]
       assert len(matches) == 1
+      for key, x in examples[matches[0]].items():  # the encoding, unchanged
+        np.testing.assert_array_equal(batch[key][0], x, err_msg=key)
       seen.append(matches[0])
     assert sorted(seen) == list(range(len(cache)))
 
@@ -96,19 +103,6 @@ def test_processes_split_the_stream(cache, config):
     mine = [b["target"][0] for b in batches]
     for got, want in zip(mine, global_stream[p::2]):
       np.testing.assert_array_equal(got, want)
-
-
-def test_eval_dataset_visits_every_patient_once(cache, config):
-  batches = list(pipeline.eval_dataset(cache, config))
-  assert [int(b["index"][0]) for b in batches] == list(range(len(cache)))
-  for b in batches:
-    assert b["ct"].shape == (1, 16, 16, 16, 1)
-    expected = cache[int(b["index"][0])]
-    for key in expected:
-      np.testing.assert_array_equal(b[key][0], expected[key], err_msg=key)
-  shares = [[int(b["index"][0]) for b in pipeline.eval_dataset(cache, config, p, 3)]
-            for p in range(3)]
-  assert sorted(sum(shares, [])) == list(range(len(cache)))
 
 
 def test_worker_processes(cache, config):

@@ -189,25 +189,19 @@ class _Settings(dict):
 class PatientCache:
   """Encoded patients by index: a grain random-access data source.
 
-  `cache[i]` is `encoding.encode_patient` of patient i (a dict of float32
-  arrays at the training grid, DEVELOPING.md); `reference(i)` is the
-  full-resolution `Patient` (dose in Gy, masks, spacing) for scoring. Both
-  read the cache files, never the CSVs. Pickles small (paths and settings),
-  so grain worker processes can take it.
+  `sparse(i)` is patient i's voxel lists (a `SparsePatient`: what the
+  pipeline encodes and validation scores, `evaluation.Reference.from_sparse`);
+  `cache[i]` is its `encoding.encode_patient` (a dict of float32 arrays at
+  the training grid, DEVELOPING.md); `reference(i)` is the dense
+  full-resolution `Patient`. All read the cache files, never the CSVs.
+  Pickles small (paths and settings), so grain worker processes can take it.
   """
 
-  def __init__(self, cache_dir: str | os.PathLike, entries: list[dict], settings: dict,
-               compact: bool = False):
+  def __init__(self, cache_dir: str | os.PathLike, entries: list[dict],
+               settings: dict):
     self.cache_dir = Path(cache_dir)
     self.entries = list(entries)
     self.settings = _Settings(settings)
-    self.compact = compact  # see `compact_view`
-
-  def compact_view(self) -> PatientCache:
-    """The same cache whose examples give 0/1 channels as uint8
-    (`encoding.encode_patient(compact=True)`): the training pipeline passes
-    these between processes and makes them float32 after batching."""
-    return PatientCache(self.cache_dir, self.entries, self.settings, compact=True)
 
   @property
   def patient_ids(self) -> list[str]:
@@ -226,8 +220,7 @@ class PatientCache:
     return read_patient_file(self.cache_dir / entry["file"], entry)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return encoding.encode_patient(self.sparse(int(index)), self.settings,
-                                   compact=self.compact)
+    return encoding.encode_patient(self.sparse(int(index)), self.settings)
 
   def reference(self, index: int) -> openkbp.Patient:
     """Full-resolution scoring data of patient `index` (a `Patient`)."""
