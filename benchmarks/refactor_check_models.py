@@ -16,11 +16,14 @@ Run from a checkout's root; it imports that checkout's `randose_jax`:
     parameters, per conv_impl and for other options.
 --compare prints, per entry, whether the two dumps are identical: trees
 equal, arrays equal byte for byte (`tobytes`, so even the sign of a zero).
+--runs NEW OLD compares two smoke-run workdirs (`python -m randose_jax.main
+--config=configs/openkbp.py:smoke --workdir=...` in each checkout).
 Compiles with `jax_disable_most_optimizations` (as the tests do), the same
 on both sides.
 """
 
 import argparse
+import json
 import os
 import pickle
 import sys
@@ -123,7 +126,8 @@ def dump():
 
 
 def same_bytes(a, b):
-  return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+  return (a.dtype == b.dtype and a.shape == b.shape
+          and a.tobytes() == b.tobytes())
 
 
 def compare(new, old):
@@ -144,17 +148,48 @@ def compare(new, old):
     a, b = new["forward"][name], old["forward"][name]
     same = same_bytes(a, b)
     ok &= same
-    print(f"forward {name:<24} {str(a.shape):<20} "
-          f"{'BIT-IDENTICAL' if same else 'DIFFERENT, max |diff| %g' % np.abs(a.astype(np.float64) - b).max()}")
+    verdict = "BIT-IDENTICAL" if same else (
+        f"DIFFERENT, max |diff| {np.abs(a.astype(np.float64) - b).max():g}")
+    print(f"forward {name:<24} {str(a.shape):<20} {verdict}")
   print("ALL IDENTICAL" if ok else "DIFFERENCES FOUND")
+  return ok
+
+
+def compare_runs(new_dir, old_dir):
+  """Two training workdirs' metrics.jsonl and validation_scores.json: every
+  value equal (floats as written, i.e. to the bit of their repr), except
+  wall-clock timings (perf/*) and the workdir paths."""
+  ok = True
+  for name in ("metrics.jsonl", "validation_scores.json"):
+    texts = [open(os.path.join(d, name)).read() for d in (new_dir, old_dir)]
+    if name.endswith(".jsonl"):
+      rows = [[json.loads(line) for line in t.splitlines()] for t in texts]
+    else:
+      rows = [[json.loads(t)] for t in texts]
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith("perf/")
+                      and k not in ("predictions", "submission_zip")}
+    new, old = ([drop(r) for r in rs] for rs in rows)
+    values = sum(len(r) for r in new)
+    same = new == old
+    ok &= same
+    print(f"{name:<24} {len(new)} rows, {values} values (perf/* and paths "
+          f"left out): {'IDENTICAL' if same else 'DIFFERENT'}")
+    for a, b in zip(new, old):
+      for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+          print(f"  step {a.get('step')}: {key}: {a.get(key)} != {b.get(key)}")
   return ok
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--dump", required=True)
+  parser.add_argument("--dump")
   parser.add_argument("--compare", default=None)
+  parser.add_argument("--runs", nargs=2, metavar=("NEW", "OLD"),
+                      help="compare two smoke-run workdirs instead")
   args = parser.parse_args()
+  if args.runs:
+    sys.exit(0 if compare_runs(*args.runs) else 1)
   result = dump()
   with open(args.dump, "wb") as f:
     pickle.dump(result, f)

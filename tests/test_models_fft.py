@@ -32,20 +32,20 @@ def _rel_err(a, b):
   return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
 
 
-def _check_equals_direct(conv, rng, k, grid, cin, cout):
-  """conv(x, kernel, bias) equals the direct conv, forward and gradients
+def _check_equals_direct(conv_fn, rng, k, grid, cin, cout):
+  """conv_fn(x, kernel, bias) equals the direct conv, forward and gradients
   (w.r.t. x, kernel, bias, through a random cotangent)."""
   x = _rand(rng, (2, *grid, cin))
   kernel = _rand(rng, (k, k, k, cin, cout), 0.3)
   bias = _rand(rng, (cout,))
   probe = _rand(rng, (2, *grid, cout))
   direct = lambda x, w, b: conv.conv3d(x, w, b, jnp.float32)
-  y_d, y = direct(x, kernel, bias), conv(x, kernel, bias)
+  y_d, y = direct(x, kernel, bias), conv_fn(x, kernel, bias)
   assert y.shape == y_d.shape and y.dtype == jnp.float32
   assert _rel_err(y, y_d) < 1e-5
   grads = [jax.grad(lambda x, w, b, f=f: jnp.sum(f(x, w, b) * probe),
                     argnums=(0, 1, 2))(x, kernel, bias)
-           for f in (conv, direct)]
+           for f in (conv_fn, direct)]
   for a, b in zip(*grads):
     assert _rel_err(a, b) < 1e-5
 

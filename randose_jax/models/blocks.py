@@ -130,23 +130,30 @@ class ChannelSpatialAttention(nn.Module):
 CSA = ChannelSpatialAttention
 
 
-class MSCSA(nn.Module):
-  """Multi-Scale Channel Spatial Attention (paper section 2.1, Fig. 2a).
-
-  MSFE -> norm -> activation -> CSA. With `use_csa=False` it is the "MSFE
-  block" of Table 2a row 2 (MSFE -> norm -> activation): one MSFE per block,
-  so rows 2 and 3 differ by the CSA alone.
+class StageBlock(nn.Module):
+  """The fields of a block of an encoder or decoder stage (MSCSA or
+  UNetBlock): output width, whether a CSA ends it (its reduction and alpha
+  init), and the layers it is built from.
 
   x: (N, D, H, W, Cin) -> (N, D, H, W, features).
   """
   features: int
-  msfe_kernels: Sequence[int] = (3, 5, 7)
   use_csa: bool = True
   csa_reduction: int = 4
   alpha_init: float = 1.0
   conv: ModuleDef = Conv
   norm: Callable[..., Callable[[Array], Array]] = InstanceNorm
   act: Callable[[Array], Array] = nn.relu
+
+
+class MSCSA(StageBlock):
+  """Multi-Scale Channel Spatial Attention (paper section 2.1, Fig. 2a).
+
+  MSFE -> norm -> activation -> CSA. With `use_csa=False` it is the "MSFE
+  block" of Table 2a row 2 (MSFE -> norm -> activation): one MSFE per block,
+  so rows 2 and 3 differ by the CSA alone.
+  """
+  msfe_kernels: Sequence[int] = (3, 5, 7)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -157,21 +164,13 @@ class MSCSA(nn.Module):
     return x
 
 
-class UNetBlock(nn.Module):
+class UNetBlock(StageBlock):
   """The plain U-Net block of Table 2a row 1: two 3x3x3 conv-norm-act.
 
   `use_csa=True` appends a CSA (not a row of the paper; kept so that every
   combination of the config switches builds).
-
-  x: (N, D, H, W, Cin) -> (N, D, H, W, features).
   """
-  features: int
   use_csa: bool = False
-  csa_reduction: int = 4
-  alpha_init: float = 1.0
-  conv: ModuleDef = Conv
-  norm: Callable[..., Callable[[Array], Array]] = InstanceNorm
-  act: Callable[[Array], Array] = nn.relu
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
