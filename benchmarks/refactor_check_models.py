@@ -17,7 +17,9 @@ Run from a checkout's root; it imports that checkout's `randose_jax`:
 --compare prints, per entry, whether the two dumps are identical: trees
 equal, arrays equal byte for byte (`tobytes`, so even the sign of a zero).
 --runs NEW OLD compares two smoke-run workdirs (`python -m randose_jax.main
---config=configs/openkbp.py:smoke --workdir=...` in each checkout).
+--config=configs/openkbp.py:smoke --workdir=...` in each checkout);
+--exports NEW OLD two artifacts of them (`python -m randose_jax.export
+--workdir=... --output=... --tta --platforms=cpu`, each with its checkout).
 Compiles with `jax_disable_most_optimizations` (as the tests do), the same
 on both sides.
 """
@@ -27,6 +29,7 @@ import json
 import os
 import pickle
 import sys
+import zipfile
 
 sys.path.insert(0, os.getcwd())  # the checkout being measured
 
@@ -40,6 +43,7 @@ from flax import traverse_util
 
 from configs import openkbp
 import randose_jax
+from randose_jax import export
 from randose_jax import models
 
 SMALL = (4, 4, 8, 8, 8)
@@ -181,15 +185,59 @@ def compare_runs(new_dir, old_dir):
   return ok
 
 
+def compare_exports(new_path, old_path):
+  """Two `randose_jax.export` artifacts of those workdirs: the same members,
+  meta.json (but for the workdir-dependent config paths), params.msgpack
+  byte for byte, the exported function's input and output shapes, and its
+  output on one seeded input, to the bit."""
+  zips = [zipfile.ZipFile(p) for p in (new_path, old_path)]
+  ok = True
+  names = [sorted(z.namelist()) for z in zips]
+  same = names[0] == names[1]
+  ok &= same
+  print(f"members {names[0]}: {'IDENTICAL' if same else names[1]}")
+  metas = [json.loads(z.read("meta.json")) for z in zips]
+  for m in metas:
+    m["config"]["data"].pop("cache_dir", None)
+  same = metas[0] == metas[1]
+  ok &= same
+  print(f"meta.json: {'IDENTICAL' if same else 'DIFFERENT'}")
+  same = zips[0].read("params.msgpack") == zips[1].read("params.msgpack")
+  ok &= same
+  print(f"params.msgpack: {'BYTE-IDENTICAL' if same else 'DIFFERENT'}")
+  models_ = [export.load(p) for p in (new_path, old_path)]
+  avals = [(str(m.exported.in_avals), str(m.exported.out_avals))
+           for m in models_]
+  same = avals[0] == avals[1]
+  ok &= same
+  print(f"exported in/out avals {avals[0][1]}: "
+        f"{'IDENTICAL' if same else 'DIFFERENT'}")
+  rng = np.random.default_rng(0)
+  grid = models_[0].grid
+  x = {"ptv": (rng.random((1, *grid, 1)) < 0.3) * 0.9,
+       "ct": rng.normal(size=(1, *grid, 1)) * 0.5,
+       "oar": (rng.random((1, *grid, 7)) < 0.1) * 1.0}
+  ys = [m(x) for m in models_]
+  same = same_bytes(ys[0], ys[1])
+  ok &= same
+  print(f"exported output {ys[0].shape}: "
+        f"{'BIT-IDENTICAL' if same else 'DIFFERENT'}")
+  return ok
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--dump")
   parser.add_argument("--compare", default=None)
   parser.add_argument("--runs", nargs=2, metavar=("NEW", "OLD"),
                       help="compare two smoke-run workdirs instead")
+  parser.add_argument("--exports", nargs=2, metavar=("NEW", "OLD"),
+                      help="compare two exported artifacts instead")
   args = parser.parse_args()
   if args.runs:
     sys.exit(0 if compare_runs(*args.runs) else 1)
+  if args.exports:
+    sys.exit(0 if compare_exports(*args.exports) else 1)
   result = dump()
   with open(args.dump, "wb") as f:
     pickle.dump(result, f)
