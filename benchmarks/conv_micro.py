@@ -1,6 +1,6 @@
 """Forward seconds of one conv layer, direct against the FFT path per tile.
 
-The per-layer timings behind `layers.plan_conv`'s cost model and the table
+The per-layer timings behind `conv.plan_conv`'s cost model and the table
 in benchmarks/NOTES.md ("Tiled FFT and the per-layer plan"): batch 1, fp32,
 random inputs, min over --repeats calls after one warm-up, each algorithm
 jitted on its own. A case is N:CIN:COUT:KERNELS:MODES, kernels summed as in
@@ -38,7 +38,7 @@ def parse_case(text: str):
 
 
 def time_case(n, cin, cout, kernels, mode, repeats):
-  from randose_jax.models import layers
+  from randose_jax.models import conv
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(1, n, n, n, cin)), jnp.float32)
   kern = [jnp.asarray(rng.normal(size=(k, k, k, cin, cout)) * 0.01,
@@ -46,11 +46,11 @@ def time_case(n, cin, cout, kernels, mode, repeats):
   bias = jnp.zeros((cout,))
   if mode == "direct":
     k_max = max(kernels)
-    fn = lambda x, w: layers.conv3d(
-        x, sum(layers._pad_kernel(k, k_max) for k in w), bias, jnp.float32)
+    fn = lambda x, w: conv.conv3d(
+        x, sum(conv.pad_kernel(k, k_max) for k in w), bias, jnp.float32)
   else:
     tile = None if mode == "whole" else int(mode)
-    fn = lambda x, w: layers.conv3d_fft(x, [w], bias, jnp.float32, tile)
+    fn = lambda x, w: conv.conv3d_fft(x, [w], bias, jnp.float32, tile)
   t0 = time.perf_counter()
   compiled = jax.jit(fn).lower(x, kern).compile()
   compile_s = time.perf_counter() - t0

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-# flax.linen.InstanceNorm / GroupNorm as randose_jax.models.layers uses them.
+# flax.linen.InstanceNorm / GroupNorm as randose_jax.models uses them.
 NORM_EPSILON = 1e-5
 
 ACTIVATIONS = {"relu": F.relu, "leaky_relu": lambda x: F.leaky_relu(x, 0.01),

@@ -56,8 +56,8 @@ def remat_fft_convs() -> None:
   """Experiment switch (--remat_fft): wrap every FFT conv in
   `jax.checkpoint` saving nothing, so its tile spectra are recomputed in
   the backward pass instead of kept."""
-  from randose_jax.models import layers
-  plain = layers.conv3d_fft
+  from randose_jax.models import conv
+  plain = conv.conv3d_fft
 
   def rematted(x, kernels, bias, dtype, tile=None):
     fn = jax.checkpoint(lambda x, kernels, bias: plain(x, kernels, bias,
@@ -65,7 +65,7 @@ def remat_fft_convs() -> None:
                         policy=jax.checkpoint_policies.nothing_saveable)
     return fn(x, kernels, bias)
 
-  layers.conv3d_fft = rematted
+  conv.conv3d_fft = rematted
 
 
 class JaxStep:

@@ -67,9 +67,9 @@ def restore_from_workdir(workdir, checkpoint: str = "best",
   quarter of the memory of the CPU's FFT plan (benchmarks/NOTES.md).
   """
   from randose_jax import train  # pylint: disable=g-import-not-at-top
-  from randose_jax.models import layers  # pylint: disable=g-import-not-at-top
+  from randose_jax.models import conv  # pylint: disable=g-import-not-at-top
   if conv_impl is not None:
-    layers.check_conv_impl(conv_impl)
+    conv.check_conv_impl(conv_impl)
   workdir = check_workdir(workdir)
   which, step = parse_checkpoint_flag(checkpoint)
   ckpt = checkpointing.Checkpointer(workdir, keep=1, async_save=False)

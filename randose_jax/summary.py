@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 from absl import app
 from absl import flags
+import flax.linen as nn
 import jax
 from jax.extend import core as jex_core
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ import numpy as np
 from randose_jax import cli
 from randose_jax import logs
 from randose_jax import models
-from randose_jax.models import layers
+from randose_jax.models import conv as conv_lib
 
 FLAGS = flags.FLAGS
 
@@ -224,17 +225,33 @@ def summarize(model_config, grid: Sequence[int] | int = 128,
 
 def conv_plan(model_config, grid: Sequence[int] | int = 128,
               batch: int = 1) -> list[dict[str, Any]]:
-  """How each k^3 conv of `create_model(model_config)` is computed on this
-  backend (`layers.plan_conv` under `model_config.conv_impl`), in network
-  order: one dict per conv layer (input shape, kernels, cout, algorithm,
-  tile, estimated seconds), from a trace (nothing runs)."""
+  """How each k^3 conv (k > 1) of `create_model(model_config)` is computed on
+  this backend (`conv.plan_conv` under `model_config.conv_impl`), in network
+  order: one dict per conv layer (`conv.plan_record`: input shape, kernels,
+  cout, algorithm, tile, estimated seconds), from a trace (nothing runs).
+  Every plan is made by `conv.Conv.plan`, which this intercepts; 1x1x1 convs
+  are always direct and not listed."""
   grid = (grid,) * 3 if isinstance(grid, int) else tuple(grid)
   model = models.create_model(model_config)
   inputs = abstract_inputs(grid, batch=batch)
-  with layers.recording_plans() as records:
+  records = []
+
+  def record(next_fun, args, kwargs, context):
+    plan = next_fun(*args, **kwargs)
+    if (isinstance(context.module, conv_lib.Conv)
+        and context.method_name == "plan"):
+      layer = context.module
+      x_shape, kernel_groups = args
+      if max(max(g) for g in kernel_groups) > 1:
+        records.append(conv_lib.plan_record(
+            layer.impl, x_shape, kernel_groups, layer.features,
+            layer.fuse_sums, plan))
+    return plan
+
+  with nn.intercept_methods(record):
     jax.eval_shape(
         lambda x: model.init(jax.random.key(0, impl="rbg"), x), inputs)
-  return list(records)
+  return records
 
 
 def format_conv_plan(records: list[dict[str, Any]]) -> str:
@@ -286,7 +303,7 @@ def main(argv):
   if FLAGS.plan:
     print(f"conv plan, conv_impl={FLAGS.config.model.conv_impl!r}, backend "
           f"{jax.default_backend()}, batch {FLAGS.batch}, {FLAGS.grid}^3 "
-          "(estimates are CPU forward seconds; layers.plan_conv):")
+          "(estimates are CPU forward seconds; conv.plan_conv):")
     print(format_conv_plan(conv_plan(FLAGS.config.model, FLAGS.grid,
                                      FLAGS.batch)))
     return

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from randose_jax import train
+from randose_jax.default_config import ConfigError
 from randose_jax.data import cache as cache_lib
 from randose_jax.data import openkbp
 
@@ -64,9 +65,8 @@ def test_head_init(head_init):
 def test_unknown_head_init_is_an_error():
   config = openkbp_configs.get_config("smoke")
   config.model.head_init = "ones"
-  trainer = train.Trainer.create(config)
-  with pytest.raises(ValueError, match="model.head_init"):
-    trainer.init_state(0)
+  with pytest.raises(ConfigError, match="model.head_init"):
+    train.Trainer.create(config)
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@ compiled); numerical tests fill the params with seeded random values instead
 of calling `init`, whose random-number code is slow to compile on CPU.
 """
 
+import functools
+
 import jax
 
 # Quick CPU compiles; must precede the first compilation.
@@ -193,12 +195,51 @@ def test_options_change_the_tree_as_documented():
         jax.tree_util.tree_structure(params))
 
 
+def test_create_model_is_randose_of_the_config_fields():
+  config = model_config(5, TINY, conv_impl="fft", norm="group")
+  model = models.create_model(config)
+  for field in models.randose.MODEL_FIELDS:
+    assert getattr(model, field) == config[field], field
+  # RANDose's defaults are the default config's, so a field a saved config
+  # lacks takes the value it would have had.
+  defaults = default_config.get_default_config().model
+  assert set(defaults) == set(models.randose.MODEL_FIELDS) | {"name"}
+  for field in models.randose.MODEL_FIELDS:
+    assert getattr(models.RANDose(), field) == defaults[field], field
+  # A config read back from JSON holds lists.
+  as_json = dict(config, widths=list(TINY), msfe_kernels=[3, 5])
+  assert models.create_model(as_json).widths == TINY
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("colour", "red", "model.colour: unknown field"),
+    ("name", "unet", "model.name: unknown 'unet'"),
+    ("activation", "swish", "model.activation: unknown 'swish'"),
+    ("norm", "batch", "model.norm: unknown 'batch'"),
+    ("dtype", "float16", "model.dtype: unknown 'float16'"),
+    ("conv_impl", "winograd", "model.conv_impl: unknown 'winograd'"),
+    ("down", "stride", "model.down: unknown 'stride'"),
+    ("up", "pixelshuffle", "model.up: unknown 'pixelshuffle'"),
+    ("pi_resize", "cubic", "model.pi_resize: unknown 'cubic'"),
+    ("head_init", "ones", "model.head_init: unknown 'ones'"),
+    ("msfe_kernels", (3, 4), "model.msfe_kernels: sizes must be odd"),
+    ("widths", (), "model.widths"),
+    ("blocks_per_stage", 0, "model.blocks_per_stage"),
+])
+def test_create_model_names_a_bad_field(field, value, match):
+  config = dict(model_config(5, TINY), **{field: value})
+  with pytest.raises(default_config.ConfigError, match=match) as error:
+    models.create_model(config)
+  assert "\n" not in str(error.value)  # one line
+
+
 # --------------------------------------------------------- the forward pass
 
 
 @pytest.fixture(scope="module")
 def row5_run():
-  """One real row-5 forward on an odd grid, with every intermediate."""
+  """One real row-5 forward on an odd grid, with every intermediate; and
+  the jitted forward, for more inputs of the same shapes."""
   grid = (16, 8, 16)
   model = models.create_model(model_config(5, (2, 4, 4, 8)))
   inputs = make_inputs(grid)
@@ -206,18 +247,32 @@ def row5_run():
   apply = jax.jit(lambda p, x: model.apply(
       {"params": p}, x, capture_intermediates=True, mutable=["intermediates"]))
   out, state = apply(params, inputs)
-  return inputs, out, state["intermediates"]
+  return inputs, out, state["intermediates"], lambda x: apply(params, x)[0]
 
 
 def test_forward_is_finite_and_depends_on_inputs(row5_run):
-  _, out, _ = row5_run
+  inputs, out, _, forward = row5_run
   assert out.shape == (2, 16, 8, 16, 1) and out.dtype == jnp.float32
   assert np.all(np.isfinite(out))
-  assert np.std(np.asarray(out)) > 1e-4  # not a constant map
+  scale = np.std(np.asarray(out))
+  assert scale > 1e-4  # not a constant map
+  # Each input matters: changing it alone changes the prediction.
+  rng = np.random.default_rng(11)
+  changed = {
+      "ptv": inputs["ptv"] * 0.5,  # lower prescription levels
+      "ct": inputs["ct"] + jnp.asarray(rng.normal(size=inputs["ct"].shape),
+                                       jnp.float32),
+      "oar": inputs["oar"].at[..., 0].set(1 - inputs["oar"][..., 0]),
+  }
+  for key, value in changed.items():
+    other = forward({**inputs, key: value})
+    assert np.all(np.isfinite(other))
+    diff = np.abs(np.asarray(other) - np.asarray(out)).max()
+    assert diff > 1e-2 * scale, (key, diff, scale)
 
 
 def test_attention_maps_strictly_between_0_and_1(row5_run):
-  _, _, inter = row5_run
+  _, _, inter, _ = row5_run
   maps = [v for path, v in traverse_util.flatten_dict(inter).items()
           if path[-1] == "attention"]
   # Spatial: 2 per CSA; channel: 1 per CSA; PI: 7 per stage.
@@ -231,7 +286,7 @@ def test_attention_maps_strictly_between_0_and_1(row5_run):
 
 
 def test_pi_resizes_ptv_features_to_each_stage_grid(row5_run):
-  inputs, _, inter = row5_run
+  inputs, _, inter, _ = row5_run
   f_p = np.asarray(inter["stem_ptv"]["__call__"][0])  # (N, D, H, W, w0)
   n, d, h, w, c = f_p.shape
   assert (d, h, w) == inputs["ptv"].shape[1:4]
@@ -267,7 +322,8 @@ def test_pi_resize_is_accurate_in_bfloat16():
   f_p = jnp.asarray(1 + 0.1 * rng.normal(size=(1, 16, 16, 16, 3)),
                     jnp.bfloat16)
   f_e = jnp.ones((1, 2, 2, 2, 2), jnp.bfloat16)
-  pi = models.PTVIntegration(4, (3,), dtype=jnp.bfloat16)
+  pi = models.PTVIntegration(
+      4, (3,), conv=functools.partial(models.Conv, dtype=jnp.bfloat16))
   params = random_params(
       jax.eval_shape(pi.init, jax.random.key(0), f_e, f_p)["params"])
   out, state = pi.apply({"params": params}, f_e, f_p,
@@ -285,8 +341,9 @@ def test_pi_resize_is_accurate_in_bfloat16():
 def _msfe_case(seed):
   x = jnp.asarray(np.random.default_rng(seed).normal(size=(2, 8, 6, 8, 3)),
                   jnp.float32)
-  unfused = models.MSFE(5, (3, 5, 7), fused=False)
-  fused = models.MSFE(5, (3, 5, 7), fused=True)
+  unfused = models.MSFE(5, (3, 5, 7))
+  fused = models.MSFE(5, (3, 5, 7),
+                      functools.partial(models.Conv, fuse_sums=True))
   abstract = jax.eval_shape(unfused.init, jax.random.key(0), x)["params"]
   assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(
       jax.eval_shape(fused.init, jax.random.key(0), x)["params"])

@@ -6,10 +6,13 @@ cross-correlation with zero padding, so it must agree with
 its gradients w.r.t. the input and the kernel.
 """
 
+import functools
+
 import jax
 
 jax.config.update("jax_disable_most_optimizations", True)
 
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ from flax import traverse_util
 
 from randose_jax import default_config
 from randose_jax import models
-from randose_jax.models import layers
+from randose_jax.models import conv
 
 
 def _rand(rng, shape, scale=1.0):
@@ -29,20 +32,20 @@ def _rel_err(a, b):
   return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
 
 
-def _check_equals_direct(conv, rng, k, grid, cin, cout):
-  """conv(x, kernel, bias) equals the direct conv, forward and gradients
+def _check_equals_direct(conv_fn, rng, k, grid, cin, cout):
+  """conv_fn(x, kernel, bias) equals the direct conv, forward and gradients
   (w.r.t. x, kernel, bias, through a random cotangent)."""
   x = _rand(rng, (2, *grid, cin))
   kernel = _rand(rng, (k, k, k, cin, cout), 0.3)
   bias = _rand(rng, (cout,))
   probe = _rand(rng, (2, *grid, cout))
-  direct = lambda x, w, b: layers.conv3d(x, w, b, jnp.float32)
-  y_d, y = direct(x, kernel, bias), conv(x, kernel, bias)
+  direct = lambda x, w, b: conv.conv3d(x, w, b, jnp.float32)
+  y_d, y = direct(x, kernel, bias), conv_fn(x, kernel, bias)
   assert y.shape == y_d.shape and y.dtype == jnp.float32
   assert _rel_err(y, y_d) < 1e-5
   grads = [jax.grad(lambda x, w, b, f=f: jnp.sum(f(x, w, b) * probe),
                     argnums=(0, 1, 2))(x, kernel, bias)
-           for f in (conv, direct)]
+           for f in (conv_fn, direct)]
   for a, b in zip(*grads):
     assert _rel_err(a, b) < 1e-5
 
@@ -54,7 +57,7 @@ def _check_equals_direct(conv, rng, k, grid, cin, cout):
 def test_fft_conv_equals_direct_forward_and_gradients(k, grid, cin, cout):
   rng = np.random.default_rng(k * 100 + grid[0] * 10 + cin)
   _check_equals_direct(
-      lambda x, w, b: layers.conv3d_fft(x, [[w]], b, jnp.float32),
+      lambda x, w, b: conv.conv3d_fft(x, [[w]], b, jnp.float32),
       rng, k, grid, cin, cout)
 
 
@@ -64,26 +67,26 @@ def test_fft_conv_groups_sum_within_and_concatenate_across():
   x = _rand(rng, (1, 6, 7, 8, 3))
   a, b, c = (_rand(rng, (k, k, k, 3, 4), 0.3) for k in (3, 5, 7))
   bias = _rand(rng, (8,))
-  got = layers.conv3d_fft(x, [[a, b], [c]], bias, jnp.float32)
+  got = conv.conv3d_fft(x, [[a, b], [c]], bias, jnp.float32)
   zero = jnp.zeros((4,))
   want = jnp.concatenate([
-      layers.conv3d(x, a, bias[:4], jnp.float32)
-      + layers.conv3d(x, b, zero, jnp.float32),
-      layers.conv3d(x, c, bias[4:], jnp.float32)], axis=-1)
+      conv.conv3d(x, a, bias[:4], jnp.float32)
+      + conv.conv3d(x, b, zero, jnp.float32),
+      conv.conv3d(x, c, bias[4:], jnp.float32)], axis=-1)
   assert _rel_err(got, want) < 1e-5
 
 
 def test_fft_length_is_smooth_and_long_enough():
   for n in range(1, 70):
     for k in (1, 3, 4, 7):
-      length = layers.fft_length(n, k)
+      length = conv.fft_length(n, k)
       assert length >= n + k // 2
       m = length
       for p in (2, 3, 5):
         while m % p == 0:
           m //= p
       assert m == 1
-  assert layers.fft_length(64, 7) == 72 and layers.fft_length(4, 7) == 8
+  assert conv.fft_length(64, 7) == 72 and conv.fft_length(4, 7) == 8
 
 
 @pytest.mark.parametrize("k,grid,tile", [
@@ -93,7 +96,7 @@ def test_tiled_fft_conv_equals_direct_forward_and_gradients(k, grid, tile):
   """Overlap-save over tiles (some axes tiled, others whole; odd and even k;
   tiles smaller than the kernel) is the same 'SAME' conv."""
   _check_equals_direct(
-      lambda x, w, b: layers.conv3d_fft(x, [[w]], b, jnp.float32, tile),
+      lambda x, w, b: conv.conv3d_fft(x, [[w]], b, jnp.float32, tile),
       np.random.default_rng(k * 10 + tile), k, grid, 3, 2)
 
 
@@ -105,54 +108,70 @@ def test_tiled_fft_conv_groups():
   bias = _rand(rng, (8,))
   zero = jnp.zeros((4,))
   want = jnp.concatenate([
-      layers.conv3d(x, a, bias[:4], jnp.float32)
-      + layers.conv3d(x, c, zero, jnp.float32),
-      layers.conv3d(x, b, bias[4:], jnp.float32)], axis=-1)
-  got = layers.conv3d_fft(x, [[a, c], [b]], bias, jnp.float32, tile=4)
+      conv.conv3d(x, a, bias[:4], jnp.float32)
+      + conv.conv3d(x, c, zero, jnp.float32),
+      conv.conv3d(x, b, bias[4:], jnp.float32)], axis=-1)
+  got = conv.conv3d_fft(x, [[a, c], [b]], bias, jnp.float32, tile=4)
   assert _rel_err(got, want) < 1e-5
   with pytest.raises(ValueError, match="does not divide"):
-    layers.conv3d_fft(x, [[a]], bias[:4], jnp.float32, tile=3)
+    conv.conv3d_fft(x, [[a]], bias[:4], jnp.float32, tile=3)
 
 
 def test_plan_conv():
+  """The planner against facts that hold whatever its cost constants."""
   shape = (1, 32, 32, 32, 16)
-  assert layers.plan_conv("direct", shape, [[3, 5, 7]], 16) == (
-      "direct", None)
-  algo, tile = layers.plan_conv("fft", shape, [[3, 5, 7]], 16)
-  assert algo == "fft" and tile in layers.fft_tiles((32, 32, 32))
-  # A 1x1x1 conv is never transformed.
-  assert layers.plan_conv("fft", shape, [[1]], 16) == ("direct", None)
-  # The chosen tile is the cheapest of the candidates by the estimate.
-  costs = {t: layers.fft_seconds(shape, [[3, 5, 7]], 16, t)
-           for t in layers.fft_tiles((32, 32, 32))}
-  assert costs[tile] == min(costs.values())
-  assert layers.fft_tiles((32, 32, 32)) == [None, 16, 8, 4]
-  assert layers.fft_tiles((16, 8, 12)) == [None, 4]  # 8 does not divide 12
+  # 'direct' means direct, and a 1x1x1 conv is never transformed.
+  assert conv.plan_conv("direct", shape, [[3, 5, 7]], 16) == ("direct", None)
+  for impl in ("fft", "auto"):
+    assert conv.plan_conv(impl, shape, [[1]], 16) == ("direct", None)
+  # 'fft' always takes the FFT path, with a tile that cuts the grid evenly.
+  algo, tile = conv.plan_conv("fft", shape, [[3, 5, 7]], 16)
+  assert algo == "fft" and tile in (None, 16, 8, 4)
+  # A small grid: tiles would transform more voxels ((4 + 6)^3 per 4^3 tile
+  # against 12^3 for the whole 8^3 grid) to save little spectrum, so the
+  # whole grid is taken.
+  assert conv.plan_conv("fft", (1, 8, 8, 8, 2), [[3, 5, 7]], 2) == (
+      "fft", None)
+  assert conv.fft_tiles((32, 32, 32)) == [None, 16, 8, 4]
+  assert conv.fft_tiles((16, 8, 12)) == [None, 4]  # 8 does not divide 12
+  # Paper widths at 128^3, first MSFE (48 -> 16 channels, 3/5/7): the
+  # whole-grid spectrum is 135 * 135 * 68 frequencies x 48 x 16 x 8 bytes
+  # = 7.6 GB, over the 2 GiB cap, so the plan is tiled whatever the costs.
+  assert 135 * 135 * 68 * 48 * 16 * 8 > conv.MAX_SPECTRUM_BYTES
+  algo, tile = conv.plan_conv("fft", (1, 128, 128, 128, 48), [[3, 5, 7]], 16)
+  assert algo == "fft" and tile in (64, 32, 16, 8, 4)
   if jax.default_backend() == "cpu":
-    # Paper widths at 128^3: the first MSFE is tiled (its whole-grid
-    # spectrum would be 7.6 GB); the 8^3 x 256 channel stage stays direct.
-    algo, tile = layers.plan_conv("auto", (1, 128, 128, 128, 48),
-                                  [[3, 5, 7]], 16)
+    algo, tile = conv.plan_conv("auto", (1, 128, 128, 128, 48),
+                                [[3, 5, 7]], 16)
     assert algo == "fft" and tile is not None
-    assert layers.plan_conv("auto", (1, 8, 8, 8, 256), [[3, 5, 7]], 256) == (
+    # The 8^3 x 256 channel stage stays direct (the documented plan).
+    assert conv.plan_conv("auto", (1, 8, 8, 8, 256), [[3, 5, 7]], 256) == (
         "direct", None)
   with pytest.raises(ValueError, match="conv_impl"):
-    layers.plan_conv("winograd", shape, [[3]], 16)
+    conv.plan_conv("winograd", shape, [[3]], 16)
+
+
+def test_plan_conv_auto_is_direct_off_the_cpu(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  shape = (1, 128, 128, 128, 48)
+  assert conv.plan_conv("auto", shape, [[3, 5, 7]], 16) == ("direct", None)
+  assert conv.plan_conv("fft", shape, [[3, 5, 7]], 16).algorithm == "fft"
+  assert conv.plan_transposed_conv("auto") == ("direct", None)
 
 
 def test_plan_conv_respects_the_spectrum_cap(monkeypatch):
-  monkeypatch.setattr(layers, "MAX_SPECTRUM_BYTES", 1)
+  monkeypatch.setattr(conv, "MAX_SPECTRUM_BYTES", 1)
   # Nothing fits: the smallest tile is taken.
-  assert layers.plan_conv("fft", (1, 16, 16, 16, 4), [[3]], 4) == ("fft", 4)
+  assert conv.plan_conv("fft", (1, 16, 16, 16, 4), [[3]], 4) == ("fft", 4)
 
 
-def test_resolve_conv_impl():
-  assert layers.resolve_conv_impl("direct", 7) == "direct"
-  assert layers.resolve_conv_impl("fft", 1) == "fft"
-  auto = layers.resolve_conv_impl("auto", 7)
-  assert auto == ("fft" if jax.default_backend() == "cpu" else "direct")
+def test_plan_transposed_conv():
+  assert conv.plan_transposed_conv("direct") == ("direct", None)
+  assert conv.plan_transposed_conv("fft") == ("matmul", None)
+  auto = conv.plan_transposed_conv("auto").algorithm
+  assert auto == ("matmul" if jax.default_backend() == "cpu" else "direct")
   with pytest.raises(ValueError, match="conv_impl"):
-    layers.resolve_conv_impl("winograd", 3)
+    conv.plan_transposed_conv("winograd")
 
 
 def _model_config(**overrides):
@@ -225,7 +244,7 @@ def test_model_fft_equals_direct_forward_and_gradients(overrides):
 
 def test_model_with_tiled_fft_equals_direct(monkeypatch):
   """Every FFT conv of the model forced onto the smallest tiles."""
-  monkeypatch.setattr(layers, "fft_tiles", lambda grid: [2])
+  monkeypatch.setattr(conv, "fft_tiles", lambda grid: [2])
   inputs = _inputs((8, 8, 8), batch=1)
   direct = models.create_model(_model_config(conv_impl="direct"))
   tiled = models.create_model(_model_config(conv_impl="fft"))
@@ -249,12 +268,17 @@ def test_model_init_is_the_same_for_every_impl():
 def test_upsample_matmul_equals_conv_transpose():
   rng = np.random.default_rng(2)
   x = _rand(rng, (2, 3, 4, 5, 6))
-  direct = models.Upsample(4, conv_impl="direct")
-  fft = models.Upsample(4, conv_impl="fft")
+  direct = models.Upsample(4, conv=functools.partial(conv.Conv, impl="direct"))
+  fft = models.Upsample(4, conv=functools.partial(conv.Conv, impl="fft"))
   p = direct.init(jax.random.key(0), x)
   p = jax.tree.map(lambda a: _rand(rng, a.shape), p)
   q = fft.init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, q)
+  # The direct form is flax's transposed conv, to the bit.
+  reference = nn.ConvTranspose(4, (2, 2, 2), strides=(2, 2, 2),
+                               padding="VALID")
+  np.testing.assert_array_equal(
+      direct.apply(p, x), reference.apply({"params": p["params"]["conv"]}, x))
   assert _rel_err(fft.apply(p, x), direct.apply(p, x)) < 1e-6
   g = [jax.grad(lambda p, x: jnp.sum(m.apply(p, x) ** 3), argnums=(0, 1))(p, x)
        for m in (fft, direct)]

@@ -1,5 +1,6 @@
 """Tests of randose_jax/summary.py: parameter counts and FLOPs, nothing run."""
 
+import functools
 import json
 import os
 import pathlib
@@ -54,7 +55,8 @@ def test_conv_flops_of_single_layers_match_the_hand_count():
   per_k = {k: 2 * 2 * 3 * 4 * taps(8, k) * taps(6, k) * taps(8, k)
            for k in (3, 5, 7)}
   assert summary.conv_flops(msfe.apply, p, x) == sum(per_k.values())
-  fused = models.MSFE(4, (3, 5, 7), fused=True)
+  fused = models.MSFE(4, (3, 5, 7),
+                      functools.partial(models.Conv, fuse_sums=True))
   assert summary.conv_flops(fused.apply, p, x) == per_k[7]
 
 

@@ -40,43 +40,75 @@ def _patients_without_dose(trained, tmp_path):
   return dst
 
 
-def test_tta_of_a_flip_symmetric_function_is_the_function():
-  # TTA must undo each flip: for a model that ignores its input geometry
-  # (returns the CT channel), TTA returns exactly the same thing.
-  rng = np.random.default_rng(0)
-  inputs = {"ptv": rng.uniform(size=(1, 4, 6, 8, 1)),
-            "ct": rng.uniform(size=(1, 4, 6, 8, 1)),
-            "oar": rng.uniform(size=(1, 4, 6, 8, 7))}
+# The flips written out with numpy, independently of `inference`: a batch is
+# (N, D, H, W, C) with H patient left/right (array axis 2) and W superior/
+# inferior (array axis 3); OAR channels 2 and 3 are RightParotid and
+# LeftParotid and trade places under the left/right flip.
+LR, SI = 2, 3
+OAR_LR_ORDER = [0, 1, 3, 2, 4, 5, 6]
+FLIPS = ((False, False), (False, True), (True, False), (True, True))
+
+
+def _flip_axes(lr, si):
+  return tuple(a for a, on in ((LR, lr), (SI, si)) if on)
+
+
+def _flipped(inputs, lr, si):
+  out = {k: np.flip(np.asarray(x), _flip_axes(lr, si))
+         for k, x in inputs.items()}
+  if lr:
+    out["oar"] = out["oar"][..., OAR_LR_ORDER]
+  return out
+
+
+def _inputs(batch, seed):
+  # Distinct lengths on every grid axis, so a flip on the wrong one shows.
+  rng = np.random.default_rng(seed)
+  return {"ptv": rng.uniform(size=(batch, 4, 6, 8, 1)).astype(np.float32),
+          "ct": rng.uniform(size=(batch, 4, 6, 8, 1)).astype(np.float32),
+          "oar": rng.uniform(size=(batch, 4, 6, 8, 7)).astype(np.float32)}
+
+
+def test_flips_are_the_left_right_and_superior_inferior_axes():
+  assert openkbp.ROI_NAMES[2:4] == ("RightParotid", "LeftParotid")
+  inputs = _inputs(1, 0)
+  for lr, si in FLIPS:
+    got = inference.flip_inputs(inputs, lr, si)
+    want = _flipped(inputs, lr, si)
+    for key in inputs:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    np.testing.assert_array_equal(
+        inference.unflip(inputs["ct"], lr, si),
+        np.flip(inputs["ct"], _flip_axes(lr, si)))
+  # TTA undoes each flip: a model that returns its CT input gives it back.
   out = inference.predict(lambda x: x["ct"], inputs, tta=True)
   np.testing.assert_allclose(out, inputs["ct"], rtol=1e-6)
-  # ... and the parotid channels are swapped under the left/right flip: a
-  # model that returns channel 2 sees channel 3 (flipped, then unflipped)
-  # in the two left/right-flipped passes.
-  out = inference.predict(lambda x: x["oar"][..., 2:3], inputs, tta=True)
-  np.testing.assert_allclose(
-      out[..., 0], (inputs["oar"][..., 2] + inputs["oar"][..., 3]) / 2,
-      rtol=1e-6)
+  # A model that reads the right parotid, weighted by a fixed map that does
+  # not flip with the input: the left/right passes see the left parotid,
+  # mirrored, and their predictions come back mirrored.
+  ramp = np.arange(4 * 6 * 8, dtype=np.float32).reshape(1, 4, 6, 8, 1)
+  out = inference.predict(lambda x: x["oar"][..., 2:3] * ramp, inputs,
+                          tta=True)
+  right, left = inputs["oar"][..., 2:3], inputs["oar"][..., 3:4]
+  want = (right * ramp + right * np.flip(ramp, SI)
+          + left * np.flip(ramp, LR) + left * np.flip(ramp, (LR, SI))) / 4
+  np.testing.assert_allclose(out, want, rtol=1e-6)
 
 
 def test_tta_is_the_mean_of_the_four_unflipped_predictions():
   # A model that is not flip-symmetric (cumulative sums along both flipped
-  # axes, weighted by a parotid channel): TTA must equal the explicit mean.
-  rng = np.random.default_rng(1)
-  inputs = {"ptv": rng.uniform(size=(2, 4, 6, 8, 1)).astype(np.float32),
-            "ct": rng.uniform(size=(2, 4, 6, 8, 1)).astype(np.float32),
-            "oar": rng.uniform(size=(2, 4, 6, 8, 7)).astype(np.float32)}
+  # axes, weighted by a parotid channel): TTA must equal the mean of the
+  # four predictions on the numpy-flipped inputs, flipped back.
+  inputs = _inputs(2, 1)
 
   def model(x):
     y = jnp.cumsum(jnp.cumsum(x["ct"] * x["oar"][..., 2:3], 2), 3)
     return y + x["ptv"]
 
-  want = 0.0
-  for lr in (False, True):
-    for si in (False, True):
-      want = want + inference.unflip(
-          model(inference.flip_inputs(inputs, lr, si)), lr, si)
+  want = sum(np.flip(np.asarray(model(_flipped(inputs, lr, si))),
+                     _flip_axes(lr, si)) for lr, si in FLIPS) / 4
   got = jax.jit(lambda i: inference.predict(model, i, tta=True))(inputs)
-  np.testing.assert_allclose(got, want / 4.0, rtol=1e-6)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
   plain = inference.predict(model, inputs, tta=False)
   assert np.abs(np.asarray(plain) - np.asarray(got)).max() > 1e-3
 

@@ -25,6 +25,10 @@ Every layer is convolutional, so the params do not depend on the grid: `init`
 (which runs a forward pass) is cheapest on a small input, 2^(S-1) voxels per
 axis, and the params then serve any grid.
 
+`RANDose` builds the blocks' layers once from its string fields: `conv`
+(`conv.Conv` with `conv_impl`, the compute dtype and `msfe_fused`), `norm`
+and `act`; the blocks receive them as fields.
+
 Top-level parameter groups: stem_ptv, stem_ct, stem_oar, encoder_{s}, down_{s}
 (only with down='conv'), pi_{s} (s >= 2, use_pi), up_{s}, af_{s} (use_af),
 decoder_{s} (s < S), head. Inside encoder_{s} / decoder_{s} the blocks are
@@ -32,19 +36,54 @@ blocks_0, blocks_1, ...; CSA's alpha lives at .../csa/alpha (and in AF at
 af_{s}/csa_skip/alpha, af_{s}/csa_up/alpha); AF's beta at af_{s}/beta.
 """
 
+import dataclasses
+import functools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from randose_jax.models import layers
+from randose_jax.default_config import ConfigError
+from randose_jax.models import blocks
+from randose_jax.models import conv as conv_lib
 
 Array = jax.Array
 
 _INPUT_CHANNELS = {"ptv": 1, "ct": 1, "oar": 7}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ACTIVATIONS = {
+    "relu": nn.relu,
+    "leaky_relu": nn.leaky_relu,
+    "gelu": nn.gelu,
+    "silu": nn.silu,
+}
+NORMS = ("instance", "group", "none")
 HEAD_INITS = {"lecun": nn.initializers.lecun_normal(),
               "zeros": nn.initializers.zeros_init()}
+
+
+def _identity(x: Array) -> Array:
+  return x
+
+
+def make_norm(kind: str, groups: int, dtype):
+  """The normalisation after each conv: `norm(name=...)` gives a module (or
+  the identity) applied to (N, D, H, W, C) features.
+
+  'instance': `blocks.InstanceNorm` computing in `dtype`.
+  'group': GroupNorm with gcd(groups, C) groups (also batch-free).
+  'none': identity.
+  Statistics are always reduced in float32 (flax's `force_float32_reductions`).
+  """
+  if kind == "instance":
+    return functools.partial(blocks.InstanceNorm, dtype=dtype)
+  if kind == "group":
+    return lambda name: lambda x: nn.GroupNorm(
+        num_groups=math.gcd(groups, x.shape[-1]), epsilon=1e-5, dtype=dtype,
+        param_dtype=jnp.float32, name=name)(x)
+  return lambda name: _identity
 
 
 class Stage(nn.Module):
@@ -61,8 +100,16 @@ class Stage(nn.Module):
     return x
 
 
+def _check_choice(field: str, value, choices) -> None:
+  if value not in choices:
+    raise ConfigError(f"model.{field}: unknown {value!r}; choose from "
+                      f"{sorted(choices)}")
+
+
 class RANDose(nn.Module):
-  """The Region-aware Attention Network (fields mirror `config.model`).
+  """The Region-aware Attention Network; the fields are `config.model`'s
+  (`randose_jax/default_config.py` documents them; the defaults are the
+  same). An unknown choice is a `ConfigError` naming the field.
 
   __call__(inputs) with inputs a dict of float32 arrays ptv (N,D,H,W,1),
   ct (N,D,H,W,1), oar (N,D,H,W,7), D, H, W divisible by 2^(S-1); returns the
@@ -87,32 +134,49 @@ class RANDose(nn.Module):
   down: str = "maxpool"
   up: str = "transpose"
   pi_resize: str = "avgpool"
-  dtype: Any = jnp.float32
+  dtype: Any = "float32"
   remat: bool = False
-  conv_impl: str = "direct"
+  conv_impl: str = "auto"
   head_init: str = "zeros"
+
+  def __post_init__(self):
+    if len(self.widths) < 1 or self.blocks_per_stage < 1:
+      raise ConfigError("model.widths and model.blocks_per_stage must be "
+                        "non-empty / at least 1")
+    for k in self.msfe_kernels:
+      if k % 2 != 1:
+        raise ConfigError(f"model.msfe_kernels: sizes must be odd, got {k}")
+    _check_choice("dtype", self.dtype_name, DTYPES)
+    _check_choice("norm", self.norm, NORMS)
+    _check_choice("activation", self.activation, ACTIVATIONS)
+    _check_choice("down", self.down, ("maxpool", "conv"))
+    _check_choice("up", self.up, ("transpose", "resize"))
+    _check_choice("pi_resize", self.pi_resize, ("avgpool", "linear"))
+    _check_choice("conv_impl", self.conv_impl, conv_lib.CONV_IMPLS)
+    _check_choice("head_init", self.head_init, HEAD_INITS)
+    super().__post_init__()
+
+  @property
+  def dtype_name(self) -> str:
+    """'float32' | 'bfloat16' (`dtype` may be the name or the dtype)."""
+    if isinstance(self.dtype, str):
+      return self.dtype
+    return jnp.dtype(self.dtype).name
 
   def _maybe_remat(self, cls):
     return nn.remat(cls) if self.remat else cls
 
-  def _stage(self, features: int, name: str) -> Stage:
+  def _stage(self, features: int, name: str, layers: dict) -> Stage:
     """`blocks_per_stage` blocks of the row's kind; all map to `features`."""
     if self.use_msfe:
-      cls = self._maybe_remat(layers.MSCSA)
-      kwargs = dict(msfe_kernels=tuple(self.msfe_kernels),
-                    msfe_fused=self.msfe_fused)
+      block = functools.partial(self._maybe_remat(blocks.MSCSA),
+                                msfe_kernels=tuple(self.msfe_kernels))
     else:
-      cls = self._maybe_remat(layers.UNetBlock)
-      kwargs = {}
-    kwargs["conv_impl"] = self.conv_impl
-    blocks = [
-        cls(features, use_csa=self.use_csa, csa_reduction=self.csa_reduction,
-            alpha_init=self.alpha_init, norm=self.norm,
-            norm_groups=self.norm_groups, activation=self.activation,
-            dtype=self.dtype, parent=None, **kwargs)
-        for _ in range(self.blocks_per_stage)
-    ]
-    return Stage(blocks, name=name)
+      block = self._maybe_remat(blocks.UNetBlock)
+    return Stage([
+        block(features, use_csa=self.use_csa, csa_reduction=self.csa_reduction,
+              alpha_init=self.alpha_init, parent=None, **layers)
+        for _ in range(self.blocks_per_stage)], name=name)
 
   def _check_inputs(self, inputs) -> tuple[int, int, int]:
     grid = None
@@ -137,16 +201,18 @@ class RANDose(nn.Module):
   @nn.compact
   def __call__(self, inputs) -> Array:
     self._check_inputs(inputs)
-    dtype = jnp.dtype(self.dtype)
+    dtype = DTYPES[self.dtype_name]
     widths = tuple(self.widths)
     num_stages = len(widths)
+    # The layers every block uses, built once.
+    conv = functools.partial(conv_lib.Conv, impl=self.conv_impl, dtype=dtype,
+                             fuse_sums=self.msfe_fused)
+    layers = dict(conv=conv, norm=make_norm(self.norm, self.norm_groups, dtype),
+                  act=ACTIVATIONS[self.activation])
 
     # Stem: one conv per input; F_P is kept for PI.
-    feats = {}
-    for key in ("ptv", "ct", "oar"):
-      feats[key] = layers.Conv(widths[0], self.stem_kernel, self.conv_impl,
-                               dtype, name=f"stem_{key}")(
-                                   inputs[key].astype(dtype))
+    feats = {key: conv(widths[0], self.stem_kernel, name=f"stem_{key}")(
+        inputs[key].astype(dtype)) for key in ("ptv", "ct", "oar")}
     f_p = feats["ptv"]
     x = jnp.concatenate([feats["ptv"], feats["ct"], feats["oar"]], axis=-1)
 
@@ -154,77 +220,56 @@ class RANDose(nn.Module):
     skips = []
     for s in range(1, num_stages + 1):
       if s > 1:
-        x = layers.Downsample(self.down, dtype, name=f"down_{s}")(x)
+        x = blocks.Downsample(self.down, name=f"down_{s}")(x)
         if self.use_pi:
-          pi = self._maybe_remat(layers.PTVIntegration)
-          x = pi(widths[s - 1], tuple(self.pi_kernels), self.pi_resize, dtype,
-                 self.conv_impl, name=f"pi_{s}")(x, f_p)
-      x = self._stage(widths[s - 1], name=f"encoder_{s}")(x)
+          pi = self._maybe_remat(blocks.PTVIntegration)
+          x = pi(widths[s - 1], tuple(self.pi_kernels), self.pi_resize, conv,
+                 name=f"pi_{s}")(x, f_p)
+      x = self._stage(widths[s - 1], f"encoder_{s}", layers)(x)
       skips.append(x)
 
     # Decoder: x starts as F_E,S.
     for s in range(num_stages - 1, 0, -1):
-      up = layers.Upsample(widths[s - 1], self.up, dtype, self.conv_impl,
-                           name=f"up_{s}")(x)
+      up = blocks.Upsample(widths[s - 1], self.up, conv, name=f"up_{s}")(x)
       skip = skips[s - 1]
       if self.use_af:
-        af = self._maybe_remat(layers.AttentionFusion)
-        x = af(self.csa_reduction, self.alpha_init, self.beta_init, dtype,
+        af = self._maybe_remat(blocks.AttentionFusion)
+        x = af(self.csa_reduction, self.alpha_init, self.beta_init, conv,
                name=f"af_{s}")(skip, up)
       else:
         x = jnp.concatenate([skip, up], axis=-1)
-      x = self._stage(widths[s - 1], name=f"decoder_{s}")(x)
+      x = self._stage(widths[s - 1], f"decoder_{s}", layers)(x)
 
     # Head in float32: the dose regression output needs no bf16 rounding.
     # head_init='zeros' starts every prediction at 0 (benchmarks/NOTES.md,
     # "Why the full RANDose learned slowly").
-    if self.head_init not in HEAD_INITS:
-      raise ValueError(f"model.head_init: unknown {self.head_init!r}; choose "
-                       f"from {sorted(HEAD_INITS)}")
     out = nn.Conv(1, (1, 1, 1), dtype=jnp.float32, param_dtype=jnp.float32,
                   kernel_init=HEAD_INITS[self.head_init],
                   name="head")(x.astype(jnp.float32))
     return out.astype(jnp.float32)
 
 
-def create_model(model_config) -> nn.Module:
-  """The network that `config.model` describes (DESIGN.md section 3).
+# config.model's fields: RANDose's, and `name` (which network).
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(RANDose)
+                     if f.name not in ("parent", "name"))
 
-  model_config: an ml_collections.ConfigDict (or anything with the same
-  attributes); see `randose_jax/default_config.py` for the fields.
+
+def create_model(model_config) -> RANDose:
+  """`RANDose(**config.model)` (DESIGN.md section 3).
+
+  model_config: an ml_collections.ConfigDict or a mapping with the fields of
+  `randose_jax/default_config.py`'s `config.model`; `name` must be
+  'randose' (the only network). A missing field takes RANDose's default
+  (the default config's). ConfigError names an unknown field or value.
   """
-  name = model_config.get("name", "randose")
+  # Sequences read back from a JSON config are lists; the module's are tuples.
+  fields = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in dict(model_config).items()}
+  name = fields.pop("name", "randose")
   if name != "randose":
-    raise ValueError(f"model.name: unknown {name!r}; only 'randose'")
-  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-  if model_config.dtype not in dtypes:
-    raise ValueError(f"model.dtype: unknown {model_config.dtype!r}; choose "
-                     f"from {sorted(dtypes)}")
-  if len(model_config.widths) < 1 or model_config.blocks_per_stage < 1:
-    raise ValueError("model.widths and model.blocks_per_stage must be "
-                     "non-empty / at least 1")
-  return RANDose(
-      widths=tuple(model_config.widths),
-      use_msfe=model_config.use_msfe,
-      use_csa=model_config.use_csa,
-      use_pi=model_config.use_pi,
-      use_af=model_config.use_af,
-      msfe_kernels=tuple(model_config.msfe_kernels),
-      pi_kernels=tuple(model_config.pi_kernels),
-      msfe_fused=model_config.msfe_fused,
-      stem_kernel=model_config.stem_kernel,
-      blocks_per_stage=model_config.blocks_per_stage,
-      csa_reduction=model_config.csa_reduction,
-      alpha_init=model_config.alpha_init,
-      beta_init=model_config.beta_init,
-      norm=model_config.norm,
-      norm_groups=model_config.get("norm_groups", 8),
-      activation=model_config.activation,
-      down=model_config.down,
-      up=model_config.up,
-      pi_resize=model_config.get("pi_resize", "avgpool"),
-      dtype=dtypes[model_config.dtype],
-      remat=model_config.remat,
-      conv_impl=model_config.get("conv_impl", "direct"),
-      head_init=model_config.get("head_init", "zeros"),
-  )
+    raise ConfigError(f"model.name: unknown {name!r}; only 'randose'")
+  unknown = sorted(set(fields) - set(MODEL_FIELDS))
+  if unknown:
+    raise ConfigError(f"model.{unknown[0]}: unknown field; RANDose's fields "
+                      f"are {', '.join(MODEL_FIELDS)}")
+  return RANDose(**fields)
