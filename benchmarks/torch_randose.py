@@ -1,6 +1,6 @@
 """RANDose in PyTorch: the twin of `randose_jax.models` for benchmarks.
 
-The same network as DESIGN.md section 3 and `randose_jax.models.RANDose`: the
+The same network as docs/design.md section 3 and `randose_jax.models.RANDose`: the
 same layers, defaults and parameter count, built from the same `config.model`
 fields, so that timings compare the frameworks and not two models. Module
 names mirror the Flax parameter tree (`encoder_1.blocks_0.msfe.conv_k3` is
@@ -388,7 +388,7 @@ class RANDose(nn.Module):
 
 
 class RegionAwareLoss(nn.Module):
-  """The twin of `randose_jax.losses.RegionAwareLoss` (DESIGN section 4).
+  """The twin of `randose_jax.losses.RegionAwareLoss` (docs/design.md section 4).
 
   L = L1_all + sum over regions r of exp(-s_r) * L1_r + s_r ('uncertainty',
   params log_var_<r>) or w_r * L1_r ('fixed'). Each L1 is a mean over its own

@@ -53,7 +53,7 @@ def load_config(spec: str):
 def synthetic_batch(batch: int, grid: int, seed: int = 0) -> dict:
   """Random but realistic encoded inputs, (N, C, D, H, W) float32 numpy.
 
-  PTV: nested spheres at 0.8 / 0.9 / 1.0 (DESIGN section 2); OARs: seven
+  PTV: nested spheres at 0.8 / 0.9 / 1.0 (docs/design.md section 2); OARs: seven
   binary spheres; CT in [-1, 1.5]; target: the PTV levels plus noise,
   clipped to [0, 1.1].
   """

@@ -1,6 +1,6 @@
 """RANDose on OpenKBP: the paper's recipe and its named variants.
 
-Run (the paper, DESIGN.md section 5; point data.root at the OpenKBP release):
+Run (the paper, docs/design.md section 5; point data.root at the OpenKBP release):
 
   python -m randose_jax.main --config=configs/openkbp.py \
       --config.data.root=/path/to/open-kbp/provided-data --workdir=runs/randose

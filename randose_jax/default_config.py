@@ -2,7 +2,7 @@
 
 It lives inside the package (not in `configs/`) so that a config file loaded by
 path (`--config=/any/where/openkbp.py`) can import it from an installed
-package. Every choice DESIGN.md makes where the paper is silent is a field here.
+package. Every choice docs/design.md describes where the paper is silent is a field here.
 """
 
 import ml_collections
@@ -29,7 +29,7 @@ LOSS_ROWS = {
 
 
 def get_default_config() -> ml_collections.ConfigDict:
-  """The paper's recipe on OpenKBP (DESIGN.md sections 2 to 5)."""
+  """The paper's recipe on OpenKBP (docs/design.md sections 2 to 5)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -50,12 +50,12 @@ def get_default_config() -> ml_collections.ConfigDict:
   # Integer factor the 128^3 grid is reduced by before training (1 = full
   # size). Predictions are brought back to the patient's own grid.
   data.downsample = 1
-  # Input encoding (DESIGN.md section 2).
+  # Input encoding (docs/design.md section 2).
   data.ct_clip = (-1024.0, 1500.0)  # HU
   data.ct_scale = 1000.0  # HU per unit
   data.dose_scale = 70.0  # Gy per target unit (the PTV70 prescription)
   data.ptv_values = (0.8, 0.9, 1.0)  # PTV56, PTV63, PTV70 input levels
-  # Geometry-consistent augmentation (DESIGN.md section 1); training only.
+  # Geometry-consistent augmentation (docs/design.md section 1); training only.
   data.augment = True
   data.flip_lr = True
   data.swap_parotids = True

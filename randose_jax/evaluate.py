@@ -6,7 +6,7 @@ r"""Scores a folder of predicted doses with the official OpenKBP metrics.
 
 --reference holds the patients (`pt_*/` folders with dose.csv); --predictions
 holds one `pt_*.csv` per patient, the submission format. Prints the dose score,
-then the DVH score (DESIGN.md section 6; always in that order). --json writes
+then the DVH score (docs/design.md section 6; always in that order). --json writes
 both scores, the counts and each patient's dose error; --per_roi (alias
 --per-roi) writes one row per (patient, ROI, metric). Both are replaced if
 they exist, atomically. --plots writes `<id>_slices.png` (prediction,

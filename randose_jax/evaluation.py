@@ -1,4 +1,4 @@
-"""The official OpenKBP scores: dose score and DVH score (DESIGN.md section 6).
+"""The official OpenKBP scores: dose score and DVH score (docs/design.md section 6).
 
 The numbers equal the starter kit's `DoseEvaluator`:
 

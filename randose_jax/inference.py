@@ -1,7 +1,7 @@
 """Forward passes shared by validation, `predict` and `export`.
 
 Test-time augmentation (TTA) averages the four flip combinations that map the
-nine-beam geometry onto itself (DESIGN.md section 1): left/right (grid axis 1,
+nine-beam geometry onto itself (docs/design.md section 1): left/right (grid axis 1,
 array axis 2 of a batch) and superior/inferior (grid axis 2, array axis 3).
 A left/right flip also swaps the parotid channels of the OAR input, and the
 prediction is flipped back before averaging.

@@ -1,4 +1,4 @@
-"""The Region-Aware Loss (paper section 2.4, Table 2b; DESIGN.md section 4).
+"""The Region-Aware Loss (paper section 2.4, Table 2b; docs/design.md section 4).
 
   L = L1_all + sum over r in `regions` of term_r,
 

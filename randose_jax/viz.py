@@ -4,7 +4,7 @@ Pure matplotlib object API (`matplotlib.figure.Figure` rendered by Agg): no
 pyplot, no global backend switch, nothing shown on screen; safe in scripts,
 notebooks and worker threads.
 
-Arrays follow the project's grid axes (DESIGN section 1): axis 0 anterior ->
+Arrays follow the project's grid axes (docs/design.md section 1): axis 0 anterior ->
 posterior, axis 1 patient right -> left (the assumption lives in
 `formats.AXIS_DIRECTIONS_LPS`; the orientation labels here follow it), axis 2
 superior -> inferior. Views use the radiological convention: axial and

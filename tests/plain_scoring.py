@@ -1,7 +1,7 @@
 """A plain, per-patient implementation of the official OpenKBP scores.
 
 This is the independent reference for `randose_jax.evaluation`: it follows
-DESIGN.md section 6 literally, the way the starter kit's `DoseEvaluator` does
+docs/design.md section 6 literally, the way the starter kit's `DoseEvaluator` does
 (one patient at a time, ROI by ROI, metric by metric, one `np.percentile` call
 per metric, boolean indexing of the full volume for every ROI). It imports
 nothing from `randose_jax`, so a mistake in the library cannot hide in it.

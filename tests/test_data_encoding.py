@@ -1,4 +1,4 @@
-"""DESIGN.md section 2: encode_patient and decode_dose."""
+"""docs/design.md section 2: encode_patient and decode_dose."""
 
 import numpy as np
 import pytest

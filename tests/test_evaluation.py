@@ -1,7 +1,7 @@
 """The official scores (randose_jax.evaluation) and the evaluate CLI.
 
 The vectorised scores are compared with `plain_scoring`, an independent,
-literal implementation of DESIGN.md section 6 (beside this file, no
+literal implementation of docs/design.md section 6 (beside this file, no
 randose_jax imports), to 1e-6 relative; hand-computed tiny cases pin the rules
 themselves, so a mistake shared by both cannot pass.
 """

@@ -61,7 +61,7 @@ def test_conv_flops_of_single_layers_match_the_hand_count():
 
 
 def test_conv_flops_of_the_plain_unet_match_its_architecture():
-  """Row 1 (plain U-Net) counted by hand from DESIGN.md section 3."""
+  """Row 1 (plain U-Net) counted by hand from docs/design.md section 3."""
   g, (w0, w1) = 16, (4, 8)
   # conv_flops reads conv ops: the direct algorithm (summarize() builds it
   # so itself; the FFT path computes the same math without conv ops).

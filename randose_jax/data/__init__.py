@@ -3,7 +3,7 @@
 Modules (DEVELOPING.md has the module map):
   openkbp   the OpenKBP on-disk format: reading patients, writing predictions.
   phantoms  synthetic patients written in the same layout.
-  encoding  DESIGN.md section 2: network inputs/targets (dense and packed
+  encoding  docs/design.md section 2: network inputs/targets (dense and packed
             form) and back to Gy.
   cache     a compact random-access store of patients' voxel lists.
   augment   geometry-consistent augmentation of packed examples.

@@ -1,4 +1,4 @@
-"""Geometry-consistent augmentation of encoded examples (DESIGN.md section 1).
+"""Geometry-consistent augmentation of encoded examples (docs/design.md section 1).
 
 Every plan uses nine coplanar beams at 0, 40, ..., 320 degrees about axis 2,
 so these maps send the beam set onto itself and keep the dose physically

@@ -16,7 +16,7 @@ Layout of a cache folder:
       of other settings may share the folder: switching settings back and
       forth reuses every file.
 
-A patient's key hashes the format version, the encoding settings (DESIGN.md
+A patient's key hashes the format version, the encoding settings (docs/design.md
 section 2 fields of `config.data`) and the name, size and mtime of every file
 in its folder; its file name carries the key, so changed settings or data
 give new files (the stored data does not depend on the settings, but a file

@@ -1,6 +1,6 @@
 """Network inputs and targets from a patient, and predictions back to Gy.
 
-DESIGN.md section 2, with the config fields of `config.data`:
+docs/design.md section 2, with the config fields of `config.data`:
   ptv     (D, H, W, 1): max over present PTVs of `ptv_values` (PTV56, PTV63,
           PTV70 levels; 0.8, 0.9, 1.0 by default), 0 elsewhere.
   ct      (D, H, W, 1): HU clipped to `ct_clip`, divided by `ct_scale`.

@@ -1,6 +1,6 @@
 """The OpenKBP on-disk format: reading patients, writing predictions.
 
-One folder per patient (`pt_<n>`), one sparse CSV per item (DESIGN.md section
+One folder per patient (`pt_<n>`), one sparse CSV per item (docs/design.md section
 1). A sparse CSV has the header line `,data`; each following line holds a flat
 C-order voxel index and, for `ct.csv` and `dose.csv`, a value. Mask files
 (`possible_dose_mask.csv` and the ROI files) leave the value empty.
@@ -50,7 +50,7 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class Patient:
-  """One patient at its own grid (D, H, W), axes as in DESIGN.md section 1.
+  """One patient at its own grid (D, H, W), axes as in docs/design.md section 1.
 
   Attributes:
     patient_id: folder name, e.g. "pt_10".

@@ -1,6 +1,6 @@
 """Synthetic head-and-neck patients written in the OpenKBP on-disk layout.
 
-Each phantom is a cube grid (axes as in DESIGN.md section 1: 0 anterior to
+Each phantom is a cube grid (axes as in docs/design.md section 1: 0 anterior to
 posterior, 1 left/right, 2 superior to inferior) holding an elliptic body of
 soft tissue with a spine, a mandible arc and a skull ring of bone; OARs and
 PTVs are ellipsoids. The dose is one a network can learn from the inputs:

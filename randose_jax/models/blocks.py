@@ -1,4 +1,4 @@
-"""The blocks of RANDose (paper section 2, Fig. 2; DESIGN.md section 3).
+"""The blocks of RANDose (paper section 2, Fig. 2; docs/design.md section 3).
 
 Each equation of the paper lives in one block:
   MSFE                      2.1: F_M = sum_n conv_{n x n x n}(F_In)
@@ -38,7 +38,7 @@ Array = jax.Array
 ModuleDef = Any
 
 # The normalisation after each conv by default: per-sample, per-channel
-# statistics over (D, H, W) with a learned scale and bias (DESIGN.md: batch 2
+# statistics over (D, H, W) with a learned scale and bias (docs/design.md: batch 2
 # makes batch norm a poor fit); statistics are reduced in float32.
 InstanceNorm = functools.partial(nn.InstanceNorm, epsilon=1e-5,
                                  param_dtype=jnp.float32)

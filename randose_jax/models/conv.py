@@ -1,4 +1,4 @@
-"""How the network's convolutions are computed (DESIGN.md section 3).
+"""How the network's convolutions are computed (docs/design.md section 3).
 
 The blocks of `blocks.py` receive `Conv` as a module factory (built once by
 `RANDose` as `functools.partial(Conv, impl=..., dtype=..., fuse_sums=...)`)

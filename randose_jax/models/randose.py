@@ -1,4 +1,4 @@
-"""RANDose, the network (paper section 2, Fig. 1; DESIGN.md section 3).
+"""RANDose, the network (paper section 2, Fig. 1; docs/design.md section 3).
 
 A U-shaped encoder/decoder with S = len(widths) stages, channels-last.
 
@@ -255,7 +255,7 @@ MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(RANDose)
 
 
 def create_model(model_config) -> RANDose:
-  """`RANDose(**config.model)` (DESIGN.md section 3).
+  """`RANDose(**config.model)` (docs/design.md section 3).
 
   model_config: an ml_collections.ConfigDict or a mapping with the fields of
   `randose_jax/default_config.py`'s `config.model`; `name` must be
