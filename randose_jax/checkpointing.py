@@ -28,6 +28,7 @@ import shutil
 import sys
 from typing import Any, Optional
 
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
@@ -214,7 +215,7 @@ class Checkpointer:
     for s in steps:
       try:
         if abstract_state is None:
-          target = _saved_abstract(manager, s, sharding)
+          target = _saved_abstract(self.root / which / str(s), sharding)
         else:
           target = _fit_ema_entry(abstract_state, self.root / which / str(s))
         restored = manager.restore(s, args=ocp.args.Composite(
@@ -307,9 +308,10 @@ def saved_state_keys(state_dir) -> Optional[set]:
     handler.close()
 
 
-def _saved_abstract(manager, step: int, sharding):
-  """The abstract saved state of `step`, from its metadata."""
-  metadata = manager.item_metadata(step)["state"]
+def _saved_abstract(step_dir: pathlib.Path, sharding):
+  """The abstract state saved in `step_dir`, from its metadata."""
+  metadata = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(step_dir / "state"))
   return jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
       metadata)
