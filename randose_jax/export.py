@@ -35,11 +35,11 @@ from randose_jax import fileio
 from randose_jax import inference
 from randose_jax import logs
 from randose_jax import restore
+from randose_jax.conventions import INPUT_CHANNELS
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
 
 FORMAT_VERSION = 1
-INPUT_CHANNELS = {"ptv": 1, "ct": 1, "oar": 7}
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 
 

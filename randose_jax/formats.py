@@ -52,14 +52,9 @@ from pathlib import Path
 import numpy as np
 
 from randose_jax import fileio
+from randose_jax.conventions import AXIS_DIRECTIONS_LPS
 
-# Unit vector (LPS: +x patient left, +y posterior, +z superior) along which each
-# array axis 0, 1, 2 increases. Axis 1 -> patient left is the assumption above.
-AXIS_DIRECTIONS_LPS = np.array([
-    (0.0, 1.0, 0.0),   # axis 0: anterior -> posterior
-    (1.0, 0.0, 0.0),   # axis 1: patient right -> left
-    (0.0, 0.0, -1.0),  # axis 2: superior -> inferior
-])
+# Axis 1 -> patient left is the assumption above.
 
 RT_DOSE_STORAGE = '1.2.840.10008.5.1.4.1.1.481.2'
 RT_PLAN_STORAGE = '1.2.840.10008.5.1.4.1.1.481.5'

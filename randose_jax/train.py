@@ -29,6 +29,7 @@ from randose_jax import inference
 from randose_jax import losses
 from randose_jax import models
 from randose_jax import validation
+from randose_jax.conventions import INPUT_CHANNELS
 from randose_jax.data import pipeline
 from randose_jax.data.prepare import prepare_data
 from randose_jax.default_config import ConfigError
@@ -137,9 +138,7 @@ def dummy_inputs(model_config, batch: int = 1, grid=None) -> dict:
   grid, so the smallest valid grid (2^(S-1) per axis) is used by default."""
   if grid is None:
     grid = (2 ** (len(model_config.widths) - 1),) * 3
-  shape = (batch, *grid)
-  return {"ptv": jnp.zeros(shape + (1,)), "ct": jnp.zeros(shape + (1,)),
-          "oar": jnp.zeros(shape + (7,))}
+  return {k: jnp.zeros((batch, *grid, c)) for k, c in INPUT_CHANNELS.items()}
 
 
 def init_params(model, loss_module, model_config, rng) -> dict:

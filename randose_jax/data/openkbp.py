@@ -23,17 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from randose_jax import fileio
+from randose_jax.conventions import (CT_OFFSET, GRID_SHAPE, OAR_NAMES,
+                                     ROI_NAMES, TARGET_NAMES)
 
-# Official channel order of the structure masks.
-ROI_NAMES = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid",
-             "Esophagus", "Larynx", "Mandible", "PTV56", "PTV63", "PTV70")
-OAR_NAMES = ROI_NAMES[:7]
-TARGET_NAMES = ROI_NAMES[7:]  # PTV56, PTV63, PTV70
 # Prescription of each target, Gy (the number in its name).
 PRESCRIPTIONS_GY = {"PTV56": 56.0, "PTV63": 63.0, "PTV70": 70.0}
-GRID_SHAPE = (128, 128, 128)
-# Stored CT values are HU + CT_OFFSET; air (-1024 HU) is stored as 0 = absent.
-CT_OFFSET = 1024.0
 
 CT_FILE = "ct.csv"
 DOSE_FILE = "dose.csv"
