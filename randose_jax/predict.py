@@ -191,7 +191,8 @@ def main(argv):
   check_patients(dirs)
   restored = restore.restore_from_workdir(
       FLAGS.workdir, FLAGS.checkpoint,
-      mesh=distributed.make_mesh(jax.local_devices()), conv_impl=FLAGS.conv_impl)
+      mesh=distributed.make_mesh(jax.local_devices()),
+      conv_impl=FLAGS.conv_impl)
   print(f"Predicting {len(dirs)} patients with the {restored.which} "
         f"checkpoint (step {restored.step}) of {FLAGS.workdir}"
         f"{' (its EMA parameters)' if restored.uses_ema else ''}"
