@@ -37,7 +37,6 @@ from randose_jax import logs
 from randose_jax import restore
 from randose_jax.conventions import INPUT_CHANNELS
 from randose_jax.data import encoding
-from randose_jax.data import openkbp
 
 FORMAT_VERSION = 1
 DEFAULT_PLATFORMS = ("cpu", "cuda")

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from randose_jax import fileio
-from randose_jax.conventions import (CT_OFFSET, GRID_SHAPE, OAR_NAMES,
-                                     ROI_NAMES, TARGET_NAMES)
+# The data's conventions, defined in conventions.py (and read here too).
+from randose_jax.conventions import (  # noqa: F401
+    CT_OFFSET, GRID_SHAPE, OAR_NAMES, ROI_NAMES, TARGET_NAMES)
 
 # Prescription of each target, Gy (the number in its name).
 PRESCRIPTIONS_GY = {"PTV56": 56.0, "PTV63": 63.0, "PTV70": 70.0}
