@@ -47,6 +47,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from randose_jax import train  # noqa: E402
+from randose_jax import validation  # noqa: E402
 from randose_jax.data import pipeline  # noqa: E402
 
 LOSS_KEYS = ("loss", "l1_all", "l1_ptv", "l1_oar", "grad_norm")
@@ -115,15 +116,17 @@ def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
   def do_eval(step):
     t = time.time()
     # What training validates: the EMA when the variant keeps one.
-    scores = train.evaluate(trainer, trainer.eval_params(state), eval_cache,
-                            max_patients=max_eval_patients)
+    scores = validation.evaluate(
+        trainer.predictor.with_params(trainer.eval_params(state)),
+        eval_cache, max_patients=max_eval_patients)
     entry = {"step": step, "train_seconds": round(train_s, 2),
              "dose_score": scores["dose_score"],
              "dvh_score": scores["dvh_score"]}
     raw_text = ""
     if state.ema_params is not None:
-      raw = train.evaluate(trainer, state.params["model"], eval_cache,
-                           max_patients=max_eval_patients)
+      raw = validation.evaluate(
+          trainer.predictor.with_params(state.params["model"]), eval_cache,
+          max_patients=max_eval_patients)
       entry.update(raw_dose_score=raw["dose_score"],
                    raw_dvh_score=raw["dvh_score"])
       raw_text = (f" with the EMA; trained parameters {raw['dose_score']:.3f}"
@@ -175,8 +178,9 @@ def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
     # The final parameters again, with the mean of the four flipped passes
     # (config.eval_tta): what test-time flips gain at validation.
     t = time.time()
-    tta = train.evaluate(trainer, trainer.eval_params(state), eval_cache,
-                         tta=True, max_patients=max_eval_patients)
+    tta = validation.evaluate(
+        trainer.predictor.with_params(trainer.eval_params(state)),
+        eval_cache, tta=True, max_patients=max_eval_patients)
     extra.update(final_tta_dose_score=tta["dose_score"],
                final_tta_dvh_score=tta["dvh_score"],
                final_tta_eval_seconds=round(time.time() - t, 2))
@@ -277,10 +281,8 @@ def main(argv=None):
                                                   pathlib.Path("/tmp"))
   print(f"caches ready in {time.time() - t:.1f} s: {len(train_cache)} train, "
         f"{len(eval_cache)} validation patients", flush=True)
-  trainer = train.Trainer.create(first)
-  baseline = train.evaluate(trainer, None, eval_cache,
-                            max_patients=args.max_eval_patients,
-                            constant_gy=train.mean_training_dose(train_cache))
+  baseline = validation.BaselineEvaluator.mean_training_dose(
+      eval_cache, train_cache, max_patients=args.max_eval_patients).run()
   print(f"mean-dose baseline: dose score {baseline['dose_score']:.3f}, DVH "
         f"score {baseline['dvh_score']:.3f}", flush=True)
   result = {

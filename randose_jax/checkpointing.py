@@ -28,6 +28,7 @@ import shutil
 import sys
 from typing import Any, Optional
 
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
@@ -181,7 +182,8 @@ class Checkpointer:
 
   def restore(self, abstract_state, which: str = "latest",
               step: Optional[int] = None, *,
-              set_aside_unreadable: bool = False) -> Optional[dict]:
+              set_aside_unreadable: bool = False,
+              sharding=None) -> Optional[dict]:
     """Restores the newest readable checkpoint (or `step`) of `which`.
 
     Returns a dict with `state`, `data`, `config`, `meta` and `step`, or None
@@ -195,6 +197,11 @@ class Checkpointer:
     (every process must then call this together). An explicitly requested
     `step` that fails, or a kind none of whose checkpoints can be read,
     raises a CheckpointError naming the folder (nothing is moved).
+
+    `abstract_state=None` restores the state as saved (its shapes and
+    dtypes from the checkpoint's metadata, placed with `sharding`): for a
+    reader of the parameters, who builds no optimizer (`restore.py`); the
+    optimizer state then comes back as plain containers of arrays.
     """
     manager = self._mgr(which)
     steps = sorted(manager.all_steps(), reverse=True)
@@ -207,9 +214,12 @@ class Checkpointer:
     unreadable = []
     for s in steps:
       try:
+        if abstract_state is None:
+          target = _saved_abstract(self.root / which / str(s), sharding)
+        else:
+          target = _fit_ema_entry(abstract_state, self.root / which / str(s))
         restored = manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_fit_ema_entry(
-                abstract_state, self.root / which / str(s))),
+            state=ocp.args.StandardRestore(target),
             data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
@@ -296,6 +306,15 @@ def saved_state_keys(state_dir) -> Optional[set]:
     return None  # the restore itself then reports what is wrong
   finally:
     handler.close()
+
+
+def _saved_abstract(step_dir: pathlib.Path, sharding):
+  """The abstract state saved in `step_dir`, from its metadata."""
+  metadata = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(step_dir / "state"))
+  return jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+      metadata)
 
 
 def _fit_ema_entry(abstract_state, step_dir: pathlib.Path):

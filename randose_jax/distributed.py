@@ -3,12 +3,18 @@
 On one host nothing is done. Under SLURM (srun with several tasks), Open MPI,
 a Cloud TPU pod slice, or when JAX_COORDINATOR_ADDRESS is set, JAX's own
 cluster detection fills in the coordinator address, process count and id.
+The helpers below (mesh, barrier, per-process share, sums over processes)
+are what training and validation need on one process or several.
 """
 
 import logging
+import math
 import os
 
 import jax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+import numpy as np
 
 
 def _multi_process_environment() -> bool:
@@ -44,3 +50,31 @@ def maybe_initialize(force: bool = False, coordinator_address: str = "",
   logging.info("jax.distributed: process %d of %d, %d local / %d global "
                "devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+
+
+# ------------------------------------------------- helpers for every process
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh named 'data' over `devices` (default: all of every process)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), ("data",))
+
+
+def barrier(name: str) -> None:
+  """Waits for every process (nothing to do with one)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def local_indices(n: int) -> list:
+  """This process's share of n items, padded with None so every process has
+  as many."""
+  per = math.ceil(n / jax.process_count())
+  mine = list(range(jax.process_index(), n, jax.process_count()))
+  return mine + [None] * (per - len(mine))
+
+
+def allreduce_sums(values: np.ndarray) -> np.ndarray:
+  """`values` summed over the processes."""
+  if jax.process_count() == 1:
+    return values
+  return np.asarray(multihost_utils.process_allgather(values)).sum(0)

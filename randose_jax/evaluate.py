@@ -140,13 +140,13 @@ def evaluate_folders(reference_dir, predictions_dir, *,
 def write_json(result: evaluation.EvaluationResult, path, **extra) -> None:
   """The scores (dose first), counts and per-patient dose errors, atomically."""
   summary = dict(result.summary(), **extra)
-  with openkbp.atomic_output(path, overwrite=True) as f:
+  with fileio.atomic_output(path, overwrite=True) as f:
     f.write((json.dumps(summary, indent=2) + '\n').encode())
 
 
 def write_per_roi(result: evaluation.EvaluationResult, path) -> None:
   """CSV: patient_id, roi, metric, reference, prediction, abs_error (Gy)."""
-  with openkbp.atomic_output(path, overwrite=True) as f:
+  with fileio.atomic_output(path, overwrite=True) as f:
     f.write(result.metric_table().to_csv(index=False).encode())
 
 

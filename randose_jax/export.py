@@ -35,11 +35,10 @@ from randose_jax import fileio
 from randose_jax import inference
 from randose_jax import logs
 from randose_jax import restore
+from randose_jax.conventions import INPUT_CHANNELS
 from randose_jax.data import encoding
-from randose_jax.data import openkbp
 
 FORMAT_VERSION = 1
-INPUT_CHANNELS = {"ptv": 1, "ct": 1, "oar": 7}
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 
 
@@ -72,10 +71,10 @@ def export_model(model, model_params, grid, *, tta=False, swap_parotids=True,
 
 def save_artifact(path, exported, model_params, meta: dict, *,
                   overwrite: bool = False) -> pathlib.Path:
-  """Writes the artifact zip atomically (`openkbp.atomic_output`)."""
+  """Writes the artifact zip atomically (`fileio.atomic_output`)."""
   path = pathlib.Path(path)
   params_np = jax.tree.map(np.asarray, jax.device_get(model_params))
-  with openkbp.atomic_output(path, overwrite=overwrite) as f:
+  with fileio.atomic_output(path, overwrite=overwrite) as f:
     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
       zf.writestr("model.jaxexport", bytes(exported.serialize()))
       zf.writestr("params.msgpack", flax.serialization.msgpack_serialize(
@@ -147,7 +146,7 @@ def export_workdir(workdir, output, checkpoint="best", tta=False,
   config = restored.config
   grid = _training_grid(config)
   model_params = restored.model_params  # the EMA when the run kept one
-  exported = export_model(restored.trainer.model, model_params, grid, tta=tta,
+  exported = export_model(restored.predictor.model, model_params, grid, tta=tta,
                           swap_parotids=config.data.swap_parotids,
                           platforms=platforms)
   meta = {

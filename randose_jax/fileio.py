@@ -1,6 +1,10 @@
 """Output files that never leave a failed command's folders half-written.
 
-Three mechanisms, one each, shared by the command-line tools and the trainer:
+Four mechanisms, one each, shared by the command-line tools and the trainer:
+
+- `atomic_path` / `atomic_output`: one file (or folder) written under a
+  hidden temporary name beside it and renamed onto it when complete; a
+  reader never sees it half-written and a failure leaves it as it was.
 
 - `check_output_file` / `check_output_dir`: before any work, is this output
   path usable (its folder creatable and writable, not a file where a folder
@@ -22,10 +26,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 STAGING_PREFIX = ".randose-staging-"
 
@@ -33,6 +38,64 @@ STAGING_PREFIX = ".randose-staging-"
 def _oserror(code: int, message: str, path) -> OSError:
   """An OSError (the subclass of `code`) with `filename` = path."""
   return OSError(code, message, str(path))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = False,
+                suffix: str = "") -> Iterator[Path]:
+  """Yields a temporary path beside `path` (ending in `suffix`, for writers
+  that go by the extension); renames what the block wrote there (a file or
+  a folder) onto `path` when it succeeds.
+
+  A reader never sees a half-written `path`, and a failure leaves it as it
+  was. With overwrite=False an existing `path` is refused
+  (FileExistsError), before and when renaming, so nothing earlier is ever
+  replaced by accident. An OSError of the temporary file is reported under
+  `path`, the name the caller knows.
+  """
+  path = Path(path)
+  exists = f"{path}: already exists; pass overwrite=True to replace it"
+  if os.path.lexists(path) and not overwrite:
+    raise FileExistsError(exists)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(
+      f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
+  try:
+    yield tmp
+    if overwrite or tmp.is_dir():
+      os.replace(tmp, path)
+    else:
+      # A hard link fails if `path` appeared meanwhile: never clobbered.
+      try:
+        os.link(tmp, path)
+      except FileExistsError:
+        raise FileExistsError(exists) from None
+      except OSError:  # a file system without hard links
+        if os.path.lexists(path):
+          raise FileExistsError(exists) from None
+        os.replace(tmp, path)
+  except OSError as e:
+    if e.errno is None or e.filename not in (None, str(tmp)):
+      raise
+    raise OSError(e.errno, e.strerror or os.strerror(e.errno),
+                  str(path)) from e
+  finally:
+    if tmp.is_dir() and not tmp.is_symlink():
+      shutil.rmtree(tmp, ignore_errors=True)
+    elif os.path.lexists(tmp):
+      tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False
+                  ) -> Iterator[BinaryIO]:
+  """`atomic_path` opened for writing bytes, flushed to disk before the
+  rename."""
+  with atomic_path(path, overwrite=overwrite) as tmp:
+    with open(tmp, "xb") as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
 
 
 def nearest_existing(path: Path) -> Path:

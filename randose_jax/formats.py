@@ -46,19 +46,15 @@ from __future__ import annotations
 
 import datetime
 import os
-import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-# Unit vector (LPS: +x patient left, +y posterior, +z superior) along which each
-# array axis 0, 1, 2 increases. Axis 1 -> patient left is the assumption above.
-AXIS_DIRECTIONS_LPS = np.array([
-    (0.0, 1.0, 0.0),   # axis 0: anterior -> posterior
-    (1.0, 0.0, 0.0),   # axis 1: patient right -> left
-    (0.0, 0.0, -1.0),  # axis 2: superior -> inferior
-])
+from randose_jax import fileio
+from randose_jax.conventions import AXIS_DIRECTIONS_LPS
+
+# Axis 1 -> patient left is the assumption above.
 
 RT_DOSE_STORAGE = '1.2.840.10008.5.1.4.1.1.481.2'
 RT_PLAN_STORAGE = '1.2.840.10008.5.1.4.1.1.481.5'
@@ -125,34 +121,6 @@ def index_to_lps_matrix(shape, voxel_dimensions, origin_lps_mm=None) -> np.ndarr
   return affine
 
 
-def _atomic_write(path, write: Callable[[Path], None], overwrite: bool, tmp_suffix: str) -> Path:
-  """Calls `write(tmp)` then moves tmp onto `path`; never replaces a file unless `overwrite`."""
-  path = Path(path)
-  exists = f'{path}: already exists; pass overwrite=True to replace it'
-  if path.exists() and not overwrite:
-    raise FileExistsError(exists)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f'.{path.name}.tmp-{secrets.token_hex(6)}{tmp_suffix}')
-  try:
-    write(tmp)
-    if overwrite:
-      os.replace(tmp, path)
-    else:
-      # A hard link fails if `path` appeared meanwhile, so no file is ever clobbered.
-      try:
-        os.link(tmp, path)
-      except FileExistsError:
-        raise FileExistsError(exists) from None
-      except OSError:  # A file system without hard links.
-        if path.exists():
-          raise FileExistsError(exists) from None
-        os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-  return path
-
-
 # ----------------------------------------------------------------------------
 # NIfTI
 
@@ -200,7 +168,9 @@ def write_nifti(path, dose_gy, voxel_dimensions, *, origin_lps_mm=None,
   header['cal_min'] = 0.0
   header['cal_max'] = float(dose.max())
 
-  return _atomic_write(path, lambda tmp: nib.save(img, str(tmp)), overwrite, suffix)
+  with fileio.atomic_path(path, overwrite=overwrite, suffix=suffix) as tmp:
+    nib.save(img, str(tmp))
+  return Path(path)
 
 
 def read_nifti(path) -> tuple[np.ndarray, np.ndarray]:
@@ -427,7 +397,9 @@ def write_rtdose(path, dose_gy, voxel_dimensions, patient_id: str, *,
       ds.is_little_endian, ds.is_implicit_VR = True, False
       pydicom.dcmwrite(str(tmp), ds, write_like_original=False)
 
-  return _atomic_write(path, write, overwrite, '.dcm')
+  with fileio.atomic_path(path, overwrite=overwrite, suffix='.dcm') as tmp:
+    write(tmp)
+  return Path(path)
 
 
 def _ds(value: float) -> str:

@@ -12,12 +12,12 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from randose_jax.data import encoding
+from randose_jax import conventions
+from randose_jax.conventions import INPUT_KEYS
 
-INPUT_KEYS = ("ptv", "ct", "oar")
-# Batch axes (N, D, H, W, C): H is patient left/right, W superior/inferior.
-LR_AXIS = 2
-SI_AXIS = 3
+# Batch axes (N, D, H, W, C): the grid's, one later.
+LR_AXIS = conventions.LR_AXIS + 1
+SI_AXIS = conventions.SI_AXIS + 1
 
 Inputs = Mapping[str, jax.Array]
 
@@ -35,7 +35,7 @@ def flip_inputs(inputs: Inputs, lr: bool, si: bool,
     if lr:
       x = jnp.flip(x, LR_AXIS)
       if key == "oar" and swap_parotids:
-        r, l = encoding.PAROTID_CHANNELS
+        r, l = conventions.PAROTID_CHANNELS
         perm = list(range(x.shape[-1]))
         perm[r], perm[l] = perm[l], perm[r]
         x = x[..., jnp.array(perm)]

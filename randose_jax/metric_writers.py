@@ -15,9 +15,10 @@ TensorBoard hides the events above N itself (`purge_step`).
 import json
 import logging
 import math
-import os
 import pathlib
 from typing import Optional
+
+from randose_jax import fileio
 
 FILE_NAME = "metrics.jsonl"
 
@@ -50,12 +51,8 @@ def truncate_for_resume(path, resume_step: int) -> int:
   dropped = len(complete) - len(kept) + (1 if torn else 0)
   if not dropped:
     return 0
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  with open(tmp, "wb") as f:
+  with fileio.atomic_output(path, overwrite=True) as f:
     f.write(b"".join(l + b"\n" for l in kept))
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
   return dropped
 
 

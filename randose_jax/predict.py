@@ -27,11 +27,11 @@ from absl import flags
 import jax
 
 from randose_jax import cli
+from randose_jax import distributed
 from randose_jax import evaluation
 from randose_jax import fileio
 from randose_jax import logs
 from randose_jax import restore
-from randose_jax import train
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
 from randose_jax.default_config import ConfigError
@@ -126,7 +126,7 @@ def predict_patients(restored: restore.Restored, patient_dirs, output_dir, *,
     check_outputs(patient_dirs, output_dir, formats=formats,
                   plots_dir=plots_dir, overwrite=overwrite)
     check_patients(patient_dirs)
-  config, trainer = restored.config, restored.trainer
+  config, predictor = restored.config, restored.predictor
   evaluator = evaluation.Evaluator()
   scored = 0
   t0 = time.time()
@@ -139,7 +139,7 @@ def predict_patients(restored: restore.Restored, patient_dirs, output_dir, *,
     for d in patient_dirs:
       patient = openkbp.load_patient(d)
       example = encoding.encode_patient(patient, config.data)
-      (pred,) = trainer.predict_local(restored.model_params, [example], tta)
+      (pred,) = predictor.predict_local([example], tta)
       dose = encoding.decode_dose(pred, patient.possible_dose_mask,
                                   config.data)
       if "csv" in formats:
@@ -191,7 +191,8 @@ def main(argv):
   check_patients(dirs)
   restored = restore.restore_from_workdir(
       FLAGS.workdir, FLAGS.checkpoint,
-      mesh=train.make_mesh(jax.local_devices()), conv_impl=FLAGS.conv_impl)
+      mesh=distributed.make_mesh(jax.local_devices()),
+      conv_impl=FLAGS.conv_impl)
   print(f"Predicting {len(dirs)} patients with the {restored.which} "
         f"checkpoint (step {restored.step}) of {FLAGS.workdir}"
         f"{' (its EMA parameters)' if restored.uses_ema else ''}"

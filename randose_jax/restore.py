@@ -2,7 +2,10 @@
 
 `Restored.model_params` are the parameters to predict with: the moving
 average of the model parameters when the checkpoint holds one (a run with
-`config.ema_decay > 0`), else the trained parameters.
+`config.ema_decay > 0`), else the trained parameters. `Restored.predictor`
+is the model with them (`predict`, `export`); nothing of the training (an
+optimizer, the loss, the train state's shapes) is built: the checkpoint is
+read as saved.
 """
 
 import dataclasses
@@ -10,15 +13,18 @@ import pathlib
 from typing import Any, Optional
 
 import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from randose_jax import checkpointing
+from randose_jax import distributed
 from randose_jax.default_config import ConfigError
+from randose_jax.predictor import Predictor
 
 
 @dataclasses.dataclass
 class Restored:
   config: ml_collections.ConfigDict
-  trainer: Any  # train.Trainer
+  predictor: Predictor  # the model with `model_params`
   params: Any  # {'model': ..., 'loss': ...}: the trained parameters
   step: int
   which: str
@@ -66,7 +72,6 @@ def restore_from_workdir(workdir, checkpoint: str = "best",
   are the same for every algorithm, so e.g. 'direct' predicts with a
   quarter of the memory of the CPU's FFT plan (benchmarks/NOTES.md).
   """
-  from randose_jax import train  # pylint: disable=g-import-not-at-top
   from randose_jax.models import conv  # pylint: disable=g-import-not-at-top
   if conv_impl is not None:
     conv.check_conv_impl(conv_impl)
@@ -80,13 +85,16 @@ def restore_from_workdir(workdir, checkpoint: str = "best",
     config = ml_collections.ConfigDict(config_dict)
     if conv_impl is not None:
       config.model.conv_impl = conv_impl
-    trainer = train.Trainer.create(config, mesh)
-    abstract = checkpointing.as_saveable(trainer.abstract_state())
-    got = ckpt.restore(abstract, which, step)
+    mesh = mesh or distributed.make_mesh()
+    got = ckpt.restore(None, which, step,
+                       sharding=NamedSharding(mesh, P()))
   finally:
     ckpt.close()
   if got is None:
     raise checkpointing.CheckpointError(f"{workdir}: no {which} checkpoint")
-  return Restored(config=config, trainer=trainer, params=got["state"]["params"],
-                  step=int(got["step"]), which=which,
-                  ema_params=got["state"].get(checkpointing.EMA_KEY))
+  params = got["state"]["params"]
+  ema_params = got["state"].get(checkpointing.EMA_KEY)
+  predictor = Predictor.create(
+      config, params["model"] if ema_params is None else ema_params, mesh)
+  return Restored(config=config, predictor=predictor, params=params,
+                  step=int(got["step"]), which=which, ema_params=ema_params)

@@ -33,6 +33,7 @@ import numpy as np
 from randose_jax import cli
 from randose_jax import logs
 from randose_jax import models
+from randose_jax.conventions import INPUT_CHANNELS
 from randose_jax.models import conv as conv_lib
 
 FLAGS = flags.FLAGS
@@ -62,11 +63,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
 def abstract_inputs(grid: Sequence[int], batch: int = 1) -> dict[str, Any]:
   """ShapeDtypeStructs of the model inputs at `grid` (D, H, W)."""
   grid = tuple(grid)
-  return {
-      "ptv": jax.ShapeDtypeStruct((batch, *grid, 1), jnp.float32),
-      "ct": jax.ShapeDtypeStruct((batch, *grid, 1), jnp.float32),
-      "oar": jax.ShapeDtypeStruct((batch, *grid, 7), jnp.float32),
-  }
+  return {k: jax.ShapeDtypeStruct((batch, *grid, c), jnp.float32)
+          for k, c in INPUT_CHANNELS.items()}
 
 
 def abstract_params(model, inputs) -> Any:

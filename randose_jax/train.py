@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from randose_jax import checkpointing
@@ -29,14 +28,14 @@ from randose_jax import fileio
 from randose_jax import inference
 from randose_jax import losses
 from randose_jax import models
-from randose_jax import evaluation
-from randose_jax.data import cache as cache_lib
-from randose_jax.data import encoding
-from randose_jax.data import openkbp
-from randose_jax.data import phantoms
+from randose_jax import validation
+from randose_jax.conventions import INPUT_CHANNELS
 from randose_jax.data import pipeline
+from randose_jax.data.prepare import prepare_data
 from randose_jax.default_config import ConfigError
+from randose_jax.distributed import make_mesh
 from randose_jax.metric_writers import MetricWriter
+from randose_jax.predictor import Predictor
 
 BATCH_KEYS = ("ptv", "ct", "oar", "target", "mask")
 # Parameter initialisation uses XLA's RngBitGenerator: on the CPU, threefry
@@ -65,12 +64,6 @@ class NonFiniteLossError(FloatingPointError):
 # optax.tree.norm (newer optax) or the deprecated optax.global_norm.
 _tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or (
     optax.global_norm)
-
-
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh named 'data' over `devices` (default: all of every process)."""
-  devices = jax.devices() if devices is None else list(devices)
-  return Mesh(np.asarray(devices), ("data",))
 
 
 def create_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
@@ -145,9 +138,7 @@ def dummy_inputs(model_config, batch: int = 1, grid=None) -> dict:
   grid, so the smallest valid grid (2^(S-1) per axis) is used by default."""
   if grid is None:
     grid = (2 ** (len(model_config.widths) - 1),) * 3
-  shape = (batch, *grid)
-  return {"ptv": jnp.zeros(shape + (1,)), "ct": jnp.zeros(shape + (1,)),
-          "oar": jnp.zeros(shape + (7,))}
+  return {k: jnp.zeros((batch, *grid, c)) for k, c in INPUT_CHANNELS.items()}
 
 
 def init_params(model, loss_module, model_config, rng) -> dict:
@@ -161,7 +152,8 @@ def init_params(model, loss_module, model_config, rng) -> dict:
 
 @dataclasses.dataclass
 class Trainer:
-  """The pieces of a run that do not change: model, loss, optimizer, mesh."""
+  """The pieces of a run that do not change: model, loss, optimizer, mesh;
+  `predictor` runs the model's forward (validation) on the same mesh."""
   config: ml_collections.ConfigDict
   model: Any
   loss_module: Any
@@ -278,168 +270,12 @@ class Trainer:
           self.data_sharding, x, global_shape)
     return out
 
-  # ----------------------------------------------------------- prediction
   @functools.cached_property
-  def _jit_predict(self):
-    def fwd(params, inputs, tta):
-      apply_fn = inference.make_apply_fn(self.model, params)
-      return inference.predict(apply_fn, inputs, tta=tta,
-                               swap_parotids=self.config.data.swap_parotids)
-    return jax.jit(fwd, static_argnums=(2,),
-                   in_shardings=(self.replicated, self.data_sharding),
-                   out_shardings=self.data_sharding)
-
-  def predict_local(self, model_params, examples: list, tta: bool):
-    """Predictions (target units) for this process's examples.
-
-    Every process must call this the same number of times with the same
-    number of examples (pad if needed); rounds of one example per local
-    device go through the sharded forward.
-    """
-    n_local = jax.local_device_count()
-    preds = []
-    for start in range(0, len(examples), n_local):
-      chunk = examples[start:start + n_local]
-      valid = len(chunk)
-      chunk = chunk + [chunk[-1]] * (n_local - valid)
-      local = {k: np.stack([np.asarray(e[k], np.float32) for e in chunk])
-               for k in inference.INPUT_KEYS}
-      global_inputs = {
-          k: jax.make_array_from_process_local_data(
-              self.data_sharding, v, (v.shape[0] * jax.process_count(),)
-              + v.shape[1:]) for k, v in local.items()}
-      out = self._jit_predict(model_params, global_inputs, tta)
-      shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start)
-      rows = np.concatenate([np.asarray(s.data) for s in shards])[:valid]
-      preds.extend(rows[..., 0])
-    return preds
-
-
-# ----------------------------------------------------------------- data
-def prepare_data(config, workdir: pathlib.Path):
-  """Patient folders -> (train cache, eval cache, eval split dir)."""
-  data = config.data
-  if data.synthetic:
-    root = workdir / "synthetic"
-    if jax.process_index() == 0:
-      for split, n, first, seed in (
-          (data.train_split, data.num_synthetic_train, 1, config.seed),
-          (data.eval_split, data.num_synthetic_eval,
-           1 + data.num_synthetic_train, config.seed + 1)):
-        folder = root / split
-        if not (folder.is_dir() and len(list(folder.glob("pt_*"))) == n):
-          logging.info("Writing %d synthetic patients to %s", n, folder)
-          phantoms.write_phantoms(folder, n, grid=data.synthetic_grid,
-                                  seed=seed, first_id=first)
-    _barrier("synthetic_patients")
-  elif data.root:
-    root = pathlib.Path(data.root).expanduser()
-  elif data.cache_dir:
-    # Only a prebuilt cache (e.g. carried to a GPU host without the CSVs).
-    cache_root = pathlib.Path(data.cache_dir).expanduser()
-    logging.info("config.data.root is empty: using the prebuilt cache in %s",
-                 cache_root)
-    return (cache_lib.open_cache(cache_root / data.train_split, data),
-            cache_lib.open_cache(cache_root / data.eval_split, data),
-            None)
-  else:
-    raise ConfigError(
-        "config.data.root is empty: point it at an OpenKBP provided-data "
-        "folder (holding train-pats/ and validation-pats/), e.g. "
-        "--config.data.root=/path/to/open-kbp/provided-data, or use "
-        "configs/demo.py for synthetic patients.")
-  cache_root = pathlib.Path(data.cache_dir or workdir / "cache").expanduser()
-  caches = []
-  for split in (data.train_split, data.eval_split):
-    dirs = openkbp.list_patient_dirs(root / split)
-    if jax.process_index() == 0:
-      cache_lib.build_cache(dirs, cache_root / split, data)
-    _barrier(f"cache_{split}")
-    caches.append(cache_lib.build_cache(dirs, cache_root / split, data))
-  return caches[0], caches[1], root / data.eval_split
-
-
-def _barrier(name: str):
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
-# ------------------------------------------------------------ evaluation
-def local_indices(n: int) -> list:
-  """This process's share of n items, padded so every process has as many."""
-  per = math.ceil(n / jax.process_count())
-  mine = list(range(jax.process_index(), n, jax.process_count()))
-  return mine + [None] * (per - len(mine))
-
-
-def _allreduce_sums(values: np.ndarray) -> np.ndarray:
-  if jax.process_count() == 1:
-    return values
-  return np.asarray(multihost_utils.process_allgather(values)).sum(0)
-
-
-def evaluate(trainer: Trainer, model_params, eval_cache, *, tta: bool = False,
-             max_patients: int = 0, write_dir: Optional[pathlib.Path] = None,
-             constant_gy: Optional[float] = None) -> dict:
-  """Dose score and DVH score of the model on the cached eval patients.
-
-  With `constant_gy`, scores the baseline that predicts that dose everywhere
-  inside the possible-dose mask instead of the model. With `write_dir`,
-  writes each prediction as the official `pt_*.csv`.
-  """
-  n = len(eval_cache)
-  if max_patients:
-    n = min(n, max_patients)
-  indices = local_indices(n)
-  evaluator = evaluation.Evaluator()
-  real = [i for i in indices if i is not None]
-  padded = [i if i is not None else (real[-1] if real else 0) for i in indices]
-  # One round of local devices at a time: a 128^3 example is ~92 MB, so the
-  # whole validation split is never held in memory at once.
-  step = jax.local_device_count()
-  for start in range(0, len(indices), step):
-    chunk = indices[start:start + step]
-    # Each patient's file is read once: its voxel lists are encoded for the
-    # model and scored as they are (`Reference.from_sparse`), never dense.
-    patients = [eval_cache.sparse(i) for i in padded[start:start + step]]
-    if constant_gy is None:
-      examples = [encoding.encode_patient(p, eval_cache.settings)
-                  for p in patients]
-      preds = trainer.predict_local(model_params, examples, tta)
-    else:
-      preds = [None] * len(chunk)
-    _score_chunk(trainer, chunk, patients, preds, evaluator, write_dir,
-                 constant_gy)
-  sums = _allreduce_sums(np.asarray(evaluator.partial_sums(), np.float64))
-  return evaluation.scores_from_sums(sums)
-
-
-def _score_chunk(trainer, chunk, patients, preds, evaluator, write_dir,
-                 constant_gy):
-  for i, patient, pred in zip(chunk, patients, preds):
-    if i is None:
-      continue
-    if constant_gy is None:
-      dose = encoding.decode_dose(pred, patient, trainer.config.data)
-    else:
-      dose = np.zeros(patient.num_voxels)
-      dose[patient.mask_index] = constant_gy
-      dose = dose.reshape(patient.grid_shape)
-    evaluator.add(patient, dose)
-    if write_dir is not None:
-      openkbp.write_prediction_csv(write_dir / f"{patient.patient_id}.csv",
-                                   dose, overwrite=True)
-
-
-def mean_training_dose(train_cache) -> float:
-  """Mean dose (Gy) over the possible-dose voxels of all training patients."""
-  total, count = 0.0, 0
-  for i in range(len(train_cache)):
-    patient = train_cache.sparse(i)
-    on_mask = np.isin(patient.dose_index, patient.mask_index)
-    total += float(patient.dose_value[on_mask].sum())
-    count += patient.mask_index.size
-  return total / max(count, 1)
+  def predictor(self) -> Predictor:
+    """The forward of `model` on this mesh, compiled once; give it the
+    parameters with `predictor.with_params(...)`."""
+    return Predictor(model=self.model, params=None,
+                     data_config=self.config.data, mesh=self.mesh)
 
 
 # ----------------------------------------------------------------- loop
@@ -537,6 +373,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
   train_iter = iter(train_ds)
   if restored is not None:
     train_iter.set_state(restored["data"])
+  periodic = validation.ModelEvaluator(
+      eval_cache, max_patients=config.max_eval_patients)
   best = checkpointing.best_meta(workdir)
   best_score = best["dose_score"] if best else math.inf
   config_dict = json.loads(config.to_json_best_effort())
@@ -606,8 +444,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
         _console(bar, negative_loss_note(step, summary))
       pending = []
     if do_eval:
-      scores = evaluate(trainer, trainer.eval_params(state), eval_cache,
-                        max_patients=config.max_eval_patients)
+      scores = periodic.run(trainer.predictor.with_params(
+          trainer.eval_params(state)))
       writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
       msg = (f"step {step}: validation dose score {scores['dose_score']:.4f}, "
              f"DVH score {scores['dvh_score']:.4f} "
@@ -646,43 +484,9 @@ def finish(trainer, ckpt, state, train_cache, eval_cache, workdir, config):
   # and export do.
   final = TrainState(**best["state"]) if best else state
   best_step = best["step"] if best else int(state.step)
-  out_dir = workdir / "predictions" / config.data.eval_split
-  out_dir.mkdir(parents=True, exist_ok=True)
-  scores = evaluate(trainer, trainer.eval_params(final), eval_cache,
-                    tta=config.eval_tta, max_patients=0, write_dir=out_dir)
-  _barrier("predictions_written")
-  zip_path = out_dir.with_suffix(".zip")
-  if jax.process_index() == 0:
-    openkbp.write_submission_zip(out_dir, zip_path, overwrite=True)
-  baseline = evaluate(trainer, None, eval_cache,
-                      constant_gy=mean_training_dose(train_cache))
-  summary = {
-      "checkpoint_step": best_step,
-      "dose_score": scores["dose_score"],
-      "dvh_score": scores["dvh_score"],
-      "num_patients": scores.get("num_patients"),
-      "tta": bool(config.eval_tta),
-      "ema": final.ema_params is not None,
-      "baseline_mean_dose_score": baseline["dose_score"],
-      "baseline_mean_dvh_score": baseline["dvh_score"],
-      "predictions": str(out_dir),
-      "submission_zip": str(zip_path),
-  }
-  if jax.process_index() == 0:
-    tmp = workdir / "validation_scores.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(workdir / "validation_scores.json")
-    print(f"Validation ({summary['num_patients']} patients, checkpoint step "
-          f"{best_step}{', EMA parameters' if summary['ema'] else ''}): "
-          f"dose score {summary['dose_score']:.4f}, "
-          f"DVH score {summary['dvh_score']:.4f}\n"
-          f"Baseline (mean training dose inside the mask): dose score "
-          f"{summary['baseline_mean_dose_score']:.4f}, DVH score "
-          f"{summary['baseline_mean_dvh_score']:.4f}\n"
-          f"Predictions: {out_dir} (zip: {zip_path})", flush=True)
-    if summary["dose_score"] >= summary["baseline_mean_dose_score"]:
-      print(short_run_note(config), flush=True)
-  return summary
+  return validation.final_validation(
+      trainer.predictor.with_params(trainer.eval_params(final)), best_step,
+      final.ema_params is not None, train_cache, eval_cache, workdir, config)
 
 
 def _say(msg: str) -> None:
@@ -733,17 +537,3 @@ def negative_loss_note(step: int, summary: dict) -> str:
           "exp(-s) * L1 + s, and its log-variance s goes below 0 as the "
           "weight exp(-s) grows; the L1 terms themselves stay >= 0"
           f"{l1_text}. Compare runs by the validation scores.")
-
-
-def short_run_note(config) -> str:
-  """Said when the model did not beat the mean-dose baseline."""
-  steps = config.num_train_steps
-  if steps < 1000:
-    return (f"note: the model does not beat the mean-dose baseline: {steps} "
-            "training steps are far too few to learn a dose (the demo "
-            "trains 1,200 steps to beat it; the paper 80,000). This is "
-            "expected of a short test run; train longer for meaningful "
-            "scores.")
-  return (f"note: the model does not beat the mean-dose baseline after "
-          f"{steps} steps: check the learning rate, the data and "
-          "metrics.jsonl (train/l1_all should fall).")

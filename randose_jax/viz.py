@@ -23,12 +23,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib import patheffects
 
-from randose_jax.formats import AXIS_DIRECTIONS_LPS
-
-# The official OpenKBP channel order (mirrors data.openkbp.ROI_NAMES; kept here
-# so plotting works on bare arrays).
-DEFAULT_ROI_NAMES = ('Brainstem', 'SpinalCord', 'RightParotid', 'LeftParotid', 'Esophagus',
-                     'Larynx', 'Mandible', 'PTV56', 'PTV63', 'PTV70')
+from randose_jax.conventions import AXIS_DIRECTIONS_LPS, CT_OFFSET
+from randose_jax.conventions import ROI_NAMES as DEFAULT_ROI_NAMES
 
 # One colour per ROI channel, the same in slice contours and DVH curves. Chosen
 # to stay apart from each other; on the slices every line gets a black outline
@@ -40,7 +36,6 @@ ROI_COLOURS = {
 }
 _FALLBACK_COLOURS = colormaps['tab20'].colors
 
-CT_OFFSET = 1024.0  # OpenKBP stores CT as HU + 1024.
 CT_WINDOW_HU = (-160.0, 240.0)  # Soft-tissue window: level 40, width 400.
 DOSE_CMAP = 'turbo'
 DIFF_CMAP = 'RdBu_r'  # Red: prediction above reference.

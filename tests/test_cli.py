@@ -12,6 +12,7 @@ import pytest
 
 from randose_jax import cli
 from randose_jax import train
+from randose_jax import validation
 from tests.test_fault_table import DEMO, run_in_process
 from tests.test_train import REPO, SUBPROCESS_ENV, tiny_config
 
@@ -147,6 +148,6 @@ def test_run_announces_its_validations_and_explains_itself(tmp_path,
 
 
 def test_short_run_note_says_so_only_for_short_runs():
-  assert "far too few" in train.short_run_note(tiny_config())
-  assert "far too few" not in train.short_run_note(
+  assert "far too few" in validation.short_run_note(tiny_config())
+  assert "far too few" not in validation.short_run_note(
       tiny_config(num_train_steps=5000))

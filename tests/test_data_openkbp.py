@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from randose_jax import fileio
 from randose_jax.data import openkbp
 from randose_jax.data import phantoms
 from randose_jax.data.openkbp import DataError
@@ -414,7 +415,7 @@ def test_atomic_output_errors_name_the_requested_path(tmp_path, monkeypatch):
   import errno  # pylint: disable=g-import-not-at-top
   target = tmp_path / "out.csv"
   with pytest.raises(OSError) as info:
-    with openkbp.atomic_output(target) as f:
+    with fileio.atomic_output(target) as f:
       f.write(b"partial")
       raise OSError(errno.ENOSPC, "No space left on device")
   assert info.value.errno == errno.ENOSPC

@@ -29,6 +29,7 @@ from randose_jax import inference
 from randose_jax import predict
 from randose_jax import restore
 from randose_jax import train
+from randose_jax import validation
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
 from randose_jax.data import pipeline
@@ -256,9 +257,11 @@ def test_checkpoints_and_validation_use_the_ema(ema_run):
   # The final scores are the EMA's of the best checkpoint, not the
   # trained parameters'.
   restored = restore.restore_from_workdir(workdir, "best", mesh=_mesh())
-  trainer, cache = restored.trainer, _eval_cache(workdir, restored.config)
-  with_ema = train.evaluate(trainer, restored.model_params, cache)
-  raw = train.evaluate(trainer, restored.params["model"], cache)
+  predictor, cache = restored.predictor, _eval_cache(workdir,
+                                                      restored.config)
+  with_ema = validation.evaluate(predictor, cache)
+  raw = validation.evaluate(
+      predictor.with_params(restored.params["model"]), cache)
   assert scores["dose_score"] == pytest.approx(with_ema["dose_score"],
                                                rel=1e-9)
   assert scores["dose_score"] != pytest.approx(raw["dose_score"], rel=1e-9)
@@ -358,10 +361,9 @@ def test_predict_and_export_use_the_ema(ema_run, tmp_path):
   patients = workdir / "synthetic" / "validation-pats"
   patient = openkbp.load_patient(patients / "pt_5")
   example = encoding.encode_patient(patient, restored.config.data)
-  (with_ema,) = restored.trainer.predict_local(restored.model_params,
-                                               [example], False)
-  (raw,) = restored.trainer.predict_local(restored.params["model"],
-                                          [example], False)
+  (with_ema,) = restored.predictor.predict_local([example], False)
+  (raw,) = restored.predictor.with_params(
+      restored.params["model"]).predict_local([example], False)
   assert np.abs(with_ema - raw).max() > 1e-2
   # predict writes the EMA's dose.
   out = tmp_path / "preds"
@@ -447,15 +449,15 @@ def test_learning_curves_reports_each_eval_and_scores_final_tta(tmp_path):
   # A partial result after each validation, with the curve so far.
   assert seen == [(2, True, 1, 2), (4, True, 2, 4)]
   # The final parameters scored again with the four flipped passes: what
-  # train.evaluate(tta=True) gives for them (same batches, same seed).
+  # validation.evaluate(tta=True) gives for them (same batches, same seed).
   trainer = train.Trainer.create(config)
   state = trainer.init_state(config.seed)
   it = iter(pipeline.train_dataset(train_cache, config, seed=config.seed))
   for _ in range(4):
     state, _ = trainer.jit_train_step(state, trainer.shard_batch(next(it)))
-  want = train.evaluate(trainer, trainer.eval_params(state), eval_cache,
-                        tta=True)
-  plain = train.evaluate(trainer, trainer.eval_params(state), eval_cache)
+  predictor = trainer.predictor.with_params(trainer.eval_params(state))
+  want = validation.evaluate(predictor, eval_cache, tta=True)
+  plain = validation.evaluate(predictor, eval_cache)
   assert run["final_tta_dose_score"] == pytest.approx(want["dose_score"],
                                                       rel=1e-5)
   assert run["final_tta_dvh_score"] == pytest.approx(want["dvh_score"],

@@ -59,6 +59,7 @@ import jax
 import pytest
 
 from randose_jax import cli
+from randose_jax import fileio
 from randose_jax import train
 from randose_jax.data import openkbp
 from randose_jax.data import phantoms
@@ -494,8 +495,8 @@ def _present(path: Path, named: Optional[Path] = None):
 
 
 def _disk_full(monkeypatch, named: Path):
-  monkeypatch.setattr(openkbp, "atomic_output",
-                      _full_disk_writer(openkbp.atomic_output))
+  monkeypatch.setattr(fileio, "atomic_output",
+                      _full_disk_writer(fileio.atomic_output))
   return named, None
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from randose_jax import train
+from randose_jax import validation
 from randose_jax.default_config import ConfigError
 from randose_jax.data import cache as cache_lib
 from randose_jax.data import openkbp
@@ -85,10 +86,11 @@ def test_full_randose_overfits_one_real_patient(shared_openkbp, tmp_path):
   for _ in range(200):
     state, metrics = trainer.jit_train_step(state, batch)
   assert np.isfinite(float(metrics["loss"]))
-  scores = train.evaluate(trainer, state.params["model"], cache)
+  scores = validation.evaluate(
+      trainer.predictor.with_params(state.params["model"]), cache)
   patient = openkbp.load_patient(patient_dir)
   mean_gy = float(patient.dose[patient.possible_dose_mask].mean())
-  baseline = train.evaluate(trainer, None, cache, constant_gy=mean_gy)
+  baseline = validation.evaluate_baseline(cache, mean_gy)
   # The 16^3 grid alone costs a few Gy (the reference itself through the
   # 8x down/up-sampling); half the baseline leaves room for it.
   assert scores["dose_score"] < 0.5 * baseline["dose_score"], (

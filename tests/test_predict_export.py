@@ -186,8 +186,8 @@ def test_conv_impl_override_same_predictions(trained, tmp_path):
     restored = restore.restore_from_workdir(trained, "best", conv_impl=impl)
     assert restored.config.model.conv_impl == impl
     example = encoding.encode_patient(patient, restored.config.data)
-    (preds[impl],) = restored.trainer.predict_local(
-        restored.params["model"], [example], False)
+    (preds[impl],) = restored.predictor.with_params(
+        restored.params["model"]).predict_local([example], False)
   scale = np.abs(preds["direct"]).max()
   assert scale > 0
   np.testing.assert_allclose(preds["fft"], preds["direct"], rtol=0,
@@ -209,8 +209,8 @@ def test_exported_model_equals_the_model(trained, tmp_path, tta):
   patient = openkbp.load_patient(
       trained / "synthetic" / "validation-pats" / "pt_5")
   example = encoding.encode_patient(patient, restored.config.data)
-  (want,) = restored.trainer.predict_local(restored.params["model"],
-                                           [example], tta)
+  (want,) = restored.predictor.with_params(
+      restored.params["model"]).predict_local([example], tta)
   batch = {k: np.stack([example[k]] * 3) for k in inference.INPUT_KEYS}
   got = loaded(batch)  # symbolic batch size: 3 works as well as 1
   assert got.shape == (3, 8, 8, 8, 1)

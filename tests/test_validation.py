@@ -1,4 +1,4 @@
-"""Validation scoring (`train.evaluate`): each cached patient is read once and
+"""Validation scoring (`validation.py`): each cached patient is read once and
 scored from its voxel lists (`Reference.from_sparse`, `decode_dose` with the
 `SparsePatient`); the numbers equal those of the dense patients."""
 
@@ -8,21 +8,22 @@ import pytest
 import plain_scoring
 from randose_jax import default_config
 from randose_jax import evaluation
-from randose_jax import train
+from randose_jax import validation
 from randose_jax.data import cache as cache_lib
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
 
 
 class FixedModel:
-  """What `train.evaluate` asks of a `Trainer`: its config and predictions,
-  here a fixed function of the inputs, so every path scores the same."""
+  """What `validation.evaluate` asks of a `Predictor`: its data config and
+  predictions, here a fixed function of the inputs, so every path scores
+  the same."""
 
   def __init__(self, config):
-    self.config = config
+    self.data_config = config.data
 
-  def predict_local(self, params, examples, tta):
-    del params, tta
+  def predict_local(self, examples, tta):
+    del tta
     return [0.9 * e["ptv"] + 0.2 * e["mask"] - 0.1 * e["ct"] for e in examples]
 
 
@@ -56,11 +57,11 @@ def dense_scores(cache, config, prediction_of):
 def test_model_scores_equal_the_dense_path(config_and_cache, tmp_path):
   config, cache = config_and_cache
   model = FixedModel(config)
-  scores = train.evaluate(model, None, cache, write_dir=tmp_path)
+  scores = validation.evaluate(model, cache, write_dir=tmp_path)
 
   def prediction_of(patient):
     example = encoding.encode_patient(patient, config.data)
-    pred = model.predict_local(None, [example], False)[0]
+    pred = model.predict_local([example], False)[0]
     dose = encoding.decode_dose(pred, patient.possible_dose_mask, config.data)
     written = openkbp.read_prediction_csv(
         tmp_path / f"{patient.patient_id}.csv", patient.grid_shape)
@@ -76,11 +77,11 @@ def test_model_scores_equal_the_dense_path(config_and_cache, tmp_path):
 
 def test_constant_baseline_equals_the_dense_path(config_and_cache):
   config, cache = config_and_cache
-  mean_gy = train.mean_training_dose(cache)
+  mean_gy = validation.mean_training_dose(cache)
   patients = [cache.reference(i) for i in range(len(cache))]
   assert mean_gy == (sum(p.dose[p.possible_dose_mask].sum() for p in patients)
                      / sum(p.possible_dose_mask.sum() for p in patients))
-  scores = train.evaluate(FixedModel(config), None, cache, constant_gy=mean_gy)
+  scores = validation.evaluate_baseline(cache, mean_gy)
   expected, plain = dense_scores(
       cache, config, lambda p: np.where(p.possible_dose_mask, mean_gy, 0.0))
   assert scores == expected

@@ -30,6 +30,7 @@ import functools
 
 import numpy as np
 
+from randose_jax import conventions
 from randose_jax.data import encoding
 
 ANGLE_STEP_DEGREES = 40
@@ -122,7 +123,7 @@ def _resample_rows(rows: np.ndarray, row_map: np.ndarray, active: np.ndarray,
 
 def _swap_parotids(key: str, y: np.ndarray) -> np.ndarray:
   """Rows (S, W, C) of oar or codes with the two parotids exchanged."""
-  right, left = encoding.PAROTID_CHANNELS
+  right, left = conventions.PAROTID_CHANNELS
   if key == "oar":
     channels = list(range(y.shape[-1]))
     channels[right], channels[left] = left, right

@@ -307,7 +307,7 @@ def _build_cache(patient_dirs, cache_dir: Path, data_config,
       log.warning("%s: cache file not listed in any manifest (an interrupted "
                   "build?); rebuilding it", path)
     data = patient_bytes(openkbp.load_sparse_patient(patient_dir))
-    with openkbp.atomic_output(path, overwrite=True) as f:
+    with fileio.atomic_output(path, overwrite=True) as f:
       f.write(data)
     entries.append({"patient_id": patient_dir.name, "source": str(patient_dir.resolve()),
                     "key": key, "file": file_name, "size": len(data),
@@ -316,7 +316,7 @@ def _build_cache(patient_dirs, cache_dir: Path, data_config,
   manifest = {"format_version": FORMAT_VERSION, "settings": settings,
               "key": _hash([entry["key"] for entry in entries]),
               "patients": entries}
-  with openkbp.atomic_output(manifest_path, overwrite=True) as f:
+  with fileio.atomic_output(manifest_path, overwrite=True) as f:
     f.write(json.dumps(manifest, indent=1).encode())
   return PatientCache(cache_dir, entries, settings)
 

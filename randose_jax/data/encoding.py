@@ -62,9 +62,6 @@ ARRAY_KEYS = KEYS + ("codes",)  # the arrays planes and packs may hold
 MASK_BIT = 7
 PTV_SHIFT = 8
 _NUM_OARS = len(openkbp.OAR_NAMES)
-# The oar channels a left/right flip exchanges (augmentation, TTA).
-PAROTID_CHANNELS = (openkbp.OAR_NAMES.index("RightParotid"),
-                    openkbp.OAR_NAMES.index("LeftParotid"))
 
 
 # ----------------------------------------------------------- conventions

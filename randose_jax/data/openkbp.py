@@ -14,27 +14,21 @@ naming the file, the line and the problem.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
-import secrets
 import zipfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
 
 import numpy as np
 
-# Official channel order of the structure masks.
-ROI_NAMES = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid",
-             "Esophagus", "Larynx", "Mandible", "PTV56", "PTV63", "PTV70")
-OAR_NAMES = ROI_NAMES[:7]
-TARGET_NAMES = ROI_NAMES[7:]  # PTV56, PTV63, PTV70
+from randose_jax import fileio
+# The data's conventions, defined in conventions.py (and read here too).
+from randose_jax.conventions import (  # noqa: F401
+    CT_OFFSET, GRID_SHAPE, OAR_NAMES, ROI_NAMES, TARGET_NAMES)
+
 # Prescription of each target, Gy (the number in its name).
 PRESCRIPTIONS_GY = {"PTV56": 56.0, "PTV63": 63.0, "PTV70": 70.0}
-GRID_SHAPE = (128, 128, 128)
-# Stored CT values are HU + CT_OFFSET; air (-1024 HU) is stored as 0 = absent.
-CT_OFFSET = 1024.0
 
 CT_FILE = "ct.csv"
 DOSE_FILE = "dose.csv"
@@ -538,38 +532,6 @@ def load_patient(patient_dir: str | os.PathLike) -> Patient:
 # -------------------------------------------------------- predictions
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, *, overwrite: bool = False
-                  ) -> Iterator[BinaryIO]:
-  """Opens a temporary file beside `path`; renames it onto `path` on success.
-
-  A reader never sees a half-written file, and a failure leaves `path` as it
-  was. With overwrite=False an existing `path` is refused (FileExistsError),
-  so a user's earlier predictions are never replaced by accident.
-  """
-  path = Path(path)
-  if path.exists() and not overwrite:
-    raise FileExistsError(f"{path}: already exists; pass overwrite=True to "
-                          f"replace it")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-  try:
-    with open(tmp, "xb") as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except OSError as e:
-    # A failed open, write (disk full) or rename is reported under the path
-    # the caller asked for, not under the hidden temporary name.
-    if e.errno is None or e.filename not in (None, str(tmp)):
-      raise
-    raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-
-
 def format_sparse_csv(indices: np.ndarray, values: np.ndarray | None = None) -> bytes:
   """Sparse CSV text: the header `,data`, then `index,value` per voxel.
 
@@ -605,7 +567,7 @@ def write_prediction_csv(path: str | os.PathLike, dose_gy: np.ndarray, *,
   flat = dose_gy.astype(np.float64).ravel()
   indices = np.flatnonzero(flat)  # the official writer keeps nonzero voxels
   data = format_sparse_csv(indices, flat[indices])
-  with atomic_output(path, overwrite=overwrite) as f:
+  with fileio.atomic_output(path, overwrite=overwrite) as f:
     f.write(data)
   return Path(path)
 
@@ -637,7 +599,7 @@ def write_submission_zip(pred_dir: str | os.PathLike, zip_path: str | os.PathLik
                  key=lambda p: _patient_sort_key(p.with_suffix("")))
   if not files:
     raise DataError(f"{pred_dir}: no prediction files (pt_*.csv) to zip")
-  with atomic_output(zip_path, overwrite=overwrite) as f:
+  with fileio.atomic_output(zip_path, overwrite=overwrite) as f:
     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as archive:
       for path in files:
         archive.write(path, arcname=path.name)

@@ -15,11 +15,11 @@ numpy only; a 32^3 patient takes milliseconds, a 128^3 one well under a second.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from randose_jax import fileio
 from randose_jax.data import openkbp
 
 # Bump when the phantom recipe changes, so an old folder is not reused.
@@ -172,13 +172,8 @@ def write_phantoms(out_dir: str | os.PathLike, num_patients: int, grid: int = 12
         continue
       raise FileExistsError(f"{path}: exists and is not phantom ({marker.strip()}); "
                             f"remove it or write the phantoms elsewhere")
-    tmp = out_dir / f".pt_{patient_id}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with fileio.atomic_path(path) as tmp:
+      tmp.mkdir()
       _write_patient(tmp, grid, np.random.default_rng([seed, patient_id, grid]))
       (tmp / _MARKER).write_text(marker)
-      os.replace(tmp, path)
-    finally:
-      shutil.rmtree(tmp, ignore_errors=True)
   return paths

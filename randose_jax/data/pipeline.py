@@ -106,6 +106,23 @@ def per_process_batch_size(config, process_count: int) -> int:
   return config.batch_size // process_count
 
 
+def _grain_flags_at_defaults() -> None:
+  """Lets grain read its own absl flags (`--grain_*`) outside an absl app.
+
+  grain reads them when it starts its worker processes; in a test or a
+  notebook nothing parsed the command line, and absl refuses to read an
+  unparsed flag. Each `grain_*` flag not given is marked present with its
+  default value (as grain does itself in its workers); every other flag
+  stays unparsed, so a program that parses its command line later is not
+  affected.
+  """
+  if flags.FLAGS.is_parsed():
+    return
+  for name in list(flags.FLAGS):
+    if name.startswith("grain_") and not flags.FLAGS[name].present:
+      flags.FLAGS[name].present = True
+
+
 def train_dataset(cache: cache_lib.PatientCache, config, *, seed: int,
                   process_index: int = 0,
                   process_count: int = 1) -> grain.IterDataset:
@@ -134,10 +151,7 @@ def train_dataset(cache: cache_lib.PatientCache, config, *, seed: int,
   ds = ds.to_iter_dataset(read_options).batch(
       batch_size, drop_remainder=True, batch_fn=PackedBatch())
   if data_config.num_workers > 0:
-    # grain's workers read absl flags; outside an absl app (tests, notebooks)
-    # nothing parsed them, so take their defaults.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
+    _grain_flags_at_defaults()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data_config.num_workers,
         per_worker_buffer_size=data_config.worker_buffer_size))

@@ -468,7 +468,7 @@ def pack_patients(patients: Iterable, archive: str | os.PathLike, *,
             "max_dose_error_gy": max_dose_error_gy(dose_decimals),
             "splits": splits, "data_size": offset, "patients": entries}
   text = json.dumps(header, separators=(",", ":")).encode()
-  with openkbp.atomic_output(archive, overwrite=overwrite) as f:
+  with fileio.atomic_output(archive, overwrite=overwrite) as f:
     f.write(MAGIC + _HEADER.pack(len(text), zlib.crc32(text)) + text)
     for block in blocks:
       f.write(block)
@@ -563,7 +563,7 @@ def _write_cache_file(job) -> dict:
                "patient": entry["patient_id"], "archive": entry["content_crc32"],
                "dose_decimals": archive.dose_decimals})
   file_name = f"{entry['patient_id']}-{key[:16]}.npz"
-  with openkbp.atomic_output(Path(cache_dir) / file_name, overwrite=True) as f:
+  with fileio.atomic_output(Path(cache_dir) / file_name, overwrite=True) as f:
     f.write(data)
   return {"patient_id": entry["patient_id"],
           "source": f"{archive.path.resolve()}#{entry['split']}/{entry['patient_id']}",
@@ -602,7 +602,7 @@ def unpack_to_cache(archive: str | os.PathLike | Archive, cache_root: str | os.P
       manifest = {"format_version": cache_lib.FORMAT_VERSION, "settings": settings,
                   "key": _hash([e["key"] for e in entries]), "patients": entries}
       name = cache_lib.manifest_name([e["source"] for e in entries], settings)
-      with openkbp.atomic_output(cache_dir / name, overwrite=True) as f:
+      with fileio.atomic_output(cache_dir / name, overwrite=True) as f:
         f.write(json.dumps(manifest, indent=1).encode())
       caches[split] = cache_lib.open_cache(cache_dir, data_config)
   return caches

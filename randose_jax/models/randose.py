@@ -45,13 +45,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from randose_jax.conventions import INPUT_CHANNELS
 from randose_jax.default_config import ConfigError
 from randose_jax.models import blocks
 from randose_jax.models import conv as conv_lib
 
 Array = jax.Array
 
-_INPUT_CHANNELS = {"ptv": 1, "ct": 1, "oar": 7}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -180,7 +180,7 @@ class RANDose(nn.Module):
 
   def _check_inputs(self, inputs) -> tuple[int, int, int]:
     grid = None
-    for key, channels in _INPUT_CHANNELS.items():
+    for key, channels in INPUT_CHANNELS.items():
       if key not in inputs:
         raise ValueError(f"RANDose: input dict lacks {key!r} (has "
                          f"{sorted(inputs)})")
