@@ -172,7 +172,7 @@ def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
   extra = {}
   if state.ema_params is not None:
     extra = {"final_raw_dose_score": evals[-1]["raw_dose_score"],
-           "final_raw_dvh_score": evals[-1]["raw_dvh_score"]}
+             "final_raw_dvh_score": evals[-1]["raw_dvh_score"]}
   wall_s = time.time() - t_start
   if final_tta:
     # The final parameters again, with the mean of the four flipped passes
@@ -182,8 +182,8 @@ def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
         trainer.predictor.with_params(trainer.eval_params(state)),
         eval_cache, tta=True, max_patients=max_eval_patients)
     extra.update(final_tta_dose_score=tta["dose_score"],
-               final_tta_dvh_score=tta["dvh_score"],
-               final_tta_eval_seconds=round(time.time() - t, 2))
+                 final_tta_dvh_score=tta["dvh_score"],
+                 final_tta_eval_seconds=round(time.time() - t, 2))
     log(f"  [{name}] step {step} with test-time flips: dose score "
         f"{tta['dose_score']:.3f}, DVH score {tta['dvh_score']:.3f}")
   return {
