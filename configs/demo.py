@@ -7,11 +7,8 @@ small RANDose on 2 CPU cores in a few minutes and prints its validation dose
 score next to the score of always predicting the mean training dose inside the
 possible-dose mask, which it must clearly beat.
 
-Measured (2026-11-27, 2-core VM, load ~2, conv_impl auto): 1,200 steps,
-validation dose score 3.05 Gy vs 10.62 Gy for the baseline (DVH score 12.1
-vs 32.9), 133 s wall including the 4 validations and the final predictions.
-Under load (2026-11-28, load 4.0-7.2, median 6.3): 630 s wall, dose score
-3.21 vs 10.62 (README, "Performance").
+Its measured time and scores are in the README ("Performance") and
+benchmarks/NOTES.md.
 
 Variant, chosen after a colon (`--config=configs/demo.py:smoke`):
   smoke   the fastest settings that train on one CPU (the trainer tests'
@@ -50,9 +47,8 @@ def get_config(variant: str = ""):
   config.data.synthetic_grid = 32
   config.data.downsample = 2  # 32^3 phantoms -> 16^3 model grid
   config.data.num_workers = 0
-  # A 3-stage RANDose (every module on) at 16^3: ~17 steps/s on 2 CPU
-  # cores with the default conv_impl 'auto' (FFT convs where cheaper), so
-  # the demo stays well inside its 10-minute limit even on a loaded machine.
+  # A 3-stage RANDose (every module on) at 16^3, small enough that the demo
+  # stays well inside its 10-minute limit on 2 CPU cores.
   config.model.widths = (8, 16, 32)
   config.model.msfe_fused = True
   config.learning_rate = 1e-3

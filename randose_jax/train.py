@@ -4,6 +4,11 @@ One `jax.jit`-compiled train step with explicit `NamedSharding`s on a 1-D
 'data' mesh over every device of every process: the batch is split over
 'data', the state is replicated and donated. The same code runs on one CPU,
 one GPU, all GPUs of a host, or several hosts after `jax.distributed`.
+
+This module holds the training state, the step and the loop. Validation
+(the model's and the mean-dose baseline's scores) is `validation.py`; the
+forward pass with optional test-time flips, shared by validation, `predict`
+and `export`, is `predictor.Predictor`.
 """
 
 import dataclasses
