@@ -484,15 +484,20 @@ def compare_patient(patient: openkbp.Patient, prediction: np.ndarray,
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
   """The cohort summary of a `compare_patient` table (several patients).
 
-  One row per (roi, metric), in the order they first appear: n (patients
+  One row per (roi, metric), ROIs in `ROI_NAMES` order then the gamma rows,
+  metrics in the order they first appear: n (patients
   whose difference is finite), the means of the reference and the
   prediction, mean and SD (ddof 1; NaN for n < 2) of the difference and of
   its absolute value, and the worst patient (the largest |difference|) with
   its difference.
   """
   rows = []
-  keys = table[["roi", "metric", "unit"]].drop_duplicates()
-  for roi, metric, unit in keys.itertuples(index=False):
+  order = {roi: i for i, roi in enumerate(ROI_NAMES + (GAMMA_ROI,))}
+  keys = sorted(
+      table[["roi", "metric", "unit"]].drop_duplicates().itertuples(
+          index=False),
+      key=lambda key: order.get(key[0], len(order)))  # stable: metric order
+  for roi, metric, unit in keys:
     part = table[(table["roi"] == roi) & (table["metric"] == metric)]
     part = part[np.isfinite(part["difference"].to_numpy(np.float64))]
     n = len(part)

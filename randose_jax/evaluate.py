@@ -18,9 +18,9 @@ the prediction and their difference) and `clinical_summary.csv` (per ROI and
 metric over the patients) into DIR: the clinical metrics of
 `randose_jax/clinical.py` (target D_x, HI, conformity; OAR Dmean, D_cc,
 V_d at the --clinical_v_gy doses) and, unless --gamma=false, the global
-gamma pass rates at 3%/3mm and 2%/2mm (pymedphys; about 20 s per 128^3
-patient, see --gamma_subsample). Patients are read and scored one at a
-time.
+gamma pass rates at 3%/3mm and 2%/2mm (pymedphys; 20-70 s per 128^3
+patient on 2 CPU cores, see --gamma_subsample). Patients are read and
+scored one at a time.
 
 The output paths are checked before any scoring, and the outputs are written
 only when every patient has been scored (plots are staged until then): a

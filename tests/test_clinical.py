@@ -441,10 +441,10 @@ def test_gamma_pass_rate_equals_the_longer_search():
   rate of the gamma map searched on to gamma 1.5, on a smooth phantom and a
   scaled, shifted copy; the normalisation is the reference maximum inside
   the mask (a hot voxel outside it changes nothing)."""
-  shape = (9, 9, 8)
+  shape = (8, 8, 7)
   grid = np.indices(shape).astype(np.float64)
-  reference = 60 * np.exp(-((grid[0] - 4) ** 2 / 12 + (grid[1] - 4) ** 2 / 8
-                            + (grid[2] - 4) ** 2 / 10))
+  reference = 60 * np.exp(-((grid[0] - 3.5) ** 2 / 12 + (grid[1] - 3.5) ** 2
+                            / 8 + (grid[2] - 3) ** 2 / 10))
   evaluated = 1.04 * np.roll(reference, 2, axis=1)
   spacing = (2.5, 2.0, 3.0)
   mask = np.ones(shape, bool)
@@ -551,6 +551,9 @@ def test_cli_writes_the_clinical_tables(cli_folders, tmp_path):
   assert set(table.patient) == {'pt_1', 'pt_2', 'pt_3', 'pt_4'}
   assert {'V5Gy', 'V10Gy', 'gamma_3%/3mm', 'gamma_2%/2mm'} <= set(table.metric)
   assert 'V20Gy' not in set(table.metric)
+  present = set(summary.roi)
+  assert list(summary.roi.drop_duplicates()) == [
+      r for r in ROI_NAMES + ('possible_dose_mask',) if r in present]
   gamma = summary[summary.metric == 'gamma_3%/3mm'].iloc[0]
   assert gamma.n == 4 and gamma.roi == 'possible_dose_mask'
   assert 0 < gamma.mean_predicted <= 100
