@@ -2,7 +2,9 @@ r"""Scores a folder of predicted doses with the official OpenKBP metrics.
 
   python -m randose_jax.evaluate \
       --reference=provided-data/validation-pats --predictions=predictions/ \
-      [--json=scores.json] [--per_roi=per_roi.csv] [--plots=DIR]
+      [--json=scores.json] [--per_roi=per_roi.csv] [--plots=DIR] \
+      [--clinical=DIR [--clinical_v_gy=20,30,40,50] [--gamma=false]
+       [--gamma_subsample=1.0]]
 
 --reference holds the patients (`pt_*/` folders with dose.csv); --predictions
 holds one `pt_*.csv` per patient, the submission format. Prints the dose score,
@@ -10,8 +12,15 @@ then the DVH score (docs/design.md section 6; always in that order). --json writ
 both scores, the counts and each patient's dose error; --per_roi (alias
 --per-roi) writes one row per (patient, ROI, metric). Both are replaced if
 they exist, atomically. --plots writes `<id>_slices.png` (prediction,
-reference, difference) and `<id>_dvh.png` per patient into DIR. Patients are
-read and scored one at a time.
+reference, difference) and `<id>_dvh.png` per patient into DIR. --clinical
+writes `clinical_metrics.csv` (per patient, ROI and metric: the reference,
+the prediction and their difference) and `clinical_summary.csv` (per ROI and
+metric over the patients) into DIR: the clinical metrics of
+`randose_jax/clinical.py` (target D_x, HI, conformity; OAR Dmean, D_cc,
+V_d at the --clinical_v_gy doses) and, unless --gamma=false, the global
+gamma pass rates at 3%/3mm and 2%/2mm (pymedphys; 20-70 s per 128^3
+patient on 2 CPU cores, see --gamma_subsample). Patients are read and
+scored one at a time.
 
 The output paths are checked before any scoring, and the outputs are written
 only when every patient has been scored (plots are staged until then): a
@@ -29,6 +38,7 @@ from absl import logging
 import numpy as np
 
 from randose_jax import cli
+from randose_jax import clinical
 from randose_jax import evaluation
 from randose_jax import fileio
 from randose_jax.data import openkbp
@@ -54,6 +64,25 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
   flags.DEFINE_string('plots', None, 'Write <id>_slices.png and <id>_dvh.png '
                       'for each patient into this folder.',
                       flag_values=flag_values)
+  flags.DEFINE_string('clinical', None,
+                      f'Write {clinical.METRICS_FILE} and '
+                      f'{clinical.SUMMARY_FILE} (clinical metrics and gamma '
+                      'pass rates) into this folder (replaced if present).',
+                      flag_values=flag_values)
+  flags.DEFINE_list('clinical_v_gy',
+                    [f'{d:g}' for d in clinical.DEFAULT_V_DOSES_GY],
+                    'With --clinical: the doses d (Gy) of the OARs\' V_d, the '
+                    'percent of the ROI volume receiving >= d Gy.',
+                    flag_values=flag_values)
+  flags.DEFINE_boolean('gamma', True,
+                       'With --clinical: the gamma pass rates (3%/3mm, '
+                       '2%/2mm; needs pymedphys, the [clinical] extra).',
+                       flag_values=flag_values)
+  flags.DEFINE_float('gamma_subsample', 1.0,
+                     'With --clinical: the fraction in (0, 1] of the gamma '
+                     'points evaluated (a fixed-seed random draw; faster, '
+                     'the pass rate becomes an estimate).',
+                     flag_values=flag_values)
 
 # Called with each reference patient and its prediction (Gy) once scored, e.g.
 # to plot it while it is in memory.
@@ -150,6 +179,31 @@ def write_per_roi(result: evaluation.EvaluationResult, path) -> None:
     f.write(result.metric_table().to_csv(index=False).encode())
 
 
+def clinical_settings_from_flags() -> clinical.ClinicalSettings:
+  """--clinical_v_gy, --gamma, --gamma_subsample as settings; a bad value,
+  or --gamma without pymedphys, is a usage error naming the flag."""
+  doses = []
+  for text in FLAGS.clinical_v_gy:
+    try:
+      dose = float(text)
+    except ValueError:
+      dose = float('nan')
+    if not np.isfinite(dose) or dose < 0:
+      raise app.UsageError(f'--clinical_v_gy={",".join(FLAGS.clinical_v_gy)}'
+                           f': {text!r} is not a dose >= 0 Gy')
+    doses.append(dose)
+  if not 0 < FLAGS.gamma_subsample <= 1:
+    raise app.UsageError(f'--gamma_subsample={FLAGS.gamma_subsample}: must be '
+                         'in (0, 1]')
+  if FLAGS.gamma and not clinical.gamma_available():
+    raise app.UsageError(
+        '--gamma: the gamma index needs pymedphys (pip install '
+        '"randose_jax[clinical]"); pass --gamma=false to skip it')
+  return clinical.ClinicalSettings(
+      v_doses_gy=tuple(doses), gamma=FLAGS.gamma,
+      gamma_subsample=FLAGS.gamma_subsample)
+
+
 def format_scores(result: evaluation.EvaluationResult) -> str:
   return (f'dose score: {result.dose_score:.4f} Gy '
           f'(mean over {result.num_patients} patients)\n'
@@ -169,13 +223,25 @@ def main(argv):
       fileio.check_output_file(FLAGS[name].value, overwrite=True)
   if FLAGS.plots:
     fileio.check_output_dir(FLAGS.plots)
+  clinical_settings = None
+  if FLAGS.clinical:
+    clinical_settings = clinical_settings_from_flags()
+    fileio.check_output_dir(FLAGS.clinical)
+    for name in (clinical.METRICS_FILE, clinical.SUMMARY_FILE):
+      fileio.check_output_file(Path(FLAGS.clinical) / name, overwrite=True)
   with fileio.StagedOutput() as stage:
-    on_patient = None
+    callbacks = []
     if FLAGS.plots:
       from randose_jax import viz  # pylint: disable=g-import-not-at-top
       plots = stage.dir(FLAGS.plots)
-      on_patient = lambda patient, dose: viz.write_patient_plots(
-          patient, dose, plots)
+      callbacks.append(lambda patient, dose: viz.write_patient_plots(
+          patient, dose, plots))
+    if clinical_settings is not None:
+      clinical_evaluator = clinical.ClinicalEvaluator(clinical_settings)
+      callbacks.append(clinical_evaluator.add)
+    on_patient = None
+    if callbacks:
+      on_patient = lambda patient, dose: [c(patient, dose) for c in callbacks]
     result = evaluate_folders(FLAGS.reference, FLAGS.predictions,
                               on_patient=on_patient)
     if FLAGS.json:
@@ -184,7 +250,15 @@ def main(argv):
                  predictions=str(Path(FLAGS.predictions).resolve()))
     if FLAGS.per_roi:
       write_per_roi(result, stage.path(FLAGS.per_roi))
+    if clinical_settings is not None:
+      folder = Path(FLAGS.clinical)
+      clinical_evaluator.write(folder, paths=[
+          stage.path(folder / name)
+          for name in (clinical.METRICS_FILE, clinical.SUMMARY_FILE)])
   print(format_scores(result))
+  if clinical_settings is not None:
+    print(f'clinical metrics: {Path(FLAGS.clinical) / clinical.METRICS_FILE}, '
+          f'{Path(FLAGS.clinical) / clinical.SUMMARY_FILE}')
 
 
 if __name__ == '__main__':

@@ -251,9 +251,11 @@ def _predict_args(w: World, output=None):
 
 
 def _evaluate_args(w: World, json_path=None):
+  # --clinical too: its tables are outputs a failed run must not leave.
   return [f"--reference={w.reference}", f"--predictions={w.predictions}",
           f"--json={json_path or w.out / 'scores.json'}",
-          f"--per_roi={w.out / 'roi.csv'}"]
+          f"--per_roi={w.out / 'roi.csv'}",
+          f"--clinical={w.out / 'clinical'}", "--gamma=false"]
 
 
 def _export_args(w: World, output=None):
@@ -458,8 +460,8 @@ TABLE: dict[str, dict[str, object]] = {
             _inputs(w, [w.patients, w.workdir]) or _present(
                 w.out / "preds" / "pt_5.csv", w.out / "preds"),
             _predict_args(w))),
-        "evaluate": NA("evaluate replaces --json and --per_roi atomically "
-                       "(README, evaluate's --help)"),
+        "evaluate": NA("evaluate replaces --json, --per_roi and --clinical's "
+                       "tables atomically (README, evaluate's --help)"),
         "export": Row(lambda w, mp: (
             _inputs(w, [w.workdir]) or _present(w.out / "m.zip"),
             _export_args(w))),
