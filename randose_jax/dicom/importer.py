@@ -111,6 +111,7 @@ def find_plans(scan: series.Scan, input_dir) -> list[Plan]:
       raise DicomError(f"{ss.path}: matches several CT series ({', '.join(found)}); "
                        "keep one of them in the input")
     ct = scan.ct_series[found[0]]
+    series.check_one_patient(ct)
     if ss.patient_id != ct[0].patient_id:
       raise DicomError(f"{ss.path}: patient {ss.patient_id!r}, but its CT series "
                        f"{found[0]} is of patient {ct[0].patient_id!r}")

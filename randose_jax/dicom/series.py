@@ -187,19 +187,6 @@ def canonical(array: np.ndarray, grid: StoredGrid) -> Volume:
                 origin)
 
 
-def canonical_box(grid: StoredGrid, start, stop):
-  """The canonical (start, stop) index range of the stored box [start, stop)."""
-  permutation, flips = grid.to_canonical()
-  c_start, c_stop = [], []
-  for stored, flip in zip(permutation, flips):
-    lo, hi = int(start[stored]), int(stop[stored])
-    if flip:
-      lo, hi = grid.shape[stored] - hi, grid.shape[stored] - lo
-    c_start.append(lo)
-    c_stop.append(hi)
-  return np.array(c_start), np.array(c_stop)
-
-
 def _vector(ds, keyword: str, n: int, path) -> np.ndarray:
   value = ds.get(keyword)
   try:
@@ -237,6 +224,20 @@ def _pixel_spacing(ds, path) -> np.ndarray:
   return spacing
 
 
+def check_one_patient(slices: list[Instance]) -> None:
+  """DicomError naming a file of the minority when a series' slices belong to
+  several patients or frames of reference."""
+  for attribute, what in (("patient_id", "patients"),
+                          ("frame_of_reference_uid", "frames of reference")):
+    values = [getattr(inst, attribute) for inst in slices]
+    common = max(set(values), key=values.count)
+    odd = [inst for inst in slices if getattr(inst, attribute) != common]
+    if odd:
+      raise DicomError(f"{odd[0].path}: CT series {slices[0].series_uid} mixes slices "
+                       f"of {what} {common!r} ({values.count(common)} slices) and "
+                       f"{getattr(odd[0], attribute)!r} ({len(odd)})")
+
+
 def ct_grid(slices: list[Instance]) -> tuple[StoredGrid, list[Instance]]:
   """Checks a CT series' geometry; returns its grid and the slices sorted
   along the normal.
@@ -247,16 +248,9 @@ def ct_grid(slices: list[Instance]) -> tuple[StoredGrid, list[Instance]]:
     gantry tilt, two slices at one position, unequal slice spacing (a
     missing slice), fewer than two slices.
   """
+  check_one_patient(slices)
   first = slices[0]
   series = first.series_uid
-  for inst in slices:
-    if inst.patient_id != first.patient_id:
-      raise DicomError(f"{inst.path}: CT series {series} mixes slices of patients "
-                       f"{first.patient_id!r} ({first.path.name}) and "
-                       f"{inst.patient_id!r}")
-    if inst.frame_of_reference_uid != first.frame_of_reference_uid:
-      raise DicomError(f"{inst.path}: CT series {series} mixes frames of reference "
-                       f"({first.frame_of_reference_uid} in {first.path.name})")
   if len(slices) < 2:
     raise DicomError(f"{first.path}: CT series {series} has a single slice; "
                      "a volume needs at least two")

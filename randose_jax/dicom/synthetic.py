@@ -52,8 +52,8 @@ DEFAULT_SHAPES = (
     Shape("PTV 56Gy", "ellipsoid", (10, -5, 5), (32, 30, 26), "PTV"),
     Shape("Parotid_L", "ellipsoid", (45, 5, 10), (14, 18, 16)),
     Shape("PAROTID RT", "ellipsoid", (-45, 5, 10), (14, 18, 16)),
-    Shape("Cord", "cylinder", (0, 40, 0), (9, 9, 1e4)),
-    Shape("SpinalCord_PRV", "cylinder", (0, 40, 0), (14, 14, 1e4)),
+    Shape("Cord", "cylinder", (1.3, 40.7, 0), (9.4, 8.3, 1e4)),
+    Shape("SpinalCord_PRV", "cylinder", (1.3, 40.7, 0), (14, 13, 1e4)),
     Shape("Mandible", "annulus", (0, -30, -20), (26, 14, 8)),
     Shape("Brainstem", "ellipsoid", (0, 25, 30), (12, 12, 12)),
 )
@@ -68,10 +68,20 @@ class Phantom:
   def shape(self, name: str) -> Shape:
     return next(s for s in self.shapes if s.name == name)
 
-  def inside(self, name: str, points) -> np.ndarray:
-    """bool (n,): points (n, 3) LPS inside the structure."""
+  def inside(self, name: str, points, slice_z=None) -> np.ndarray:
+    """bool (n,): points (n, 3) LPS inside the structure; with `slice_z` (the
+    CT's slice positions) as its contours say: each point takes the
+    cross-section of the nearest slice (none beyond half a step past the ends)."""
     s = self.shape(name)
-    p = np.asarray(points, np.float64) - self.centre - np.asarray(s.centre, np.float64)
+    p = np.asarray(points, np.float64)
+    if slice_z is not None:
+      z = np.sort(np.asarray(slice_z, np.float64))
+      step = z[1] - z[0]
+      nearest = z[np.clip(np.rint((p[:, 2] - z[0]) / step).astype(int), 0, len(z) - 1)]
+      beyond = np.abs(p[:, 2] - nearest) > step / 2
+      p = np.stack([p[:, 0], p[:, 1], nearest], 1)
+      return self.inside(name, p) & ~beyond
+    p = p - self.centre - np.asarray(s.centre, np.float64)
     if s.kind == "ellipsoid":
       return np.sum((p / np.asarray(s.size)) ** 2, axis=1) <= 1
     if s.kind == "cylinder":

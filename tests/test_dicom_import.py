@@ -1,0 +1,242 @@
+"""randose_jax.dicom_import on synthetic DICOM made here (randose_jax.dicom.synthetic):
+geometry in four patient positions, structures (holes, several contours per
+slice), CT and dose values, ROI names, the way back to an RT Dose in the
+patient's frame, and bad inputs (one error line naming the file, nothing
+written)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from absl import flags
+import numpy as np
+import pydicom
+import pytest
+
+from randose_jax import cli
+from randose_jax import dicom_import
+from randose_jax import formats
+from randose_jax.conventions import AXIS_DIRECTIONS_LPS, CT_OFFSET
+from randose_jax.data import openkbp
+from randose_jax.dicom import DicomError, geometry, importer, rasterize, roi_names, series, synthetic
+
+CROP = (48, 48, 32)
+SPACING = importer.DEFAULT_SPACING
+# orientation -> CT (slices, rows, columns) and spacing (slice, row, column) mm
+CASES = {
+    "HFS": ((30, 128, 128), (3.0, 1.25, 1.25)),
+    "FFS": ((36, 120, 140), (2.5, 1.3, 1.15)),
+    "HFP": ((45, 128, 128), (2.0, 1.25, 1.25)),
+    "FFP": ((30, 110, 110), (3.0, 1.5, 1.5)),
+}
+TRUE_NAMES = {"Brainstem": "Brainstem", "SpinalCord": "Cord", "RightParotid": "PAROTID RT",
+              "LeftParotid": "Parotid_L", "Mandible": "Mandible", "PTV56": "PTV 56Gy",
+              "PTV70": "PTV_7000"}
+
+
+def _import(src, out, **kwargs):
+  kwargs.setdefault("shape", CROP)
+  kwargs.setdefault("spacing", SPACING)
+  return importer.import_folder(src, out, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+  """(orientation, synthetic patient record, imported patient folder)."""
+  orientation = request.param
+  shape, spacing = CASES[orientation]
+  tmp = tmp_path_factory.mktemp(orientation)
+  record = synthetic.write_patient(tmp / "dicom", orientation=orientation, shape=shape,
+                                   spacing=spacing, seed=len(orientation) + shape[0])
+  rows = _import(tmp / "dicom", tmp / "out")
+  assert [r["patient"] for r in rows] == ["pt_SYN001"]
+  return orientation, record, tmp / "out" / "pt_SYN001", rows[0]
+
+
+def _centres(info, sub: int = 1) -> np.ndarray:
+  """LPS of the import grid's voxel centres (sub=1), or sub^3 points per
+  voxel spread over it: (D*H*W*sub^3, 3)."""
+  shape = info["grid_shape"]
+  spacing = np.asarray(info["voxel_dimensions"])
+  offsets = (np.arange(sub) + 0.5) / sub - 0.5
+  sub_idx = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).reshape(-1, 3)
+  idx = np.indices(shape).reshape(3, -1).T.astype(np.float64)
+  points = (idx[:, None, :] + sub_idx[None]).reshape(-1, 3)
+  return np.asarray(info["origin_lps_mm"]) + (points * spacing) @ AXIS_DIRECTIONS_LPS
+
+
+def _slice_z(record) -> np.ndarray:
+  return np.array([float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2])
+                   for p in record["ct_files"]])
+
+
+def _truth_masks(record, info, sub: int = 5):
+  """Occupancy >= 0.5 (sub^3 points per voxel, odd: no ties) of the
+  structures as their contours define them (the analytic cross-section at
+  the nearest CT slice), computed in a box around each structure."""
+  shape = tuple(info["grid_shape"])
+  spacing = np.asarray(info["voxel_dimensions"])
+  origin = np.asarray(info["origin_lps_mm"])
+  offsets = (np.arange(sub) + 0.5) / sub - 0.5
+  sub_idx = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).reshape(-1, 3)
+  slice_z = _slice_z(record)
+  phantom = record["phantom"]
+  out = {}
+  for roi, name in TRUE_NAMES.items():
+    s = phantom.shape(name)
+    size = np.minimum(np.asarray(s.size[:2] + (s.size[2],), float), 1e3)
+    if s.kind == "annulus":
+      size = np.array([s.size[0], s.size[0], s.size[2]])
+    lo_lps = phantom.centre + s.centre - size - 5
+    hi_lps = phantom.centre + s.centre + size + 5
+    corners = np.array([[x, y, z] for x in (lo_lps[0], hi_lps[0]) for y in (lo_lps[1], hi_lps[1])
+                        for z in (lo_lps[2], hi_lps[2])])
+    index = ((corners - origin) @ AXIS_DIRECTIONS_LPS.T) / spacing
+    lo = np.clip(np.floor(index.min(0)).astype(int), 0, shape)
+    hi = np.clip(np.ceil(index.max(0)).astype(int) + 1, 0, shape)
+    idx = np.stack(np.meshgrid(*[np.arange(l, h) for l, h in zip(lo, hi)], indexing="ij"),
+                   -1).reshape(-1, 3)
+    points = origin + ((idx[:, None, :] + sub_idx[None]).reshape(-1, 3) * spacing) @ AXIS_DIRECTIONS_LPS
+    occ = phantom.inside(name, points, slice_z).reshape(len(idx), -1).mean(-1)
+    mask = np.zeros(shape, bool)
+    mask[tuple(idx[occ >= 0.5].T)] = True
+    out[roi] = mask
+  return out
+
+
+def _dice(a, b):
+  return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def test_structures_match_the_truth(case):
+  orientation, record, folder, summary = case
+  patient = openkbp.load_patient(folder)
+  info = json.loads((folder / geometry.GEOMETRY_FILE).read_text())
+  truth = _truth_masks(record, info)
+  voxel_cc = np.prod(patient.voxel_dimensions) / 1000
+  for roi, true_mask in truth.items():
+    channel = openkbp.ROI_NAMES.index(roi)
+    assert patient.roi_present[channel], (orientation, roi)
+    if np.count_nonzero(true_mask) * voxel_cc >= 1:
+      dice = _dice(patient.structure_masks[..., channel], true_mask)
+      assert dice >= 0.95, (orientation, roi, dice)
+  assert not patient.roi_present[openkbp.ROI_NAMES.index("PTV63")]
+  assert summary["mapped"]["SpinalCord"] == ["Cord"]  # not SpinalCord_PRV
+  # The mandible's hole: the annulus' centre is outside, its ring inside.
+  mandible = record["phantom"].shape("Mandible")
+  centre = record["phantom"].centre + np.array(mandible.centre)
+  for offset, expected in ((0.0, False), (20.0, True)):
+    point = centre + [offset, 0, 0]
+    index = np.rint(((point - info["origin_lps_mm"]) @ AXIS_DIRECTIONS_LPS.T)
+                    / info["voxel_dimensions"]).astype(int)
+    assert patient.structure_masks[(*index, openkbp.ROI_NAMES.index("Mandible"))] == expected
+
+
+def test_ct_and_dose_match_the_truth(case):
+  orientation, record, folder, _ = case
+  phantom = record["phantom"]
+  patient = openkbp.load_patient(folder)
+  info = json.loads((folder / geometry.GEOMETRY_FILE).read_text())
+  points = _centres(info)
+  # CT: away from the body's edge and the CT's first and last slices.
+  shrunk = synthetic.Phantom(phantom.centre, (synthetic.Shape("External", "cylinder", (0, 0, 0),
+                                                              (69, 59, 1e4)),))
+  z_half = (CASES[orientation][0][0] - 3) * CASES[orientation][1][0] / 2
+  inner = shrunk.inside("External", points) & (np.abs(points[:, 2] - phantom.centre[2]) < z_half)
+  assert inner.sum() > 1000
+  hu = patient.ct.ravel()[inner] - CT_OFFSET
+  np.testing.assert_allclose(hu, phantom.hu(points[inner]), atol=1.0 + 1e-6)
+  grown = synthetic.Phantom(phantom.centre, (synthetic.Shape("External", "cylinder", (0, 0, 0),
+                                                             (80, 70, 1e4)),))
+  # Air: -1000 HU in the phantom (stored 24), -1024 (0, absent) beyond the CT.
+  assert set(np.unique(patient.ct.ravel()[~grown.inside("External", points)])) <= {0.0, 24.0}
+  # Possible-dose mask = the body contour.
+  body = phantom.inside("External", points).reshape(patient.ct.shape)
+  assert _dice(patient.possible_dose_mask, body) > 0.97
+  # Dose at the voxel centres, where it is above 10% of the peak.
+  true_dose = phantom.dose(points).reshape(patient.ct.shape)
+  where = patient.possible_dose_mask & (true_dose > 7)
+  np.testing.assert_allclose(patient.dose[where], true_dose[where], rtol=0.01)
+
+
+def test_grid_is_the_same_in_every_orientation(case):
+  """The import grid is placed in patient coordinates by the PTVs and the
+  body, whatever IOP and the slice order were."""
+  orientation, record, folder, _ = case
+  info = json.loads((folder / geometry.GEOMETRY_FILE).read_text())
+  phantom = record["phantom"]
+  # The PTVs' bounding box centre (LPS) is the box centre up to a voxel.
+  p70, p56 = phantom.shape("PTV_7000"), phantom.shape("PTV 56Gy")
+  lo = np.minimum(np.array(p70.centre) - p70.size, np.array(p56.centre) - p56.size)
+  hi = np.maximum(np.array(p70.centre) + p70.size, np.array(p56.centre) + p56.size)
+  box_centre = (np.asarray(info["origin_lps_mm"]) + ((np.array(CROP) - 1) / 2
+                * info["voxel_dimensions"]) @ AXIS_DIRECTIONS_LPS)
+  box_centre_rel = box_centre - phantom.centre
+  half = np.abs(((np.array(CROP)) / 2 * info["voxel_dimensions"]) @ AXIS_DIRECTIONS_LPS)
+  # The PTVs are inside the box; in-plane the box (187 mm) is longer than the
+  # body (150 x 130 mm): centred on the body; along z (80 mm) it lies within
+  # the body (the CT's extent, the External contour is on every slice).
+  assert np.all(box_centre_rel - half <= lo) and np.all(box_centre_rel + half >= hi)
+  assert np.all(np.abs(box_centre_rel[:2]) <= 1e-6), (orientation, box_centre_rel)
+  ct_half = CASES[orientation][0][0] * CASES[orientation][1][0] / 2
+  assert abs(box_centre_rel[2]) + half[2] <= ct_half + 1e-6
+  assert info["ct_grid"]["image_orientation_patient"] == [
+      float(v) for v in (*synthetic.ORIENTATIONS[orientation][0],
+                         *synthetic.ORIENTATIONS[orientation][1])]
+  assert info["rtplan_sop_instance_uid"] == record["uids"]["rtplan"]
+  assert info["frame_of_reference_uid"] == record["uids"]["frame"]
+
+
+def _rtdose_peak_lps(path) -> np.ndarray:
+  """LPS of the maximum of an RT Dose file, read with pydicom only."""
+  ds = pydicom.dcmread(path)
+  frames = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)
+  f, r, c = np.unravel_index(np.argmax(frames), frames.shape)
+  iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+  row, col = iop[:3], iop[3:]
+  offsets = [float(v) for v in ds.GridFrameOffsetVector]
+  dr, dc = (float(v) for v in ds.PixelSpacing)
+  return (np.array([float(v) for v in ds.ImagePositionPatient]) + offsets[f] * np.cross(row, col)
+          + r * dr * col + c * dc * row)
+
+
+@pytest.mark.parametrize("grid", ["crop", "ct"])
+def test_rt_dose_back_in_the_patient_frame(case, grid, tmp_path):
+  """The imported dose written as an RT Dose in the patient's frame puts the
+  peak at its patient coordinate (pydicom, and SimpleITK when installed)."""
+  orientation, record, folder, _ = case
+  patient = openkbp.load_patient(folder)
+  info = geometry.read_geometry(folder)
+  dose, vd, kwargs = geometry.rtdose_arguments(info, patient.dose, grid)
+  (path,) = formats.write_prediction_formats(tmp_path, folder.name, dose, vd,
+                                             formats=("dicom",), **kwargs)
+  ds = pydicom.dcmread(path)
+  assert ds.FrameOfReferenceUID == record["uids"]["frame"]
+  assert ds.StudyInstanceUID == record["uids"]["study"]
+  assert ds.PatientID == "SYN001" and str(ds.PatientName) == "Synthetic^SYN001"
+  assert ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == record["uids"]["rtplan"]
+  assert ds.ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID == record["uids"]["rtstruct"]
+  peak = record["phantom"].dose_peak()
+  # Within one voxel of the import grid (the prediction's resolution).
+  tolerance = np.asarray(info["voxel_dimensions"]) @ np.abs(AXIS_DIRECTIONS_LPS)
+  assert np.all(np.abs(_rtdose_peak_lps(path) - peak) <= tolerance), (
+      orientation, grid, _rtdose_peak_lps(path) - peak)
+  if grid == "ct":
+    # The dose voxels are the CT's voxel centres.
+    ct_shape, _ = CASES[orientation]
+    assert sorted((ds.NumberOfFrames, ds.Rows, ds.Columns)) == sorted(ct_shape)
+    ct_first = pydicom.dcmread(record["ct_files"][0], stop_before_pixels=True)
+    row, col = (np.array(v, float) for v in synthetic.ORIENTATIONS[orientation])
+    directions = np.stack([np.cross(row, col), col, row])
+    offset = np.array([float(v) for v in ds.ImagePositionPatient]) - np.array(
+        [float(v) for v in ct_first.ImagePositionPatient])
+    index = (directions @ offset) / np.array(CASES[orientation][1])
+    np.testing.assert_allclose(index, np.rint(index), atol=1e-3)
+  sitk = pytest.importorskip("SimpleITK")
+  image = sitk.ReadImage(str(path))
+  array = sitk.GetArrayFromImage(image)  # (frames, rows, columns)
+  k, j, i = np.unravel_index(np.argmax(array), array.shape)
+  point = np.array(image.TransformIndexToPhysicalPoint((int(i), int(j), int(k))))
+  assert np.all(np.abs(point - peak) <= tolerance), (orientation, point - peak)
