@@ -240,3 +240,194 @@ def test_rt_dose_back_in_the_patient_frame(case, grid, tmp_path):
   k, j, i = np.unravel_index(np.argmax(array), array.shape)
   point = np.array(image.TransformIndexToPhysicalPoint((int(i), int(j), int(k))))
   assert np.all(np.abs(point - peak) <= tolerance), (orientation, point - peak)
+
+
+# ------------------------------------------------------------ names
+
+
+@pytest.mark.parametrize("name,target", [
+    ("Parotid_L", "LeftParotid"), ("PAROTID LT", "LeftParotid"), ("Lt Parotid", "LeftParotid"),
+    ("RightParotid", "RightParotid"), ("Parotid R", "RightParotid"),
+    ("PTV_7000", "PTV70"), ("PTV 70Gy", "PTV70"), ("PTV63", "PTV63"), ("PTV5600cGy", "PTV56"),
+    ("Cord", "SpinalCord"), ("SpinalCord", "SpinalCord"), ("SpinalCord_PRV", None),
+    ("Cord PRV5", None), ("BrainStem", "Brainstem"), ("External", roi_names.BODY),
+    ("BODY", roi_names.BODY), ("Skin", roi_names.BODY), ("ptv70_opt", None), ("zPTV70", None),
+    ("Parotids", None), ("Esophagus", "Esophagus"), ("Larynx", "Larynx"), ("Mandible", "Mandible"),
+])
+def test_default_names(name, target):
+  assert roi_names.default_match(name).target == target
+
+
+def test_user_map_ptv_doses_and_levels(tmp_path):
+  path = tmp_path / "map.json"
+  path.write_text(json.dumps({"Gland Parotid Sin": "LeftParotid", "re:^cord.*$": "SpinalCord",
+                              "PTV_boost": "PTV70", "Cord PRV": None}))
+  mapper = roi_names.RoiMapper(roi_names.load_roi_map(path),
+                               roi_names.parse_ptv_doses(["PTV_low=56.5"]))
+  assert mapper.match("gland parotid sin").target == "LeftParotid"
+  assert mapper.match("Cord_5mm").target == "SpinalCord"  # the regex beats the default
+  assert mapper.match("Cord PRV").target is None  # exact keys first
+  assert mapper.match("PTV_boost").target == "PTV70"
+  assert mapper.match("PTV_low").target == "PTV56"
+  high = mapper.match("PTV_high")
+  assert high.target is None and "--ptv_doses" in high.warning
+  assert roi_names.default_match("PTV 50").target is None  # no channel near 50 Gy
+  yaml = pytest.importorskip("yaml")
+  (tmp_path / "map.yaml").write_text(yaml.safe_dump({"re:^lt?\\s*par.*": "LeftParotid"}))
+  assert roi_names.RoiMapper(roi_names.load_roi_map(tmp_path / "map.yaml")).match(
+      "Lt Par").target == "LeftParotid"
+  (tmp_path / "bad.json").write_text(json.dumps({"x": "Kidney"}))
+  with pytest.raises(DicomError, match="bad.json.*Kidney"):
+    roi_names.load_roi_map(tmp_path / "bad.json")
+  with pytest.raises(DicomError, match="--ptv_doses"):
+    roi_names.parse_ptv_doses(["PTV_low"])
+
+
+# ------------------------------------------------------------ the command
+
+
+def _run_cli(args, capfd):
+  flag_values = flags.FlagValues()
+  dicom_import.define_flags(flag_values)
+  saved = dicom_import.FLAGS
+  dicom_import.FLAGS = flag_values
+  capfd.readouterr()
+  try:
+    code = cli.invoke(dicom_import.main, ["dicom_import", *map(str, args)], flag_values)
+  finally:
+    dicom_import.FLAGS = saved
+  return (code, *capfd.readouterr())
+
+
+@pytest.fixture(scope="module")
+def small_dicom(tmp_path_factory):
+  """A small HFS patient (fast to copy and break)."""
+  folder = tmp_path_factory.mktemp("small") / "dicom"
+  record = synthetic.write_patient(folder, shape=(12, 72, 72), spacing=(3.0, 2.2, 2.2),
+                                   seed=3, with_plan=False,
+                                   phantom=synthetic.Phantom(shapes=synthetic.DEFAULT_SHAPES[:4]))
+  return folder, record
+
+
+def _copy(small_dicom, tmp_path):
+  import shutil
+  folder, record = small_dicom
+  dst = tmp_path / "in"
+  shutil.copytree(folder, dst)
+  moved = lambda p: dst / Path(p).relative_to(folder)
+  return dst, {"ct_files": [moved(p) for p in record["ct_files"]],
+               "rtstruct": moved(record["rtstruct"]), "rtdose": moved(record["rtdose"])}
+
+
+def test_cli_imports_and_refuses_to_overwrite(small_dicom, tmp_path, capfd):
+  src, _ = _copy(small_dicom, tmp_path)
+  args = [f"--input={src}", f"--output={tmp_path / 'out'}", "--grid_shape=40,40,16"]
+  code, out, err = _run_cli(args, capfd)
+  assert code == 0, err
+  assert "pt_SYN001" in out and "PTV70<-PTV_7000" in out and "body contour 'External'" in out
+  patient = openkbp.load_patient(tmp_path / "out" / "pt_SYN001")
+  assert patient.grid_shape == (40, 40, 16) and patient.dose is not None
+  code, _, err = _run_cli(args, capfd)
+  assert code == 2 and "pt_SYN001" in err and "--overwrite" in err
+  assert _run_cli(args + ["--overwrite"], capfd)[0] == 0
+
+
+def test_body_from_ct_when_no_body_contour(small_dicom, tmp_path, capfd):
+  src, _ = _copy(small_dicom, tmp_path)
+  (tmp_path / "map.json").write_text(json.dumps({"External": None}))
+  code, out, err = _run_cli([f"--input={src}", f"--output={tmp_path / 'out'}",
+                             "--grid_shape=40,40,16", f"--roi_map={tmp_path / 'map.json'}"], capfd)
+  assert code == 0, err
+  assert "CT > -500 HU" in out
+  patient = openkbp.load_patient(tmp_path / "out" / "pt_SYN001")
+  info = geometry.read_geometry(tmp_path / "out" / "pt_SYN001")
+  points = _centres(info)
+  phantom = small_dicom[1]["phantom"]
+  # Within the CT's slices (12 x 3 mm); the box (16 x 2.5 mm) is longer.
+  within = (np.abs(points[:, 2] - phantom.centre[2]) < 16.5).reshape(patient.grid_shape)
+  body = phantom.inside("External", points).reshape(patient.grid_shape)
+  assert _dice(patient.possible_dose_mask & within, body & within) > 0.97
+
+
+def _break(kind, src, files):
+  """Breaks the copied input; returns the file the error must name."""
+  cts = files["ct_files"]
+  if kind == "no CT":
+    for p in cts:
+      p.unlink()
+    return files["rtstruct"]
+  if kind == "missing series":
+    ds = pydicom.dcmread(files["rtstruct"])
+    (ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+     .RTReferencedSeriesSequence[0].SeriesInstanceUID) = "1.2.3.4"
+    ds.save_as(files["rtstruct"])
+    return files["rtstruct"]
+  if kind == "two patients":
+    ds = pydicom.dcmread(cts[5])
+    ds.PatientID = "OTHER"
+    ds.save_as(cts[5])
+    return cts[5]
+  if kind == "truncated":
+    data = cts[4].read_bytes()
+    cts[4].write_bytes(data[:len(data) // 2])
+    return cts[4]
+  if kind == "oblique":
+    for p in cts:
+      ds = pydicom.dcmread(p)
+      c, s = np.cos(0.2), np.sin(0.2)
+      ds.ImageOrientationPatient = [c, s, 0.0, -s, c, 0.0]
+      ds.save_as(p)
+    return "ImageOrientationPatient"
+  if kind == "tilt":
+    for k, p in enumerate(cts):
+      ds = pydicom.dcmread(p)
+      ipp = [float(v) for v in ds.ImagePositionPatient]
+      ds.ImagePositionPatient = [ipp[0], ipp[1] + 0.5 * k, ipp[2]]
+      ds.save_as(p)
+    return "gantry tilt"
+  if kind == "missing slice":
+    cts[6].unlink()
+    return cts[7]
+  if kind == "no PTV":
+    ds = pydicom.dcmread(files["rtstruct"])
+    for roi in ds.StructureSetROISequence:
+      roi.ROIName = roi.ROIName.replace("PTV", "Target")
+    ds.save_as(files["rtstruct"])
+    return files["rtstruct"]
+  raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["no CT", "missing series", "two patients", "truncated",
+                                  "oblique", "tilt", "missing slice", "no PTV"])
+def test_bad_input_is_one_error_line_and_writes_nothing(small_dicom, tmp_path, capfd, kind):
+  src, files = _copy(small_dicom, tmp_path)
+  named = _break(kind, src, files)
+  out = tmp_path / "out"
+  code, _, err = _run_cli([f"--input={src}", f"--output={out}", "--grid_shape=40,40,16"], capfd)
+  assert code == 2, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), err
+  assert str(named) in lines[0], (kind, err)
+  assert not out.exists()
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".randose-staging")]
+
+
+def test_occupancy_is_the_overlap():
+  """`occupancy` against a brute-force count of fine sub-voxels."""
+  rng = np.random.default_rng(0)
+  mask = rng.random((9, 7, 8)) > 0.5
+  source = series.Volume(mask, np.array([1.0, 1.5, 0.5]), np.array([0.3, -0.2, 0.1]))
+  shape, spacing, origin = (5, 4, 3), np.array([2.0, 3.0, 1.5]), np.array([0.0, 1.0, -0.4])
+  occ = rasterize.occupancy(source, shape, spacing, origin)
+  # Brute force: 1-D overlaps multiply (the grids are separable).
+  expected = np.zeros(shape)
+  src0, dst0 = source.axis_start(), AXIS_DIRECTIONS_LPS @ origin
+  for i in np.ndindex(shape):
+    for j in zip(*np.nonzero(mask)):
+      f = 1.0
+      for a in range(3):
+        s, d = src0[a] + j[a] * source.spacing[a], dst0[a] + i[a] * spacing[a]
+        f *= max(0.0, min(s + source.spacing[a] / 2, d + spacing[a] / 2)
+                 - max(s - source.spacing[a] / 2, d - spacing[a] / 2)) / spacing[a]
+      expected[i] += f
+  np.testing.assert_allclose(occ, expected, atol=1e-5)
