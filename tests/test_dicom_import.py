@@ -431,3 +431,46 @@ def test_occupancy_is_the_overlap():
                  - max(s - source.spacing[a] / 2, d - spacing[a] / 2)) / spacing[a]
       expected[i] += f
   np.testing.assert_allclose(occ, expected, atol=1e-5)
+
+
+# ------------------------------------------------------------ predict
+
+
+class _TruthPredictor:
+  """Stands in for a model: predicts the patient's own (imported) dose."""
+
+  def predict_local(self, examples, tta):
+    del tta
+    return [np.asarray(e["target"]) for e in examples]
+
+
+@pytest.mark.parametrize("grid", ["crop", "ct"])
+def test_predict_writes_the_rt_dose_in_the_patient_frame(small_dicom, tmp_path, grid):
+  import types
+  from randose_jax import default_config, predict
+  src, _ = _copy(small_dicom, tmp_path)
+  _import(src, tmp_path / "pats", shape=(40, 40, 16))
+  config = default_config.get_default_config()
+  restored = types.SimpleNamespace(config=config, predictor=_TruthPredictor(), which="best",
+                                   step=0, uses_ema=False)
+  out = tmp_path / "pred"
+  predict.predict_patients(restored, openkbp.list_patient_dirs(tmp_path / "pats"), out,
+                           formats=("csv", "nifti", "dicom"), log=lambda *_: None,
+                           dicom_grid=grid)
+  ds = pydicom.dcmread(out / "pt_SYN001.dcm")
+  record = small_dicom[1]
+  assert ds.FrameOfReferenceUID == record["uids"]["frame"]
+  assert ds.StudyInstanceUID == record["uids"]["study"]
+  assert "ReferencedRTPlanSequence" not in ds  # the input had no plan
+  assert ds.ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID == record["uids"]["rtstruct"]
+  info = geometry.read_geometry(tmp_path / "pats" / "pt_SYN001")
+  tolerance = np.asarray(info["voxel_dimensions"]) @ np.abs(AXIS_DIRECTIONS_LPS)
+  assert np.all(np.abs(_rtdose_peak_lps(out / "pt_SYN001.dcm")
+                       - record["phantom"].dose_peak()) <= tolerance)
+  # The NIfTI: the same patient coordinates (RAS = LPS with x, y negated).
+  nib = pytest.importorskip("nibabel")
+  img = nib.load(out / "pt_SYN001.nii.gz")
+  ijk = np.unravel_index(np.argmax(np.asarray(img.dataobj)), img.shape)
+  ras = img.affine @ np.array([*ijk, 1.0])
+  lps = ras[:3] * [-1, -1, 1]
+  assert np.all(np.abs(lps - record["phantom"].dose_peak()) <= tolerance)
