@@ -7,7 +7,6 @@ written)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from absl import flags
