@@ -58,6 +58,7 @@ from randose_jax.conventions import AXIS_DIRECTIONS_LPS
 
 RT_DOSE_STORAGE = '1.2.840.10008.5.1.4.1.1.481.2'
 RT_PLAN_STORAGE = '1.2.840.10008.5.1.4.1.1.481.5'
+RT_STRUCTURE_SET_STORAGE = '1.2.840.10008.5.1.4.1.1.481.3'
 _UID_NAMESPACE = 'randose_jax'
 _DOSE_BITS = (16, 32)
 
@@ -263,6 +264,8 @@ def write_rtdose(path, dose_gy, voxel_dimensions, patient_id: str, *,
                  study_instance_uid: str | None = None,
                  series_instance_uid: str | None = None,
                  referenced_rt_plan_uid: str | None = None,
+                 referenced_structure_set_uid: str | None = None,
+                 patient_name: str | None = None,
                  origin_lps_mm=None, bits_allocated: int = 32,
                  overwrite: bool = False) -> Path:
   """Writes a dose volume as a DICOM RT Dose file (explicit VR little endian), atomically.
@@ -278,6 +281,9 @@ def write_rtdose(path, dose_gy, voxel_dimensions, patient_id: str, *,
     referenced_rt_plan_uid: SOP Instance UID of the RT Plan this dose belongs
       to. ReferencedRTPlanSequence is type 1C for DoseSummationType PLAN, but a
       predicted dose has no plan, so it is left out when this is None.
+    referenced_structure_set_uid: SOP Instance UID of the RT Structure Set the
+      dose was predicted from (ReferencedStructureSetSequence); None leaves it out.
+    patient_name: PatientName; None uses `patient_id`.
     origin_lps_mm: LPS mm of voxel (0,0,0); None centres the grid at 0.
     bits_allocated: 32 (default) or 16 bits unsigned per voxel. DoseGridScaling
       maps the maximum dose near the top of that range; the stored dose is
@@ -300,7 +306,8 @@ def write_rtdose(path, dose_gy, voxel_dimensions, patient_id: str, *,
   for name, uid in (('frame_of_reference_uid', frame_of_reference_uid),
                     ('study_instance_uid', study_instance_uid),
                     ('series_instance_uid', series_instance_uid),
-                    ('referenced_rt_plan_uid', referenced_rt_plan_uid)):
+                    ('referenced_rt_plan_uid', referenced_rt_plan_uid),
+                    ('referenced_structure_set_uid', referenced_structure_set_uid)):
     if uid is not None and not pydicom.uid.UID(uid).is_valid:
       raise ValueError(f'{path}: {name} {uid!r} is not a valid DICOM UID')
 
@@ -334,7 +341,7 @@ def write_rtdose(path, dose_gy, voxel_dimensions, patient_id: str, *,
   ds.SOPInstanceUID = sop_instance_uid
   ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
   # Patient
-  ds.PatientName = patient_id
+  ds.PatientName = patient_name if patient_name is not None else patient_id
   ds.PatientID = patient_id
   ds.PatientBirthDate = ''
   ds.PatientSex = ''
@@ -387,6 +394,11 @@ def write_rtdose(path, dose_gy, voxel_dimensions, patient_id: str, *,
     plan.ReferencedSOPClassUID = RT_PLAN_STORAGE
     plan.ReferencedSOPInstanceUID = referenced_rt_plan_uid
     ds.ReferencedRTPlanSequence = DicomSequence([plan])
+  if referenced_structure_set_uid is not None:
+    structure_set = Dataset()
+    structure_set.ReferencedSOPClassUID = RT_STRUCTURE_SET_STORAGE
+    structure_set.ReferencedSOPInstanceUID = referenced_structure_set_uid
+    ds.ReferencedStructureSetSequence = DicomSequence([structure_set])
   ds.PixelData = frames.tobytes()
   ds['PixelData'].VR = 'OW'
 
@@ -518,12 +530,14 @@ def write_prediction_formats(out_dir, patient_id: str, dose_gy, voxel_dimensions
     formats: any of 'nifti', 'dicom'.
     overwrite: replace existing files; otherwise FileExistsError, checked for
       every requested file before anything is written.
-    **dicom_kwargs: passed to `write_rtdose` (UIDs, bits_allocated, origin_lps_mm;
-      origin_lps_mm also goes to `write_nifti`).
+    **dicom_kwargs: passed to `write_rtdose` (UIDs, bits_allocated, origin_lps_mm,
+      patient_name; origin_lps_mm also goes to `write_nifti`), except
+      `dicom_patient_id`: the DICOM PatientID when it differs from the file stem.
 
   Returns:
     The paths written, in the order of `formats`.
   """
+  dicom_patient_id = dicom_kwargs.pop('dicom_patient_id', None) or patient_id
   unknown = [f for f in formats if f not in FORMAT_SUFFIXES]
   if unknown or not formats:
     raise ValueError(f'{out_dir}: formats must be a non-empty subset of '
@@ -544,6 +558,6 @@ def write_prediction_formats(out_dir, patient_id: str, dose_gy, voxel_dimensions
       written.append(write_nifti(path, dose_gy, voxel_dimensions, overwrite=overwrite,
                                  origin_lps_mm=dicom_kwargs.get('origin_lps_mm')))
     else:
-      written.append(write_rtdose(path, dose_gy, voxel_dimensions, patient_id,
+      written.append(write_rtdose(path, dose_gy, voxel_dimensions, dicom_patient_id,
                                   overwrite=overwrite, **dicom_kwargs))
   return written

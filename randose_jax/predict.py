@@ -2,12 +2,19 @@ r"""Predict dose for patient folders with a trained workdir.
 
   python -m randose_jax.predict --workdir=runs/randose --patients=test-pats \
       --output=predictions [--checkpoint=best|latest|STEP] [--tta] \
-      [--formats=csv,nifti,dicom] [--plots=DIR] [--conv_impl=direct]
+      [--formats=csv,nifti,dicom] [--dicom_grid=crop|ct] [--plots=DIR] \
+      [--conv_impl=direct]
 
 Writes `pt_*.csv` (the OpenKBP submission format, Gy, masked, clipped at 0)
 and `<output>.zip` for the leaderboard; NIfTI / DICOM RT Dose files beside
 them when asked. Patient folders need no dose.csv; when every patient has
-one, the dose score and DVH score are printed too. A run trained with
+one, the dose score and DVH score are printed too. A patient imported from
+DICOM (`randose_jax.dicom_import`: its folder holds dicom_geometry.json) gets
+its NIfTI and RT Dose in its own frame: the CT's FrameOfReferenceUID and
+StudyInstanceUID, its PatientID and PatientName, references to its RTSTRUCT
+(and RTPLAN), positions in patient coordinates; --dicom_grid=ct resamples
+the dose onto the CT's own voxels. Other patients keep the grid centred at
+the origin (randose_jax/formats.py). A run trained with
 `config.ema_decay > 0` predicts with the moving average of its parameters.
 
 Nothing is written until every patient has been read and checked and every
@@ -54,6 +61,10 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
                     flag_values=flag_values)
   flags.DEFINE_list("formats", ["csv"], "Any of csv, nifti, dicom.",
                     flag_values=flag_values)
+  flags.DEFINE_enum("dicom_grid", "crop", ["crop", "ct"], "For patients "
+                    "imported from DICOM: write the NIfTI / RT Dose on the "
+                    "import grid (crop) or resampled onto the CT's own voxels "
+                    "(ct).", flag_values=flag_values)
   flags.DEFINE_string("plots", None, "Folder for dose-slice and DVH plots.",
                       flag_values=flag_values)
   flags.DEFINE_bool("overwrite", False,
@@ -107,13 +118,16 @@ def check_outputs(patient_dirs, output_dir, *, formats=("csv",),
 def check_patients(patient_dirs) -> None:
   """Reads every patient once (DataError naming the first bad file), so a
   bad patient stops the run before anything is predicted or written."""
+  from randose_jax.dicom import geometry  # pylint: disable=g-import-not-at-top
   for d in patient_dirs:
     openkbp.load_sparse_patient(d)
+    geometry.read_geometry(d)
 
 
 def predict_patients(restored: restore.Restored, patient_dirs, output_dir, *,
                      tta=False, formats=("csv",), plots_dir=None,
-                     overwrite=False, log=print, checked=False) -> dict:
+                     overwrite=False, log=print, checked=False,
+                     dicom_grid="crop") -> dict:
   """Predicts each patient, writes the requested files; returns a summary.
 
   The outputs and every patient are checked first (`check_outputs`,
@@ -148,9 +162,17 @@ def predict_patients(restored: restore.Restored, patient_dirs, output_dir, *,
       extra = [f for f in formats if f != "csv"]
       if extra:
         from randose_jax import formats as formats_lib  # pylint: disable=g-import-not-at-top
-        formats_lib.write_prediction_formats(
-            staged, patient.patient_id, dose, patient.voxel_dimensions,
-            formats=tuple(extra))
+        from randose_jax.dicom import geometry  # pylint: disable=g-import-not-at-top
+        info = geometry.read_geometry(d)
+        if info is None:  # plain OpenKBP: the grid centred at the origin
+          formats_lib.write_prediction_formats(
+              staged, patient.patient_id, dose, patient.voxel_dimensions,
+              formats=tuple(extra))
+        else:  # imported from DICOM: the patient's own frame
+          out_dose, vd, kwargs = geometry.rtdose_arguments(info, dose, dicom_grid)
+          formats_lib.write_prediction_formats(
+              staged, patient.patient_id, out_dose, vd, formats=tuple(extra),
+              **kwargs)
       if staged_plots is not None:
         from randose_jax import viz  # pylint: disable=g-import-not-at-top
         viz.write_patient_plots(patient, dose, staged_plots)
@@ -199,7 +221,8 @@ def main(argv):
         f"{' with 4-flip TTA' if FLAGS.tta else ''}", flush=True)
   summary = predict_patients(
       restored, dirs, out, tta=FLAGS.tta, formats=formats,
-      plots_dir=FLAGS.plots, overwrite=FLAGS.overwrite, checked=True)
+      plots_dir=FLAGS.plots, overwrite=FLAGS.overwrite, checked=True,
+      dicom_grid=FLAGS.dicom_grid)
   if "dose_score" in summary:
     print(f"dose score: {summary['dose_score']:.4f}")
     print(f"DVH score: {summary['dvh_score']:.4f}")
