@@ -140,6 +140,10 @@ def read_grid_shape(patient_dir: str | os.PathLike) -> tuple[int, int, int]:
 
 # The first row after the header (leading blank lines skipped).
 _FIRST_ROW = re.compile(rb"[ \t\r\n]*([^\r\n]*)")
+# pandas >= 3.1 rounds every float correctly (and deprecates the option);
+# before, the C engine's default converter can be an ulp off.
+_FLOAT_PRECISION = ({} if tuple(map(int, pd.__version__.split(".")[:2]))
+                    >= (3, 1) else {"float_precision": "round_trip"})
 _LINE_BREAK = re.compile(r"\r\n?|\n")
 
 
@@ -289,11 +293,12 @@ def read_sparse_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE, *,
   try:
     frame = pd.read_csv(io.BytesIO(raw), header=0, names=("index", "value"),
                         index_col=False, quoting=csv.QUOTE_NONE,
-                        low_memory=False)
+                        low_memory=False, **_FLOAT_PRECISION)
   except ValueError as e:  # pandas' ParserError, UnicodeDecodeError
     bad_line(str(e).strip())
   if not len(frame):
-    return np.zeros(0, np.int64), np.zeros(0, np.float64) if with_values else None
+    return np.zeros(0, np.int64), (np.zeros(0, np.float64) if with_values
+                                   else None)
 
   indices = frame["index"].to_numpy()
   if indices.dtype.kind == "f" and np.all(
