@@ -145,7 +145,9 @@ def evaluate_folders(reference_dir, predictions_dir, *,
   """Scores every prediction of `predictions_dir` against `reference_dir`.
 
   Only one patient is in memory at a time. `on_patient(patient, prediction)`,
-  if given, sees each patient after it is scored.
+  if given, sees each patient (a dense `Patient`) after it is scored; without
+  it, each reference is read as voxel lists and its ct.csv is not read
+  (scoring needs neither a dense volume nor the CT).
 
   Raises:
     DataError: see `match_patients`, or a bad patient or prediction file.
@@ -153,7 +155,10 @@ def evaluate_folders(reference_dir, predictions_dir, *,
   evaluator = evaluation.Evaluator()
   for patient_dir, prediction_path in match_patients(reference_dir,
                                                      predictions_dir):
-    patient = openkbp.load_patient(patient_dir)
+    if on_patient is None:
+      patient = openkbp.load_sparse_patient(patient_dir, with_ct=False)
+    else:
+      patient = openkbp.load_patient(patient_dir)
     prediction = openkbp.read_prediction_csv(prediction_path,
                                              patient.grid_shape)
     try:

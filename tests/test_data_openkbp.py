@@ -68,6 +68,18 @@ def test_missing_dose_and_missing_roi(phantom_patient):
   assert not patient.structure_masks[..., -1].any()
 
 
+def test_sparse_patient_without_ct(phantom_split):
+  full = openkbp.load_sparse_patient(phantom_split / "pt_1")
+  no_ct = openkbp.load_sparse_patient(phantom_split / "pt_1", with_ct=False)
+  assert no_ct.ct_index is None and no_ct.ct_value is None
+  np.testing.assert_array_equal(no_ct.dose_value, full.dose_value)
+  np.testing.assert_array_equal(no_ct.mask_index, full.mask_index)
+  for a, b in zip(no_ct.roi_index, full.roi_index):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="without CT"):
+    no_ct.to_patient()
+
+
 def test_list_patient_dirs_numeric_order(tmp_path):
   for name in ("pt_10", "pt_2", "pt_100", "pt_1"):
     (tmp_path / name).mkdir()
@@ -90,31 +102,36 @@ def write_csv(path: Path, lines: list[str], newline: str = "\n") -> Path:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_fast_parser_matches_per_line_parser(tmp_path, seed):
+def test_values_read_as_python_float_reads_them(tmp_path, seed):
+  # Fixed decimals, full precision (repr, as pandas' to_csv writes), and
+  # exponents, with LF and CRLF: every value bit-equal to float(text).
   rng = np.random.default_rng(seed)
-  n = 500
-  indices = np.sort(rng.choice(4096, n, replace=False))
-  values = rng.uniform(-3000, 3000, n) * 10.0 ** rng.integers(-6, 2, n)
-  text = [f"{i},{v:.{d}f}" for i, v, d in zip(indices, values, rng.integers(0, 8, n))]
-  path = write_csv(tmp_path / "x.csv", text)
-  body = path.read_bytes().split(b"\n", 1)[1]
-  fast = openkbp._parse_fast(body, True)
-  assert fast is not None, "these lines are the fast path's format"
-  slow = openkbp._parse_lines(path, body, True, (16, 16, 16))
-  np.testing.assert_array_equal(fast[0], slow[0])
-  np.testing.assert_array_equal(fast[1], slow[1])  # bit-exact, as strtod
-  np.testing.assert_array_equal(fast[1], [float(t.split(",")[1]) for t in text])
+  n = 3000
+  indices = np.sort(rng.choice(16**3, n, replace=False))
+  values = rng.uniform(-3000, 3000, n) * 10.0 ** rng.integers(-12, 4, n)
+  kinds = rng.integers(0, 4, n)
+  text = [f"{i},{v:.{k}f}" if kind == 0 else f"{i},{v!r}" if kind == 1
+          else f"{i},{v:.{k}e}" if kind == 2 else f"{i},{v:.{k}E}"
+          for i, v, k, kind in zip(indices.tolist(), values.tolist(),
+                                   rng.integers(0, 18, n).tolist(), kinds)]
+  expected = np.array([float(t.split(",")[1]) for t in text])
+  for newline in ("\n", "\r\n"):
+    path = write_csv(tmp_path / "x.csv", text, newline)
+    read_indices, read_values = openkbp.read_sparse_csv(path, (16, 16, 16))
+    assert read_indices.dtype == np.int64 and read_values.dtype == np.float64
+    np.testing.assert_array_equal(read_indices, indices)
+    np.testing.assert_array_equal(read_values.view(np.int64),
+                                  expected.view(np.int64))
 
 
 def test_irregular_but_valid_csv(tmp_path):
-  # Exponents, a '+', CRLF, spaces, a blank line and no final newline: the
-  # per-line parser reads what the fast path does not.
+  # Exponents, a '+', CRLF, spaces, a blank line and no final newline.
   path = tmp_path / "x.csv"
   path.write_bytes(b",data\r\n3,1e-05\r\n 7 , +2.5\r\n\r\n4095,1E2")
   indices, values = openkbp.read_sparse_csv(path, (16, 16, 16))
   np.testing.assert_array_equal(indices, [3, 7, 4095])
   np.testing.assert_array_equal(values, [1e-05, 2.5, 100.0])
-  # Integers without a decimal point, and negative values, on the fast path.
+  # Integers without a decimal point, and negative values.
   write_csv(path, ["1,5", "2,-17", "9,0"])
   indices, values = openkbp.read_sparse_csv(path, (16, 16, 16))
   np.testing.assert_array_equal(values, [5.0, -17.0, 0.0])
@@ -122,6 +139,48 @@ def test_irregular_but_valid_csv(tmp_path):
   write_csv(path, [])
   indices, values = openkbp.read_sparse_csv(path, (16, 16, 16))
   assert indices.size == 0 and values.size == 0
+
+
+def test_mask_rows_and_integer_valued_indices(tmp_path):
+  # Mask rows with or without the comma; an index written as a float.
+  path = tmp_path / "m.csv"
+  path.write_bytes(b",data\n5\n6,\n12.0,\n1e3,\n")
+  indices, values = openkbp.read_sparse_csv(path, (16, 16, 16),
+                                            with_values=False)
+  assert values is None and indices.dtype == np.int64
+  np.testing.assert_array_equal(indices, [5, 6, 12, 1000])
+
+
+@pytest.mark.parametrize("body, with_values, words", [
+    # A first row with a third field (pandas would take it for an index
+    # column), a later one, and one after blank lines.
+    (b"1,2.0,3\n2,1.0\n", True, ["line 2", "expected 'index,value'"]),
+    (b"1,2.0\n2,1.0,3\n", True, ["line 3", "expected 'index,value'"]),
+    (b"\n \n1,,\n2,\n", False, ["line 4", "expected 'index,value'"]),
+    (b"1,2.0\n2\n", True, ["line 3", "expected 'index,value'"]),
+    (b'1,2.0\n"2",1.0\n', True, ["line 3", "not an integer"]),
+    (b"1,2.0\n2,1_0\n", True, ["line 3", "'1_0'", "not a number"]),
+    (b"1,2.0\n2,\xff\n", True, ["line 3", "not a number"]),
+    (b"1,2.0\n2,inf\n", True, ["line 3", "not finite"]),
+    (b"1,2.0\n2,NA\n", True, ["line 3", "'NA'", "not a number"]),
+    (b"1,2.0\n2.5,1.0\n", True, ["line 3", "'2.5'", "not an integer"]),
+    (b"1,\n\n" + b"9" * 25 + b",\n", False, ["line 4", "outside"]),
+    (b"1,\n\n-1,\n", False, ["line 4", "voxel index -1", "outside"]),
+    (b"1,2\r\n\r\n5,1\r\n1,3\r\n", True,
+     ["line 5: voxel index 1 already appeared on line 2"]),
+    # Python's int() reads full-width digits, pandas does not: refused, with
+    # what pandas said.
+    ("1,2.0\n\uff12,1.0\n".encode(), True, ["not readable", "index column"]),
+])
+def test_error_bad_rows(tmp_path, body, with_values, words):
+  path = tmp_path / "x.csv"
+  path.write_bytes(b",data\n" + body)
+  with pytest.raises(DataError) as info:
+    openkbp.read_sparse_csv(path, (16, 16, 16), with_values=with_values)
+  message = str(info.value)
+  assert message.startswith(f"{path}: ")
+  for word in words:
+    assert word in message
 
 
 def test_unsorted_indices_read_as_np_put_does(phantom_patient):
@@ -137,8 +196,8 @@ def test_unsorted_indices_read_as_np_put_does(phantom_patient):
 
 @pytest.mark.parametrize("irregular", [False, True])
 def test_error_repeated_index_names_both_lines(phantom_patient, irregular):
-  # Which of two values would be meant? A repeat is refused, on the fast
-  # path and on the per-line path (a '+' sends the file there).
+  # Which of two values would be meant? A repeat is refused, with or
+  # without a '+' (the old per-line parser's case).
   path = phantom_patient / "ct.csv"
   lines = path.read_text().splitlines()
   first_index = lines[3].split(",")[0]
@@ -201,7 +260,7 @@ def test_error_nan_value(phantom_patient):
 
 
 def test_error_negative_dose(phantom_patient):
-  """A dose is never negative: the fast path names the first negative line."""
+  """A dose is never negative: the error names the first negative line."""
   path = phantom_patient / "dose.csv"
   index = path.read_text().splitlines()[3].split(",")[0]
   replace_line(path, 4, f"{index},-5.0")
@@ -210,7 +269,8 @@ def test_error_negative_dose(phantom_patient):
 
 
 def test_error_negative_dose_irregular_file(phantom_patient):
-  """The per-line parser (here: an exponent and a blank line) too."""
+  """With an exponent and a blank line too: the value as written, the line
+  counted with the blank one."""
   path = phantom_patient / "dose.csv"
   lines = path.read_text().splitlines()
   lines[2] = lines[2].split(",")[0] + ",1.5e1"

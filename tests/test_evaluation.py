@@ -527,6 +527,13 @@ def test_shared_patients_through_the_folders(shared_openkbp, tmp_path):
       on_patient=lambda patient, prediction: seen.append(patient.patient_id))
   assert_matches_plain(result, cases)
   assert seen == ['pt_10', 'pt_43']
+  # Without on_patient: voxel lists, no CT read; the same numbers.
+  sparse = evaluate.evaluate_folders(reference, tmp_path / 'predictions')
+  np.testing.assert_array_equal(sparse.dose_errors, result.dose_errors)
+  np.testing.assert_array_equal(sparse.predicted_metrics,
+                                result.predicted_metrics)
+  np.testing.assert_array_equal(sparse.reference_metrics,
+                                result.reference_metrics)
 
 
 @pytest.fixture
@@ -536,6 +543,21 @@ def folders(phantom_split, tmp_path):
   preds = tmp_path / 'predictions'
   write_predictions(reference, preds)
   return reference, preds
+
+
+def test_scores_without_on_patient_are_the_same(folders):
+  """The callback-free path (voxel lists, ct.csv unread) scores exactly as
+  the dense one."""
+  reference, preds = folders
+  dense = evaluate.evaluate_folders(reference, preds,
+                                    on_patient=lambda patient, dose: None)
+  sparse = evaluate.evaluate_folders(reference, preds)
+  assert sparse.patient_ids == dense.patient_ids
+  np.testing.assert_array_equal(sparse.dose_errors, dense.dose_errors)
+  np.testing.assert_array_equal(sparse.predicted_metrics,
+                                dense.predicted_metrics)
+  np.testing.assert_array_equal(sparse.reference_metrics,
+                                dense.reference_metrics)
 
 
 def expect_error(reference, preds, *words):

@@ -5,22 +5,24 @@ One folder per patient (`pt_<n>`), one sparse CSV per item (docs/design.md secti
 C-order voxel index and, for `ct.csv` and `dose.csv`, a value. Mask files
 (`possible_dose_mask.csv` and the ROI files) leave the value empty.
 
-The reader is vectorised numpy: the file is read as bytes and every field is
-parsed at once (right-aligned fixed-width digit gathers). Files that the fast
-path does not recognise (exponents, `nan`, stray text, blank lines) go through
-a plain per-line parser, which either reads them or raises a `DataError`
-naming the file, the line and the problem.
+pandas' C parser reads the rows and numpy checks them (indices in the grid,
+no repeats, finite values, no negative dose). A file that fails is read again
+line by line, only to raise a `DataError` naming the file, the first bad line
+and the problem.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import os
 import re
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from randose_jax import fileio
 # The data's conventions, defined in conventions.py (and read here too).
@@ -136,105 +138,13 @@ def read_grid_shape(patient_dir: str | os.PathLike) -> tuple[int, int, int]:
 
 # -------------------------------------------------------- sparse CSV
 
-_NL, _COMMA, _DOT, _MINUS = 10, 44, 46, 45
-_U64 = np.uint64
-_ASCII_ZEROS = _U64(0x3030303030303030)
-_HIGH_NIBBLES = _U64(0xF0F0F0F0F0F0F0F0)
-_SIXES = _U64(0x0606060606060606)
-# _KEEP[n]: the top n bytes of a little-endian word (the last n characters).
-_KEEP = np.array([0] + [(~0 << (8 * (8 - n))) & (2**64 - 1) for n in range(1, 9)],
-                 np.uint64)
-_POW10_FLOAT = 10.0 ** np.arange(9)
-
-
-def _parse_digit_words(words: np.ndarray, ends: np.ndarray, lengths: np.ndarray):
-  """Parses up to 8 ASCII digits ending at each `ends` (exclusive), at once.
-
-  SWAR parsing: the 8 bytes before each end are loaded as one little-endian
-  uint64 (first character = lowest byte); bytes left of the field become
-  b'0', and three multiply-add steps combine digit pairs, then pairs of pairs,
-  then the two halves. `words[p]` must be the uint64 at byte offset p.
-
-  Returns (values uint64, all_digits bool): all_digits is False where a field
-  holds a byte other than 0-9.
-  """
-  keep = _KEEP[lengths]
-  x = (words[ends - 8] & keep) | (_ASCII_ZEROS & ~keep)
-  # Every byte is 0x30..0x39: high nibble 3, and adding 6 leaves it 3.
-  all_digits = (((x & _HIGH_NIBBLES) == _ASCII_ZEROS)
-                & (((x + _SIXES) & _HIGH_NIBBLES) == _ASCII_ZEROS))
-  x = x - _ASCII_ZEROS
-  x = (x * _U64(10) + (x >> _U64(8))) & _U64(0x00FF00FF00FF00FF)
-  x = (x * _U64(100) + (x >> _U64(16))) & _U64(0x0000FFFF0000FFFF)
-  x = (x * _U64(10000) + (x >> _U64(32))) & _U64(0x00000000FFFFFFFF)
-  return x, all_digits
-
-
-def _parse_fast(body: bytes, with_values: bool):
-  """Vectorised parse of a regular sparse CSV body (header removed).
-
-  Accepts only lines `<1-8 digits>,<value>`, a value being `-?<0-8 digits>`
-  and optionally `.<0-8 digits>` (at least one digit), or anything (ignored)
-  when `with_values` is False. Returns (indices int64, values
-  float64 | None), or None when the body is not of that form; every byte
-  of an accepted body has been checked.
-  """
-  # 8 leading newlines let the first field load the 8 bytes before its end.
-  buf = b"\n" * 8 + body
-  a = np.frombuffer(buf, np.uint8)
-  words = np.ndarray((a.size - 7,), "<u8", buf, strides=(1,))  # unaligned view
-  newlines = np.flatnonzero(a == _NL)[8:]
-  commas = np.flatnonzero(a == _COMMA)
-  n = newlines.size
-  if commas.size != n:
-    return None
-  starts = np.empty(n, np.int64)
-  starts[:1] = 8
-  starts[1:] = newlines[:-1] + 1
-  # Equal counts and each comma inside its own line <=> one comma per line.
-  lengths = commas - starts
-  if n and not (lengths.min() >= 1 and lengths.max() <= 8 and np.all(commas < newlines)):
-    return None
-  indices, ok = _parse_digit_words(words, commas, lengths)
-  if not ok.all():
-    return None
-  indices = indices.astype(np.int64)
-  if not with_values:
-    return indices, None
-
-  begin = commas + 1
-  # Decimal point of each line; a line without one ends its integer part at
-  # the newline.
-  points = np.flatnonzero(a == _DOT)
-  if points.size == n and np.all(points >= begin) and np.all(points < newlines):
-    dots = points  # the common case: one point in every value
-  else:
-    lines = np.searchsorted(newlines, points)
-    if np.any(np.diff(lines) == 0) or np.any(points < begin[lines]):
-      return None  # two points in a value, or a point in an index
-    dots = newlines.copy()
-    dots[lines] = points
-  negative = a[begin] == _MINUS
-  if np.count_nonzero(a == _MINUS) != np.count_nonzero(negative):
-    return None  # a '-' that is not the first character of a value
-  begin += negative
-  int_lengths = dots - begin
-  frac_lengths = np.maximum(newlines - dots - 1, 0)
-  if n and (int_lengths.max() > 8 or frac_lengths.max() > 8
-            or (int_lengths + frac_lengths).min() < 1):
-    return None
-  integer, ok_int = _parse_digit_words(words, dots, int_lengths)
-  fraction, ok_frac = _parse_digit_words(words, newlines, frac_lengths)
-  if not (ok_int.all() and ok_frac.all()):
-    return None
-  mantissa = integer * (10 ** frac_lengths).astype(np.uint64) + fraction
-  if n and mantissa.max() >= 2**53:
-    return None  # more digits than a float64 holds exactly
-  # One correctly rounded division of two exact integers = the nearest
-  # float64 to the decimal text, as strtod gives.
-  values = mantissa.astype(np.float64) / _POW10_FLOAT[frac_lengths]
-  np.negative(values, out=values, where=negative)
-  return indices, values
+# The first row after the header (leading blank lines skipped).
+_FIRST_ROW = re.compile(rb"[ \t\r\n]*([^\r\n]*)")
+# pandas >= 3.1 rounds every float correctly (and deprecates the option);
+# before, the C engine's default converter can be an ulp off.
+_FLOAT_PRECISION = ({} if tuple(map(int, pd.__version__.split(".")[:2]))
+                    >= (3, 1) else {"float_precision": "round_trip"})
+_LINE_BREAK = re.compile(r"\r\n?|\n")
 
 
 def _outside_grid(path: Path, line: int, index, grid_shape, count: int) -> DataError:
@@ -244,22 +154,25 @@ def _outside_grid(path: Path, line: int, index, grid_shape, count: int) -> DataE
                    f"{count} such line(s)")
 
 
-def _negative_dose(path: Path, line: int, value, count: int) -> DataError:
-  return DataError(f"{path}: line {line}: dose {value} Gy is negative (a dose "
-                   f"is never negative); {count} such line(s)")
+def _number(text: str, kind):
+  """int(text) or float(text), refusing what pandas does not read as a
+  number either ('1_000')."""
+  if "_" in text:
+    raise ValueError(text)
+  return kind(text)
 
 
-def _parse_lines(path: Path, body: bytes, with_values: bool, grid_shape,
-                 nonnegative: bool = False):
-  """Per-line parser for irregular files; raises DataError on a bad line.
+def _raise_first_bad_line(path: Path, raw: bytes, body_start: int,
+                          with_values: bool, grid_shape, reason: str):
+  """Raises a DataError naming the first line of a file that pandas could not
+  read as `index,value` rows (or read with a non-numeric or non-finite
+  field), and the problem. Python, line by line: only for bad files.
 
-  Returns (indices int64, values float64 | None, line numbers int64).
+  `reason` (what pandas reported) is the message if no line is found bad.
   """
   num_voxels = int(np.prod(grid_shape))
-  indices, values, line_numbers = [], [], []
-  first_negative, negatives = None, 0
-  text = body.decode("utf-8", errors="replace")
-  for line_number, line in enumerate(text.split("\n"), start=2):
+  text = raw[body_start:].decode("utf-8", errors="replace")
+  for line_number, line in enumerate(_LINE_BREAK.split(text), start=2):
     line = line.strip()
     if not line:
       continue
@@ -268,10 +181,10 @@ def _parse_lines(path: Path, body: bytes, with_values: bool, grid_shape,
       raise DataError(f"{path}: line {line_number}: expected 'index,value', "
                       f"got {line[:60]!r}")
     try:
-      index = int(fields[0])
+      index = _number(fields[0], int)
     except ValueError:
       try:
-        as_float = float(fields[0])
+        as_float = _number(fields[0], float)
       except ValueError:
         as_float = float("nan")
       if not as_float.is_integer():
@@ -280,33 +193,38 @@ def _parse_lines(path: Path, body: bytes, with_values: bool, grid_shape,
       index = int(as_float)
     if not 0 <= index < num_voxels:
       raise _outside_grid(path, line_number, index, grid_shape, 1)
-    indices.append(index)
-    line_numbers.append(line_number)
     if with_values:
       if not fields[1]:
         raise DataError(f"{path}: line {line_number}: missing value")
       try:
-        value = float(fields[1])
+        value = _number(fields[1], float)
       except ValueError:
         raise DataError(f"{path}: line {line_number}: value {fields[1][:30]!r} "
                         f"is not a number") from None
       if not np.isfinite(value):
         raise DataError(f"{path}: line {line_number}: value {fields[1][:30]!r} "
                         f"is not finite (NaN or inf)")
-      if nonnegative and value < 0:
-        negatives += 1
-        first_negative = first_negative or (line_number, fields[1][:30])
-      values.append(value)
-  if negatives:
-    raise _negative_dose(path, *first_negative, negatives)
-  return (np.array(indices, np.int64),
-          np.array(values, np.float64) if with_values else None,
-          np.array(line_numbers, np.int64))
+  raise DataError(f"{path}: not readable as 'index,value' rows: {reason}")
 
 
-def _check_unique(path: Path, indices: np.ndarray, lines: np.ndarray) -> None:
-  """DataError if a voxel index appears on two lines (which value would be
-  meant?). Sorted files, as OpenKBP's are, pass in one O(n) comparison."""
+def _row_lines(raw: bytes, body_start: int):
+  """Where each row of the body is: (line numbers, start and end offsets in
+  `raw`), int64 (rows,). A row is a line that is not blank (spaces, tabs),
+  as pandas counts them; the header is line 1."""
+  a = np.frombuffer(raw, np.uint8)
+  # A line ends at \n, or at a \r not followed by \n.
+  ends = np.flatnonzero((a == 10) | ((a == 13) & (np.append(a[1:], 0) != 10)))
+  ends = np.append(ends, a.size)
+  starts = np.append(0, ends[:-1] + 1)
+  filled = np.flatnonzero((a != 32) & (a != 9) & (a != 10) & (a != 13))
+  lines = np.unique(np.searchsorted(ends, filled[filled >= body_start]))
+  return lines + 1, starts[lines], ends[lines]
+
+
+def _check_unique(path: Path, indices: np.ndarray, row_lines) -> None:
+  """DataError if a voxel index appears on two rows (which value would be
+  meant?). Sorted files, as OpenKBP's are, pass in one O(n) comparison.
+  `row_lines()` gives each row's line number."""
   if np.all(indices[1:] > indices[:-1]):
     return
   order = np.argsort(indices, kind="stable")
@@ -314,9 +232,10 @@ def _check_unique(path: Path, indices: np.ndarray, lines: np.ndarray) -> None:
   if not repeats.size:
     return
   # The stable sort keeps equal indices in file order: order[r + 1] is a
-  # later line repeating order[r]. Report the first repeat in the file.
+  # later row repeating order[r]. Report the first repeat in the file.
   later = order[repeats + 1]
   k = int(np.argmin(later))
+  lines = row_lines()
   raise DataError(f"{path}: line {lines[later[k]]}: voxel index "
                   f"{indices[later[k]]} already appeared on line "
                   f"{lines[order[repeats[k]]]}; {repeats.size} repeated "
@@ -326,6 +245,10 @@ def _check_unique(path: Path, indices: np.ndarray, lines: np.ndarray) -> None:
 def read_sparse_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE, *,
                     with_values: bool = True, nonnegative: bool = False):
   """Reads one sparse OpenKBP CSV.
+
+  pandas' C parser reads the rows (floats correctly rounded, as Python's
+  float() reads them); numpy checks them. Blank lines are skipped, CRLF line
+  ends and spaces around fields are accepted, quotes are not.
 
   Args:
     path: the CSV file.
@@ -341,7 +264,7 @@ def read_sparse_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE, *,
     DataError: unreadable or empty file, a header other than `,data` (any
       first field), a malformed line, a non-numeric or non-finite value, a
       negative value when `nonnegative`, an index outside the grid, or an
-      index on two lines.
+      index on two lines; the message names the file and the first such line.
   """
   path = Path(path)
   try:
@@ -357,30 +280,57 @@ def read_sparse_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE, *,
       fields[1].strip() != b"data"):
     raise DataError(f"{path}: line 1 is {header[:40]!r}, expected the header "
                     f"line ',data'")
-  body = b"" if header_end < 0 else raw[header_end + 1:]
-  if b"\r" in body:
-    body = body.replace(b"\r", b"")
-  if body and not body.endswith(b"\n"):
-    body += b"\n"
+  body_start = len(raw) if header_end < 0 else header_end + 1
 
-  parsed = _parse_fast(body, with_values)
-  if parsed is None:
-    indices, values, lines = _parse_lines(path, body, with_values, grid_shape,
-                                          nonnegative)
-    _check_unique(path, indices, lines)
-    return indices, values
-  # The fast path only reads digits, so values are finite and indices >= 0.
-  # It saw no blank line either: row r of the body is line r + 2.
-  indices, values = parsed
-  outside = np.flatnonzero(indices >= np.prod(grid_shape))
+  def bad_line(reason):
+    _raise_first_bad_line(path, raw, body_start, with_values, grid_shape,
+                          reason)
+
+  # pandas refuses a row with a third field, except the first one (it would
+  # take the first column for an index and drop the third): look at it.
+  if _FIRST_ROW.match(raw, body_start).group(1).count(b",") > 1:
+    bad_line("a row with more than two fields")
+  try:
+    frame = pd.read_csv(io.BytesIO(raw), header=0, names=("index", "value"),
+                        index_col=False, quoting=csv.QUOTE_NONE,
+                        low_memory=False, **_FLOAT_PRECISION)
+  except ValueError as e:  # pandas' ParserError, UnicodeDecodeError
+    bad_line(str(e).strip())
+  if not len(frame):
+    return np.zeros(0, np.int64), (np.zeros(0, np.float64) if with_values
+                                   else None)
+
+  indices = frame["index"].to_numpy()
+  if indices.dtype.kind == "f" and np.all(
+      np.isfinite(indices) & (np.floor(indices) == indices)):
+    pass  # '12.0', '1e3': integer-valued, read as before
+  elif indices.dtype.kind not in "iu":
+    bad_line(f"the index column is not all integers ({indices.dtype})")
+  values = None
+  if with_values:
+    values = frame["value"].to_numpy()
+    if values.dtype.kind not in "iuf":
+      bad_line(f"the value column is not all numbers ({values.dtype})")
+    values = values.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(values)):
+      bad_line("a value is not finite")
+
+  row_lines = lambda: _row_lines(raw, body_start)[0]
+  outside = np.flatnonzero((indices < 0) | (indices >= np.prod(grid_shape)))
   if outside.size:
     row = int(outside[0])
-    raise _outside_grid(path, row + 2, indices[row], grid_shape, outside.size)
+    raise _outside_grid(path, row_lines()[row], indices[row], grid_shape,
+                        outside.size)
+  indices = indices.astype(np.int64, copy=False)
   if nonnegative and values is not None and values.size and values.min() < 0:
     negative = np.flatnonzero(values < 0)
     row = int(negative[0])
-    raise _negative_dose(path, row + 2, repr(float(values[row])), negative.size)
-  _check_unique(path, indices, np.arange(2, indices.size + 2))
+    lines, starts, ends = _row_lines(raw, body_start)
+    text = raw[starts[row]:ends[row]].split(b",")[1].strip().decode()
+    raise DataError(f"{path}: line {lines[row]}: dose {text[:30]} Gy is "
+                    f"negative (a dose is never negative); {negative.size} "
+                    f"such line(s)")
+  _check_unique(path, indices, row_lines)
   return indices, values
 
 
@@ -396,7 +346,8 @@ class SparsePatient:
   Attributes:
     patient_id: folder name.
     grid_shape: (D, H, W).
-    ct_index, ct_value: stored CT voxels, float32 HU + 1024.
+    ct_index, ct_value: stored CT voxels, float32 HU + 1024; both None when
+      read without CT (`load_sparse_patient(..., with_ct=False)`).
     dose_index, dose_value: float64 Gy, or both None for a patient to predict.
     mask_index: the possible-dose mask's voxels.
     roi_index: one index array per ROI, `ROI_NAMES` order (empty = absent).
@@ -404,8 +355,8 @@ class SparsePatient:
   """
   patient_id: str
   grid_shape: tuple[int, int, int]
-  ct_index: np.ndarray
-  ct_value: np.ndarray
+  ct_index: np.ndarray | None
+  ct_value: np.ndarray | None
   dose_index: np.ndarray | None
   dose_value: np.ndarray | None
   mask_index: np.ndarray
@@ -422,7 +373,9 @@ class SparsePatient:
     return int(np.prod(self.grid_shape))
 
   def to_patient(self) -> Patient:
-    """The dense `Patient`."""
+    """The dense `Patient` (ValueError if read without CT)."""
+    if self.ct_index is None:
+      raise ValueError(f"{self.patient_id}: read without CT, no dense Patient")
     def dense(index, value, dtype):
       out = np.zeros(self.num_voxels, dtype)
       out[index] = value
@@ -477,12 +430,15 @@ def _sorted_unique(indices: np.ndarray, values: np.ndarray | None):
   return indices[last], None if values is None else values[order][last]
 
 
-def load_sparse_patient(patient_dir: str | os.PathLike) -> SparsePatient:
+def load_sparse_patient(patient_dir: str | os.PathLike, *,
+                        with_ct: bool = True) -> SparsePatient:
   """Reads one OpenKBP patient folder into a `SparsePatient`.
 
   Required: ct.csv, possible_dose_mask.csv, voxel_dimensions.csv. Optional:
   dose.csv (absent for patients to predict), each ROI file (absent = not
-  contoured), grid_shape.csv (absent = 128^3).
+  contoured), grid_shape.csv (absent = 128^3). with_ct=False leaves ct.csv
+  unread (scoring needs no CT; the file must exist all the same) and
+  `ct_index`, `ct_value` None.
 
   Raises:
     DataError: a missing folder or required file, or a bad file (see
@@ -501,7 +457,7 @@ def load_sparse_patient(patient_dir: str | os.PathLike) -> SparsePatient:
     return _sorted_unique(*read_sparse_csv(patient_dir / name, grid,
                                            with_values=with_values))
 
-  ct_index, ct_value = read(CT_FILE)
+  ct_index, ct_value = read(CT_FILE) if with_ct else (None, None)
   dose_index, dose_value = _sorted_unique(*read_sparse_csv(
       patient_dir / DOSE_FILE, grid, nonnegative=True)) if (
       patient_dir / DOSE_FILE).is_file() else (None, None)
@@ -510,7 +466,7 @@ def load_sparse_patient(patient_dir: str | os.PathLike) -> SparsePatient:
       patient_id=patient_dir.name,
       grid_shape=grid,
       ct_index=ct_index,
-      ct_value=ct_value.astype(np.float32),
+      ct_value=None if ct_value is None else ct_value.astype(np.float32),
       dose_index=dose_index,
       dose_value=dose_value,
       mask_index=read(MASK_FILE, False)[0],
