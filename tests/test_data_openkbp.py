@@ -375,7 +375,7 @@ def test_prediction_round_trip_and_no_silent_overwrite(tmp_path):
   assert len(path.read_text().splitlines()) == 1 + np.count_nonzero(dose)
   np.testing.assert_array_equal(openkbp.read_prediction_csv(path, (16, 16, 16)), dose)
   # The official reading of the file gives the same dose.
-  frame = pd.read_csv(path, index_col=0)
+  frame = pd.read_csv(path, index_col=0, float_precision="round_trip")
   official = np.zeros(16**3)
   np.put(official, frame.index.values, frame["data"].values)
   np.testing.assert_allclose(official.reshape(dose.shape), dose, rtol=1e-15)
