@@ -38,21 +38,39 @@ def main():
   parser.add_argument('--gamma_subsample', default='1.0')
   args = parser.parse_args()
   reference = common.openkbp_dir() / args.split
-  out = pathlib.Path(args.out) if args.out else (
-      common.RESULTS_DIR / f'clinical_perturbed_reference_{os.uname()[1]}')
+  out = (
+      pathlib.Path(args.out)
+      if args.out
+      else (
+          common.RESULTS_DIR / f'clinical_perturbed_reference_{os.uname()[1]}'
+      )
+  )
   with tempfile.TemporaryDirectory() as tmp:
     for d in openkbp.list_patient_dirs(reference):
       patient = openkbp.load_patient(d)
-      openkbp.write_prediction_csv(pathlib.Path(tmp) / f'{d.name}.csv',
-                                   perturbed(patient))
-    env = dict(os.environ, PYTHONPATH=str(common.ROOT) + os.pathsep +
-               os.environ.get('PYTHONPATH', ''))
+      openkbp.write_prediction_csv(
+          pathlib.Path(tmp) / f'{d.name}.csv', perturbed(patient)
+      )
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(common.ROOT)
+        + os.pathsep
+        + os.environ.get('PYTHONPATH', ''),
+    )
     subprocess.run(
-        [sys.executable, '-m', 'randose_jax.evaluate',
-         f'--reference={reference}', f'--predictions={tmp}',
-         f'--clinical={out}', f'--json={out / "scores.json"}',
-         f'--gamma_subsample={args.gamma_subsample}'],
-        check=True, env=env)
+        [
+            sys.executable,
+            '-m',
+            'randose_jax.evaluate',
+            f'--reference={reference}',
+            f'--predictions={tmp}',
+            f'--clinical={out}',
+            f'--json={out / "scores.json"}',
+            f'--gamma_subsample={args.gamma_subsample}',
+        ],
+        check=True,
+        env=env,
+    )
 
 
 if __name__ == '__main__':

@@ -27,14 +27,18 @@ def default_json_path(benchmark: str) -> pathlib.Path:
   return RESULTS_DIR / f"{benchmark}_{socket.gethostname()}.json"
 
 
-def write_result(result: dict, json_path, benchmark: str,
-                 config: str) -> pathlib.Path:
+def write_result(
+    result: dict, json_path, benchmark: str, config: str
+) -> pathlib.Path:
   """Writes `result` as JSON to `json_path`, or by default to
   benchmarks/results/<benchmark>_<config variant or 'paper'>_<hostname>.json
   (config: 'configs/openkbp.py[:variant,...]'); returns the path."""
   variant = config.partition(":")[2].replace(",", "_") or "paper"
-  path = pathlib.Path(json_path) if json_path else default_json_path(
-      f"{benchmark}_{variant}")
+  path = (
+      pathlib.Path(json_path)
+      if json_path
+      else default_json_path(f"{benchmark}_{variant}")
+  )
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(result, indent=1) + "\n")
   return path
@@ -48,9 +52,10 @@ def xla_memory(compiled) -> dict:
   backend gives none."""
   try:
     stats = compiled.memory_analysis()
-    out = {key: int(getattr(stats, key + "_size_in_bytes"))
-           for key in ("argument", "output", "alias", "temp",
-                       "generated_code")}
+    out = {
+        key: int(getattr(stats, key + "_size_in_bytes"))
+        for key in ("argument", "output", "alias", "temp", "generated_code")
+    }
   except (NotImplementedError, RuntimeError, AttributeError):
     return {}  # AttributeError: no analysis (None) or an older jaxlib
   out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
@@ -91,7 +96,13 @@ def machine_info() -> dict:
       "jax": _version("jax"),
       "numpy": _version("numpy"),
       "grain": _version("grain"),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "date": (
+          datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec="seconds"
+          )
+      ),
       # Other jobs on the machine slow every timing: record how busy it was.
-      "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+      "load_average": (
+          list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+      ),
   }

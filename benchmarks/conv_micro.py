@@ -33,21 +33,30 @@ import numpy as np  # noqa: E402
 
 def parse_case(text: str):
   n, cin, cout, kernels, modes = text.split(":")
-  return (int(n), int(cin), int(cout), [int(k) for k in kernels.split(",")],
-          modes.split(","))
+  return (
+      int(n),
+      int(cin),
+      int(cout),
+      [int(k) for k in kernels.split(",")],
+      modes.split(","),
+  )
 
 
 def time_case(n, cin, cout, kernels, mode, repeats):
   from randose_jax.models import conv
+
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(1, n, n, n, cin)), jnp.float32)
-  kern = [jnp.asarray(rng.normal(size=(k, k, k, cin, cout)) * 0.01,
-                      jnp.float32) for k in kernels]
+  kern = [
+      jnp.asarray(rng.normal(size=(k, k, k, cin, cout)) * 0.01, jnp.float32)
+      for k in kernels
+  ]
   bias = jnp.zeros((cout,))
   if mode == "direct":
     k_max = max(kernels)
     fn = lambda x, w: conv.conv3d(
-        x, sum(conv.pad_kernel(k, k_max) for k in w), bias, jnp.float32)
+        x, sum(conv.pad_kernel(k, k_max) for k in w), bias, jnp.float32
+    )
   else:
     tile = None if mode == "whole" else int(mode)
     fn = lambda x, w: conv.conv3d_fft(x, [w], bias, jnp.float32, tile)
@@ -60,15 +69,26 @@ def time_case(n, cin, cout, kernels, mode, repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(x, kern))
     times.append(time.perf_counter() - t0)
-  return {"n": n, "cin": cin, "cout": cout, "kernels": kernels,
-          "mode": mode, "ms": 1e3 * min(times), "compile_s": compile_s,
-          "load": os.getloadavg()[0]}
+  return {
+      "n": n,
+      "cin": cin,
+      "cout": cout,
+      "kernels": kernels,
+      "mode": mode,
+      "ms": 1e3 * min(times),
+      "compile_s": compile_s,
+      "load": os.getloadavg()[0],
+  }
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--case", action="append", required=True,
-                 help="N:CIN:COUT:KERNELS:MODES, e.g. 64:16:32:3,5,7:16,32,whole")
+  p.add_argument(
+      "--case",
+      action="append",
+      required=True,
+      help="N:CIN:COUT:KERNELS:MODES, e.g. 64:16:32:3,5,7:16,32,whole",
+  )
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--json", type=pathlib.Path, default=None)
   args = p.parse_args(argv)
@@ -79,17 +99,38 @@ def main(argv=None):
       try:
         row = time_case(n, cin, cout, kernels, mode, args.repeats)
       except Exception as e:  # e.g. out of memory for a whole-grid spectrum
-        row = {"n": n, "cin": cin, "cout": cout, "kernels": kernels,
-               "mode": mode, "error": f"{type(e).__name__}: {e}"[:300]}
+        row = {
+            "n": n,
+            "cin": cin,
+            "cout": cout,
+            "kernels": kernels,
+            "mode": mode,
+            "error": f"{type(e).__name__}: {e}"[:300],
+        }
       rows.append(row)
-      print(f"{n}^3 {cin}->{cout} k={kernels} {mode:>6}: "
-            + (f"{row['ms']:9.1f} ms (compile {row['compile_s']:.1f} s)"
-               if "ms" in row else row["error"]), flush=True)
-  result = {"benchmark": "conv_micro", "batch": 1, "dtype": "float32",
-            "repeats": args.repeats, "rows": rows, **common.machine_info()}
+      print(
+          f"{n}^3 {cin}->{cout} k={kernels} {mode:>6}: "
+          + (
+              f"{row['ms']:9.1f} ms (compile {row['compile_s']:.1f} s)"
+              if "ms" in row
+              else row["error"]
+          ),
+          flush=True,
+      )
+  result = {
+      "benchmark": "conv_micro",
+      "batch": 1,
+      "dtype": "float32",
+      "repeats": args.repeats,
+      "rows": rows,
+      **common.machine_info(),
+  }
   path = common.write_result(
-      result, args.json or common.default_json_path("conv_micro"),
-      "conv_micro", "")
+      result,
+      args.json or common.default_json_path("conv_micro"),
+      "conv_micro",
+      "",
+  )
   print(f"wrote {path}")
 
 

@@ -73,7 +73,10 @@ def import_old(folder: pathlib.Path):
   """openkbp.py as of OLD_COMMIT, imported as a module of its own."""
   source = subprocess.run(
       ["git", "show", f"{OLD_COMMIT}:randose_jax/data/openkbp.py"],
-      cwd=common.ROOT, check=True, capture_output=True).stdout
+      cwd=common.ROOT,
+      check=True,
+      capture_output=True,
+  ).stdout
   path = folder / f"openkbp_{OLD_COMMIT}.py"
   path.write_bytes(source)
   spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -86,14 +89,27 @@ def import_old(folder: pathlib.Path):
 def make_files(patient_dirs, folder: pathlib.Path, seed: int = 0) -> dict:
   """{kind: [(path, with_values)]}, the made files written into `folder`."""
   import pandas as pd  # the writer the kit and most tools use
+
   rng = np.random.default_rng(seed)
-  kinds = {k: [] for k in ("mask", "ROI masks", "ct", "dose",
-                           "full precision", "exponents", "CRLF")}
+  kinds = {
+      k: []
+      for k in (
+          "mask",
+          "ROI masks",
+          "ct",
+          "dose",
+          "full precision",
+          "exponents",
+          "CRLF",
+      )
+  }
   for d in patient_dirs:
     kinds["mask"].append((d / openkbp.MASK_FILE, False))
-    kinds["ROI masks"] += [(d / f"{name}.csv", False)
-                           for name in openkbp.ROI_NAMES
-                           if (d / f"{name}.csv").exists()]
+    kinds["ROI masks"] += [
+        (d / f"{name}.csv", False)
+        for name in openkbp.ROI_NAMES
+        if (d / f"{name}.csv").exists()
+    ]
     kinds["ct"].append((d / openkbp.CT_FILE, True))
     kinds["dose"].append((d / openkbp.DOSE_FILE, True))
     index, dose = openkbp.read_sparse_csv(d / openkbp.DOSE_FILE)
@@ -114,8 +130,9 @@ def same_arrays(a, b) -> bool:
   if a is None or b is None:
     return a is None and b is None
   a, b = np.asarray(a), np.asarray(b)
-  return (a.dtype == b.dtype and a.shape == b.shape
-          and a.tobytes() == b.tobytes())
+  return (
+      a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+  )
 
 
 def check_file(old, path: pathlib.Path, with_values: bool) -> None:
@@ -148,11 +165,12 @@ def check_all(old, data: pathlib.Path) -> dict:
       continue
     for d in openkbp.list_patient_dirs(data / split):
       for path in sorted(d.glob("*.csv")):
-        if path.name in (openkbp.VOXEL_DIMENSIONS_FILE,
-                         openkbp.GRID_SHAPE_FILE):
+        if path.name in (
+            openkbp.VOXEL_DIMENSIONS_FILE,
+            openkbp.GRID_SHAPE_FILE,
+        ):
           continue
-        check_file(old, path, path.name in (openkbp.CT_FILE,
-                                            openkbp.DOSE_FILE))
+        check_file(old, path, path.name in (openkbp.CT_FILE, openkbp.DOSE_FILE))
         files += 1
       check_patient(old, d)
       patients += 1
@@ -169,8 +187,10 @@ def time_pass(fn, items) -> tuple[float, float]:
   for item in items:
     fn(*item)
   n = len(items)
-  return ((time.perf_counter() - wall) / n * 1e3,
-          (cpu_seconds() - cpu) / n * 1e3)
+  return (
+      (time.perf_counter() - wall) / n * 1e3,
+      (cpu_seconds() - cpu) / n * 1e3,
+  )
 
 
 def main(argv=None):
@@ -179,15 +199,17 @@ def main(argv=None):
   parser.add_argument("--patients", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--check_all", action="store_true")
-  parser.add_argument("--json", type=pathlib.Path,
-                      default=common.default_json_path("csv_read"))
+  parser.add_argument(
+      "--json", type=pathlib.Path, default=common.default_json_path("csv_read")
+  )
   args = parser.parse_args(argv)
 
   machine = common.machine_info()
   machine["pandas"] = importlib.metadata.version("pandas")
-  machine["uptime"] = subprocess.run(["uptime"], capture_output=True,
-                                     text=True).stdout.strip()
-  dirs = openkbp.list_patient_dirs(args.data / "train-pats")[:args.patients]
+  machine["uptime"] = subprocess.run(
+      ["uptime"], capture_output=True, text=True
+  ).stdout.strip()
+  dirs = openkbp.list_patient_dirs(args.data / "train-pats")[: args.patients]
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     old = import_old(tmp)
@@ -199,59 +221,100 @@ def main(argv=None):
       check_patient(old, d)
     checked = check_all(old, args.data) if args.check_all else None
 
-    jobs = {kind: (items, {
-        side: (lambda m: lambda p, v: m.read_sparse_csv(p, with_values=v))(m)
-        for side, m in (("old", old), ("new", openkbp))})
-            for kind, items in kinds.items()}
+    jobs = {
+        kind: (
+            items,
+            {
+                side: (
+                    lambda m: lambda p, v: m.read_sparse_csv(p, with_values=v)
+                )(m)
+                for side, m in (("old", old), ("new", openkbp))
+            },
+        )
+        for kind, items in kinds.items()
+    }
     patients = [(d,) for d in dirs]
-    jobs["one patient, sparse"] = (patients, {
-        "old": old.load_sparse_patient, "new": openkbp.load_sparse_patient})
-    jobs["one patient, dense"] = (patients, {
-        "old": old.load_patient, "new": openkbp.load_patient,
-        "official": input_pipeline.official_style_load})
-    rounds = {kind: {side: [] for side in readers}
-              for kind, (_, readers) in jobs.items()}
+    jobs["one patient, sparse"] = (
+        patients,
+        {"old": old.load_sparse_patient, "new": openkbp.load_sparse_patient},
+    )
+    jobs["one patient, dense"] = (
+        patients,
+        {
+            "old": old.load_patient,
+            "new": openkbp.load_patient,
+            "official": input_pipeline.official_style_load,
+        },
+    )
+    rounds = {
+        kind: {side: [] for side in readers}
+        for kind, (_, readers) in jobs.items()
+    }
     for _ in range(args.repeats):
       for kind, (items, readers) in jobs.items():
         for side, reader in readers.items():
           rounds[kind][side].append(time_pass(reader, items))
-    sizes = {kind: statistics.mean(
-        os.path.getsize(item[0]) for item in items) if kind in kinds else None
-        for kind, (items, _) in jobs.items()}
+    sizes = {
+        kind: (
+            statistics.mean(os.path.getsize(item[0]) for item in items)
+            if kind in kinds
+            else None
+        )
+        for kind, (items, _) in jobs.items()
+    }
 
   machine["load_average_end"] = list(os.getloadavg())
   table = {}
-  print(f"{machine['cpu_model']}, {machine['usable_cores']} cores, pandas "
-        f"{machine['pandas']}; {machine['uptime']}")
-  print(f"{len(dirs)} patients of {args.data / 'train-pats'}; ms per file "
-        f"(fastest of {args.repeats} rounds)\n")
-  print(f"{'':20s}{'KB':>7s}{'old wall':>10s}{'new wall':>10s}"
-        f"{'old cpu':>9s}{'new cpu':>9s}{'old/new':>9s}")
+  print(
+      f"{machine['cpu_model']}, {machine['usable_cores']} cores, pandas "
+      f"{machine['pandas']}; {machine['uptime']}"
+  )
+  print(
+      f"{len(dirs)} patients of {args.data / 'train-pats'}; ms per file "
+      f"(fastest of {args.repeats} rounds)\n"
+  )
+  print(
+      f"{'':20s}{'KB':>7s}{'old wall':>10s}{'new wall':>10s}"
+      f"{'old cpu':>9s}{'new cpu':>9s}{'old/new':>9s}"
+  )
   for kind, sides in rounds.items():
-    row = {"files": len(jobs[kind][0]),
-           "mean_bytes": None if sizes[kind] is None else round(sizes[kind])}
+    row = {
+        "files": len(jobs[kind][0]),
+        "mean_bytes": None if sizes[kind] is None else round(sizes[kind]),
+    }
     for side, times in sides.items():
       best = min(times)
-      row[side] = {"wall_ms": round(best[0], 2), "cpu_ms": round(best[1], 2),
-                   "wall_ms_median": round(statistics.median(
-                       t[0] for t in times), 2)}
-    row["old_over_new_wall"] = round(row["old"]["wall_ms"]
-                                     / row["new"]["wall_ms"], 2)
+      row[side] = {
+          "wall_ms": round(best[0], 2),
+          "cpu_ms": round(best[1], 2),
+          "wall_ms_median": round(statistics.median(t[0] for t in times), 2),
+      }
+    row["old_over_new_wall"] = round(
+        row["old"]["wall_ms"] / row["new"]["wall_ms"], 2
+    )
     table[kind] = row
     kb = "" if sizes[kind] is None else f"{sizes[kind] / 1e3:.0f}"
-    print(f"{kind:20s}{kb:>7s}{row['old']['wall_ms']:10.1f}"
-          f"{row['new']['wall_ms']:10.1f}{row['old']['cpu_ms']:9.1f}"
-          f"{row['new']['cpu_ms']:9.1f}{row['old_over_new_wall']:8.2f}x")
+    print(
+        f"{kind:20s}{kb:>7s}{row['old']['wall_ms']:10.1f}"
+        f"{row['new']['wall_ms']:10.1f}{row['old']['cpu_ms']:9.1f}"
+        f"{row['new']['cpu_ms']:9.1f}{row['old_over_new_wall']:8.2f}x"
+    )
     if "official" in row:
-      print(f"{'  official style':27s}{row['official']['wall_ms']:10.1f}"
-            f"{'':19s}{row['official']['cpu_ms']:9.1f}")
+      print(
+          f"{'  official style':27s}{row['official']['wall_ms']:10.1f}"
+          f"{'':19s}{row['official']['cpu_ms']:9.1f}"
+      )
   if checked:
-    print(f"\nold vs new, bit-equal: {checked['csv_files']} CSV files of "
-          f"{checked['patients']} patients")
+    print(
+        f"\nold vs new, bit-equal: {checked['csv_files']} CSV files of "
+        f"{checked['patients']} patients"
+    )
   report = {
       "benchmark": "csv_read",
-      "command": "python benchmarks/csv_read.py " + " ".join(
-          sys.argv[1:] if argv is None else argv),
+      "command": (
+          "python benchmarks/csv_read.py "
+          + " ".join(sys.argv[1:] if argv is None else argv)
+      ),
       "old_commit": OLD_COMMIT,
       "patients": [d.name for d in dirs],
       "repeats": args.repeats,

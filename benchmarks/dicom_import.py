@@ -32,13 +32,16 @@ from benchmarks import common  # pylint: disable=wrong-import-position
 
 def _shapes():
   from randose_jax.dicom import synthetic
+
   extra = (
       synthetic.Shape("Esophagus", "cylinder", (0, 25, -20), (8, 7, 60)),
       synthetic.Shape("Larynx", "ellipsoid", (0, -35, -40), (15, 12, 18)),
       synthetic.Shape("Eye_L", "ellipsoid", (30, -50, 60), (11, 11, 11)),
       synthetic.Shape("Eye_R", "ellipsoid", (-30, -50, 60), (11, 11, 11)),
       synthetic.Shape("OralCavity", "ellipsoid", (0, -40, 10), (30, 20, 20)),
-      synthetic.Shape("PTV 63Gy", "ellipsoid", (-5, -5, 0), (28, 26, 24), "PTV"),
+      synthetic.Shape(
+          "PTV 63Gy", "ellipsoid", (-5, -5, 0), (28, 26, 24), "PTV"
+      ),
   )
   return synthetic.DEFAULT_SHAPES + extra  # 15 structures
 
@@ -46,12 +49,23 @@ def _shapes():
 def child(input_dir: str, output_dir: str) -> None:
   t0 = time.perf_counter()
   from randose_jax.dicom import importer
+
   t_import = time.perf_counter()
   rows = importer.import_folder(input_dir, output_dir, progress=False)
   seconds = time.perf_counter() - t_import
-  print(json.dumps({"seconds": seconds, "seconds_with_imports": time.perf_counter() - t0,
-                    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                    "mapped": rows[0]["mapped"], "warnings": rows[0]["warnings"]}))
+  print(
+      json.dumps(
+          {
+              "seconds": seconds,
+              "seconds_with_imports": time.perf_counter() - t0,
+              "peak_rss_mib": (
+                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+              ),
+              "mapped": rows[0]["mapped"],
+              "warnings": rows[0]["warnings"],
+          }
+      )
+  )
 
 
 def main():
@@ -59,42 +73,69 @@ def main():
   parser.add_argument("--slices", type=int, default=150)
   parser.add_argument("--size", type=int, default=512)
   parser.add_argument("--repeats", type=int, default=2)
-  parser.add_argument("--json", default=str(common.RESULTS_DIR / "dicom_import_vm.json"))
+  parser.add_argument(
+      "--json", default=str(common.RESULTS_DIR / "dicom_import_vm.json")
+  )
   parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     child(*args.child)
     return
   from randose_jax.dicom import synthetic
+
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     t0 = time.perf_counter()
     phantom = synthetic.Phantom(shapes=_shapes())
-    synthetic.write_patient(tmp / "dicom", phantom, shape=(args.slices, args.size, args.size),
-                            spacing=(2.5, 500 / args.size, 500 / args.size))
+    synthetic.write_patient(
+        tmp / "dicom",
+        phantom,
+        shape=(args.slices, args.size, args.size),
+        spacing=(2.5, 500 / args.size, 500 / args.size),
+    )
     write_seconds = time.perf_counter() - t0
     runs = []
     for k in range(args.repeats):
-      proc = subprocess.run([sys.executable, __file__, "--child", str(tmp / "dicom"),
-                             str(tmp / f"out{k}")], capture_output=True, text=True,
-                            check=True, cwd=ROOT)
+      proc = subprocess.run(
+          [
+              sys.executable,
+              __file__,
+              "--child",
+              str(tmp / "dicom"),
+              str(tmp / f"out{k}"),
+          ],
+          capture_output=True,
+          text=True,
+          check=True,
+          cwd=ROOT,
+      )
       runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-      print(f"run {k}: {runs[-1]['seconds']:.1f} s, peak {runs[-1]['peak_rss_mib']:.0f} MiB",
-            flush=True)
+      print(
+          f"run {k}: {runs[-1]['seconds']:.1f} s, peak {runs[-1]['peak_rss_mib']:.0f} MiB",
+          flush=True,
+      )
   result = {
       "benchmark": "dicom_import",
-      "ct": [args.slices, args.size, args.size], "structures": len(phantom.shapes),
+      "ct": [args.slices, args.size, args.size],
+      "structures": len(phantom.shapes),
       "write_synthetic_seconds": write_seconds,
       "seconds_per_patient": [r["seconds"] for r in runs],
-      "seconds_per_patient_with_imports": [r["seconds_with_imports"] for r in runs],
+      "seconds_per_patient_with_imports": [
+          r["seconds_with_imports"] for r in runs
+      ],
       "peak_rss_mib": [r["peak_rss_mib"] for r in runs],
-      "mapped": runs[0]["mapped"], "warnings": runs[0]["warnings"],
+      "mapped": runs[0]["mapped"],
+      "warnings": runs[0]["warnings"],
       "machine": common.machine_info(),
   }
   path = pathlib.Path(args.json)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(result, indent=1) + "\n")
-  print(json.dumps({k: result[k] for k in ("seconds_per_patient", "peak_rss_mib")}))
+  print(
+      json.dumps(
+          {k: result[k] for k in ("seconds_per_patient", "peak_rss_mib")}
+      )
+  )
   print(f"wrote {path}")
 
 

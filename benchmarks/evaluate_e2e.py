@@ -68,8 +68,18 @@ sys.path.insert(0, str(_HERE))
 import common  # noqa: E402
 
 GRID = (128, 128, 128)
-ROI_NAMES = ('Brainstem', 'SpinalCord', 'RightParotid', 'LeftParotid',
-             'Esophagus', 'Larynx', 'Mandible', 'PTV56', 'PTV63', 'PTV70')
+ROI_NAMES = (
+    'Brainstem',
+    'SpinalCord',
+    'RightParotid',
+    'LeftParotid',
+    'Esophagus',
+    'Larynx',
+    'Mandible',
+    'PTV56',
+    'PTV63',
+    'PTV70',
+)
 OAR_NAMES = ROI_NAMES[:7]
 OLD_COMMIT = 'ef8a8a7'
 
@@ -90,15 +100,20 @@ def _dvh_metrics(roi_dose, name: str, voxels_in_tenth_cc) -> dict:
   """The kit's DVH metrics of one ROI's doses."""
   if name in OAR_NAMES:
     q = 100 - voxels_in_tenth_cc / roi_dose.size * 100
-    return {'D_0.1_cc': np.percentile(roi_dose, max(q, 0)),
-            'mean': roi_dose.mean()}
-  return {'D_99': np.percentile(roi_dose, 1),
-          'D_95': np.percentile(roi_dose, 5),
-          'D_1': np.percentile(roi_dose, 99)}
+    return {
+        'D_0.1_cc': np.percentile(roi_dose, max(q, 0)),
+        'mean': roi_dose.mean(),
+    }
+  return {
+      'D_99': np.percentile(roi_dose, 1),
+      'D_95': np.percentile(roi_dose, 5),
+      'D_1': np.percentile(roi_dose, 99),
+  }
 
 
-def official_scores(reference_dir: pathlib.Path,
-                    predictions_dir: pathlib.Path) -> dict:
+def official_scores(
+    reference_dir: pathlib.Path, predictions_dir: pathlib.Path
+) -> dict:
   """Dose score, DVH score and per-patient dose errors, computed patient by
   patient as the starter kit's DoseEvaluator does (module docstring).
 
@@ -106,9 +121,12 @@ def official_scores(reference_dir: pathlib.Path,
   np.percentile raises); it is clipped at 0 here, as randose_jax does.
   """
   import pandas as pd  # the kit's reader
+
   dose_errors, metric_errors = {}, []
-  patient_ids = sorted((p.name for p in reference_dir.iterdir()),
-                       key=lambda name: int(name.split('_')[1]))
+  patient_ids = sorted(
+      (p.name for p in reference_dir.iterdir()),
+      key=lambda name: int(name.split('_')[1]),
+  )
   for patient_id in patient_ids:
     folder = reference_dir / patient_id
     read = lambda path: pd.read_csv(path, index_col=0)
@@ -124,7 +142,8 @@ def official_scores(reference_dir: pathlib.Path,
     voxel_volume = np.prod(np.loadtxt(folder / 'voxel_dimensions.csv'))
 
     dose_errors[patient_id] = float(
-        np.sum(np.abs(reference - prediction)) / np.sum(mask))
+        np.sum(np.abs(reference - prediction)) / np.sum(mask)
+    )
     voxels_in_tenth_cc = np.maximum(1, np.round(100 / voxel_volume))
     for channel, name in enumerate(ROI_NAMES):
       roi_mask = rois[..., channel].astype(bool)
@@ -133,23 +152,33 @@ def official_scores(reference_dir: pathlib.Path,
       ref = _dvh_metrics(reference[roi_mask], name, voxels_in_tenth_cc)
       pred = _dvh_metrics(prediction[roi_mask], name, voxels_in_tenth_cc)
       metric_errors += [abs(ref[k] - pred[k]) for k in ref]
-  return {'dose_score': float(np.mean(list(dose_errors.values()))),
-          'dvh_score': float(np.mean(metric_errors)),
-          'num_patients': len(dose_errors),
-          'num_dvh_metrics': len(metric_errors),
-          'dose_errors': dose_errors}
+  return {
+      'dose_score': float(np.mean(list(dose_errors.values()))),
+      'dvh_score': float(np.mean(metric_errors)),
+      'num_patients': len(dose_errors),
+      'num_dvh_metrics': len(metric_errors),
+      'dose_errors': dose_errors,
+  }
 
 
-def official_reads(reference_dir: pathlib.Path,
-                   predictions_dir: pathlib.Path) -> int:
+def official_reads(
+    reference_dir: pathlib.Path, predictions_dir: pathlib.Path
+) -> int:
   """Only the file reads of `official_scores`; returns the files read."""
   import pandas as pd
+
   files = 0
   for folder in reference_dir.iterdir():
-    paths = [folder / 'dose.csv', predictions_dir / f'{folder.name}.csv',
-             folder / 'possible_dose_mask.csv']
-    paths += [folder / f'{name}.csv' for name in ROI_NAMES
-              if (folder / f'{name}.csv').exists()]
+    paths = [
+        folder / 'dose.csv',
+        predictions_dir / f'{folder.name}.csv',
+        folder / 'possible_dose_mask.csv',
+    ]
+    paths += [
+        folder / f'{name}.csv'
+        for name in ROI_NAMES
+        if (folder / f'{name}.csv').exists()
+    ]
     for path in paths:
       pd.read_csv(path, index_col=0)
     np.loadtxt(folder / 'voxel_dimensions.csv')
@@ -160,13 +189,21 @@ def official_reads(reference_dir: pathlib.Path,
 # ------------------------------------------------------------ the data
 
 
-def make_folders(data: pathlib.Path, num: int, tmp: pathlib.Path,
-                 noise_gy: float, seed: int = 0):
+def make_folders(
+    data: pathlib.Path,
+    num: int,
+    tmp: pathlib.Path,
+    noise_gy: float,
+    seed: int = 0,
+):
   """The reference folder (links to the first `num` patients) and the
   predictions folder (module docstring); returns both."""
   import pandas as pd
-  dirs = sorted((p for p in data.iterdir() if p.name.startswith('pt_')),
-                key=lambda p: int(p.name.split('_')[1]))[:num]
+
+  dirs = sorted(
+      (p for p in data.iterdir() if p.name.startswith('pt_')),
+      key=lambda p: int(p.name.split('_')[1]),
+  )[:num]
   if len(dirs) < num:
     raise SystemExit(f'{data}: {len(dirs)} patients, --num={num} asked')
   reference, predictions = tmp / 'reference', tmp / 'predictions'
@@ -179,10 +216,14 @@ def make_folders(data: pathlib.Path, num: int, tmp: pathlib.Path,
     flat_idx = pd.read_csv(d / 'possible_dose_mask.csv', index_col=0).index
     dense = np.zeros(np.prod(GRID))
     dense[dose.index.values] = dose.values
-    predicted = np.maximum(dense[flat_idx] * rng.uniform(0.85, 1.15)
-                           + rng.normal(0, noise_gy, flat_idx.size), 0.0)
+    predicted = np.maximum(
+        dense[flat_idx] * rng.uniform(0.85, 1.15)
+        + rng.normal(0, noise_gy, flat_idx.size),
+        0.0,
+    )
     pd.DataFrame({'data': predicted}, index=flat_idx).to_csv(
-        predictions / f'{d.name}.csv')
+        predictions / f'{d.name}.csv'
+    )
   return reference, predictions
 
 
@@ -199,8 +240,9 @@ def run_timed(command: list[str], env: dict, json_path: pathlib.Path):
   wrote."""
   json_path.unlink(missing_ok=True)
   started, cpu = time.perf_counter(), children_cpu()
-  done = subprocess.run(command, env=env, capture_output=True, text=True,
-                        cwd=json_path.parent)
+  done = subprocess.run(
+      command, env=env, capture_output=True, text=True, cwd=json_path.parent
+  )
   wall, cpu = time.perf_counter() - started, children_cpu() - cpu
   if done.returncode:
     raise SystemExit(f'{command}: exit {done.returncode}\n{done.stderr}')
@@ -211,7 +253,8 @@ def compare(a: dict, b: dict, what: str) -> float:
   """Largest relative difference of the scores and dose errors; raises above
   1e-6."""
   if set(a['dose_errors']) != set(b['dose_errors']) or (
-      a['num_dvh_metrics'] != b['num_dvh_metrics']):
+      a['num_dvh_metrics'] != b['num_dvh_metrics']
+  ):
     raise AssertionError(f'{what}: different patients or metric counts')
   pairs = [(a['dose_score'], b['dose_score']), (a['dvh_score'], b['dvh_score'])]
   pairs += [(v, b['dose_errors'][k]) for k, v in a['dose_errors'].items()]
@@ -224,22 +267,36 @@ def compare(a: dict, b: dict, what: str) -> float:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--data', type=pathlib.Path,
-                      default=pathlib.Path('/work/data/openkbp/train-pats'),
-                      help='a folder of pt_* patients with dose.csv')
+  parser.add_argument(
+      '--data',
+      type=pathlib.Path,
+      default=pathlib.Path('/work/data/openkbp/train-pats'),
+      help='a folder of pt_* patients with dose.csv',
+  )
   parser.add_argument('--num', type=int, default=100)
   parser.add_argument('--repeats', type=int, default=2)
   parser.add_argument('--noise', type=float, default=2.0, help='Gy')
-  parser.add_argument('--with_old', action='store_true',
-                      help=f'also time randose_jax.evaluate at {OLD_COMMIT}')
-  parser.add_argument('--json', type=pathlib.Path,
-                      default=common.default_json_path('evaluate_e2e'))
+  parser.add_argument(
+      '--with_old',
+      action='store_true',
+      help=f'also time randose_jax.evaluate at {OLD_COMMIT}',
+  )
+  parser.add_argument(
+      '--json',
+      type=pathlib.Path,
+      default=common.default_json_path('evaluate_e2e'),
+  )
   # Internal: the official loop's process, or its reads alone.
-  parser.add_argument('--official', nargs=3, type=pathlib.Path,
-                      metavar=('REFERENCE', 'PREDICTIONS', 'JSON'),
-                      help=argparse.SUPPRESS)
-  parser.add_argument('--reads_only', action='store_true',
-                      help=argparse.SUPPRESS)
+  parser.add_argument(
+      '--official',
+      nargs=3,
+      type=pathlib.Path,
+      metavar=('REFERENCE', 'PREDICTIONS', 'JSON'),
+      help=argparse.SUPPRESS,
+  )
+  parser.add_argument(
+      '--reads_only', action='store_true', help=argparse.SUPPRESS
+  )
   args = parser.parse_args(argv)
   if args.official:
     started = time.perf_counter()
@@ -252,21 +309,35 @@ def main(argv=None):
     return
 
   machine = common.machine_info()
-  machine['uptime'] = subprocess.run(['uptime'], capture_output=True,
-                                     text=True).stdout.strip()
+  machine['uptime'] = subprocess.run(
+      ['uptime'], capture_output=True, text=True
+  ).stdout.strip()
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     started = time.perf_counter()
     reference, predictions = make_folders(args.data, args.num, tmp, args.noise)
-    print(f'{args.num} predictions written in '
-          f'{time.perf_counter() - started:.1f} s')
+    print(
+        f'{args.num} predictions written in '
+        f'{time.perf_counter() - started:.1f} s'
+    )
     out = tmp / 'scores.json'
     env = dict(os.environ, PYTHONPATH=str(_ROOT))
-    evaluate = [sys.executable, '-m', 'randose_jax.evaluate',
-                f'--reference={reference}', f'--predictions={predictions}',
-                f'--json={out}']
-    official = [sys.executable, __file__, '--official', str(reference),
-                str(predictions), str(out)]
+    evaluate = [
+        sys.executable,
+        '-m',
+        'randose_jax.evaluate',
+        f'--reference={reference}',
+        f'--predictions={predictions}',
+        f'--json={out}',
+    ]
+    official = [
+        sys.executable,
+        __file__,
+        '--official',
+        str(reference),
+        str(predictions),
+        str(out),
+    ]
     rows = {
         'randose_jax.evaluate': (evaluate, env),
         'official kit loop': (official, env),
@@ -275,17 +346,33 @@ def main(argv=None):
     if args.with_old:
       old = tmp / 'old'
       old.mkdir()
-      archive = subprocess.run(['git', 'archive', OLD_COMMIT, 'randose_jax'],
-                               cwd=_ROOT, check=True, capture_output=True)
-      subprocess.run(['tar', '-x', '-C', str(old)], input=archive.stdout,
-                     check=True)
+      archive = subprocess.run(
+          ['git', 'archive', OLD_COMMIT, 'randose_jax'],
+          cwd=_ROOT,
+          check=True,
+          capture_output=True,
+      )
+      subprocess.run(
+          ['tar', '-x', '-C', str(old)], input=archive.stdout, check=True
+      )
       rows[f'randose_jax.evaluate at {OLD_COMMIT}'] = (
-          evaluate, dict(os.environ, PYTHONPATH=str(old)))
+          evaluate,
+          dict(os.environ, PYTHONPATH=str(old)),
+      )
     # Which randose_jax each row's environment imports.
     which = 'import randose_jax; print(randose_jax.__file__)'
-    packages = {name: subprocess.run(
-        [sys.executable, '-c', which], env=env, capture_output=True,
-        text=True, cwd=tmp).stdout.strip() for name, (_, env) in rows.items()}
+    packages = {
+        name: (
+            subprocess.run(
+                [sys.executable, '-c', which],
+                env=env,
+                capture_output=True,
+                text=True,
+                cwd=tmp,
+            ).stdout.strip()
+        )
+        for name, (_, env) in rows.items()
+    }
     times = {name: [] for name in rows}
     scores = {}
     for _ in range(args.repeats):
@@ -295,37 +382,55 @@ def main(argv=None):
         print(f'  {name}: {wall:.1f} s, {cpu:.1f} s CPU')
 
   official = scores['official kit loop']
-  worst = max(compare(official, s, name) for name, s in scores.items()
-              if 'dose_score' in s)
+  worst = max(
+      compare(official, s, name)
+      for name, s in scores.items()
+      if 'dose_score' in s
+  )
   best = {name: min(t) for name, t in times.items()}
   machine['load_average_end'] = list(os.getloadavg())
-  print(f'\n{args.num} patients, {official["num_dvh_metrics"]} DVH metrics; '
-        f'dose score {official["dose_score"]:.4f}, DVH score '
-        f'{official["dvh_score"]:.4f}; worst relative difference '
-        f'{worst:.1e}')
-  print(f'{machine["cpu_model"]}, {machine["usable_cores"]} cores; '
-        f'{machine["uptime"]}\n')
-  print(f'{"":34s}{"wall s":>8s}{"CPU s":>8s}{"ms/patient":>11s}'
-        f'{"vs official":>12s}{"(CPU)":>7s}')
+  print(
+      f'\n{args.num} patients, {official["num_dvh_metrics"]} DVH metrics; '
+      f'dose score {official["dose_score"]:.4f}, DVH score '
+      f'{official["dvh_score"]:.4f}; worst relative difference '
+      f'{worst:.1e}'
+  )
+  print(
+      f'{machine["cpu_model"]}, {machine["usable_cores"]} cores; '
+      f'{machine["uptime"]}\n'
+  )
+  print(
+      f'{"":34s}{"wall s":>8s}{"CPU s":>8s}{"ms/patient":>11s}'
+      f'{"vs official":>12s}{"(CPU)":>7s}'
+  )
   table = {}
   base_wall, base_cpu = best['official kit loop']
   for name, (wall, cpu) in best.items():
-    table[name] = {'seconds': round(wall, 3), 'cpu_seconds': round(cpu, 3),
-                   'median_seconds': round(statistics.median(
-                       t[0] for t in times[name]), 3),
-                   'ms_per_patient': round(1e3 * wall / args.num, 1),
-                   'speedup_vs_official': round(base_wall / wall, 2),
-                   'cpu_speedup_vs_official': round(base_cpu / cpu, 2),
-                   'package': packages[name] or None}
+    table[name] = {
+        'seconds': round(wall, 3),
+        'cpu_seconds': round(cpu, 3),
+        'median_seconds': round(
+            statistics.median(t[0] for t in times[name]), 3
+        ),
+        'ms_per_patient': round(1e3 * wall / args.num, 1),
+        'speedup_vs_official': round(base_wall / wall, 2),
+        'cpu_speedup_vs_official': round(base_cpu / cpu, 2),
+        'package': packages[name] or None,
+    }
     if 'seconds_in_process' in scores[name]:
       table[name]['last_seconds_in_process'] = round(
-          scores[name]['seconds_in_process'], 3)
-    print(f'{name:34s}{wall:8.1f}{cpu:8.1f}{1e3 * wall / args.num:11.1f}'
-          f'{base_wall / wall:11.1f}x{base_cpu / cpu:6.1f}x')
+          scores[name]['seconds_in_process'], 3
+      )
+    print(
+        f'{name:34s}{wall:8.1f}{cpu:8.1f}{1e3 * wall / args.num:11.1f}'
+        f'{base_wall / wall:11.1f}x{base_cpu / cpu:6.1f}x'
+    )
   report = {
       'benchmark': 'evaluate_e2e',
-      'command': 'python benchmarks/evaluate_e2e.py ' + ' '.join(
-          sys.argv[1:] if argv is None else argv),
+      'command': (
+          'python benchmarks/evaluate_e2e.py '
+          + ' '.join(sys.argv[1:] if argv is None else argv)
+      ),
       'data': str(args.data),
       'num_patients': args.num,
       'repeats': args.repeats,

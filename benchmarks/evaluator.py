@@ -89,17 +89,21 @@ def machine_info() -> dict:
   }
 
 
-def load_cases(data_dir: pathlib.Path, num: int, noise_gy: float,
-               seed: int = 0) -> tuple[list[dict], list[np.ndarray]]:
+def load_cases(
+    data_dir: pathlib.Path, num: int, noise_gy: float, seed: int = 0
+) -> tuple[list[dict], list[np.ndarray]]:
   """Plain-scoring case dicts (see plain_scoring.plain_scores) with the
   patient's `SparsePatient` under 'sparse', cycled to num.
 
   Returns the cases and, per case, a second prediction with dose outside the
   possible-dose mask. Replicas share their arrays (no extra memory).
   """
-  dirs = [d for split in ('train-pats', 'validation-pats')
-          if (data_dir / split).is_dir()
-          for d in openkbp.list_patient_dirs(data_dir / split)]
+  dirs = [
+      d
+      for split in ('train-pats', 'validation-pats')
+      if (data_dir / split).is_dir()
+      for d in openkbp.list_patient_dirs(data_dir / split)
+  ]
   if not dirs:
     raise SystemExit(f'{data_dir}: no train-pats/ or validation-pats/ folder')
   rng = np.random.default_rng(seed)
@@ -110,41 +114,62 @@ def load_cases(data_dir: pathlib.Path, num: int, noise_gy: float,
     noise = rng.normal(0.0, noise_gy, p.dose.shape) * p.possible_dose_mask
     prediction = np.maximum(p.dose + noise, 0.0)
     outside = prediction + 0.5 * (~p.possible_dose_mask) * (
-        rng.random(p.dose.shape) < 0.01)
-    unique.append(({
-        'patient_id': p.patient_id,
-        'reference': p.dose,
-        'prediction': prediction,
-        'possible_dose_mask': p.possible_dose_mask,
-        'structure_masks': p.structure_masks,
-        'roi_present': p.roi_present,
-        'voxel_dimensions': p.voxel_dimensions,
-        'sparse': sparse,
-    }, outside))
+        rng.random(p.dose.shape) < 0.01
+    )
+    unique.append(
+        (
+            {
+                'patient_id': p.patient_id,
+                'reference': p.dose,
+                'prediction': prediction,
+                'possible_dose_mask': p.possible_dose_mask,
+                'structure_masks': p.structure_masks,
+                'roi_present': p.roi_present,
+                'voxel_dimensions': p.voxel_dimensions,
+                'sparse': sparse,
+            },
+            outside,
+        )
+    )
   cases, outside_predictions = [], []
   for i in range(num):
     case, outside = unique[i % len(unique)]
     replica = i // len(unique)
     patient_id = case['patient_id'] + (f'#{replica}' if replica else '')
-    cases.append(dict(case, patient_id=patient_id, sparse=dataclasses.replace(
-        case['sparse'], patient_id=patient_id)))
+    cases.append(
+        dict(
+            case,
+            patient_id=patient_id,
+            sparse=dataclasses.replace(case['sparse'], patient_id=patient_id),
+        )
+    )
     outside_predictions.append(outside)
   return cases, outside_predictions
 
 
 def reference_of(case: dict) -> evaluation.Reference:
   return evaluation.Reference.from_arrays(
-      case['patient_id'], case['reference'], case['possible_dose_mask'],
-      case['structure_masks'], case['roi_present'], case['voxel_dimensions'])
+      case['patient_id'],
+      case['reference'],
+      case['possible_dose_mask'],
+      case['structure_masks'],
+      case['roi_present'],
+      case['voxel_dimensions'],
+  )
 
 
 def densified(cases):
   """The plain cases made from each case's SparsePatient, one at a time."""
   for case in cases:
     p = case['sparse'].to_patient()
-    yield dict(case, reference=p.dose, possible_dose_mask=p.possible_dose_mask,
-               structure_masks=p.structure_masks, roi_present=p.roi_present,
-               voxel_dimensions=p.voxel_dimensions)
+    yield dict(
+        case,
+        reference=p.dose,
+        possible_dose_mask=p.possible_dose_mask,
+        structure_masks=p.structure_masks,
+        roi_present=p.roi_present,
+        voxel_dimensions=p.voxel_dimensions,
+    )
 
 
 def score_vectorised(cases, predictions=None, references=None, sparse=False):
@@ -154,8 +179,9 @@ def score_vectorised(cases, predictions=None, references=None, sparse=False):
       reference = references[i]
     else:
       reference = case['sparse'] if sparse else reference_of(case)
-    evaluator.add(reference, case['prediction'] if predictions is None
-                  else predictions[i])
+    evaluator.add(
+        reference, case['prediction'] if predictions is None else predictions[i]
+    )
   return evaluator.result()
 
 
@@ -180,18 +206,32 @@ def check_same(plain, result: evaluation.EvaluationResult, what: str) -> float:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--data', type=pathlib.Path, default=default_data_dir(),
-                 help='OpenKBP folder with train-pats/ and validation-pats/')
-  p.add_argument('--num', type=int, default=26,
-                 help='patients to score (cycling the shared ones)')
+  p.add_argument(
+      '--data',
+      type=pathlib.Path,
+      default=default_data_dir(),
+      help='OpenKBP folder with train-pats/ and validation-pats/',
+  )
+  p.add_argument(
+      '--num',
+      type=int,
+      default=26,
+      help='patients to score (cycling the shared ones)',
+  )
   p.add_argument('--repeats', type=int, default=3)
-  p.add_argument('--noise', type=float, default=2.0,
-                 help='std of the prediction noise, Gy')
-  p.add_argument('--json', type=pathlib.Path, default=None,
-                 help='default: benchmarks/results/evaluator_<hostname>.json')
+  p.add_argument(
+      '--noise', type=float, default=2.0, help='std of the prediction noise, Gy'
+  )
+  p.add_argument(
+      '--json',
+      type=pathlib.Path,
+      default=None,
+      help='default: benchmarks/results/evaluator_<hostname>.json',
+  )
   args = p.parse_args(argv)
-  json_path = args.json or (_HERE / 'results' /
-                            f'evaluator_{socket.gethostname()}.json')
+  json_path = args.json or (
+      _HERE / 'results' / f'evaluator_{socket.gethostname()}.json'
+  )
 
   started = time.perf_counter()
   cases, outside = load_cases(args.data, args.num, args.noise)
@@ -205,18 +245,24 @@ def main(argv=None):
 
   runs = {
       'plain': lambda: plain_scoring.plain_scores(cases),
-      'plain, from sparse': lambda: plain_scoring.plain_scores(densified(cases)),
+      'plain, from sparse': lambda: plain_scoring.plain_scores(
+          densified(cases)
+      ),
       'vectorised, from sparse': lambda: score_vectorised(cases, sparse=True),
       'vectorised, from dense': lambda: score_vectorised(cases),
-      'vectorised, prepared': lambda: score_vectorised(cases,
-                                                       references=prepared),
+      'vectorised, prepared': lambda: score_vectorised(
+          cases, references=prepared
+      ),
       'reference preparation, from sparse': prepare,
-      'reference preparation, from dense':
-          lambda: [reference_of(c) for c in cases],
-      'plain, dose outside mask':
-          lambda: plain_scoring.plain_scores(outside_cases),
-      'vectorised from sparse, dose outside mask':
-          lambda: score_vectorised(cases, predictions=outside, sparse=True),
+      'reference preparation, from dense': lambda: [
+          reference_of(c) for c in cases
+      ],
+      'plain, dose outside mask': lambda: plain_scoring.plain_scores(
+          outside_cases
+      ),
+      'vectorised from sparse, dose outside mask': lambda: score_vectorised(
+          cases, predictions=outside, sparse=True
+      ),
   }
   prepare()
   times = {name: [] for name in runs}
@@ -230,47 +276,68 @@ def main(argv=None):
     outputs.pop('reference preparation, from dense')
 
   worst = max(
-      check_same(outputs['plain'], outputs['vectorised, from sparse'],
-                 'from sparse'),
-      check_same(outputs['plain'], outputs['vectorised, from dense'],
-                 'from dense'),
-      check_same(outputs['plain'], outputs['vectorised, prepared'],
-                 'prepared'),
-      check_same(outputs['plain, dose outside mask'],
-                 outputs['vectorised from sparse, dose outside mask'],
-                 'outside'))
+      check_same(
+          outputs['plain'], outputs['vectorised, from sparse'], 'from sparse'
+      ),
+      check_same(
+          outputs['plain'], outputs['vectorised, from dense'], 'from dense'
+      ),
+      check_same(outputs['plain'], outputs['vectorised, prepared'], 'prepared'),
+      check_same(
+          outputs['plain, dose outside mask'],
+          outputs['vectorised from sparse, dose outside mask'],
+          'outside',
+      ),
+  )
   if outputs['plain, from sparse'] != outputs['plain']:
     raise AssertionError('plain scores of the densified sparse patients differ')
 
   best = {name: min(t) for name, t in times.items()}
   result = outputs['vectorised, from sparse']
-  print(f'\n{len(cases)} patients, {result.num_dvh_metrics} DVH metrics; '
-        f'dose score {result.dose_score:.4f}, DVH score '
-        f'{result.dvh_score:.4f}; worst relative difference to plain '
-        f'{worst:.1e}\n')
+  print(
+      f'\n{len(cases)} patients, {result.num_dvh_metrics} DVH metrics; '
+      f'dose score {result.dose_score:.4f}, DVH score '
+      f'{result.dvh_score:.4f}; worst relative difference to plain '
+      f'{worst:.1e}\n'
+  )
   print(f'{"":44s}{"s total":>9s}{"ms/patient":>12s}{"speedup":>9s}')
-  plain_of = {name: ('plain, dose outside mask' if 'outside' in name else
-                     None if 'preparation' in name else 'plain')
-              for name in runs}
+  plain_of = {
+      name: (
+          'plain, dose outside mask'
+          if 'outside' in name
+          else None
+          if 'preparation' in name
+          else 'plain'
+      )
+      for name in runs
+  }
   rows = {}
   for name, seconds in best.items():
     base = plain_of[name]
     speedup = best[base] / seconds if base else None
-    rows[name] = {'seconds': seconds,
-                  'median_seconds': statistics.median(times[name]),
-                  'ms_per_patient': 1e3 * seconds / len(cases),
-                  'speedup_vs_plain': speedup}
-    print(f'{name:44s}{seconds:9.3f}{1e3 * seconds / len(cases):12.2f}'
-          + (f'{speedup:8.1f}x' if speedup else ''))
+    rows[name] = {
+        'seconds': seconds,
+        'median_seconds': statistics.median(times[name]),
+        'ms_per_patient': 1e3 * seconds / len(cases),
+        'speedup_vs_plain': speedup,
+    }
+    print(
+        f'{name:44s}{seconds:9.3f}{1e3 * seconds / len(cases):12.2f}'
+        + (f'{speedup:8.1f}x' if speedup else '')
+    )
   same_inputs = best['plain, from sparse'] / best['vectorised, from sparse']
-  print(f'\none-off speed-up, same in-memory inputs (SparsePatient + '
-        f'prediction): {same_inputs:.1f}x')
+  print(
+      f'\none-off speed-up, same in-memory inputs (SparsePatient + '
+      f'prediction): {same_inputs:.1f}x'
+  )
 
   machine['load_average_end'] = os.getloadavg()
   report = {
       'benchmark': 'evaluator',
-      'command': 'python benchmarks/evaluator.py ' + ' '.join(
-          sys.argv[1:] if argv is None else argv),
+      'command': (
+          'python benchmarks/evaluator.py '
+          + ' '.join(sys.argv[1:] if argv is None else argv)
+      ),
       'num_patients': len(cases),
       'unique_patients': len({c['patient_id'].split('#')[0] for c in cases}),
       'repeats': args.repeats,
@@ -280,7 +347,9 @@ def main(argv=None):
       'num_dvh_metrics': result.num_dvh_metrics,
       'worst_relative_difference': worst,
       'one_off_speedup_same_inputs': same_inputs,
-      'one_off_speedup_vs_plain_on_dense': rows['vectorised, from sparse']['speedup_vs_plain'],
+      'one_off_speedup_vs_plain_on_dense': rows['vectorised, from sparse'][
+          'speedup_vs_plain'
+      ],
       'timings': rows,
       'machine': machine,
   }

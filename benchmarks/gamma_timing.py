@@ -39,14 +39,19 @@ from randose_jax.data import openkbp  # noqa: E402
 
 
 def perturbed(patient: openkbp.Patient) -> np.ndarray:
-  return (ndimage.gaussian_filter(patient.dose, 1.0) * 1.02
-          * patient.possible_dose_mask)
+  return (
+      ndimage.gaussian_filter(patient.dose, 1.0)
+      * 1.02
+      * patient.possible_dose_mask
+  )
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--patients', default='train-pats/pt_10,'
-                      'validation-pats/pt_202,train-pats/pt_12')
+  parser.add_argument(
+      '--patients',
+      default='train-pats/pt_10,' 'validation-pats/pt_202,train-pats/pt_12',
+  )
   parser.add_argument('--subsample', default='1,0.5,0.2,0.1,0.05')
   parser.add_argument('--seeds', type=int, default=3)
   parser.add_argument('--map', action='store_true')
@@ -54,48 +59,79 @@ def main():
   args = parser.parse_args()
   data = common.openkbp_dir()
   fractions = [float(f) for f in args.subsample.split(',')]
-  result = {'machine': common.machine_info(), 'prediction':
-            'gaussian_filter(reference, 1 voxel) * 1.02, masked',
-            'patients': []}
+  result = {
+      'machine': common.machine_info(),
+      'prediction': 'gaussian_filter(reference, 1 voxel) * 1.02, masked',
+      'patients': [],
+  }
   for name in args.patients.split(','):
     patient = openkbp.load_patient(data / name)
     prediction = perturbed(patient)
-    entry = {'patient': name, 'voxel_dimensions':
-             patient.voxel_dimensions.tolist(),
-             'mask_voxels': int(patient.possible_dose_mask.sum()), 'runs': []}
+    entry = {
+        'patient': name,
+        'voxel_dimensions': patient.voxel_dimensions.tolist(),
+        'mask_voxels': int(patient.possible_dose_mask.sum()),
+        'runs': [],
+    }
     for criteria in clinical.GAMMA_CRITERIA:
       for fraction in fractions:
         for seed in range(1 if fraction == 1 else args.seeds):
           load = os.getloadavg()[0]
           start = time.perf_counter()
           rate, points = clinical.gamma_pass_rate(
-              patient.dose, prediction, patient.voxel_dimensions,
-              patient.possible_dose_mask, *criteria, subsample=fraction,
-              seed=seed)
+              patient.dose,
+              prediction,
+              patient.voxel_dimensions,
+              patient.possible_dose_mask,
+              *criteria,
+              subsample=fraction,
+              seed=seed,
+          )
           seconds = time.perf_counter() - start
-          run = {'criterion': clinical.gamma_metric_name(*criteria),
-                 'subsample': fraction, 'seed': seed, 'points': points,
-                 'pass_rate': rate, 'seconds': seconds, 'load_1min': load}
+          run = {
+              'criterion': clinical.gamma_metric_name(*criteria),
+              'subsample': fraction,
+              'seed': seed,
+              'points': points,
+              'pass_rate': rate,
+              'seconds': seconds,
+              'load_1min': load,
+          }
           entry['runs'].append(run)
-          print(f"{name} {run['criterion']} subsample {fraction:g} seed "
-                f"{seed}: {rate:.2f}% of {points} points, {seconds:.1f} s "
-                f"(load {load:.1f})", flush=True)
+          print(
+              f"{name} {run['criterion']} subsample {fraction:g} seed "
+              f'{seed}: {rate:.2f}% of {points} points, {seconds:.1f} s '
+              f'(load {load:.1f})',
+              flush=True,
+          )
       if args.map:
         start = time.perf_counter()
         gamma = clinical.gamma_map(
-            patient.dose, prediction, patient.voxel_dimensions,
-            patient.possible_dose_mask, *criteria, max_gamma=2.0)
+            patient.dose,
+            prediction,
+            patient.voxel_dimensions,
+            patient.possible_dose_mask,
+            *criteria,
+            max_gamma=2.0,
+        )
         seconds = time.perf_counter() - start
         points = ~np.isnan(gamma)
-        entry.setdefault('maps', []).append({
-            'criterion': clinical.gamma_metric_name(*criteria),
-            'seconds': seconds, 'max_gamma': 2.0,
-            'pass_rate': float(100 * np.mean(gamma[points] < 1))})
+        entry.setdefault('maps', []).append(
+            {
+                'criterion': clinical.gamma_metric_name(*criteria),
+                'seconds': seconds,
+                'max_gamma': 2.0,
+                'pass_rate': float(100 * np.mean(gamma[points] < 1)),
+            }
+        )
         print(f'{name} map {criteria}: {seconds:.1f} s', flush=True)
     result['patients'].append(entry)
   result['machine_after'] = {'load_average': list(os.getloadavg())}
-  path = pathlib.Path(args.json) if args.json else common.default_json_path(
-      'gamma_timing')
+  path = (
+      pathlib.Path(args.json)
+      if args.json
+      else common.default_json_path('gamma_timing')
+  )
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(result, indent=1) + '\n')
   print(f'wrote {path}')

@@ -71,6 +71,7 @@ from randose_jax.data import pipeline  # noqa: E402
 def official_style_load(patient_dir: pathlib.Path) -> dict:
   """The starter kit's way: pandas per file, np.put into float64 zeros."""
   import pandas as pd  # benchmark-only dependency
+
   shape = openkbp.GRID_SHAPE
   arrays = {
       "ct": np.zeros(shape + (1,)),
@@ -89,7 +90,9 @@ def official_style_load(patient_dir: pathlib.Path) -> dict:
         np.put(arrays["possible_dose_mask"], indices, 1)
       else:
         roi = openkbp.ROI_NAMES.index(path.stem)
-        np.put(arrays["structure_masks"], len(openkbp.ROI_NAMES) * indices + roi, 1)
+        np.put(
+            arrays["structure_masks"], len(openkbp.ROI_NAMES) * indices + roi, 1
+        )
     else:
       np.put(arrays[path.stem], frame.index.values, frame["data"].values)
   return arrays
@@ -112,9 +115,12 @@ def time_calls(fn, items) -> tuple[float, float]:
 def summarise(rounds: list[tuple[float, float]]) -> dict:
   walls = [w for w, _ in rounds]
   best = min(range(len(rounds)), key=lambda i: walls[i])
-  return {"wall_ms": round(walls[best], 2), "cpu_ms": round(rounds[best][1], 2),
-          "wall_ms_median": round(statistics.median(walls), 2),
-          "rounds": len(rounds)}
+  return {
+      "wall_ms": round(walls[best], 2),
+      "cpu_ms": round(rounds[best][1], 2),
+      "wall_ms_median": round(statistics.median(walls), 2),
+      "rounds": len(rounds),
+  }
 
 
 def children_cpu_seconds() -> float | None:
@@ -174,10 +180,18 @@ def build_in_child(dirs, folder: pathlib.Path, downsample: int) -> dict:
   """A full cache build in a fresh Python process (Linux): wall and CPU
   seconds of the build, its RSS after the imports and its peak RSS during
   the build (VmHWM, reset after the imports)."""
-  args = {"root": str(_HERE.parent), "dirs": [str(d) for d in dirs],
-          "folder": str(folder), "downsample": downsample}
-  out = subprocess.run([sys.executable, "-c", _BUILD_CHILD, json.dumps(args)],
-                       check=True, capture_output=True, text=True)
+  args = {
+      "root": str(_HERE.parent),
+      "dirs": [str(d) for d in dirs],
+      "folder": str(folder),
+      "downsample": downsample,
+  }
+  out = subprocess.run(
+      [sys.executable, "-c", _BUILD_CHILD, json.dumps(args)],
+      check=True,
+      capture_output=True,
+      text=True,
+  )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -185,10 +199,12 @@ def touch_pages(batch: dict) -> None:
   """Reads one value per 4 KiB page of every array of a batch."""
   for value in batch.values():
     flat = np.asarray(value).reshape(-1)
-    flat[::max(1, 4096 // flat.itemsize)].sum()
+    flat[:: max(1, 4096 // flat.itemsize)].sum()
 
 
-def time_pipeline(cache, config, num_workers: int, samples: int, warmup: int) -> dict:
+def time_pipeline(
+    cache, config, num_workers: int, samples: int, warmup: int
+) -> dict:
   config.data.num_workers = num_workers
   iterator = iter(pipeline.train_dataset(cache, config, seed=0))
   try:
@@ -205,38 +221,61 @@ def time_pipeline(cache, config, num_workers: int, samples: int, warmup: int) ->
       children = children_cpu_seconds() - children
   finally:
     iterator.close()
-  return {"num_workers": num_workers, "samples": count,
-          "samples_per_s": round(count / wall, 2),
-          "main_cpu_ms_per_sample": round(cpu / count * 1e3, 1),
-          # Over the timed window (read-ahead of the next batches included).
-          "workers_cpu_ms_per_sample": None if children is None else round(
-              children / count * 1e3, 1)}
+  return {
+      "num_workers": num_workers,
+      "samples": count,
+      "samples_per_s": round(count / wall, 2),
+      "main_cpu_ms_per_sample": round(cpu / count * 1e3, 1),
+      # Over the timed window (read-ahead of the next batches included).
+      "workers_cpu_ms_per_sample": (
+          None if children is None else round(children / count * 1e3, 1)
+      ),
+  }
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--data", type=pathlib.Path, default=common.openkbp_dir())
-  parser.add_argument("--json", type=pathlib.Path,
-                      default=common.default_json_path("input_pipeline"))
+  parser.add_argument(
+      "--json",
+      type=pathlib.Path,
+      default=common.default_json_path("input_pipeline"),
+  )
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--samples", type=int, default=40,
-                      help="per pipeline row; 0: one epoch of train-pats")
-  parser.add_argument("--downsample", default="1",
-                      help="comma-separated config.data.downsample values to "
-                      "time the pipeline at (1: 128^3, 2: 64^3)")
-  parser.add_argument("--cache_root", type=pathlib.Path, default=None,
-                      help="build the caches here (emptied first; kept); "
-                      "default: a temporary folder, removed")
+  parser.add_argument(
+      "--samples",
+      type=int,
+      default=40,
+      help="per pipeline row; 0: one epoch of train-pats",
+  )
+  parser.add_argument(
+      "--downsample",
+      default="1",
+      help="comma-separated config.data.downsample values to "
+      "time the pipeline at (1: 128^3, 2: 64^3)",
+  )
+  parser.add_argument(
+      "--cache_root",
+      type=pathlib.Path,
+      default=None,
+      help="build the caches here (emptied first; kept); "
+      "default: a temporary folder, removed",
+  )
   parser.add_argument("--warmup", type=int, default=4, help="batches")
   args = parser.parse_args()
 
-  dirs = (openkbp.list_patient_dirs(args.data / "train-pats")
-          + openkbp.list_patient_dirs(args.data / "validation-pats"))
+  dirs = openkbp.list_patient_dirs(
+      args.data / "train-pats"
+  ) + openkbp.list_patient_dirs(args.data / "validation-pats")
   machine = common.machine_info()
   config = default_config.get_default_config()
   config.batch_size = 2
-  results = {"benchmark": "input_pipeline", "command": " ".join(sys.argv),
-             "num_patients": len(dirs), "grid": list(openkbp.GRID_SHAPE)}
+  results = {
+      "benchmark": "input_pipeline",
+      "command": " ".join(sys.argv),
+      "num_patients": len(dirs),
+      "grid": list(openkbp.GRID_SHAPE),
+  }
 
   ours, official = [], []
   for _ in range(args.repeats):
@@ -254,9 +293,13 @@ def main():
       folder = cache_root / f"cache{r}"
       child = build_in_child(dirs, folder, 1)
       builds.append(child)
-      build.append((child["wall_s"] / len(dirs) * 1e3, child["cpu_s"] / len(dirs) * 1e3))
+      build.append(
+          (child["wall_s"] / len(dirs) * 1e3, child["cpu_s"] / len(dirs) * 1e3)
+      )
     config.data.downsample = 1
-    cache = cache_lib.build_cache(dirs, folder, config.data)  # reused, not rebuilt
+    cache = cache_lib.build_cache(
+        dirs, folder, config.data
+    )  # reused, not rebuilt
     results["cache_build"] = summarise(build)
     results["cache_mib"] = round(cache.num_bytes / 2**20, 2)
     sizes = np.array([e["size"] for e in cache.entries])
@@ -265,18 +308,30 @@ def main():
         "total_s": [round(b["wall_s"], 2) for b in builds],
         "cpu_s": [round(b["cpu_s"], 2) for b in builds],
         # Peak resident memory of the building process (imports included).
-        "peak_rss_mib": [b["peak_rss_kib"] and round(b["peak_rss_kib"] / 1024, 1)
-                         for b in builds],
-        "rss_after_imports_mib": [b["rss_imports_kib"] and round(
-            b["rss_imports_kib"] / 1024, 1) for b in builds],
-        "bytes_per_patient": {"mean": int(sizes.mean()), "min": int(sizes.min()),
-                              "max": int(sizes.max())},
-        "total_bytes": int(sizes.sum())}
+        "peak_rss_mib": [
+            b["peak_rss_kib"] and round(b["peak_rss_kib"] / 1024, 1)
+            for b in builds
+        ],
+        "rss_after_imports_mib": [
+            b["rss_imports_kib"] and round(b["rss_imports_kib"] / 1024, 1)
+            for b in builds
+        ],
+        "bytes_per_patient": {
+            "mean": int(sizes.mean()),
+            "min": int(sizes.min()),
+            "max": int(sizes.max()),
+        },
+        "total_bytes": int(sizes.sum()),
+    }
     indices = list(range(len(cache)))
-    for name, fn in (("cached_read_sparse", cache.sparse),
-                     ("cached_read_encoded", cache.__getitem__),
-                     ("cached_read_reference", cache.reference)):
-      results[name] = summarise([time_calls(fn, indices) for _ in range(args.repeats)])
+    for name, fn in (
+        ("cached_read_sparse", cache.sparse),
+        ("cached_read_encoded", cache.__getitem__),
+        ("cached_read_reference", cache.reference),
+    ):
+      results[name] = summarise(
+          [time_calls(fn, indices) for _ in range(args.repeats)]
+      )
 
     train_dirs = openkbp.list_patient_dirs(args.data / "train-pats")
     by_downsample = {}
@@ -284,8 +339,10 @@ def main():
       config.data.downsample = downsample
       train_cache = cache_lib.build_cache(train_dirs, folder, config.data)
       samples = args.samples or len(train_cache)
-      rows = [time_pipeline(train_cache, config, workers, samples, args.warmup)
-              for workers in (0, 2)]
+      rows = [
+          time_pipeline(train_cache, config, workers, samples, args.warmup)
+          for workers in (0, 2)
+      ]
       for row in rows:
         row["grid"] = 128 // downsample
         row["train_patients"] = len(train_cache)
@@ -298,29 +355,41 @@ def main():
   args.json.parent.mkdir(parents=True, exist_ok=True)
   args.json.write_text(json.dumps(results, indent=1) + "\n")
 
-  rows = [("parse, this reader (ms/patient)", results["parse"]),
-          ("parse, official style (ms/patient)", results["parse_official_style"]),
-          ("cache build (ms/patient)", results["cache_build"]),
-          ("cached read, sparse (ms)", results["cached_read_sparse"]),
-          ("cached read, encoded 128^3 (ms)", results["cached_read_encoded"]),
-          ("cached read, reference Patient (ms)", results["cached_read_reference"])]
-  print(f"{machine['hostname']}: {machine['cpu_model']}, {machine['usable_cores']} cores, "
-        f"load {machine['load_average'][0]:.1f} -> {machine['load_average_end'][0]:.1f}")
+  rows = [
+      ("parse, this reader (ms/patient)", results["parse"]),
+      ("parse, official style (ms/patient)", results["parse_official_style"]),
+      ("cache build (ms/patient)", results["cache_build"]),
+      ("cached read, sparse (ms)", results["cached_read_sparse"]),
+      ("cached read, encoded 128^3 (ms)", results["cached_read_encoded"]),
+      ("cached read, reference Patient (ms)", results["cached_read_reference"]),
+  ]
+  print(
+      f"{machine['hostname']}: {machine['cpu_model']}, {machine['usable_cores']} cores, "
+      f"load {machine['load_average'][0]:.1f} -> {machine['load_average_end'][0]:.1f}"
+  )
   print(f"{'':40s} {'wall':>8s} {'median':>8s} {'cpu':>8s}")
   for label, row in rows:
-    print(f"{label:40s} {row['wall_ms']:8.1f} {row['wall_ms_median']:8.1f} {row['cpu_ms']:8.1f}")
-  speedup = results["parse_official_style"]["wall_ms"] / results["parse"]["wall_ms"]
+    print(
+        f"{label:40s} {row['wall_ms']:8.1f} {row['wall_ms_median']:8.1f} {row['cpu_ms']:8.1f}"
+    )
+  speedup = (
+      results["parse_official_style"]["wall_ms"] / results["parse"]["wall_ms"]
+  )
   print(f"parse speed-up over the official style: {speedup:.1f}x")
   print(f"cache size, {len(dirs)} patients: {results['cache_mib']:.1f} MiB")
   full = results["cache_build_full"]
-  print(f"cache build: {full['total_s']} s for {len(dirs)} patients, peak RSS "
-        f"{full['peak_rss_mib']} MiB (after imports {full['rss_after_imports_mib']}), "
-        f"bytes/patient mean {full['bytes_per_patient']['mean']} "
-        f"min {full['bytes_per_patient']['min']} max {full['bytes_per_patient']['max']}")
+  print(
+      f"cache build: {full['total_s']} s for {len(dirs)} patients, peak RSS "
+      f"{full['peak_rss_mib']} MiB (after imports {full['rss_after_imports_mib']}), "
+      f"bytes/patient mean {full['bytes_per_patient']['mean']} "
+      f"min {full['bytes_per_patient']['min']} max {full['bytes_per_patient']['max']}"
+  )
   for row in sum(results["augmented_by_downsample"].values(), []):
-    print(f"augmented {row['grid']}^3 samples/s, {row['num_workers']} workers: "
-          f"{row['samples_per_s']:.1f}  (CPU ms/sample: main {row['main_cpu_ms_per_sample']}, "
-          f"workers {row['workers_cpu_ms_per_sample']})")
+    print(
+        f"augmented {row['grid']}^3 samples/s, {row['num_workers']} workers: "
+        f"{row['samples_per_s']:.1f}  (CPU ms/sample: main {row['main_cpu_ms_per_sample']}, "
+        f"workers {row['workers_cpu_ms_per_sample']})"
+    )
   print(f"wrote {args.json}")
 
 

@@ -99,9 +99,20 @@ def variant_config(base_spec: str, variant: str, overrides: list):
   return name, config
 
 
-def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
-                max_eval_patients, budget_s=0.0, final_tta=False, log=print,
-                on_eval=None) -> dict:
+def run_variant(
+    name,
+    config,
+    train_cache,
+    eval_cache,
+    *,
+    steps,
+    eval_every,
+    max_eval_patients,
+    budget_s=0.0,
+    final_tta=False,
+    log=print,
+    on_eval=None,
+) -> dict:
   """Trains one variant; `on_eval(partial)` sees the run after each eval."""
   trainer = train.Trainer.create(config)
   state = trainer.init_state(config.seed)
@@ -118,29 +129,48 @@ def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
     # What training validates: the EMA when the variant keeps one.
     scores = validation.evaluate(
         trainer.predictor.with_params(trainer.eval_params(state)),
-        eval_cache, max_patients=max_eval_patients)
-    entry = {"step": step, "train_seconds": round(train_s, 2),
-             "dose_score": scores["dose_score"],
-             "dvh_score": scores["dvh_score"]}
+        eval_cache,
+        max_patients=max_eval_patients,
+    )
+    entry = {
+        "step": step,
+        "train_seconds": round(train_s, 2),
+        "dose_score": scores["dose_score"],
+        "dvh_score": scores["dvh_score"],
+    }
     raw_text = ""
     if state.ema_params is not None:
       raw = validation.evaluate(
-          trainer.predictor.with_params(state.params["model"]), eval_cache,
-          max_patients=max_eval_patients)
-      entry.update(raw_dose_score=raw["dose_score"],
-                   raw_dvh_score=raw["dvh_score"])
-      raw_text = (f" with the EMA; trained parameters {raw['dose_score']:.3f}"
-                  f" / {raw['dvh_score']:.3f}")
+          trainer.predictor.with_params(state.params["model"]),
+          eval_cache,
+          max_patients=max_eval_patients,
+      )
+      entry.update(
+          raw_dose_score=raw["dose_score"], raw_dvh_score=raw["dvh_score"]
+      )
+      raw_text = (
+          f" with the EMA; trained parameters {raw['dose_score']:.3f}"
+          f" / {raw['dvh_score']:.3f}"
+      )
     entry["eval_seconds"] = round(time.time() - t, 2)
     evals.append(entry)
-    log(f"  [{name}] step {step}: dose score {scores['dose_score']:.3f}, DVH "
+    log(
+        f"  [{name}] step {step}: dose score {scores['dose_score']:.3f}, DVH "
         f"score {scores['dvh_score']:.3f}{raw_text} ({train_s:.0f} s of "
-        "training)")
+        "training)"
+    )
     if on_eval is not None:
-      on_eval({"name": name, "in_progress": True, "steps": step,
-               "train_seconds": round(train_s, 2),
-               "wall_seconds": round(time.time() - t_start, 2),
-               "curve": curve, "evals": evals})
+      on_eval(
+          {
+              "name": name,
+              "in_progress": True,
+              "steps": step,
+              "train_seconds": round(train_s, 2),
+              "wall_seconds": round(time.time() - t_start, 2),
+              "curve": curve,
+              "evals": evals,
+          }
+      )
 
   for step in range(1, steps + 1):
     batch = trainer.shard_batch(next(it))
@@ -159,20 +189,26 @@ def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
       break
     if step % 50 == 0:
       recent = np.mean(curve["l1_ptv"][-50:])
-      log(f"  [{name}] step {step}: L1 PTV (last 50) {recent:.3f}, L1 all "
-          f"{np.mean(curve['l1_all'][-50:]):.4f}")
+      log(
+          f"  [{name}] step {step}: L1 PTV (last 50) {recent:.3f}, L1 all "
+          f"{np.mean(curve['l1_all'][-50:]):.4f}"
+      )
     if eval_every and step % eval_every == 0:
       do_eval(step)
     if budget_s and train_s >= budget_s:
-      log(f"  [{name}] training budget of {budget_s:.0f} s reached at step "
-          f"{step}")
+      log(
+          f"  [{name}] training budget of {budget_s:.0f} s reached at step "
+          f"{step}"
+      )
       break
   if not evals or evals[-1]["step"] != step:
     do_eval(step)
   extra = {}
   if state.ema_params is not None:
-    extra = {"final_raw_dose_score": evals[-1]["raw_dose_score"],
-             "final_raw_dvh_score": evals[-1]["raw_dvh_score"]}
+    extra = {
+        "final_raw_dose_score": evals[-1]["raw_dose_score"],
+        "final_raw_dvh_score": evals[-1]["raw_dvh_score"],
+    }
   wall_s = time.time() - t_start
   if final_tta:
     # The final parameters again, with the mean of the four flipped passes
@@ -180,12 +216,19 @@ def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
     t = time.time()
     tta = validation.evaluate(
         trainer.predictor.with_params(trainer.eval_params(state)),
-        eval_cache, tta=True, max_patients=max_eval_patients)
-    extra.update(final_tta_dose_score=tta["dose_score"],
-                 final_tta_dvh_score=tta["dvh_score"],
-                 final_tta_eval_seconds=round(time.time() - t, 2))
-    log(f"  [{name}] step {step} with test-time flips: dose score "
-        f"{tta['dose_score']:.3f}, DVH score {tta['dvh_score']:.3f}")
+        eval_cache,
+        tta=True,
+        max_patients=max_eval_patients,
+    )
+    extra.update(
+        final_tta_dose_score=tta["dose_score"],
+        final_tta_dvh_score=tta["dvh_score"],
+        final_tta_eval_seconds=round(time.time() - t, 2),
+    )
+    log(
+        f"  [{name}] step {step} with test-time flips: dose score "
+        f"{tta['dose_score']:.3f}, DVH score {tta['dvh_score']:.3f}"
+    )
   return {
       "name": name,
       "model": config.model.to_dict(),
@@ -208,8 +251,10 @@ def run_variant(name, config, train_cache, eval_cache, *, steps, eval_every,
 
 def plot(result: dict, path: pathlib.Path, window: int = 20) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
   for run in result["runs"]:
     l1 = np.asarray(run["curve"]["l1_ptv"])
@@ -217,21 +262,32 @@ def plot(result: dict, path: pathlib.Path, window: int = 20) -> None:
       smooth = np.convolve(l1, np.ones(window) / window, mode="valid")
       axes[0].plot(np.arange(window, len(l1) + 1), smooth, label=run["name"])
     steps = [e["step"] for e in run["evals"]]
-    axes[1].plot(steps, [e["dose_score"] for e in run["evals"]], "o-",
-                 label=run["name"])
-    axes[2].plot(steps, [e["dvh_score"] for e in run["evals"]], "o-",
-                 label=run["name"])
+    axes[1].plot(
+        steps, [e["dose_score"] for e in run["evals"]], "o-", label=run["name"]
+    )
+    axes[2].plot(
+        steps, [e["dvh_score"] for e in run["evals"]], "o-", label=run["name"]
+    )
     if "final_raw_dose_score" in run:
       for ax, key in ((axes[1], "raw_dose_score"), (axes[2], "raw_dvh_score")):
-        ax.plot(steps, [e[key] for e in run["evals"]], "x--",
-                label=f"{run['name']} (trained params, no EMA)")
+        ax.plot(
+            steps,
+            [e[key] for e in run["evals"]],
+            "x--",
+            label=f"{run['name']} (trained params, no EMA)",
+        )
   base = result["baseline"]
-  axes[1].axhline(base["dose_score"], color="gray", ls="--",
-                  label="mean-dose baseline")
-  axes[2].axhline(base["dvh_score"], color="gray", ls="--",
-                  label="mean-dose baseline")
-  axes[0].set(title=f"training L1 over the PTVs (mean of {window} steps)",
-              xlabel="step", ylabel="target units (x70 Gy)")
+  axes[1].axhline(
+      base["dose_score"], color="gray", ls="--", label="mean-dose baseline"
+  )
+  axes[2].axhline(
+      base["dvh_score"], color="gray", ls="--", label="mean-dose baseline"
+  )
+  axes[0].set(
+      title=f"training L1 over the PTVs (mean of {window} steps)",
+      xlabel="step",
+      ylabel="target units (x70 Gy)",
+  )
   axes[1].set(title="validation dose score", xlabel="step", ylabel="Gy")
   axes[2].set(title="validation DVH score", xlabel="step", ylabel="Gy")
   for ax in axes:
@@ -246,64 +302,107 @@ def plot(result: dict, path: pathlib.Path, window: int = 20) -> None:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--config", default="configs/openkbp.py:bench_cpu")
-  p.add_argument("--data_root", required=True,
-                 help="folder with train-pats/ and validation-pats/")
-  p.add_argument("--cache_dir", default="",
-                 help="where the encoded caches go (default: under /tmp)")
-  p.add_argument("--variants", default="",
-                 help="comma-separated variant names (default row1,row5)")
-  p.add_argument("--variant", action="append", default=[],
-                 help="one variant, may hold commas (repeatable)")
-  p.add_argument("--set", action="append", default=[],
-                 help="field=value applied to every variant")
+  p.add_argument(
+      "--data_root",
+      required=True,
+      help="folder with train-pats/ and validation-pats/",
+  )
+  p.add_argument(
+      "--cache_dir",
+      default="",
+      help="where the encoded caches go (default: under /tmp)",
+  )
+  p.add_argument(
+      "--variants",
+      default="",
+      help="comma-separated variant names (default row1,row5)",
+  )
+  p.add_argument(
+      "--variant",
+      action="append",
+      default=[],
+      help="one variant, may hold commas (repeatable)",
+  )
+  p.add_argument(
+      "--set",
+      action="append",
+      default=[],
+      help="field=value applied to every variant",
+  )
   p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--budget_s", type=float, default=0.0,
-                 help="also stop a variant after this many seconds of "
-                 "training steps (compile and validation not counted)")
+  p.add_argument(
+      "--budget_s",
+      type=float,
+      default=0.0,
+      help="also stop a variant after this many seconds of "
+      "training steps (compile and validation not counted)",
+  )
   p.add_argument("--eval_every", type=int, default=100)
   p.add_argument("--max_eval_patients", type=int, default=0)
-  p.add_argument("--final_tta", action="store_true",
-                 help="also score each variant's final parameters with "
-                 "test-time flips (final_tta_dose_score, 4x an eval)")
+  p.add_argument(
+      "--final_tta",
+      action="store_true",
+      help="also score each variant's final parameters with "
+      "test-time flips (final_tta_dose_score, 4x an eval)",
+  )
   p.add_argument("--json", default="")
   p.add_argument("--png", default="")
   args = p.parse_args(argv)
 
   names = [v for v in args.variants.split(",") if v] + args.variant
-  variants = [variant_config(args.config, v, args.set)
-              for v in names or ["row1", "row5"]]
+  variants = [
+      variant_config(args.config, v, args.set)
+      for v in names or ["row1", "row5"]
+  ]
   first = variants[0][1]
   first.data.root = args.data_root
   first.data.cache_dir = args.cache_dir or "/tmp/randose_learning_cache"
   first.data.num_workers = 0
   t = time.time()
-  train_cache, eval_cache, _ = train.prepare_data(first,
-                                                  pathlib.Path("/tmp"))
-  print(f"caches ready in {time.time() - t:.1f} s: {len(train_cache)} train, "
-        f"{len(eval_cache)} validation patients", flush=True)
+  train_cache, eval_cache, _ = train.prepare_data(first, pathlib.Path("/tmp"))
+  print(
+      f"caches ready in {time.time() - t:.1f} s: {len(train_cache)} train, "
+      f"{len(eval_cache)} validation patients",
+      flush=True,
+  )
   baseline = validation.BaselineEvaluator.mean_training_dose(
-      eval_cache, train_cache, max_patients=args.max_eval_patients).run()
-  print(f"mean-dose baseline: dose score {baseline['dose_score']:.3f}, DVH "
-        f"score {baseline['dvh_score']:.3f}", flush=True)
+      eval_cache, train_cache, max_patients=args.max_eval_patients
+  ).run()
+  print(
+      f"mean-dose baseline: dose score {baseline['dose_score']:.3f}, DVH "
+      f"score {baseline['dvh_score']:.3f}",
+      flush=True,
+  )
   result = {
       "benchmark": "learning_curves",
       "config": args.config,
       "overrides": args.set,
       "data_root": args.data_root,
       "num_train_patients": len(train_cache),
-      "num_eval_patients": (min(len(eval_cache), args.max_eval_patients)
-                            if args.max_eval_patients else len(eval_cache)),
-      "baseline": {"dose_score": baseline["dose_score"],
-                   "dvh_score": baseline["dvh_score"]},
+      "num_eval_patients": (
+          min(len(eval_cache), args.max_eval_patients)
+          if args.max_eval_patients
+          else len(eval_cache)
+      ),
+      "baseline": {
+          "dose_score": baseline["dose_score"],
+          "dvh_score": baseline["dvh_score"],
+      },
       "machine": common.machine_info(),
       "runs": [],
   }
   grid = 128 // first.data.downsample
-  result["title"] = (f"{args.config} {' '.join(args.set)}, {grid}^3, "
-                     f"{len(train_cache)} train / {result['num_eval_patients']}"
-                     f" validation patients, same batches for every variant")
-  stem = (pathlib.Path(args.json).with_suffix("") if args.json else
-          common.RESULTS_DIR / f"learning_curves_{common.machine_info()['hostname']}")
+  result["title"] = (
+      f"{args.config} {' '.join(args.set)}, {grid}^3, "
+      f"{len(train_cache)} train / {result['num_eval_patients']}"
+      f" validation patients, same batches for every variant"
+  )
+  stem = (
+      pathlib.Path(args.json).with_suffix("")
+      if args.json
+      else common.RESULTS_DIR
+      / f"learning_curves_{common.machine_info()['hostname']}"
+  )
   for name, config in variants:
     config.data.root = args.data_root
     config.data.cache_dir = first.data.cache_dir
@@ -312,10 +411,12 @@ def main(argv=None):
     # by --budget_s stops before its end.
     config.num_train_steps = args.steps
     decay = train.ema_decay_of(config)
-    print(f"variant {name}: widths {tuple(config.model.widths)}, lr "
-          f"{config.learning_rate}"
-          f"{f', validated with the EMA (decay {decay:g})' if decay else ''}",
-          flush=True)
+    print(
+        f"variant {name}: widths {tuple(config.model.widths)}, lr "
+        f"{config.learning_rate}"
+        f"{f', validated with the EMA (decay {decay:g})' if decay else ''}",
+        flush=True,
+    )
 
     def write_partial(partial, done=tuple(result["runs"])):
       # After every validation: a run cut short (machine gone, killed)
@@ -325,31 +426,49 @@ def main(argv=None):
       pathlib.Path(f"{stem}.json").write_text(json.dumps(snapshot) + "\n")
 
     run = run_variant(
-        name, config, train_cache, eval_cache, steps=args.steps,
-        eval_every=args.eval_every, budget_s=args.budget_s,
-        final_tta=args.final_tta, max_eval_patients=args.max_eval_patients,
-        on_eval=write_partial)
+        name,
+        config,
+        train_cache,
+        eval_cache,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        budget_s=args.budget_s,
+        final_tta=args.final_tta,
+        max_eval_patients=args.max_eval_patients,
+        on_eval=write_partial,
+    )
     # The keys of a run's validation_scores.json, for this variant's end.
-    run.update(config=f"{args.config} {name}", dose_score=run["final_dose_score"],
-               dvh_score=run["final_dvh_score"],
-               ema=run["ema_decay"] > 0,
-               num_patients=result["num_eval_patients"],
-               baseline_mean_dose_score=baseline["dose_score"],
-               baseline_mean_dvh_score=baseline["dvh_score"],
-               num_train_patients=len(train_cache), wall_s=run["wall_seconds"])
+    run.update(
+        config=f"{args.config} {name}",
+        dose_score=run["final_dose_score"],
+        dvh_score=run["final_dvh_score"],
+        ema=run["ema_decay"] > 0,
+        num_patients=result["num_eval_patients"],
+        baseline_mean_dose_score=baseline["dose_score"],
+        baseline_mean_dvh_score=baseline["dvh_score"],
+        num_train_patients=len(train_cache),
+        wall_s=run["wall_seconds"],
+    )
     result["runs"].append(run)
     result["machine_end"] = common.machine_info()
     stem.parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(f"{stem}.json").write_text(json.dumps(result) + "\n")
     plot(result, pathlib.Path(args.png or f"{stem}.png"))
-  print("\nvariant       steps  train s  dose   DVH   (baseline "
-        f"{baseline['dose_score']:.2f} / {baseline['dvh_score']:.2f})")
+  print(
+      "\nvariant       steps  train s  dose   DVH   (baseline "
+      f"{baseline['dose_score']:.2f} / {baseline['dvh_score']:.2f})"
+  )
   for run in result["runs"]:
-    raw = (f"  (EMA; trained parameters {run['final_raw_dose_score']:.2f} / "
-           f"{run['final_raw_dvh_score']:.2f})"
-           if "final_raw_dose_score" in run else "")
-    print(f"{run['name']:<13} {run['steps']:>5} {run['train_seconds']:>8.0f} "
-          f"{run['final_dose_score']:6.2f} {run['final_dvh_score']:6.2f}{raw}")
+    raw = (
+        f"  (EMA; trained parameters {run['final_raw_dose_score']:.2f} / "
+        f"{run['final_raw_dvh_score']:.2f})"
+        if "final_raw_dose_score" in run
+        else ""
+    )
+    print(
+        f"{run['name']:<13} {run['steps']:>5} {run['train_seconds']:>8.0f} "
+        f"{run['final_dose_score']:6.2f} {run['final_dvh_score']:6.2f}{raw}"
+    )
   print(f"wrote {stem}.json and {args.png or f'{stem}.png'}")
 
 

@@ -52,8 +52,13 @@ TREE_VARIANTS = {
     "paper": {},
     "row1": dict(use_msfe=False, use_csa=False, use_pi=False, use_af=False),
     "row3": dict(use_pi=False, use_af=False),
-    "options": dict(down="conv", up="resize", norm="group",
-                    blocks_per_stage=2, stem_kernel=1),
+    "options": dict(
+        down="conv",
+        up="resize",
+        norm="group",
+        blocks_per_stage=2,
+        stem_kernel=1,
+    ),
     "fft_fused_remat": dict(conv_impl="fft", msfe_fused=True, remat=True),
 }
 FORWARD_VARIANTS = {
@@ -63,10 +68,18 @@ FORWARD_VARIANTS = {
     "direct_fused": dict(conv_impl="direct", msfe_fused=True),
     "bfloat16_auto": dict(conv_impl="auto", dtype="bfloat16"),
     "row1_group_resize_auto": dict(
-        use_msfe=False, use_csa=False, use_pi=False, use_af=False,
-        norm="group", up="resize", down="conv", conv_impl="auto"),
-    "row2_none_fft": dict(use_csa=False, use_pi=False, use_af=False,
-                          norm="none", conv_impl="fft"),
+        use_msfe=False,
+        use_csa=False,
+        use_pi=False,
+        use_af=False,
+        norm="group",
+        up="resize",
+        down="conv",
+        conv_impl="auto",
+    ),
+    "row2_none_fft": dict(
+        use_csa=False, use_pi=False, use_af=False, norm="none", conv_impl="fft"
+    ),
 }
 
 
@@ -81,21 +94,26 @@ def model_config(widths=None, **overrides):
 def inputs(batch=1, seed=0):
   rng = np.random.default_rng(seed)
   shape = (batch, *GRID)
-  return {"ptv": jnp.asarray((rng.random(shape + (1,)) < 0.3) * 0.9,
-                             jnp.float32),
-          "ct": jnp.asarray(rng.normal(size=shape + (1,)) * 0.5, jnp.float32),
-          "oar": jnp.asarray(rng.random(shape + (7,)) < 0.1, jnp.float32)}
+  return {
+      "ptv": jnp.asarray((rng.random(shape + (1,)) < 0.3) * 0.9, jnp.float32),
+      "ct": jnp.asarray(rng.normal(size=shape + (1,)) * 0.5, jnp.float32),
+      "oar": jnp.asarray(rng.random(shape + (7,)) < 0.1, jnp.float32),
+  }
 
 
 def abstract(model):
-  x = {k: jax.ShapeDtypeStruct((1, *GRID, c), jnp.float32)
-       for k, c in (("ptv", 1), ("ct", 1), ("oar", 7))}
+  x = {
+      k: jax.ShapeDtypeStruct((1, *GRID, c), jnp.float32)
+      for k, c in (("ptv", 1), ("ct", 1), ("oar", 7))
+  }
   return jax.eval_shape(model.init, jax.random.key(0), x)["params"]
 
 
 def tree(params):
-  return {"/".join(k): (tuple(v.shape), str(v.dtype))
-          for k, v in traverse_util.flatten_dict(params).items()}
+  return {
+      "/".join(k): (tuple(v.shape), str(v.dtype))
+      for k, v in traverse_util.flatten_dict(params).items()
+  }
 
 
 def seeded_params(abstract_params, seed=0):
@@ -110,17 +128,24 @@ def seeded_params(abstract_params, seed=0):
 
 
 def dump():
-  out = {"randose_jax": randose_jax.__file__, "trees": {}, "init": {},
-         "forward": {}}
+  out = {
+      "randose_jax": randose_jax.__file__,
+      "trees": {},
+      "init": {},
+      "forward": {},
+  }
   for name, overrides in TREE_VARIANTS.items():
-    out["trees"][name] = tree(abstract(models.create_model(
-        model_config(**overrides))))
+    out["trees"][name] = tree(
+        abstract(models.create_model(model_config(**overrides)))
+    )
   x = inputs()
   for impl in ("direct", "fft"):
     model = models.create_model(model_config(SMALL, conv_impl=impl))
     params = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x)["params"]
-    out["init"][impl] = {"/".join(k): np.asarray(v) for k, v in
-                         traverse_util.flatten_dict(params).items()}
+    out["init"][impl] = {
+        "/".join(k): np.asarray(v)
+        for k, v in traverse_util.flatten_dict(params).items()
+    }
   for name, overrides in FORWARD_VARIANTS.items():
     model = models.create_model(model_config(SMALL, **overrides))
     params = seeded_params(abstract(model))
@@ -130,8 +155,9 @@ def dump():
 
 
 def same_bytes(a, b):
-  return (a.dtype == b.dtype and a.shape == b.shape
-          and a.tobytes() == b.tobytes())
+  return (
+      a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+  )
 
 
 def compare(new, old):
@@ -140,20 +166,29 @@ def compare(new, old):
   for name in TREE_VARIANTS:
     same = new["trees"][name] == old["trees"][name]
     ok &= same
-    print(f"param tree {name:<16} {len(new['trees'][name]):>4} leaves: "
-          f"{'IDENTICAL' if same else 'DIFFERENT'}")
+    print(
+        f"param tree {name:<16} {len(new['trees'][name]):>4} leaves: "
+        f"{'IDENTICAL' if same else 'DIFFERENT'}"
+    )
   for impl in new["init"]:
     a, b = new["init"][impl], old["init"][impl]
     same = a.keys() == b.keys() and all(same_bytes(a[k], b[k]) for k in a)
     ok &= same
-    print(f"init from seed, conv_impl={impl:<7} {len(a):>4} arrays: "
-          f"{'BIT-IDENTICAL' if same else 'DIFFERENT'}")
+    print(
+        f"init from seed, conv_impl={impl:<7} {len(a):>4} arrays: "
+        f"{'BIT-IDENTICAL' if same else 'DIFFERENT'}"
+    )
   for name in FORWARD_VARIANTS:
     a, b = new["forward"][name], old["forward"][name]
     same = same_bytes(a, b)
     ok &= same
-    verdict = "BIT-IDENTICAL" if same else (
-        f"DIFFERENT, max |diff| {np.abs(a.astype(np.float64) - b).max():g}")
+    verdict = (
+        "BIT-IDENTICAL"
+        if same
+        else (
+            f"DIFFERENT, max |diff| {np.abs(a.astype(np.float64) - b).max():g}"
+        )
+    )
     print(f"forward {name:<24} {str(a.shape):<20} {verdict}")
   print("ALL IDENTICAL" if ok else "DIFFERENCES FOUND")
   return ok
@@ -170,14 +205,20 @@ def compare_runs(new_dir, old_dir):
       rows = [[json.loads(line) for line in t.splitlines()] for t in texts]
     else:
       rows = [[json.loads(t)] for t in texts]
-    drop = lambda r: {k: v for k, v in r.items() if not k.startswith("perf/")
-                      and k not in ("predictions", "submission_zip")}
+    drop = lambda r: {
+        k: v
+        for k, v in r.items()
+        if not k.startswith("perf/")
+        and k not in ("predictions", "submission_zip")
+    }
     new, old = ([drop(r) for r in rs] for rs in rows)
     values = sum(len(r) for r in new)
     same = new == old
     ok &= same
-    print(f"{name:<24} {len(new)} rows, {values} values (perf/* and paths "
-          f"left out): {'IDENTICAL' if same else 'DIFFERENT'}")
+    print(
+        f"{name:<24} {len(new)} rows, {values} values (perf/* and paths "
+        f"left out): {'IDENTICAL' if same else 'DIFFERENT'}"
+    )
     for a, b in zip(new, old):
       for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
@@ -206,22 +247,29 @@ def compare_exports(new_path, old_path):
   ok &= same
   print(f"params.msgpack: {'BYTE-IDENTICAL' if same else 'DIFFERENT'}")
   models_ = [export.load(p) for p in (new_path, old_path)]
-  avals = [(str(m.exported.in_avals), str(m.exported.out_avals))
-           for m in models_]
+  avals = [
+      (str(m.exported.in_avals), str(m.exported.out_avals)) for m in models_
+  ]
   same = avals[0] == avals[1]
   ok &= same
-  print(f"exported in/out avals {avals[0][1]}: "
-        f"{'IDENTICAL' if same else 'DIFFERENT'}")
+  print(
+      f"exported in/out avals {avals[0][1]}: "
+      f"{'IDENTICAL' if same else 'DIFFERENT'}"
+  )
   rng = np.random.default_rng(0)
   grid = models_[0].grid
-  x = {"ptv": (rng.random((1, *grid, 1)) < 0.3) * 0.9,
-       "ct": rng.normal(size=(1, *grid, 1)) * 0.5,
-       "oar": (rng.random((1, *grid, 7)) < 0.1) * 1.0}
+  x = {
+      "ptv": (rng.random((1, *grid, 1)) < 0.3) * 0.9,
+      "ct": rng.normal(size=(1, *grid, 1)) * 0.5,
+      "oar": (rng.random((1, *grid, 7)) < 0.1) * 1.0,
+  }
   ys = [m(x) for m in models_]
   same = same_bytes(ys[0], ys[1])
   ok &= same
-  print(f"exported output {ys[0].shape}: "
-        f"{'BIT-IDENTICAL' if same else 'DIFFERENT'}")
+  print(
+      f"exported output {ys[0].shape}: "
+      f"{'BIT-IDENTICAL' if same else 'DIFFERENT'}"
+  )
   return ok
 
 
@@ -229,10 +277,18 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--dump")
   parser.add_argument("--compare", default=None)
-  parser.add_argument("--runs", nargs=2, metavar=("NEW", "OLD"),
-                      help="compare two smoke-run workdirs instead")
-  parser.add_argument("--exports", nargs=2, metavar=("NEW", "OLD"),
-                      help="compare two exported artifacts instead")
+  parser.add_argument(
+      "--runs",
+      nargs=2,
+      metavar=("NEW", "OLD"),
+      help="compare two smoke-run workdirs instead",
+  )
+  parser.add_argument(
+      "--exports",
+      nargs=2,
+      metavar=("NEW", "OLD"),
+      help="compare two exported artifacts instead",
+  )
   args = parser.parse_args()
   if args.runs:
     sys.exit(0 if compare_runs(*args.runs) else 1)

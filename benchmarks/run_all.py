@@ -88,12 +88,21 @@ class Benchmark:
 
 
 def _needs_data(ctx: Context) -> str | None:
-  return None if ctx.has_data else (
-      f"no shared OpenKBP patients at {ctx.data} (set RANDOSE_OPENKBP_DIR)")
+  return (
+      None
+      if ctx.has_data
+      else (
+          f"no shared OpenKBP patients at {ctx.data} (set RANDOSE_OPENKBP_DIR)"
+      )
+  )
 
 
 def _needs_torch(ctx: Context) -> str | None:
-  return None if ctx.torch else "torch is not installed (benchmarks/requirements.txt)"
+  return (
+      None
+      if ctx.torch
+      else "torch is not installed (benchmarks/requirements.txt)"
+  )
 
 
 def _needs_gpu_and_cache(ctx: Context) -> str | None:
@@ -106,15 +115,20 @@ def _needs_gpu_and_cache(ctx: Context) -> str | None:
 
 def _generic_headline(result: dict) -> str:
   """Up to three top-level numbers of a result."""
-  numbers = [(k, v) for k, v in result.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+  numbers = [
+      (k, v)
+      for k, v in result.items()
+      if isinstance(v, (int, float)) and not isinstance(v, bool)
+  ]
   return ", ".join(f"{k}={v:.4g}" for k, v in numbers[:3])
 
 
 def _pipeline_headline(result: dict) -> str:
   rows = result.get("augmented", [])
-  return ", ".join(f"{r['samples_per_s']:.1f} samples/s at {r['num_workers']} workers"
-                   for r in rows)
+  return ", ".join(
+      f"{r['samples_per_s']:.1f} samples/s at {r['num_workers']} workers"
+      for r in rows
+  )
 
 
 def _evaluator_headline(result: dict) -> str:
@@ -123,48 +137,79 @@ def _evaluator_headline(result: dict) -> str:
   prepared = timings.get("vectorised, prepared", {})
   if not one_off:
     return _generic_headline(result)
-  return (f"{result['num_patients']} patients: one-off "
-          f"{one_off['seconds']:.2f} s ({one_off['speedup_vs_plain']:.1f}x), prepared "
-          f"{prepared.get('seconds', float('nan')):.2f} s "
-          f"({prepared.get('speedup_vs_plain') or float('nan'):.1f}x)")
+  return (
+      f"{result['num_patients']} patients: one-off "
+      f"{one_off['seconds']:.2f} s ({one_off['speedup_vs_plain']:.1f}x), prepared "
+      f"{prepared.get('seconds', float('nan')):.2f} s "
+      f"({prepared.get('speedup_vs_plain') or float('nan'):.1f}x)"
+  )
 
 
 def _torch_config(ctx: Context) -> str:
-  return "configs/openkbp.py" if ctx.torch_cuda else "configs/openkbp.py:bench_cpu"
+  return (
+      "configs/openkbp.py" if ctx.torch_cuda else "configs/openkbp.py:bench_cpu"
+  )
 
 
 BENCHMARKS = [
     Benchmark(
-        "input_pipeline", "input_pipeline.py", _needs_data,
-        lambda ctx: ["--samples=10", "--repeats=1", "--warmup=2"] if ctx.quick
+        "input_pipeline",
+        "input_pipeline.py",
+        _needs_data,
+        lambda ctx: ["--samples=10", "--repeats=1", "--warmup=2"]
+        if ctx.quick
         else ["--samples=80"],
-        headline=_pipeline_headline),
+        headline=_pipeline_headline,
+    ),
     Benchmark(
-        "evaluator", "evaluator.py", _needs_data,
-        lambda ctx: ["--num=10", "--repeats=1"] if ctx.quick
+        "evaluator",
+        "evaluator.py",
+        _needs_data,
+        lambda ctx: ["--num=10", "--repeats=1"]
+        if ctx.quick
         else ["--num=100", "--repeats=3"],
-        headline=_evaluator_headline),
+        headline=_evaluator_headline,
+    ),
     Benchmark(
-        "train_step", "train_step.py", lambda ctx: None,
-        lambda ctx: (["--steps=1", "--rounds=1", "--quick"] if ctx.quick else [])
-        + (["--config=configs/openkbp.py", "--device=gpu"] if ctx.gpu else [])),
+        "train_step",
+        "train_step.py",
+        lambda ctx: None,
+        lambda ctx: (
+            ["--steps=1", "--rounds=1", "--quick"] if ctx.quick else []
+        )
+        + (["--config=configs/openkbp.py", "--device=gpu"] if ctx.gpu else []),
+    ),
     Benchmark(
-        "inference", "inference.py", lambda ctx: None,
-        lambda ctx: (["--steps=1", "--repeats=1", "--quick"] if ctx.quick else [])
-        + (["--device=gpu", "--backend=gpu", "--grid=128"] if ctx.gpu else [])),
+        "inference",
+        "inference.py",
+        lambda ctx: None,
+        lambda ctx: (
+            ["--steps=1", "--repeats=1", "--quick"] if ctx.quick else []
+        )
+        + (["--device=gpu", "--backend=gpu", "--grid=128"] if ctx.gpu else []),
+    ),
     Benchmark(
-        "torch_train_step", "torch_train_step.py", _needs_torch,
+        "torch_train_step",
+        "torch_train_step.py",
+        _needs_torch,
         lambda ctx: [f"--config={_torch_config(ctx)}"]
-        + (["--steps=2", "--warmup=1"] if ctx.quick else [])),
+        + (["--steps=2", "--warmup=1"] if ctx.quick else []),
+    ),
     Benchmark(
-        "torch_inference", "torch_train_step.py", _needs_torch,
+        "torch_inference",
+        "torch_train_step.py",
+        _needs_torch,
         lambda ctx: [f"--config={_torch_config(ctx)}", "--inference", "--tta"]
-        + (["--steps=1", "--warmup=1"] if ctx.quick else [])),
+        + (["--steps=1", "--warmup=1"] if ctx.quick else []),
+    ),
     Benchmark(
-        "gpu_run", "gpu_run.py", _needs_gpu_and_cache,
+        "gpu_run",
+        "gpu_run.py",
+        _needs_gpu_and_cache,
         lambda ctx: [f"--cache_dir={ctx.gpu_cache}"]
         + (["--budget_s=60", "--steps=5"] if ctx.quick else []),
-        output="out"),
+        output="out",
+    ),
 ]
 
 
@@ -172,12 +217,17 @@ def defined_flags(source: str) -> set[str]:
   """Flag names a script defines (argparse `"--name"` or absl
   `DEFINE_*("name"`), read from its source without running it."""
   import re  # pylint: disable=import-outside-toplevel
+
   names = set(re.findall(r"""["']--([A-Za-z0-9_-]+)["']""", source))
-  names |= set(re.findall(r"""DEFINE_\w+\(\s*["']([A-Za-z0-9_]+)["']""", source))
+  names |= set(
+      re.findall(r"""DEFINE_\w+\(\s*["']([A-Za-z0-9_]+)["']""", source)
+  )
   return names
 
 
-def filter_args(args: list[str], flags: set[str]) -> tuple[list[str], list[str]]:
+def filter_args(
+    args: list[str], flags: set[str]
+) -> tuple[list[str], list[str]]:
   """(kept, dropped): arguments whose flag the script defines."""
   kept, dropped = [], []
   for arg in args:
@@ -189,9 +239,18 @@ def filter_args(args: list[str], flags: set[str]) -> tuple[list[str], list[str]]
 def probe_backend(timeout_s: float = 120.0) -> str:
   """jax.default_backend() in a subprocess (this script does not import jax)."""
   try:
-    out = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
-                         capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
-    return out.stdout.strip().splitlines()[-1] if out.returncode == 0 else "unavailable"
+    out = subprocess.run(
+        [sys.executable, "-c", "import jax; print(jax.default_backend())"],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=ROOT,
+    )
+    return (
+        out.stdout.strip().splitlines()[-1]
+        if out.returncode == 0
+        else "unavailable"
+    )
   except (subprocess.TimeoutExpired, IndexError, OSError):
     return "unavailable"
 
@@ -201,9 +260,15 @@ def probe_torch() -> tuple[str | None, bool]:
     return None, False
   try:
     out = subprocess.run(
-        [sys.executable, "-c",
-         "import torch; print(torch.__version__, torch.cuda.is_available())"],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-c",
+            "import torch; print(torch.__version__, torch.cuda.is_available())",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     version, cuda = out.stdout.split()
     return version, cuda == "True"
   except (subprocess.TimeoutExpired, ValueError, OSError):
@@ -213,7 +278,10 @@ def probe_torch() -> tuple[str | None, bool]:
 def run_one(bench: Benchmark, ctx: Context, timeout_s: float) -> dict:
   script = _HERE / bench.script
   if not script.is_file():
-    return {"status": "skipped", "reason": f"benchmarks/{bench.script} does not exist (yet)"}
+    return {
+        "status": "skipped",
+        "reason": f"benchmarks/{bench.script} does not exist (yet)",
+    }
   reason = bench.fits(ctx)
   if reason:
     return {"status": "skipped", "reason": reason}
@@ -226,13 +294,23 @@ def run_one(bench: Benchmark, ctx: Context, timeout_s: float) -> dict:
     elif bench.output == "out" and "out" in flags:
       args.append(f"--out={tmp}")
     command = [sys.executable, str(script.relative_to(ROOT)), *args]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+        ),
+    )
     entry = {"command": " ".join(command[1:]), "dropped_args": dropped}
     started = time.perf_counter()
     with open(tmp / "output.txt", "w+") as log:
-      proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+      proc = subprocess.Popen(
+          command,
+          cwd=ROOT,
+          env=env,
+          stdout=log,
+          stderr=subprocess.STDOUT,
+          start_new_session=True,
+      )
       try:
         returncode = proc.wait(timeout=timeout_s)
         status = "ok" if returncode == 0 else "failed"
@@ -242,10 +320,15 @@ def run_one(bench: Benchmark, ctx: Context, timeout_s: float) -> dict:
         returncode, status = None, "timeout"
       log.seek(0)
       output = log.read()
-    entry.update(status=status, returncode=returncode,
-                 seconds=round(time.perf_counter() - started, 1),
-                 output_tail=output[-4000:])
-    results = {p.name: json.loads(p.read_text()) for p in sorted(tmp.glob("*.json"))}
+    entry.update(
+        status=status,
+        returncode=returncode,
+        seconds=round(time.perf_counter() - started, 1),
+        output_tail=output[-4000:],
+    )
+    results = {
+        p.name: json.loads(p.read_text()) for p in sorted(tmp.glob("*.json"))
+    }
     if len(results) == 1:
       entry["result"] = next(iter(results.values()))
     elif results:
@@ -253,8 +336,11 @@ def run_one(bench: Benchmark, ctx: Context, timeout_s: float) -> dict:
     elif status == "ok":
       entry["result"] = _last_json_object(output)
   if status != "ok":
-    entry["reason"] = (f"timed out after {timeout_s:.0f} s" if status == "timeout"
-                       else f"exit code {returncode}: {_last_line(output)}")
+    entry["reason"] = (
+        f"timed out after {timeout_s:.0f} s"
+        if status == "timeout"
+        else f"exit code {returncode}: {_last_line(output)}"
+    )
   return entry
 
 
@@ -270,7 +356,7 @@ def _last_json_object(text: str):
     start = text.rfind("{", 0, end)
     while start != -1:
       try:
-        return json.loads(text[start:end + 1])
+        return json.loads(text[start : end + 1])
       except ValueError:
         start = text.rfind("{", 0, start)
     end = text.rfind("}", 0, end)
@@ -279,19 +365,33 @@ def _last_json_object(text: str):
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--only", default="",
-                 help="comma-separated benchmark names (default: all): "
-                 + ",".join(b.name for b in BENCHMARKS))
-  p.add_argument("--quick", action="store_true",
-                 help="small sizes, one round: checks that everything runs "
-                 "(figures not for reporting)")
-  p.add_argument("--timeout", type=float, default=None,
-                 help="seconds per benchmark (default: 1800, --quick 600)")
+  p.add_argument(
+      "--only",
+      default="",
+      help="comma-separated benchmark names (default: all): "
+      + ",".join(b.name for b in BENCHMARKS),
+  )
+  p.add_argument(
+      "--quick",
+      action="store_true",
+      help="small sizes, one round: checks that everything runs "
+      "(figures not for reporting)",
+  )
+  p.add_argument(
+      "--timeout",
+      type=float,
+      default=None,
+      help="seconds per benchmark (default: 1800, --quick 600)",
+  )
   p.add_argument("--data", type=pathlib.Path, default=common.openkbp_dir())
   p.add_argument("--gpu_cache", type=pathlib.Path, default=ROOT / ".gpu_cache")
-  p.add_argument("--json", type=pathlib.Path, default=None,
-                 help="default: benchmarks/results/<hostname>.json "
-                 "(--quick: <hostname>_quick.json)")
+  p.add_argument(
+      "--json",
+      type=pathlib.Path,
+      default=None,
+      help="default: benchmarks/results/<hostname>.json "
+      "(--quick: <hostname>_quick.json)",
+  )
   args = p.parse_args(argv)
 
   names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -302,32 +402,58 @@ def main(argv=None) -> int:
   selected = [b for b in BENCHMARKS if not names or b.name in names]
 
   torch_version, torch_cuda = probe_torch()
-  ctx = Context(backend=probe_backend(), torch=torch_version, torch_cuda=torch_cuda,
-                data=args.data, gpu_cache=args.gpu_cache, quick=args.quick)
+  ctx = Context(
+      backend=probe_backend(),
+      torch=torch_version,
+      torch_cuda=torch_cuda,
+      data=args.data,
+      gpu_cache=args.gpu_cache,
+      quick=args.quick,
+  )
   hostname = socket.gethostname()
   json_path = args.json or common.RESULTS_DIR / (
-      f"{hostname}_quick.json" if args.quick else f"{hostname}.json")
+      f"{hostname}_quick.json" if args.quick else f"{hostname}.json"
+  )
   machine = common.machine_info()
-  machine.update(jax_backend=ctx.backend, torch=ctx.torch, torch_cuda=ctx.torch_cuda)
+  machine.update(
+      jax_backend=ctx.backend, torch=ctx.torch, torch_cuda=ctx.torch_cuda
+  )
   report = {
       "benchmark": "run_all",
-      "command": " ".join(["python benchmarks/run_all.py", *(argv if argv is not None
-                                                              else sys.argv[1:])]),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "command": " ".join(
+          [
+              "python benchmarks/run_all.py",
+              *(argv if argv is not None else sys.argv[1:]),
+          ]
+      ),
+      "date": (
+          datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec="seconds"
+          )
+      ),
       "quick": args.quick,
       "machine": machine,
       "benchmarks": {},
   }
-  print(f"{hostname}: {machine['cpu_model']}, {machine['usable_cores']} cores, "
-        f"jax backend {ctx.backend}, torch {ctx.torch or 'absent'}, "
-        f"load {machine['load_average'][0]:.1f}", flush=True)
+  print(
+      f"{hostname}: {machine['cpu_model']}, {machine['usable_cores']} cores, "
+      f"jax backend {ctx.backend}, torch {ctx.torch or 'absent'}, "
+      f"load {machine['load_average'][0]:.1f}",
+      flush=True,
+  )
   for bench in selected:
-    timeout_s = args.timeout or (bench.quick_timeout_s if args.quick else bench.timeout_s)
+    timeout_s = args.timeout or (
+        bench.quick_timeout_s if args.quick else bench.timeout_s
+    )
     print(f"-- {bench.name} ...", flush=True)
     entry = run_one(bench, ctx, timeout_s)
     report["benchmarks"][bench.name] = entry
-    print(f"   {entry['status']}" + (f": {entry['reason']}" if entry.get("reason") else "")
-          + (f" ({entry['seconds']} s)" if "seconds" in entry else ""), flush=True)
+    print(
+        f"   {entry['status']}"
+        + (f": {entry['reason']}" if entry.get("reason") else "")
+        + (f" ({entry['seconds']} s)" if "seconds" in entry else ""),
+        flush=True,
+    )
     # Written after every benchmark: a later crash keeps what was measured.
     machine["load_average_end"] = common.machine_info()["load_average"]
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -346,8 +472,14 @@ def main(argv=None) -> int:
     seconds = f"{entry['seconds']:8.1f}" if "seconds" in entry else f"{'':8s}"
     print(f"{bench.name:18s} {entry['status']:8s} {seconds}  {detail}")
   print(f"\nwrote {json_path}")
-  return 0 if all(e["status"] in ("ok", "skipped")
-                  for e in report["benchmarks"].values()) else 1
+  return (
+      0
+      if all(
+          e["status"] in ("ok", "skipped")
+          for e in report["benchmarks"].values()
+      )
+      else 1
+  )
 
 
 if __name__ == "__main__":

@@ -30,14 +30,20 @@ import torch.nn.functional as F
 # flax.linen.InstanceNorm / GroupNorm as randose_jax.models uses them.
 NORM_EPSILON = 1e-5
 
-ACTIVATIONS = {"relu": F.relu, "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
-               "gelu": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
+ACTIVATIONS = {
+    "relu": F.relu,
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
+    "gelu": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
 
 
 def _activation(name: str):
   if name not in ACTIVATIONS:
-    raise ValueError(f"model.activation: unknown {name!r}; choose from "
-                     f"{sorted(ACTIVATIONS)}")
+    raise ValueError(
+        f"model.activation: unknown {name!r}; choose from "
+        f"{sorted(ACTIVATIONS)}"
+    )
   return ACTIVATIONS[name]
 
 
@@ -58,10 +64,15 @@ class Norm(nn.Module):
   def __init__(self, kind: str, channels: int, groups: int = 8):
     super().__init__()
     if kind not in ("instance", "group", "none"):
-      raise ValueError(f"model.norm: unknown {kind!r}; choose from "
-                       "'instance', 'group', 'none'")
-    self.groups = {"instance": channels, "group": math.gcd(groups, channels),
-                   "none": 0}[kind]
+      raise ValueError(
+          f"model.norm: unknown {kind!r}; choose from "
+          "'instance', 'group', 'none'"
+      )
+    self.groups = {
+        "instance": channels,
+        "group": math.gcd(groups, channels),
+        "none": 0,
+    }[kind]
     if self.groups:
       self.weight = nn.Parameter(torch.ones(channels))
       self.bias = nn.Parameter(torch.zeros(channels))
@@ -71,8 +82,14 @@ class Norm(nn.Module):
       return x
     # torch.group_norm, not F.group_norm: the latter refuses a single voxel
     # per group (a 1^3 bottleneck, e.g. 5 stages at 16^3), which Flax allows.
-    return torch.group_norm(x, self.groups, self.weight, self.bias, NORM_EPSILON,
-                            torch.backends.cudnn.enabled)
+    return torch.group_norm(
+        x,
+        self.groups,
+        self.weight,
+        self.bias,
+        NORM_EPSILON,
+        torch.backends.cudnn.enabled,
+    )
 
 
 class MSFE(nn.Module):
@@ -95,10 +112,14 @@ class MSFE(nn.Module):
   def forward(self, x):
     if self.fused:
       k_max = max(self.kernels)
-      weight = sum(F.pad(c.weight, ((k_max - c.kernel_size[0]) // 2,) * 6)
-                   for c in self._branches())
+      weight = sum(
+          F.pad(c.weight, ((k_max - c.kernel_size[0]) // 2,) * 6)
+          for c in self._branches()
+      )
       bias = sum(c.bias for c in self._branches())
-      return F.conv3d(x, weight.to(x.dtype), bias.to(x.dtype), padding=k_max // 2)
+      return F.conv3d(
+          x, weight.to(x.dtype), bias.to(x.dtype), padding=k_max // 2
+      )
     convs = self._branches()
     out = convs[0](x)
     for conv in convs[1:]:
@@ -154,8 +175,11 @@ class MSCSA(nn.Module):
     self.msfe = MSFE(cin, cout, cfg.msfe_kernels, cfg.msfe_fused)
     self.norm = Norm(cfg.norm, cout, cfg.get("norm_groups", 8))
     self.act = _activation(cfg.activation)
-    self.csa = (ChannelSpatialAttention(cout, cfg.csa_reduction, cfg.alpha_init)
-                if cfg.use_csa else None)
+    self.csa = (
+        ChannelSpatialAttention(cout, cfg.csa_reduction, cfg.alpha_init)
+        if cfg.use_csa
+        else None
+    )
 
   def forward(self, x):
     x = self.act(self.norm(self.msfe(x)))
@@ -173,8 +197,11 @@ class UNetBlock(nn.Module):
     self.conv_1 = _conv(cout, cout, 3)
     self.norm_1 = Norm(cfg.norm, cout, groups)
     self.act = _activation(cfg.activation)
-    self.csa = (ChannelSpatialAttention(cout, cfg.csa_reduction, cfg.alpha_init)
-                if cfg.use_csa else None)
+    self.csa = (
+        ChannelSpatialAttention(cout, cfg.csa_reduction, cfg.alpha_init)
+        if cfg.use_csa
+        else None
+    )
 
   def forward(self, x):
     x = self.act(self.norm_0(self.conv_0(x)))
@@ -208,8 +235,11 @@ def _linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
   dist = np.abs(sample[None, :] - np.arange(n_in)[:, None]) / kernel_scale
   w = np.maximum(0.0, 1.0 - dist)
   total = w.sum(axis=0, keepdims=True)
-  w = np.where(np.abs(total) > 1000 * np.finfo(np.float32).eps,
-               w / np.where(total != 0, total, 1), 0)
+  w = np.where(
+      np.abs(total) > 1000 * np.finfo(np.float32).eps,
+      w / np.where(total != 0, total, 1),
+      0,
+  )
   w = np.where(((sample >= -0.5) & (sample <= n_in - 0.5))[None, :], w, 0)
   return w.T.astype(np.float32)
 
@@ -220,7 +250,9 @@ def linear_resize(x, grid: Sequence[int]):
     n_in = x.shape[axis]
     if n_in == n_out:
       continue
-    w = torch.from_numpy(_linear_resize_matrix(n_in, n_out)).to(x.device, x.dtype)
+    w = torch.from_numpy(_linear_resize_matrix(n_in, n_out)).to(
+        x.device, x.dtype
+    )
     x = torch.movedim(torch.movedim(x, axis, -1) @ w.T, -1, axis)
   return x
 
@@ -232,21 +264,30 @@ def resize_ptv(f_p, grid: Sequence[int], method: str = "avgpool"):
   if method == "avgpool":
     factors = [full // small for full, small in zip(f_p.shape[2:], grid)]
     if any(full % small for full, small in zip(f_p.shape[2:], grid)):
-      raise ValueError(f"PTV integration: grid {tuple(f_p.shape[2:])} is not "
-                       f"a multiple of the stage grid {tuple(grid)}")
+      raise ValueError(
+          f"PTV integration: grid {tuple(f_p.shape[2:])} is not "
+          f"a multiple of the stage grid {tuple(grid)}"
+      )
     return F.avg_pool3d(f_p, factors)
   if method == "linear":
     return linear_resize(f_p, grid)
-  raise ValueError(f"model.pi_resize: unknown {method!r}; choose from "
-                   "'avgpool', 'linear'")
+  raise ValueError(
+      f"model.pi_resize: unknown {method!r}; choose from " "'avgpool', 'linear'"
+  )
 
 
 class PTVIntegration(nn.Module):
   """PI (paper 2.2): for each k, SA(conv_k(F_E,s)) and SA(conv_k(F_P)), each
   with its own conv and attention; the sum goes through a final SA."""
 
-  def __init__(self, cin: int, cptv: int, cout: int, kernels: Sequence[int],
-               resize: str = "avgpool"):
+  def __init__(
+      self,
+      cin: int,
+      cptv: int,
+      cout: int,
+      kernels: Sequence[int],
+      resize: str = "avgpool",
+  ):
     super().__init__()
     self.kernels = tuple(kernels)
     self.resize = resize
@@ -263,8 +304,12 @@ class PTVIntegration(nn.Module):
       f_p = resize_ptv(f_p.float(), f_e.shape[2:], self.resize).to(f_e.dtype)
     out = 0
     for k in self.kernels:
-      out = out + getattr(self, f"sa_enc_k{k}")(getattr(self, f"conv_enc_k{k}")(f_e))
-      out = out + getattr(self, f"sa_ptv_k{k}")(getattr(self, f"conv_ptv_k{k}")(f_p))
+      out = out + getattr(self, f"sa_enc_k{k}")(
+          getattr(self, f"conv_enc_k{k}")(f_e)
+      )
+      out = out + getattr(self, f"sa_ptv_k{k}")(
+          getattr(self, f"conv_ptv_k{k}")(f_p)
+      )
     return self.sa_out(out)
 
 
@@ -273,10 +318,12 @@ class AttentionFusion(nn.Module):
 
   def __init__(self, channels: int, cfg):
     super().__init__()
-    self.csa_skip = ChannelSpatialAttention(channels, cfg.csa_reduction,
-                                            cfg.alpha_init)
-    self.csa_up = ChannelSpatialAttention(channels, cfg.csa_reduction,
-                                          cfg.alpha_init)
+    self.csa_skip = ChannelSpatialAttention(
+        channels, cfg.csa_reduction, cfg.alpha_init
+    )
+    self.csa_up = ChannelSpatialAttention(
+        channels, cfg.csa_reduction, cfg.alpha_init
+    )
     self.beta = nn.Parameter(torch.tensor(float(cfg.beta_init)))
 
   def forward(self, skip, up):
@@ -289,8 +336,9 @@ class Downsample(nn.Module):
   def __init__(self, mode: str, channels: int):
     super().__init__()
     if mode not in ("maxpool", "conv"):
-      raise ValueError(f"model.down: unknown {mode!r}; choose from "
-                       "'maxpool', 'conv'")
+      raise ValueError(
+          f"model.down: unknown {mode!r}; choose from " "'maxpool', 'conv'"
+      )
     if mode == "conv":
       self.conv = nn.Conv3d(channels, channels, 2, stride=2)
 
@@ -304,16 +352,22 @@ class Upsample(nn.Module):
   def __init__(self, mode: str, cin: int, cout: int):
     super().__init__()
     if mode not in ("transpose", "resize"):
-      raise ValueError(f"model.up: unknown {mode!r}; choose from "
-                       "'transpose', 'resize'")
+      raise ValueError(
+          f"model.up: unknown {mode!r}; choose from " "'transpose', 'resize'"
+      )
     self.mode = mode
-    self.conv = (nn.ConvTranspose3d(cin, cout, 2, stride=2) if mode == "transpose"
-                 else nn.Conv3d(cin, cout, 1))
+    self.conv = (
+        nn.ConvTranspose3d(cin, cout, 2, stride=2)
+        if mode == "transpose"
+        else nn.Conv3d(cin, cout, 1)
+    )
 
   def forward(self, x):
     if self.mode == "resize":
       # Same weights as jax.image.resize 'linear' when enlarging by 2.
-      x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+      x = F.interpolate(
+          x, scale_factor=2, mode="trilinear", align_corners=False
+      )
     return self.conv(x)
 
 
@@ -322,8 +376,11 @@ def _flax_init(module: nn.Module):
   sigma) on fan-in for conv / transposed-conv / dense kernels, zero bias."""
   if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)):
     w = module.weight
-    fan_in = w[0].numel() if not isinstance(module, nn.ConvTranspose3d) else (
-        w.shape[0] * w[0, 0].numel())
+    fan_in = (
+        w[0].numel()
+        if not isinstance(module, nn.ConvTranspose3d)
+        else (w.shape[0] * w[0, 0].numel())
+    )
     std = 1.0 / math.sqrt(fan_in) / 0.87962566103423978  # truncation correction
     nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
     nn.init.zeros_(module.bias)
@@ -349,8 +406,12 @@ class RANDose(nn.Module):
       if s > 1:
         self.add_module(f"down_{s}", Downsample(cfg.down, cin))
         if cfg.use_pi:
-          self.add_module(f"pi_{s}", PTVIntegration(
-              cin, w0, w, cfg.pi_kernels, cfg.get("pi_resize", "avgpool")))
+          self.add_module(
+              f"pi_{s}",
+              PTVIntegration(
+                  cin, w0, w, cfg.pi_kernels, cfg.get("pi_resize", "avgpool")
+              ),
+          )
           cin = w
       self.add_module(f"encoder_{s}", Stage(cin, w, cfg))
       cin = w
@@ -365,8 +426,9 @@ class RANDose(nn.Module):
 
   def forward(self, inputs: Mapping[str, torch.Tensor]):
     f_p = self.stem_ptv(inputs["ptv"])
-    x = torch.cat([f_p, self.stem_ct(inputs["ct"]), self.stem_oar(inputs["oar"])],
-                  dim=1)
+    x = torch.cat(
+        [f_p, self.stem_ct(inputs["ct"]), self.stem_oar(inputs["oar"])], dim=1
+    )
     skips = []
     for s in range(1, self.num_stages + 1):
       if s > 1:
@@ -405,13 +467,17 @@ class RegionAwareLoss(nn.Module):
     if self.mode == "uncertainty":
       init = float(get("init_log_var", 0.0))
       for r in self.regions:
-        self.register_parameter(f"log_var_{r}", nn.Parameter(torch.tensor(init)))
+        self.register_parameter(
+            f"log_var_{r}", nn.Parameter(torch.tensor(init))
+        )
     elif self.mode == "fixed":
       weights = dict(zip(("ptv", "oar"), get("fixed_weights", (1.0, 1.0))))
       self.fixed = {r: float(weights[r]) for r in self.regions}
     else:
-      raise ValueError(f"loss.mode: unknown {self.mode!r}; choose from "
-                       "'uncertainty', 'fixed'")
+      raise ValueError(
+          f"loss.mode: unknown {self.mode!r}; choose from "
+          "'uncertainty', 'fixed'"
+      )
 
   def forward(self, pred, target, ptv, oar):
     error = (pred.float() - target.float()).abs().mean(dim=1)  # (N, D, H, W)
@@ -487,19 +553,26 @@ def load_flax_params(torch_model: nn.Module, flax_params) -> nn.Module:
         value = value.permute(4, 3, 0, 1, 2)
       elif isinstance(owner, nn.Linear) and leaf == "kernel":
         value = value.T
-      name = ".".join(path[:-1] + ({"kernel": "weight", "scale": "weight"}
-                                   .get(leaf, leaf),))
+      name = ".".join(
+          path[:-1] + ({"kernel": "weight", "scale": "weight"}.get(leaf, leaf),)
+      )
       if name not in params:
-        raise KeyError(f"load_flax_params: Flax param {'/'.join(path)} has no "
-                       f"twin ({name})")
+        raise KeyError(
+            f"load_flax_params: Flax param {'/'.join(path)} has no "
+            f"twin ({name})"
+        )
       if tuple(params[name].shape) != tuple(value.shape):
-        raise ValueError(f"load_flax_params: {'/'.join(path)} has shape "
-                         f"{tuple(value.shape)} after conversion; the twin's "
-                         f"{name} is {tuple(params[name].shape)}")
+        raise ValueError(
+            f"load_flax_params: {'/'.join(path)} has shape "
+            f"{tuple(value.shape)} after conversion; the twin's "
+            f"{name} is {tuple(params[name].shape)}"
+        )
       params[name].copy_(value)
       done.add(name)
   missing = sorted(set(params) - done)
   if missing:
-    raise KeyError(f"load_flax_params: no Flax value for {missing[:5]}"
-                   f"{' ...' if len(missing) > 5 else ''}")
+    raise KeyError(
+        f"load_flax_params: no Flax value for {missing[:5]}"
+        f"{' ...' if len(missing) > 5 else ''}"
+    )
   return torch_model

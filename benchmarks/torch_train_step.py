@@ -31,7 +31,9 @@ import torch
 _HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
 if str(_HERE.parent) not in sys.path:
-  sys.path.insert(1, str(_HERE.parent))  # so a config file can import randose_jax
+  sys.path.insert(
+      1, str(_HERE.parent)
+  )  # so a config file can import randose_jax
 
 import common  # noqa: E402
 import torch_randose  # noqa: E402
@@ -63,7 +65,7 @@ def synthetic_batch(batch: int, grid: int, seed: int = 0) -> dict:
 
   def sphere(radius):
     c = rng.uniform(0.3, 0.7, size=3) * grid
-    return (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= radius ** 2
+    return (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= radius**2
 
   ptv = np.zeros((batch, 1, grid, grid, grid), np.float32)
   oar = np.zeros((batch, 7, grid, grid, grid), np.float32)
@@ -93,33 +95,50 @@ def _sync(device):
 
 
 def _to_device(arrays, device, memory_format):
-  return {k: torch.from_numpy(v).to(device).contiguous(memory_format=memory_format)
-          for k, v in arrays.items()}
+  return {
+      k: torch.from_numpy(v).to(device).contiguous(memory_format=memory_format)
+      for k, v in arrays.items()
+  }
 
 
 def _memory_format(name, device, dtype):
   """'auto': channels_last_3d (10x faster than channels-first for a CPU fp32
   step, and the layout cuDNN's tensor-core kernels prefer), except bf16 on CPU: there torch
   2.13's conv3d backward in channels_last_3d stalled (a full-size-layer conv
-  ran over a minute where fp32 takes under one second), channels-first did not."""
+  ran over a minute where fp32 takes under one second), channels-first did not.
+  """
   if name == "auto":
-    name = ("channels_first" if device == "cpu" and dtype == "bfloat16"
-            else "channels_last_3d")
-  return name, {"channels_first": torch.contiguous_format,
-                "channels_last_3d": torch.channels_last_3d}[name]
+    name = (
+        "channels_first"
+        if device == "cpu" and dtype == "bfloat16"
+        else "channels_last_3d"
+    )
+  return (
+      name,
+      {
+          "channels_first": torch.contiguous_format,
+          "channels_last_3d": torch.channels_last_3d,
+      }[name],
+  )
 
 
 def _autocast(device, dtype):
-  return torch.autocast(device_type=device, dtype=torch.bfloat16,
-                        enabled=(dtype == "bfloat16"))
+  return torch.autocast(
+      device_type=device, dtype=torch.bfloat16, enabled=(dtype == "bfloat16")
+  )
 
 
 def _environment(device, threads):
   """What a figure needs beside it to be comparable (load: other jobs)."""
-  env = {"torch_version": torch.__version__, "threads": threads, "device": device,
-         "mkldnn": torch.backends.mkldnn.is_available() and
-                   torch.backends.mkldnn.enabled,
-         **common.machine_info()}
+  env = {
+      "torch_version": torch.__version__,
+      "threads": threads,
+      "device": device,
+      "mkldnn": (
+          torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+      ),
+      **common.machine_info(),
+  }
   if device == "cuda":
     env["gpu"] = torch.cuda.get_device_name()
     env["cudnn_benchmark"] = torch.backends.cudnn.benchmark
@@ -127,12 +146,20 @@ def _environment(device, threads):
   return env
 
 
-def time_torch_train_step(model_config, batch: int = 2, grid: int = 64,
-                          steps: int = 10, warmup: int = 2, threads=None,
-                          device: str = "cpu", dtype: str = "float32",
-                          memory_format: str = "auto",
-                          loss_config=None, compile: bool = False,
-                          seed: int = 0) -> dict:
+def time_torch_train_step(
+    model_config,
+    batch: int = 2,
+    grid: int = 64,
+    steps: int = 10,
+    warmup: int = 2,
+    threads=None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    memory_format: str = "auto",
+    loss_config=None,
+    compile: bool = False,
+    seed: int = 0,
+) -> dict:
   """Milliseconds per full training step of the twin (median over `steps`).
 
   Returns ms_per_step, ms_all (every timed step), params, first_step_s (the
@@ -142,7 +169,9 @@ def time_torch_train_step(model_config, batch: int = 2, grid: int = 64,
   threads = _setup(threads, device)
   torch.manual_seed(seed)
   memory_format, fmt = _memory_format(memory_format, device, dtype)
-  model = torch_randose.build_from_config(model_config).to(device, memory_format=fmt)
+  model = torch_randose.build_from_config(model_config).to(
+      device, memory_format=fmt
+  )
   loss_fn = torch_randose.RegionAwareLoss(loss_config).to(device)
   params = list(model.parameters()) + list(loss_fn.parameters())
   try:
@@ -172,12 +201,21 @@ def time_torch_train_step(model_config, batch: int = 2, grid: int = 64,
     if not torch.isfinite(loss):
       raise FloatingPointError(f"torch twin: loss is {loss.item()} at step {i}")
   ms_all = [1e3 * t for t in times[warmup:]]
-  return {"ms_per_step": statistics.median(ms_all), "ms_all": ms_all,
-          "params": sum(p.numel() for p in model.parameters()),
-          "first_step_s": times[0], "batch": batch, "grid": grid,
-          "dtype": dtype, "memory_format": memory_format, "compile": compile,
-          "optimizer": type(opt).__name__ + (" (fused)" if opt.defaults.get("fused") else ""),
-          **_environment(device, threads)}
+  return {
+      "ms_per_step": statistics.median(ms_all),
+      "ms_all": ms_all,
+      "params": sum(p.numel() for p in model.parameters()),
+      "first_step_s": times[0],
+      "batch": batch,
+      "grid": grid,
+      "dtype": dtype,
+      "memory_format": memory_format,
+      "compile": compile,
+      "optimizer": (
+          type(opt).__name__ + (" (fused)" if opt.defaults.get("fused") else "")
+      ),
+      **_environment(device, threads),
+  }
 
 
 def flip_tta_predict(model, inputs: dict, swap_parotids: bool = True):
@@ -188,7 +226,7 @@ def flip_tta_predict(model, inputs: dict, swap_parotids: bool = True):
   """
   total = 0
   for dims in ((), (3,), (4,), (3, 4)):
-    x = {k: (v.flip(dims) if dims else v) for k, v in inputs.items()}
+    x = {k: v.flip(dims) if dims else v for k, v in inputs.items()}
     if 3 in dims and swap_parotids:
       perm = list(range(x["oar"].shape[1]))
       perm[PAROTIDS[0]], perm[PAROTIDS[1]] = PAROTIDS[1], PAROTIDS[0]
@@ -198,15 +236,25 @@ def flip_tta_predict(model, inputs: dict, swap_parotids: bool = True):
   return total / 4
 
 
-def time_torch_inference(model_config, grid: int = 128, tta: bool = False,
-                         device: str = "cpu", dtype: str = "float32",
-                         threads=None, memory_format: str = "auto",
-                         repeats: int = 1, warmup: int = 1, seed: int = 0) -> float:
+def time_torch_inference(
+    model_config,
+    grid: int = 128,
+    tta: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+    threads=None,
+    memory_format: str = "auto",
+    repeats: int = 1,
+    warmup: int = 1,
+    seed: int = 0,
+) -> float:
   """Seconds per patient (batch 1, median over `repeats`), inference mode."""
   _setup(threads, device)
   torch.manual_seed(seed)
   memory_format, fmt = _memory_format(memory_format, device, dtype)
-  model = torch_randose.build_from_config(model_config).to(device, memory_format=fmt)
+  model = torch_randose.build_from_config(model_config).to(
+      device, memory_format=fmt
+  )
   model.eval()
   data = _to_device(synthetic_batch(1, grid, seed), device, fmt)
   inputs = {k: data[k] for k in ("ptv", "ct", "oar")}
@@ -224,26 +272,55 @@ def time_torch_inference(model_config, grid: int = 128, tta: bool = False,
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--config", default="configs/openkbp.py:bench_cpu",
-                 help="config file[:variants]; its model (and loss) config is timed")
-  p.add_argument("--batch", type=int, default=None, help="default: config.batch_size")
-  p.add_argument("--grid", type=int, default=None,
-                 help="grid edge; default: 128 // config.data.downsample")
+  p.add_argument(
+      "--config",
+      default="configs/openkbp.py:bench_cpu",
+      help="config file[:variants]; its model (and loss) config is timed",
+  )
+  p.add_argument(
+      "--batch", type=int, default=None, help="default: config.batch_size"
+  )
+  p.add_argument(
+      "--grid",
+      type=int,
+      default=None,
+      help="grid edge; default: 128 // config.data.downsample",
+  )
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--threads", type=int, default=None, help="default: all cores")
-  p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                 help="default: config.model.dtype")
-  p.add_argument("--memory_format", default="auto",
-                 choices=("auto", "channels_first", "channels_last_3d"))
-  p.add_argument("--compile", action="store_true", help="torch.compile the model")
-  p.add_argument("--inference", action="store_true",
-                 help="time inference (batch 1) instead of a training step")
-  p.add_argument("--tta", action="store_true", help="with --inference: 4-flip TTA")
-  p.add_argument("--json", type=pathlib.Path, default=None,
-                 help="where to write the result; default: benchmarks/results/"
-                 "torch_<train_step|inference[_tta]>_<variant>_<hostname>.json")
+  p.add_argument(
+      "--device", default="cuda" if torch.cuda.is_available() else "cpu"
+  )
+  p.add_argument(
+      "--dtype",
+      default=None,
+      choices=("float32", "bfloat16"),
+      help="default: config.model.dtype",
+  )
+  p.add_argument(
+      "--memory_format",
+      default="auto",
+      choices=("auto", "channels_first", "channels_last_3d"),
+  )
+  p.add_argument(
+      "--compile", action="store_true", help="torch.compile the model"
+  )
+  p.add_argument(
+      "--inference",
+      action="store_true",
+      help="time inference (batch 1) instead of a training step",
+  )
+  p.add_argument(
+      "--tta", action="store_true", help="with --inference: 4-flip TTA"
+  )
+  p.add_argument(
+      "--json",
+      type=pathlib.Path,
+      default=None,
+      help="where to write the result; default: benchmarks/results/"
+      "torch_<train_step|inference[_tta]>_<variant>_<hostname>.json",
+  )
   args = p.parse_args(argv)
 
   config = load_config(args.config)
@@ -252,24 +329,50 @@ def main(argv=None):
   dtype = args.dtype or config.model.dtype
   if args.inference:
     seconds = time_torch_inference(
-        config.model, grid=grid, tta=args.tta, device=args.device, dtype=dtype,
-        threads=args.threads, memory_format=args.memory_format,
-        repeats=args.steps, warmup=args.warmup)
-    result = {"s_per_patient": seconds, "grid": grid, "tta": args.tta,
-              "dtype": dtype,
-              "memory_format": _memory_format(args.memory_format, args.device, dtype)[0],
-              "repeats": args.steps, "warmup": args.warmup,
-              **_environment(args.device, torch.get_num_threads())}
+        config.model,
+        grid=grid,
+        tta=args.tta,
+        device=args.device,
+        dtype=dtype,
+        threads=args.threads,
+        memory_format=args.memory_format,
+        repeats=args.steps,
+        warmup=args.warmup,
+    )
+    result = {
+        "s_per_patient": seconds,
+        "grid": grid,
+        "tta": args.tta,
+        "dtype": dtype,
+        "memory_format": _memory_format(args.memory_format, args.device, dtype)[
+            0
+        ],
+        "repeats": args.steps,
+        "warmup": args.warmup,
+        **_environment(args.device, torch.get_num_threads()),
+    }
   else:
     result = time_torch_train_step(
-        config.model, batch=args.batch or config.batch_size, grid=grid,
-        steps=args.steps, warmup=args.warmup, threads=args.threads,
-        device=args.device, dtype=dtype, memory_format=args.memory_format,
-        loss_config=config.loss, compile=args.compile)
+        config.model,
+        batch=args.batch or config.batch_size,
+        grid=grid,
+        steps=args.steps,
+        warmup=args.warmup,
+        threads=args.threads,
+        device=args.device,
+        dtype=dtype,
+        memory_format=args.memory_format,
+        loss_config=config.loss,
+        compile=args.compile,
+    )
   result["config"] = args.config
   result["load_average_start"] = load_start  # machine_info's is at the end
   print(json.dumps(result, indent=1))
-  kind = ("inference_tta" if args.tta else "inference") if args.inference else "train_step"
+  kind = (
+      ("inference_tta" if args.tta else "inference")
+      if args.inference
+      else "train_step"
+  )
   path = common.write_result(result, args.json, f"torch_{kind}", args.config)
   print(f"wrote {path}")
 

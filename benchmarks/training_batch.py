@@ -66,15 +66,18 @@ def batch_checks(batch: dict, data_config) -> dict:
       "shape": list(batch["target"].shape),
       "target_min": float(target.min()),
       "target_max": float(target.max()),
-      "target_outside_mask_max_abs": float(np.abs(target[~mask]).max()
-                                           if (~mask).any() else 0.0),
-      "ptv_channel_values": sorted({round(float(v), 4)
-                                    for v in np.unique(ptv)}),
+      "target_outside_mask_max_abs": float(
+          np.abs(target[~mask]).max() if (~mask).any() else 0.0
+      ),
+      "ptv_channel_values": sorted(
+          {round(float(v), 4) for v in np.unique(ptv)}
+      ),
       "target_outside_mask_voxels": int(((target > 0) & ~mask).sum()),
       "oar_binary": bool(np.isin(oar, (0.0, 1.0)).all()),
       "oar_in_0_1": bool(((oar >= 0) & (oar <= 1)).all()),
       "oar_outside_mask_voxels": int(((oar.max(-1) > 0) & ~mask).sum()),
-      "ct_min": float(ct.min()), "ct_max": float(ct.max()),
+      "ct_min": float(ct.min()),
+      "ct_max": float(ct.max()),
       "mask_fraction": float(mask.mean()),
       "ptv_fraction": float((ptv > 0).mean()),
       "ptv_fraction_of_mask": float((ptv > 0).sum() / max(mask.sum(), 1)),
@@ -95,13 +98,18 @@ def batch_checks(batch: dict, data_config) -> dict:
 
 def plot(batches: list, data_config, path: pathlib.Path, title: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   examples = [(b, i) for b in batches for i in range(b["target"].shape[0])]
   examples = examples[:4]
   cols = ["CT (HU)", "PTV input", "OARs (sum)", "target dose (Gy)", "mask"]
-  fig, axes = plt.subplots(2 * len(examples), len(cols),
-                           figsize=(2.6 * len(cols), 2.5 * 2 * len(examples)))
+  fig, axes = plt.subplots(
+      2 * len(examples),
+      len(cols),
+      figsize=(2.6 * len(cols), 2.5 * 2 * len(examples)),
+  )
   scale = float(data_config.dose_scale)
   for row, (b, i) in enumerate(examples):
     planes = {
@@ -112,8 +120,11 @@ def plot(batches: list, data_config, path: pathlib.Path, title: str) -> None:
         "mask": b["mask"][i, ..., 0],
     }
     dose = planes["target dose (Gy)"]
-    centre = (np.array(np.nonzero(dose > 0.5 * dose.max())).mean(1).astype(int)
-              if dose.max() > 0 else np.array(dose.shape) // 2)
+    centre = (
+        np.array(np.nonzero(dose > 0.5 * dose.max())).mean(1).astype(int)
+        if dose.max() > 0
+        else np.array(dose.shape) // 2
+    )
     for view_index, view in enumerate((viz._VIEWS[0], viz._VIEWS[2])):
       for col, name in enumerate(cols):
         ax = axes[2 * row + view_index, col]
@@ -136,12 +147,19 @@ def plot(batches: list, data_config, path: pathlib.Path, title: str) -> None:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--config", default="configs/openkbp.py:cpu_proxy")
-  p.add_argument("--data_root", required=True,
-                 help="folder with train-pats/ and validation-pats/")
+  p.add_argument(
+      "--data_root",
+      required=True,
+      help="folder with train-pats/ and validation-pats/",
+  )
   p.add_argument("--cache_dir", default="/tmp/randose_learning_cache")
   p.add_argument("--batches", type=int, default=8)
-  p.add_argument("--augment", choices=("config", "on", "off"),
-                 default="config", help="override config.data.augment")
+  p.add_argument(
+      "--augment",
+      choices=("config", "on", "off"),
+      default="config",
+      help="override config.data.augment",
+  )
   p.add_argument("--json", default="")
   p.add_argument("--png", default="")
   args = p.parse_args(argv)
@@ -153,40 +171,60 @@ def main(argv=None):
     config.data.augment = args.augment == "on"
   train_cache, _, _ = train.prepare_data(config, pathlib.Path("/tmp"))
   it = iter(pipeline.train_dataset(train_cache, config, seed=config.seed))
-  batches = [{k: np.asarray(v) for k, v in next(it).items()}
-             for _ in range(args.batches)]
+  batches = [
+      {k: np.asarray(v) for k, v in next(it).items()}
+      for _ in range(args.batches)
+  ]
   checks = [batch_checks(b, config.data) for b in batches]
   summary = {
       "target_min": min(c["target_min"] for c in checks),
       "target_max": max(c["target_max"] for c in checks),
-      "target_outside_mask_max_abs": max(c["target_outside_mask_max_abs"]
-                                         for c in checks),
-      "target_outside_mask_voxels": sum(c["target_outside_mask_voxels"]
-                                        for c in checks),
+      "target_outside_mask_max_abs": max(
+          c["target_outside_mask_max_abs"] for c in checks
+      ),
+      "target_outside_mask_voxels": sum(
+          c["target_outside_mask_voxels"] for c in checks
+      ),
       "oar_binary": all(c["oar_binary"] for c in checks),
       "oar_in_0_1": all(c["oar_in_0_1"] for c in checks),
-      "oar_outside_mask_voxels": sum(c["oar_outside_mask_voxels"]
-                                     for c in checks),
-      "mask_fraction_mean": float(np.mean([c["mask_fraction"] for c in checks])),
+      "oar_outside_mask_voxels": sum(
+          c["oar_outside_mask_voxels"] for c in checks
+      ),
+      "mask_fraction_mean": float(
+          np.mean([c["mask_fraction"] for c in checks])
+      ),
       "ptv_fraction_mean": float(np.mean([c["ptv_fraction"] for c in checks])),
-      "ptv_fraction_of_mask_mean": float(np.mean(
-          [c["ptv_fraction_of_mask"] for c in checks])),
+      "ptv_fraction_of_mask_mean": float(
+          np.mean([c["ptv_fraction_of_mask"] for c in checks])
+      ),
   }
-  result = {"benchmark": "training_batch", "config": args.config,
-            "data_root": args.data_root,
-            "num_train_patients": len(train_cache),
-            "batch_size": config.batch_size, "augment": bool(config.data.augment),
-            "summary": summary, "batches": checks,
-            "machine": common.machine_info()}
-  stem = pathlib.Path(args.json).with_suffix("") if args.json else (
-      common.RESULTS_DIR / "training_batch")
+  result = {
+      "benchmark": "training_batch",
+      "config": args.config,
+      "data_root": args.data_root,
+      "num_train_patients": len(train_cache),
+      "batch_size": config.batch_size,
+      "augment": bool(config.data.augment),
+      "summary": summary,
+      "batches": checks,
+      "machine": common.machine_info(),
+  }
+  stem = (
+      pathlib.Path(args.json).with_suffix("")
+      if args.json
+      else (common.RESULTS_DIR / "training_batch")
+  )
   stem.parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
   png = pathlib.Path(args.png or f"{stem}.png")
   grid = 128 // config.data.downsample
-  plot(batches, config.data, png,
-       f"{args.config}: training batches at {grid}^3 (augment="
-       f"{bool(config.data.augment)}), {len(train_cache)} train patients")
+  plot(
+      batches,
+      config.data,
+      png,
+      f"{args.config}: training batches at {grid}^3 (augment="
+      f"{bool(config.data.augment)}), {len(train_cache)} train patients",
+  )
   for k, v in summary.items():
     print(f"{k:30s} {v}")
   for c in checks[:2]:

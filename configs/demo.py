@@ -59,7 +59,9 @@ def get_config(variant: str = ""):
   config.checkpoint_every_steps = 300
   if variant:
     if variant not in _VARIANTS:
-      raise ValueError(f"configs/demo.py: unknown variant {variant!r}; "
-                       f"choose from {sorted(_VARIANTS)}")
+      raise ValueError(
+          f"configs/demo.py: unknown variant {variant!r}; "
+          f"choose from {sorted(_VARIANTS)}"
+      )
     _VARIANTS[variant](config)
   return config

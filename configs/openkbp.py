@@ -24,7 +24,9 @@ import pathlib
 from randose_jax import default_config
 
 # The 26 real patients beside a checkout of this repository.
-SHARED_OPENKBP = pathlib.Path(__file__).resolve().parents[2] / "shared" / "openkbp"
+SHARED_OPENKBP = (
+    pathlib.Path(__file__).resolve().parents[2] / "shared" / "openkbp"
+)
 
 
 def _smoke(config):
@@ -69,14 +71,17 @@ for _row, _switches in default_config.ABLATION_ROWS.items():
   _VARIANTS[f"row{_row}"] = lambda c, s=_switches: c.model.update(s)
 for _row, _regions in default_config.LOSS_ROWS.items():
   _VARIANTS[f"loss{_row}"] = lambda c, r=_regions: setattr(
-      c.loss, "regions", tuple(x for x in r if x))
+      c.loss, "regions", tuple(x for x in r if x)
+  )
 
 
 def get_config(variants: str = ""):
   config = default_config.get_default_config()
   for name in filter(None, (v.strip() for v in variants.split(","))):
     if name not in _VARIANTS:
-      raise ValueError(f"configs/openkbp.py: unknown variant {name!r}; "
-                       f"choose from {sorted(_VARIANTS)}")
+      raise ValueError(
+          f"configs/openkbp.py: unknown variant {name!r}; "
+          f"choose from {sorted(_VARIANTS)}"
+      )
     _VARIANTS[name](config)
   return config

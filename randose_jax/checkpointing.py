@@ -53,7 +53,7 @@ def brief_error(e: BaseException, limit: int = 200) -> str:
   text = text.split(" [tensorstore_spec")[0].strip()
   if len(text) > limit:  # the start says what failed, the end why
     head = limit // 3
-    text = text[:head] + " ... " + text[-(limit - head - 5):]
+    text = text[:head] + " ... " + text[-(limit - head - 5) :]
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
@@ -65,7 +65,10 @@ def _ignore_stale_loop_callbacks():
   are still in flight; each one's completion then prints a traceback of
   `RuntimeError: Event loop is closed` (dozens of them, after the failure was
   handled). Those, and only those, are dropped from `sys.unraisablehook`."""
-  if _STALE_CALLBACK_FILTER and sys.unraisablehook is _STALE_CALLBACK_FILTER[-1]:
+  if (
+      _STALE_CALLBACK_FILTER
+      and sys.unraisablehook is _STALE_CALLBACK_FILTER[-1]
+  ):
     return
   previous = sys.unraisablehook
 
@@ -83,7 +86,9 @@ def _utc_stamp() -> str:
   return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
-def _move_aside(folder: pathlib.Path, into: pathlib.Path, name: str) -> pathlib.Path:
+def _move_aside(
+    folder: pathlib.Path, into: pathlib.Path, name: str
+) -> pathlib.Path:
   """Renames `folder` to `into/name` (or `name-2`, ...); returns the target."""
   into.mkdir(parents=True, exist_ok=True)
   target, n = into / name, 1
@@ -101,8 +106,8 @@ def _barrier(name: str):
 
 def _manager(directory: pathlib.Path, keep: int, async_save: bool):
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True,
-      enable_async_checkpointing=async_save)
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+  )
   return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
@@ -128,15 +133,22 @@ class Checkpointer:
     setattr(self, which, self._new_manager(which))
 
   def _save(self, manager, step, state, data_state, config_dict, meta):
-    saved = manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config_dict),
-        meta=ocp.args.JsonSave(meta)))
+    saved = manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config_dict),
+            meta=ocp.args.JsonSave(meta),
+        ),
+    )
     if not saved:  # orbax skips a step not newer than its newest: say so
-      logging.warning("Checkpoint step %d was not written to %s (it holds "
-                      "steps %s).", step, manager.directory,
-                      sorted(manager.all_steps()))
+      logging.warning(
+          "Checkpoint step %d was not written to %s (it holds " "steps %s).",
+          step,
+          manager.directory,
+          sorted(manager.all_steps()),
+      )
 
   def save_latest(self, step: int, state, data_state, config_dict, meta):
     self._save(self.latest, step, state, data_state, config_dict, meta)
@@ -154,9 +166,14 @@ class Checkpointer:
     moved = []
     if newer:
       if jax.process_index() == 0:
-        moved = [_move_aside(self.root / "best" / str(s),
-                             self.root / "superseded",
-                             f"best-{s}-{_utc_stamp()}") for s in newer]
+        moved = [
+            _move_aside(
+                self.root / "best" / str(s),
+                self.root / "superseded",
+                f"best-{s}-{_utc_stamp()}",
+            )
+            for s in newer
+        ]
       _barrier(f"best_set_aside_{step}")
       self._reopen("best")
     self._save(self.best, step, state, data_state, config_dict, meta)
@@ -177,13 +194,20 @@ class Checkpointer:
 
   def _mgr(self, which: str):
     if which not in ("latest", "best"):
-      raise ValueError(f"checkpoint kind must be 'latest' or 'best', got {which!r}")
+      raise ValueError(
+          f"checkpoint kind must be 'latest' or 'best', got {which!r}"
+      )
     return self.latest if which == "latest" else self.best
 
-  def restore(self, abstract_state, which: str = "latest",
-              step: Optional[int] = None, *,
-              set_aside_unreadable: bool = False,
-              sharding=None) -> Optional[dict]:
+  def restore(
+      self,
+      abstract_state,
+      which: str = "latest",
+      step: Optional[int] = None,
+      *,
+      set_aside_unreadable: bool = False,
+      sharding=None,
+  ) -> Optional[dict]:
     """Restores the newest readable checkpoint (or `step`) of `which`.
 
     Returns a dict with `state`, `data`, `config`, `meta` and `step`, or None
@@ -209,7 +233,8 @@ class Checkpointer:
       if step not in steps:
         raise CheckpointError(
             f"{self.root / which}: no checkpoint at step {step} "
-            f"(available: {sorted(steps)})")
+            f"(available: {sorted(steps)})"
+        )
       steps = [step]
     unreadable = []
     for s in steps:
@@ -218,17 +243,22 @@ class Checkpointer:
           target = _saved_abstract(self.root / which / str(s), sharding)
         else:
           target = _fit_ema_entry(abstract_state, self.root / which / str(s))
-        restored = manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            data=ocp.args.JsonRestore(),
-            config=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
+        restored = manager.restore(
+            s,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                data=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
       except Exception as e:  # pylint: disable=broad-except
         _ignore_stale_loop_callbacks()
         where = self.root / which / str(s)
         if step is not None:
           raise CheckpointError(
-              f"{where}: unreadable checkpoint ({brief_error(e)})") from e
+              f"{where}: unreadable checkpoint ({brief_error(e)})"
+          ) from e
         unreadable.append((s, e))
         continue
       if unreadable:
@@ -240,24 +270,38 @@ class Checkpointer:
       raise CheckpointError(
           f"{self.root / which}: none of the checkpoints {sorted(steps)} "
           f"could be read (step {steps[0]}: {brief_error(unreadable[0][1])}); "
-          "nothing was moved or deleted")
+          "nothing was moved or deleted"
+      )
     return None
 
-  def _skip_unreadable(self, which: str, unreadable: list, used: int,
-                       set_aside: bool):
+  def _skip_unreadable(
+      self, which: str, unreadable: list, used: int, set_aside: bool
+  ):
     """One warning line per unreadable step; moves them aside if asked."""
     moved = {}
     if set_aside and jax.process_index() == 0:
       for s, _ in unreadable:
-        moved[s] = _move_aside(self.root / which / str(s),
-                               self.root.parent / UNREADABLE_DIR,
-                               f"{which}-{s}-{_utc_stamp()}")
+        moved[s] = _move_aside(
+            self.root / which / str(s),
+            self.root.parent / UNREADABLE_DIR,
+            f"{which}-{s}-{_utc_stamp()}",
+        )
     for s, e in unreadable:
       where = self.root / which / str(s)
-      action = (f"moved it to {moved[s]}" if s in moved else
-                "left it in place" if not set_aside else "process 0 moves it")
-      logging.warning("Checkpoint %s is unreadable (%s); %s; using step %d.",
-                      where, brief_error(e), action, used)
+      action = (
+          f"moved it to {moved[s]}"
+          if s in moved
+          else "left it in place"
+          if not set_aside
+          else "process 0 moves it"
+      )
+      logging.warning(
+          "Checkpoint %s is unreadable (%s); %s; using step %d.",
+          where,
+          brief_error(e),
+          action,
+          used,
+      )
     if set_aside:
       _barrier(f"unreadable_set_aside_{which}")
       self._reopen(which)
@@ -270,14 +314,16 @@ def best_meta(workdir) -> Optional[dict]:
     steps = mgr.all_steps()
     if not steps:
       return None
-    return mgr.restore(max(steps), args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))["meta"]
+    return mgr.restore(
+        max(steps), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+    )["meta"]
   finally:
     mgr.close()
 
 
-def read_config_dict(workdir, which: str = "latest",
-                     step: Optional[int] = None) -> tuple[int, dict]:
+def read_config_dict(
+    workdir, which: str = "latest", step: Optional[int] = None
+) -> tuple[int, dict]:
   """The config saved with a checkpoint: (step, config dict)."""
   mgr = _manager(pathlib.Path(workdir) / "checkpoints" / which, 1, False)
   try:
@@ -285,14 +331,20 @@ def read_config_dict(workdir, which: str = "latest",
     if not steps:
       raise CheckpointError(
           f"{pathlib.Path(workdir) / 'checkpoints' / which}: no checkpoints "
-          "(has this workdir been trained?)")
+          "(has this workdir been trained?)"
+      )
     s = steps[-1] if step is None else step
     if s not in steps:
       raise CheckpointError(
           f"{pathlib.Path(workdir) / 'checkpoints' / which}: no checkpoint at "
-          f"step {s} (available: {steps})")
-    return s, mgr.restore(s, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"]
+          f"step {s} (available: {steps})"
+      )
+    return (
+        s,
+        mgr.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+            "config"
+        ],
+    )
   finally:
     mgr.close()
 
@@ -311,10 +363,12 @@ def saved_state_keys(state_dir) -> Optional[set]:
 def _saved_abstract(step_dir: pathlib.Path, sharding):
   """The abstract state saved in `step_dir`, from its metadata."""
   metadata = ocp.StandardCheckpointHandler().metadata(
-      epath.Path(step_dir / "state"))
+      epath.Path(step_dir / "state")
+  )
   return jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-      metadata)
+      metadata,
+  )
 
 
 def _fit_ema_entry(abstract_state, step_dir: pathlib.Path):
@@ -329,9 +383,12 @@ def _fit_ema_entry(abstract_state, step_dir: pathlib.Path):
     return abstract_state
   if EMA_KEY in abstract_state and EMA_KEY not in saved:
     return {k: v for k, v in abstract_state.items() if k != EMA_KEY}
-  if (EMA_KEY in saved and EMA_KEY not in abstract_state
+  if (
+      EMA_KEY in saved
+      and EMA_KEY not in abstract_state
       and isinstance(abstract_state.get("params"), dict)
-      and "model" in abstract_state["params"]):
+      and "model" in abstract_state["params"]
+  ):
     return dict(abstract_state, **{EMA_KEY: abstract_state["params"]["model"]})
   return abstract_state
 
@@ -339,8 +396,11 @@ def _fit_ema_entry(abstract_state, step_dir: pathlib.Path):
 def as_saveable(state) -> dict[str, Any]:
   """The train state as saved: `ema_params` only when the run keeps an EMA
   (with the EMA off, the tree is exactly what earlier versions saved)."""
-  out = {"step": state.step, "params": state.params,
-         "opt_state": state.opt_state}
+  out = {
+      "step": state.step,
+      "params": state.params,
+      "opt_state": state.opt_state,
+  }
   ema = getattr(state, EMA_KEY, None)
   if ema is not None:
     out[EMA_KEY] = ema

@@ -42,9 +42,11 @@ HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
 # The library's own error types, by module: a module that was never
 # imported cannot have raised its error, so none is imported here (evaluate
 # starts without jax).
-_ERROR_TYPES = (("randose_jax.data.openkbp", "DataError"),
-                ("randose_jax.checkpointing", "CheckpointError"),
-                ("randose_jax.train", "NonFiniteLossError"))
+_ERROR_TYPES = (
+    ("randose_jax.data.openkbp", "DataError"),
+    ("randose_jax.checkpointing", "CheckpointError"),
+    ("randose_jax.train", "NonFiniteLossError"),
+)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -91,7 +93,7 @@ def fail(message: str) -> None:
 def _wanted_help(argv: Sequence[str]) -> bool:
   args = list(argv[1:])
   if "--" in args:
-    args = args[:args.index("--")]
+    args = args[: args.index("--")]
   return any(a in HELP_FLAGS or a.startswith("--helpfull") for a in args)
 
 
@@ -100,7 +102,7 @@ def _argument_of(argv: Sequence[str], name: str) -> str:
   args = list(argv[1:])
   for i, a in enumerate(args):
     if a.startswith(f"--{name}="):
-      return a[len(name) + 3:]
+      return a[len(name) + 3 :]
     if a == f"--{name}" and i + 1 < len(args):
       return args[i + 1]
   return ""
@@ -137,8 +139,10 @@ def _describe_parse_error(e: BaseException, argv) -> str:
     lines = [l for l in text.splitlines() if l.strip()] or [text]
     name = _override_of(argv, flag.name, lines[0].strip("'\""))
     if name is not None:
-      message = (f"--{name}: the {flag.name} has no field "
-                 f"{name.split('.', 1)[1]!r}")
+      message = (
+          f"--{name}: the {flag.name} has no field "
+          f"{name.split('.', 1)[1]!r}"
+      )
       if len(lines) > 1:
         message += "; " + lines[1][0].lower() + lines[1][1:]
       return message
@@ -177,8 +181,9 @@ def _check_config_files(argv, flag_values: flags.FlagValues) -> None:
     fail(f"--{name}={given}: {_one_line(str(error))}")
 
 
-def parse_flags(argv: Sequence[str],
-                flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+def parse_flags(
+    argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
+) -> list[str]:
   """Parses argv into `flag_values`; returns the remaining arguments.
 
   `--help` exits 0 after the usage; any flag or config problem is one
@@ -190,8 +195,15 @@ def parse_flags(argv: Sequence[str],
     if e.code == 1 and _wanted_help(argv):
       sys.exit(0)  # absl's help flags exit 1 after printing the usage
     raise
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError,
-          OSError, SyntaxError) as e:
+  except (
+      flags.Error,
+      AttributeError,
+      KeyError,
+      ValueError,
+      TypeError,
+      OSError,
+      SyntaxError,
+  ) as e:
     fail(_describe_parse_error(e, argv))
   raise AssertionError("unreachable")  # fail() exits
 
@@ -202,8 +214,11 @@ def _parse_and_check(argv, flag_values):
   return rest
 
 
-def call_main(main: Callable, argv: Sequence[str],
-              flag_values: flags.FlagValues = flags.FLAGS):
+def call_main(
+    main: Callable,
+    argv: Sequence[str],
+    flag_values: flags.FlagValues = flags.FLAGS,
+):
   """Runs `main(argv)`; the library's errors become one line, exit 2."""
   logs.console_warnings_only(flag_values)
   try:
@@ -214,12 +229,15 @@ def call_main(main: Callable, argv: Sequence[str],
 
 def run(main: Callable) -> None:
   """`absl.app.run(main)` with the behaviour in this module's docstring."""
-  app.run(lambda argv: call_main(main, argv),
-          flags_parser=lambda argv: _parse_and_check(argv, flags.FLAGS))
+  app.run(
+      lambda argv: call_main(main, argv),
+      flags_parser=lambda argv: _parse_and_check(argv, flags.FLAGS),
+  )
 
 
-def invoke(main: Callable, argv: Sequence[str],
-           flag_values: flags.FlagValues) -> int:
+def invoke(
+    main: Callable, argv: Sequence[str], flag_values: flags.FlagValues
+) -> int:
   """Parses `argv` into `flag_values`, runs `main`: the exit status (what
   `run` would exit with), in this process. Restores the log verbosity."""
   verbosity, sys_argv = logging.get_verbosity(), sys.argv

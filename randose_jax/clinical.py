@@ -103,8 +103,14 @@ from randose_jax.conventions import OAR_NAMES, ROI_NAMES, TARGET_NAMES
 from randose_jax.data import openkbp
 
 # D_x% of the targets: (metric name, x).
-TARGET_DX = (("D99", 99.0), ("D98", 98.0), ("D95", 95.0), ("D50", 50.0),
-             ("D2", 2.0), ("D1", 1.0))
+TARGET_DX = (
+    ("D99", 99.0),
+    ("D98", 98.0),
+    ("D95", 95.0),
+    ("D50", 50.0),
+    ("D2", 2.0),
+    ("D1", 1.0),
+)
 DEFAULT_V_DOSES_GY = (20.0, 30.0, 40.0, 50.0)
 # (dose criterion %, distance to agreement mm), global gamma.
 GAMMA_CRITERIA = ((3.0, 3.0), (2.0, 2.0))
@@ -118,12 +124,29 @@ UNIT_GAMMA = "% of evaluated voxels"
 
 METRICS_FILE = "clinical_metrics.csv"
 SUMMARY_FILE = "clinical_summary.csv"
-METRIC_COLUMNS = ("patient", "roi", "metric", "unit", "reference",
-                  "predicted", "difference")
-SUMMARY_COLUMNS = ("roi", "metric", "unit", "n", "mean_reference",
-                   "mean_predicted", "mean_difference", "sd_difference",
-                   "mean_abs_difference", "sd_abs_difference",
-                   "worst_patient", "worst_difference")
+METRIC_COLUMNS = (
+    "patient",
+    "roi",
+    "metric",
+    "unit",
+    "reference",
+    "predicted",
+    "difference",
+)
+SUMMARY_COLUMNS = (
+    "roi",
+    "metric",
+    "unit",
+    "n",
+    "mean_reference",
+    "mean_predicted",
+    "mean_difference",
+    "sd_difference",
+    "mean_abs_difference",
+    "sd_abs_difference",
+    "worst_patient",
+    "worst_difference",
+)
 
 
 def v_metric_name(dose_gy: float) -> str:
@@ -149,21 +172,28 @@ def dose_at_volume_percent(doses: np.ndarray, percents) -> np.ndarray:
   return np.percentile(np.asarray(doses, np.float64), 100.0 - percents)
 
 
-def dose_at_volume_cc(doses: np.ndarray, volumes_cc,
-                      voxel_dimensions: Sequence[float]) -> np.ndarray:
+def dose_at_volume_cc(
+    doses: np.ndarray, volumes_cc, voxel_dimensions: Sequence[float]
+) -> np.ndarray:
   """D_Vcc for each V of `volumes_cc`: the percentile 100 - n / N * 100
   (clipped at 0), n = `voxels_in(V)`, N = doses.size."""
   doses = np.asarray(doses, np.float64)
-  q = [max(0.0, 100.0 - voxels_in(v, voxel_dimensions) / doses.size * 100.0)
-       for v in np.atleast_1d(volumes_cc)]
+  q = [
+      max(0.0, 100.0 - voxels_in(v, voxel_dimensions) / doses.size * 100.0)
+      for v in np.atleast_1d(volumes_cc)
+  ]
   return np.percentile(doses, q)
 
 
 def volume_percent_at_dose(doses: np.ndarray, doses_gy) -> np.ndarray:
   """V_d for each d of `doses_gy`: percent of the voxels with dose >= d."""
   doses = np.asarray(doses, np.float64)
-  return np.array([100.0 * np.count_nonzero(doses >= d) / doses.size
-                   for d in np.atleast_1d(doses_gy)])
+  return np.array(
+      [
+          100.0 * np.count_nonzero(doses >= d) / doses.size
+          for d in np.atleast_1d(doses_gy)
+      ]
+  )
 
 
 def homogeneity_index(d2: float, d98: float, d50: float) -> float:
@@ -171,8 +201,12 @@ def homogeneity_index(d2: float, d98: float, d50: float) -> float:
   return (d2 - d98) / d50 if d50 > 0 else math.nan
 
 
-def conformity(dose: np.ndarray, target: np.ndarray, body: np.ndarray,
-               prescription_gy: float) -> tuple[float, float]:
+def conformity(
+    dose: np.ndarray,
+    target: np.ndarray,
+    body: np.ndarray,
+    prescription_gy: float,
+) -> tuple[float, float]:
   """(RTOG CI, Paddick CI) of a dose for a target at its prescription.
 
   Args:
@@ -199,14 +233,16 @@ def conformity(dose: np.ndarray, target: np.ndarray, body: np.ndarray,
 @dataclasses.dataclass(frozen=True)
 class Metric:
   """One metric of one ROI of one dose."""
+
   roi: str
   metric: str
   unit: str
   value: float
 
 
-def target_volume(structure_masks: np.ndarray, roi_present: Sequence[bool],
-                  roi: str) -> np.ndarray:
+def target_volume(
+    structure_masks: np.ndarray, roi_present: Sequence[bool], roi: str
+) -> np.ndarray:
   """bool (D, H, W): the union of the present PTVs whose prescription is >=
   that of `roi` (see the module docstring: the TV of the conformity)."""
   rx = openkbp.PRESCRIPTIONS_GY[roi]
@@ -218,12 +254,15 @@ def target_volume(structure_masks: np.ndarray, roi_present: Sequence[bool],
   return union
 
 
-def dose_metrics(dose: np.ndarray, structure_masks: np.ndarray,
-                 roi_present: Sequence[bool] | None,
-                 voxel_dimensions: Sequence[float],
-                 possible_dose_mask: np.ndarray, *,
-                 v_doses_gy: Sequence[float] = DEFAULT_V_DOSES_GY,
-                 ) -> list[Metric]:
+def dose_metrics(
+    dose: np.ndarray,
+    structure_masks: np.ndarray,
+    roi_present: Sequence[bool] | None,
+    voxel_dimensions: Sequence[float],
+    possible_dose_mask: np.ndarray,
+    *,
+    v_doses_gy: Sequence[float] = DEFAULT_V_DOSES_GY,
+) -> list[Metric]:
   """The clinical metrics of one dose distribution (module docstring).
 
   Args:
@@ -241,8 +280,10 @@ def dose_metrics(dose: np.ndarray, structure_masks: np.ndarray,
   """
   dose = np.asarray(dose)
   if dose.shape != structure_masks.shape[:-1]:
-    raise ValueError(f"dose has shape {dose.shape}, expected "
-                     f"{structure_masks.shape[:-1]}")
+    raise ValueError(
+        f"dose has shape {dose.shape}, expected "
+        f"{structure_masks.shape[:-1]}"
+    )
   if roi_present is None:
     roi_present = structure_masks.reshape(-1, len(ROI_NAMES)).any(axis=0)
   indices = evaluation.roi_voxel_indices(structure_masks, roi_present)
@@ -254,7 +295,8 @@ def dose_metrics(dose: np.ndarray, structure_masks: np.ndarray,
       continue
     doses = flat[indices[r]].astype(np.float64)
     add = lambda name, unit, value: metrics.append(
-        Metric(roi, name, unit, float(value)))
+        Metric(roi, name, unit, float(value))
+    )
     if roi in OAR_NAMES:
       add("Dmean", UNIT_GY, doses.mean())
       d01, d2cc = dose_at_volume_cc(doses, (0.1, 2.0), voxel_dimensions)
@@ -263,15 +305,22 @@ def dose_metrics(dose: np.ndarray, structure_masks: np.ndarray,
       for d, v in zip(v_doses_gy, volume_percent_at_dose(doses, v_doses_gy)):
         add(v_metric_name(d), UNIT_VOLUME_PERCENT, v)
     else:
-      dx = dict(zip((n for n, _ in TARGET_DX), dose_at_volume_percent(
-          doses, [x for _, x in TARGET_DX])))
+      dx = dict(
+          zip(
+              (n for n, _ in TARGET_DX),
+              dose_at_volume_percent(doses, [x for _, x in TARGET_DX]),
+          )
+      )
       for name, value in dx.items():
         add(name, UNIT_GY, value)
       add("D0.1cc", UNIT_GY, dose_at_volume_cc(doses, 0.1, voxel_dimensions)[0])
       add("HI", UNIT_RATIO, homogeneity_index(dx["D2"], dx["D98"], dx["D50"]))
       rtog, paddick = conformity(
-          dose, target_volume(structure_masks, roi_present, roi), body,
-          openkbp.PRESCRIPTIONS_GY[roi])
+          dose,
+          target_volume(structure_masks, roi_present, roi),
+          body,
+          openkbp.PRESCRIPTIONS_GY[roi],
+      )
       add("CI_RTOG", UNIT_RATIO, rtog)
       add("CI_Paddick", UNIT_RATIO, paddick)
   return metrics
@@ -296,14 +345,19 @@ def _pymedphys_gamma():
   except ImportError as e:
     raise ImportError(
         "the gamma index needs pymedphys: pip install 'randose_jax[clinical]' "
-        f"(or pymedphys) ({e})") from e
+        f"(or pymedphys) ({e})"
+    ) from e
   return pymedphys.gamma
 
 
-def gamma_points(reference: np.ndarray, mask: np.ndarray, *,
-                 cutoff_percent: float = GAMMA_CUTOFF_PERCENT,
-                 subsample: float = 1.0, seed: int = 0,
-                 ) -> tuple[np.ndarray, float]:
+def gamma_points(
+    reference: np.ndarray,
+    mask: np.ndarray,
+    *,
+    cutoff_percent: float = GAMMA_CUTOFF_PERCENT,
+    subsample: float = 1.0,
+    seed: int = 0,
+) -> tuple[np.ndarray, float]:
   """The reference points gamma evaluates, and the global normalisation.
 
   Returns:
@@ -322,8 +376,10 @@ def gamma_points(reference: np.ndarray, mask: np.ndarray, *,
     raise ValueError("the possible-dose mask is empty")
   normalisation = float(reference[mask].max())
   if normalisation <= 0:
-    raise ValueError("the reference dose is 0 everywhere in the mask: no "
-                     "gamma normalisation")
+    raise ValueError(
+        "the reference dose is 0 everywhere in the mask: no "
+        "gamma normalisation"
+    )
   points = mask & (reference >= cutoff_percent / 100 * normalisation)
   if subsample < 1:
     chosen = np.flatnonzero(points)
@@ -335,13 +391,20 @@ def gamma_points(reference: np.ndarray, mask: np.ndarray, *,
   return points, normalisation
 
 
-def gamma_map(reference: np.ndarray, evaluated: np.ndarray,
-              voxel_dimensions: Sequence[float], mask: np.ndarray,
-              dose_percent: float, distance_mm: float, *,
-              cutoff_percent: float = GAMMA_CUTOFF_PERCENT,
-              subsample: float = 1.0, seed: int = 0,
-              max_gamma: float | None = 2.0,
-              stop_at_pass: bool = False) -> np.ndarray:
+def gamma_map(
+    reference: np.ndarray,
+    evaluated: np.ndarray,
+    voxel_dimensions: Sequence[float],
+    mask: np.ndarray,
+    dose_percent: float,
+    distance_mm: float,
+    *,
+    cutoff_percent: float = GAMMA_CUTOFF_PERCENT,
+    subsample: float = 1.0,
+    seed: int = 0,
+    max_gamma: float | None = 2.0,
+    stop_at_pass: bool = False,
+) -> np.ndarray:
   """Global gamma of `evaluated` against `reference` (module docstring).
 
   Args:
@@ -363,46 +426,82 @@ def gamma_map(reference: np.ndarray, evaluated: np.ndarray,
   reference = np.asarray(reference, np.float64)
   evaluated = np.asarray(evaluated, np.float64)
   if evaluated.shape != reference.shape:
-    raise ValueError(f"evaluated dose has shape {evaluated.shape}, expected "
-                     f"{reference.shape}")
+    raise ValueError(
+        f"evaluated dose has shape {evaluated.shape}, expected "
+        f"{reference.shape}"
+    )
   spacing = np.asarray(voxel_dimensions, np.float64)
   if spacing.shape != (reference.ndim,) or not np.all(spacing > 0):
-    raise ValueError(f"voxel_dimensions must be {reference.ndim} positive mm "
-                     f"values, got {voxel_dimensions!r}")
+    raise ValueError(
+        f"voxel_dimensions must be {reference.ndim} positive mm "
+        f"values, got {voxel_dimensions!r}"
+    )
   points, normalisation = gamma_points(
-      reference, mask, cutoff_percent=cutoff_percent, subsample=subsample,
-      seed=seed)
+      reference,
+      mask,
+      cutoff_percent=cutoff_percent,
+      subsample=subsample,
+      seed=seed,
+  )
   if not points.any():
     return np.full(reference.shape, np.nan)
   axes = tuple(np.arange(n) * s for n, s in zip(reference.shape, spacing))
   # pymedphys evaluates the reference points >= its cutoff: NaN (never >=)
   # marks the others. The evaluated dose is interpolated on the whole grid.
   gamma = _pymedphys_gamma()(
-      axes, np.where(points, reference, np.nan), axes, evaluated,
-      dose_percent, distance_mm, lower_percent_dose_cutoff=cutoff_percent,
-      global_normalisation=normalisation, max_gamma=max_gamma,
-      skip_once_passed=stop_at_pass, interp_algo="scipy",
-      ram_available=2**29)
+      axes,
+      np.where(points, reference, np.nan),
+      axes,
+      evaluated,
+      dose_percent,
+      distance_mm,
+      lower_percent_dose_cutoff=cutoff_percent,
+      global_normalisation=normalisation,
+      max_gamma=max_gamma,
+      skip_once_passed=stop_at_pass,
+      interp_algo="scipy",
+      ram_available=2**29,
+  )
   return np.where(points, gamma, np.nan)
 
 
-def gamma_pass_rate(reference: np.ndarray, evaluated: np.ndarray,
-                    voxel_dimensions: Sequence[float], mask: np.ndarray,
-                    dose_percent: float, distance_mm: float, *,
-                    cutoff_percent: float = GAMMA_CUTOFF_PERCENT,
-                    subsample: float = 1.0, seed: int = 0,
-                    ) -> tuple[float, int]:
+def gamma_pass_rate(
+    reference: np.ndarray,
+    evaluated: np.ndarray,
+    voxel_dimensions: Sequence[float],
+    mask: np.ndarray,
+    dose_percent: float,
+    distance_mm: float,
+    *,
+    cutoff_percent: float = GAMMA_CUTOFF_PERCENT,
+    subsample: float = 1.0,
+    seed: int = 0,
+) -> tuple[float, int]:
   """(pass rate in % of the evaluated points, number of evaluated points).
 
   A point passes when gamma < 1; the search stops at pass or at gamma 1,
   which decides every point exactly (args as in `gamma_map`).
   """
-  gamma = gamma_map(reference, evaluated, voxel_dimensions, mask,
-                    dose_percent, distance_mm, cutoff_percent=cutoff_percent,
-                    subsample=subsample, seed=seed, max_gamma=1.0,
-                    stop_at_pass=True)
-  points = gamma_points(reference, mask, cutoff_percent=cutoff_percent,
-                        subsample=subsample, seed=seed)[0]
+  gamma = gamma_map(
+      reference,
+      evaluated,
+      voxel_dimensions,
+      mask,
+      dose_percent,
+      distance_mm,
+      cutoff_percent=cutoff_percent,
+      subsample=subsample,
+      seed=seed,
+      max_gamma=1.0,
+      stop_at_pass=True,
+  )
+  points = gamma_points(
+      reference,
+      mask,
+      cutoff_percent=cutoff_percent,
+      subsample=subsample,
+      seed=seed,
+  )[0]
   n = int(np.count_nonzero(points))
   if n == 0:
     return math.nan, 0
@@ -424,6 +523,7 @@ class ClinicalSettings:
     gamma_subsample: fraction in (0, 1] of the gamma points evaluated.
     gamma_seed: seed of that fraction's draw.
   """
+
   v_doses_gy: tuple[float, ...] = DEFAULT_V_DOSES_GY
   gamma: bool = True
   gamma_criteria: tuple[tuple[float, float], ...] = GAMMA_CRITERIA
@@ -432,16 +532,20 @@ class ClinicalSettings:
 
   def __post_init__(self):
     if any(not math.isfinite(d) or d < 0 for d in self.v_doses_gy):
-      raise ValueError(f"V doses must be finite and >= 0 Gy, got "
-                       f"{self.v_doses_gy!r}")
+      raise ValueError(
+          f"V doses must be finite and >= 0 Gy, got " f"{self.v_doses_gy!r}"
+      )
     if not 0 < self.gamma_subsample <= 1:
-      raise ValueError(f"gamma subsample must be in (0, 1], got "
-                       f"{self.gamma_subsample!r}")
+      raise ValueError(
+          f"gamma subsample must be in (0, 1], got " f"{self.gamma_subsample!r}"
+      )
 
 
-def compare_patient(patient: openkbp.Patient, prediction: np.ndarray,
-                    settings: ClinicalSettings = ClinicalSettings(),
-                    ) -> pd.DataFrame:
+def compare_patient(
+    patient: openkbp.Patient,
+    prediction: np.ndarray,
+    settings: ClinicalSettings = ClinicalSettings(),
+) -> pd.DataFrame:
   """The clinical metrics of a patient's reference dose and a prediction.
 
   Args:
@@ -458,24 +562,44 @@ def compare_patient(patient: openkbp.Patient, prediction: np.ndarray,
     raise ValueError(f"reference patient {patient.patient_id} has no dose")
   prediction = np.asarray(prediction)
   if prediction.shape != patient.dose.shape:
-    raise ValueError(f"prediction of {patient.patient_id} has shape "
-                     f"{prediction.shape}, expected {patient.dose.shape}")
-  args = (patient.structure_masks, patient.roi_present,
-          patient.voxel_dimensions, patient.possible_dose_mask)
-  reference = dose_metrics(patient.dose, *args,
-                           v_doses_gy=settings.v_doses_gy)
+    raise ValueError(
+        f"prediction of {patient.patient_id} has shape "
+        f"{prediction.shape}, expected {patient.dose.shape}"
+    )
+  args = (
+      patient.structure_masks,
+      patient.roi_present,
+      patient.voxel_dimensions,
+      patient.possible_dose_mask,
+  )
+  reference = dose_metrics(patient.dose, *args, v_doses_gy=settings.v_doses_gy)
   predicted = dose_metrics(prediction, *args, v_doses_gy=settings.v_doses_gy)
-  rows = [(patient.patient_id, r.roi, r.metric, r.unit, r.value, p.value)
-          for r, p in zip(reference, predicted)]
+  rows = [
+      (patient.patient_id, r.roi, r.metric, r.unit, r.value, p.value)
+      for r, p in zip(reference, predicted)
+  ]
   if settings.gamma:
     for dose_percent, distance_mm in settings.gamma_criteria:
       rate, _ = gamma_pass_rate(
-          patient.dose, prediction, patient.voxel_dimensions,
-          patient.possible_dose_mask, dose_percent, distance_mm,
-          subsample=settings.gamma_subsample, seed=settings.gamma_seed)
-      rows.append((patient.patient_id, GAMMA_ROI,
-                   gamma_metric_name(dose_percent, distance_mm), UNIT_GAMMA,
-                   100.0, rate))
+          patient.dose,
+          prediction,
+          patient.voxel_dimensions,
+          patient.possible_dose_mask,
+          dose_percent,
+          distance_mm,
+          subsample=settings.gamma_subsample,
+          seed=settings.gamma_seed,
+      )
+      rows.append(
+          (
+              patient.patient_id,
+              GAMMA_ROI,
+              gamma_metric_name(dose_percent, distance_mm),
+              UNIT_GAMMA,
+              100.0,
+              rate,
+          )
+      )
   table = pd.DataFrame(rows, columns=METRIC_COLUMNS[:-1])
   table["difference"] = table["predicted"] - table["reference"]
   return table
@@ -494,9 +618,11 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
   rows = []
   order = {roi: i for i, roi in enumerate(ROI_NAMES + (GAMMA_ROI,))}
   keys = sorted(
-      table[["roi", "metric", "unit"]].drop_duplicates().itertuples(
-          index=False),
-      key=lambda key: order.get(key[0], len(order)))  # stable: metric order
+      table[["roi", "metric", "unit"]]
+      .drop_duplicates()
+      .itertuples(index=False),
+      key=lambda key: order.get(key[0], len(order)),
+  )  # stable: metric order
   for roi, metric, unit in keys:
     part = table[(table["roi"] == roi) & (table["metric"] == metric)]
     part = part[np.isfinite(part["difference"].to_numpy(np.float64))]
@@ -506,30 +632,41 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     sd = lambda x: float(np.std(x, ddof=1)) if x.size > 1 else math.nan
     mean = lambda x: float(np.mean(x)) if x.size else math.nan
     worst = int(np.argmax(absdiff)) if n else None
-    rows.append((roi, metric, unit, n,
-                 mean(part["reference"].to_numpy(np.float64)),
-                 mean(part["predicted"].to_numpy(np.float64)),
-                 mean(diff), sd(diff), mean(absdiff), sd(absdiff),
-                 part["patient"].iloc[worst] if n else "",
-                 float(diff[worst]) if n else math.nan))
+    rows.append(
+        (
+            roi,
+            metric,
+            unit,
+            n,
+            mean(part["reference"].to_numpy(np.float64)),
+            mean(part["predicted"].to_numpy(np.float64)),
+            mean(diff),
+            sd(diff),
+            mean(absdiff),
+            sd(absdiff),
+            part["patient"].iloc[worst] if n else "",
+            float(diff[worst]) if n else math.nan,
+        )
+    )
   return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
 class ClinicalEvaluator:
   """Accumulates `compare_patient` tables one patient at a time.
 
-    clinical = ClinicalEvaluator(ClinicalSettings(gamma=False))
-    for patient, prediction in pairs:
-      clinical.add(patient, prediction)
-    clinical.write(folder)   # clinical_metrics.csv, clinical_summary.csv
+  clinical = ClinicalEvaluator(ClinicalSettings(gamma=False))
+  for patient, prediction in pairs:
+    clinical.add(patient, prediction)
+  clinical.write(folder)   # clinical_metrics.csv, clinical_summary.csv
   """
 
   def __init__(self, settings: ClinicalSettings = ClinicalSettings()):
     self.settings = settings
     self._tables: list[pd.DataFrame] = []
 
-  def add(self, patient: openkbp.Patient, prediction: np.ndarray
-          ) -> pd.DataFrame:
+  def add(
+      self, patient: openkbp.Patient, prediction: np.ndarray
+  ) -> pd.DataFrame:
     table = compare_patient(patient, prediction, self.settings)
     self._tables.append(table)
     return table
@@ -547,8 +684,11 @@ class ClinicalEvaluator:
     atomically (replacing earlier ones); `paths`, if given, are the two
     paths to write instead (e.g. staged ones)."""
     folder = Path(folder)
-    targets = (list(paths) if paths is not None else
-               [folder / METRICS_FILE, folder / SUMMARY_FILE])
+    targets = (
+        list(paths)
+        if paths is not None
+        else [folder / METRICS_FILE, folder / SUMMARY_FILE]
+    )
     for frame, path in zip((self.table(), self.summary()), targets):
       with fileio.atomic_output(path, overwrite=True) as f:
         f.write(frame.to_csv(index=False).encode())

@@ -11,13 +11,20 @@ import ml_collections
 class ConfigError(ValueError):
   """A config field or flag value that cannot work; the message names it."""
 
+
 # Table 2a of the paper: which modules each ablation row switches on.
 ABLATION_ROWS = {
-    1: dict(use_msfe=False, use_csa=False, use_pi=False, use_af=False),  # plain U-Net
+    1: dict(
+        use_msfe=False, use_csa=False, use_pi=False, use_af=False
+    ),  # plain U-Net
     2: dict(use_msfe=True, use_csa=False, use_pi=False, use_af=False),  # + MSFE
-    3: dict(use_msfe=True, use_csa=True, use_pi=False, use_af=False),  # + CSA (MSCSA)
+    3: dict(
+        use_msfe=True, use_csa=True, use_pi=False, use_af=False
+    ),  # + CSA (MSCSA)
     4: dict(use_msfe=True, use_csa=True, use_pi=True, use_af=False),  # + PI
-    5: dict(use_msfe=True, use_csa=True, use_pi=True, use_af=True),  # + AF = RANDose
+    5: dict(
+        use_msfe=True, use_csa=True, use_pi=True, use_af=True
+    ),  # + AF = RANDose
 }
 
 # Table 2b of the paper: which region terms the loss has.
@@ -137,7 +144,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.eval_every_steps = 2_000
   config.checkpoint_every_steps = 1_000
-  config.keep_checkpoints = 3  # latest N, plus the best by validation dose score
+  config.keep_checkpoints = (
+      3  # latest N, plus the best by validation dose score
+  )
   config.eval_tta = False  # 4-flip test-time augmentation at prediction
   config.max_eval_patients = 0  # 0 = all validation patients
   config.progress_bar = True

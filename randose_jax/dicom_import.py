@@ -32,25 +32,54 @@ FLAGS = flags.FLAGS
 
 def define_flags(flag_values: flags.FlagValues = FLAGS):
   """Command-line flags (defined only when run as a program)."""
-  flags.DEFINE_string("input", None, "Folder tree of DICOM files.",
-                      flag_values=flag_values)
-  flags.DEFINE_string("output", None, "Folder for the pt_* patient folders.",
-                      flag_values=flag_values)
-  flags.DEFINE_string("roi_map", None, "JSON (or YAML) map: structure name or "
-                      "re:REGEX -> OpenKBP ROI name, Body, or null.",
-                      flag_values=flag_values)
-  flags.DEFINE_list("ptv_doses", [], "NAME=Gy pairs: the dose level of PTVs "
-                    "whose names carry none.", flag_values=flag_values)
-  flags.DEFINE_list("spacing", ["3.90625", "3.90625", "2.5"], "Voxel size (mm) "
-                    "along axes 0 (anterior-posterior), 1 (right-left), "
-                    "2 (superior-inferior).", flag_values=flag_values)
-  flags.DEFINE_list("grid_shape", [str(n) for n in GRID_SHAPE], "Voxels per "
-                    "axis (the model expects 128,128,128).",
-                    flag_values=flag_values)
-  flags.DEFINE_bool("overwrite", False, "Replace patient folders already in "
-                    "--output.", flag_values=flag_values)
-  flags.DEFINE_bool("progress", None, "Show a progress bar (default: on a "
-                    "terminal).", flag_values=flag_values)
+  flags.DEFINE_string(
+      "input", None, "Folder tree of DICOM files.", flag_values=flag_values
+  )
+  flags.DEFINE_string(
+      "output",
+      None,
+      "Folder for the pt_* patient folders.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+      "roi_map",
+      None,
+      "JSON (or YAML) map: structure name or "
+      "re:REGEX -> OpenKBP ROI name, Body, or null.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_list(
+      "ptv_doses",
+      [],
+      "NAME=Gy pairs: the dose level of PTVs " "whose names carry none.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_list(
+      "spacing",
+      ["3.90625", "3.90625", "2.5"],
+      "Voxel size (mm) "
+      "along axes 0 (anterior-posterior), 1 (right-left), "
+      "2 (superior-inferior).",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_list(
+      "grid_shape",
+      [str(n) for n in GRID_SHAPE],
+      "Voxels per " "axis (the model expects 128,128,128).",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_bool(
+      "overwrite",
+      False,
+      "Replace patient folders already in " "--output.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_bool(
+      "progress",
+      None,
+      "Show a progress bar (default: on a " "terminal).",
+      flag_values=flag_values,
+  )
 
 
 def _numbers(name: str, values, kind, count: int = 3):
@@ -59,8 +88,10 @@ def _numbers(name: str, values, kind, count: int = 3):
   except ValueError:
     out = []
   if len(out) != count or not all(v > 0 for v in out):
-    raise ConfigError(f"--{name}={','.join(values)}: expected {count} positive "
-                      f"{'integers' if kind is int else 'numbers'}")
+    raise ConfigError(
+        f"--{name}={','.join(values)}: expected {count} positive "
+        f"{'integers' if kind is int else 'numbers'}"
+    )
   return out
 
 
@@ -73,12 +104,20 @@ def main(argv):
   spacing = _numbers("spacing", FLAGS.spacing, float)
   shape = _numbers("grid_shape", FLAGS.grid_shape, int)
   from randose_jax.dicom import importer, roi_names  # pylint: disable=g-import-not-at-top
+
   mapper = roi_names.RoiMapper(
       roi_names.load_roi_map(FLAGS.roi_map) if FLAGS.roi_map else None,
-      roi_names.parse_ptv_doses(FLAGS.ptv_doses))
-  rows = importer.import_folder(FLAGS.input, FLAGS.output, mapper, shape=shape,
-                                spacing=spacing, overwrite=FLAGS.overwrite,
-                                progress=FLAGS.progress)
+      roi_names.parse_ptv_doses(FLAGS.ptv_doses),
+  )
+  rows = importer.import_folder(
+      FLAGS.input,
+      FLAGS.output,
+      mapper,
+      shape=shape,
+      spacing=spacing,
+      overwrite=FLAGS.overwrite,
+      progress=FLAGS.progress,
+  )
   print(importer.summary_table(rows))
   print(f"{len(rows)} patient folder(s) written to {FLAGS.output}")
 

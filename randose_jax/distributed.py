@@ -27,8 +27,12 @@ def _multi_process_environment() -> bool:
   return bool(env.get("TPU_WORKER_HOSTNAMES", "").count(","))
 
 
-def maybe_initialize(force: bool = False, coordinator_address: str = "",
-                     num_processes: int = 0, process_id: int = -1) -> None:
+def maybe_initialize(
+    force: bool = False,
+    coordinator_address: str = "",
+    num_processes: int = 0,
+    process_id: int = -1,
+) -> None:
   """Initialises jax.distributed for multi-process runs, else does nothing.
 
   Without arguments JAX detects the cluster (SLURM, Open MPI, TPU pods,
@@ -42,14 +46,20 @@ def maybe_initialize(force: bool = False, coordinator_address: str = "",
   # implementation; it does not affect GPU or TPU runs.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if explicit:
-    jax.distributed.initialize(coordinator_address=coordinator_address or None,
-                               num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address or None,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
   else:
     jax.distributed.initialize()
-  logging.info("jax.distributed: process %d of %d, %d local / %d global "
-               "devices", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+  logging.info(
+      "jax.distributed: process %d of %d, %d local / %d global " "devices",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+  )
 
 
 # ------------------------------------------------- helpers for every process

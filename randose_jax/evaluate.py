@@ -49,40 +49,66 @@ FLAGS = flags.FLAGS
 def define_flags(flag_values: flags.FlagValues = FLAGS):
   """Command-line flags; defined only when run as a program, so library
   modules can be imported together without clashing flag names."""
-  flags.DEFINE_string('reference', None,
-                      'Folder of pt_*/ patient folders, each with dose.csv.',
-                      flag_values=flag_values)
-  flags.DEFINE_string('predictions', None,
-                      'Folder of pt_*.csv predictions (Gy).',
-                      flag_values=flag_values)
-  flags.DEFINE_string('json', None, 'Write the scores here (JSON).',
-                      flag_values=flag_values)
-  flags.DEFINE_string('per_roi', None,
-                      'Write the per-patient, per-ROI DVH metrics here (CSV).',
-                      flag_values=flag_values)
+  flags.DEFINE_string(
+      'reference',
+      None,
+      'Folder of pt_*/ patient folders, each with dose.csv.',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+      'predictions',
+      None,
+      'Folder of pt_*.csv predictions (Gy).',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+      'json', None, 'Write the scores here (JSON).', flag_values=flag_values
+  )
+  flags.DEFINE_string(
+      'per_roi',
+      None,
+      'Write the per-patient, per-ROI DVH metrics here (CSV).',
+      flag_values=flag_values,
+  )
   flags.DEFINE_alias('per-roi', 'per_roi', flag_values=flag_values)
-  flags.DEFINE_string('plots', None, 'Write <id>_slices.png and <id>_dvh.png '
-                      'for each patient into this folder.',
-                      flag_values=flag_values)
-  flags.DEFINE_string('clinical', None,
-                      f'Write {clinical.METRICS_FILE} and '
-                      f'{clinical.SUMMARY_FILE} (clinical metrics and gamma '
-                      'pass rates) into this folder (replaced if present).',
-                      flag_values=flag_values)
-  flags.DEFINE_list('clinical_v_gy',
-                    [f'{d:g}' for d in clinical.DEFAULT_V_DOSES_GY],
-                    'With --clinical: the doses d (Gy) of the OARs\' V_d, the '
-                    'percent of the ROI volume receiving >= d Gy.',
-                    flag_values=flag_values)
-  flags.DEFINE_boolean('gamma', True,
-                       'With --clinical: the gamma pass rates (3%/3mm, '
-                       '2%/2mm; needs pymedphys, the [clinical] extra).',
-                       flag_values=flag_values)
-  flags.DEFINE_float('gamma_subsample', 1.0,
-                     'With --clinical: the fraction in (0, 1] of the gamma '
-                     'points evaluated (a fixed-seed random draw; faster, '
-                     'the pass rate becomes an estimate).',
-                     flag_values=flag_values)
+  flags.DEFINE_string(
+      'plots',
+      None,
+      'Write <id>_slices.png and <id>_dvh.png '
+      'for each patient into this folder.',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+      'clinical',
+      None,
+      f'Write {clinical.METRICS_FILE} and '
+      f'{clinical.SUMMARY_FILE} (clinical metrics and gamma '
+      'pass rates) into this folder (replaced if present).',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_list(
+      'clinical_v_gy',
+      [f'{d:g}' for d in clinical.DEFAULT_V_DOSES_GY],
+      "With --clinical: the doses d (Gy) of the OARs' V_d, the "
+      'percent of the ROI volume receiving >= d Gy.',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_boolean(
+      'gamma',
+      True,
+      'With --clinical: the gamma pass rates (3%/3mm, '
+      '2%/2mm; needs pymedphys, the [clinical] extra).',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_float(
+      'gamma_subsample',
+      1.0,
+      'With --clinical: the fraction in (0, 1] of the gamma '
+      'points evaluated (a fixed-seed random draw; faster, '
+      'the pass rate becomes an estimate).',
+      flag_values=flag_values,
+  )
+
 
 # Called with each reference patient and its prediction (Gy) once scored, e.g.
 # to plot it while it is in memory.
@@ -107,41 +133,58 @@ def match_patients(reference_dir, predictions_dir) -> list[tuple[Path, Path]]:
       without a reference patient (all problems of a kind in one message).
   """
   patient_dirs = openkbp.list_patient_dirs(reference_dir)
-  no_dose = [d / openkbp.DOSE_FILE for d in patient_dirs
-             if not (d / openkbp.DOSE_FILE).is_file()]
+  no_dose = [
+      d / openkbp.DOSE_FILE
+      for d in patient_dirs
+      if not (d / openkbp.DOSE_FILE).is_file()
+  ]
   if no_dose:
     raise openkbp.DataError(
         f'{reference_dir}: {len(no_dose)} reference patient(s) have no dose '
-        f'to score against: missing {_names(no_dose)}')
+        f'to score against: missing {_names(no_dose)}'
+    )
   predictions_dir = Path(predictions_dir)
   if not predictions_dir.is_dir():
     raise openkbp.DataError(f'{predictions_dir}: predictions folder not found')
-  predictions = {p.stem: p for p in predictions_dir.glob('pt_*.csv')
-                 if p.is_file()}
+  predictions = {
+      p.stem: p for p in predictions_dir.glob('pt_*.csv') if p.is_file()
+  }
   if not predictions:
     raise openkbp.DataError(
-        f'{predictions_dir}: no prediction files (pt_*.csv) in it')
-  missing = [predictions_dir / f'{d.name}.csv' for d in patient_dirs
-             if d.name not in predictions]
+        f'{predictions_dir}: no prediction files (pt_*.csv) in it'
+    )
+  missing = [
+      predictions_dir / f'{d.name}.csv'
+      for d in patient_dirs
+      if d.name not in predictions
+  ]
   references = {d.name for d in patient_dirs}
-  unmatched = [p for name, p in sorted(predictions.items())
-               if name not in references]
+  unmatched = [
+      p for name, p in sorted(predictions.items()) if name not in references
+  ]
   problems = []
   if missing:
-    problems.append(f'{len(missing)} reference patient(s) of '
-                    f'{reference_dir} have no prediction: missing '
-                    f'{_names(missing)}')
+    problems.append(
+        f'{len(missing)} reference patient(s) of '
+        f'{reference_dir} have no prediction: missing '
+        f'{_names(missing)}'
+    )
   if unmatched:
-    problems.append(f'{len(unmatched)} prediction(s) have no reference '
-                    f'patient folder in {reference_dir}: {_names(unmatched)}')
+    problems.append(
+        f'{len(unmatched)} prediction(s) have no reference '
+        f'patient folder in {reference_dir}: {_names(unmatched)}'
+    )
   if problems:
     raise openkbp.DataError('; '.join(problems))
   return [(d, predictions[d.name]) for d in patient_dirs]
 
 
-def evaluate_folders(reference_dir, predictions_dir, *,
-                     on_patient: Optional[PatientCallback] = None,
-                     ) -> evaluation.EvaluationResult:
+def evaluate_folders(
+    reference_dir,
+    predictions_dir,
+    *,
+    on_patient: Optional[PatientCallback] = None,
+) -> evaluation.EvaluationResult:
   """Scores every prediction of `predictions_dir` against `reference_dir`.
 
   Only one patient is in memory at a time. `on_patient(patient, prediction)`,
@@ -153,14 +196,16 @@ def evaluate_folders(reference_dir, predictions_dir, *,
     DataError: see `match_patients`, or a bad patient or prediction file.
   """
   evaluator = evaluation.Evaluator()
-  for patient_dir, prediction_path in match_patients(reference_dir,
-                                                     predictions_dir):
+  for patient_dir, prediction_path in match_patients(
+      reference_dir, predictions_dir
+  ):
     if on_patient is None:
       patient = openkbp.load_sparse_patient(patient_dir, with_ct=False)
     else:
       patient = openkbp.load_patient(patient_dir)
-    prediction = openkbp.read_prediction_csv(prediction_path,
-                                             patient.grid_shape)
+    prediction = openkbp.read_prediction_csv(
+        prediction_path, patient.grid_shape
+    )
     try:
       error = evaluator.add(patient, prediction)
     except ValueError as e:
@@ -194,26 +239,34 @@ def clinical_settings_from_flags() -> clinical.ClinicalSettings:
     except ValueError:
       dose = float('nan')
     if not np.isfinite(dose) or dose < 0:
-      raise app.UsageError(f'--clinical_v_gy={",".join(FLAGS.clinical_v_gy)}'
-                           f': {text!r} is not a dose >= 0 Gy')
+      raise app.UsageError(
+          f'--clinical_v_gy={",".join(FLAGS.clinical_v_gy)}'
+          f': {text!r} is not a dose >= 0 Gy'
+      )
     doses.append(dose)
   if not 0 < FLAGS.gamma_subsample <= 1:
-    raise app.UsageError(f'--gamma_subsample={FLAGS.gamma_subsample}: must be '
-                         'in (0, 1]')
+    raise app.UsageError(
+        f'--gamma_subsample={FLAGS.gamma_subsample}: must be ' 'in (0, 1]'
+    )
   if FLAGS.gamma and not clinical.gamma_available():
     raise app.UsageError(
         '--gamma: the gamma index needs pymedphys (pip install '
-        '"randose_jax[clinical]"); pass --gamma=false to skip it')
+        '"randose_jax[clinical]"); pass --gamma=false to skip it'
+    )
   return clinical.ClinicalSettings(
-      v_doses_gy=tuple(doses), gamma=FLAGS.gamma,
-      gamma_subsample=FLAGS.gamma_subsample)
+      v_doses_gy=tuple(doses),
+      gamma=FLAGS.gamma,
+      gamma_subsample=FLAGS.gamma_subsample,
+  )
 
 
 def format_scores(result: evaluation.EvaluationResult) -> str:
-  return (f'dose score: {result.dose_score:.4f} Gy '
-          f'(mean over {result.num_patients} patients)\n'
-          f'DVH score: {result.dvh_score:.4f} Gy '
-          f'(mean over {result.num_dvh_metrics} DVH metrics)')
+  return (
+      f'dose score: {result.dose_score:.4f} Gy '
+      f'(mean over {result.num_patients} patients)\n'
+      f'DVH score: {result.dvh_score:.4f} Gy '
+      f'(mean over {result.num_dvh_metrics} DVH metrics)'
+  )
 
 
 def main(argv):
@@ -238,32 +291,44 @@ def main(argv):
     callbacks = []
     if FLAGS.plots:
       from randose_jax import viz  # pylint: disable=g-import-not-at-top
+
       plots = stage.dir(FLAGS.plots)
-      callbacks.append(lambda patient, dose: viz.write_patient_plots(
-          patient, dose, plots))
+      callbacks.append(
+          lambda patient, dose: viz.write_patient_plots(patient, dose, plots)
+      )
     if clinical_settings is not None:
       clinical_evaluator = clinical.ClinicalEvaluator(clinical_settings)
       callbacks.append(clinical_evaluator.add)
     on_patient = None
     if callbacks:
       on_patient = lambda patient, dose: [c(patient, dose) for c in callbacks]
-    result = evaluate_folders(FLAGS.reference, FLAGS.predictions,
-                              on_patient=on_patient)
+    result = evaluate_folders(
+        FLAGS.reference, FLAGS.predictions, on_patient=on_patient
+    )
     if FLAGS.json:
-      write_json(result, stage.path(FLAGS.json),
-                 reference=str(Path(FLAGS.reference).resolve()),
-                 predictions=str(Path(FLAGS.predictions).resolve()))
+      write_json(
+          result,
+          stage.path(FLAGS.json),
+          reference=str(Path(FLAGS.reference).resolve()),
+          predictions=str(Path(FLAGS.predictions).resolve()),
+      )
     if FLAGS.per_roi:
       write_per_roi(result, stage.path(FLAGS.per_roi))
     if clinical_settings is not None:
       folder = Path(FLAGS.clinical)
-      clinical_evaluator.write(folder, paths=[
-          stage.path(folder / name)
-          for name in (clinical.METRICS_FILE, clinical.SUMMARY_FILE)])
+      clinical_evaluator.write(
+          folder,
+          paths=[
+              stage.path(folder / name)
+              for name in (clinical.METRICS_FILE, clinical.SUMMARY_FILE)
+          ],
+      )
   print(format_scores(result))
   if clinical_settings is not None:
-    print(f'clinical metrics: {Path(FLAGS.clinical) / clinical.METRICS_FILE}, '
-          f'{Path(FLAGS.clinical) / clinical.SUMMARY_FILE}')
+    print(
+        f'clinical metrics: {Path(FLAGS.clinical) / clinical.METRICS_FILE}, '
+        f'{Path(FLAGS.clinical) / clinical.SUMMARY_FILE}'
+    )
 
 
 if __name__ == '__main__':

@@ -67,9 +67,10 @@ def voxels_per_tenth_cc(voxel_dimensions: Sequence[float]) -> int:
   return max(1, round(100 / voxel_volume))
 
 
-def roi_voxel_indices(structure_masks: np.ndarray,
-                      roi_present: Sequence[bool] | None = None,
-                      ) -> tuple[np.ndarray, ...]:
+def roi_voxel_indices(
+    structure_masks: np.ndarray,
+    roi_present: Sequence[bool] | None = None,
+) -> tuple[np.ndarray, ...]:
   """Flat C-order voxel indices of each ROI, ascending.
 
   Args:
@@ -88,14 +89,16 @@ def roi_voxel_indices(structure_masks: np.ndarray,
   else:
     present = np.asarray(roi_present, bool)
     if present.shape != (num_rois,):
-      raise ValueError(f'roi_present has shape {present.shape}, '
-                       f'expected ({num_rois},)')
+      raise ValueError(
+          f'roi_present has shape {present.shape}, ' f'expected ({num_rois},)'
+      )
   # One pass over all (voxel, ROI) bytes, then a split by ROI of the few
   # True ones: much cheaper than one strided pass per ROI.
   voxel, roi = np.divmod(_true_indices(masks.reshape(-1)), num_rois)
   empty = np.zeros(0, np.int64)
-  return tuple(voxel[roi == r] if present[r] else empty
-               for r in range(num_rois))
+  return tuple(
+      voxel[roi == r] if present[r] else empty for r in range(num_rois)
+  )
 
 
 def _true_indices(flat: np.ndarray) -> np.ndarray:
@@ -110,9 +113,11 @@ def _true_indices(flat: np.ndarray) -> np.ndarray:
   words = flat[:head].view(np.uint64).reshape(-1, _BLOCK // 8)
   blocks = np.flatnonzero(words.max(axis=1, initial=0))
   block, offset = np.divmod(
-      np.flatnonzero(flat[:head].reshape(-1, _BLOCK)[blocks]), _BLOCK)
-  return np.concatenate([blocks[block] * _BLOCK + offset,
-                         head + np.flatnonzero(flat[head:])])
+      np.flatnonzero(flat[:head].reshape(-1, _BLOCK)[blocks]), _BLOCK
+  )
+  return np.concatenate(
+      [blocks[block] * _BLOCK + offset, head + np.flatnonzero(flat[head:])]
+  )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -125,6 +130,7 @@ class _MetricPlan:
   a linear interpolation between neighbouring ranks, which is numpy's
   'linear' percentile.
   """
+
   indices: np.ndarray  # (V,) int64 flat voxel indices, ROI after ROI
   segments: tuple[tuple[int, int, np.ndarray], ...]  # (start, stop, ranks)
   segment_starts: np.ndarray  # (S,) start of each present ROI's segment
@@ -137,8 +143,9 @@ class _MetricPlan:
   percentile_cells: np.ndarray  # (K,) flat cells of the (10, 5) array
 
   @classmethod
-  def build(cls, roi_indices: Sequence[np.ndarray],
-            tenth_cc_voxels: int) -> '_MetricPlan':
+  def build(
+      cls, roi_indices: Sequence[np.ndarray], tenth_cc_voxels: int
+  ) -> '_MetricPlan':
     num_metrics = len(METRIC_NAMES)
     segments, starts = [], []
     mean_segments, mean_counts, mean_cells = [], [], []
@@ -167,8 +174,9 @@ class _MetricPlan:
       weight.append(position - low)
       cells.append(r * num_metrics + np.array(columns))
       offset += n
-    concat = lambda parts, dtype: (np.concatenate(parts) if parts
-                                   else np.zeros(0, dtype))
+    concat = lambda parts, dtype: (
+        np.concatenate(parts) if parts else np.zeros(0, dtype)
+    )
     return cls(
         indices=concat([i for i in roi_indices if i.size], np.int64),
         segments=tuple(segments),
@@ -179,14 +187,16 @@ class _MetricPlan:
         below=concat(below, np.int64),
         above=concat(above, np.int64),
         weight=concat(weight, np.float64),
-        percentile_cells=concat(cells, np.int64))
+        percentile_cells=concat(cells, np.int64),
+    )
 
   def metrics(self, dose_flat: np.ndarray) -> np.ndarray:
     """(10, 5) float64 Gy metrics of a flat dose (NaN where none exists)."""
     if not self.segments:
       return np.full(_METRICS_SHAPE, np.nan)
     return self.metrics_of_values(
-        dose_flat[self.indices].astype(np.float64, copy=False))
+        dose_flat[self.indices].astype(np.float64, copy=False)
+    )
 
   def metrics_of_values(self, values: np.ndarray) -> np.ndarray:
     """`metrics` from the doses at `indices` (float64 (V,), a copy this
@@ -205,9 +215,12 @@ class _MetricPlan:
     return metrics
 
 
-def dvh_metrics(dose_gy: np.ndarray, structure_masks: np.ndarray,
-                roi_present: Sequence[bool] | None,
-                voxel_dimensions: Sequence[float]) -> np.ndarray:
+def dvh_metrics(
+    dose_gy: np.ndarray,
+    structure_masks: np.ndarray,
+    roi_present: Sequence[bool] | None,
+    voxel_dimensions: Sequence[float],
+) -> np.ndarray:
   """DVH metrics of one dose distribution.
 
   Args:
@@ -221,8 +234,10 @@ def dvh_metrics(dose_gy: np.ndarray, structure_masks: np.ndarray,
     ROI is absent or empty, or the metric does not apply to it.
   """
   _check_grid(dose_gy, structure_masks.shape[:-1], 'dose_gy')
-  plan = _MetricPlan.build(roi_voxel_indices(structure_masks, roi_present),
-                           voxels_per_tenth_cc(voxel_dimensions))
+  plan = _MetricPlan.build(
+      roi_voxel_indices(structure_masks, roi_present),
+      voxels_per_tenth_cc(voxel_dimensions),
+  )
   return plan.metrics(np.ascontiguousarray(dose_gy).reshape(-1))
 
 
@@ -233,8 +248,8 @@ def _abs_difference_sum(a: np.ndarray, b: np.ndarray) -> float:
   buffer = np.empty(min(_CHUNK, a.size), np.float64)
   total = 0.0
   for start in range(0, a.size, _CHUNK):
-    chunk = buffer[:min(_CHUNK, a.size - start)]
-    np.subtract(a[start:start + _CHUNK], b[start:start + _CHUNK], out=chunk)
+    chunk = buffer[: min(_CHUNK, a.size - start)]
+    np.subtract(a[start : start + _CHUNK], b[start : start + _CHUNK], out=chunk)
     np.abs(chunk, out=chunk)
     total += float(chunk.sum())
   return total
@@ -248,15 +263,18 @@ def _abs_sum_off(values: np.ndarray, skip: np.ndarray) -> float:
   bounds = np.searchsorted(skip, np.arange(0, n + _CHUNK, _CHUNK))
   total = 0.0
   for chunk_index, start in enumerate(range(0, n, _CHUNK)):
-    chunk = buffer[:min(_CHUNK, n - start)]
-    np.abs(values[start:start + _CHUNK], out=chunk)
-    chunk[skip[bounds[chunk_index]:bounds[chunk_index + 1]] - start] = 0.0
+    chunk = buffer[: min(_CHUNK, n - start)]
+    np.abs(values[start : start + _CHUNK], out=chunk)
+    chunk[skip[bounds[chunk_index] : bounds[chunk_index + 1]] - start] = 0.0
     total += float(chunk.sum())
   return total
 
 
-def dose_error(reference: np.ndarray, prediction: np.ndarray,
-               possible_dose_mask: np.ndarray) -> float:
+def dose_error(
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    possible_dose_mask: np.ndarray,
+) -> float:
   """One patient's dose error, Gy per possible-dose voxel.
 
   Args:
@@ -266,13 +284,15 @@ def dose_error(reference: np.ndarray, prediction: np.ndarray,
   """
   _check_grid(prediction, reference.shape, 'prediction')
   _check_grid(possible_dose_mask, reference.shape, 'possible_dose_mask')
-  return (_abs_difference_sum(reference, prediction) /
-          np.count_nonzero(possible_dose_mask))
+  return _abs_difference_sum(reference, prediction) / np.count_nonzero(
+      possible_dose_mask
+  )
 
 
 def _count_nonzero_bits(values: np.ndarray) -> int:
   """Elements whose bits are not all zero (-0.0 counts: it only costs a slower
-  path). Counting float bits as unsigned integers is faster than comparing floats."""
+  path). Counting float bits as unsigned integers is faster than comparing floats.
+  """
   if values.dtype.kind == 'f':
     values = values.view(f'u{values.itemsize}')
   return int(np.count_nonzero(values))
@@ -288,17 +308,24 @@ def _bits_nonzero(values: np.ndarray) -> np.ndarray:
 def _check_nonnegative(values: np.ndarray, what: str) -> None:
   """A dose is never negative: raises ValueError naming `what` if one is."""
   if values.size and values.min() < 0:
-    raise ValueError(f'{what} holds a negative dose at '
-                     f'{np.count_nonzero(values < 0)} voxel(s) (min '
-                     f'{float(values.min())!r} Gy); a dose is never negative')
+    raise ValueError(
+        f'{what} holds a negative dose at '
+        f'{np.count_nonzero(values < 0)} voxel(s) (min '
+        f'{float(values.min())!r} Gy); a dose is never negative'
+    )
 
 
-def _check_grid(array: np.ndarray, shape: tuple[int, ...], name: str,
-                patient_id: str | None = None) -> None:
+def _check_grid(
+    array: np.ndarray,
+    shape: tuple[int, ...],
+    name: str,
+    patient_id: str | None = None,
+) -> None:
   if array.shape != tuple(shape):
     whose = f' of {patient_id}' if patient_id else ''
-    raise ValueError(f'{name}{whose} has shape {array.shape}, '
-                     f'expected {tuple(shape)}')
+    raise ValueError(
+        f'{name}{whose} has shape {array.shape}, ' f'expected {tuple(shape)}'
+    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -318,6 +345,7 @@ class Reference:
     dose: (D, H, W) Gy, the reference dose (made on first use when built
       from sparse data; scoring never needs it).
   """
+
   patient_id: str
   grid_shape: tuple[int, int, int]
   num_mask_voxels: int
@@ -335,16 +363,26 @@ class Reference:
     return dose.reshape(self.grid_shape)
 
   @classmethod
-  def from_arrays(cls, patient_id: str, dose: np.ndarray,
-                  possible_dose_mask: np.ndarray, structure_masks: np.ndarray,
-                  roi_present: Sequence[bool] | None,
-                  voxel_dimensions: Sequence[float]) -> 'Reference':
+  def from_arrays(
+      cls,
+      patient_id: str,
+      dose: np.ndarray,
+      possible_dose_mask: np.ndarray,
+      structure_masks: np.ndarray,
+      roi_present: Sequence[bool] | None,
+      voxel_dimensions: Sequence[float],
+  ) -> 'Reference':
     """Args as in `dvh_metrics`; dose (D, H, W) Gy, mask bool (D, H, W)."""
     dose = np.ascontiguousarray(dose)
-    _check_grid(possible_dose_mask, dose.shape, 'possible_dose_mask',
-                patient_id)
-    _check_grid(structure_masks, dose.shape + (len(openkbp.ROI_NAMES),),
-                'structure_masks', patient_id)
+    _check_grid(
+        possible_dose_mask, dose.shape, 'possible_dose_mask', patient_id
+    )
+    _check_grid(
+        structure_masks,
+        dose.shape + (len(openkbp.ROI_NAMES),),
+        'structure_masks',
+        patient_id,
+    )
     mask = np.ascontiguousarray(possible_dose_mask, dtype=bool).reshape(-1)
     support = np.flatnonzero(mask)  # dense enough for the plain search
     if support.size == 0:
@@ -357,10 +395,19 @@ class Reference:
       # Reference dose outside the mask (never so in OpenKBP): widen.
       support = np.flatnonzero(mask | (dose_flat != 0))
       support_dose = dose_flat[support]
-    plan = _MetricPlan.build(roi_voxel_indices(structure_masks, roi_present),
-                             voxels_per_tenth_cc(voxel_dimensions))
-    reference = cls(patient_id, tuple(dose.shape), num_mask_voxels,
-                    plan.metrics(dose_flat), plan, support, support_dose)
+    plan = _MetricPlan.build(
+        roi_voxel_indices(structure_masks, roi_present),
+        voxels_per_tenth_cc(voxel_dimensions),
+    )
+    reference = cls(
+        patient_id,
+        tuple(dose.shape),
+        num_mask_voxels,
+        plan.metrics(dose_flat),
+        plan,
+        support,
+        support_dose,
+    )
     reference.__dict__['dose'] = dose  # the cached_property's slot
     return reference
 
@@ -371,8 +418,10 @@ class Reference:
     dose must be loaded). Equal to `from_patient(patient.to_patient())`
     without making or scanning a dense volume."""
     if patient.dose_index is None:
-      raise ValueError(f'reference patient {patient.patient_id} has no dose '
-                       '(no dose.csv in its folder)')
+      raise ValueError(
+          f'reference patient {patient.patient_id} has no dose '
+          '(no dose.csv in its folder)'
+      )
     mask_index = np.asarray(patient.mask_index, np.int64)
     if mask_index.size == 0:
       raise ValueError(f'{patient.patient_id}: the possible-dose mask is empty')
@@ -385,28 +434,45 @@ class Reference:
       nonzero = _bits_nonzero(dose_value)
       support = np.union1d(mask_index, dose_index[nonzero])
       support_dose = np.zeros(support.size, dose_value.dtype)
-      support_dose[np.searchsorted(support, dose_index[nonzero])] = (
-          dose_value[nonzero])
-    plan = _MetricPlan.build(patient.roi_index,
-                             voxels_per_tenth_cc(patient.voxel_dimensions))
+      support_dose[np.searchsorted(support, dose_index[nonzero])] = dose_value[
+          nonzero
+      ]
+    plan = _MetricPlan.build(
+        patient.roi_index, voxels_per_tenth_cc(patient.voxel_dimensions)
+    )
     # The reference dose at the ROI voxels: found in the sorted support.
-    position = np.minimum(np.searchsorted(support, plan.indices),
-                          support.size - 1)
-    values = np.where(support[position] == plan.indices,
-                      support_dose[position], 0.0).astype(np.float64)
-    return cls(patient.patient_id, tuple(int(n) for n in patient.grid_shape),
-               int(mask_index.size), plan.metrics_of_values(values), plan,
-               support, support_dose)
+    position = np.minimum(
+        np.searchsorted(support, plan.indices), support.size - 1
+    )
+    values = np.where(
+        support[position] == plan.indices, support_dose[position], 0.0
+    ).astype(np.float64)
+    return cls(
+        patient.patient_id,
+        tuple(int(n) for n in patient.grid_shape),
+        int(mask_index.size),
+        plan.metrics_of_values(values),
+        plan,
+        support,
+        support_dose,
+    )
 
   @classmethod
   def from_patient(cls, patient: Any) -> 'Reference':
     """From a `randose_jax.data.openkbp.Patient` (its dose must be loaded)."""
     if patient.dose is None:
-      raise ValueError(f'reference patient {patient.patient_id} has no dose '
-                       '(no dose.csv in its folder)')
-    return cls.from_arrays(patient.patient_id, patient.dose,
-                           patient.possible_dose_mask, patient.structure_masks,
-                           patient.roi_present, patient.voxel_dimensions)
+      raise ValueError(
+          f'reference patient {patient.patient_id} has no dose '
+          '(no dose.csv in its folder)'
+      )
+    return cls.from_arrays(
+        patient.patient_id,
+        patient.dose,
+        patient.possible_dose_mask,
+        patient.structure_masks,
+        patient.roi_present,
+        patient.voxel_dimensions,
+    )
 
   def score(self, prediction: np.ndarray) -> tuple[float, np.ndarray]:
     """Scores one prediction of this patient.
@@ -450,6 +516,7 @@ class EvaluationResult:
     reference_metrics: float64 (P, 10, 5) Gy, NaN where a metric does not exist.
     predicted_metrics: float64 (P, 10, 5) Gy, NaN at the same places.
   """
+
   dose_score: float
   dvh_score: float
   patient_ids: tuple[str, ...]
@@ -473,14 +540,16 @@ class EvaluationResult:
     p, r, m = np.nonzero(~np.isnan(self.reference_metrics))
     reference = self.reference_metrics[p, r, m]
     prediction = self.predicted_metrics[p, r, m]
-    return pd.DataFrame({
-        'patient_id': np.asarray(self.patient_ids, dtype=object)[p],
-        'roi': np.asarray(openkbp.ROI_NAMES, dtype=object)[r],
-        'metric': np.asarray(METRIC_NAMES, dtype=object)[m],
-        'reference': reference,
-        'prediction': prediction,
-        'abs_error': np.abs(reference - prediction),
-    })
+    return pd.DataFrame(
+        {
+            'patient_id': np.asarray(self.patient_ids, dtype=object)[p],
+            'roi': np.asarray(openkbp.ROI_NAMES, dtype=object)[r],
+            'metric': np.asarray(METRIC_NAMES, dtype=object)[m],
+            'reference': reference,
+            'prediction': prediction,
+            'abs_error': np.abs(reference - prediction),
+        }
+    )
 
   def summary(self) -> dict[str, Any]:
     """JSON-ready: the two scores (dose first), the counts, per-patient errors."""
@@ -489,8 +558,9 @@ class EvaluationResult:
         'dvh_score': self.dvh_score,
         'num_patients': self.num_patients,
         'num_dvh_metrics': self.num_dvh_metrics,
-        'dose_errors': dict(zip(self.patient_ids,
-                                map(float, self.dose_errors))),
+        'dose_errors': dict(
+            zip(self.patient_ids, map(float, self.dose_errors))
+        ),
     }
 
 
@@ -546,8 +616,11 @@ class Evaluator:
     metrics (M,))."""
     reference = np.stack(self._reference_metrics)
     predicted = np.stack(self._predicted_metrics)
-    return (reference, predicted,
-            np.abs(reference - predicted)[~np.isnan(reference)])
+    return (
+        reference,
+        predicted,
+        np.abs(reference - predicted)[~np.isnan(reference)],
+    )
 
   def result(self) -> EvaluationResult:
     if not self._patient_ids:
@@ -559,7 +632,8 @@ class Evaluator:
         patient_ids=tuple(self._patient_ids),
         dose_errors=np.array(self._dose_errors),
         reference_metrics=reference,
-        predicted_metrics=predicted)
+        predicted_metrics=predicted,
+    )
 
   def partial_sums(self) -> np.ndarray:
     """float64 (4,): sum of dose errors, patients, sum of |DVH metric
@@ -569,8 +643,15 @@ class Evaluator:
     if not self._patient_ids:
       return np.zeros(4)
     abs_errors = self._stacked()[2]
-    return np.array([np.sum(self._dose_errors), len(self._patient_ids),
-                     abs_errors.sum(), abs_errors.size], np.float64)
+    return np.array(
+        [
+            np.sum(self._dose_errors),
+            len(self._patient_ids),
+            abs_errors.sum(),
+            abs_errors.size,
+        ],
+        np.float64,
+    )
 
 
 def scores_from_sums(sums: Sequence[float]) -> dict[str, float]:

@@ -43,12 +43,21 @@ DEFAULT_PLATFORMS = ("cpu", "cuda")
 
 
 def _input_specs(grid, batch):
-  return {k: jax.ShapeDtypeStruct((batch, *grid, c), jnp.float32)
-          for k, c in INPUT_CHANNELS.items()}
+  return {
+      k: jax.ShapeDtypeStruct((batch, *grid, c), jnp.float32)
+      for k, c in INPUT_CHANNELS.items()
+  }
 
 
-def export_model(model, model_params, grid, *, tta=False, swap_parotids=True,
-                 platforms=DEFAULT_PLATFORMS):
+def export_model(
+    model,
+    model_params,
+    grid,
+    *,
+    tta=False,
+    swap_parotids=True,
+    platforms=DEFAULT_PLATFORMS,
+):
   """`jax.export.Exported` of params, inputs -> (N, *grid, 1) float32.
 
   Traced once for every platform: the convs are computed the way
@@ -58,27 +67,32 @@ def export_model(model, model_params, grid, *, tta=False, swap_parotids=True,
 
   def forward(params, inputs):
     apply_fn = inference.make_apply_fn(model, params)
-    return inference.predict(apply_fn, inputs, tta=tta,
-                             swap_parotids=swap_parotids)
+    return inference.predict(
+        apply_fn, inputs, tta=tta, swap_parotids=swap_parotids
+    )
 
   (batch,) = jax.export.symbolic_shape("b")
   param_specs = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype),
-      model_params)
+      model_params,
+  )
   return jax.export.export(jax.jit(forward), platforms=tuple(platforms))(
-      param_specs, _input_specs(grid, batch))
+      param_specs, _input_specs(grid, batch)
+  )
 
 
-def save_artifact(path, exported, model_params, meta: dict, *,
-                  overwrite: bool = False) -> pathlib.Path:
+def save_artifact(
+    path, exported, model_params, meta: dict, *, overwrite: bool = False
+) -> pathlib.Path:
   """Writes the artifact zip atomically (`fileio.atomic_output`)."""
   path = pathlib.Path(path)
   params_np = jax.tree.map(np.asarray, jax.device_get(model_params))
   with fileio.atomic_output(path, overwrite=overwrite) as f:
     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
       zf.writestr("model.jaxexport", bytes(exported.serialize()))
-      zf.writestr("params.msgpack", flax.serialization.msgpack_serialize(
-          params_np))
+      zf.writestr(
+          "params.msgpack", flax.serialization.msgpack_serialize(params_np)
+      )
       zf.writestr("meta.json", json.dumps(meta, indent=2))
   return path
 
@@ -103,8 +117,10 @@ class ExportedModel:
         raise ValueError(f"exported model: missing input {k!r}")
       x = jnp.asarray(inputs[k], jnp.float32)
       if x.ndim != 5 or x.shape[1:] != (*self.grid, c):
-        raise ValueError(f"exported model: input {k!r} has shape {x.shape}, "
-                         f"expected (N, {', '.join(map(str, self.grid))}, {c})")
+        raise ValueError(
+            f"exported model: input {k!r} has shape {x.shape}, "
+            f"expected (N, {', '.join(map(str, self.grid))}, {c})"
+        )
       args[k] = x
     return np.asarray(self.exported.call(self.params, args))
 
@@ -117,22 +133,32 @@ def load(path) -> ExportedModel:
       names = set(zf.namelist())
       missing = {"model.jaxexport", "params.msgpack", "meta.json"} - names
       if missing:
-        raise ValueError(f"{path}: not a randose_jax export (missing "
-                         f"{sorted(missing)})")
+        raise ValueError(
+            f"{path}: not a randose_jax export (missing " f"{sorted(missing)})"
+        )
       meta = json.loads(zf.read("meta.json"))
       exported = jax.export.deserialize(bytearray(zf.read("model.jaxexport")))
       params = flax.serialization.msgpack_restore(zf.read("params.msgpack"))
   except zipfile.BadZipFile as e:
     raise ValueError(f"{path}: not a zip file ({e})") from e
   if meta.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{path}: format version {meta.get('format_version')}, "
-                     f"this library reads {FORMAT_VERSION}")
+    raise ValueError(
+        f"{path}: format version {meta.get('format_version')}, "
+        f"this library reads {FORMAT_VERSION}"
+    )
   return ExportedModel(exported, params, meta)
 
 
-def export_workdir(workdir, output, checkpoint="best", tta=False,
-                   platforms=DEFAULT_PLATFORMS, conv_impl=None, *,
-                   overwrite: bool = False) -> pathlib.Path:
+def export_workdir(
+    workdir,
+    output,
+    checkpoint="best",
+    tta=False,
+    platforms=DEFAULT_PLATFORMS,
+    conv_impl=None,
+    *,
+    overwrite: bool = False,
+) -> pathlib.Path:
   """Exports a workdir's checkpoint; `conv_impl` overrides the run's
   `model.conv_impl` (e.g. 'direct' for an artifact meant for a GPU, where
   cuDNN's direct convolutions are the fast path, or for less memory).
@@ -141,14 +167,20 @@ def export_workdir(workdir, output, checkpoint="best", tta=False,
   `overwrite`, an OSError naming it if it cannot be written), before the
   seconds of restoring and tracing."""
   fileio.check_output_file(output, overwrite=overwrite)
-  restored = restore.restore_from_workdir(workdir, checkpoint,
-                                          conv_impl=conv_impl)
+  restored = restore.restore_from_workdir(
+      workdir, checkpoint, conv_impl=conv_impl
+  )
   config = restored.config
   grid = _training_grid(config)
   model_params = restored.model_params  # the EMA when the run kept one
-  exported = export_model(restored.predictor.model, model_params, grid, tta=tta,
-                          swap_parotids=config.data.swap_parotids,
-                          platforms=platforms)
+  exported = export_model(
+      restored.predictor.model,
+      model_params,
+      grid,
+      tta=tta,
+      swap_parotids=config.data.swap_parotids,
+      platforms=platforms,
+  )
   meta = {
       "format_version": FORMAT_VERSION,
       "grid": list(grid),
@@ -165,8 +197,9 @@ def export_workdir(workdir, output, checkpoint="best", tta=False,
       "jax_version": jax.__version__,
       "config": json.loads(config.to_json_best_effort()),
   }
-  return save_artifact(output, exported, model_params, meta,
-                       overwrite=overwrite)
+  return save_artifact(
+      output, exported, model_params, meta, overwrite=overwrite
+  )
 
 
 def _training_grid(config):
@@ -181,24 +214,49 @@ FLAGS = flags.FLAGS
 
 def define_flags(flag_values: flags.FlagValues = FLAGS):
   """Command-line flags (defined only when run as a program)."""
-  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.",
-                      flag_values=flag_values)
-  flags.DEFINE_string("output", None, "Artifact path (.zip).",
-                      flag_values=flag_values)
-  flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.",
-                      flag_values=flag_values)
-  flags.DEFINE_bool("tta", False, "Bake 4-flip test-time augmentation in.",
-                    flag_values=flag_values)
-  flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
-                    "Platforms to lower for (cpu, cuda, rocm, tpu).",
-                    flag_values=flag_values)
-  flags.DEFINE_enum("conv_impl", None, ["auto", "direct", "fft"],
-                    "Override the run's model.conv_impl for the export "
-                    "(the convolutions are traced once, on this backend): "
-                    "'direct' for an artifact to run on GPUs, or for less "
-                    "memory.", flag_values=flag_values)
-  flags.DEFINE_bool("overwrite", False, "Replace an artifact already at "
-                    "--output.", flag_values=flag_values)
+  flags.DEFINE_string(
+      "workdir",
+      None,
+      "Training workdir holding checkpoints/.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+      "output", None, "Artifact path (.zip).", flag_values=flag_values
+  )
+  flags.DEFINE_string(
+      "checkpoint",
+      "best",
+      "best, latest or a step number.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_bool(
+      "tta",
+      False,
+      "Bake 4-flip test-time augmentation in.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_list(
+      "platforms",
+      list(DEFAULT_PLATFORMS),
+      "Platforms to lower for (cpu, cuda, rocm, tpu).",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_enum(
+      "conv_impl",
+      None,
+      ["auto", "direct", "fft"],
+      "Override the run's model.conv_impl for the export "
+      "(the convolutions are traced once, on this backend): "
+      "'direct' for an artifact to run on GPUs, or for less "
+      "memory.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_bool(
+      "overwrite",
+      False,
+      "Replace an artifact already at " "--output.",
+      flag_values=flag_values,
+  )
 
 
 def main(argv):
@@ -207,12 +265,20 @@ def main(argv):
   logs.quiet_library_logs()
   if not FLAGS.workdir or not FLAGS.output:
     raise app.UsageError("--workdir and --output are required")
-  path = export_workdir(FLAGS.workdir, FLAGS.output, FLAGS.checkpoint,
-                        FLAGS.tta, tuple(FLAGS.platforms), FLAGS.conv_impl,
-                        overwrite=FLAGS.overwrite)
+  path = export_workdir(
+      FLAGS.workdir,
+      FLAGS.output,
+      FLAGS.checkpoint,
+      FLAGS.tta,
+      tuple(FLAGS.platforms),
+      FLAGS.conv_impl,
+      overwrite=FLAGS.overwrite,
+  )
   size = path.stat().st_size / 2**20
-  print(f"Exported {FLAGS.workdir} ({FLAGS.checkpoint}) to {path} "
-        f"({size:.1f} MiB)")
+  print(
+      f"Exported {FLAGS.workdir} ({FLAGS.checkpoint}) to {path} "
+      f"({size:.1f} MiB)"
+  )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ def _oserror(code: int, message: str, path) -> OSError:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, overwrite: bool = False,
-                suffix: str = "") -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, *, overwrite: bool = False, suffix: str = ""
+) -> Iterator[Path]:
   """Yields a temporary path beside `path` (ending in `suffix`, for writers
   that go by the extension); renames what the block wrote there (a file or
   a folder) onto `path` when it succeeds.
@@ -59,7 +60,8 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False,
     raise FileExistsError(exists)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(
-      f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
+      f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}"
+  )
   try:
     yield tmp
     if overwrite or tmp.is_dir():
@@ -77,8 +79,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False,
   except OSError as e:
     if e.errno is None or e.filename not in (None, str(tmp)):
       raise
-    raise OSError(e.errno, e.strerror or os.strerror(e.errno),
-                  str(path)) from e
+    raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
   finally:
     if tmp.is_dir() and not tmp.is_symlink():
       shutil.rmtree(tmp, ignore_errors=True)
@@ -87,8 +88,9 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False,
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, *, overwrite: bool = False
-                  ) -> Iterator[BinaryIO]:
+def atomic_output(
+    path: str | os.PathLike, *, overwrite: bool = False
+) -> Iterator[BinaryIO]:
   """`atomic_path` opened for writing bytes, flushed to disk before the
   rename."""
   with atomic_path(path, overwrite=overwrite) as tmp:
@@ -112,19 +114,29 @@ def _check_creatable_under(path: Path, anchor: Path) -> None:
   and removed at once, which also catches read-only and special file
   systems, and root's permissions, that `os.access` would miss)."""
   if not anchor.is_dir():
-    raise _oserror(errno.ENOTDIR, f"cannot create it: {anchor} is a file, "
-                   "not a folder", path)
+    raise _oserror(
+        errno.ENOTDIR,
+        f"cannot create it: {anchor} is a file, " "not a folder",
+        path,
+    )
   try:
     fd, probe = tempfile.mkstemp(prefix=".randose-probe-", dir=anchor)
   except OSError as e:
-    raise _oserror(e.errno or errno.EACCES, f"cannot write in {anchor} "
-                   f"({e.strerror or e})", path) from e
+    raise _oserror(
+        e.errno or errno.EACCES,
+        f"cannot write in {anchor} " f"({e.strerror or e})",
+        path,
+    ) from e
   os.close(fd)
   os.unlink(probe)
 
 
-def check_output_file(path, *, overwrite: bool = False,
-                      hint: str = "pass --overwrite to replace it") -> Path:
+def check_output_file(
+    path,
+    *,
+    overwrite: bool = False,
+    hint: str = "pass --overwrite to replace it",
+) -> Path:
   """Raises an OSError naming `path` unless a file can be written there.
 
   An existing file is refused (FileExistsError) unless `overwrite`; an
@@ -171,8 +183,9 @@ class StagedOutput:
   def _stage_near(self, final: Path) -> Path:
     anchor = nearest_existing(final)
     if anchor not in self._stages:
-      self._stages[anchor] = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX,
-                                                   dir=anchor))
+      self._stages[anchor] = Path(
+          tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=anchor)
+      )
     return self._stages[anchor]
 
   def path(self, final) -> Path:
@@ -226,12 +239,16 @@ class StagedOutput:
       self.commit()
       return
     self.discard()
-    if isinstance(exc, OSError) and exc.filename is not None and (
-        exc.errno is not None):
+    if (
+        isinstance(exc, OSError)
+        and exc.filename is not None
+        and (exc.errno is not None)
+    ):
       final = self.final_path(exc.filename)
       if final is not None:  # name the user's path, not the staged one
-        raise _oserror(exc.errno, exc.strerror or os.strerror(exc.errno),
-                       final) from exc
+        raise _oserror(
+            exc.errno, exc.strerror or os.strerror(exc.errno), final
+        ) from exc
 
 
 def _tree(root: Path) -> set[str]:
@@ -245,8 +262,9 @@ def _tree(root: Path) -> set[str]:
 
 
 @contextlib.contextmanager
-def undo_new_files(root, enabled: bool = True,
-                   keep: Sequence[str] = ()) -> Iterator[None]:
+def undo_new_files(
+    root, enabled: bool = True, keep: Sequence[str] = ()
+) -> Iterator[None]:
   """On an exception in the block, removes what it created under `root`.
 
   Files and folders that did not exist under `root` when the block began
@@ -261,9 +279,12 @@ def undo_new_files(root, enabled: bool = True,
   kept = tuple(os.path.normpath(k) for k in keep)
 
   def is_kept(rel: str) -> bool:
-    return any(rel == k or rel.startswith(k + os.sep) or
-               (k.startswith(rel + os.sep) and os.path.lexists(root / k))
-               for k in kept)
+    return any(
+        rel == k
+        or rel.startswith(k + os.sep)
+        or (k.startswith(rel + os.sep) and os.path.lexists(root / k))
+        for k in kept
+    )
 
   if not enabled:
     yield
@@ -278,8 +299,11 @@ def undo_new_files(root, enabled: bool = True,
     yield
   except BaseException:
     if root.is_dir():
-      new = sorted((r for r in _tree(root) - before if not is_kept(r)),
-                   key=lambda r: r.count(os.sep), reverse=True)
+      new = sorted(
+          (r for r in _tree(root) - before if not is_kept(r)),
+          key=lambda r: r.count(os.sep),
+          reverse=True,
+      )
       for rel in new:
         path = root / rel
         if path.is_dir() and not path.is_symlink():

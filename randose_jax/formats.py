@@ -71,17 +71,24 @@ def _check_dose(dose_gy, path) -> np.ndarray:
   """Returns `dose_gy` as float64 (D,H,W); ValueError naming `path` if invalid."""
   dose = np.asarray(dose_gy)
   if dose.ndim != 3 or min(dose.shape) < 1:
-    raise ValueError(f'{path}: dose must be a non-empty 3-D array (D,H,W), got shape {dose.shape}')
-  if not (np.issubdtype(dose.dtype, np.floating) or np.issubdtype(dose.dtype, np.integer)
-          or dose.dtype == bool):
+    raise ValueError(
+        f'{path}: dose must be a non-empty 3-D array (D,H,W), got shape {dose.shape}'
+    )
+  if not (
+      np.issubdtype(dose.dtype, np.floating)
+      or np.issubdtype(dose.dtype, np.integer)
+      or dose.dtype == bool
+  ):
     raise ValueError(f'{path}: dose must be numeric, got dtype {dose.dtype}')
   dose = dose.astype(np.float64)
   if not np.all(np.isfinite(dose)):
     bad = np.count_nonzero(~np.isfinite(dose))
     raise ValueError(f'{path}: dose contains {bad} NaN or inf voxels')
   if dose.min() < 0:
-    raise ValueError(f'{path}: dose contains {np.count_nonzero(dose < 0)} negative voxels '
-                     f'(min {dose.min():.6g} Gy); clip it at 0 first')
+    raise ValueError(
+        f'{path}: dose contains {np.count_nonzero(dose < 0)} negative voxels '
+        f'(min {dose.min():.6g} Gy); clip it at 0 first'
+    )
   return dose
 
 
@@ -89,8 +96,10 @@ def _check_voxel_dimensions(voxel_dimensions, path) -> np.ndarray:
   """Returns voxel_dimensions as float64 (3,) mm; ValueError naming `path` if invalid."""
   vd = np.asarray(voxel_dimensions, dtype=np.float64)
   if vd.shape != (3,) or not np.all(np.isfinite(vd)) or np.any(vd <= 0):
-    raise ValueError(f'{path}: voxel_dimensions must be three positive finite mm values, '
-                     f'got {voxel_dimensions!r}')
+    raise ValueError(
+        f'{path}: voxel_dimensions must be three positive finite mm values, '
+        f'got {voxel_dimensions!r}'
+    )
   return vd
 
 
@@ -99,15 +108,19 @@ def _voxel0_lps(shape, voxel_dimensions, origin_lps_mm, path) -> np.ndarray:
   if origin_lps_mm is not None:
     origin = np.asarray(origin_lps_mm, dtype=np.float64)
     if origin.shape != (3,) or not np.all(np.isfinite(origin)):
-      raise ValueError(f'{path}: origin_lps_mm must be three finite mm values, '
-                       f'got {origin_lps_mm!r}')
+      raise ValueError(
+          f'{path}: origin_lps_mm must be three finite mm values, '
+          f'got {origin_lps_mm!r}'
+      )
     return origin
   # Grid centre at the origin.
   centre_index = (np.asarray(shape, dtype=np.float64) - 1) / 2
   return -(AXIS_DIRECTIONS_LPS.T * voxel_dimensions) @ centre_index
 
 
-def index_to_lps_matrix(shape, voxel_dimensions, origin_lps_mm=None) -> np.ndarray:
+def index_to_lps_matrix(
+    shape, voxel_dimensions, origin_lps_mm=None
+) -> np.ndarray:
   """4x4 affine from array index (axis 0, 1, 2) to DICOM patient LPS mm.
 
   Args:
@@ -135,8 +148,14 @@ def _nifti_suffix(path) -> str:
   raise ValueError(f'{path}: a NIfTI file name must end in .nii or .nii.gz')
 
 
-def write_nifti(path, dose_gy, voxel_dimensions, *, origin_lps_mm=None,
-                overwrite: bool = False) -> Path:
+def write_nifti(
+    path,
+    dose_gy,
+    voxel_dimensions,
+    *,
+    origin_lps_mm=None,
+    overwrite: bool = False,
+) -> Path:
   """Writes a dose volume as NIfTI-1 (float32 Gy), atomically.
 
   Args:
@@ -205,11 +224,15 @@ def read_nifti(path) -> tuple[np.ndarray, np.ndarray]:
   zooms = np.linalg.norm(columns, axis=0)
   cosines = np.abs(columns / zooms)
   if not np.allclose(np.sort(cosines, axis=0)[:2], 0, atol=1e-4):
-    raise ValueError(f'{path}: oblique affine, only axis-aligned grids are supported:\n{affine}')
+    raise ValueError(
+        f'{path}: oblique affine, only axis-aligned grids are supported:\n{affine}'
+    )
 
   # RAS+ axis codes of the project's axes: posterior, patient left, inferior.
   target = orientations.axcodes2ornt(('P', 'L', 'I'))
-  transform = orientations.ornt_transform(orientations.io_orientation(affine), target)
+  transform = orientations.ornt_transform(
+      orientations.io_orientation(affine), target
+  )
   dose = orientations.apply_orientation(data, transform)
   voxel_dimensions = np.empty(3)
   voxel_dimensions[transform[:, 0].astype(int)] = zooms
@@ -227,6 +250,7 @@ def patient_uid(patient_id: str, kind: str) -> str:
   'frame_of_reference')`, so viewers register them without extra input.
   """
   from pydicom.uid import generate_uid
+
   return str(generate_uid(entropy_srcs=[_UID_NAMESPACE, kind, str(patient_id)]))
 
 
@@ -237,6 +261,7 @@ def _dose_grid_scaling(max_dose: float, bits: int) -> tuple[float, str]:
   reader sees, so that quantisation is exactly with that value.
   """
   from pydicom.valuerep import format_number_as_ds
+
   top = 2**bits - 1
   if max_dose <= 0:
     return 1.0, '1.0'
@@ -247,27 +272,40 @@ def _dose_grid_scaling(max_dose: float, bits: int) -> tuple[float, str]:
     if max_dose / value <= top:
       return value, text
     scaling *= 1 + 1e-9
-  raise AssertionError(f'no DS string for DoseGridScaling near {max_dose / top!r}')
+  raise AssertionError(
+      f'no DS string for DoseGridScaling near {max_dose / top!r}'
+  )
 
 
 def _check_patient_id(patient_id, path) -> str:
   if not isinstance(patient_id, str) or not patient_id.strip():
-    raise ValueError(f'{path}: patient_id must be a non-empty string, got {patient_id!r}')
+    raise ValueError(
+        f'{path}: patient_id must be a non-empty string, got {patient_id!r}'
+    )
   if len(patient_id) > 64 or '\\' in patient_id or not patient_id.isprintable():
-    raise ValueError(f'{path}: patient_id {patient_id!r} is not a valid DICOM LO value '
-                     '(at most 64 printable characters, no backslash)')
+    raise ValueError(
+        f'{path}: patient_id {patient_id!r} is not a valid DICOM LO value '
+        '(at most 64 printable characters, no backslash)'
+    )
   return patient_id
 
 
-def write_rtdose(path, dose_gy, voxel_dimensions, patient_id: str, *,
-                 frame_of_reference_uid: str | None = None,
-                 study_instance_uid: str | None = None,
-                 series_instance_uid: str | None = None,
-                 referenced_rt_plan_uid: str | None = None,
-                 referenced_structure_set_uid: str | None = None,
-                 patient_name: str | None = None,
-                 origin_lps_mm=None, bits_allocated: int = 32,
-                 overwrite: bool = False) -> Path:
+def write_rtdose(
+    path,
+    dose_gy,
+    voxel_dimensions,
+    patient_id: str,
+    *,
+    frame_of_reference_uid: str | None = None,
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+    referenced_rt_plan_uid: str | None = None,
+    referenced_structure_set_uid: str | None = None,
+    patient_name: str | None = None,
+    origin_lps_mm=None,
+    bits_allocated: int = 32,
+    overwrite: bool = False,
+) -> Path:
   """Writes a dose volume as a DICOM RT Dose file (explicit VR little endian), atomically.
 
   Args:
@@ -302,19 +340,25 @@ def write_rtdose(path, dose_gy, voxel_dimensions, patient_id: str, *,
   vd = _check_voxel_dimensions(voxel_dimensions, path)
   patient_id = _check_patient_id(patient_id, path)
   if bits_allocated not in _DOSE_BITS:
-    raise ValueError(f'{path}: bits_allocated must be one of {_DOSE_BITS}, got {bits_allocated!r}')
-  for name, uid in (('frame_of_reference_uid', frame_of_reference_uid),
-                    ('study_instance_uid', study_instance_uid),
-                    ('series_instance_uid', series_instance_uid),
-                    ('referenced_rt_plan_uid', referenced_rt_plan_uid),
-                    ('referenced_structure_set_uid', referenced_structure_set_uid)):
+    raise ValueError(
+        f'{path}: bits_allocated must be one of {_DOSE_BITS}, got {bits_allocated!r}'
+    )
+  for name, uid in (
+      ('frame_of_reference_uid', frame_of_reference_uid),
+      ('study_instance_uid', study_instance_uid),
+      ('series_instance_uid', series_instance_uid),
+      ('referenced_rt_plan_uid', referenced_rt_plan_uid),
+      ('referenced_structure_set_uid', referenced_structure_set_uid),
+  ):
     if uid is not None and not pydicom.uid.UID(uid).is_valid:
       raise ValueError(f'{path}: {name} {uid!r} is not a valid DICOM UID')
 
   depth, height, width = dose.shape
   scaling, scaling_text = _dose_grid_scaling(float(dose.max()), bits_allocated)
   top = 2**bits_allocated - 1
-  pixels = np.clip(np.rint(dose / scaling), 0, top).astype(f'<u{bits_allocated // 8}')
+  pixels = np.clip(np.rint(dose / scaling), 0, top).astype(
+      f'<u{bits_allocated // 8}'
+  )
   # (D,H,W) -> frames (W, reversed: inferior first), rows D (axis 0), columns H (axis 1).
   frames = np.ascontiguousarray(np.transpose(pixels[:, :, ::-1], (2, 0, 1)))
 
@@ -358,7 +402,9 @@ def write_rtdose(path, dose_gy, voxel_dimensions, patient_id: str, *,
   ds.SeriesDescription = 'Predicted dose (randose_jax)'
   ds.OperatorsName = ''
   # Frame of Reference
-  ds.FrameOfReferenceUID = frame_of_reference_uid or patient_uid(patient_id, 'frame_of_reference')
+  ds.FrameOfReferenceUID = frame_of_reference_uid or patient_uid(
+      patient_id, 'frame_of_reference'
+  )
   ds.PositionReferenceIndicator = ''
   # General Equipment
   ds.Manufacturer = 'randose_jax'
@@ -367,7 +413,10 @@ def write_rtdose(path, dose_gy, voxel_dimensions, patient_id: str, *,
   ds.InstanceNumber = 1
   ds.ContentDate, ds.ContentTime = date, time
   # Image Plane
-  ds.PixelSpacing = [_ds(vd[0]), _ds(vd[1])]  # [between rows (axis 0), between columns (axis 1)]
+  ds.PixelSpacing = [
+      _ds(vd[0]),
+      _ds(vd[1]),
+  ]  # [between rows (axis 0), between columns (axis 1)]
   ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
   ds.ImagePositionPatient = [_ds(v) for v in first_frame_lps[:3]]
   ds.SliceThickness = _ds(vd[2])
@@ -377,7 +426,9 @@ def write_rtdose(path, dose_gy, voxel_dimensions, patient_id: str, *,
   ds.Rows = depth
   ds.Columns = height
   ds.NumberOfFrames = width
-  ds.FrameIncrementPointer = pydicom.tag.Tag(0x3004, 0x000C)  # GridFrameOffsetVector
+  ds.FrameIncrementPointer = pydicom.tag.Tag(
+      0x3004, 0x000C
+  )  # GridFrameOffsetVector
   ds.BitsAllocated = bits_allocated
   ds.BitsStored = bits_allocated
   ds.HighBit = bits_allocated - 1
@@ -417,12 +468,14 @@ def write_rtdose(path, dose_gy, voxel_dimensions, patient_id: str, *,
 def _ds(value: float) -> str:
   """A float as a DICOM DS string (at most 16 characters)."""
   from pydicom.valuerep import format_number_as_ds
+
   value = float(value)
   return '0' if value == 0 else format_number_as_ds(value)
 
 
 def _software_version() -> str:
   from randose_jax import __version__
+
   return f'randose_jax {__version__}'
 
 
@@ -449,16 +502,28 @@ def read_rtdose(path) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f'{path}: not a readable DICOM file ({e})') from e
 
   if ds.get('Modality') != 'RTDOSE':
-    raise ValueError(f'{path}: Modality is {ds.get("Modality")!r}, expected RTDOSE')
+    raise ValueError(
+        f'{path}: Modality is {ds.get("Modality")!r}, expected RTDOSE'
+    )
   if str(ds.get('DoseUnits', '')).upper() != 'GY':
-    raise ValueError(f'{path}: DoseUnits is {ds.get("DoseUnits")!r}, only GY is supported')
-  for keyword in ('PixelData', 'Rows', 'Columns', 'PixelSpacing', 'ImageOrientationPatient',
-                  'DoseGridScaling'):
+    raise ValueError(
+        f'{path}: DoseUnits is {ds.get("DoseUnits")!r}, only GY is supported'
+    )
+  for keyword in (
+      'PixelData',
+      'Rows',
+      'Columns',
+      'PixelSpacing',
+      'ImageOrientationPatient',
+      'DoseGridScaling',
+  ):
     if keyword not in ds:
       raise ValueError(f'{path}: required attribute {keyword} is missing')
 
   n_frames = int(ds.get('NumberOfFrames', 1) or 1)
-  pixels = np.asarray(ds.pixel_array).reshape(n_frames, int(ds.Rows), int(ds.Columns))
+  pixels = np.asarray(ds.pixel_array).reshape(
+      n_frames, int(ds.Rows), int(ds.Columns)
+  )
   dose = pixels.astype(np.float64) * float(ds.DoseGridScaling)
 
   orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
@@ -470,18 +535,26 @@ def read_rtdose(path) -> tuple[np.ndarray, np.ndarray]:
   # (only allowed with the standard axial orientation, where normal = +z).
   if n_frames > 1:
     if 'GridFrameOffsetVector' not in ds:
-      raise ValueError(f'{path}: multi-frame dose without GridFrameOffsetVector')
+      raise ValueError(
+          f'{path}: multi-frame dose without GridFrameOffsetVector'
+      )
     offsets = np.array([float(v) for v in ds.GridFrameOffsetVector])
     if offsets.shape != (n_frames,):
-      raise ValueError(f'{path}: GridFrameOffsetVector has {offsets.size} values '
-                       f'for {n_frames} frames')
+      raise ValueError(
+          f'{path}: GridFrameOffsetVector has {offsets.size} values '
+          f'for {n_frames} frames'
+      )
     if offsets[0] != 0:
       offsets = offsets - offsets[0]
     order = np.argsort(offsets, kind='stable')
     dose, offsets = dose[order], offsets[order]
     steps = np.diff(offsets)
-    if np.any(steps <= 0) or not np.allclose(steps, steps[0], rtol=1e-3, atol=1e-3):
-      raise ValueError(f'{path}: frames are not equally spaced (offsets {offsets.tolist()})')
+    if np.any(steps <= 0) or not np.allclose(
+        steps, steps[0], rtol=1e-3, atol=1e-3
+    ):
+      raise ValueError(
+          f'{path}: frames are not equally spaced (offsets {offsets.tolist()})'
+      )
     frame_spacing = float(steps[0])
   else:
     frame_spacing = float(ds.get('SliceThickness') or 0) or 1.0
@@ -491,8 +564,10 @@ def read_rtdose(path) -> tuple[np.ndarray, np.ndarray]:
   directions = np.stack([normal, column_cosine, row_cosine])
   spacings = np.array([frame_spacing, row_spacing, column_spacing])
   if not np.allclose(np.sort(np.abs(directions), axis=1)[:, :2], 0, atol=1e-3):
-    raise ValueError(f'{path}: oblique ImageOrientationPatient {orientation.tolist()}; '
-                     'only axis-aligned dose grids are supported')
+    raise ValueError(
+        f'{path}: oblique ImageOrientationPatient {orientation.tolist()}; '
+        'only axis-aligned dose grids are supported'
+    )
 
   # For each project axis, find the stored axis along the same world axis and
   # flip it when it runs the opposite way.
@@ -503,8 +578,10 @@ def read_rtdose(path) -> tuple[np.ndarray, np.ndarray]:
     permutation.append(stored)
     flips.append(dots[stored] < 0)
   if sorted(permutation) != [0, 1, 2]:
-    raise ValueError(f'{path}: cannot map the dose grid onto patient axes '
-                     f'(ImageOrientationPatient {orientation.tolist()})')
+    raise ValueError(
+        f'{path}: cannot map the dose grid onto patient axes '
+        f'(ImageOrientationPatient {orientation.tolist()})'
+    )
   dose = np.transpose(dose, permutation)
   for axis, flip in enumerate(flips):
     if flip:
@@ -518,9 +595,16 @@ def read_rtdose(path) -> tuple[np.ndarray, np.ndarray]:
 FORMAT_SUFFIXES = {'nifti': '.nii.gz', 'dicom': '.dcm'}
 
 
-def write_prediction_formats(out_dir, patient_id: str, dose_gy, voxel_dimensions,
-                             formats: Sequence[str] = ('nifti', 'dicom'), *,
-                             overwrite: bool = False, **dicom_kwargs) -> list[Path]:
+def write_prediction_formats(
+    out_dir,
+    patient_id: str,
+    dose_gy,
+    voxel_dimensions,
+    formats: Sequence[str] = ('nifti', 'dicom'),
+    *,
+    overwrite: bool = False,
+    **dicom_kwargs,
+) -> list[Path]:
   """Writes one patient's dose as `<out_dir>/<patient_id>.nii.gz` and/or `.dcm`.
 
   Args:
@@ -540,24 +624,50 @@ def write_prediction_formats(out_dir, patient_id: str, dose_gy, voxel_dimensions
   dicom_patient_id = dicom_kwargs.pop('dicom_patient_id', None) or patient_id
   unknown = [f for f in formats if f not in FORMAT_SUFFIXES]
   if unknown or not formats:
-    raise ValueError(f'{out_dir}: formats must be a non-empty subset of '
-                     f'{sorted(FORMAT_SUFFIXES)}, got {list(formats)!r}')
-  if (not isinstance(patient_id, str) or not patient_id or '/' in patient_id or os.sep in patient_id
-      or patient_id in ('.', '..')):
-    raise ValueError(f'{out_dir}: patient_id {patient_id!r} cannot be used as a file name')
+    raise ValueError(
+        f'{out_dir}: formats must be a non-empty subset of '
+        f'{sorted(FORMAT_SUFFIXES)}, got {list(formats)!r}'
+    )
+  if (
+      not isinstance(patient_id, str)
+      or not patient_id
+      or '/' in patient_id
+      or os.sep in patient_id
+      or patient_id in ('.', '..')
+  ):
+    raise ValueError(
+        f'{out_dir}: patient_id {patient_id!r} cannot be used as a file name'
+    )
   out_dir = Path(out_dir)
   paths = [out_dir / f'{patient_id}{FORMAT_SUFFIXES[f]}' for f in formats]
   if not overwrite:
     existing = [str(p) for p in paths if p.exists()]
     if existing:
-      raise FileExistsError(f'{", ".join(existing)}: already exist(s); '
-                            'pass overwrite=True to replace')
+      raise FileExistsError(
+          f'{", ".join(existing)}: already exist(s); '
+          'pass overwrite=True to replace'
+      )
   written = []
   for fmt, path in zip(formats, paths):
     if fmt == 'nifti':
-      written.append(write_nifti(path, dose_gy, voxel_dimensions, overwrite=overwrite,
-                                 origin_lps_mm=dicom_kwargs.get('origin_lps_mm')))
+      written.append(
+          write_nifti(
+              path,
+              dose_gy,
+              voxel_dimensions,
+              overwrite=overwrite,
+              origin_lps_mm=dicom_kwargs.get('origin_lps_mm'),
+          )
+      )
     else:
-      written.append(write_rtdose(path, dose_gy, voxel_dimensions, dicom_patient_id,
-                                  overwrite=overwrite, **dicom_kwargs))
+      written.append(
+          write_rtdose(
+              path,
+              dose_gy,
+              voxel_dimensions,
+              dicom_patient_id,
+              overwrite=overwrite,
+              **dicom_kwargs,
+          )
+      )
   return written

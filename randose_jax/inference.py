@@ -27,8 +27,9 @@ def model_inputs(batch: Mapping[str, Any]) -> dict:
   return {k: batch[k] for k in INPUT_KEYS}
 
 
-def flip_inputs(inputs: Inputs, lr: bool, si: bool,
-                swap_parotids: bool = True) -> dict:
+def flip_inputs(
+    inputs: Inputs, lr: bool, si: bool, swap_parotids: bool = True
+) -> dict:
   """Flips a batch of encoded inputs; the left/right flip swaps parotids."""
   out = {}
   for key, x in inputs.items():
@@ -56,8 +57,12 @@ def unflip(pred: jax.Array, lr: bool, si: bool) -> jax.Array:
 TTA_FLIPS = ((False, False), (False, True), (True, False), (True, True))
 
 
-def predict(apply_fn: Callable[[Inputs], jax.Array], inputs: Inputs,
-            tta: bool = False, swap_parotids: bool = True) -> jax.Array:
+def predict(
+    apply_fn: Callable[[Inputs], jax.Array],
+    inputs: Inputs,
+    tta: bool = False,
+    swap_parotids: bool = True,
+) -> jax.Array:
   """(N, D, H, W, 1) prediction in target units, optionally 4-flip TTA.
 
   With TTA the four flipped inputs go through the network one after the

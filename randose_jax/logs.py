@@ -47,7 +47,10 @@ def console_warnings_only(flag_values=None) -> None:
   RANDOSE_VERBOSE_LIBRARIES."""
   if os.environ.get("RANDOSE_VERBOSE_LIBRARIES"):
     return
-  if flag_values is not None and "verbosity" in flag_values and (
-      flag_values["verbosity"].present):
+  if (
+      flag_values is not None
+      and "verbosity" in flag_values
+      and (flag_values["verbosity"].present)
+  ):
     return
   logging.set_verbosity(logging.WARNING)

@@ -63,29 +63,38 @@ class RegionAwareLoss(nn.Module):
   leaves out), weight_ptv, weight_oar (the effective weights; 0 for a region
   not in the loss) and loss.
   """
+
   regions: Sequence[str] = REGIONS
   mode: str = "uncertainty"
   init_log_var: float = 0.0
   fixed_weights: Sequence[float] = (1.0, 1.0)
 
   @nn.compact
-  def __call__(self, pred: Array, target: Array, ptv: Array, oar: Array
-               ) -> tuple[Array, dict[str, Array]]:
+  def __call__(
+      self, pred: Array, target: Array, ptv: Array, oar: Array
+  ) -> tuple[Array, dict[str, Array]]:
     unknown = set(self.regions) - set(REGIONS)
     if unknown:
-      raise ValueError(f"loss.regions: unknown {sorted(unknown)}; choose from "
-                       f"{REGIONS}")
+      raise ValueError(
+          f"loss.regions: unknown {sorted(unknown)}; choose from " f"{REGIONS}"
+      )
     if self.mode not in MODES:
       raise ValueError(f"loss.mode: unknown {self.mode!r}; choose from {MODES}")
     if self.mode == "fixed" and len(self.fixed_weights) != len(REGIONS):
-      raise ValueError(f"loss.fixed_weights: expected (w_PTV, w_OAR), got "
-                       f"{tuple(self.fixed_weights)}")
+      raise ValueError(
+          f"loss.fixed_weights: expected (w_PTV, w_OAR), got "
+          f"{tuple(self.fixed_weights)}"
+      )
     if pred.shape != target.shape:
-      raise ValueError(f"RegionAwareLoss: pred {pred.shape} and target "
-                       f"{target.shape} differ in shape")
+      raise ValueError(
+          f"RegionAwareLoss: pred {pred.shape} and target "
+          f"{target.shape} differ in shape"
+      )
     if ptv.shape[:-1] != pred.shape[:-1] or oar.shape[:-1] != pred.shape[:-1]:
-      raise ValueError(f"RegionAwareLoss: ptv {ptv.shape} / oar {oar.shape} "
-                       f"do not match pred {pred.shape}")
+      raise ValueError(
+          f"RegionAwareLoss: ptv {ptv.shape} / oar {oar.shape} "
+          f"do not match pred {pred.shape}"
+      )
 
     error = jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32))
     error = jnp.mean(error, axis=-1)  # (N, D, H, W); the one dose channel
@@ -102,9 +111,12 @@ class RegionAwareLoss(nn.Module):
       weight = jnp.zeros((), jnp.float32)
       if region in self.regions:
         if self.mode == "uncertainty":
-          log_var = self.param(f"log_var_{region}",
-                               nn.initializers.constant(self.init_log_var), (),
-                               jnp.float32)
+          log_var = self.param(
+              f"log_var_{region}",
+              nn.initializers.constant(self.init_log_var),
+              (),
+              jnp.float32,
+          )
           weight = jnp.exp(-log_var)
           term = weight * l1_r + log_var
         else:

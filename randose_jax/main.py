@@ -26,23 +26,45 @@ FLAGS = flags.FLAGS
 
 def define_flags(flag_values: flags.FlagValues = FLAGS):
   """Command-line flags (defined only when run as a program)."""
-  flags.DEFINE_string("workdir", None, "Where checkpoints, logs and "
-                      "predictions go.", flag_values=flag_values)
-  flags.DEFINE_bool("distributed", False,
-                    "Force jax.distributed.initialize() (multi-host runs are "
-                    "otherwise detected from SLURM / MPI / TPU environments).",
-                    flag_values=flag_values)
-  flags.DEFINE_string("coordinator_address", "", "host:port of process 0, "
-                      "for hand-started multi-process runs.",
-                      flag_values=flag_values)
-  flags.DEFINE_integer("num_processes", 0, "Process count of a hand-started "
-                       "multi-process run (0: detect or single process).",
-                       flag_values=flag_values)
-  flags.DEFINE_integer("process_id", -1, "This process's id in such a run.",
-                       flag_values=flag_values)
+  flags.DEFINE_string(
+      "workdir",
+      None,
+      "Where checkpoints, logs and " "predictions go.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_bool(
+      "distributed",
+      False,
+      "Force jax.distributed.initialize() (multi-host runs are "
+      "otherwise detected from SLURM / MPI / TPU environments).",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+      "coordinator_address",
+      "",
+      "host:port of process 0, " "for hand-started multi-process runs.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_integer(
+      "num_processes",
+      0,
+      "Process count of a hand-started "
+      "multi-process run (0: detect or single process).",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_integer(
+      "process_id",
+      -1,
+      "This process's id in such a run.",
+      flag_values=flag_values,
+  )
   config_flags.DEFINE_config_file(
-      "config", None, "Config file, e.g. configs/openkbp.py[:variant].",
-      flag_values=flag_values, lock_config=True)
+      "config",
+      None,
+      "Config file, e.g. configs/openkbp.py[:variant].",
+      flag_values=flag_values,
+      lock_config=True,
+  )
   flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
 
 
@@ -51,10 +73,18 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_library_logs()
   fileio.check_output_dir(FLAGS.workdir)
-  distributed.maybe_initialize(FLAGS.distributed, FLAGS.coordinator_address,
-                               FLAGS.num_processes, FLAGS.process_id)
-  logging.info("JAX process %d / %d; devices: %s", jax.process_index(),
-               jax.process_count(), jax.devices())
+  distributed.maybe_initialize(
+      FLAGS.distributed,
+      FLAGS.coordinator_address,
+      FLAGS.num_processes,
+      FLAGS.process_id,
+  )
+  logging.info(
+      "JAX process %d / %d; devices: %s",
+      jax.process_index(),
+      jax.process_count(),
+      jax.devices(),
+  )
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

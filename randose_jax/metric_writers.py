@@ -59,8 +59,9 @@ def truncate_for_resume(path, resume_step: int) -> int:
 class MetricWriter:
   """Writes scalars to TensorBoard and `metrics.jsonl`; a no-op if disabled."""
 
-  def __init__(self, workdir, enabled: bool = True,
-               resume_step: Optional[int] = None):
+  def __init__(
+      self, workdir, enabled: bool = True, resume_step: Optional[int] = None
+  ):
     """`resume_step`: the step the run starts from (0 for a fresh run);
     what an earlier run logged after it is dropped (module docstring).
     None keeps everything."""
@@ -73,25 +74,33 @@ class MetricWriter:
     if resume_step is not None:
       dropped = truncate_for_resume(workdir / FILE_NAME, resume_step)
       if dropped:
-        logging.info("%s: dropped %d record(s) logged after step %d, which "
-                     "this run logs again", workdir / FILE_NAME, dropped,
-                     resume_step)
+        logging.info(
+            "%s: dropped %d record(s) logged after step %d, which "
+            "this run logs again",
+            workdir / FILE_NAME,
+            dropped,
+            resume_step,
+        )
     self._jsonl = open(workdir / FILE_NAME, "a", encoding="utf-8")
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       purge = {} if resume_step is None else {"purge_step": resume_step + 1}
       self._tb = SummaryWriter(str(workdir / "tensorboard"), **purge)
     except ImportError:
-      logging.warning("tensorboardX is not installed: TensorBoard summaries "
-                      "are off (metrics.jsonl is still written).")
+      logging.warning(
+          "tensorboardX is not installed: TensorBoard summaries "
+          "are off (metrics.jsonl is still written)."
+      )
 
   def write_scalars(self, step: int, scalars: dict):
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in scalars.items()}
     record = {"step": int(step)}
-    record.update({k: (v if math.isfinite(v) else str(v))
-                   for k, v in clean.items()})
+    record.update(
+        {k: v if math.isfinite(v) else str(v) for k, v in clean.items()}
+    )
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
@@ -101,8 +110,9 @@ class MetricWriter:
 
   def write_hparams(self, config_dict: dict):
     if self.enabled and self._tb is not None:
-      self._tb.add_text("config", "```\n" + json.dumps(config_dict, indent=2)
-                        + "\n```", 0)
+      self._tb.add_text(
+          "config", "```\n" + json.dumps(config_dict, indent=2) + "\n```", 0
+      )
 
   def close(self):
     if self._jsonl is not None:

@@ -48,33 +48,71 @@ FLAGS = flags.FLAGS
 
 def define_flags(flag_values: flags.FlagValues = FLAGS):
   """Command-line flags (defined only when run as a program)."""
-  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.",
-                      flag_values=flag_values)
-  flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.",
-                      flag_values=flag_values)
-  flags.DEFINE_string("patients", None, "Folder of pt_* patient folders.",
-                      flag_values=flag_values)
-  flags.DEFINE_string("output", None, "Folder for the predictions (created).",
-                      flag_values=flag_values)
-  flags.DEFINE_bool("tta", False, "Average the 4 left/right x "
-                    "superior/inferior flips (test-time augmentation).",
-                    flag_values=flag_values)
-  flags.DEFINE_list("formats", ["csv"], "Any of csv, nifti, dicom.",
-                    flag_values=flag_values)
-  flags.DEFINE_enum("dicom_grid", "crop", ["crop", "ct"], "For patients "
-                    "imported from DICOM: write the NIfTI / RT Dose on the "
-                    "import grid (crop) or resampled onto the CT's own voxels "
-                    "(ct).", flag_values=flag_values)
-  flags.DEFINE_string("plots", None, "Folder for dose-slice and DVH plots.",
-                      flag_values=flag_values)
-  flags.DEFINE_bool("overwrite", False,
-                    "Replace predictions already in --output.",
-                    flag_values=flag_values)
-  flags.DEFINE_enum("conv_impl", None, ["auto", "direct", "fft"],
-                    "Override the run's model.conv_impl (same parameters, "
-                    "same function): 'direct' needs about a quarter of the "
-                    "memory of the CPU's FFT plan, and is slower there.",
-                    flag_values=flag_values)
+  flags.DEFINE_string(
+      "workdir",
+      None,
+      "Training workdir holding checkpoints/.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+      "checkpoint",
+      "best",
+      "best, latest or a step number.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+      "patients",
+      None,
+      "Folder of pt_* patient folders.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+      "output",
+      None,
+      "Folder for the predictions (created).",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_bool(
+      "tta",
+      False,
+      "Average the 4 left/right x "
+      "superior/inferior flips (test-time augmentation).",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_list(
+      "formats", ["csv"], "Any of csv, nifti, dicom.", flag_values=flag_values
+  )
+  flags.DEFINE_enum(
+      "dicom_grid",
+      "crop",
+      ["crop", "ct"],
+      "For patients "
+      "imported from DICOM: write the NIfTI / RT Dose on the "
+      "import grid (crop) or resampled onto the CT's own voxels "
+      "(ct).",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+      "plots",
+      None,
+      "Folder for dose-slice and DVH plots.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_bool(
+      "overwrite",
+      False,
+      "Replace predictions already in --output.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_enum(
+      "conv_impl",
+      None,
+      ["auto", "direct", "fft"],
+      "Override the run's model.conv_impl (same parameters, "
+      "same function): 'direct' needs about a quarter of the "
+      "memory of the CPU's FFT plan, and is slower there.",
+      flag_values=flag_values,
+  )
 
 
 FORMATS = ("csv", "nifti", "dicom")
@@ -87,8 +125,14 @@ def zip_path_of(output_dir) -> pathlib.Path:
   return output_dir.parent / f"{output_dir.name}.zip"
 
 
-def check_outputs(patient_dirs, output_dir, *, formats=("csv",),
-                  plots_dir=None, overwrite=False) -> None:
+def check_outputs(
+    patient_dirs,
+    output_dir,
+    *,
+    formats=("csv",),
+    plots_dir=None,
+    overwrite=False,
+) -> None:
   """Before any work: the output folders can be written, and (unless
   `overwrite`) hold none of the files this run would write.
 
@@ -102,32 +146,48 @@ def check_outputs(patient_dirs, output_dir, *, formats=("csv",),
   output_dir = fileio.check_output_dir(output_dir)
   if plots_dir:
     fileio.check_output_dir(plots_dir)
-  wanted = [output_dir / f"{d.name}{SUFFIXES[f]}" for d in patient_dirs
-            for f in formats]
+  wanted = [
+      output_dir / f"{d.name}{SUFFIXES[f]}"
+      for d in patient_dirs
+      for f in formats
+  ]
   if "csv" in formats:
     fileio.check_output_file(zip_path_of(output_dir), overwrite=True)
     wanted.append(zip_path_of(output_dir))
   clash = [p.name for p in wanted if os.path.lexists(p)]
   if clash and not overwrite:
     raise FileExistsError(
-        errno.EEXIST, f"already holds predictions {clash[:5]}"
+        errno.EEXIST,
+        f"already holds predictions {clash[:5]}"
         f"{'...' if len(clash) > 5 else ''}; pass --overwrite to replace "
-        "them or choose another --output", str(output_dir))
+        "them or choose another --output",
+        str(output_dir),
+    )
 
 
 def check_patients(patient_dirs) -> None:
   """Reads every patient once (DataError naming the first bad file), so a
   bad patient stops the run before anything is predicted or written."""
   from randose_jax.dicom import geometry  # pylint: disable=g-import-not-at-top
+
   for d in patient_dirs:
     openkbp.load_sparse_patient(d)
     geometry.read_geometry(d)
 
 
-def predict_patients(restored: restore.Restored, patient_dirs, output_dir, *,
-                     tta=False, formats=("csv",), plots_dir=None,
-                     overwrite=False, log=print, checked=False,
-                     dicom_grid="crop") -> dict:
+def predict_patients(
+    restored: restore.Restored,
+    patient_dirs,
+    output_dir,
+    *,
+    tta=False,
+    formats=("csv",),
+    plots_dir=None,
+    overwrite=False,
+    log=print,
+    checked=False,
+    dicom_grid="crop",
+) -> dict:
   """Predicts each patient, writes the requested files; returns a summary.
 
   The outputs and every patient are checked first (`check_outputs`,
@@ -137,16 +197,26 @@ def predict_patients(restored: restore.Restored, patient_dirs, output_dir, *,
   """
   output_dir = pathlib.Path(output_dir)
   if not checked:
-    check_outputs(patient_dirs, output_dir, formats=formats,
-                  plots_dir=plots_dir, overwrite=overwrite)
+    check_outputs(
+        patient_dirs,
+        output_dir,
+        formats=formats,
+        plots_dir=plots_dir,
+        overwrite=overwrite,
+    )
     check_patients(patient_dirs)
   config, predictor = restored.config, restored.predictor
   evaluator = evaluation.Evaluator()
   scored = 0
   t0 = time.time()
-  summary = {"num_patients": len(patient_dirs), "checkpoint": restored.which,
-             "checkpoint_step": restored.step, "tta": bool(tta),
-             "ema": restored.uses_ema, "output": str(output_dir)}
+  summary = {
+      "num_patients": len(patient_dirs),
+      "checkpoint": restored.which,
+      "checkpoint_step": restored.step,
+      "tta": bool(tta),
+      "ema": restored.uses_ema,
+      "output": str(output_dir),
+  }
   with fileio.StagedOutput() as stage:
     staged = stage.dir(output_dir)
     staged_plots = stage.dir(plots_dir) if plots_dir else None
@@ -154,33 +224,46 @@ def predict_patients(restored: restore.Restored, patient_dirs, output_dir, *,
       patient = openkbp.load_patient(d)
       example = encoding.encode_patient(patient, config.data)
       (pred,) = predictor.predict_local([example], tta)
-      dose = encoding.decode_dose(pred, patient.possible_dose_mask,
-                                  config.data)
+      dose = encoding.decode_dose(pred, patient.possible_dose_mask, config.data)
       if "csv" in formats:
-        openkbp.write_prediction_csv(staged / f"{patient.patient_id}.csv",
-                                     dose)
+        openkbp.write_prediction_csv(staged / f"{patient.patient_id}.csv", dose)
       extra = [f for f in formats if f != "csv"]
       if extra:
         from randose_jax import formats as formats_lib  # pylint: disable=g-import-not-at-top
         from randose_jax.dicom import geometry  # pylint: disable=g-import-not-at-top
+
         info = geometry.read_geometry(d)
         if info is None:  # plain OpenKBP: the grid centred at the origin
           formats_lib.write_prediction_formats(
-              staged, patient.patient_id, dose, patient.voxel_dimensions,
-              formats=tuple(extra))
+              staged,
+              patient.patient_id,
+              dose,
+              patient.voxel_dimensions,
+              formats=tuple(extra),
+          )
         else:  # imported from DICOM: the patient's own frame
-          out_dose, vd, kwargs = geometry.rtdose_arguments(info, dose, dicom_grid)
+          out_dose, vd, kwargs = geometry.rtdose_arguments(
+              info, dose, dicom_grid
+          )
           formats_lib.write_prediction_formats(
-              staged, patient.patient_id, out_dose, vd, formats=tuple(extra),
-              **kwargs)
+              staged,
+              patient.patient_id,
+              out_dose,
+              vd,
+              formats=tuple(extra),
+              **kwargs,
+          )
       if staged_plots is not None:
         from randose_jax import viz  # pylint: disable=g-import-not-at-top
+
         viz.write_patient_plots(patient, dose, staged_plots)
       if patient.dose is not None:
         evaluator.add(patient, dose)
         scored += 1
-      log(f"{patient.patient_id}: max {dose.max():.2f} Gy, mean in mask "
-          f"{dose[patient.possible_dose_mask].mean():.2f} Gy")
+      log(
+          f"{patient.patient_id}: max {dose.max():.2f} Gy, mean in mask "
+          f"{dose[patient.possible_dose_mask].mean():.2f} Gy"
+      )
     if "csv" in formats:
       zip_path = zip_path_of(output_dir)
       openkbp.write_submission_zip(staged, stage.path(zip_path))
@@ -188,8 +271,9 @@ def predict_patients(restored: restore.Restored, patient_dirs, output_dir, *,
   summary["seconds_per_patient"] = (time.time() - t0) / len(patient_dirs)
   if scored == len(patient_dirs):
     result = evaluation.scores_from_sums(evaluator.partial_sums())
-    summary.update(dose_score=result["dose_score"],
-                   dvh_score=result["dvh_score"])
+    summary.update(
+        dose_score=result["dose_score"], dvh_score=result["dvh_score"]
+    )
   return summary
 
 
@@ -208,21 +292,38 @@ def main(argv):
   formats = tuple(FLAGS.formats)
   # Cheap checks first: the outputs, then every patient, then the model.
   dirs = openkbp.list_patient_dirs(FLAGS.patients)
-  check_outputs(dirs, out, formats=formats, plots_dir=FLAGS.plots,
-                overwrite=FLAGS.overwrite)
+  check_outputs(
+      dirs,
+      out,
+      formats=formats,
+      plots_dir=FLAGS.plots,
+      overwrite=FLAGS.overwrite,
+  )
   check_patients(dirs)
   restored = restore.restore_from_workdir(
-      FLAGS.workdir, FLAGS.checkpoint,
+      FLAGS.workdir,
+      FLAGS.checkpoint,
       mesh=distributed.make_mesh(jax.local_devices()),
-      conv_impl=FLAGS.conv_impl)
-  print(f"Predicting {len(dirs)} patients with the {restored.which} "
-        f"checkpoint (step {restored.step}) of {FLAGS.workdir}"
-        f"{' (its EMA parameters)' if restored.uses_ema else ''}"
-        f"{' with 4-flip TTA' if FLAGS.tta else ''}", flush=True)
+      conv_impl=FLAGS.conv_impl,
+  )
+  print(
+      f"Predicting {len(dirs)} patients with the {restored.which} "
+      f"checkpoint (step {restored.step}) of {FLAGS.workdir}"
+      f"{' (its EMA parameters)' if restored.uses_ema else ''}"
+      f"{' with 4-flip TTA' if FLAGS.tta else ''}",
+      flush=True,
+  )
   summary = predict_patients(
-      restored, dirs, out, tta=FLAGS.tta, formats=formats,
-      plots_dir=FLAGS.plots, overwrite=FLAGS.overwrite, checked=True,
-      dicom_grid=FLAGS.dicom_grid)
+      restored,
+      dirs,
+      out,
+      tta=FLAGS.tta,
+      formats=formats,
+      plots_dir=FLAGS.plots,
+      overwrite=FLAGS.overwrite,
+      checked=True,
+      dicom_grid=FLAGS.dicom_grid,
+  )
   if "dose_score" in summary:
     print(f"dose score: {summary['dose_score']:.4f}")
     print(f"DVH score: {summary['dvh_score']:.4f}")

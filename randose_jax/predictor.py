@@ -22,12 +22,16 @@ from randose_jax import inference
 def _make_forward(model, mesh: Mesh, swap_parotids: bool) -> Callable:
   def fwd(params, inputs, tta):
     apply_fn = inference.make_apply_fn(model, params)
-    return inference.predict(apply_fn, inputs, tta=tta,
-                             swap_parotids=swap_parotids)
-  return jax.jit(fwd, static_argnums=(2,),
-                 in_shardings=(NamedSharding(mesh, P()),
-                               NamedSharding(mesh, P("data"))),
-                 out_shardings=NamedSharding(mesh, P("data")))
+    return inference.predict(
+        apply_fn, inputs, tta=tta, swap_parotids=swap_parotids
+    )
+
+  return jax.jit(
+      fwd,
+      static_argnums=(2,),
+      in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))),
+      out_shardings=NamedSharding(mesh, P("data")),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Predictor:
   `data_config` is the run's `config.data`: the parotid swap of the TTA and
   how a prediction goes back to Gy (`encoding.decode_dose`).
   """
+
   model: Any
   params: Any
   data_config: ml_collections.ConfigDict
@@ -45,16 +50,24 @@ class Predictor:
 
   def __post_init__(self):
     if self.forward is None:
-      object.__setattr__(self, "forward", _make_forward(
-          self.model, self.mesh, bool(self.data_config.swap_parotids)))
+      object.__setattr__(
+          self,
+          "forward",
+          _make_forward(
+              self.model, self.mesh, bool(self.data_config.swap_parotids)
+          ),
+      )
 
   @classmethod
-  def create(cls, config, params, mesh: Optional[Mesh] = None
-             ) -> "Predictor":
+  def create(cls, config, params, mesh: Optional[Mesh] = None) -> "Predictor":
     from randose_jax import models  # pylint: disable=g-import-not-at-top
-    return cls(model=models.create_model(config.model), params=params,
-               data_config=config.data,
-               mesh=mesh or distributed.make_mesh())
+
+    return cls(
+        model=models.create_model(config.model),
+        params=params,
+        data_config=config.data,
+        mesh=mesh or distributed.make_mesh(),
+    )
 
   def with_params(self, params) -> "Predictor":
     """The same model and compiled forward with other parameters."""
@@ -72,15 +85,19 @@ class Predictor:
     n_local = jax.local_device_count()
     preds = []
     for start in range(0, len(examples), n_local):
-      chunk = examples[start:start + n_local]
+      chunk = examples[start : start + n_local]
       valid = len(chunk)
       chunk = chunk + [chunk[-1]] * (n_local - valid)
-      local = {k: np.stack([np.asarray(e[k], np.float32) for e in chunk])
-               for k in inference.INPUT_KEYS}
+      local = {
+          k: np.stack([np.asarray(e[k], np.float32) for e in chunk])
+          for k in inference.INPUT_KEYS
+      }
       global_inputs = {
           k: jax.make_array_from_process_local_data(
-              sharding, v, (v.shape[0] * jax.process_count(),)
-              + v.shape[1:]) for k, v in local.items()}
+              sharding, v, (v.shape[0] * jax.process_count(),) + v.shape[1:]
+          )
+          for k, v in local.items()
+      }
       out = self.forward(self.params, global_inputs, tta)
       shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start)
       rows = np.concatenate([np.asarray(s.data) for s in shards])[:valid]

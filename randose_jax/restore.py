@@ -48,8 +48,9 @@ def parse_checkpoint_flag(value: str) -> tuple[str, Optional[int]]:
   try:
     return "latest", int(value)
   except ValueError:
-    raise ConfigError(f"--checkpoint must be best, latest or a step number, "
-                     f"got {value!r}") from None
+    raise ConfigError(
+        f"--checkpoint must be best, latest or a step number, " f"got {value!r}"
+    ) from None
 
 
 def check_workdir(workdir) -> pathlib.Path:
@@ -58,12 +59,17 @@ def check_workdir(workdir) -> pathlib.Path:
   workdir = pathlib.Path(workdir).expanduser()
   if not (workdir / "checkpoints").is_dir():
     raise checkpointing.CheckpointError(
-        f"{workdir}: no checkpoints/ folder (is this a training workdir?)")
+        f"{workdir}: no checkpoints/ folder (is this a training workdir?)"
+    )
   return workdir
 
 
-def restore_from_workdir(workdir, checkpoint: str = "best",
-                         mesh=None, conv_impl: Optional[str] = None) -> Restored:
+def restore_from_workdir(
+    workdir,
+    checkpoint: str = "best",
+    mesh=None,
+    conv_impl: Optional[str] = None,
+) -> Restored:
   """Model, config and parameters of a trained workdir.
 
   `checkpoint='best'` falls back to the latest checkpoint when the run never
@@ -73,6 +79,7 @@ def restore_from_workdir(workdir, checkpoint: str = "best",
   quarter of the memory of the CPU's FFT plan (benchmarks/NOTES.md).
   """
   from randose_jax.models import conv  # pylint: disable=g-import-not-at-top
+
   if conv_impl is not None:
     conv.check_conv_impl(conv_impl)
   workdir = check_workdir(workdir)
@@ -86,8 +93,7 @@ def restore_from_workdir(workdir, checkpoint: str = "best",
     if conv_impl is not None:
       config.model.conv_impl = conv_impl
     mesh = mesh or distributed.make_mesh()
-    got = ckpt.restore(None, which, step,
-                       sharding=NamedSharding(mesh, P()))
+    got = ckpt.restore(None, which, step, sharding=NamedSharding(mesh, P()))
   finally:
     ckpt.close()
   if got is None:
@@ -95,6 +101,13 @@ def restore_from_workdir(workdir, checkpoint: str = "best",
   params = got["state"]["params"]
   ema_params = got["state"].get(checkpointing.EMA_KEY)
   predictor = Predictor.create(
-      config, params["model"] if ema_params is None else ema_params, mesh)
-  return Restored(config=config, predictor=predictor, params=params,
-                  step=int(got["step"]), which=which, ema_params=ema_params)
+      config, params["model"] if ema_params is None else ema_params, mesh
+  )
+  return Restored(
+      config=config,
+      predictor=predictor,
+      params=params,
+      step=int(got["step"]),
+      which=which,
+      ema_params=ema_params,
+  )

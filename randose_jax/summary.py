@@ -43,28 +43,51 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
   """Command-line flags (defined only when run as a program, so library
   modules can be imported together without clashing flag names)."""
   config_flags.DEFINE_config_file(
-      "config", None, "Config file, e.g. configs/openkbp.py:row3.",
-      lock_config=True, flag_values=flag_values)
-  flags.DEFINE_integer("grid", 128, "Edge of the cubic input grid.",
-                       flag_values=flag_values)
-  flags.DEFINE_bool("json", False, "Print a JSON object as the last line.",
-                    flag_values=flag_values)
-  flags.DEFINE_bool("compile", False, "Take FLOPs from the compiled "
-                    "executable (slower) instead of the lowered HLO.",
-                    flag_values=flag_values)
-  flags.DEFINE_bool("plan", False, "Print how each conv layer is computed "
-                    "here (config.model.conv_impl) instead of the summary.",
-                    flag_values=flag_values)
-  flags.DEFINE_integer("batch", 1, "Batch size of --plan (the plan depends "
-                       "on it; training uses config.batch_size).",
-                       flag_values=flag_values)
+      "config",
+      None,
+      "Config file, e.g. configs/openkbp.py:row3.",
+      lock_config=True,
+      flag_values=flag_values,
+  )
+  flags.DEFINE_integer(
+      "grid", 128, "Edge of the cubic input grid.", flag_values=flag_values
+  )
+  flags.DEFINE_bool(
+      "json",
+      False,
+      "Print a JSON object as the last line.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_bool(
+      "compile",
+      False,
+      "Take FLOPs from the compiled "
+      "executable (slower) instead of the lowered HLO.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_bool(
+      "plan",
+      False,
+      "Print how each conv layer is computed "
+      "here (config.model.conv_impl) instead of the summary.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_integer(
+      "batch",
+      1,
+      "Batch size of --plan (the plan depends "
+      "on it; training uses config.batch_size).",
+      flag_values=flag_values,
+  )
 
 
 def abstract_inputs(grid: Sequence[int], batch: int = 1) -> dict[str, Any]:
   """ShapeDtypeStructs of the model inputs at `grid` (D, H, W)."""
   grid = tuple(grid)
-  return {k: jax.ShapeDtypeStruct((batch, *grid, c), jnp.float32)
-          for k, c in INPUT_CHANNELS.items()}
+  return {
+      k: jax.ShapeDtypeStruct((batch, *grid, c), jnp.float32)
+      for k, c in INPUT_CHANNELS.items()
+  }
 
 
 def abstract_params(model, inputs) -> Any:
@@ -92,9 +115,15 @@ def _network_order(name: str):
 
 def params_per_module(params) -> dict[str, int]:
   """Parameter count of each top-level module, in network order."""
-  return {name: int(sum(np.prod(leaf.shape) for leaf in
-                        jax.tree_util.tree_leaves(params[name])))
-          for name in sorted(params, key=_network_order)}
+  return {
+      name: int(
+          sum(
+              np.prod(leaf.shape)
+              for leaf in jax.tree_util.tree_leaves(params[name])
+          )
+      )
+      for name in sorted(params, key=_network_order)
+  }
 
 
 def params_per_kind(per_module: dict[str, int]) -> dict[str, int]:
@@ -129,9 +158,14 @@ def _conv_eqn_flops(eqn) -> int:
   taps = 1
   for i in range(len(lhs_spec) - 2):
     taps *= _valid_taps(
-        lhs[lhs_spec[2 + i]], out[out_spec[2 + i]], rhs[rhs_spec[2 + i]],
-        p["window_strides"][i], p["padding"][i][0], p["lhs_dilation"][i],
-        p["rhs_dilation"][i])
+        lhs[lhs_spec[2 + i]],
+        out[out_spec[2 + i]],
+        rhs[rhs_spec[2 + i]],
+        p["window_strides"][i],
+        p["padding"][i][0],
+        p["lhs_dilation"][i],
+        p["rhs_dilation"][i],
+    )
   return 2 * batch * c_out * c_in_per_group * taps
 
 
@@ -163,8 +197,9 @@ def conv_flops(fn: Callable, *args) -> int:
   return _jaxpr_conv_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def cost_analysis_flops(fn: Callable, *args, compile: bool = False
-                        ) -> tuple[float, float]:
+def cost_analysis_flops(
+    fn: Callable, *args, compile: bool = False
+) -> tuple[float, float]:
   """XLA's FLOP estimate of `jax.jit(fn)(*args)` and the seconds it took.
 
   Always analysed for the CPU backend (args are re-placed there), so the
@@ -175,7 +210,8 @@ def cost_analysis_flops(fn: Callable, *args, compile: bool = False
   try:
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     args = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), args)
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), args
+    )
   except RuntimeError:  # no CPU backend (JAX_PLATFORMS excludes it)
     pass
   start = time.perf_counter()
@@ -188,8 +224,9 @@ def cost_analysis_flops(fn: Callable, *args, compile: bool = False
   return float(cost["flops"]), time.perf_counter() - start
 
 
-def summarize(model_config, grid: Sequence[int] | int = 128,
-              compile: bool = False) -> dict[str, Any]:
+def summarize(
+    model_config, grid: Sequence[int] | int = 128, compile: bool = False
+) -> dict[str, Any]:
   """Parameter counts and per-sample forward FLOPs of `create_model(
   model_config)` at `grid` (an int for a cube, or (D, H, W))."""
   grid = (grid,) * 3 if isinstance(grid, int) else tuple(grid)
@@ -207,8 +244,7 @@ def summarize(model_config, grid: Sequence[int] | int = 128,
   def forward(p, x):
     return model.apply({"params": p}, x)
 
-  flops, seconds = cost_analysis_flops(forward, params, inputs,
-                                       compile=compile)
+  flops, seconds = cost_analysis_flops(forward, params, inputs, compile=compile)
   analytic = conv_flops(forward, params, inputs)
   return {
       "grid": list(grid),
@@ -221,8 +257,9 @@ def summarize(model_config, grid: Sequence[int] | int = 128,
   }
 
 
-def conv_plan(model_config, grid: Sequence[int] | int = 128,
-              batch: int = 1) -> list[dict[str, Any]]:
+def conv_plan(
+    model_config, grid: Sequence[int] | int = 128, batch: int = 1
+) -> list[dict[str, Any]]:
   """How each k^3 conv (k > 1) of `create_model(model_config)` is computed on
   this backend (`conv.plan_conv` under `model_config.conv_impl`), in network
   order: one dict per conv layer (`conv.plan_record`: input shape, kernels,
@@ -236,25 +273,37 @@ def conv_plan(model_config, grid: Sequence[int] | int = 128,
 
   def record(next_fun, args, kwargs, context):
     plan = next_fun(*args, **kwargs)
-    if (isinstance(context.module, conv_lib.Conv)
-        and context.method_name == "plan"):
+    if (
+        isinstance(context.module, conv_lib.Conv)
+        and context.method_name == "plan"
+    ):
       layer = context.module
       x_shape, kernel_groups = args
       if max(max(g) for g in kernel_groups) > 1:
-        records.append(conv_lib.plan_record(
-            layer.impl, x_shape, kernel_groups, layer.features,
-            layer.fuse_sums, plan))
+        records.append(
+            conv_lib.plan_record(
+                layer.impl,
+                x_shape,
+                kernel_groups,
+                layer.features,
+                layer.fuse_sums,
+                plan,
+            )
+        )
     return plan
 
   with nn.intercept_methods(record):
     jax.eval_shape(
-        lambda x: model.init(jax.random.key(0, impl="rbg"), x), inputs)
+        lambda x: model.init(jax.random.key(0, impl="rbg"), x), inputs
+    )
   return records
 
 
 def format_conv_plan(records: list[dict[str, Any]]) -> str:
-  lines = [f"{'input (N,D,H,W,C)':<26}{'kernels':<16}{'cout':>6}  "
-           f"{'algorithm':<10}{'tile':>6}{'est. direct s':>15}{'est. FFT s':>12}"]
+  lines = [
+      f"{'input (N,D,H,W,C)':<26}{'kernels':<16}{'cout':>6}  "
+      f"{'algorithm':<10}{'tile':>6}{'est. direct s':>15}{'est. FFT s':>12}"
+  ]
   for r in records:
     if max(max(g) for g in r["kernels"]) < 2:
       continue
@@ -263,7 +312,8 @@ def format_conv_plan(records: list[dict[str, Any]]) -> str:
         f"{str(r['input']):<26}{kernels:<16}{r['cout']:>6}  "
         f"{r['algorithm']:<10}{str(r['tile'] or '-'):>6}"
         f"{r.get('est_direct_s', float('nan')):>15.3f}"
-        f"{r.get('est_fft_s', float('nan')):>12.3f}")
+        f"{r.get('est_fft_s', float('nan')):>12.3f}"
+    )
   return "\n".join(lines)
 
 
@@ -271,8 +321,10 @@ def format_summary(summary: dict[str, Any]) -> str:
   lines = [f"{'module':<12} {'params':>12}"]
   for name, count in summary["params_per_module"].items():
     lines.append(f"{name:<12} {count:>12,}")
-  lines.append("by kind: " + ", ".join(
-      f"{k} {v:,}" for k, v in summary["params_per_kind"].items()))
+  lines.append(
+      "by kind: "
+      + ", ".join(f"{k} {v:,}" for k, v in summary["params_per_kind"].items())
+  )
   grid = "x".join(str(n) for n in summary["grid"])
   lines += [
       f"{'total':<12} {summary['params']:>12,} params",
@@ -295,15 +347,19 @@ def main(argv):
     raise app.UsageError(
         f"--grid={FLAGS.grid}: must be a positive multiple of {factor} (the "
         f"{len(FLAGS.config.model.widths)}-stage network halves the grid "
-        f"{len(FLAGS.config.model.widths) - 1} times)")
+        f"{len(FLAGS.config.model.widths) - 1} times)"
+    )
   if FLAGS.batch < 1:
     raise app.UsageError(f"--batch={FLAGS.batch}: must be at least 1")
   if FLAGS.plan:
-    print(f"conv plan, conv_impl={FLAGS.config.model.conv_impl!r}, backend "
-          f"{jax.default_backend()}, batch {FLAGS.batch}, {FLAGS.grid}^3 "
-          "(estimates are CPU forward seconds; conv.plan_conv):")
-    print(format_conv_plan(conv_plan(FLAGS.config.model, FLAGS.grid,
-                                     FLAGS.batch)))
+    print(
+        f"conv plan, conv_impl={FLAGS.config.model.conv_impl!r}, backend "
+        f"{jax.default_backend()}, batch {FLAGS.batch}, {FLAGS.grid}^3 "
+        "(estimates are CPU forward seconds; conv.plan_conv):"
+    )
+    print(
+        format_conv_plan(conv_plan(FLAGS.config.model, FLAGS.grid, FLAGS.batch))
+    )
     return
   summary = summarize(FLAGS.config.model, FLAGS.grid, FLAGS.compile)
   print(format_summary(summary))

@@ -54,6 +54,7 @@ class TrainState:
   of `params['model']`, float32) exists only when `config.ema_decay > 0`;
   with the EMA off it is None, which adds no leaf: the state, the step and
   the checkpoints are exactly those of a run without the option."""
+
   step: jax.Array
   params: Any  # {'model': ..., 'loss': ...}
   opt_state: Any
@@ -68,27 +69,32 @@ class NonFiniteLossError(FloatingPointError):
 
 # optax.tree.norm (newer optax) or the deprecated optax.global_norm.
 _tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or (
-    optax.global_norm)
+    optax.global_norm
+)
 
 
 def create_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
   lr = config.learning_rate
   warmup = config.warmup_steps
   if warmup < 0 or (warmup and warmup >= config.num_train_steps):
-    raise ConfigError(f"config.warmup_steps={warmup}: must be >= 0 and below "
-                      f"num_train_steps ({config.num_train_steps})")
+    raise ConfigError(
+        f"config.warmup_steps={warmup}: must be >= 0 and below "
+        f"num_train_steps ({config.num_train_steps})"
+    )
   if config.lr_schedule == "constant":
     schedule = optax.constant_schedule(lr)
   elif config.lr_schedule == "cosine":
     # Cosine from lr to 0 over the steps after the warm-up, so that the
     # last step (num_train_steps) trains at ~0 whatever the warm-up.
     schedule = optax.cosine_decay_schedule(
-        lr, max(1, config.num_train_steps - warmup))
+        lr, max(1, config.num_train_steps - warmup)
+    )
   else:
     raise ConfigError(f"config.lr_schedule: unknown {config.lr_schedule!r}")
   if warmup:
     schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup), schedule], [warmup])
+        [optax.linear_schedule(0.0, lr, warmup), schedule], [warmup]
+    )
   if config.optimizer == "adam":
     tx = optax.adam(schedule)
   elif config.optimizer == "adamw":
@@ -111,8 +117,10 @@ def ema_decay_of(config) -> float:
   except (TypeError, ValueError):
     decay = math.nan
   if isinstance(value, bool) or not 0.0 <= decay < 1.0:
-    raise ConfigError(f"config.ema_decay={value!r}: must be >= 0 and < 1 "
-                      "(0 = no moving average of the parameters; e.g. 0.999)")
+    raise ConfigError(
+        f"config.ema_decay={value!r}: must be >= 0 and < 1 "
+        "(0 = no moving average of the parameters; e.g. 0.999)"
+    )
   return decay
 
 
@@ -130,7 +138,8 @@ def ema_update(ema, params, decay: float, step):
   t = jnp.asarray(step, jnp.float32)
   d = jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
   return jax.tree.map(
-      lambda e, p: d * e + (1.0 - d) * p.astype(jnp.float32), ema, params)
+      lambda e, p: d * e + (1.0 - d) * p.astype(jnp.float32), ema, params
+  )
 
 
 def _copy_float32(tree):
@@ -159,6 +168,7 @@ def init_params(model, loss_module, model_config, rng) -> dict:
 class Trainer:
   """The pieces of a run that do not change: model, loss, optimizer, mesh;
   `predictor` runs the model's forward (validation) on the same mesh."""
+
   config: ml_collections.ConfigDict
   model: Any
   loss_module: Any
@@ -170,9 +180,14 @@ class Trainer:
   def create(cls, config, mesh: Optional[Mesh] = None) -> "Trainer":
     ema_decay_of(config)
     tx, schedule = create_optimizer(config)
-    return cls(config=config, model=models.create_model(config.model),
-               loss_module=losses.create_loss(config.loss), tx=tx,
-               schedule=schedule, mesh=mesh or make_mesh())
+    return cls(
+        config=config,
+        model=models.create_model(config.model),
+        loss_module=losses.create_loss(config.loss),
+        tx=tx,
+        schedule=schedule,
+        mesh=mesh or make_mesh(),
+    )
 
   @property
   def replicated(self) -> NamedSharding:
@@ -190,20 +205,28 @@ class Trainer:
   def _init_state(self, rng) -> TrainState:
     params = init_params(self.model, self.loss_module, self.config.model, rng)
     ema = _copy_float32(params["model"]) if self.ema_decay else None
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.tx.init(params), ema_params=ema)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=self.tx.init(params),
+        ema_params=ema,
+    )
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the state, without computing it."""
     shapes = jax.eval_shape(self._init_state, jax.random.key(0, impl=PRNG_IMPL))
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                       sharding=self.replicated), shapes)
+        lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=self.replicated
+        ),
+        shapes,
+    )
 
   def init_state(self, seed: int) -> TrainState:
     """The initial state, created already replicated by a jitted init."""
     return jax.jit(self._init_state, out_shardings=self.replicated)(
-        jax.random.key(seed, impl=PRNG_IMPL))
+        jax.random.key(seed, impl=PRNG_IMPL)
+    )
 
   @staticmethod
   def eval_params(state: TrainState):
@@ -218,14 +241,20 @@ class Trainer:
     saved one, or (EMA on, none saved) one started from the restored model
     parameters, or (EMA off) none. A change is said in one line."""
     if self.ema_decay and state.ema_params is None:
-      _say(f"config.ema_decay={self.ema_decay:g}: {source} holds no moving "
-           "average of the parameters; the EMA starts from its parameters.")
-      return state.replace(ema_params=jax.jit(
-          _copy_float32, out_shardings=self.replicated)(
-              state.params["model"]))
+      _say(
+          f"config.ema_decay={self.ema_decay:g}: {source} holds no moving "
+          "average of the parameters; the EMA starts from its parameters."
+      )
+      return state.replace(
+          ema_params=jax.jit(_copy_float32, out_shardings=self.replicated)(
+              state.params["model"]
+          )
+      )
     if not self.ema_decay and state.ema_params is not None:
-      _say(f"config.ema_decay=0: the moving average of the parameters in "
-           f"{source} is not used (validation uses the trained parameters).")
+      _say(
+          f"config.ema_decay=0: the moving average of the parameters in "
+          f"{source} is not used (validation uses the trained parameters)."
+      )
       return state.replace(ema_params=None)
     return state
 
@@ -234,36 +263,54 @@ class Trainer:
     """One optimisation step. Pure: (state, batch) -> (state, metrics)."""
 
     def loss_fn(params):
-      pred = self.model.apply({"params": params["model"]},
-                              inference.model_inputs(batch))
+      pred = self.model.apply(
+          {"params": params["model"]}, inference.model_inputs(batch)
+      )
       loss, metrics = self.loss_module.apply(
-          {"params": params["loss"]}, pred, batch["target"], batch["ptv"],
-          batch["oar"])
+          {"params": params["loss"]},
+          pred,
+          batch["target"],
+          batch["ptv"],
+          batch["oar"],
+      )
       return loss, metrics
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+        state.params
+    )
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = None
     if self.ema_decay:
-      ema = ema_update(state.ema_params, params["model"], self.ema_decay,
-                       state.step)
+      ema = ema_update(
+          state.ema_params, params["model"], self.ema_decay, state.step
+      )
     metrics = dict(metrics)
     metrics.update(
-        loss=loss, finite=jnp.isfinite(loss),
+        loss=loss,
+        finite=jnp.isfinite(loss),
         grad_norm=_tree_norm(grads),
         param_norm=_tree_norm(params["model"]),
-        learning_rate=self.schedule(state.step))
-    return TrainState(step=state.step + 1, params=params,
-                      opt_state=opt_state, ema_params=ema), metrics
+        learning_rate=self.schedule(state.step),
+    )
+    return (
+        TrainState(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema_params=ema,
+        ),
+        metrics,
+    )
 
   @functools.cached_property
   def jit_train_step(self):
-    return jax.jit(self.train_step,
-                   in_shardings=(self.replicated, self.data_sharding),
-                   out_shardings=(self.replicated, self.replicated),
-                   donate_argnums=(0,))
+    return jax.jit(
+        self.train_step,
+        in_shardings=(self.replicated, self.data_sharding),
+        out_shardings=(self.replicated, self.replicated),
+        donate_argnums=(0,),
+    )
 
   def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict:
     """Process-local numpy batch -> global arrays split over 'data'."""
@@ -272,15 +319,20 @@ class Trainer:
       x = np.asarray(local_batch[k], np.float32)
       global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
       out[k] = jax.make_array_from_process_local_data(
-          self.data_sharding, x, global_shape)
+          self.data_sharding, x, global_shape
+      )
     return out
 
   @functools.cached_property
   def predictor(self) -> Predictor:
     """The forward of `model` on this mesh, compiled once; give it the
     parameters with `predictor.with_params(...)`."""
-    return Predictor(model=self.model, params=None,
-                     data_config=self.config.data, mesh=self.mesh)
+    return Predictor(
+        model=self.model,
+        params=None,
+        data_config=self.config.data,
+        mesh=self.mesh,
+    )
 
 
 # ----------------------------------------------------------------- loop
@@ -295,19 +347,25 @@ def learned_scalars(params) -> dict:
   for path, v in flat.items():
     if path.rsplit("/", 1)[-1] in ("alpha", "beta") and np.size(v) == 1:
       picked[f"scalars/{path}"] = v
-  for name, v in flax.traverse_util.flatten_dict(params["loss"],
-                                                  sep="/").items():
+  for name, v in flax.traverse_util.flatten_dict(
+      params["loss"], sep="/"
+  ).items():
     picked[f"loss_params/{name}"] = v
-  out = {k: float(np.asarray(v).reshape(()))
-         for k, v in jax.device_get(picked).items()}
+  out = {
+      k: float(np.asarray(v).reshape(()))
+      for k, v in jax.device_get(picked).items()
+  }
   for k, v in list(out.items()):
     if k.startswith("loss_params/log_var_"):
-      out[f"loss_params/weight_{k[len('loss_params/log_var_'):]}"] = math.exp(-v)
+      out[f"loss_params/weight_{k[len('loss_params/log_var_'):]}"] = math.exp(
+          -v
+      )
   return out
 
 
-def _restore_or_init(trainer: Trainer, ckpt: checkpointing.Checkpointer,
-                     config) -> tuple[TrainState, Optional[dict], int]:
+def _restore_or_init(
+    trainer: Trainer, ckpt: checkpointing.Checkpointer, config
+) -> tuple[TrainState, Optional[dict], int]:
   abstract = checkpointing.as_saveable(trainer.abstract_state())
   # Unreadable checkpoints are moved aside: training writes their steps again.
   restored = ckpt.restore(abstract, "latest", set_aside_unreadable=True)
@@ -316,35 +374,42 @@ def _restore_or_init(trainer: Trainer, ckpt: checkpointing.Checkpointer,
   if restored is not None:
     state = TrainState(**restored["state"])
     step = int(restored["step"])
-    logging.info("Resuming from the checkpoint at step %d in %s", step,
-                 ckpt.root)
-    print(f"Resuming from checkpoint at step {step} ({ckpt.root})",
-          flush=True)
+    logging.info(
+        "Resuming from the checkpoint at step %d in %s", step, ckpt.root
+    )
+    print(f"Resuming from checkpoint at step {step} ({ckpt.root})", flush=True)
     state = trainer.fit_ema(state, f"the checkpoint at step {step}")
     return state, restored, step
   state = trainer.init_state(config.seed)
   if config.init_checkpoint:
-    init = checkpointing.Checkpointer(config.init_checkpoint, keep=1,
-                                      async_save=False)
+    init = checkpointing.Checkpointer(
+        config.init_checkpoint, keep=1, async_save=False
+    )
     got = init.restore(abstract, "best") or init.restore(abstract, "latest")
     init.close()
     if got is None:
       raise checkpointing.CheckpointError(
-          f"config.init_checkpoint={config.init_checkpoint}: no checkpoint")
+          f"config.init_checkpoint={config.init_checkpoint}: no checkpoint"
+      )
     state = state.replace(params=TrainState(**got["state"]).params)
     if trainer.ema_decay:  # the EMA starts from the loaded parameters
-      state = state.replace(ema_params=jax.jit(
-          _copy_float32, out_shardings=trainer.replicated)(
-              state.params["model"]))
-    print(f"Initialised parameters from {config.init_checkpoint} "
-          f"(step {got['step']})"
-          f"{'; the EMA starts from them' if trainer.ema_decay else ''}",
-          flush=True)
+      state = state.replace(
+          ema_params=jax.jit(_copy_float32, out_shardings=trainer.replicated)(
+              state.params["model"]
+          )
+      )
+    print(
+        f"Initialised parameters from {config.init_checkpoint} "
+        f"(step {got['step']})"
+        f"{'; the EMA starts from them' if trainer.ema_decay else ''}",
+        flush=True,
+    )
   return state, None, 0
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
-                       mesh: Optional[Mesh] = None) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir, mesh: Optional[Mesh] = None
+) -> dict:
   """Trains per `config`, validating and checkpointing into `workdir`.
 
   Returns the final summary: validation scores of the best checkpoint and,
@@ -355,12 +420,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
   if config.batch_size % jax.device_count():
     raise ConfigError(
         f"config.batch_size={config.batch_size} must be divisible by the "
-        f"number of devices ({jax.device_count()}).")
+        f"number of devices ({jax.device_count()})."
+    )
   # A failure before training (a bad patient, an unreadable checkpoint)
   # leaves the workdir as it was: no half-built cache, no empty folders;
   # checkpoints moved aside as unreadable stay where they were moved.
-  with fileio.undo_new_files(workdir, enabled=jax.process_index() == 0,
-                             keep=(checkpointing.UNREADABLE_DIR,)):
+  with fileio.undo_new_files(
+      workdir,
+      enabled=jax.process_index() == 0,
+      keep=(checkpointing.UNREADABLE_DIR,),
+  ):
     workdir.mkdir(parents=True, exist_ok=True)
     train_cache, eval_cache, eval_dir = prepare_data(config, workdir)
     trainer = Trainer.create(config, mesh)
@@ -373,30 +442,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
 
   local_batch = config.batch_size // jax.process_count()
   train_ds = pipeline.train_dataset(
-      train_cache, config, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      train_cache,
+      config,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
   train_iter = iter(train_ds)
   if restored is not None:
     train_iter.set_state(restored["data"])
   periodic = validation.ModelEvaluator(
-      eval_cache, max_patients=config.max_eval_patients)
+      eval_cache, max_patients=config.max_eval_patients
+  )
   best = checkpointing.best_meta(workdir)
   best_score = best["dose_score"] if best else math.inf
   config_dict = json.loads(config.to_json_best_effort())
 
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0,
-                        resume_step=start_step)
+  writer = MetricWriter(
+      workdir, enabled=jax.process_index() == 0, resume_step=start_step
+  )
   if start_step == 0:
     writer.write_hparams(config_dict)
-  logging.info("Training %s on %d devices (%d processes), local batch %d",
-               config.model.name, jax.device_count(), jax.process_count(),
-               local_batch)
+  logging.info(
+      "Training %s on %d devices (%d processes), local batch %d",
+      config.model.name,
+      jax.device_count(),
+      jax.process_count(),
+      local_batch,
+  )
   _say(training_plan(config, len(eval_cache), start_step))
   bar = None
   if config.progress_bar and jax.process_index() == 0:
     import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm.tqdm(total=config.num_train_steps, initial=start_step,
-                    unit="step", dynamic_ncols=True, desc="train")
+
+    bar = tqdm.tqdm(
+        total=config.num_train_steps,
+        initial=start_step,
+        unit="step",
+        dynamic_ncols=True,
+        desc="train",
+    )
 
   pending, all_finite = [], jnp.ones((), bool)
   told_negative = False
@@ -422,11 +507,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
     if do_log or do_ckpt or do_eval:
       if not bool(all_finite):
         ckpt.wait()
-        where = (f"the last good checkpoint is step {last_saved} in "
-                 f"{ckpt.root}" if last_saved else "no checkpoint was saved")
-        msg = (f"Training stopped: the loss became NaN or infinite between "
-               f"step {step - len(pending) + 1} and step {step}; {where}. "
-               "Try a lower learning rate or config.grad_clip_norm.")
+        where = (
+            f"the last good checkpoint is step {last_saved} in " f"{ckpt.root}"
+            if last_saved
+            else "no checkpoint was saved"
+        )
+        msg = (
+            f"Training stopped: the loss became NaN or infinite between "
+            f"step {step - len(pending) + 1} and step {step}; {where}. "
+            "Try a lower learning rate or config.grad_clip_norm."
+        )
         if bar is not None:
           bar.close()
         writer.close()
@@ -434,12 +524,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
         raise NonFiniteLossError(msg)
     if do_log and pending:
       host = jax.device_get(pending)
-      summary = {f"train/{k}": float(np.mean([m[k] for m in host]))
-                 for k in host[0] if k != "finite"}
+      summary = {
+          f"train/{k}": float(np.mean([m[k] for m in host]))
+          for k in host[0]
+          if k != "finite"
+      }
       elapsed = time.time() - t0
       if step > t0_step:
-        summary["perf/steps_per_second"] = (step - t0_step) / max(elapsed,
-                                                                  1e-9)
+        summary["perf/steps_per_second"] = (step - t0_step) / max(elapsed, 1e-9)
       summary.update(learned_scalars(state.params))
       writer.write_scalars(step, summary)
       if bar is not None:
@@ -449,33 +541,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
         _console(bar, negative_loss_note(step, summary))
       pending = []
     if do_eval:
-      scores = periodic.run(trainer.predictor.with_params(
-          trainer.eval_params(state)))
+      scores = periodic.run(
+          trainer.predictor.with_params(trainer.eval_params(state))
+      )
       writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
-      msg = (f"step {step}: validation dose score {scores['dose_score']:.4f}, "
-             f"DVH score {scores['dvh_score']:.4f} "
-             f"({scores['num_patients']} patients)")
+      msg = (
+          f"step {step}: validation dose score {scores['dose_score']:.4f}, "
+          f"DVH score {scores['dvh_score']:.4f} "
+          f"({scores['num_patients']} patients)"
+      )
       if scores["dose_score"] < best_score:
         best_score = scores["dose_score"]
-        ckpt.save_best(step, checkpointing.as_saveable(state),
-                       train_iter.get_state(), config_dict,
-                       dict(step=step, **scores))
+        ckpt.save_best(
+            step,
+            checkpointing.as_saveable(state),
+            train_iter.get_state(),
+            config_dict,
+            dict(step=step, **scores),
+        )
         msg += " (best so far)"
       logging.info(msg)
       _console(bar, msg)
     if do_ckpt:
-      ckpt.save_latest(step, checkpointing.as_saveable(state),
-                       train_iter.get_state(), config_dict,
-                       dict(step=step))
+      ckpt.save_latest(
+          step,
+          checkpointing.as_saveable(state),
+          train_iter.get_state(),
+          config_dict,
+          dict(step=step),
+      )
       last_saved = step
   if bar is not None:
     bar.close()
   ckpt.wait()
 
-  summary = finish(trainer, ckpt, state, train_cache, eval_cache, workdir,
-                   config)
-  writer.write_scalars(step, {f"final/{k}": v for k, v in summary.items()
-                              if isinstance(v, (int, float))})
+  summary = finish(
+      trainer, ckpt, state, train_cache, eval_cache, workdir, config
+  )
+  writer.write_scalars(
+      step,
+      {
+          f"final/{k}": v
+          for k, v in summary.items()
+          if isinstance(v, (int, float))
+      },
+  )
   writer.close()
   ckpt.close()
   return summary
@@ -490,8 +600,14 @@ def finish(trainer, ckpt, state, train_cache, eval_cache, workdir, config):
   final = TrainState(**best["state"]) if best else state
   best_step = best["step"] if best else int(state.step)
   return validation.final_validation(
-      trainer.predictor.with_params(trainer.eval_params(final)), best_step,
-      final.ema_params is not None, train_cache, eval_cache, workdir, config)
+      trainer.predictor.with_params(trainer.eval_params(final)),
+      best_step,
+      final.ema_params is not None,
+      train_cache,
+      eval_cache,
+      workdir,
+      config,
+  )
 
 
 def _say(msg: str) -> None:
@@ -513,32 +629,46 @@ def _console(bar, msg: str) -> None:
 def training_plan(config, num_eval: int, start_step: int) -> str:
   """What the run will do, said once at the start: steps, and how many
   validation patients the periodic validations and the final one score."""
-  periodic = (min(num_eval, config.max_eval_patients)
-              if config.max_eval_patients else num_eval)
-  some = (f"the first {periodic} of the {num_eval} validation patients "
-          f"(config.max_eval_patients)" if periodic < num_eval
-          else f"all {num_eval} validation patients")
+  periodic = (
+      min(num_eval, config.max_eval_patients)
+      if config.max_eval_patients
+      else num_eval
+  )
+  some = (
+      f"the first {periodic} of the {num_eval} validation patients "
+      f"(config.max_eval_patients)"
+      if periodic < num_eval
+      else f"all {num_eval} validation patients"
+  )
   start = f" from step {start_step}" if start_step else ""
   decay = ema_decay_of(config)
-  which = (f"the exponential moving average of the model parameters "
-           f"(config.ema_decay={decay:g}), also in the checkpoints, predict "
-           f"and export" if decay else
-           "the trained parameters (config.ema_decay=0: no moving average)")
-  return (f"Training {config.model.name} for {config.num_train_steps} steps"
-          f"{start}, batch {config.batch_size}; every "
-          f"{config.eval_every_steps} steps and at the end a validation "
-          f"scores {some}; then the best checkpoint is scored on all "
-          f"{num_eval} and its predictions written. Validation uses "
-          f"{which}.")
+  which = (
+      f"the exponential moving average of the model parameters "
+      f"(config.ema_decay={decay:g}), also in the checkpoints, predict "
+      f"and export"
+      if decay
+      else "the trained parameters (config.ema_decay=0: no moving average)"
+  )
+  return (
+      f"Training {config.model.name} for {config.num_train_steps} steps"
+      f"{start}, batch {config.batch_size}; every "
+      f"{config.eval_every_steps} steps and at the end a validation "
+      f"scores {some}; then the best checkpoint is scored on all "
+      f"{num_eval} and its predictions written. Validation uses "
+      f"{which}."
+  )
 
 
 def negative_loss_note(step: int, summary: dict) -> str:
   """Why the printed loss can be below 0 (said once)."""
   l1 = summary.get("train/l1_all")
-  l1_text = (f" (step {step}: L1 over all voxels {l1:.4f})"
-             if l1 is not None else "")
-  return (f"note: the loss is negative from step {step}: with the learned "
-          "region weights (config.loss.mode='uncertainty') each region adds "
-          "exp(-s) * L1 + s, and its log-variance s goes below 0 as the "
-          "weight exp(-s) grows; the L1 terms themselves stay >= 0"
-          f"{l1_text}. Compare runs by the validation scores.")
+  l1_text = (
+      f" (step {step}: L1 over all voxels {l1:.4f})" if l1 is not None else ""
+  )
+  return (
+      f"note: the loss is negative from step {step}: with the learned "
+      "region weights (config.loss.mode='uncertainty') each region adds "
+      "exp(-s) * L1 + s, and its log-variance s goes below 0 as the "
+      "weight exp(-s) grows; the L1 terms themselves stay >= 0"
+      f"{l1_text}. Compare runs by the validation scores."
+  )

@@ -27,9 +27,13 @@ from randose_jax.data import encoding
 from randose_jax.data import openkbp
 
 
-def _score(eval_cache, doses_of: Callable[[list], list], *,
-           max_patients: int = 0,
-           write_dir: Optional[pathlib.Path] = None) -> dict:
+def _score(
+    eval_cache,
+    doses_of: Callable[[list], list],
+    *,
+    max_patients: int = 0,
+    write_dir: Optional[pathlib.Path] = None,
+) -> dict:
   """Scores `doses_of(patients)` (Gy, each patient's grid) over the cache's
   first `max_patients` patients (0: all); with `write_dir`, writes each
   dose as the official `pt_*.csv`."""
@@ -42,25 +46,33 @@ def _score(eval_cache, doses_of: Callable[[list], list], *,
   padded = [i if i is not None else (real[-1] if real else 0) for i in indices]
   step = jax.local_device_count()
   for start in range(0, len(indices), step):
-    chunk = indices[start:start + step]
-    patients = [eval_cache.sparse(i) for i in padded[start:start + step]]
+    chunk = indices[start : start + step]
+    patients = [eval_cache.sparse(i) for i in padded[start : start + step]]
     for i, patient, dose in zip(chunk, patients, doses_of(patients)):
       if i is None:
         continue
       evaluator.add(patient, dose)
       if write_dir is not None:
-        openkbp.write_prediction_csv(write_dir / f"{patient.patient_id}.csv",
-                                     dose, overwrite=True)
+        openkbp.write_prediction_csv(
+            write_dir / f"{patient.patient_id}.csv", dose, overwrite=True
+        )
   sums = distributed.allreduce_sums(
-      np.asarray(evaluator.partial_sums(), np.float64))
+      np.asarray(evaluator.partial_sums(), np.float64)
+  )
   return evaluation.scores_from_sums(sums)
 
 
 class ModelEvaluator:
   """Scores a `Predictor` on the cached validation patients."""
 
-  def __init__(self, eval_cache, *, tta: bool = False, max_patients: int = 0,
-               write_dir: Optional[pathlib.Path] = None):
+  def __init__(
+      self,
+      eval_cache,
+      *,
+      tta: bool = False,
+      max_patients: int = 0,
+      write_dir: Optional[pathlib.Path] = None,
+  ):
     self.eval_cache = eval_cache
     self.tta = tta
     self.max_patients = max_patients
@@ -68,13 +80,21 @@ class ModelEvaluator:
 
   def run(self, predictor) -> dict:
     def doses_of(patients):
-      examples = [encoding.encode_patient(p, self.eval_cache.settings)
-                  for p in patients]
+      examples = [
+          encoding.encode_patient(p, self.eval_cache.settings) for p in patients
+      ]
       preds = predictor.predict_local(examples, self.tta)
-      return [encoding.decode_dose(pred, p, predictor.data_config)
-              for pred, p in zip(preds, patients)]
-    return _score(self.eval_cache, doses_of, max_patients=self.max_patients,
-                  write_dir=self.write_dir)
+      return [
+          encoding.decode_dose(pred, p, predictor.data_config)
+          for pred, p in zip(preds, patients)
+      ]
+
+    return _score(
+        self.eval_cache,
+        doses_of,
+        max_patients=self.max_patients,
+        write_dir=self.write_dir,
+    )
 
 
 class BaselineEvaluator:
@@ -86,8 +106,9 @@ class BaselineEvaluator:
     self.max_patients = max_patients
 
   @classmethod
-  def mean_training_dose(cls, eval_cache, train_cache, **kwargs
-                         ) -> "BaselineEvaluator":
+  def mean_training_dose(
+      cls, eval_cache, train_cache, **kwargs
+  ) -> "BaselineEvaluator":
     return cls(eval_cache, mean_training_dose(train_cache), **kwargs)
 
   def run(self) -> dict:
@@ -98,22 +119,29 @@ class BaselineEvaluator:
         dose[patient.mask_index] = self.dose_gy
         doses.append(dose.reshape(patient.grid_shape))
       return doses
+
     return _score(self.eval_cache, doses_of, max_patients=self.max_patients)
 
 
-def evaluate(predictor, eval_cache, *, tta: bool = False,
-             max_patients: int = 0,
-             write_dir: Optional[pathlib.Path] = None) -> dict:
+def evaluate(
+    predictor,
+    eval_cache,
+    *,
+    tta: bool = False,
+    max_patients: int = 0,
+    write_dir: Optional[pathlib.Path] = None,
+) -> dict:
   """`ModelEvaluator(...).run(predictor)` in one call."""
-  return ModelEvaluator(eval_cache, tta=tta, max_patients=max_patients,
-                        write_dir=write_dir).run(predictor)
+  return ModelEvaluator(
+      eval_cache, tta=tta, max_patients=max_patients, write_dir=write_dir
+  ).run(predictor)
 
 
-def evaluate_baseline(eval_cache, dose_gy: float, *,
-                      max_patients: int = 0) -> dict:
+def evaluate_baseline(
+    eval_cache, dose_gy: float, *, max_patients: int = 0
+) -> dict:
   """`BaselineEvaluator(...).run()` in one call."""
-  return BaselineEvaluator(eval_cache, dose_gy,
-                           max_patients=max_patients).run()
+  return BaselineEvaluator(eval_cache, dose_gy, max_patients=max_patients).run()
 
 
 def mean_training_dose(train_cache) -> float:
@@ -127,23 +155,29 @@ def mean_training_dose(train_cache) -> float:
   return total / max(count, 1)
 
 
-def final_validation(predictor, checkpoint_step: int, uses_ema: bool,
-                     train_cache, eval_cache, workdir: pathlib.Path,
-                     config) -> dict:
+def final_validation(
+    predictor,
+    checkpoint_step: int,
+    uses_ema: bool,
+    train_cache,
+    eval_cache,
+    workdir: pathlib.Path,
+    config,
+) -> dict:
   """Scores `predictor` (the best checkpoint's; `uses_ema`: its parameters
   are the EMA) on every validation patient, writes its predictions
   (`predictions/<split>/pt_*.csv` and the zip) and `validation_scores.json`,
   beside the mean-dose baseline's scores."""
   out_dir = workdir / "predictions" / config.data.eval_split
   out_dir.mkdir(parents=True, exist_ok=True)
-  scores = evaluate(predictor, eval_cache, tta=config.eval_tta,
-                    write_dir=out_dir)
+  scores = evaluate(
+      predictor, eval_cache, tta=config.eval_tta, write_dir=out_dir
+  )
   distributed.barrier("predictions_written")
   zip_path = out_dir.with_suffix(".zip")
   if jax.process_index() == 0:
     openkbp.write_submission_zip(out_dir, zip_path, overwrite=True)
-  baseline = BaselineEvaluator.mean_training_dose(eval_cache,
-                                                  train_cache).run()
+  baseline = BaselineEvaluator.mean_training_dose(eval_cache, train_cache).run()
   ema = bool(uses_ema)
   summary = {
       "checkpoint_step": checkpoint_step,
@@ -158,17 +192,21 @@ def final_validation(predictor, checkpoint_step: int, uses_ema: bool,
       "submission_zip": str(zip_path),
   }
   if jax.process_index() == 0:
-    with fileio.atomic_output(workdir / "validation_scores.json",
-                              overwrite=True) as f:
+    with fileio.atomic_output(
+        workdir / "validation_scores.json", overwrite=True
+    ) as f:
       f.write(json.dumps(summary, indent=2).encode())
-    print(f"Validation ({summary['num_patients']} patients, checkpoint step "
-          f"{checkpoint_step}{', EMA parameters' if ema else ''}): "
-          f"dose score {summary['dose_score']:.4f}, "
-          f"DVH score {summary['dvh_score']:.4f}\n"
-          f"Baseline (mean training dose inside the mask): dose score "
-          f"{summary['baseline_mean_dose_score']:.4f}, DVH score "
-          f"{summary['baseline_mean_dvh_score']:.4f}\n"
-          f"Predictions: {out_dir} (zip: {zip_path})", flush=True)
+    print(
+        f"Validation ({summary['num_patients']} patients, checkpoint step "
+        f"{checkpoint_step}{', EMA parameters' if ema else ''}): "
+        f"dose score {summary['dose_score']:.4f}, "
+        f"DVH score {summary['dvh_score']:.4f}\n"
+        f"Baseline (mean training dose inside the mask): dose score "
+        f"{summary['baseline_mean_dose_score']:.4f}, DVH score "
+        f"{summary['baseline_mean_dvh_score']:.4f}\n"
+        f"Predictions: {out_dir} (zip: {zip_path})",
+        flush=True,
+    )
     if summary["dose_score"] >= summary["baseline_mean_dose_score"]:
       print(short_run_note(config), flush=True)
   return summary
@@ -178,11 +216,15 @@ def short_run_note(config) -> str:
   """Said when the model did not beat the mean-dose baseline."""
   steps = config.num_train_steps
   if steps < 1000:
-    return (f"note: the model does not beat the mean-dose baseline: {steps} "
-            "training steps are far too few to learn a dose (the demo "
-            "trains 1,200 steps to beat it; the paper 80,000). This is "
-            "expected of a short test run; train longer for meaningful "
-            "scores.")
-  return (f"note: the model does not beat the mean-dose baseline after "
-          f"{steps} steps: check the learning rate, the data and "
-          "metrics.jsonl (train/l1_all should fall).")
+    return (
+        f"note: the model does not beat the mean-dose baseline: {steps} "
+        "training steps are far too few to learn a dose (the demo "
+        "trains 1,200 steps to beat it; the paper 80,000). This is "
+        "expected of a short test run; train longer for meaningful "
+        "scores."
+    )
+  return (
+      f"note: the model does not beat the mean-dose baseline after "
+      f"{steps} steps: check the learning rate, the data and "
+      "metrics.jsonl (train/l1_all should fall)."
+  )

@@ -30,20 +30,33 @@ from randose_jax.conventions import ROI_NAMES as DEFAULT_ROI_NAMES
 # to stay apart from each other; on the slices every line gets a black outline
 # so it stays visible over the rainbow dose wash and the grey CT.
 ROI_COLOURS = {
-    'Brainstem': '#1f77b4', 'SpinalCord': '#17becf', 'RightParotid': '#2ca02c',
-    'LeftParotid': '#bcbd22', 'Esophagus': '#8c564b', 'Larynx': '#9467bd',
-    'Mandible': '#404040', 'PTV56': '#ff7f0e', 'PTV63': '#e377c2', 'PTV70': '#d62728',
+    'Brainstem': '#1f77b4',
+    'SpinalCord': '#17becf',
+    'RightParotid': '#2ca02c',
+    'LeftParotid': '#bcbd22',
+    'Esophagus': '#8c564b',
+    'Larynx': '#9467bd',
+    'Mandible': '#404040',
+    'PTV56': '#ff7f0e',
+    'PTV63': '#e377c2',
+    'PTV70': '#d62728',
 }
 _FALLBACK_COLOURS = colormaps['tab20'].colors
 
 CT_WINDOW_HU = (-160.0, 240.0)  # Soft-tissue window: level 40, width 400.
 DOSE_CMAP = 'turbo'
 DIFF_CMAP = 'RdBu_r'  # Red: prediction above reference.
-DOSE_WASH_THRESHOLD = 0.05  # Fraction of the maximum dose below which the wash is transparent.
+DOSE_WASH_THRESHOLD = (
+    0.05  # Fraction of the maximum dose below which the wash is transparent.
+)
 DOSE_WASH_ALPHA = 0.55
 
 # Letters at the low and high end of an array axis, from its LPS direction.
-_WORLD_LETTERS = (('R', 'L'), ('A', 'P'), ('I', 'S'))  # LPS x, y, z: (negative end, positive end)
+_WORLD_LETTERS = (
+    ('R', 'L'),
+    ('A', 'P'),
+    ('I', 'S'),
+)  # LPS x, y, z: (negative end, positive end)
 
 
 def _axis_letters(axis: int) -> tuple[str, str]:
@@ -64,13 +77,17 @@ _VIEWS = (
 
 
 def _roi_colour(name: str, channel: int) -> str:
-  return ROI_COLOURS.get(name, _FALLBACK_COLOURS[channel % len(_FALLBACK_COLOURS)])
+  return ROI_COLOURS.get(
+      name, _FALLBACK_COLOURS[channel % len(_FALLBACK_COLOURS)]
+  )
 
 
 def _check_grid(name: str, array, shape, path) -> np.ndarray:
   array = np.asarray(array)
   if array.shape != tuple(shape):
-    raise ValueError(f'{path}: {name} has shape {array.shape}, expected {tuple(shape)}')
+    raise ValueError(
+        f'{path}: {name} has shape {array.shape}, expected {tuple(shape)}'
+    )
   return array
 
 
@@ -78,8 +95,10 @@ def _check_masks(structure_masks, shape, roi_names, path) -> np.ndarray:
   masks = np.asarray(structure_masks)
   expected = (*shape, len(roi_names))
   if masks.shape != expected:
-    raise ValueError(f'{path}: structure_masks has shape {masks.shape}, expected {expected} '
-                     f'(one channel per name in {list(roi_names)})')
+    raise ValueError(
+        f'{path}: structure_masks has shape {masks.shape}, expected {expected} '
+        f'(one channel per name in {list(roi_names)})'
+    )
   return masks.astype(bool)
 
 
@@ -87,8 +106,9 @@ def _is_target(name: str) -> bool:
   return name.upper().startswith(('PTV', 'CTV', 'GTV'))
 
 
-def slice_centre(structure_masks, dose,
-                 roi_names: Sequence[str] = DEFAULT_ROI_NAMES) -> tuple[int, int, int]:
+def slice_centre(
+    structure_masks, dose, roi_names: Sequence[str] = DEFAULT_ROI_NAMES
+) -> tuple[int, int, int]:
   """The voxel (axis 0, 1, 2) the slice views pass through.
 
   Args:
@@ -103,7 +123,9 @@ def slice_centre(structure_masks, dose,
   union = np.any(structure_masks[..., targets], axis=-1) if targets else None
   if union is not None and union.any():
     return tuple(int(round(c)) for c in np.argwhere(union).mean(axis=0))
-  return tuple(int(i) for i in np.unravel_index(int(np.argmax(dose)), dose.shape))
+  return tuple(
+      int(i) for i in np.unravel_index(int(np.argmax(dose)), dose.shape)
+  )
 
 
 def _view_slice(volume, view, centre) -> np.ndarray:
@@ -120,8 +142,15 @@ def _view_slice(volume, view, centre) -> np.ndarray:
   return image
 
 
-def _view_box(view, centre, shape, voxel_dimensions, regions, margin_mm=12.0,
-              aspect_range=(0.55, 1.35)) -> tuple[float, float, float, float]:
+def _view_box(
+    view,
+    centre,
+    shape,
+    voxel_dimensions,
+    regions,
+    margin_mm=12.0,
+    aspect_range=(0.55, 1.35),
+) -> tuple[float, float, float, float]:
   """Display box (x0, x1, y0, y1) in mm that zooms a view onto its content.
 
   The box bounds the union of the 2-D `regions` (display images of the view)
@@ -152,19 +181,43 @@ def _view_box(view, centre, shape, voxel_dimensions, regions, margin_mm=12.0,
 
 
 def _outlined(**kwargs):
-  return dict(path_effects=[patheffects.withStroke(linewidth=2.0, foreground='black')], **kwargs)
+  return dict(
+      path_effects=[patheffects.withStroke(linewidth=2.0, foreground='black')],
+      **kwargs,
+  )
 
 
-def _draw_panel(ax, view, centre, shape, voxel_dimensions, box, ct_hu, overlay, overlay_kwargs,
-                masks, roi_names, present, scale_bar: bool):
+def _draw_panel(
+    ax,
+    view,
+    centre,
+    shape,
+    voxel_dimensions,
+    box,
+    ct_hu,
+    overlay,
+    overlay_kwargs,
+    masks,
+    roi_names,
+    present,
+    scale_bar: bool,
+):
   _, _, (v_axis, top), (h_axis, left) = view
   height_mm = shape[v_axis] * voxel_dimensions[v_axis]
   width_mm = shape[h_axis] * voxel_dimensions[h_axis]
   extent = (0.0, width_mm, height_mm, 0.0)  # mm; rows grow downwards.
 
-  ax.imshow(_view_slice(ct_hu, view, centre), cmap='gray', vmin=CT_WINDOW_HU[0],
-            vmax=CT_WINDOW_HU[1], extent=extent, interpolation='nearest')
-  image = ax.imshow(overlay, extent=extent, interpolation='nearest', **overlay_kwargs)
+  ax.imshow(
+      _view_slice(ct_hu, view, centre),
+      cmap='gray',
+      vmin=CT_WINDOW_HU[0],
+      vmax=CT_WINDOW_HU[1],
+      extent=extent,
+      interpolation='nearest',
+  )
+  image = ax.imshow(
+      overlay, extent=extent, interpolation='nearest', **overlay_kwargs
+  )
 
   # Pixel-centre coordinates for the contours, in the same mm frame.
   ys = (np.arange(shape[v_axis]) + 0.5) * voxel_dimensions[v_axis]
@@ -176,9 +229,17 @@ def _draw_panel(ax, view, centre, shape, voxel_dimensions, box, ct_hu, overlay, 
     if mask.any() and not mask.all():
       width = 1.5 if _is_target(name) else 1.2
       # A dark outline keeps each line readable over a dose wash of the same hue.
-      ax.contour(xs, ys, mask.astype(np.float32), levels=[0.5],
-                 colors=[_roi_colour(name, channel)], linewidths=width,
-                 path_effects=[patheffects.withStroke(linewidth=width + 1.2, foreground='black')])
+      ax.contour(
+          xs,
+          ys,
+          mask.astype(np.float32),
+          levels=[0.5],
+          colors=[_roi_colour(name, channel)],
+          linewidths=width,
+          path_effects=[
+              patheffects.withStroke(linewidth=width + 1.2, foreground='black')
+          ],
+      )
 
   x0, x1, y0, y1 = box
   ax.set_xlim(x0, x1)
@@ -189,30 +250,72 @@ def _draw_panel(ax, view, centre, shape, voxel_dimensions, box, ct_hu, overlay, 
   ax.set_facecolor('black')
 
   # Orientation letters at the edge midpoints.
-  bottom = _axis_letters(v_axis)[1] if _axis_letters(v_axis)[0] == top else _axis_letters(v_axis)[0]
-  right = _axis_letters(h_axis)[1] if _axis_letters(h_axis)[0] == left else _axis_letters(h_axis)[0]
+  bottom = (
+      _axis_letters(v_axis)[1]
+      if _axis_letters(v_axis)[0] == top
+      else _axis_letters(v_axis)[0]
+  )
+  right = (
+      _axis_letters(h_axis)[1]
+      if _axis_letters(h_axis)[0] == left
+      else _axis_letters(h_axis)[0]
+  )
   style = _outlined(color='white', fontsize=10, fontweight='bold')
-  ax.text(0.5, 0.99, top, transform=ax.transAxes, ha='center', va='top', **style)
-  ax.text(0.5, 0.01, bottom, transform=ax.transAxes, ha='center', va='bottom', **style)
-  ax.text(0.01, 0.5, left, transform=ax.transAxes, ha='left', va='center', **style)
-  ax.text(0.99, 0.5, right, transform=ax.transAxes, ha='right', va='center', **style)
+  ax.text(
+      0.5, 0.99, top, transform=ax.transAxes, ha='center', va='top', **style
+  )
+  ax.text(
+      0.5,
+      0.01,
+      bottom,
+      transform=ax.transAxes,
+      ha='center',
+      va='bottom',
+      **style,
+  )
+  ax.text(
+      0.01, 0.5, left, transform=ax.transAxes, ha='left', va='center', **style
+  )
+  ax.text(
+      0.99, 0.5, right, transform=ax.transAxes, ha='right', va='center', **style
+  )
 
   if scale_bar:
     box_w, box_h = x1 - x0, y1 - y0
     length = 50.0 if box_w >= 150 else (20.0 if box_w >= 50 else 10.0)
     bar_x, bar_y = x0 + 0.05 * box_w, y0 + 0.94 * box_h
-    ax.plot([bar_x, bar_x + length], [bar_y, bar_y], color='white', linewidth=2.5,
-            solid_capstyle='butt',
-            path_effects=[patheffects.withStroke(linewidth=4, foreground='black')])
+    ax.plot(
+        [bar_x, bar_x + length],
+        [bar_y, bar_y],
+        color='white',
+        linewidth=2.5,
+        solid_capstyle='butt',
+        path_effects=[patheffects.withStroke(linewidth=4, foreground='black')],
+    )
     label = f'{length / 10:g} cm' if length >= 10 else f'{length:g} mm'
-    ax.text(bar_x + length / 2, bar_y - 0.015 * box_h, label, ha='center', va='bottom',
-            **_outlined(color='white', fontsize=8))
+    ax.text(
+        bar_x + length / 2,
+        bar_y - 0.015 * box_h,
+        label,
+        ha='center',
+        va='bottom',
+        **_outlined(color='white', fontsize=8),
+    )
   return image
 
 
-def plot_dose_slices(ct, dose_pred, dose_ref, structure_masks, voxel_dimensions, path,
-                     title: str | None = None, *, roi_names: Sequence[str] = DEFAULT_ROI_NAMES,
-                     dpi: int = 110) -> Path:
+def plot_dose_slices(
+    ct,
+    dose_pred,
+    dose_ref,
+    structure_masks,
+    voxel_dimensions,
+    path,
+    title: str | None = None,
+    *,
+    roi_names: Sequence[str] = DEFAULT_ROI_NAMES,
+    dpi: int = 110,
+) -> Path:
   """Writes a PNG of axial, coronal and sagittal slices through the PTV centre.
 
   Rows are the three views, columns prediction, reference and prediction minus
@@ -239,7 +342,9 @@ def plot_dose_slices(ct, dose_pred, dose_ref, structure_masks, voxel_dimensions,
   path = Path(path)
   dose_pred = np.asarray(dose_pred, dtype=np.float64)
   if dose_pred.ndim != 3:
-    raise ValueError(f'{path}: dose_pred must be (D,H,W), got shape {dose_pred.shape}')
+    raise ValueError(
+        f'{path}: dose_pred must be (D,H,W), got shape {dose_pred.shape}'
+    )
   shape = dose_pred.shape
   ct_hu = _check_grid('ct', ct, shape, path).astype(np.float32) - CT_OFFSET
   if dose_ref is not None:
@@ -247,37 +352,59 @@ def plot_dose_slices(ct, dose_pred, dose_ref, structure_masks, voxel_dimensions,
   masks = _check_masks(structure_masks, shape, roi_names, path)
   voxel_dimensions = np.asarray(voxel_dimensions, dtype=np.float64)
   if voxel_dimensions.shape != (3,) or np.any(voxel_dimensions <= 0):
-    raise ValueError(f'{path}: voxel_dimensions must be three positive mm values, '
-                     f'got {voxel_dimensions}')
+    raise ValueError(
+        f'{path}: voxel_dimensions must be three positive mm values, '
+        f'got {voxel_dimensions}'
+    )
   present = masks.reshape(-1, masks.shape[-1]).any(axis=0)
 
-  centre = slice_centre(masks, dose_ref if dose_ref is not None else dose_pred, roi_names)
-  vmax = max(float(dose_pred.max()), float(dose_ref.max()) if dose_ref is not None else 0.0)
+  centre = slice_centre(
+      masks, dose_ref if dose_ref is not None else dose_pred, roi_names
+  )
+  vmax = max(
+      float(dose_pred.max()),
+      float(dose_ref.max()) if dose_ref is not None else 0.0,
+  )
   vmax = vmax if vmax > 0 else 1.0
   threshold = DOSE_WASH_THRESHOLD * vmax
 
-  columns = ['Prediction'] if dose_ref is None else ['Prediction', 'Reference',
-                                                      'Prediction \u2212 reference']
+  columns = (
+      ['Prediction']
+      if dose_ref is None
+      else ['Prediction', 'Reference', 'Prediction \u2212 reference']
+  )
   n_cols = len(columns)
   # Zoom each view onto the body (CT above -400 HU), the dose wash and the ROIs.
   content = (ct_hu > -400) | (dose_pred >= threshold) | masks.any(axis=-1)
   if dose_ref is not None:
     content |= dose_ref >= threshold
-  boxes = [_view_box(v, centre, shape, voxel_dimensions, [_view_slice(content, v, centre)])
-           for v in _VIEWS]
+  boxes = [
+      _view_box(
+          v, centre, shape, voxel_dimensions, [_view_slice(content, v, centre)]
+      )
+      for v in _VIEWS
+  ]
   # Row heights follow each view's physical aspect.
   heights = [(b[3] - b[2]) / (b[1] - b[0]) for b in boxes]
   panel_w = 3.8
-  fig = Figure(figsize=(panel_w * n_cols + 2.4, panel_w * sum(heights) + 1.6),
-               layout='constrained', dpi=dpi)
-  axes = fig.subplots(3, n_cols, squeeze=False, gridspec_kw={'height_ratios': heights})
+  fig = Figure(
+      figsize=(panel_w * n_cols + 2.4, panel_w * sum(heights) + 1.6),
+      layout='constrained',
+      dpi=dpi,
+  )
+  axes = fig.subplots(
+      3, n_cols, squeeze=False, gridspec_kw={'height_ratios': heights}
+  )
 
   dose_kwargs = dict(cmap=DOSE_CMAP, vmin=0.0, vmax=vmax, alpha=DOSE_WASH_ALPHA)
   diff_image = None
   if dose_ref is not None:
     diff = dose_pred - dose_ref
     region = (dose_pred >= threshold) | (dose_ref >= threshold)
-    shown = [np.abs(_view_slice(diff, v, centre))[_view_slice(region, v, centre)] for v in _VIEWS]
+    shown = [
+        np.abs(_view_slice(diff, v, centre))[_view_slice(region, v, centre)]
+        for v in _VIEWS
+    ]
     shown = np.concatenate(shown) if any(s.size for s in shown) else np.zeros(1)
     # The 99th percentile keeps one outlier voxel from washing out the map.
     diff_max = max(float(np.percentile(shown, 99)), 0.01 * vmax, 1e-3)
@@ -296,8 +423,21 @@ def plot_dose_slices(ct, dose_pred, dose_ref, structure_masks, voxel_dimensions,
         image = _view_slice(diff, view, centre)
         overlay = np.ma.masked_where(~_view_slice(region, view, centre), image)
         kwargs = diff_kwargs
-      im = _draw_panel(ax, view, centre, shape, voxel_dimensions, boxes[row], ct_hu, overlay,
-                       kwargs, masks, roi_names, present, scale_bar=(col == 0))
+      im = _draw_panel(
+          ax,
+          view,
+          centre,
+          shape,
+          voxel_dimensions,
+          boxes[row],
+          ct_hu,
+          overlay,
+          kwargs,
+          masks,
+          roi_names,
+          present,
+          scale_bar=(col == 0),
+      )
       if col < 2:
         dose_image = im
       else:
@@ -306,25 +446,48 @@ def plot_dose_slices(ct, dose_pred, dose_ref, structure_masks, voxel_dimensions,
         ax.set_title(name, fontsize=12, fontweight='bold')
       if col == 0:
         plane_axis = view[1]
-        ax.set_ylabel(f'{view[0]}\n(axis {plane_axis} = {centre[plane_axis]})', fontsize=11)
+        ax.set_ylabel(
+            f'{view[0]}\n(axis {plane_axis} = {centre[plane_axis]})',
+            fontsize=11,
+        )
 
-  dose_axes = axes[:, :min(n_cols, 2)].ravel().tolist()
-  cbar = fig.colorbar(dose_image, ax=dose_axes, location='right', shrink=0.6, pad=0.01,
-                      aspect=30)
+  dose_axes = axes[:, : min(n_cols, 2)].ravel().tolist()
+  cbar = fig.colorbar(
+      dose_image,
+      ax=dose_axes,
+      location='right',
+      shrink=0.6,
+      pad=0.01,
+      aspect=30,
+  )
   cbar.solids.set_alpha(1.0)
   cbar.set_label('Dose (Gy)', fontsize=11)
   if diff_image is not None:
-    cbar = fig.colorbar(diff_image, ax=axes[:, 2].ravel().tolist(), location='right', shrink=0.6,
-                        pad=0.01, aspect=30, extend=diff_extend)
+    cbar = fig.colorbar(
+        diff_image,
+        ax=axes[:, 2].ravel().tolist(),
+        location='right',
+        shrink=0.6,
+        pad=0.01,
+        aspect=30,
+        extend=diff_extend,
+    )
     cbar.solids.set_alpha(1.0)
     cbar.set_label('Prediction \u2212 reference (Gy)', fontsize=11)
 
-  handles = [Line2D([], [], color=_roi_colour(name, c), linewidth=2.0, label=name)
-             for c, name in enumerate(roi_names) if present[c]]
+  handles = [
+      Line2D([], [], color=_roi_colour(name, c), linewidth=2.0, label=name)
+      for c, name in enumerate(roi_names)
+      if present[c]
+  ]
   if handles:
-    fig.legend(handles=handles, loc='outside lower center',
-               ncol=min(len(handles), 5 if n_cols > 1 else 3),
-               fontsize=10, frameon=False)
+    fig.legend(
+        handles=handles,
+        loc='outside lower center',
+        ncol=min(len(handles), 5 if n_cols > 1 else 3),
+        fontsize=10,
+        frameon=False,
+    )
   fig.suptitle(title or 'Dose distribution', fontsize=13, fontweight='bold')
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=dpi, facecolor='white')
@@ -336,11 +499,24 @@ def cumulative_dvh(dose, mask, bins) -> np.ndarray:
   values = np.sort(np.asarray(dose)[np.asarray(mask, dtype=bool)])
   if values.size == 0:
     return np.zeros(len(bins))
-  return 100.0 * (values.size - np.searchsorted(values, bins, side='left')) / values.size
+  return (
+      100.0
+      * (values.size - np.searchsorted(values, bins, side='left'))
+      / values.size
+  )
 
 
-def plot_dvh(dose_pred, dose_ref, structure_masks, roi_present, path, title: str | None = None, *,
-             roi_names: Sequence[str] = DEFAULT_ROI_NAMES, dpi: int = 110) -> Path:
+def plot_dvh(
+    dose_pred,
+    dose_ref,
+    structure_masks,
+    roi_present,
+    path,
+    title: str | None = None,
+    *,
+    roi_names: Sequence[str] = DEFAULT_ROI_NAMES,
+    dpi: int = 110,
+) -> Path:
   """Writes a PNG of cumulative dose-volume histograms.
 
   x: dose (Gy); y: percent of the ROI volume receiving at least that dose.
@@ -361,17 +537,24 @@ def plot_dvh(dose_pred, dose_ref, structure_masks, roi_present, path, title: str
   path = Path(path)
   dose_pred = np.asarray(dose_pred, dtype=np.float64)
   if dose_pred.ndim != 3:
-    raise ValueError(f'{path}: dose_pred must be (D,H,W), got shape {dose_pred.shape}')
+    raise ValueError(
+        f'{path}: dose_pred must be (D,H,W), got shape {dose_pred.shape}'
+    )
   shape = dose_pred.shape
   if dose_ref is not None:
     dose_ref = _check_grid('dose_ref', dose_ref, shape, path).astype(np.float64)
   masks = _check_masks(structure_masks, shape, roi_names, path)
   roi_present = np.asarray(roi_present, dtype=bool)
   if roi_present.shape != (len(roi_names),):
-    raise ValueError(f'{path}: roi_present has shape {roi_present.shape}, '
-                     f'expected ({len(roi_names)},)')
+    raise ValueError(
+        f'{path}: roi_present has shape {roi_present.shape}, '
+        f'expected ({len(roi_names)},)'
+    )
 
-  vmax = max(float(dose_pred.max()), float(dose_ref.max()) if dose_ref is not None else 0.0)
+  vmax = max(
+      float(dose_pred.max()),
+      float(dose_ref.max()) if dose_ref is not None else 0.0,
+  )
   bins = np.linspace(0.0, max(vmax, 1e-6) * 1.02, 600)
   fig = Figure(figsize=(9.5, 6.0), layout='constrained', dpi=dpi)
   ax = fig.subplots()
@@ -383,11 +566,26 @@ def plot_dvh(dose_pred, dose_ref, structure_masks, roi_present, path, title: str
     colour = _roi_colour(name, channel)
     width = 2.0 if _is_target(name) else 1.6
     if dose_ref is not None:
-      ax.plot(bins, cumulative_dvh(dose_ref, mask, bins), color=colour, linewidth=width)
-      ax.plot(bins, cumulative_dvh(dose_pred, mask, bins), color=colour, linewidth=width,
-              linestyle=(0, (5, 2.5)))
+      ax.plot(
+          bins,
+          cumulative_dvh(dose_ref, mask, bins),
+          color=colour,
+          linewidth=width,
+      )
+      ax.plot(
+          bins,
+          cumulative_dvh(dose_pred, mask, bins),
+          color=colour,
+          linewidth=width,
+          linestyle=(0, (5, 2.5)),
+      )
     else:
-      ax.plot(bins, cumulative_dvh(dose_pred, mask, bins), color=colour, linewidth=width)
+      ax.plot(
+          bins,
+          cumulative_dvh(dose_pred, mask, bins),
+          color=colour,
+          linewidth=width,
+      )
     roi_handles.append(Line2D([], [], color=colour, linewidth=2.5, label=name))
 
   ax.set_xlim(0, bins[-1])
@@ -398,23 +596,48 @@ def plot_dvh(dose_pred, dose_ref, structure_masks, roi_present, path, title: str
   ax.minorticks_on()
   ax.grid(True, which='minor', color='0.94', linewidth=0.5)
   ax.set_axisbelow(True)
-  ax.set_title(title or 'Cumulative dose-volume histogram', fontsize=13, fontweight='bold')
+  ax.set_title(
+      title or 'Cumulative dose-volume histogram',
+      fontsize=13,
+      fontweight='bold',
+  )
 
   if dose_ref is not None:
-    style_handles = [Line2D([], [], color='black', linewidth=1.8, label='Reference'),
-                     Line2D([], [], color='black', linewidth=1.8, linestyle=(0, (5, 2.5)),
-                            label='Prediction')]
+    style_handles = [
+        Line2D([], [], color='black', linewidth=1.8, label='Reference'),
+        Line2D(
+            [],
+            [],
+            color='black',
+            linewidth=1.8,
+            linestyle=(0, (5, 2.5)),
+            label='Prediction',
+        ),
+    ]
   else:
-    style_handles = [Line2D([], [], color='black', linewidth=1.8, label='Prediction')]
-  ax.legend(handles=roi_handles + style_handles, loc='upper left', bbox_to_anchor=(1.01, 1.0),
-            fontsize=10, frameon=False)
+    style_handles = [
+        Line2D([], [], color='black', linewidth=1.8, label='Prediction')
+    ]
+  ax.legend(
+      handles=roi_handles + style_handles,
+      loc='upper left',
+      bbox_to_anchor=(1.01, 1.0),
+      fontsize=10,
+      frameon=False,
+  )
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=dpi, facecolor='white')
   return path
 
 
-def write_patient_plots(patient, dose_pred, out_dir, *, roi_names: Sequence[str] | None = None,
-                        dpi: int = 110) -> list[Path]:
+def write_patient_plots(
+    patient,
+    dose_pred,
+    out_dir,
+    *,
+    roi_names: Sequence[str] | None = None,
+    dpi: int = 110,
+) -> list[Path]:
   """Writes `<patient_id>_slices.png` and `<patient_id>_dvh.png` into `out_dir`.
 
   Args:
@@ -431,17 +654,38 @@ def write_patient_plots(patient, dose_pred, out_dir, *, roi_names: Sequence[str]
   names = tuple(roi_names) if roi_names is not None else DEFAULT_ROI_NAMES
   out_dir = Path(out_dir)
   pid = patient.patient_id
-  slices = plot_dose_slices(patient.ct, dose_pred, patient.dose, patient.structure_masks,
-                            patient.voxel_dimensions, out_dir / f'{pid}_slices.png',
-                            title=f'{pid}: predicted dose', roi_names=names, dpi=dpi)
-  dvh = plot_dvh(dose_pred, patient.dose, patient.structure_masks, patient.roi_present,
-                 out_dir / f'{pid}_dvh.png', title=f'{pid}: dose-volume histogram',
-                 roi_names=names, dpi=dpi)
+  slices = plot_dose_slices(
+      patient.ct,
+      dose_pred,
+      patient.dose,
+      patient.structure_masks,
+      patient.voxel_dimensions,
+      out_dir / f'{pid}_slices.png',
+      title=f'{pid}: predicted dose',
+      roi_names=names,
+      dpi=dpi,
+  )
+  dvh = plot_dvh(
+      dose_pred,
+      patient.dose,
+      patient.structure_masks,
+      patient.roi_present,
+      out_dir / f'{pid}_dvh.png',
+      title=f'{pid}: dose-volume histogram',
+      roi_names=names,
+      dpi=dpi,
+  )
   return [slices, dvh]
 
 
-def plot_patient(patient, path=None, title: str | None = None, *,
-                 roi_names: Sequence[str] | None = None, dpi: int = 110) -> Figure:
+def plot_patient(
+    patient,
+    path=None,
+    title: str | None = None,
+    *,
+    roi_names: Sequence[str] | None = None,
+    dpi: int = 110,
+) -> Figure:
   """The model's inputs for one patient: CT with PTV and OAR contours, no dose.
 
   One row of axial, coronal and sagittal slices through the PTV centre (the
@@ -471,40 +715,81 @@ def plot_patient(patient, path=None, title: str | None = None, *,
   masks = _check_masks(patient.structure_masks, shape, names, where)
   voxel_dimensions = np.asarray(patient.voxel_dimensions, dtype=np.float64)
   if voxel_dimensions.shape != (3,) or np.any(voxel_dimensions <= 0):
-    raise ValueError(f'{where}: voxel_dimensions must be three positive mm values, '
-                     f'got {voxel_dimensions}')
+    raise ValueError(
+        f'{where}: voxel_dimensions must be three positive mm values, '
+        f'got {voxel_dimensions}'
+    )
   present = masks.reshape(-1, masks.shape[-1]).any(axis=0)
   content = (ct_hu > -400) | masks.any(axis=-1)
   dose = getattr(patient, 'dose', None)
   targets = [c for c, name in enumerate(names) if _is_target(name)]
   if dose is None and not masks[..., targets].any():
     # Nothing to centre on: the centre of the body (or of the grid).
-    points = np.argwhere(content) if content.any() else np.argwhere(np.ones(shape, bool))
+    points = (
+        np.argwhere(content)
+        if content.any()
+        else np.argwhere(np.ones(shape, bool))
+    )
     centre = tuple(int(round(c)) for c in points.mean(axis=0))
   else:
     centre = slice_centre(masks, dose, names)
-  boxes = [_view_box(v, centre, shape, voxel_dimensions, [_view_slice(content, v, centre)])
-           for v in _VIEWS]
+  boxes = [
+      _view_box(
+          v, centre, shape, voxel_dimensions, [_view_slice(content, v, centre)]
+      )
+      for v in _VIEWS
+  ]
   # Column widths follow each view's physical aspect, so pixels stay square.
   widths = [(b[1] - b[0]) / (b[3] - b[2]) for b in boxes]
   panel_h = 3.8
-  fig = Figure(figsize=(panel_h * sum(widths) + 0.8, panel_h + 1.6), layout='constrained',
-               dpi=dpi)
-  axes = fig.subplots(1, 3, squeeze=False, gridspec_kw={'width_ratios': widths})[0]
+  fig = Figure(
+      figsize=(panel_h * sum(widths) + 0.8, panel_h + 1.6),
+      layout='constrained',
+      dpi=dpi,
+  )
+  axes = fig.subplots(
+      1, 3, squeeze=False, gridspec_kw={'width_ratios': widths}
+  )[0]
   nothing = np.ma.masked_all((1, 1))  # no dose wash: CT and contours only
   for ax, view, box in zip(axes, _VIEWS, boxes):
-    _draw_panel(ax, view, centre, shape, voxel_dimensions, box, ct_hu, nothing, {}, masks,
-                names, present, scale_bar=True)
+    _draw_panel(
+        ax,
+        view,
+        centre,
+        shape,
+        voxel_dimensions,
+        box,
+        ct_hu,
+        nothing,
+        {},
+        masks,
+        names,
+        present,
+        scale_bar=True,
+    )
     plane_axis = view[1]
-    ax.set_title(f'{view[0]} (axis {plane_axis} = {centre[plane_axis]})', fontsize=11)
+    ax.set_title(
+        f'{view[0]} (axis {plane_axis} = {centre[plane_axis]})', fontsize=11
+    )
 
-  handles = [Line2D([], [], color=_roi_colour(name, c), linewidth=2.0, label=name)
-             for c, name in enumerate(names) if present[c]]
+  handles = [
+      Line2D([], [], color=_roi_colour(name, c), linewidth=2.0, label=name)
+      for c, name in enumerate(names)
+      if present[c]
+  ]
   if handles:
-    fig.legend(handles=handles, loc='outside lower center', ncol=min(len(handles), 5),
-               fontsize=10, frameon=False)
-  fig.suptitle(title or f'{patient.patient_id}: CT with PTV and OAR contours', fontsize=13,
-               fontweight='bold')
+    fig.legend(
+        handles=handles,
+        loc='outside lower center',
+        ncol=min(len(handles), 5),
+        fontsize=10,
+        frameon=False,
+    )
+  fig.suptitle(
+      title or f'{patient.patient_id}: CT with PTV and OAR contours',
+      fontsize=13,
+      fontweight='bold',
+  )
   if path is not None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

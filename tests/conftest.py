@@ -17,9 +17,12 @@ from randose_jax.data import phantoms
 # compilation cache shared by this session and its subprocesses compiles each
 # program once.
 jax.config.update("jax_disable_most_optimizations", True)
-_CACHE = Path(os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR",
-    str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax")))
+_CACHE = Path(
+    os.environ.setdefault(
+        "JAX_COMPILATION_CACHE_DIR",
+        str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"),
+    )
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
@@ -38,8 +41,10 @@ def shared_openkbp() -> Path:
   """The shared OpenKBP folder (train-pats/, validation-pats/); skips if absent."""
   path = openkbp_dir()
   if not (path / "train-pats").is_dir():
-    pytest.skip(f"shared OpenKBP patients not found at {path} "
-                f"(set RANDOSE_OPENKBP_DIR to run this test)")
+    pytest.skip(
+        f"shared OpenKBP patients not found at {path} "
+        f"(set RANDOSE_OPENKBP_DIR to run this test)"
+    )
   return path
 
 

@@ -17,8 +17,18 @@ ROI is its minimum dose (the whole ROI lies within the hottest 0.1 cc).
 
 import numpy as np
 
-ROI_NAMES = ('Brainstem', 'SpinalCord', 'RightParotid', 'LeftParotid',
-             'Esophagus', 'Larynx', 'Mandible', 'PTV56', 'PTV63', 'PTV70')
+ROI_NAMES = (
+    'Brainstem',
+    'SpinalCord',
+    'RightParotid',
+    'LeftParotid',
+    'Esophagus',
+    'Larynx',
+    'Mandible',
+    'PTV56',
+    'PTV63',
+    'PTV70',
+)
 OAR_NAMES = ROI_NAMES[:7]
 TARGET_NAMES = ROI_NAMES[7:]
 METRIC_NAMES = ('D_0.1_cc', 'mean', 'D_99', 'D_95', 'D_1')
@@ -26,7 +36,9 @@ METRIC_NAMES = ('D_0.1_cc', 'mean', 'D_99', 'D_95', 'D_1')
 
 def plain_dose_error(reference, prediction, possible_dose_mask):
   """Sum over all voxels of |reference - prediction| (Gy) / mask voxel count."""
-  return float(np.sum(np.abs(reference - prediction)) / np.sum(possible_dose_mask))
+  return float(
+      np.sum(np.abs(reference - prediction)) / np.sum(possible_dose_mask)
+  )
 
 
 def plain_dvh_metrics(dose, structure_masks, roi_present, voxel_dimensions):
@@ -77,15 +89,31 @@ def plain_scores(cases):
   rows = []
   for case in cases:
     pid = case['patient_id']
-    dose_errors.append(plain_dose_error(
-        case['reference'], case['prediction'], case['possible_dose_mask']))
-    geometry = (case['structure_masks'], case['roi_present'],
-                case['voxel_dimensions'])
+    dose_errors.append(
+        plain_dose_error(
+            case['reference'], case['prediction'], case['possible_dose_mask']
+        )
+    )
+    geometry = (
+        case['structure_masks'],
+        case['roi_present'],
+        case['voxel_dimensions'],
+    )
     reference = plain_dvh_metrics(case['reference'], *geometry)
     prediction = plain_dvh_metrics(case['prediction'], *geometry)
     for key, ref_value in reference.items():
-      rows.append((pid, key[0], key[1], ref_value, prediction[key],
-                   abs(ref_value - prediction[key])))
+      rows.append(
+          (
+              pid,
+              key[0],
+              key[1],
+              ref_value,
+              prediction[key],
+              abs(ref_value - prediction[key]),
+          )
+      )
   dose_score = float(np.mean(dose_errors))
-  dvh_score = float(np.mean([row[-1] for row in rows])) if rows else float('nan')
+  dvh_score = (
+      float(np.mean([row[-1] for row in rows])) if rows else float('nan')
+  )
   return dose_score, dvh_score, dose_errors, rows

@@ -21,9 +21,14 @@ CLIS = ("main", "predict", "evaluate", "export", "summary")
 
 def test_help_exits_0_with_clean_usage_lines():
   for tool in CLIS:
-    done = subprocess.run([sys.executable, "-m", f"randose_jax.{tool}",
-                           "--help"], cwd=REPO, env=SUBPROCESS_ENV,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", f"randose_jax.{tool}", "--help"],
+        cwd=REPO,
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, (tool, done.stderr[-2000:])
     assert f"python -m randose_jax.{tool}" in done.stdout, tool
     usage = done.stdout.split("flags:")[0]
@@ -38,33 +43,49 @@ def _main(args, capfd):
   return run_in_process("main", args, capfd)
 
 
-@pytest.mark.parametrize("args,want", [
-    (["--config.data.rooot=/data"],
-     "error: --config.data.rooot: the config has no field 'data.rooot'; "
-     'did you mean "root" instead of "rooot"?'),
-    (["--config.num_train_steps=many"],
-     "error: flag --config.num_train_steps=many: invalid literal for int()"),
-])
-def test_config_override_typo_is_one_unescaped_line(args, want, tmp_path,
-                                                    capfd):
-  code, out, err = _main([f"--config={DEMO}", f"--workdir={tmp_path / 'w'}",
-                          *args], capfd)
+@pytest.mark.parametrize(
+    "args,want",
+    [
+        (
+            ["--config.data.rooot=/data"],
+            "error: --config.data.rooot: the config has no field 'data.rooot'; "
+            'did you mean "root" instead of "rooot"?',
+        ),
+        (
+            ["--config.num_train_steps=many"],
+            "error: flag --config.num_train_steps=many: invalid literal for int()",
+        ),
+    ],
+)
+def test_config_override_typo_is_one_unescaped_line(
+    args, want, tmp_path, capfd
+):
+  code, out, err = _main(
+      [f"--config={DEMO}", f"--workdir={tmp_path / 'w'}", *args], capfd
+  )
   assert code == 2
   assert err.splitlines() == [err.strip()] and err.startswith(want), err
   assert "\\" not in err
   assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("config,want", [
-    ("configs/demoo.py", "error: --config=configs/demoo.py: no such config "
-     "file"),
-    (f"{REPO}/configs/openkbp.py:smok", "unknown variant 'smok'"),
-])
-def test_bad_config_file_is_one_line(config, want, tmp_path, capfd,
-                                     monkeypatch):
+@pytest.mark.parametrize(
+    "config,want",
+    [
+        (
+            "configs/demoo.py",
+            "error: --config=configs/demoo.py: no such config " "file",
+        ),
+        (f"{REPO}/configs/openkbp.py:smok", "unknown variant 'smok'"),
+    ],
+)
+def test_bad_config_file_is_one_line(
+    config, want, tmp_path, capfd, monkeypatch
+):
   monkeypatch.chdir(tmp_path)
-  code, _, err = _main([f"--config={config}", f"--workdir={tmp_path / 'w'}"],
-                       capfd)
+  code, _, err = _main(
+      [f"--config={config}", f"--workdir={tmp_path / 'w'}"], capfd
+  )
   assert code == 2
   assert len(err.splitlines()) == 1 and want in err, err
   assert "Traceback" not in err
@@ -73,8 +94,9 @@ def test_bad_config_file_is_one_line(config, want, tmp_path, capfd,
 def test_a_broken_config_file_names_its_line(tmp_path, capfd):
   path = tmp_path / "mine.py"
   path.write_text("def get_config():\n  return (\n")
-  code, _, err = _main([f"--config={path}", f"--workdir={tmp_path / 'w'}"],
-                       capfd)
+  code, _, err = _main(
+      [f"--config={path}", f"--workdir={tmp_path / 'w'}"], capfd
+  )
   assert code == 2
   assert len(err.splitlines()) == 1, err
   assert f"{path}: line 2" in err
@@ -88,10 +110,16 @@ def test_usage_errors_and_unknown_flags_are_one_line(tmp_path, capfd):
 
 
 def test_nan_stop_is_one_line(tmp_path, capfd):
-  code, _, err = _main([
-      f"--config={DEMO}:smoke", f"--workdir={tmp_path / 'w'}",
-      "--config.learning_rate=1e38", "--config.num_train_steps=8",
-      "--config.eval_every_steps=100"], capfd)
+  code, _, err = _main(
+      [
+          f"--config={DEMO}:smoke",
+          f"--workdir={tmp_path / 'w'}",
+          "--config.learning_rate=1e38",
+          "--config.num_train_steps=8",
+          "--config.eval_every_steps=100",
+      ],
+      capfd,
+  )
   assert code == 2, err
   assert len(err.splitlines()) == 1, err
   assert err.startswith("error: Training stopped: the loss became NaN")
@@ -114,6 +142,7 @@ def test_an_unexpected_exception_keeps_its_traceback(capfd):
 
 class _Shifted(nn.Module):
   """The real loss minus 100: a negative loss, whatever the data."""
+
   inner: nn.Module
 
   def __call__(self, *args):
@@ -121,20 +150,22 @@ class _Shifted(nn.Module):
     return loss - 100.0, metrics
 
 
-def test_run_announces_its_validations_and_explains_itself(tmp_path,
-                                                           capsys,
-                                                           monkeypatch):
+def test_run_announces_its_validations_and_explains_itself(
+    tmp_path, capsys, monkeypatch
+):
   real = train.losses.create_loss
-  monkeypatch.setattr(train.losses, "create_loss",
-                      lambda c: _Shifted(real(c)))
+  monkeypatch.setattr(train.losses, "create_loss", lambda c: _Shifted(real(c)))
   config = tiny_config(max_eval_patients=1)
   summary = train.train_and_evaluate(
-      config, tmp_path, mesh=train.make_mesh(jax.devices()[:1]))
+      config, tmp_path, mesh=train.make_mesh(jax.devices()[:1])
+  )
   out = capsys.readouterr().out
   # The periodic validations score 1 patient, the final one both: said.
-  assert ("every 2 steps and at the end a validation scores the first 1 of "
-          "the 2 validation patients (config.max_eval_patients); then the "
-          "best checkpoint is scored on all 2") in out
+  assert (
+      "every 2 steps and at the end a validation scores the first 1 of "
+      "the 2 validation patients (config.max_eval_patients); then the "
+      "best checkpoint is scored on all 2"
+  ) in out
   assert "step 2: validation dose score" in out and "(1 patients)" in out
   assert "Validation (2 patients" in out
   # A negative loss is explained once, where it is printed.
@@ -150,4 +181,5 @@ def test_run_announces_its_validations_and_explains_itself(tmp_path,
 def test_short_run_note_says_so_only_for_short_runs():
   assert "far too few" in validation.short_run_note(tiny_config())
   assert "far too few" not in validation.short_run_note(
-      tiny_config(num_train_steps=5000))
+      tiny_config(num_train_steps=5000)
+  )

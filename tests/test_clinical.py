@@ -33,14 +33,25 @@ from randose_jax import evaluation
 from randose_jax.data import openkbp
 
 REPO = Path(__file__).resolve().parents[1]
-ROI_NAMES = ('Brainstem', 'SpinalCord', 'RightParotid', 'LeftParotid',
-             'Esophagus', 'Larynx', 'Mandible', 'PTV56', 'PTV63', 'PTV70')
+ROI_NAMES = (
+    'Brainstem',
+    'SpinalCord',
+    'RightParotid',
+    'LeftParotid',
+    'Esophagus',
+    'Larynx',
+    'Mandible',
+    'PTV56',
+    'PTV63',
+    'PTV70',
+)
 # pt_10 lacks Esophagus, Larynx, Mandible and PTV63; pt_12 has all 3 PTVs.
 REAL_PATIENTS = ('train-pats/pt_10', 'train-pats/pt_12')
 
 needs_gamma = pytest.mark.skipif(
     not clinical.gamma_available(),
-    reason="pymedphys is not installed (pip install 'randose_jax[clinical]')")
+    reason="pymedphys is not installed (pip install 'randose_jax[clinical]')",
+)
 
 
 # ------------------------------------------------------------ independent code
@@ -78,8 +89,9 @@ def plain_mean(doses):
   return math.fsum(map(float, doses)) / len(doses)
 
 
-def plain_metrics(dose, patient_masks, roi_present, voxel_dimensions,
-                  v_doses=(20, 30, 40, 50)):
+def plain_metrics(
+    dose, patient_masks, roi_present, voxel_dimensions, v_doses=(20, 30, 40, 50)
+):
   """{(roi, metric): value} of the D_x, D_Vcc, V_d and Dmean metrics."""
   out = {}
   for r, roi in enumerate(ROI_NAMES):
@@ -106,32 +118,41 @@ def metrics_dict(metrics):
 # ------------------------------------------------------------ phantoms
 
 
-def make_patient(dose, masks, voxel_dimensions=(2.0, 1.5, 3.0), mask=None,
-                 patient_id='pt_1'):
+def make_patient(
+    dose, masks, voxel_dimensions=(2.0, 1.5, 3.0), mask=None, patient_id='pt_1'
+):
   """A Patient from a dose and a {roi name: bool mask} dict."""
   structure_masks = np.zeros(dose.shape + (10,), bool)
   for name, m in masks.items():
     structure_masks[..., ROI_NAMES.index(name)] = m
   return openkbp.Patient(
-      patient_id=patient_id, ct=np.zeros(dose.shape, np.float32),
-      dose=np.asarray(dose, np.float64), structure_masks=structure_masks,
+      patient_id=patient_id,
+      ct=np.zeros(dose.shape, np.float32),
+      dose=np.asarray(dose, np.float64),
+      structure_masks=structure_masks,
       roi_present=structure_masks.reshape(-1, 10).any(axis=0),
-      possible_dose_mask=(np.ones(dose.shape, bool) if mask is None
-                          else mask),
-      voxel_dimensions=np.asarray(voxel_dimensions, np.float64))
+      possible_dose_mask=(np.ones(dose.shape, bool) if mask is None else mask),
+      voxel_dimensions=np.asarray(voxel_dimensions, np.float64),
+  )
 
 
 def metrics_of(patient, dose=None, v_doses=(20, 30, 40, 50)):
-  return metrics_dict(clinical.dose_metrics(
-      patient.dose if dose is None else dose, patient.structure_masks,
-      patient.roi_present, patient.voxel_dimensions,
-      patient.possible_dose_mask, v_doses_gy=v_doses))
+  return metrics_dict(
+      clinical.dose_metrics(
+          patient.dose if dose is None else dose,
+          patient.structure_masks,
+          patient.roi_present,
+          patient.voxel_dimensions,
+          patient.possible_dose_mask,
+          v_doses_gy=v_doses,
+      )
+  )
 
 
 def sphere(shape, centre, radius_mm, spacing):
   grid = np.indices(shape).astype(np.float64)
   d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing))
-  return d2 <= radius_mm ** 2
+  return d2 <= radius_mm**2
 
 
 def test_uniform_sphere():
@@ -153,7 +174,11 @@ def test_uniform_sphere():
   assert m['Brainstem', 'Dmean'] == pytest.approx(70.0, abs=1e-12)
   assert m['Brainstem', 'D0.1cc'] == m['Brainstem', 'D2cc'] == 70.0
   assert [m['Brainstem', f'V{d:g}Gy'] for d in (20, 69.99, 70, 70.01)] == [
-      100.0, 100.0, 100.0, 0.0]
+      100.0,
+      100.0,
+      100.0,
+      0.0,
+  ]
 
 
 def test_conformity_by_hand():
@@ -163,9 +188,12 @@ def test_conformity_by_hand():
   shape = (8, 8, 8)
   target = np.zeros(shape, bool)
   target[2:4, 2:6, 2:6] = True  # 32 voxels
+
   def ci(cloud):
-    return clinical.conformity(np.where(cloud, 60.0, 10.0), target,
-                               np.ones(shape, bool), 56.0)
+    return clinical.conformity(
+        np.where(cloud, 60.0, 10.0), target, np.ones(shape, bool), 56.0
+    )
+
   double = np.zeros(shape, bool)
   double[2:6, 2:6, 2:6] = True
   half = np.zeros(shape, bool)
@@ -179,8 +207,9 @@ def test_conformity_by_hand():
   assert rtog == 0.0 and math.isnan(paddick)
   # The isodose counts inside the possible-dose mask only.
   body = ~double | target
-  assert clinical.conformity(np.where(double, 60.0, 10.0), target, body,
-                             56.0) == (1.0, 1.0)
+  assert clinical.conformity(
+      np.where(double, 60.0, 10.0), target, body, 56.0
+  ) == (1.0, 1.0)
 
 
 def test_nested_prescriptions_use_the_union_of_higher_targets():
@@ -223,13 +252,15 @@ def test_linear_gradient(axis):
   for d in (20, 30.5, 40):
     slices_at_or_above = np.count_nonzero(a * (np.arange(length) + 0.5) >= d)
     assert m['SpinalCord', f'V{d:g}Gy'] == pytest.approx(
-        100 * slices_at_or_above / length)
+        100 * slices_at_or_above / length
+    )
   box_cc = box.size * np.prod(spacing) / 1000
   for name, cc in (('D0.1cc', 0.1), ('D2cc', 2.0)):
     expected = a * length * (1 - cc / box_cc)
     assert abs(m['SpinalCord', name] - expected) <= a, name
   assert m['PTV70', 'HI'] == pytest.approx(
-      (m['PTV70', 'D2'] - m['PTV70', 'D98']) / m['PTV70', 'D50'])
+      (m['PTV70', 'D2'] - m['PTV70', 'D98']) / m['PTV70', 'D50']
+  )
 
 
 def test_small_roi_dcc_is_its_minimum():
@@ -254,8 +285,9 @@ def test_random_phantom_matches_plain():
   masks = {name: rng.random(shape) < 0.2 for name in ROI_NAMES}
   patient = make_patient(dose, masks, spacing)
   ours = metrics_of(patient)
-  plain = plain_metrics(patient.dose, patient.structure_masks,
-                        patient.roi_present, spacing)
+  plain = plain_metrics(
+      patient.dose, patient.structure_masks, patient.roi_present, spacing
+  )
   assert set(plain) <= set(ours)
   for key, value in plain.items():
     assert ours[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
@@ -272,8 +304,9 @@ def real_patients(shared_openkbp):
 def perturbed(patient, seed=0):
   """The reference dose, scaled by a smooth random factor (0.9 .. 1.1)."""
   rng = np.random.default_rng(seed)
-  factor = 1 + 0.1 * np.sin(np.indices(patient.dose.shape).sum(axis=0) / 7.0
-                            + rng.uniform(0, 6))
+  factor = 1 + 0.1 * np.sin(
+      np.indices(patient.dose.shape).sum(axis=0) / 7.0 + rng.uniform(0, 6)
+  )
   return patient.dose * factor
 
 
@@ -281,24 +314,38 @@ def test_real_patients_match_plain(real_patients):
   for patient in real_patients:
     for dose in (patient.dose, perturbed(patient)):
       ours = metrics_of(patient, dose)
-      plain = plain_metrics(dose, patient.structure_masks,
-                            patient.roi_present, patient.voxel_dimensions)
+      plain = plain_metrics(
+          dose,
+          patient.structure_masks,
+          patient.roi_present,
+          patient.voxel_dimensions,
+      )
       assert plain, patient.patient_id
       for key, value in plain.items():
         assert ours[key] == pytest.approx(value, rel=1e-12, abs=1e-12), (
-            patient.patient_id, key)
+            patient.patient_id,
+            key,
+        )
 
 
 def test_real_patients_equal_the_official_dvh_metrics(real_patients):
   """D99, D95, D1 of the PTVs and D0.1cc, Dmean of the OARs are the OpenKBP
   DVH score's own numbers (evaluation.dvh_metrics)."""
-  same = {'D_99': 'D99', 'D_95': 'D95', 'D_1': 'D1', 'D_0.1_cc': 'D0.1cc',
-          'mean': 'Dmean'}
+  same = {
+      'D_99': 'D99',
+      'D_95': 'D95',
+      'D_1': 'D1',
+      'D_0.1_cc': 'D0.1cc',
+      'mean': 'Dmean',
+  }
   for patient in real_patients:
     ours = metrics_of(patient)
-    official = evaluation.dvh_metrics(patient.dose, patient.structure_masks,
-                                      patient.roi_present,
-                                      patient.voxel_dimensions)
+    official = evaluation.dvh_metrics(
+        patient.dose,
+        patient.structure_masks,
+        patient.roi_present,
+        patient.voxel_dimensions,
+    )
     compared = 0
     for r, c in zip(*np.nonzero(~np.isnan(official))):
       key = (ROI_NAMES[r], same[evaluation.METRIC_NAMES[c]])
@@ -313,7 +360,8 @@ def test_real_patients_match_dicompyler(real_patients):
   the voxels of the bin at d, Dmean within half a bin."""
   dvh = pytest.importorskip(
       'dicompylercore.dvh',
-      reason='dicompyler-core is not installed (pip install dicompyler-core)')
+      reason='dicompyler-core is not installed (pip install dicompyler-core)',
+  )
   width = 0.01
   for patient in real_patients:
     voxel_cc = float(np.prod(patient.voxel_dimensions)) / 1000
@@ -325,8 +373,13 @@ def test_real_patients_match_dicompyler(real_patients):
         continue
       bins = np.arange(int(doses.max() / width) + 3) * width
       counts, _ = np.histogram(doses, bins)
-      h = dvh.DVH(counts * voxel_cc, bins, dvh_type='differential',
-                  dose_units='Gy', volume_units='cm3')
+      h = dvh.DVH(
+          counts * voxel_cc,
+          bins,
+          dvh_type='differential',
+          dose_units='Gy',
+          volume_units='cm3',
+      )
       ascending = np.sort(doses)
       n = ascending.size
 
@@ -375,8 +428,9 @@ def test_gamma_of_a_dose_against_itself_is_100():
   mask = np.ones(dose.shape, bool)
   mask[0] = False
   for criteria in clinical.GAMMA_CRITERIA:
-    rate, n = clinical.gamma_pass_rate(dose, dose, (2.0, 1.0, 2.5), mask,
-                                       *criteria)
+    rate, n = clinical.gamma_pass_rate(
+        dose, dose, (2.0, 1.0, 2.5), mask, *criteria
+    )
     assert rate == 100.0
     assert n == np.count_nonzero(mask & (dose >= 0.1 * dose[mask].max()))
     gamma = clinical.gamma_map(dose, dose, (2.0, 1.0, 2.5), mask, *criteria)
@@ -397,8 +451,9 @@ def test_gamma_edge_shifted_by_1mm_passes(axis):
   shifted = edge_dose(shape, axis, 5)
   mask = np.ones(shape, bool)
   for evaluated in (shifted, edge_dose(shape, axis, 7)):
-    rate, _ = clinical.gamma_pass_rate(reference, evaluated, spacing, mask,
-                                       3.0, 3.0)
+    rate, _ = clinical.gamma_pass_rate(
+        reference, evaluated, spacing, mask, 3.0, 3.0
+    )
     assert rate == 100.0
 
 
@@ -420,8 +475,9 @@ def test_gamma_edge_shifted_beyond_the_dta_fails_at_the_edge(axis):
   reference = edge_dose(shape, axis, edge)
   evaluated = edge_dose(shape, axis, edge - 3)
   mask = np.ones(shape, bool)
-  gamma = clinical.gamma_map(reference, evaluated, spacing, mask, 3.0, 3.0,
-                             max_gamma=None)
+  gamma = clinical.gamma_map(
+      reference, evaluated, spacing, mask, 3.0, 3.0, max_gamma=None
+  )
   index = np.indices(shape)[axis]
   expected_fail = (index == edge - 2) | (index == edge - 1)
   np.testing.assert_array_equal(gamma >= 1, expected_fail)
@@ -429,8 +485,9 @@ def test_gamma_edge_shifted_beyond_the_dta_fails_at_the_edge(axis):
   # shells (every DTA / 10 = 0.3 mm) at 2.1 mm: gamma between 2/3 and 0.7.
   passing = gamma[index == edge - 3]
   assert np.all((passing >= 2 / 3 - 1e-9) & (passing <= 0.7 + 1e-9))
-  rate, n = clinical.gamma_pass_rate(reference, evaluated, spacing, mask,
-                                     3.0, 3.0)
+  rate, n = clinical.gamma_pass_rate(
+      reference, evaluated, spacing, mask, 3.0, 3.0
+  )
   assert n == reference.size
   assert rate == pytest.approx(100 * (1 - expected_fail.mean()))
 
@@ -443,22 +500,27 @@ def test_gamma_pass_rate_equals_the_longer_search():
   the mask (a hot voxel outside it changes nothing)."""
   shape = (8, 8, 7)
   grid = np.indices(shape).astype(np.float64)
-  reference = 60 * np.exp(-((grid[0] - 3.5) ** 2 / 12 + (grid[1] - 3.5) ** 2
-                            / 8 + (grid[2] - 3) ** 2 / 10))
+  reference = 60 * np.exp(
+      -(
+          (grid[0] - 3.5) ** 2 / 12
+          + (grid[1] - 3.5) ** 2 / 8
+          + (grid[2] - 3) ** 2 / 10
+      )
+  )
   evaluated = 1.04 * np.roll(reference, 2, axis=1)
   spacing = (2.5, 2.0, 3.0)
   mask = np.ones(shape, bool)
   mask[:, :, 0] = False
   for criteria in clinical.GAMMA_CRITERIA:
-    gamma = clinical.gamma_map(reference, evaluated, spacing, mask,
-                               *criteria, max_gamma=1.5)
+    gamma = clinical.gamma_map(
+        reference, evaluated, spacing, mask, *criteria, max_gamma=1.5
+    )
     points = ~np.isnan(gamma)
     full = 100 * np.count_nonzero(gamma[points] < 1) / points.sum()
     assert 0 < full < 100
     hot = reference.copy()
     hot[0, 0, 0] = 500.0  # outside the mask
-    rate, n = clinical.gamma_pass_rate(hot, evaluated, spacing, mask,
-                                       *criteria)
+    rate, n = clinical.gamma_pass_rate(hot, evaluated, spacing, mask, *criteria)
     assert n == points.sum()
     assert rate == pytest.approx(full)
 
@@ -471,10 +533,12 @@ def test_gamma_subsample_is_a_reproducible_fraction():
   mask = np.ones(reference.shape, bool)
   points, norm = clinical.gamma_points(reference, mask, subsample=0.25)
   assert points.sum() == 128 and norm == reference.max()
-  first = clinical.gamma_pass_rate(reference, evaluated, (1, 1, 1), mask,
-                                   3, 3, subsample=0.25)
-  assert first == clinical.gamma_pass_rate(reference, evaluated, (1, 1, 1),
-                                           mask, 3, 3, subsample=0.25)
+  first = clinical.gamma_pass_rate(
+      reference, evaluated, (1, 1, 1), mask, 3, 3, subsample=0.25
+  )
+  assert first == clinical.gamma_pass_rate(
+      reference, evaluated, (1, 1, 1), mask, 3, 3, subsample=0.25
+  )
   assert first[1] == 128
   with pytest.raises(ValueError, match='subsample'):
     clinical.gamma_points(reference, mask, subsample=0)
@@ -490,17 +554,25 @@ def test_compare_patient_and_summary():
   oar = np.zeros(shape, bool)
   oar[0:2] = True  # outside the ball (indices 2..8 along axis 0)
   dose = np.where(ball, 70.0, 25.0)
-  patients = [make_patient(dose * s, {'PTV70': ball, 'Mandible': oar},
-                           spacing, patient_id=f'pt_{i}')
-              for i, s in enumerate((1.0, 0.9), start=1)]
+  patients = [
+      make_patient(
+          dose * s,
+          {'PTV70': ball, 'Mandible': oar},
+          spacing,
+          patient_id=f'pt_{i}',
+      )
+      for i, s in enumerate((1.0, 0.9), start=1)
+  ]
   evaluator = clinical.ClinicalEvaluator(
-      clinical.ClinicalSettings(gamma=False, v_doses_gy=(20.0, 24.0)))
+      clinical.ClinicalSettings(gamma=False, v_doses_gy=(20.0, 24.0))
+  )
   for patient, scale in zip(patients, (0.95, 1.0)):
     evaluator.add(patient, patient.dose * scale)
   table = evaluator.table()
   assert list(table.columns) == list(clinical.METRIC_COLUMNS)
-  np.testing.assert_allclose(table['difference'],
-                             table['predicted'] - table['reference'])
+  np.testing.assert_allclose(
+      table['difference'], table['predicted'] - table['reference']
+  )
   row = table[(table.patient == 'pt_1') & (table.metric == 'D50')].iloc[0]
   assert (row.roi, row.unit, row.reference) == ('PTV70', 'Gy', 70.0)
   assert row.predicted == pytest.approx(66.5)
@@ -525,24 +597,33 @@ def cli_folders(phantom_split, tmp_path):
   reference = Path(shutil.copytree(phantom_split, tmp_path / 'reference'))
   preds = tmp_path / 'predictions'
   for d in openkbp.list_patient_dirs(reference):
-    openkbp.write_prediction_csv(preds / f'{d.name}.csv',
-                                 openkbp.load_patient(d).dose * 0.97)
+    openkbp.write_prediction_csv(
+        preds / f'{d.name}.csv', openkbp.load_patient(d).dose * 0.97
+    )
   return reference, preds
 
 
 def run_cli(*args):
   return subprocess.run(
       [sys.executable, '-m', 'randose_jax.evaluate', *map(str, args)],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
-      env={**os.environ, 'PYTHONPATH': str(REPO)})
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      env={**os.environ, 'PYTHONPATH': str(REPO)},
+  )
 
 
 @needs_gamma
 def test_cli_writes_the_clinical_tables(cli_folders, tmp_path):
   reference, preds = cli_folders
   out = tmp_path / 'clinical'
-  done = run_cli(f'--reference={reference}', f'--predictions={preds}',
-                 f'--clinical={out}', '--clinical_v_gy=5,10')
+  done = run_cli(
+      f'--reference={reference}',
+      f'--predictions={preds}',
+      f'--clinical={out}',
+      '--clinical_v_gy=5,10',
+  )
   assert done.returncode == 0, done.stderr
   assert 'clinical metrics:' in done.stdout
   table = pd.read_csv(out / clinical.METRICS_FILE)
@@ -553,7 +634,8 @@ def test_cli_writes_the_clinical_tables(cli_folders, tmp_path):
   assert 'V20Gy' not in set(table.metric)
   present = set(summary.roi)
   assert list(summary.roi.drop_duplicates()) == [
-      r for r in ROI_NAMES + ('possible_dose_mask',) if r in present]
+      r for r in ROI_NAMES + ('possible_dose_mask',) if r in present
+  ]
   gamma = summary[summary.metric == 'gamma_3%/3mm'].iloc[0]
   assert gamma.n == 4 and gamma.roi == 'possible_dose_mask'
   assert 0 < gamma.mean_predicted <= 100
@@ -563,8 +645,9 @@ def test_cli_writes_the_clinical_tables(cli_folders, tmp_path):
   rows = table[(table.patient == 'pt_2') & (table.roi != 'possible_dose_mask')]
   assert len(rows) == len(expected)
   for row in rows.itertuples():
-    assert row.reference == pytest.approx(expected[row.roi, row.metric],
-                                          nan_ok=True)
+    assert row.reference == pytest.approx(
+        expected[row.roi, row.metric], nan_ok=True
+    )
   assert not list(tmp_path.rglob('.*.tmp'))
 
 
@@ -579,8 +662,9 @@ def invoke(capfd, monkeypatch, *args):
   return code, capfd.readouterr().err
 
 
-def test_cli_failure_leaves_the_clinical_tables(cli_folders, tmp_path,
-                                                monkeypatch, capfd):
+def test_cli_failure_leaves_the_clinical_tables(
+    cli_folders, tmp_path, monkeypatch, capfd
+):
   """A bad prediction after the first patients: exit 2, the earlier
   clinical tables byte-identical (a real process); bad flags, an output
   path under a file and --gamma without pymedphys fail before any scoring
@@ -595,12 +679,17 @@ def test_cli_failure_leaves_the_clinical_tables(cli_folders, tmp_path,
   lines = good.splitlines()
   lines[2] = lines[2].split(',')[0] + ',-1.0'
   path.write_text('\n'.join(lines) + '\n')
-  done = run_cli(f'--reference={reference}', f'--predictions={preds}',
-                 f'--clinical={out}', '--gamma=false')
+  done = run_cli(
+      f'--reference={reference}',
+      f'--predictions={preds}',
+      f'--clinical={out}',
+      '--gamma=false',
+  )
   assert done.returncode == 2, done.stderr
   assert str(path) in done.stderr and 'Traceback' not in done.stderr
   assert sorted(p.name for p in out.iterdir()) == sorted(
-      [clinical.METRICS_FILE, clinical.SUMMARY_FILE])
+      [clinical.METRICS_FILE, clinical.SUMMARY_FILE]
+  )
   for name in (clinical.METRICS_FILE, clinical.SUMMARY_FILE):
     assert (out / name).read_text() == 'an earlier result\n'
   path.write_text(good)
@@ -609,9 +698,12 @@ def test_cli_failure_leaves_the_clinical_tables(cli_folders, tmp_path,
   inputs = (f'--reference={reference}', f'--predictions={preds}')
   for args, words in (
       ([f'--clinical={a_file}', '--gamma=false'], [str(a_file), 'is a file']),
-      ([f'--clinical={out}', '--gamma=false', '--clinical_v_gy=20,x'],
-       ['--clinical_v_gy', "'x'"]),
-      ([f'--clinical={out}', '--gamma_subsample=0'], ['--gamma_subsample'])):
+      (
+          [f'--clinical={out}', '--gamma=false', '--clinical_v_gy=20,x'],
+          ['--clinical_v_gy', "'x'"],
+      ),
+      ([f'--clinical={out}', '--gamma_subsample=0'], ['--gamma_subsample']),
+  ):
     code, err = invoke(capfd, monkeypatch, *inputs, *args)
     assert code == 2, err
     assert all(w in err for w in words), err
@@ -619,8 +711,9 @@ def test_cli_failure_leaves_the_clinical_tables(cli_folders, tmp_path,
   # Without pymedphys, --gamma is refused before scoring and names the fix.
   monkeypatch.setattr(clinical, 'gamma_available', lambda: False)
   scored = []
-  monkeypatch.setattr(evaluate, 'evaluate_folders',
-                      lambda *a, **k: scored.append(a))
+  monkeypatch.setattr(
+      evaluate, 'evaluate_folders', lambda *a, **k: scored.append(a)
+  )
   code, err = invoke(capfd, monkeypatch, *inputs, f'--clinical={out}')
   assert code == 2 and 'pymedphys' in err and '--gamma=false' in err, err
   assert not scored

@@ -20,14 +20,20 @@ def config_with(swap_parotids=True):
   return config
 
 
-def transform(example, *, k=0, mirror=False, flip_axis2=False,
-              swap_parotids=True):
+def transform(
+    example, *, k=0, mirror=False, flip_axis2=False, swap_parotids=True
+):
   """`augment.transform` of a dense example: its arrays of `encoding.KEYS`
   transformed (float32, as the pipeline unpacks them), other keys as they
   were."""
   config = config_with(swap_parotids)
-  pack = augment.transform(encoding.planes_of(example, config), config, k=k,
-                           mirror=mirror, flip_axis2=flip_axis2)
+  pack = augment.transform(
+      encoding.planes_of(example, config),
+      config,
+      k=k,
+      mirror=mirror,
+      flip_axis2=flip_axis2,
+  )
   out = dict(example)
   out.update({key: x[0] for key, x in encoding.unpack(pack, config).items()})
   return out
@@ -49,6 +55,7 @@ def rotate(example, k):
 def example(tmp_path_factory):
   """An encoded 32^3 phantom: realistic masks, ct and dose."""
   from randose_jax.data import phantoms
+
   folder = tmp_path_factory.mktemp("aug")
   (path,) = phantoms.write_phantoms(folder, 1, grid=32, seed=3)
   return encoding.encode_patient(openkbp.load_patient(path), config_with())
@@ -65,7 +72,11 @@ def smooth_example(n=32):
   return {
       "ct": (0.2 * np.cos(i / 5) * np.sin(j / 7) + 0.1 * k / n)[..., None],
       "target": blob[..., None],
-      "ptv": np.where(blob > 0.5, 1.0, np.where(blob > 0.2, 0.8, 0.0)).astype(np.float32)[..., None],
+      "ptv": (
+          np.where(blob > 0.5, 1.0, np.where(blob > 0.2, 0.8, 0.0)).astype(
+              np.float32
+          )[..., None]
+      ),
       "oar": oar,
       "mask": (r2 < 3).astype(np.float32)[..., None],
       "index": np.int32(7),
@@ -101,8 +112,9 @@ def test_parotid_swap(example):
   lr = flip_lr(x)
   np.testing.assert_array_equal(lr["oar"][..., 3], x["oar"][:, ::-1, :, 2])
   assert not lr["oar"][..., 2].any()
-  np.testing.assert_array_equal(lr["oar"][..., [0, 1, 4, 5, 6]],
-                                x["oar"][:, ::-1][..., [0, 1, 4, 5, 6]])
+  np.testing.assert_array_equal(
+      lr["oar"][..., [0, 1, 4, 5, 6]], x["oar"][:, ::-1][..., [0, 1, 4, 5, 6]]
+  )
   kept = flip_lr(x, swap_parotids=False)
   np.testing.assert_array_equal(kept["oar"][..., 2], x["oar"][:, ::-1, :, 2])
   # Folded into a rotation as well.
@@ -144,7 +156,9 @@ def test_rotation_turns_about_the_centre():
   y = rotate(x, 1)["target"][..., 0, 0]
   assert y[c, c] == 1.0  # the centre stays
   x["target"][c, c] = 0.0
-  x["target"][c + 9:c + 12, c - 1:c + 2] = 1.0  # a 3x3 square 10 voxels away
+  x["target"][
+      c + 9 : c + 12, c - 1 : c + 2
+  ] = 1.0  # a 3x3 square 10 voxels away
   y = rotate(x, 1)["target"][..., 0, 0]
   i, j = np.indices(y.shape)
   ci, cj = (y * i).sum() / y.sum(), (y * j).sum() / y.sum()
@@ -164,15 +178,19 @@ def test_masks_stay_masks(example):
     assert set(np.unique(out["mask"])) <= {0.0, 1.0}
     assert set(np.unique(out["ptv"])) <= levels
     for key in encoding.KEYS:
-      assert out[key].dtype == np.float32 and out[key].shape == example[key].shape
+      assert (
+          out[key].dtype == np.float32 and out[key].shape == example[key].shape
+      )
       assert out[key].flags.c_contiguous
 
 
 def test_out_of_grid_fill():
   n = 16
-  x = {"ct": np.full((n, n, 2, 1), 0.5, np.float32),
-       "target": np.full((n, n, 2, 1), 0.5, np.float32),
-       "mask": np.ones((n, n, 2, 1), np.float32)}
+  x = {
+      "ct": np.full((n, n, 2, 1), 0.5, np.float32),
+      "target": np.full((n, n, 2, 1), 0.5, np.float32),
+      "mask": np.ones((n, n, 2, 1), np.float32),
+  }
   y = rotate(x, 1)
   for corner in ((0, 0), (0, n - 1), (n - 1, 0), (n - 1, n - 1)):
     assert y["ct"][corner][0, 0] == pytest.approx(AIR)  # air, not 0
@@ -201,8 +219,9 @@ def unpacked(pack):
 def test_augment_planes_follows_the_config(example):
   data_config = config_with()
   planes = encoding.planes_of(example, data_config)
-  augmented = lambda seed: unpacked(augment.augment_planes(
-      planes, np.random.default_rng(seed), data_config))
+  augmented = lambda seed: unpacked(
+      augment.augment_planes(planes, np.random.default_rng(seed), data_config)
+  )
   assert_examples_equal(augmented(5), augmented(5))
   outcomes = {augmented(s)["ct"].tobytes() for s in range(12)}
   assert len(outcomes) > 6
@@ -214,13 +233,15 @@ def test_augment_planes_follows_the_config(example):
   data_config.flip_si = True  # only SI flips: each output is one of two
   for seed in range(6):
     out = augmented(seed)
-    assert (np.array_equal(out["ct"], example["ct"])
-            or np.array_equal(out["ct"], example["ct"][:, :, ::-1]))
+    assert np.array_equal(out["ct"], example["ct"]) or np.array_equal(
+        out["ct"], example["ct"][:, :, ::-1]
+    )
 
 
 @pytest.fixture(scope="module")
 def sparse_patient(tmp_path_factory):
   from randose_jax.data import phantoms
+
   folder = tmp_path_factory.mktemp("aug_planes")
   (path,) = phantoms.write_phantoms(folder, 1, grid=32, seed=5)
   return openkbp.load_sparse_patient(path)
@@ -235,7 +256,8 @@ def test_voxel_planes_and_dense_planes_agree(sparse_patient, k):
   data_config.ptv_values = (0.9, 0.8, 1.0)  # not increasing: the max still wins
   voxel_planes = encoding.encode_planes(sparse_patient, data_config)
   dense_planes = encoding.planes_of(
-      encoding.encode_patient(sparse_patient, data_config), data_config)
+      encoding.encode_patient(sparse_patient, data_config), data_config
+  )
   assert "codes" in voxel_planes and "codes" not in dense_planes
   for mirror in (False, True):
     for flip_axis2 in (False, True):
@@ -244,14 +266,20 @@ def test_voxel_planes_and_dense_planes_agree(sparse_patient, k):
         options = dict(k=k, mirror=mirror, flip_axis2=flip_axis2)
         batches = []
         for planes in (voxel_planes, dense_planes):
-          packs = [augment.transform(planes, data_config, **options),
-                   augment.transform(planes, data_config, k=(k + 1) % 9)]
-          batches.append(encoding.unpack(pipeline.PackedBatch()(packs),
-                                         data_config))
+          packs = [
+              augment.transform(planes, data_config, **options),
+              augment.transform(planes, data_config, k=(k + 1) % 9),
+          ]
+          batches.append(
+              encoding.unpack(pipeline.PackedBatch()(packs), data_config)
+          )
         for key in encoding.KEYS:
           assert batches[0][key].dtype == np.float32
-          np.testing.assert_array_equal(batches[0][key], batches[1][key],
-                                        err_msg=f"{key} {options} swap={swap}")
+          np.testing.assert_array_equal(
+              batches[0][key],
+              batches[1][key],
+              err_msg=f"{key} {options} swap={swap}",
+          )
   # A pack holds only the rows that are not background: much smaller.
   pack = augment.transform(voxel_planes, data_config, k=3)
   packed_bytes = sum(v.nbytes for v in pack.values())
@@ -267,8 +295,9 @@ def test_planes_find_the_rows_that_hold_something(sparse_patient):
   rows = lambda x: x.reshape(d * h, -1)
   holds = lambda x, background: (rows(x) != background).any(1)
   np.testing.assert_array_equal(planes["ct_active"], holds(example["ct"], AIR))
-  np.testing.assert_array_equal(planes["target_active"],
-                                holds(example["target"], 0))
+  np.testing.assert_array_equal(
+      planes["target_active"], holds(example["target"], 0)
+  )
   masks = np.concatenate([example["oar"], example["mask"], example["ptv"]], -1)
   np.testing.assert_array_equal(planes["codes_active"], holds(masks, 0))
   # Only those rows are stored (plus one background row).

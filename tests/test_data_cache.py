@@ -24,19 +24,29 @@ def patient_dirs(phantom_split):
 
 
 def files_state(folder):
-  return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()}
+  return {
+      p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()
+  }
 
 
 def assert_same_patient(a: openkbp.Patient, b: openkbp.Patient):
   assert a.patient_id == b.patient_id
-  for name in ("ct", "dose", "structure_masks", "roi_present", "possible_dose_mask",
-               "voxel_dimensions"):
+  for name in (
+      "ct",
+      "dose",
+      "structure_masks",
+      "roi_present",
+      "possible_dose_mask",
+      "voxel_dimensions",
+  ):
     x, y = getattr(a, name), getattr(b, name)
     assert x.dtype == y.dtype, name
     np.testing.assert_array_equal(x, y, err_msg=name)
 
 
-def test_cache_holds_encoded_and_reference_data(patient_dirs, tmp_path, data_config):
+def test_cache_holds_encoded_and_reference_data(
+    patient_dirs, tmp_path, data_config
+):
   cache = cache_lib.build_cache(patient_dirs, tmp_path / "cache", data_config)
   assert len(cache) == 3
   assert cache.patient_ids == [p.name for p in patient_dirs]
@@ -55,14 +65,18 @@ def test_cache_holds_encoded_and_reference_data(patient_dirs, tmp_path, data_con
   np.testing.assert_array_equal(clone[1]["target"], cache[1]["target"])
 
 
-def test_cache_encodes_at_the_training_grid(patient_dirs, tmp_path, data_config):
+def test_cache_encodes_at_the_training_grid(
+    patient_dirs, tmp_path, data_config
+):
   data_config.downsample = 2
   cache = cache_lib.build_cache(patient_dirs, tmp_path / "cache", data_config)
   assert cache[0]["oar"].shape == (8, 8, 8, 7)
   assert cache.reference(0).ct.shape == (16, 16, 16)
 
 
-def test_reuse_and_rebuild_on_changes(patient_dirs, tmp_path, data_config, caplog):
+def test_reuse_and_rebuild_on_changes(
+    patient_dirs, tmp_path, data_config, caplog
+):
   folder = tmp_path / "cache"
   cache_lib.build_cache(patient_dirs, folder, data_config)
   before = files_state(folder)
@@ -74,10 +88,14 @@ def test_reuse_and_rebuild_on_changes(patient_dirs, tmp_path, data_config, caplo
 
   # Another list of patients in the same folder reuses the files it shares.
   with caplog.at_level(logging.WARNING):
-    other = cache_lib.build_cache(patient_dirs[1:] + patient_dirs[:1], folder, data_config)
+    other = cache_lib.build_cache(
+        patient_dirs[1:] + patient_dirs[:1], folder, data_config
+    )
   assert npz(files_state(folder)) == npz(before)
   assert not caplog.records
-  assert other.patient_ids == [p.name for p in patient_dirs[1:] + patient_dirs[:1]]
+  assert other.patient_ids == [
+      p.name for p in patient_dirs[1:] + patient_dirs[:1]
+  ]
   assert len(list(folder.glob("manifest-*.json"))) == 2
 
   # Changed settings give new keys, hence new files.
@@ -95,8 +113,9 @@ def test_reuse_and_rebuild_on_changes(patient_dirs, tmp_path, data_config, caplo
   assert new == {cache.entries[1]["file"]}
 
 
-def test_switching_settings_back_reuses_every_file(patient_dirs, tmp_path,
-                                                   data_config, caplog):
+def test_switching_settings_back_reuses_every_file(
+    patient_dirs, tmp_path, data_config, caplog
+):
   """Each (patients, settings) keeps its own manifest: a build with other
   settings used to replace the first one's, whose files then read as
   'not listed in any manifest' and were rebuilt."""
@@ -116,18 +135,23 @@ def test_switching_settings_back_reuses_every_file(patient_dirs, tmp_path,
   assert len(list(folder.glob("manifest-*.json"))) == 2
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "delete", "manifest"])
-def test_damaged_cache_is_rebuilt_with_a_warning(patient_dirs, tmp_path, data_config,
-                                                 caplog, damage):
+@pytest.mark.parametrize(
+    "damage", ["truncate", "flip_byte", "delete", "manifest"]
+)
+def test_damaged_cache_is_rebuilt_with_a_warning(
+    patient_dirs, tmp_path, data_config, caplog, damage
+):
   folder = tmp_path / "cache"
   cache = cache_lib.build_cache(patient_dirs, folder, data_config)
   path = folder / cache.entries[1]["file"]
   data = path.read_bytes()
   if damage == "truncate":
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
   elif damage == "flip_byte":
     middle = len(data) // 2
-    path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    path.write_bytes(
+        data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
+    )
   elif damage == "delete":
     path.unlink()
   else:
@@ -136,7 +160,9 @@ def test_damaged_cache_is_rebuilt_with_a_warning(patient_dirs, tmp_path, data_co
     rebuilt = cache_lib.build_cache(patient_dirs, folder, data_config)
   assert any("rebuild" in r.getMessage() for r in caplog.records)
   assert path.read_bytes() == data
-  assert_same_patient(rebuilt.reference(1), openkbp.load_patient(patient_dirs[1]))
+  assert_same_patient(
+      rebuilt.reference(1), openkbp.load_patient(patient_dirs[1])
+  )
 
 
 def test_reading_a_damaged_file_raises(patient_dirs, tmp_path, data_config):
@@ -154,8 +180,9 @@ def test_reading_a_damaged_file_raises(patient_dirs, tmp_path, data_config):
     cache[0]
 
 
-def test_values_openkbp_does_not_have_are_stored_exactly(phantom_patient, tmp_path,
-                                                         data_config):
+def test_values_openkbp_does_not_have_are_stored_exactly(
+    phantom_patient, tmp_path, data_config
+):
   # Fractional HU and dose below a mGy go to the float fallbacks, losslessly.
   ct_path, dose_path = phantom_patient / "ct.csv", phantom_patient / "dose.csv"
   ct_lines = ct_path.read_text().splitlines()
@@ -164,10 +191,14 @@ def test_values_openkbp_does_not_have_are_stored_exactly(phantom_patient, tmp_pa
   dose_lines = dose_path.read_text().splitlines()
   dose_lines[1] = dose_lines[1].split(",")[0] + ",12.3456789"
   dose_path.write_text("\n".join(dose_lines) + "\n")
-  cache = cache_lib.build_cache([phantom_patient], tmp_path / "cache", data_config)
+  cache = cache_lib.build_cache(
+      [phantom_patient], tmp_path / "cache", data_config
+  )
   assert_same_patient(cache.reference(0), openkbp.load_patient(phantom_patient))
   (phantom_patient / "dose.csv").unlink()
-  cache = cache_lib.build_cache([phantom_patient], tmp_path / "cache", data_config)
+  cache = cache_lib.build_cache(
+      [phantom_patient], tmp_path / "cache", data_config
+  )
   assert cache.reference(0).dose is None
   assert not cache[0]["target"].any()
 
@@ -177,9 +208,12 @@ def test_no_patients(tmp_path, data_config):
     cache_lib.build_cache([], tmp_path / "cache", data_config)
 
 
-def test_shared_patients_cache_is_compact(shared_openkbp, tmp_path, data_config):
-  dirs = (openkbp.list_patient_dirs(shared_openkbp / "train-pats")
-          + openkbp.list_patient_dirs(shared_openkbp / "validation-pats"))
+def test_shared_patients_cache_is_compact(
+    shared_openkbp, tmp_path, data_config
+):
+  dirs = openkbp.list_patient_dirs(
+      shared_openkbp / "train-pats"
+  ) + openkbp.list_patient_dirs(shared_openkbp / "validation-pats")
   cache = cache_lib.build_cache(dirs, tmp_path / "cache", data_config)
   total = sum(p.stat().st_size for p in (tmp_path / "cache").iterdir())
   assert total == pytest.approx(cache.num_bytes, rel=0.01)

@@ -28,20 +28,34 @@ def test_channels_at_full_resolution(patient, data_config):
   enc = encoding.encode_patient(patient, data_config)
   assert set(enc) == {"ptv", "ct", "oar", "target", "mask"}
   shape = patient.grid_shape
-  for key, channels in (("ptv", 1), ("ct", 1), ("oar", 7), ("target", 1), ("mask", 1)):
-    assert enc[key].shape == shape + (channels,) and enc[key].dtype == np.float32
+  for key, channels in (
+      ("ptv", 1),
+      ("ct", 1),
+      ("oar", 7),
+      ("target", 1),
+      ("mask", 1),
+  ):
+    assert (
+        enc[key].shape == shape + (channels,) and enc[key].dtype == np.float32
+    )
   masks = patient.structure_masks
   # PTV: the highest level of the PTVs a voxel is in (PTV56, PTV63, PTV70).
   expected = np.zeros(shape)
   for level, channel in zip((0.8, 0.9, 1.0), (7, 8, 9)):
-    expected = np.where(masks[..., channel], np.maximum(expected, level), expected)
+    expected = np.where(
+        masks[..., channel], np.maximum(expected, level), expected
+    )
   np.testing.assert_allclose(enc["ptv"][..., 0], expected, rtol=1e-7)
   assert np.all(enc["ptv"][masks[..., 9]] == 1.0)
   np.testing.assert_array_equal(enc["oar"], masks[..., :7])
   hu = patient.ct.astype(np.float64) - 1024
-  np.testing.assert_allclose(enc["ct"][..., 0], np.clip(hu, -1024, 1500) / 1000, rtol=1e-6)
+  np.testing.assert_allclose(
+      enc["ct"][..., 0], np.clip(hu, -1024, 1500) / 1000, rtol=1e-6
+  )
   assert enc["ct"][patient.ct == 0].max() == pytest.approx(-1.024)  # air
-  np.testing.assert_allclose(enc["target"][..., 0], patient.dose / 70, rtol=1e-6)
+  np.testing.assert_allclose(
+      enc["target"][..., 0], patient.dose / 70, rtol=1e-6
+  )
   np.testing.assert_array_equal(enc["mask"][..., 0], patient.possible_dose_mask)
 
 
@@ -52,8 +66,12 @@ def test_config_fields_change_the_encoding(patient, data_config):
   data_config.dose_scale = 35.0
   enc = encoding.encode_patient(patient, data_config)
   assert enc["ptv"].max() == pytest.approx(0.7)
-  assert enc["ct"].min() == pytest.approx(-2.0) and enc["ct"].max() <= 2.0 + 1e-6
-  np.testing.assert_allclose(enc["target"][..., 0], patient.dose / 35, rtol=1e-6)
+  assert (
+      enc["ct"].min() == pytest.approx(-2.0) and enc["ct"].max() <= 2.0 + 1e-6
+  )
+  np.testing.assert_allclose(
+      enc["target"][..., 0], patient.dose / 35, rtol=1e-6
+  )
 
 
 def test_sparse_and_dense_patients_encode_alike(phantom_split, data_config):
@@ -75,14 +93,22 @@ def test_downsample_averages_blocks(patient, data_config):
   half = encoding.encode_patient(patient, data_config)
   for key in ("ptv", "ct", "oar", "target"):
     assert half[key].shape == (8, 8, 8, full[key].shape[-1])
-    np.testing.assert_allclose(half[key], blocks(full[key], 2, "mean"), rtol=1e-6,
-                               atol=1e-7, err_msg=key)
+    np.testing.assert_allclose(
+        half[key],
+        blocks(full[key], 2, "mean"),
+        rtol=1e-6,
+        atol=1e-7,
+        err_msg=key,
+    )
   np.testing.assert_array_equal(half["mask"], blocks(full["mask"], 2, "max"))
   assert set(np.unique(half["mask"])) <= {0.0, 1.0}
   # oar and mask come from voxel counts, to the bit what block_reduce gives.
-  np.testing.assert_array_equal(half["oar"], encoding.block_reduce(full["oar"], 2))
-  np.testing.assert_array_equal(half["mask"],
-                                encoding.block_reduce(full["mask"], 2, "max"))
+  np.testing.assert_array_equal(
+      half["oar"], encoding.block_reduce(full["oar"], 2)
+  )
+  np.testing.assert_array_equal(
+      half["mask"], encoding.block_reduce(full["mask"], 2, "max")
+  )
   data_config.downsample = 3
   with pytest.raises(ValueError, match="downsample"):
     encoding.encode_patient(patient, data_config)
@@ -129,9 +155,9 @@ def test_downsample_then_decode_is_close(patient, data_config):
 
 
 @pytest.mark.parametrize("downsample", [1, 2])
-def test_decode_with_a_sparse_patient_equals_the_dense_mask(phantom_split,
-                                                            data_config,
-                                                            downsample):
+def test_decode_with_a_sparse_patient_equals_the_dense_mask(
+    phantom_split, data_config, downsample
+):
   """Validation decodes with the patient's voxel lists, never a dense mask."""
   sparse = openkbp.load_sparse_patient(phantom_split / "pt_2")
   mask = sparse.to_patient().possible_dose_mask
@@ -141,5 +167,6 @@ def test_decode_with_a_sparse_patient_equals_the_dense_mask(phantom_split,
   pred = np.random.default_rng(0).uniform(-1.0, 1.0, grid + (1,))
   dense = encoding.decode_dose(pred, mask, data_config)
   assert (dense[mask] == 0).any() and (dense[mask] > 0).any()  # clipped, kept
-  np.testing.assert_array_equal(encoding.decode_dose(pred, sparse, data_config),
-                                dense)
+  np.testing.assert_array_equal(
+      encoding.decode_dose(pred, sparse, data_config), dense
+  )

@@ -15,8 +15,11 @@ from randose_jax.data.openkbp import DataError
 
 def snapshot(folder: Path) -> dict:
   """Every file under `folder` with its mtime and bytes."""
-  return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes())
-          for p in sorted(folder.rglob("*")) if p.is_file()}
+  return {
+      p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes())
+      for p in sorted(folder.rglob("*"))
+      if p.is_file()
+  }
 
 
 def expect_data_error(patient_dir: Path, file_name: str, *words: str):
@@ -52,15 +55,20 @@ def test_load_phantom_patient(phantom_split):
   assert patient.possible_dose_mask.dtype == bool
   assert patient.voxel_dimensions.shape == (3,)
   files = {p.stem for p in (phantom_split / "pt_1").glob("*.csv")}
-  assert list(patient.roi_present) == [name in files for name in openkbp.ROI_NAMES]
-  np.testing.assert_array_equal(patient.structure_masks.any((0, 1, 2)),
-                                patient.roi_present)
+  assert list(patient.roi_present) == [
+      name in files for name in openkbp.ROI_NAMES
+  ]
+  np.testing.assert_array_equal(
+      patient.structure_masks.any((0, 1, 2)), patient.roi_present
+  )
 
 
 def test_missing_dose_and_missing_roi(phantom_patient):
   (phantom_patient / "dose.csv").unlink()
   (phantom_patient / "PTV70.csv").unlink()
-  (phantom_patient / "Brainstem.csv").write_text(",data\n")  # contoured as empty
+  (phantom_patient / "Brainstem.csv").write_text(
+      ",data\n"
+  )  # contoured as empty
   patient = openkbp.load_patient(phantom_patient)
   assert patient.dose is None
   assert not patient.roi_present[openkbp.ROI_NAMES.index("PTV70")]
@@ -110,18 +118,30 @@ def test_values_read_as_python_float_reads_them(tmp_path, seed):
   indices = np.sort(rng.choice(16**3, n, replace=False))
   values = rng.uniform(-3000, 3000, n) * 10.0 ** rng.integers(-12, 4, n)
   kinds = rng.integers(0, 4, n)
-  text = [f"{i},{v:.{k}f}" if kind == 0 else f"{i},{v!r}" if kind == 1
-          else f"{i},{v:.{k}e}" if kind == 2 else f"{i},{v:.{k}E}"
-          for i, v, k, kind in zip(indices.tolist(), values.tolist(),
-                                   rng.integers(0, 18, n).tolist(), kinds)]
+  text = [
+      f"{i},{v:.{k}f}"
+      if kind == 0
+      else f"{i},{v!r}"
+      if kind == 1
+      else f"{i},{v:.{k}e}"
+      if kind == 2
+      else f"{i},{v:.{k}E}"
+      for i, v, k, kind in zip(
+          indices.tolist(),
+          values.tolist(),
+          rng.integers(0, 18, n).tolist(),
+          kinds,
+      )
+  ]
   expected = np.array([float(t.split(",")[1]) for t in text])
   for newline in ("\n", "\r\n"):
     path = write_csv(tmp_path / "x.csv", text, newline)
     read_indices, read_values = openkbp.read_sparse_csv(path, (16, 16, 16))
     assert read_indices.dtype == np.int64 and read_values.dtype == np.float64
     np.testing.assert_array_equal(read_indices, indices)
-    np.testing.assert_array_equal(read_values.view(np.int64),
-                                  expected.view(np.int64))
+    np.testing.assert_array_equal(
+        read_values.view(np.int64), expected.view(np.int64)
+    )
 
 
 def test_irregular_but_valid_csv(tmp_path):
@@ -145,33 +165,44 @@ def test_mask_rows_and_integer_valued_indices(tmp_path):
   # Mask rows with or without the comma; an index written as a float.
   path = tmp_path / "m.csv"
   path.write_bytes(b",data\n5\n6,\n12.0,\n1e3,\n")
-  indices, values = openkbp.read_sparse_csv(path, (16, 16, 16),
-                                            with_values=False)
+  indices, values = openkbp.read_sparse_csv(
+      path, (16, 16, 16), with_values=False
+  )
   assert values is None and indices.dtype == np.int64
   np.testing.assert_array_equal(indices, [5, 6, 12, 1000])
 
 
-@pytest.mark.parametrize("body, with_values, words", [
-    # A first row with a third field (pandas would take it for an index
-    # column), a later one, and one after blank lines.
-    (b"1,2.0,3\n2,1.0\n", True, ["line 2", "expected 'index,value'"]),
-    (b"1,2.0\n2,1.0,3\n", True, ["line 3", "expected 'index,value'"]),
-    (b"\n \n1,,\n2,\n", False, ["line 4", "expected 'index,value'"]),
-    (b"1,2.0\n2\n", True, ["line 3", "expected 'index,value'"]),
-    (b'1,2.0\n"2",1.0\n', True, ["line 3", "not an integer"]),
-    (b"1,2.0\n2,1_0\n", True, ["line 3", "'1_0'", "not a number"]),
-    (b"1,2.0\n2,\xff\n", True, ["line 3", "not a number"]),
-    (b"1,2.0\n2,inf\n", True, ["line 3", "not finite"]),
-    (b"1,2.0\n2,NA\n", True, ["line 3", "'NA'", "not a number"]),
-    (b"1,2.0\n2.5,1.0\n", True, ["line 3", "'2.5'", "not an integer"]),
-    (b"1,\n\n" + b"9" * 25 + b",\n", False, ["line 4", "outside"]),
-    (b"1,\n\n-1,\n", False, ["line 4", "voxel index -1", "outside"]),
-    (b"1,2\r\n\r\n5,1\r\n1,3\r\n", True,
-     ["line 5: voxel index 1 already appeared on line 2"]),
-    # Python's int() reads full-width digits, pandas does not: refused, with
-    # what pandas said.
-    ("1,2.0\n\uff12,1.0\n".encode(), True, ["not readable", "index column"]),
-])
+@pytest.mark.parametrize(
+    "body, with_values, words",
+    [
+        # A first row with a third field (pandas would take it for an index
+        # column), a later one, and one after blank lines.
+        (b"1,2.0,3\n2,1.0\n", True, ["line 2", "expected 'index,value'"]),
+        (b"1,2.0\n2,1.0,3\n", True, ["line 3", "expected 'index,value'"]),
+        (b"\n \n1,,\n2,\n", False, ["line 4", "expected 'index,value'"]),
+        (b"1,2.0\n2\n", True, ["line 3", "expected 'index,value'"]),
+        (b'1,2.0\n"2",1.0\n', True, ["line 3", "not an integer"]),
+        (b"1,2.0\n2,1_0\n", True, ["line 3", "'1_0'", "not a number"]),
+        (b"1,2.0\n2,\xff\n", True, ["line 3", "not a number"]),
+        (b"1,2.0\n2,inf\n", True, ["line 3", "not finite"]),
+        (b"1,2.0\n2,NA\n", True, ["line 3", "'NA'", "not a number"]),
+        (b"1,2.0\n2.5,1.0\n", True, ["line 3", "'2.5'", "not an integer"]),
+        (b"1,\n\n" + b"9" * 25 + b",\n", False, ["line 4", "outside"]),
+        (b"1,\n\n-1,\n", False, ["line 4", "voxel index -1", "outside"]),
+        (
+            b"1,2\r\n\r\n5,1\r\n1,3\r\n",
+            True,
+            ["line 5: voxel index 1 already appeared on line 2"],
+        ),
+        # Python's int() reads full-width digits, pandas does not: refused, with
+        # what pandas said.
+        (
+            "1,2.0\n\uff12,1.0\n".encode(),
+            True,
+            ["not readable", "index column"],
+        ),
+    ],
+)
 def test_error_bad_rows(tmp_path, body, with_values, words):
   path = tmp_path / "x.csv"
   path.write_bytes(b",data\n" + body)
@@ -203,9 +234,12 @@ def test_error_repeated_index_names_both_lines(phantom_patient, irregular):
   first_index = lines[3].split(",")[0]
   lines.insert(6, f"{first_index},{'+' if irregular else ''}5.0")
   path.write_text("\n".join(lines) + "\n")
-  expect_data_error(phantom_patient, "ct.csv",
-                    f"line 7: voxel index {first_index} already appeared on "
-                    "line 4; 1 repeated line(s)")
+  expect_data_error(
+      phantom_patient,
+      "ct.csv",
+      f"line 7: voxel index {first_index} already appeared on "
+      "line 4; 1 repeated line(s)",
+  )
 
 
 @pytest.mark.parametrize("header", ["index,value", ",dose", "a,b,data"])
@@ -213,8 +247,11 @@ def test_error_wrong_header(phantom_patient, header):
   path = phantom_patient / "possible_dose_mask.csv"
   lines = path.read_text().splitlines()
   path.write_text("\n".join([header] + lines[1:]) + "\n")
-  expect_data_error(phantom_patient, "possible_dose_mask.csv",
-                    "expected the header line ',data'")
+  expect_data_error(
+      phantom_patient,
+      "possible_dose_mask.csv",
+      "expected the header line ',data'",
+  )
 
 
 # --------------------------------------------------------------- bad input
@@ -236,7 +273,9 @@ def test_error_patient_without_ct(phantom_patient):
 
 def test_error_non_numeric_value(phantom_patient):
   replace_line(phantom_patient / "ct.csv", 3, "100,abc")
-  expect_data_error(phantom_patient, "ct.csv", "line 3", "'abc'", "not a number")
+  expect_data_error(
+      phantom_patient, "ct.csv", "line 3", "'abc'", "not a number"
+  )
 
 
 def test_error_non_integer_index(phantom_patient):
@@ -264,8 +303,9 @@ def test_error_negative_dose(phantom_patient):
   path = phantom_patient / "dose.csv"
   index = path.read_text().splitlines()[3].split(",")[0]
   replace_line(path, 4, f"{index},-5.0")
-  expect_data_error(phantom_patient, "dose.csv", "line 4", "-5.0", "negative",
-                    "1 such line")
+  expect_data_error(
+      phantom_patient, "dose.csv", "line 4", "-5.0", "negative", "1 such line"
+  )
 
 
 def test_error_negative_dose_irregular_file(phantom_patient):
@@ -277,8 +317,14 @@ def test_error_negative_dose_irregular_file(phantom_patient):
   lines[5] = lines[5].split(",")[0] + ",-2.5e-1"
   lines[6] = lines[6].split(",")[0] + ",-3"
   path.write_text("\n".join(lines[:4] + [""] + lines[4:]) + "\n")
-  expect_data_error(phantom_patient, "dose.csv", "line 7", "-2.5e-1",
-                    "negative", "2 such line")
+  expect_data_error(
+      phantom_patient,
+      "dose.csv",
+      "line 7",
+      "-2.5e-1",
+      "negative",
+      "2 such line",
+  )
 
 
 def test_negative_zero_dose_is_zero(phantom_patient):
@@ -302,10 +348,14 @@ def test_error_missing_value(phantom_patient):
   expect_data_error(phantom_patient, "ct.csv", "line 2", "missing value")
 
 
-@pytest.mark.parametrize("text", ["4.0\n4.0\n", "4.0\n-4.0\n2.5\n", "4\nabc\n2\n", ""])
+@pytest.mark.parametrize(
+    "text", ["4.0\n4.0\n", "4.0\n-4.0\n2.5\n", "4\nabc\n2\n", ""]
+)
 def test_error_voxel_dimensions(phantom_patient, text):
   (phantom_patient / "voxel_dimensions.csv").write_text(text)
-  expect_data_error(phantom_patient, "voxel_dimensions.csv", "three positive numbers")
+  expect_data_error(
+      phantom_patient, "voxel_dimensions.csv", "three positive numbers"
+  )
 
 
 def test_error_headerless_csv(phantom_patient):
@@ -316,7 +366,9 @@ def test_error_headerless_csv(phantom_patient):
 
 def test_error_bad_grid_shape(phantom_patient):
   (phantom_patient / "grid_shape.csv").write_text("16\n16\n")
-  expect_data_error(phantom_patient, "grid_shape.csv", "three positive integers")
+  expect_data_error(
+      phantom_patient, "grid_shape.csv", "three positive integers"
+  )
 
 
 # ----------------------------------------------------- the shared patients
@@ -324,14 +376,18 @@ def test_error_bad_grid_shape(phantom_patient):
 
 def reference_read(patient_dir: Path):
   """A plain independent reading: pandas, then np.put into zeros."""
+
   def dense(name, dtype, fill=None):
     out = np.zeros(128**3, dtype)
     path = patient_dir / name
     if not path.exists():
       return out.reshape(128, 128, 128), False
     frame = pd.read_csv(path, index_col=0)
-    np.put(out, frame.index.values, frame["data"].values if fill is None else fill)
+    np.put(
+        out, frame.index.values, frame["data"].values if fill is None else fill
+    )
     return out.reshape(128, 128, 128), True
+
   ct, _ = dense("ct.csv", np.float32)
   dose, _ = dense("dose.csv", np.float64)
   mask, _ = dense("possible_dose_mask.csv", bool, 1)
@@ -341,8 +397,9 @@ def reference_read(patient_dir: Path):
 
 
 def test_shared_patients_match_pandas(shared_openkbp):
-  dirs = (openkbp.list_patient_dirs(shared_openkbp / "train-pats")
-          + openkbp.list_patient_dirs(shared_openkbp / "validation-pats"))
+  dirs = openkbp.list_patient_dirs(
+      shared_openkbp / "train-pats"
+  ) + openkbp.list_patient_dirs(shared_openkbp / "validation-pats")
   assert len(dirs) == 26
   for patient_dir in dirs:
     patient = openkbp.load_patient(patient_dir)
@@ -350,17 +407,25 @@ def test_shared_patients_match_pandas(shared_openkbp):
     name = patient_dir.name
     np.testing.assert_array_equal(patient.ct, ct, err_msg=name)
     # pandas' own float parser may differ from the nearest double by an ulp.
-    np.testing.assert_allclose(patient.dose, dose, rtol=1e-15, atol=0, err_msg=name)
-    np.testing.assert_array_equal(patient.possible_dose_mask, mask, err_msg=name)
+    np.testing.assert_allclose(
+        patient.dose, dose, rtol=1e-15, atol=0, err_msg=name
+    )
+    np.testing.assert_array_equal(
+        patient.possible_dose_mask, mask, err_msg=name
+    )
     for channel, (roi, present) in enumerate(rois):
-      np.testing.assert_array_equal(patient.structure_masks[..., channel], roi,
-                                    err_msg=f"{name} {openkbp.ROI_NAMES[channel]}")
+      np.testing.assert_array_equal(
+          patient.structure_masks[..., channel],
+          roi,
+          err_msg=f"{name} {openkbp.ROI_NAMES[channel]}",
+      )
       assert patient.roi_present[channel] == present
     np.testing.assert_array_equal(patient.voxel_dimensions, spacing)
     # dose.csv lists exactly the mask's voxels (a few of them with 0.0 Gy).
     frame = pd.read_csv(patient_dir / "dose.csv", index_col=0)
-    np.testing.assert_array_equal(frame.index.values,
-                                  np.flatnonzero(patient.possible_dose_mask))
+    np.testing.assert_array_equal(
+        frame.index.values, np.flatnonzero(patient.possible_dose_mask)
+    )
 
 
 # ------------------------------------------------------------- predictions
@@ -368,12 +433,16 @@ def test_shared_patients_match_pandas(shared_openkbp):
 
 def test_prediction_round_trip_and_no_silent_overwrite(tmp_path):
   rng = np.random.default_rng(0)
-  dose = np.where(rng.random((16, 16, 16)) < 0.3, rng.uniform(0, 80, (16, 16, 16)), 0.0)
+  dose = np.where(
+      rng.random((16, 16, 16)) < 0.3, rng.uniform(0, 80, (16, 16, 16)), 0.0
+  )
   path = tmp_path / "preds" / "pt_7.csv"
   openkbp.write_prediction_csv(path, dose)
   assert path.read_text().startswith(",data\n")
   assert len(path.read_text().splitlines()) == 1 + np.count_nonzero(dose)
-  np.testing.assert_array_equal(openkbp.read_prediction_csv(path, (16, 16, 16)), dose)
+  np.testing.assert_array_equal(
+      openkbp.read_prediction_csv(path, (16, 16, 16)), dose
+  )
   # The official reading of the file gives the same dose.
   frame = pd.read_csv(path, index_col=0, float_precision="round_trip")
   official = np.zeros(16**3)
@@ -385,12 +454,16 @@ def test_prediction_round_trip_and_no_silent_overwrite(tmp_path):
     openkbp.write_prediction_csv(path, dose * 2)
   assert path.read_bytes() == before
   openkbp.write_prediction_csv(path, dose * 2, overwrite=True)
-  np.testing.assert_array_equal(openkbp.read_prediction_csv(path, (16, 16, 16)), dose * 2)
+  np.testing.assert_array_equal(
+      openkbp.read_prediction_csv(path, (16, 16, 16)), dose * 2
+  )
   with pytest.raises(ValueError, match="NaN"):
     openkbp.write_prediction_csv(tmp_path / "preds" / "pt_8.csv", dose * np.nan)
   with pytest.raises(ValueError, match="negative dose"):
     openkbp.write_prediction_csv(tmp_path / "preds" / "pt_9.csv", dose - 1.0)
-  assert sorted(p.name for p in path.parent.iterdir()) == ["pt_7.csv"]  # no temp files
+  assert sorted(p.name for p in path.parent.iterdir()) == [
+      "pt_7.csv"
+  ]  # no temp files
 
 
 def test_negative_prediction_is_an_error_naming_the_line(tmp_path):
@@ -407,7 +480,9 @@ def test_negative_prediction_is_an_error_naming_the_line(tmp_path):
 def test_submission_zip(tmp_path):
   preds = tmp_path / "preds"
   for i in (2, 10):
-    openkbp.write_prediction_csv(preds / f"pt_{i}.csv", np.full((4, 4, 4), float(i)))
+    openkbp.write_prediction_csv(
+        preds / f"pt_{i}.csv", np.full((4, 4, 4), float(i))
+    )
   zip_path = openkbp.write_submission_zip(preds, tmp_path / "submission.zip")
   with zipfile.ZipFile(zip_path) as archive:
     assert archive.namelist() == ["pt_2.csv", "pt_10.csv"]
@@ -436,7 +511,9 @@ def test_phantoms_are_seeded_and_plausible(tmp_path):
     mask = patient.possible_dose_mask
     assert patient.roi_present[openkbp.ROI_NAMES.index("PTV70")]
     np.testing.assert_array_equal(patient.dose > 0, mask)
-    np.testing.assert_array_equal(patient.ct > 0, mask)  # body is soft tissue or bone
+    np.testing.assert_array_equal(
+        patient.ct > 0, mask
+    )  # body is soft tissue or bone
     assert np.all(patient.voxel_dimensions > 0)
     for name, gy in openkbp.PRESCRIPTIONS_GY.items():
       channel = openkbp.ROI_NAMES.index(name)
@@ -450,8 +527,10 @@ def test_phantoms_are_seeded_and_plausible(tmp_path):
     in_targets = patient.structure_masks[..., 7:].any(-1)
     assert patient.dose[mask & ~in_targets].mean() < 0.7 * 70
   # Presence varies between patients (over a few more of them).
-  many = [openkbp.load_patient(p).roi_present
-          for p in phantoms.write_phantoms(tmp_path / "d", 12, grid=16, seed=0)]
+  many = [
+      openkbp.load_patient(p).roi_present
+      for p in phantoms.write_phantoms(tmp_path / "d", 12, grid=16, seed=0)
+  ]
   assert len({tuple(r) for r in many}) > 1
 
 
@@ -473,6 +552,7 @@ def test_atomic_output_errors_name_the_requested_path(tmp_path, monkeypatch):
   # A failed write (here: the disk fills up) is reported under the path the
   # caller gave, not the hidden temporary file, and leaves nothing behind.
   import errno  # pylint: disable=g-import-not-at-top
+
   target = tmp_path / "out.csv"
   with pytest.raises(OSError) as info:
     with fileio.atomic_output(target) as f:

@@ -11,9 +11,11 @@ from randose_jax.data import pipeline
 
 @pytest.fixture(scope="module")
 def cache(phantom_split, tmp_path_factory):
-  return cache_lib.build_cache(openkbp.list_patient_dirs(phantom_split),
-                               tmp_path_factory.mktemp("cache"),
-                               default_config.get_default_config().data)
+  return cache_lib.build_cache(
+      openkbp.list_patient_dirs(phantom_split),
+      tmp_path_factory.mktemp("cache"),
+      default_config.get_default_config().data,
+  )
 
 
 @pytest.fixture
@@ -39,12 +41,23 @@ def assert_batches_equal(a, b):
 def test_train_batches(cache, config):
   batch = next(iter(pipeline.train_dataset(cache, config, seed=0)))
   assert set(batch) == {"ptv", "ct", "oar", "target", "mask"}
-  for key, channels in (("ptv", 1), ("ct", 1), ("oar", 7), ("target", 1), ("mask", 1)):
+  for key, channels in (
+      ("ptv", 1),
+      ("ct", 1),
+      ("oar", 7),
+      ("target", 1),
+      ("mask", 1),
+  ):
     assert batch[key].shape == (2, 16, 16, 16, channels), key
     assert batch[key].dtype == np.float32
   config.batch_size = 4
-  batch = next(iter(pipeline.train_dataset(cache, config, seed=0, process_index=1,
-                                           process_count=2)))
+  batch = next(
+      iter(
+          pipeline.train_dataset(
+              cache, config, seed=0, process_index=1, process_count=2
+          )
+      )
+  )
   assert batch["ct"].shape[0] == 2
   with pytest.raises(ValueError, match="divisible"):
     pipeline.train_dataset(cache, config, seed=0, process_count=3)
@@ -59,21 +72,26 @@ def test_same_seed_same_batches(cache, config):
 
 
 @pytest.mark.parametrize("downsample", [1, 2])
-def test_every_patient_each_epoch_unaugmented(phantom_split, tmp_path, config,
-                                              downsample):
+def test_every_patient_each_epoch_unaugmented(
+    phantom_split, tmp_path, config, downsample
+):
   config.data.augment = False
   config.data.downsample = downsample
   config.batch_size = 1
-  cache = cache_lib.build_cache(openkbp.list_patient_dirs(phantom_split), tmp_path,
-                                config.data)
+  cache = cache_lib.build_cache(
+      openkbp.list_patient_dirs(phantom_split), tmp_path, config.data
+  )
   it = iter(pipeline.train_dataset(cache, config, seed=0))
   examples = [cache[i] for i in range(len(cache))]
   for _ in range(2):  # two epochs, each a permutation of the patients
     seen = []
     for batch in take(it, len(cache)):
-      matches = [i for i, e in enumerate(examples)
-                 if np.array_equal(e["target"], batch["target"][0])
-                 and np.array_equal(e["ct"], batch["ct"][0])]
+      matches = [
+          i
+          for i, e in enumerate(examples)
+          if np.array_equal(e["target"], batch["target"][0])
+          and np.array_equal(e["ct"], batch["ct"][0])
+      ]
       assert len(matches) == 1
       for key, x in examples[matches[0]].items():  # the encoding, unchanged
         np.testing.assert_array_equal(batch[key][0], x, err_msg=key)
@@ -94,9 +112,20 @@ def test_iterator_state_restores_the_stream(cache, config):
 def test_processes_split_the_stream(cache, config):
   config.batch_size = 2
   config.data.augment = False
-  shares = [take(iter(pipeline.train_dataset(cache, config, seed=0, process_index=p,
-                                             process_count=2)), 4) for p in range(2)]
-  whole = take(iter(pipeline.train_dataset(cache, config, seed=0, process_count=1)), 4)
+  shares = [
+      take(
+          iter(
+              pipeline.train_dataset(
+                  cache, config, seed=0, process_index=p, process_count=2
+              )
+          ),
+          4,
+      )
+      for p in range(2)
+  ]
+  whole = take(
+      iter(pipeline.train_dataset(cache, config, seed=0, process_count=1)), 4
+  )
   # Process p holds elements p, p + 2, ... of the global stream.
   global_stream = [b["target"][i] for b in whole for i in range(2)]
   for p, batches in enumerate(shares):
@@ -112,24 +141,39 @@ def test_worker_processes(cache, config):
   for _ in range(2):
     it = iter(pipeline.train_dataset(cache, config, seed=2))
     try:
-      streams.append([{k: np.array(v) for k, v in b.items()} for b in take(it, 4)])
+      streams.append(
+          [{k: np.array(v) for k, v in b.items()} for b in take(it, 4)]
+      )
     finally:
       it.close()
   assert_batches_equal(streams[0], streams[1])  # deterministic with workers too
   # Each worker batches its own share of the same example stream, so the
   # examples are those of the in-process run, grouped differently.
-  examples = lambda batches: sorted(b[k][i].tobytes() for b in batches for i in range(2)
-                                    for k in ("ct", "target", "oar"))
+  examples = lambda batches: sorted(
+      b[k][i].tobytes()
+      for b in batches
+      for i in range(2)
+      for k in ("ct", "target", "oar")
+  )
   assert examples(streams[0]) == examples(in_process)
 
 
 def test_downsampled_training_batches(phantom_split, tmp_path, config):
   """downsample > 1 takes the encoded-dict path: float32 batches all the same."""
   config.data.downsample = 2
-  cache = cache_lib.build_cache(openkbp.list_patient_dirs(phantom_split), tmp_path,
-                                config.data)
+  cache = cache_lib.build_cache(
+      openkbp.list_patient_dirs(phantom_split), tmp_path, config.data
+  )
   batches = take(iter(pipeline.train_dataset(cache, config, seed=0)), 2)
-  for key, channels in (("ptv", 1), ("ct", 1), ("oar", 7), ("target", 1), ("mask", 1)):
+  for key, channels in (
+      ("ptv", 1),
+      ("ct", 1),
+      ("oar", 7),
+      ("target", 1),
+      ("mask", 1),
+  ):
     assert batches[0][key].shape == (2, 8, 8, 8, channels), key
     assert batches[0][key].dtype == np.float32
-  assert_batches_equal(batches, take(iter(pipeline.train_dataset(cache, config, seed=0)), 2))
+  assert_batches_equal(
+      batches, take(iter(pipeline.train_dataset(cache, config, seed=0)), 2)
+  )

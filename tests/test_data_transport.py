@@ -22,7 +22,9 @@ def small_root(shared_openkbp, tmp_path_factory) -> Path:
   for split in transport.DEFAULT_SPLITS:
     (root / split).mkdir()
     first = openkbp.list_patient_dirs(shared_openkbp / split)[0]
-    (root / split / first.name).symlink_to(first.resolve(), target_is_directory=True)
+    (root / split / first.name).symlink_to(
+        first.resolve(), target_is_directory=True
+    )
   return root
 
 
@@ -39,7 +41,9 @@ def test_round_trip_equals_the_csvs(small_root, archive):
   bound = transport.max_dose_error_gy(transport.DEFAULT_DOSE_DECIMALS)
   assert bound == 0.005
   for entry in opened.entries():
-    original = openkbp.load_sparse_patient(small_root / entry["split"] / entry["patient_id"])
+    original = openkbp.load_sparse_patient(
+        small_root / entry["split"] / entry["patient_id"]
+    )
     restored = opened.read(entry)
     worst = transport.compare(original, restored, bound)  # CT, sets exact
     assert 0 < worst <= bound + 1e-9  # OpenKBP's mGy are rounded to 0.01 Gy
@@ -52,7 +56,8 @@ def test_round_trip_equals_the_csvs(small_root, archive):
 
 def test_three_decimals_store_openkbp_dose_exactly(small_root, tmp_path):
   patient = openkbp.load_sparse_patient(
-      openkbp.list_patient_dirs(small_root / "train-pats")[0])
+      openkbp.list_patient_dirs(small_root / "train-pats")[0]
+  )
   entry, block = transport.encode_patient(patient, dose_decimals=3)
   restored = transport.decode_patient(entry, block, 3, "x")
   assert entry["dose"]["exact"]
@@ -64,30 +69,58 @@ def test_unpack_gives_the_cache_of_the_csvs(small_root, archive, tmp_path):
   caches = transport.unpack_to_cache(archive, tmp_path / "cache", config.data)
   for split, cache in caches.items():
     reopened = cache_lib.open_cache(tmp_path / "cache" / split, config.data)
-    built = cache_lib.build_cache(openkbp.list_patient_dirs(small_root / split),
-                                  tmp_path / "built" / split, config.data)
+    built = cache_lib.build_cache(
+        openkbp.list_patient_dirs(small_root / split),
+        tmp_path / "built" / split,
+        config.data,
+    )
     assert reopened.patient_ids == built.patient_ids == cache.patient_ids
     for i in range(len(built)):
       a, b = reopened[i], built[i]
       for key in ("ptv", "ct", "oar", "mask"):
         np.testing.assert_array_equal(a[key], b[key])
-      np.testing.assert_allclose(a["target"], b["target"], rtol=0,
-                                 atol=0.005 / config.data.dose_scale + 1e-7)
+      np.testing.assert_allclose(
+          a["target"],
+          b["target"],
+          rtol=0,
+          atol=0.005 / config.data.dose_scale + 1e-7,
+      )
 
 
 def test_residual_coding_round_trips_edge_values():
   rng = np.random.default_rng(0)
-  values = np.array([0, 1, -1, 15, -8, 16, -17, 255, 2**15 - 1, -2**15, 2**40 + 3,
-                     -2**40 - 5, 2**61, -2**61], np.int64)
+  values = np.array(
+      [
+          0,
+          1,
+          -1,
+          15,
+          -8,
+          16,
+          -17,
+          255,
+          2**15 - 1,
+          -(2**15),
+          2**40 + 3,
+          -(2**40) - 5,
+          2**61,
+          -(2**61),
+      ],
+      np.int64,
+  )
   tokens, counts, extra = transport._tokens(values)
   bits = transport._pack_bits(extra, counts)
-  np.testing.assert_array_equal(transport._from_tokens(tokens, bits, "x"), values)
+  np.testing.assert_array_equal(
+      transport._from_tokens(tokens, bits, "x"), values
+  )
   shape = (5, 6, 7)
   index = np.flatnonzero(rng.random(np.prod(shape)) < 0.6)
   v = rng.integers(-1000, 1000, index.size)
   for axis in range(3):
     r = transport._run_diff(v, index, shape, axis, start=7)
-    np.testing.assert_array_equal(transport._run_cumsum(r, index, shape, axis, start=7), v)
+    np.testing.assert_array_equal(
+        transport._run_cumsum(r, index, shape, axis, start=7), v
+    )
 
 
 def test_other_grids_float_ct_and_no_dose_are_exact(phantom_split):
@@ -100,8 +133,12 @@ def test_other_grids_float_ct_and_no_dose_are_exact(phantom_split):
   assert transport.compare(patient, restored, 0.0) == 0.0
 
 
-def _damaged(archive: Path, tmp_path: Path, offset: int | None = None,
-             size: int | None = None) -> Path:
+def _damaged(
+    archive: Path,
+    tmp_path: Path,
+    offset: int | None = None,
+    size: int | None = None,
+) -> Path:
   data = bytearray(archive.read_bytes())
   if offset is not None:
     data[offset] ^= 0x40
@@ -113,26 +150,43 @@ def _damaged(archive: Path, tmp_path: Path, offset: int | None = None,
 def test_a_damaged_byte_names_the_archive_and_the_patient(archive, tmp_path):
   opened = transport.open_archive(archive)
   entry = opened.entries()[-1]
-  path = _damaged(archive, tmp_path, opened.data_start + entry["offset"] + entry["size"] // 2)
+  path = _damaged(
+      archive,
+      tmp_path,
+      opened.data_start + entry["offset"] + entry["size"] // 2,
+  )
   damaged = transport.open_archive(path)  # the header is intact
   damaged.read(damaged.entries()[0])  # and so is the first patient
-  with pytest.raises(openkbp.DataError, match=rf"{path}: patient validation-pats/"
-                     rf"{entry['patient_id']}: CRC-32 mismatch"):
+  with pytest.raises(
+      openkbp.DataError,
+      match=rf"{path}: patient validation-pats/"
+      rf"{entry['patient_id']}: CRC-32 mismatch",
+  ):
     damaged.read(damaged.entries()[-1])
-  with pytest.raises(openkbp.DataError, match=rf"{path}: header CRC-32 mismatch"):
-    transport.open_archive(_damaged(archive, tmp_path, len(transport.MAGIC) + 20))
+  with pytest.raises(
+      openkbp.DataError, match=rf"{path}: header CRC-32 mismatch"
+  ):
+    transport.open_archive(
+        _damaged(archive, tmp_path, len(transport.MAGIC) + 20)
+    )
 
 
 def test_truncated_or_foreign_files_are_refused(archive, tmp_path):
   size = archive.stat().st_size
-  with pytest.raises(openkbp.DataError, match=rf"{size - 100} bytes, the header says "
-                     rf"{size} \(truncated"):
+  with pytest.raises(
+      openkbp.DataError,
+      match=rf"{size - 100} bytes, the header says " rf"{size} \(truncated",
+  ):
     transport.open_archive(_damaged(archive, tmp_path, size=size - 100))
   with pytest.raises(openkbp.DataError, match="truncated inside the header"):
-    transport.open_archive(_damaged(archive, tmp_path, size=len(transport.MAGIC) + 50))
+    transport.open_archive(
+        _damaged(archive, tmp_path, size=len(transport.MAGIC) + 50)
+    )
   foreign = tmp_path / "foreign.rdt"
   foreign.write_bytes(b",data\n1,2\n")
-  with pytest.raises(openkbp.DataError, match="not a randose_jax transport archive"):
+  with pytest.raises(
+      openkbp.DataError, match="not a randose_jax transport archive"
+  ):
     transport.open_archive(foreign)
 
 
@@ -149,14 +203,35 @@ def _cli(argv) -> int:
 def test_command_line_check_and_errors(small_root, archive, tmp_path, capsys):
   assert _cli(["check", f"--archive={archive}", f"--root={small_root}"]) == 0
   assert "2 patients equal to the CSVs" in capsys.readouterr().out
-  assert _cli(["unpack", f"--archive={archive}", f"--cache_dir={tmp_path / 'ok'}",
-               "--workers=2"]) == 0  # in worker processes
+  assert (
+      _cli(
+          [
+              "unpack",
+              f"--archive={archive}",
+              f"--cache_dir={tmp_path / 'ok'}",
+              "--workers=2",
+          ]
+      )
+      == 0
+  )  # in worker processes
   config = default_config.get_default_config()
-  assert len(cache_lib.open_cache(tmp_path / "ok" / "validation-pats", config.data)) == 1
+  assert (
+      len(
+          cache_lib.open_cache(tmp_path / "ok" / "validation-pats", config.data)
+      )
+      == 1
+  )
   damaged = _damaged(archive, tmp_path, size=archive.stat().st_size - 1)
-  assert _cli(["unpack", f"--archive={damaged}", f"--cache_dir={tmp_path / 'c'}"]) == 2
+  assert (
+      _cli(["unpack", f"--archive={damaged}", f"--cache_dir={tmp_path / 'c'}"])
+      == 2
+  )
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith(f"error: {damaged}: ") and "truncated" in err[0]
+  assert (
+      len(err) == 1
+      and err[0].startswith(f"error: {damaged}: ")
+      and "truncated" in err[0]
+  )
   assert not (tmp_path / "c").exists()
   assert _cli(["pack", f"--root={small_root}", f"--archive={archive}"]) == 2
   assert "already exists" in capsys.readouterr().err

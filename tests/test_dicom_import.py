@@ -30,9 +30,15 @@ CASES = {
     "HFP": ((45, 128, 128), (2.0, 1.25, 1.25)),
     "FFP": ((30, 110, 110), (3.0, 1.5, 1.5)),
 }
-TRUE_NAMES = {"Brainstem": "Brainstem", "SpinalCord": "Cord", "RightParotid": "PAROTID RT",
-              "LeftParotid": "Parotid_L", "Mandible": "Mandible", "PTV56": "PTV 56Gy",
-              "PTV70": "PTV_7000"}
+TRUE_NAMES = {
+    "Brainstem": "Brainstem",
+    "SpinalCord": "Cord",
+    "RightParotid": "PAROTID RT",
+    "LeftParotid": "Parotid_L",
+    "Mandible": "Mandible",
+    "PTV56": "PTV 56Gy",
+    "PTV70": "PTV_7000",
+}
 
 
 def _import(src, out, **kwargs):
@@ -47,8 +53,13 @@ def case(request, tmp_path_factory):
   orientation = request.param
   shape, spacing = CASES[orientation]
   tmp = tmp_path_factory.mktemp(orientation)
-  record = synthetic.write_patient(tmp / "dicom", orientation=orientation, shape=shape,
-                                   spacing=spacing, seed=len(orientation) + shape[0])
+  record = synthetic.write_patient(
+      tmp / "dicom",
+      orientation=orientation,
+      shape=shape,
+      spacing=spacing,
+      seed=len(orientation) + shape[0],
+  )
   rows = _import(tmp / "dicom", tmp / "out")
   assert [r["patient"] for r in rows] == ["pt_SYN001"]
   return orientation, record, tmp / "out" / "pt_SYN001", rows[0]
@@ -60,15 +71,28 @@ def _centres(info, sub: int = 1) -> np.ndarray:
   shape = info["grid_shape"]
   spacing = np.asarray(info["voxel_dimensions"])
   offsets = (np.arange(sub) + 0.5) / sub - 0.5
-  sub_idx = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).reshape(-1, 3)
+  sub_idx = np.stack(
+      np.meshgrid(offsets, offsets, offsets, indexing="ij"), -1
+  ).reshape(-1, 3)
   idx = np.indices(shape).reshape(3, -1).T.astype(np.float64)
   points = (idx[:, None, :] + sub_idx[None]).reshape(-1, 3)
-  return np.asarray(info["origin_lps_mm"]) + (points * spacing) @ AXIS_DIRECTIONS_LPS
+  return (
+      np.asarray(info["origin_lps_mm"])
+      + (points * spacing) @ AXIS_DIRECTIONS_LPS
+  )
 
 
 def _slice_z(record) -> np.ndarray:
-  return np.array([float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2])
-                   for p in record["ct_files"]])
+  return np.array(
+      [
+          float(
+              pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[
+                  2
+              ]
+          )
+          for p in record["ct_files"]
+      ]
+  )
 
 
 def _truth_masks(record, info, sub: int = 5):
@@ -79,7 +103,9 @@ def _truth_masks(record, info, sub: int = 5):
   spacing = np.asarray(info["voxel_dimensions"])
   origin = np.asarray(info["origin_lps_mm"])
   offsets = (np.arange(sub) + 0.5) / sub - 0.5
-  sub_idx = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).reshape(-1, 3)
+  sub_idx = np.stack(
+      np.meshgrid(offsets, offsets, offsets, indexing="ij"), -1
+  ).reshape(-1, 3)
   slice_z = _slice_z(record)
   phantom = record["phantom"]
   out = {}
@@ -90,14 +116,26 @@ def _truth_masks(record, info, sub: int = 5):
       size = np.array([s.size[0], s.size[0], s.size[2]])
     lo_lps = phantom.centre + s.centre - size - 5
     hi_lps = phantom.centre + s.centre + size + 5
-    corners = np.array([[x, y, z] for x in (lo_lps[0], hi_lps[0]) for y in (lo_lps[1], hi_lps[1])
-                        for z in (lo_lps[2], hi_lps[2])])
+    corners = np.array(
+        [
+            [x, y, z]
+            for x in (lo_lps[0], hi_lps[0])
+            for y in (lo_lps[1], hi_lps[1])
+            for z in (lo_lps[2], hi_lps[2])
+        ]
+    )
     index = ((corners - origin) @ AXIS_DIRECTIONS_LPS.T) / spacing
     lo = np.clip(np.floor(index.min(0)).astype(int), 0, shape)
     hi = np.clip(np.ceil(index.max(0)).astype(int) + 1, 0, shape)
-    idx = np.stack(np.meshgrid(*[np.arange(l, h) for l, h in zip(lo, hi)], indexing="ij"),
-                   -1).reshape(-1, 3)
-    points = origin + ((idx[:, None, :] + sub_idx[None]).reshape(-1, 3) * spacing) @ AXIS_DIRECTIONS_LPS
+    idx = np.stack(
+        np.meshgrid(*[np.arange(l, h) for l, h in zip(lo, hi)], indexing="ij"),
+        -1,
+    ).reshape(-1, 3)
+    points = (
+        origin
+        + ((idx[:, None, :] + sub_idx[None]).reshape(-1, 3) * spacing)
+        @ AXIS_DIRECTIONS_LPS
+    )
     occ = phantom.inside(name, points, slice_z).reshape(len(idx), -1).mean(-1)
     mask = np.zeros(shape, bool)
     mask[tuple(idx[occ >= 0.5].T)] = True
@@ -106,7 +144,9 @@ def _truth_masks(record, info, sub: int = 5):
 
 
 def _dice(a, b):
-  return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+  return (
+      2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+  )
 
 
 def test_structures_match_the_truth(case):
@@ -128,9 +168,14 @@ def test_structures_match_the_truth(case):
   centre = record["phantom"].centre + np.array(mandible.centre)
   for offset, expected in ((0.0, False), (20.0, True)):
     point = centre + [offset, 0, 0]
-    index = np.rint(((point - info["origin_lps_mm"]) @ AXIS_DIRECTIONS_LPS.T)
-                    / info["voxel_dimensions"]).astype(int)
-    assert patient.structure_masks[(*index, openkbp.ROI_NAMES.index("Mandible"))] == expected
+    index = np.rint(
+        ((point - info["origin_lps_mm"]) @ AXIS_DIRECTIONS_LPS.T)
+        / info["voxel_dimensions"]
+    ).astype(int)
+    assert (
+        patient.structure_masks[(*index, openkbp.ROI_NAMES.index("Mandible"))]
+        == expected
+    )
 
 
 def test_ct_and_dose_match_the_truth(case):
@@ -140,17 +185,25 @@ def test_ct_and_dose_match_the_truth(case):
   info = json.loads((folder / geometry.GEOMETRY_FILE).read_text())
   points = _centres(info)
   # CT: away from the body's edge and the CT's first and last slices.
-  shrunk = synthetic.Phantom(phantom.centre, (synthetic.Shape("External", "cylinder", (0, 0, 0),
-                                                              (69, 59, 1e4)),))
+  shrunk = synthetic.Phantom(
+      phantom.centre,
+      (synthetic.Shape("External", "cylinder", (0, 0, 0), (69, 59, 1e4)),),
+  )
   z_half = (CASES[orientation][0][0] - 3) * CASES[orientation][1][0] / 2
-  inner = shrunk.inside("External", points) & (np.abs(points[:, 2] - phantom.centre[2]) < z_half)
+  inner = shrunk.inside("External", points) & (
+      np.abs(points[:, 2] - phantom.centre[2]) < z_half
+  )
   assert inner.sum() > 1000
   hu = patient.ct.ravel()[inner] - CT_OFFSET
   np.testing.assert_allclose(hu, phantom.hu(points[inner]), atol=1.0 + 1e-6)
-  grown = synthetic.Phantom(phantom.centre, (synthetic.Shape("External", "cylinder", (0, 0, 0),
-                                                             (80, 70, 1e4)),))
+  grown = synthetic.Phantom(
+      phantom.centre,
+      (synthetic.Shape("External", "cylinder", (0, 0, 0), (80, 70, 1e4)),),
+  )
   # Air: -1000 HU in the phantom (stored 24), -1024 (0, absent) beyond the CT.
-  assert set(np.unique(patient.ct.ravel()[~grown.inside("External", points)])) <= {0.0, 24.0}
+  assert set(
+      np.unique(patient.ct.ravel()[~grown.inside("External", points)])
+  ) <= {0.0, 24.0}
   # Possible-dose mask = the body contour.
   body = phantom.inside("External", points).reshape(patient.ct.shape)
   assert _dice(patient.possible_dose_mask, body) > 0.97
@@ -168,22 +221,40 @@ def test_grid_is_the_same_in_every_orientation(case):
   phantom = record["phantom"]
   # The PTVs' bounding box centre (LPS) is the box centre up to a voxel.
   p70, p56 = phantom.shape("PTV_7000"), phantom.shape("PTV 56Gy")
-  lo = np.minimum(np.array(p70.centre) - p70.size, np.array(p56.centre) - p56.size)
-  hi = np.maximum(np.array(p70.centre) + p70.size, np.array(p56.centre) + p56.size)
-  box_centre = (np.asarray(info["origin_lps_mm"]) + ((np.array(CROP) - 1) / 2
-                * info["voxel_dimensions"]) @ AXIS_DIRECTIONS_LPS)
+  lo = np.minimum(
+      np.array(p70.centre) - p70.size, np.array(p56.centre) - p56.size
+  )
+  hi = np.maximum(
+      np.array(p70.centre) + p70.size, np.array(p56.centre) + p56.size
+  )
+  box_centre = (
+      np.asarray(info["origin_lps_mm"])
+      + ((np.array(CROP) - 1) / 2 * info["voxel_dimensions"])
+      @ AXIS_DIRECTIONS_LPS
+  )
   box_centre_rel = box_centre - phantom.centre
-  half = np.abs(((np.array(CROP)) / 2 * info["voxel_dimensions"]) @ AXIS_DIRECTIONS_LPS)
+  half = np.abs(
+      ((np.array(CROP)) / 2 * info["voxel_dimensions"]) @ AXIS_DIRECTIONS_LPS
+  )
   # The PTVs are inside the box; in-plane the box (187 mm) is longer than the
   # body (150 x 130 mm): centred on the body; along z (80 mm) it lies within
   # the body (the CT's extent, the External contour is on every slice).
-  assert np.all(box_centre_rel - half <= lo) and np.all(box_centre_rel + half >= hi)
-  assert np.all(np.abs(box_centre_rel[:2]) <= 1e-6), (orientation, box_centre_rel)
+  assert np.all(box_centre_rel - half <= lo) and np.all(
+      box_centre_rel + half >= hi
+  )
+  assert np.all(np.abs(box_centre_rel[:2]) <= 1e-6), (
+      orientation,
+      box_centre_rel,
+  )
   ct_half = CASES[orientation][0][0] * CASES[orientation][1][0] / 2
   assert abs(box_centre_rel[2]) + half[2] <= ct_half + 1e-6
   assert info["ct_grid"]["image_orientation_patient"] == [
-      float(v) for v in (*synthetic.ORIENTATIONS[orientation][0],
-                         *synthetic.ORIENTATIONS[orientation][1])]
+      float(v)
+      for v in (
+          *synthetic.ORIENTATIONS[orientation][0],
+          *synthetic.ORIENTATIONS[orientation][1],
+      )
+  ]
   assert info["rtplan_sop_instance_uid"] == record["uids"]["rtplan"]
   assert info["frame_of_reference_uid"] == record["uids"]["frame"]
 
@@ -197,8 +268,12 @@ def _rtdose_peak_lps(path) -> np.ndarray:
   row, col = iop[:3], iop[3:]
   offsets = [float(v) for v in ds.GridFrameOffsetVector]
   dr, dc = (float(v) for v in ds.PixelSpacing)
-  return (np.array([float(v) for v in ds.ImagePositionPatient]) + offsets[f] * np.cross(row, col)
-          + r * dr * col + c * dc * row)
+  return (
+      np.array([float(v) for v in ds.ImagePositionPatient])
+      + offsets[f] * np.cross(row, col)
+      + r * dr * col
+      + c * dc * row
+  )
 
 
 @pytest.mark.parametrize("grid", ["crop", "ct"])
@@ -209,19 +284,29 @@ def test_rt_dose_back_in_the_patient_frame(case, grid, tmp_path):
   patient = openkbp.load_patient(folder)
   info = geometry.read_geometry(folder)
   dose, vd, kwargs = geometry.rtdose_arguments(info, patient.dose, grid)
-  (path,) = formats.write_prediction_formats(tmp_path, folder.name, dose, vd,
-                                             formats=("dicom",), **kwargs)
+  (path,) = formats.write_prediction_formats(
+      tmp_path, folder.name, dose, vd, formats=("dicom",), **kwargs
+  )
   ds = pydicom.dcmread(path)
   assert ds.FrameOfReferenceUID == record["uids"]["frame"]
   assert ds.StudyInstanceUID == record["uids"]["study"]
   assert ds.PatientID == "SYN001" and str(ds.PatientName) == "Synthetic^SYN001"
-  assert ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == record["uids"]["rtplan"]
-  assert ds.ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID == record["uids"]["rtstruct"]
+  assert (
+      ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID
+      == record["uids"]["rtplan"]
+  )
+  assert (
+      ds.ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID
+      == record["uids"]["rtstruct"]
+  )
   peak = record["phantom"].dose_peak()
   # Within one voxel of the import grid (the prediction's resolution).
   tolerance = np.asarray(info["voxel_dimensions"]) @ np.abs(AXIS_DIRECTIONS_LPS)
   assert np.all(np.abs(_rtdose_peak_lps(path) - peak) <= tolerance), (
-      orientation, grid, _rtdose_peak_lps(path) - peak)
+      orientation,
+      grid,
+      _rtdose_peak_lps(path) - peak,
+  )
   if grid == "ct":
     # The dose voxels are the CT's voxel centres.
     ct_shape, _ = CASES[orientation]
@@ -230,51 +315,92 @@ def test_rt_dose_back_in_the_patient_frame(case, grid, tmp_path):
     row, col = (np.array(v, float) for v in synthetic.ORIENTATIONS[orientation])
     directions = np.stack([np.cross(row, col), col, row])
     offset = np.array([float(v) for v in ds.ImagePositionPatient]) - np.array(
-        [float(v) for v in ct_first.ImagePositionPatient])
+        [float(v) for v in ct_first.ImagePositionPatient]
+    )
     index = (directions @ offset) / np.array(CASES[orientation][1])
     np.testing.assert_allclose(index, np.rint(index), atol=1e-3)
   sitk = pytest.importorskip("SimpleITK")
   image = sitk.ReadImage(str(path))
   array = sitk.GetArrayFromImage(image)  # (frames, rows, columns)
   k, j, i = np.unravel_index(np.argmax(array), array.shape)
-  point = np.array(image.TransformIndexToPhysicalPoint((int(i), int(j), int(k))))
+  point = np.array(
+      image.TransformIndexToPhysicalPoint((int(i), int(j), int(k)))
+  )
   assert np.all(np.abs(point - peak) <= tolerance), (orientation, point - peak)
 
 
 # ------------------------------------------------------------ names
 
 
-@pytest.mark.parametrize("name,target", [
-    ("Parotid_L", "LeftParotid"), ("PAROTID LT", "LeftParotid"), ("Lt Parotid", "LeftParotid"),
-    ("RightParotid", "RightParotid"), ("Parotid R", "RightParotid"),
-    ("PTV_7000", "PTV70"), ("PTV 70Gy", "PTV70"), ("PTV63", "PTV63"), ("PTV5600cGy", "PTV56"),
-    ("Cord", "SpinalCord"), ("SpinalCord", "SpinalCord"), ("SpinalCord_PRV", None),
-    ("Cord PRV5", None), ("BrainStem", "Brainstem"), ("External", roi_names.BODY),
-    ("BODY", roi_names.BODY), ("Skin", roi_names.BODY), ("ptv70_opt", None), ("zPTV70", None),
-    ("Parotids", None), ("Esophagus", "Esophagus"), ("Larynx", "Larynx"), ("Mandible", "Mandible"),
-])
+@pytest.mark.parametrize(
+    "name,target",
+    [
+        ("Parotid_L", "LeftParotid"),
+        ("PAROTID LT", "LeftParotid"),
+        ("Lt Parotid", "LeftParotid"),
+        ("RightParotid", "RightParotid"),
+        ("Parotid R", "RightParotid"),
+        ("PTV_7000", "PTV70"),
+        ("PTV 70Gy", "PTV70"),
+        ("PTV63", "PTV63"),
+        ("PTV5600cGy", "PTV56"),
+        ("Cord", "SpinalCord"),
+        ("SpinalCord", "SpinalCord"),
+        ("SpinalCord_PRV", None),
+        ("Cord PRV5", None),
+        ("BrainStem", "Brainstem"),
+        ("External", roi_names.BODY),
+        ("BODY", roi_names.BODY),
+        ("Skin", roi_names.BODY),
+        ("ptv70_opt", None),
+        ("zPTV70", None),
+        ("Parotids", None),
+        ("Esophagus", "Esophagus"),
+        ("Larynx", "Larynx"),
+        ("Mandible", "Mandible"),
+    ],
+)
 def test_default_names(name, target):
   assert roi_names.default_match(name).target == target
 
 
 def test_user_map_ptv_doses_and_levels(tmp_path):
   path = tmp_path / "map.json"
-  path.write_text(json.dumps({"Gland Parotid Sin": "LeftParotid", "re:^cord.*$": "SpinalCord",
-                              "PTV_boost": "PTV70", "Cord PRV": None}))
-  mapper = roi_names.RoiMapper(roi_names.load_roi_map(path),
-                               roi_names.parse_ptv_doses(["PTV_low=56.5"]))
+  path.write_text(
+      json.dumps(
+          {
+              "Gland Parotid Sin": "LeftParotid",
+              "re:^cord.*$": "SpinalCord",
+              "PTV_boost": "PTV70",
+              "Cord PRV": None,
+          }
+      )
+  )
+  mapper = roi_names.RoiMapper(
+      roi_names.load_roi_map(path), roi_names.parse_ptv_doses(["PTV_low=56.5"])
+  )
   assert mapper.match("gland parotid sin").target == "LeftParotid"
-  assert mapper.match("Cord_5mm").target == "SpinalCord"  # the regex beats the default
+  assert (
+      mapper.match("Cord_5mm").target == "SpinalCord"
+  )  # the regex beats the default
   assert mapper.match("Cord PRV").target is None  # exact keys first
   assert mapper.match("PTV_boost").target == "PTV70"
   assert mapper.match("PTV_low").target == "PTV56"
   high = mapper.match("PTV_high")
   assert high.target is None and "--ptv_doses" in high.warning
-  assert roi_names.default_match("PTV 50").target is None  # no channel near 50 Gy
+  assert (
+      roi_names.default_match("PTV 50").target is None
+  )  # no channel near 50 Gy
   yaml = pytest.importorskip("yaml")
-  (tmp_path / "map.yaml").write_text(yaml.safe_dump({"re:^lt?\\s*par.*": "LeftParotid"}))
-  assert roi_names.RoiMapper(roi_names.load_roi_map(tmp_path / "map.yaml")).match(
-      "Lt Par").target == "LeftParotid"
+  (tmp_path / "map.yaml").write_text(
+      yaml.safe_dump({"re:^lt?\\s*par.*": "LeftParotid"})
+  )
+  assert (
+      roi_names.RoiMapper(roi_names.load_roi_map(tmp_path / "map.yaml"))
+      .match("Lt Par")
+      .target
+      == "LeftParotid"
+  )
   (tmp_path / "bad.json").write_text(json.dumps({"x": "Kidney"}))
   with pytest.raises(DicomError, match="bad.json.*Kidney"):
     roi_names.load_roi_map(tmp_path / "bad.json")
@@ -292,7 +418,9 @@ def _run_cli(args, capfd):
   dicom_import.FLAGS = flag_values
   capfd.readouterr()
   try:
-    code = cli.invoke(dicom_import.main, ["dicom_import", *map(str, args)], flag_values)
+    code = cli.invoke(
+        dicom_import.main, ["dicom_import", *map(str, args)], flag_values
+    )
   finally:
     dicom_import.FLAGS = saved
   return (code, *capfd.readouterr())
@@ -302,28 +430,45 @@ def _run_cli(args, capfd):
 def small_dicom(tmp_path_factory):
   """A small HFS patient (fast to copy and break)."""
   folder = tmp_path_factory.mktemp("small") / "dicom"
-  record = synthetic.write_patient(folder, shape=(12, 72, 72), spacing=(3.0, 2.2, 2.2),
-                                   seed=3, with_plan=False,
-                                   phantom=synthetic.Phantom(shapes=synthetic.DEFAULT_SHAPES[:4]))
+  record = synthetic.write_patient(
+      folder,
+      shape=(12, 72, 72),
+      spacing=(3.0, 2.2, 2.2),
+      seed=3,
+      with_plan=False,
+      phantom=synthetic.Phantom(shapes=synthetic.DEFAULT_SHAPES[:4]),
+  )
   return folder, record
 
 
 def _copy(small_dicom, tmp_path):
   import shutil
+
   folder, record = small_dicom
   dst = tmp_path / "in"
   shutil.copytree(folder, dst)
   moved = lambda p: dst / Path(p).relative_to(folder)
-  return dst, {"ct_files": [moved(p) for p in record["ct_files"]],
-               "rtstruct": moved(record["rtstruct"]), "rtdose": moved(record["rtdose"])}
+  return dst, {
+      "ct_files": [moved(p) for p in record["ct_files"]],
+      "rtstruct": moved(record["rtstruct"]),
+      "rtdose": moved(record["rtdose"]),
+  }
 
 
 def test_cli_imports_and_refuses_to_overwrite(small_dicom, tmp_path, capfd):
   src, _ = _copy(small_dicom, tmp_path)
-  args = [f"--input={src}", f"--output={tmp_path / 'out'}", "--grid_shape=40,40,16"]
+  args = [
+      f"--input={src}",
+      f"--output={tmp_path / 'out'}",
+      "--grid_shape=40,40,16",
+  ]
   code, out, err = _run_cli(args, capfd)
   assert code == 0, err
-  assert "pt_SYN001" in out and "PTV70<-PTV_7000" in out and "body contour 'External'" in out
+  assert (
+      "pt_SYN001" in out
+      and "PTV70<-PTV_7000" in out
+      and "body contour 'External'" in out
+  )
   patient = openkbp.load_patient(tmp_path / "out" / "pt_SYN001")
   assert patient.grid_shape == (40, 40, 16) and patient.dose is not None
   code, _, err = _run_cli(args, capfd)
@@ -334,8 +479,15 @@ def test_cli_imports_and_refuses_to_overwrite(small_dicom, tmp_path, capfd):
 def test_body_from_ct_when_no_body_contour(small_dicom, tmp_path, capfd):
   src, _ = _copy(small_dicom, tmp_path)
   (tmp_path / "map.json").write_text(json.dumps({"External": None}))
-  code, out, err = _run_cli([f"--input={src}", f"--output={tmp_path / 'out'}",
-                             "--grid_shape=40,40,16", f"--roi_map={tmp_path / 'map.json'}"], capfd)
+  code, out, err = _run_cli(
+      [
+          f"--input={src}",
+          f"--output={tmp_path / 'out'}",
+          "--grid_shape=40,40,16",
+          f"--roi_map={tmp_path / 'map.json'}",
+      ],
+      capfd,
+  )
   assert code == 0, err
   assert "CT > -500 HU" in out
   patient = openkbp.load_patient(tmp_path / "out" / "pt_SYN001")
@@ -343,7 +495,9 @@ def test_body_from_ct_when_no_body_contour(small_dicom, tmp_path, capfd):
   points = _centres(info)
   phantom = small_dicom[1]["phantom"]
   # Within the CT's slices (12 x 3 mm); the box (16 x 2.5 mm) is longer.
-  within = (np.abs(points[:, 2] - phantom.centre[2]) < 16.5).reshape(patient.grid_shape)
+  within = (np.abs(points[:, 2] - phantom.centre[2]) < 16.5).reshape(
+      patient.grid_shape
+  )
   body = phantom.inside("External", points).reshape(patient.grid_shape)
   assert _dice(patient.possible_dose_mask & within, body & within) > 0.97
 
@@ -357,8 +511,12 @@ def _break(kind, src, files):
     return files["rtstruct"]
   if kind == "missing series":
     ds = pydicom.dcmread(files["rtstruct"])
-    (ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
-     .RTReferencedSeriesSequence[0].SeriesInstanceUID) = "1.2.3.4"
+    (
+        ds.ReferencedFrameOfReferenceSequence[0]
+        .RTReferencedStudySequence[0]
+        .RTReferencedSeriesSequence[0]
+        .SeriesInstanceUID
+    ) = "1.2.3.4"
     ds.save_as(files["rtstruct"])
     return files["rtstruct"]
   if kind == "two patients":
@@ -368,7 +526,7 @@ def _break(kind, src, files):
     return cts[5]
   if kind == "truncated":
     data = cts[4].read_bytes()
-    cts[4].write_bytes(data[:len(data) // 2])
+    cts[4].write_bytes(data[: len(data) // 2])
     return cts[4]
   if kind == "oblique":
     for p in cts:
@@ -396,27 +554,50 @@ def _break(kind, src, files):
   raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["no CT", "missing series", "two patients", "truncated",
-                                  "oblique", "tilt", "missing slice", "no PTV"])
-def test_bad_input_is_one_error_line_and_writes_nothing(small_dicom, tmp_path, capfd, kind):
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "no CT",
+        "missing series",
+        "two patients",
+        "truncated",
+        "oblique",
+        "tilt",
+        "missing slice",
+        "no PTV",
+    ],
+)
+def test_bad_input_is_one_error_line_and_writes_nothing(
+    small_dicom, tmp_path, capfd, kind
+):
   src, files = _copy(small_dicom, tmp_path)
   named = _break(kind, src, files)
   out = tmp_path / "out"
-  code, _, err = _run_cli([f"--input={src}", f"--output={out}", "--grid_shape=40,40,16"], capfd)
+  code, _, err = _run_cli(
+      [f"--input={src}", f"--output={out}", "--grid_shape=40,40,16"], capfd
+  )
   assert code == 2, err
   lines = err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: "), err
   assert str(named) in lines[0], (kind, err)
   assert not out.exists()
-  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".randose-staging")]
+  assert not [
+      p for p in tmp_path.iterdir() if p.name.startswith(".randose-staging")
+  ]
 
 
 def test_occupancy_is_the_overlap():
   """`occupancy` against a brute-force count of fine sub-voxels."""
   rng = np.random.default_rng(0)
   mask = rng.random((9, 7, 8)) > 0.5
-  source = series.Volume(mask, np.array([1.0, 1.5, 0.5]), np.array([0.3, -0.2, 0.1]))
-  shape, spacing, origin = (5, 4, 3), np.array([2.0, 3.0, 1.5]), np.array([0.0, 1.0, -0.4])
+  source = series.Volume(
+      mask, np.array([1.0, 1.5, 0.5]), np.array([0.3, -0.2, 0.1])
+  )
+  shape, spacing, origin = (
+      (5, 4, 3),
+      np.array([2.0, 3.0, 1.5]),
+      np.array([0.0, 1.0, -0.4]),
+  )
   occ = rasterize.occupancy(source, shape, spacing, origin)
   # Brute force: 1-D overlaps multiply (the grids are separable).
   expected = np.zeros(shape)
@@ -426,8 +607,14 @@ def test_occupancy_is_the_overlap():
       f = 1.0
       for a in range(3):
         s, d = src0[a] + j[a] * source.spacing[a], dst0[a] + i[a] * spacing[a]
-        f *= max(0.0, min(s + source.spacing[a] / 2, d + spacing[a] / 2)
-                 - max(s - source.spacing[a] / 2, d - spacing[a] / 2)) / spacing[a]
+        f *= (
+            max(
+                0.0,
+                min(s + source.spacing[a] / 2, d + spacing[a] / 2)
+                - max(s - source.spacing[a] / 2, d - spacing[a] / 2),
+            )
+            / spacing[a]
+        )
       expected[i] += f
   np.testing.assert_allclose(occ, expected, atol=1e-5)
 
@@ -444,28 +631,49 @@ class _TruthPredictor:
 
 
 @pytest.mark.parametrize("grid", ["crop", "ct"])
-def test_predict_writes_the_rt_dose_in_the_patient_frame(small_dicom, tmp_path, grid):
+def test_predict_writes_the_rt_dose_in_the_patient_frame(
+    small_dicom, tmp_path, grid
+):
   import types
   from randose_jax import default_config, predict
+
   src, _ = _copy(small_dicom, tmp_path)
   _import(src, tmp_path / "pats", shape=(40, 40, 16))
   config = default_config.get_default_config()
-  restored = types.SimpleNamespace(config=config, predictor=_TruthPredictor(), which="best",
-                                   step=0, uses_ema=False)
+  restored = types.SimpleNamespace(
+      config=config,
+      predictor=_TruthPredictor(),
+      which="best",
+      step=0,
+      uses_ema=False,
+  )
   out = tmp_path / "pred"
-  predict.predict_patients(restored, openkbp.list_patient_dirs(tmp_path / "pats"), out,
-                           formats=("csv", "nifti", "dicom"), log=lambda *_: None,
-                           dicom_grid=grid)
+  predict.predict_patients(
+      restored,
+      openkbp.list_patient_dirs(tmp_path / "pats"),
+      out,
+      formats=("csv", "nifti", "dicom"),
+      log=lambda *_: None,
+      dicom_grid=grid,
+  )
   ds = pydicom.dcmread(out / "pt_SYN001.dcm")
   record = small_dicom[1]
   assert ds.FrameOfReferenceUID == record["uids"]["frame"]
   assert ds.StudyInstanceUID == record["uids"]["study"]
   assert "ReferencedRTPlanSequence" not in ds  # the input had no plan
-  assert ds.ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID == record["uids"]["rtstruct"]
+  assert (
+      ds.ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID
+      == record["uids"]["rtstruct"]
+  )
   info = geometry.read_geometry(tmp_path / "pats" / "pt_SYN001")
   tolerance = np.asarray(info["voxel_dimensions"]) @ np.abs(AXIS_DIRECTIONS_LPS)
-  assert np.all(np.abs(_rtdose_peak_lps(out / "pt_SYN001.dcm")
-                       - record["phantom"].dose_peak()) <= tolerance)
+  assert np.all(
+      np.abs(
+          _rtdose_peak_lps(out / "pt_SYN001.dcm")
+          - record["phantom"].dose_peak()
+      )
+      <= tolerance
+  )
   # The NIfTI: the same patient coordinates (RAS = LPS with x, y negated).
   nib = pytest.importorskip("nibabel")
   img = nib.load(out / "pt_SYN001.nii.gz")

@@ -45,16 +45,20 @@ def _mesh():
 def _batches(n, seed=0):
   rng = np.random.default_rng(seed)
   g = (2, 8, 8, 8)
-  return [dict(ptv=rng.choice([0, .8, 1.], g + (1,)),
-               ct=rng.normal(size=g + (1,)),
-               oar=rng.integers(0, 2, g + (7,)).astype(float),
-               target=rng.uniform(size=g + (1,)),
-               mask=np.ones(g + (1,))) for _ in range(n)]
+  return [
+      dict(
+          ptv=rng.choice([0, 0.8, 1.0], g + (1,)),
+          ct=rng.normal(size=g + (1,)),
+          oar=rng.integers(0, 2, g + (7,)).astype(float),
+          target=rng.uniform(size=g + (1,)),
+          mask=np.ones(g + (1,)),
+      )
+      for _ in range(n)
+  ]
 
 
 def _np(tree):
-  return jax.tree.map(lambda x: np.asarray(x, np.float64),
-                      jax.device_get(tree))
+  return jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(tree))
 
 
 def _assert_trees_equal(a, b):
@@ -70,24 +74,29 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
   lb, tb = jax.tree.flatten(b)
   assert ta == tb
   for x, y in zip(la, lb):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
-                               atol=atol)
+    np.testing.assert_allclose(
+        np.asarray(x), np.asarray(y), rtol=rtol, atol=atol
+    )
 
 
 def _max_diff(a, b):
-  return max(float(np.abs(np.asarray(x, np.float64) - np.asarray(y)).max())
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+      float(np.abs(np.asarray(x, np.float64) - np.asarray(y)).max())
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def _state_of(workdir, which="latest", step=None) -> dict:
   """The saved state of a checkpoint, as saved (with `ema_params` iff the
   checkpoint holds it), on the host."""
   _, config_dict = checkpointing.read_config_dict(workdir, which, step)
-  trainer = train.Trainer.create(ml_collections.ConfigDict(config_dict),
-                                 _mesh())
+  trainer = train.Trainer.create(
+      ml_collections.ConfigDict(config_dict), _mesh()
+  )
   ckpt = checkpointing.Checkpointer(workdir, keep=3, async_save=False)
-  got = ckpt.restore(checkpointing.as_saveable(trainer.abstract_state()),
-                     which, step)
+  got = ckpt.restore(
+      checkpointing.as_saveable(trainer.abstract_state()), which, step
+  )
   ckpt.close()
   return jax.device_get(got["state"])
 
@@ -100,15 +109,16 @@ def test_ema_update_matches_numpy_with_its_warm_up():
   # Large steps, so that the EMA, the parameters and the average without
   # the warm-up are far apart compared with the tolerance.
   trainer = train.Trainer.create(
-      tiny_config(ema_decay=decay, learning_rate=0.05), _mesh())
+      tiny_config(ema_decay=decay, learning_rate=0.05), _mesh()
+  )
   state = trainer.init_state(0)
   ema0 = _np(state.ema_params)
   # float32, the tree of the model parameters only (not the loss weights),
   # starting at the initial parameters.
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(
-      state.ema_params))
-  assert (jax.tree.structure(state.ema_params)
-          == jax.tree.structure(state.params["model"]))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.ema_params))
+  assert jax.tree.structure(state.ema_params) == jax.tree.structure(
+      state.params["model"]
+  )
   _assert_trees_equal(state.ema_params, state.params["model"])
   want, no_warm_up = ema0, ema0
   for t, batch in enumerate(_batches(4)):
@@ -116,8 +126,9 @@ def test_ema_update_matches_numpy_with_its_warm_up():
     p = _np(state.params["model"])
     d = min(decay, (1 + t) / (10 + t))
     want = jax.tree.map(lambda e, x, d=d: d * e + (1 - d) * x, want, p)
-    no_warm_up = jax.tree.map(lambda e, x: decay * e + (1 - decay) * x,
-                              no_warm_up, p)
+    no_warm_up = jax.tree.map(
+        lambda e, x: decay * e + (1 - decay) * x, no_warm_up, p
+    )
     _assert_trees_close(_np(state.ema_params), want, rtol=1e-6, atol=1e-7)
     if t == 0:
       # The reference tells the warm-up apart (0.1 instead of 0.2 at the
@@ -134,11 +145,16 @@ def _pre_ema_train_step(trainer, state, batch):
   step, params0, opt_state0 = state
 
   def loss_fn(params):
-    pred = trainer.model.apply({"params": params["model"]},
-                               inference.model_inputs(batch))
+    pred = trainer.model.apply(
+        {"params": params["model"]}, inference.model_inputs(batch)
+    )
     loss, metrics = trainer.loss_module.apply(
-        {"params": params["loss"]}, pred, batch["target"], batch["ptv"],
-        batch["oar"])
+        {"params": params["loss"]},
+        pred,
+        batch["target"],
+        batch["ptv"],
+        batch["oar"],
+    )
     return loss, metrics
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params0)
@@ -146,10 +162,12 @@ def _pre_ema_train_step(trainer, state, batch):
   params = optax.apply_updates(params0, updates)
   metrics = dict(metrics)
   metrics.update(
-      loss=loss, finite=jnp.isfinite(loss),
+      loss=loss,
+      finite=jnp.isfinite(loss),
       grad_norm=train._tree_norm(grads),  # pylint: disable=protected-access
       param_norm=train._tree_norm(params["model"]),  # pylint: disable=protected-access
-      learning_rate=trainer.schedule(step))
+      learning_rate=trainer.schedule(step),
+  )
   return (step + 1, params, opt_state), metrics
 
 
@@ -162,21 +180,30 @@ def test_ema_off_is_the_step_and_state_before_the_option():
   old = (old.step, old.params, old.opt_state)
   # No new leaf in the state, nothing new in what a checkpoint saves.
   assert len(jax.tree.leaves(state)) == len(jax.tree.leaves(old))
-  assert set(checkpointing.as_saveable(state)) == {"step", "params",
-                                                   "opt_state"}
+  assert set(checkpointing.as_saveable(state)) == {
+      "step",
+      "params",
+      "opt_state",
+  }
   assert set(checkpointing.as_saveable(trainer.abstract_state())) == {
-      "step", "params", "opt_state"}
+      "step",
+      "params",
+      "opt_state",
+  }
   batches = [trainer.shard_batch(b) for b in _batches(3, seed=1)]
   # The same program ...
   new_jaxpr = jax.make_jaxpr(trainer.train_step)(state, batches[0])
-  old_jaxpr = jax.make_jaxpr(functools.partial(_pre_ema_train_step,
-                                               trainer))(old, batches[0])
+  old_jaxpr = jax.make_jaxpr(functools.partial(_pre_ema_train_step, trainer))(
+      old, batches[0]
+  )
   assert str(new_jaxpr) == str(old_jaxpr)
   # ... and bit-identical parameters and optimiser state after 3 steps.
-  old_step = jax.jit(functools.partial(_pre_ema_train_step, trainer),
-                     in_shardings=(trainer.replicated, trainer.data_sharding),
-                     out_shardings=(trainer.replicated, trainer.replicated),
-                     donate_argnums=(0,))
+  old_step = jax.jit(
+      functools.partial(_pre_ema_train_step, trainer),
+      in_shardings=(trainer.replicated, trainer.data_sharding),
+      out_shardings=(trainer.replicated, trainer.replicated),
+      donate_argnums=(0,),
+  )
   for batch in batches:
     state, m_new = trainer.jit_train_step(state, batch)
     old, m_old = old_step(old, batch)
@@ -206,7 +233,8 @@ def test_a_config_without_the_field_is_ema_off():
   trainer = train.Trainer.create(config, _mesh())
   assert trainer.abstract_state().ema_params is None
   assert "Validation uses the trained parameters" in train.training_plan(
-      config, 2, 0)
+      config, 2, 0
+  )
 
 
 @pytest.mark.parametrize("value", [1.0, -0.1, 1.5, math.nan])
@@ -221,13 +249,20 @@ def test_a_bad_ema_decay_is_a_one_line_config_error(value, tmp_path):
 
 
 def test_a_bad_ema_decay_on_the_command_line(tmp_path, capfd):
-  code, _, err = run_in_process("main", [
-      f"--config={DEMO}:smoke", f"--workdir={tmp_path / 'w'}",
-      "--config.ema_decay=1.0"], capfd)
+  code, _, err = run_in_process(
+      "main",
+      [
+          f"--config={DEMO}:smoke",
+          f"--workdir={tmp_path / 'w'}",
+          "--config.ema_decay=1.0",
+      ],
+      capfd,
+  )
   assert code == 2, err
   assert err.splitlines() == [
       "error: config.ema_decay=1.0: must be >= 0 and < 1 (0 = no moving "
-      "average of the parameters; e.g. 0.999)"], err
+      "average of the parameters; e.g. 0.999)"
+  ], err
   assert not (tmp_path / "w").exists()
 
 
@@ -240,8 +275,9 @@ EMA_CONFIG = dict(ema_decay=0.5, eval_every_steps=100)
 def ema_run(tmp_path_factory):
   """4 steps with ema_decay=0.5 (latest at 2 and 4, best at 4)."""
   workdir = tmp_path_factory.mktemp("ema_run")
-  summary = train.train_and_evaluate(tiny_config(**EMA_CONFIG), workdir,
-                                     mesh=_mesh())
+  summary = train.train_and_evaluate(
+      tiny_config(**EMA_CONFIG), workdir, mesh=_mesh()
+  )
   return workdir, summary
 
 
@@ -249,7 +285,8 @@ def test_checkpoints_and_validation_use_the_ema(ema_run):
   workdir, summary = ema_run
   for step in (2, 4):
     saved = checkpointing.saved_state_keys(
-        workdir / "checkpoints" / "latest" / str(step) / "state")
+        workdir / "checkpoints" / "latest" / str(step) / "state"
+    )
     assert saved == {"step", "params", "opt_state", "ema_params"}
   assert summary["ema"] is True and summary["checkpoint_step"] == 4
   scores = json.loads((workdir / "validation_scores.json").read_text())
@@ -257,32 +294,37 @@ def test_checkpoints_and_validation_use_the_ema(ema_run):
   # The final scores are the EMA's of the best checkpoint, not the
   # trained parameters'.
   restored = restore.restore_from_workdir(workdir, "best", mesh=_mesh())
-  predictor, cache = restored.predictor, _eval_cache(workdir,
-                                                      restored.config)
+  predictor, cache = restored.predictor, _eval_cache(workdir, restored.config)
   with_ema = validation.evaluate(predictor, cache)
   raw = validation.evaluate(
-      predictor.with_params(restored.params["model"]), cache)
-  assert scores["dose_score"] == pytest.approx(with_ema["dose_score"],
-                                               rel=1e-9)
+      predictor.with_params(restored.params["model"]), cache
+  )
+  assert scores["dose_score"] == pytest.approx(with_ema["dose_score"], rel=1e-9)
   assert scores["dose_score"] != pytest.approx(raw["dose_score"], rel=1e-9)
-  lines = [json.loads(l) for l in
-           (workdir / "metrics.jsonl").read_text().splitlines()]
+  lines = [
+      json.loads(l)
+      for l in (workdir / "metrics.jsonl").read_text().splitlines()
+  ]
   logged = [l["eval/dose_score"] for l in lines if "eval/dose_score" in l]
   assert logged == [pytest.approx(with_ema["dose_score"], rel=1e-9)]
 
 
 def _eval_cache(workdir, config):
   from randose_jax.data import cache as cache_lib  # pylint: disable=g-import-not-at-top
+
   return cache_lib.build_cache(
       openkbp.list_patient_dirs(workdir / "synthetic" / "validation-pats"),
-      workdir / "cache" / "validation-pats", config.data)
+      workdir / "cache" / "validation-pats",
+      config.data,
+  )
 
 
 def test_resume_with_ema_equals_straight_run(ema_run, tmp_path):
   straight, _ = ema_run
   resumed = tmp_path / "resumed"
-  train.train_and_evaluate(tiny_config(**EMA_CONFIG, num_train_steps=2),
-                           resumed, mesh=_mesh())
+  train.train_and_evaluate(
+      tiny_config(**EMA_CONFIG, num_train_steps=2), resumed, mesh=_mesh()
+  )
   train.train_and_evaluate(tiny_config(**EMA_CONFIG), resumed, mesh=_mesh())
   want, got = _state_of(straight, step=4), _state_of(resumed, step=4)
   assert int(got["step"]) == 4
@@ -296,17 +338,22 @@ def test_resume_with_ema_equals_straight_run(ema_run, tmp_path):
 
 def test_switching_the_ema_on_and_off_between_resumes(tmp_path, capsys):
   common = dict(eval_every_steps=100, checkpoint_every_steps=1)
-  train.train_and_evaluate(tiny_config(**common, num_train_steps=2),
-                           tmp_path, mesh=_mesh())
+  train.train_and_evaluate(
+      tiny_config(**common, num_train_steps=2), tmp_path, mesh=_mesh()
+  )
   capsys.readouterr()
   train.train_and_evaluate(
-      tiny_config(**common, num_train_steps=4, ema_decay=0.5), tmp_path,
-      mesh=_mesh())
+      tiny_config(**common, num_train_steps=4, ema_decay=0.5),
+      tmp_path,
+      mesh=_mesh(),
+  )
   out = capsys.readouterr().out
   said = [l for l in out.splitlines() if "holds no moving average" in l]
-  assert said == ["config.ema_decay=0.5: the checkpoint at step 2 holds no "
-                  "moving average of the parameters; the EMA starts from "
-                  "its parameters."], out
+  assert said == [
+      "config.ema_decay=0.5: the checkpoint at step 2 holds no "
+      "moving average of the parameters; the EMA starts from "
+      "its parameters."
+  ], out
   assert "Validation uses the exponential moving average" in out
   states = {s: _state_of(tmp_path, step=s) for s in (2, 3, 4)}
   assert "ema_params" not in states[2]
@@ -314,19 +361,27 @@ def test_switching_the_ema_on_and_off_between_resumes(tmp_path, capsys):
   ema = _np(states[2]["params"]["model"])
   for t in (2, 3):
     d = min(0.5, (1 + t) / (10 + t))
-    ema = jax.tree.map(lambda e, x, d=d: d * e + (1 - d) * x, ema,
-                       _np(states[t + 1]["params"]["model"]))
-    _assert_trees_close(states[t + 1]["ema_params"], ema, rtol=1e-6,
-                        atol=1e-7)
+    ema = jax.tree.map(
+        lambda e, x, d=d: d * e + (1 - d) * x,
+        ema,
+        _np(states[t + 1]["params"]["model"]),
+    )
+    _assert_trees_close(states[t + 1]["ema_params"], ema, rtol=1e-6, atol=1e-7)
   # Off again: the saved EMA is dropped, said once; nothing set aside.
-  train.train_and_evaluate(tiny_config(**common, num_train_steps=5),
-                           tmp_path, mesh=_mesh())
+  train.train_and_evaluate(
+      tiny_config(**common, num_train_steps=5), tmp_path, mesh=_mesh()
+  )
   out = capsys.readouterr().out
-  assert out.count("the moving average of the parameters in the checkpoint "
-                   "at step 4 is not used") == 1, out
+  assert (
+      out.count(
+          "the moving average of the parameters in the checkpoint "
+          "at step 4 is not used"
+      )
+      == 1
+  ), out
   assert checkpointing.saved_state_keys(
-      tmp_path / "checkpoints" / "latest" / "5" / "state") == {
-          "step", "params", "opt_state"}
+      tmp_path / "checkpoints" / "latest" / "5" / "state"
+  ) == {"step", "params", "opt_state"}
   assert not (tmp_path / "checkpoints" / "unreadable").exists()
 
 
@@ -336,18 +391,22 @@ def _with_distinct_ema(ema_run, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(ema_run[0], workdir)
   _, config_dict = checkpointing.read_config_dict(workdir, "best")
-  trainer = train.Trainer.create(ml_collections.ConfigDict(config_dict),
-                                 _mesh())
+  trainer = train.Trainer.create(
+      ml_collections.ConfigDict(config_dict), _mesh()
+  )
   ckpt = checkpointing.Checkpointer(workdir, keep=3, async_save=False)
-  got = ckpt.restore(checkpointing.as_saveable(trainer.abstract_state()),
-                     "best")
+  got = ckpt.restore(
+      checkpointing.as_saveable(trainer.abstract_state()), "best"
+  )
   rng = np.random.default_rng(0)
   state = dict(jax.device_get(got["state"]))
   state["ema_params"] = jax.tree.map(
       lambda x: (x + 0.1 * rng.standard_normal(x.shape)).astype(np.float32),
-      state["ema_params"])
-  ckpt.save_best(5, state, got["data"], got["config"],
-                 dict(got["meta"], step=5))
+      state["ema_params"],
+  )
+  ckpt.save_best(
+      5, state, got["data"], got["config"], dict(got["meta"], step=5)
+  )
   ckpt.close()
   return workdir, state
 
@@ -356,32 +415,36 @@ def test_predict_and_export_use_the_ema(ema_run, tmp_path):
   workdir, state = _with_distinct_ema(ema_run, tmp_path)
   restored = restore.restore_from_workdir(workdir, "best", mesh=_mesh())
   assert restored.step == 5 and restored.uses_ema
-  _assert_trees_equal(jax.device_get(restored.model_params),
-                      state["ema_params"])
+  _assert_trees_equal(
+      jax.device_get(restored.model_params), state["ema_params"]
+  )
   patients = workdir / "synthetic" / "validation-pats"
   patient = openkbp.load_patient(patients / "pt_5")
   example = encoding.encode_patient(patient, restored.config.data)
   (with_ema,) = restored.predictor.predict_local([example], False)
   (raw,) = restored.predictor.with_params(
-      restored.params["model"]).predict_local([example], False)
+      restored.params["model"]
+  ).predict_local([example], False)
   assert np.abs(with_ema - raw).max() > 1e-2
   # predict writes the EMA's dose.
   out = tmp_path / "preds"
   summary = predict.predict_patients(
-      restored, openkbp.list_patient_dirs(patients), out,
-      log=lambda *_: None)
+      restored, openkbp.list_patient_dirs(patients), out, log=lambda *_: None
+  )
   assert summary["ema"] is True
-  got = openkbp.read_prediction_csv(out / "pt_5.csv",
-                                    patient.possible_dose_mask.shape)
-  want = encoding.decode_dose(with_ema, patient.possible_dose_mask,
-                              restored.config.data)
-  other = encoding.decode_dose(raw, patient.possible_dose_mask,
-                               restored.config.data)
+  got = openkbp.read_prediction_csv(
+      out / "pt_5.csv", patient.possible_dose_mask.shape
+  )
+  want = encoding.decode_dose(
+      with_ema, patient.possible_dose_mask, restored.config.data
+  )
+  other = encoding.decode_dose(
+      raw, patient.possible_dose_mask, restored.config.data
+  )
   np.testing.assert_allclose(got, want, atol=1e-3)
   assert np.abs(got - other).max() > 0.1
   # export carries the EMA and predicts with it.
-  path = export.export_workdir(workdir, tmp_path / "m.zip",
-                               platforms=("cpu",))
+  path = export.export_workdir(workdir, tmp_path / "m.zip", platforms=("cpu",))
   loaded = export.load(path)
   assert loaded.meta["ema"] is True and loaded.meta["checkpoint_step"] == 5
   _assert_trees_equal(loaded.params, state["ema_params"])
@@ -395,7 +458,8 @@ def test_predict_and_export_use_the_ema(ema_run, tmp_path):
 
 def _learning_curves():
   spec = importlib.util.spec_from_file_location(
-      "learning_curves", REPO / "benchmarks" / "learning_curves.py")
+      "learning_curves", REPO / "benchmarks" / "learning_curves.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -403,8 +467,7 @@ def _learning_curves():
 
 def test_learning_curves_validates_with_the_ema_and_records_both(tmp_path):
   lc = _learning_curves()
-  name, config = lc.variant_config(f"{DEMO}:smoke", "ema:ema_decay=0.999",
-                                   [])
+  name, config = lc.variant_config(f"{DEMO}:smoke", "ema:ema_decay=0.999", [])
   assert name == "ema" and config.ema_decay == 0.999
   base = tiny_config(eval_every_steps=100)
   train_cache, eval_cache, _ = train.prepare_data(base, tmp_path)
@@ -412,25 +475,40 @@ def test_learning_curves_validates_with_the_ema_and_records_both(tmp_path):
   for decay in (0.0, 0.5):
     config = tiny_config(ema_decay=decay)
     runs[decay] = lc.run_variant(
-        f"ema{decay}", config, train_cache, eval_cache, steps=3,
-        eval_every=3, max_eval_patients=0, log=lambda *_: None)
+        f"ema{decay}",
+        config,
+        train_cache,
+        eval_cache,
+        steps=3,
+        eval_every=3,
+        max_eval_patients=0,
+        log=lambda *_: None,
+    )
   off, on = runs[0.0], runs[0.5]
   assert "final_raw_dose_score" not in off and off["ema_decay"] == 0.0
   assert on["ema_decay"] == 0.5
   last = on["evals"][-1]
-  assert set(last) >= {"dose_score", "dvh_score", "raw_dose_score",
-                       "raw_dvh_score"}
+  assert set(last) >= {
+      "dose_score",
+      "dvh_score",
+      "raw_dose_score",
+      "raw_dvh_score",
+  }
   assert on["final_raw_dose_score"] == last["raw_dose_score"]
   # Same batches: the trained parameters of both variants agree, so the
   # EMA variant's raw score is the plain variant's score; its own score
   # (the EMA's) differs.
-  assert last["raw_dose_score"] == pytest.approx(off["final_dose_score"],
-                                                 rel=1e-5)
-  assert on["final_dose_score"] != pytest.approx(last["raw_dose_score"],
-                                                 rel=1e-6)
-  result = {"runs": [off, on], "baseline": {"dose_score": 9.0,
-                                            "dvh_score": 40.0},
-            "title": "test"}
+  assert last["raw_dose_score"] == pytest.approx(
+      off["final_dose_score"], rel=1e-5
+  )
+  assert on["final_dose_score"] != pytest.approx(
+      last["raw_dose_score"], rel=1e-6
+  )
+  result = {
+      "runs": [off, on],
+      "baseline": {"dose_score": 9.0, "dvh_score": 40.0},
+      "title": "test",
+  }
   lc.plot(result, tmp_path / "curves.png")
   assert (tmp_path / "curves.png").stat().st_size > 0
 
@@ -441,11 +519,24 @@ def test_learning_curves_reports_each_eval_and_scores_final_tta(tmp_path):
   train_cache, eval_cache, _ = train.prepare_data(config, tmp_path)
   seen = []
   run = lc.run_variant(
-      "tta", config, train_cache, eval_cache, steps=4, eval_every=2,
-      max_eval_patients=0, final_tta=True, log=lambda *_: None,
+      "tta",
+      config,
+      train_cache,
+      eval_cache,
+      steps=4,
+      eval_every=2,
+      max_eval_patients=0,
+      final_tta=True,
+      log=lambda *_: None,
       on_eval=lambda partial: seen.append(
-          (partial["steps"], partial["in_progress"],
-           len(partial["evals"]), len(partial["curve"]["loss"]))))
+          (
+              partial["steps"],
+              partial["in_progress"],
+              len(partial["evals"]),
+              len(partial["curve"]["loss"]),
+          )
+      ),
+  )
   # A partial result after each validation, with the curve so far.
   assert seen == [(2, True, 1, 2), (4, True, 2, 4)]
   # The final parameters scored again with the four flipped passes: what
@@ -458,10 +549,11 @@ def test_learning_curves_reports_each_eval_and_scores_final_tta(tmp_path):
   predictor = trainer.predictor.with_params(trainer.eval_params(state))
   want = validation.evaluate(predictor, eval_cache, tta=True)
   plain = validation.evaluate(predictor, eval_cache)
-  assert run["final_tta_dose_score"] == pytest.approx(want["dose_score"],
-                                                      rel=1e-5)
-  assert run["final_tta_dvh_score"] == pytest.approx(want["dvh_score"],
-                                                     rel=1e-5)
-  assert run["final_dose_score"] == pytest.approx(plain["dose_score"],
-                                                  rel=1e-5)
+  assert run["final_tta_dose_score"] == pytest.approx(
+      want["dose_score"], rel=1e-5
+  )
+  assert run["final_tta_dvh_score"] == pytest.approx(
+      want["dvh_score"], rel=1e-5
+  )
+  assert run["final_dose_score"] == pytest.approx(plain["dose_score"], rel=1e-5)
   assert want["dose_score"] != pytest.approx(plain["dose_score"], rel=1e-6)

@@ -28,8 +28,13 @@ RTOL = 1e-6
 REPO = Path(__file__).resolve().parents[1]
 # Shared patients with ROIs missing: pt_10 (Esophagus, Larynx, Mandible,
 # PTV63), pt_43 (RightParotid), pt_61 (PTV56, PTV63), pt_216 (Brainstem).
-REAL_PATIENTS = ('train-pats/pt_10', 'train-pats/pt_43', 'train-pats/pt_61',
-                 'validation-pats/pt_216', 'validation-pats/pt_233')
+REAL_PATIENTS = (
+    'train-pats/pt_10',
+    'train-pats/pt_43',
+    'train-pats/pt_61',
+    'validation-pats/pt_216',
+    'validation-pats/pt_233',
+)
 
 
 def case_of(patient, prediction, patient_id=None) -> dict:
@@ -49,8 +54,13 @@ def score_cases(cases) -> evaluation.EvaluationResult:
   evaluator = evaluation.Evaluator()
   for c in cases:
     reference = evaluation.Reference.from_arrays(
-        c['patient_id'], c['reference'], c['possible_dose_mask'],
-        c['structure_masks'], c['roi_present'], c['voxel_dimensions'])
+        c['patient_id'],
+        c['reference'],
+        c['possible_dose_mask'],
+        c['structure_masks'],
+        c['roi_present'],
+        c['voxel_dimensions'],
+    )
     evaluator.add(reference, c['prediction'])
   result = evaluator.result()
   # The additive sums that processes all-reduce give the same scores.
@@ -67,11 +77,22 @@ def assert_matches_plain(result: evaluation.EvaluationResult, cases):
   np.testing.assert_allclose(result.dvh_score, dvh_score, rtol=RTOL)
   np.testing.assert_allclose(result.dose_errors, dose_errors, rtol=RTOL)
   table = result.metric_table()
-  plain = pd.DataFrame(rows, columns=['patient_id', 'roi', 'metric',
-                                      'reference', 'prediction', 'abs_error'])
+  plain = pd.DataFrame(
+      rows,
+      columns=[
+          'patient_id',
+          'roi',
+          'metric',
+          'reference',
+          'prediction',
+          'abs_error',
+      ],
+  )
   assert list(table.columns) == list(plain.columns)
-  pd.testing.assert_frame_equal(table[['patient_id', 'roi', 'metric']],
-                                plain[['patient_id', 'roi', 'metric']])
+  pd.testing.assert_frame_equal(
+      table[['patient_id', 'roi', 'metric']],
+      plain[['patient_id', 'roi', 'metric']],
+  )
   for column in ('reference', 'prediction', 'abs_error'):
     # abs_error is a difference: relative to the metric's size, not its own.
     scale = np.maximum(plain['reference'].abs(), 1.0)
@@ -85,8 +106,15 @@ def assert_matches_plain(result: evaluation.EvaluationResult, cases):
 class Arrays:
   """A Patient-like bundle of arrays (what `Evaluator.add` reads)."""
 
-  def __init__(self, patient_id, dose, structure_masks, roi_present,
-               possible_dose_mask, voxel_dimensions):
+  def __init__(
+      self,
+      patient_id,
+      dose,
+      structure_masks,
+      roi_present,
+      possible_dose_mask,
+      voxel_dimensions,
+  ):
     self.patient_id = patient_id
     self.dose = dose
     self.structure_masks = structure_masks
@@ -95,8 +123,9 @@ class Arrays:
     self.voxel_dimensions = np.asarray(voxel_dimensions, np.float64)
 
 
-def synthetic_patient(seed: int, grid=(19, 17, 23),
-                      voxel_dimensions=(1.3, 3.7, 2.9)) -> Arrays:
+def synthetic_patient(
+    seed: int, grid=(19, 17, 23), voxel_dimensions=(1.3, 3.7, 2.9)
+) -> Arrays:
   """Random dose in a random blob; ROIs of every kind the rules care about.
 
   Brainstem, RightParotid, PTV56, PTV70: random blobs (parts outside the
@@ -109,13 +138,14 @@ def synthetic_patient(seed: int, grid=(19, 17, 23),
   axes = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing='ij')
   radius = np.sqrt(sum(a**2 for a in axes))
   mask = radius < 0.8 + 0.1 * rng.random(shape)
-  dose = np.where(mask, 70 * np.exp(-radius) * rng.uniform(0.8, 1.0, shape),
-                  0.0)
+  dose = np.where(
+      mask, 70 * np.exp(-radius) * rng.uniform(0.8, 1.0, shape), 0.0
+  )
   masks = np.zeros(shape + (10,), bool)
   flat = masks.reshape(-1, 10)
 
   def blob(channel, centre, size):
-    d = sum((a - c)**2 for a, c in zip(axes, centre))
+    d = sum((a - c) ** 2 for a, c in zip(axes, centre))
     masks[..., channel] = d < size**2
 
   blob(0, rng.uniform(-0.5, 0.5, 3), 0.35)
@@ -136,16 +166,27 @@ def noisy(dose, mask, seed, sigma=2.0):
 
 def test_synthetic_patients_match_plain():
   cases = []
-  for seed, dims in ((1, (1.3, 3.7, 2.9)), (2, (5.0, 5.0, 5.0)),
-                     (3, (2.0, 2.0, 2.5)), (4, (4.0, 4.0, 2.5))):
+  for seed, dims in (
+      (1, (1.3, 3.7, 2.9)),
+      (2, (5.0, 5.0, 5.0)),
+      (3, (2.0, 2.0, 2.5)),
+      (4, (4.0, 4.0, 2.5)),
+  ):
     p = synthetic_patient(seed, voxel_dimensions=dims)
     cases.append(case_of(p, noisy(p.dose, p.possible_dose_mask, seed)))
   result = score_cases(cases)
   assert_matches_plain(result, cases)
   # Esophagus (flag False), Larynx (empty), PTV63 (absent) have no metrics.
   rois = set(result.metric_table()['roi'])
-  assert rois == {'Brainstem', 'SpinalCord', 'RightParotid', 'LeftParotid',
-                  'Mandible', 'PTV56', 'PTV70'}
+  assert rois == {
+      'Brainstem',
+      'SpinalCord',
+      'RightParotid',
+      'LeftParotid',
+      'Mandible',
+      'PTV56',
+      'PTV70',
+  }
   assert np.isnan(result.reference_metrics[:, [4, 5, 8]]).all()
 
 
@@ -155,7 +196,8 @@ def test_prediction_kinds_match_plain():
   p = synthetic_patient(5)
   rng = np.random.default_rng(0)
   outside = noisy(p.dose, p.possible_dose_mask, 1) + 3.0 * (
-      ~p.possible_dose_mask & (rng.random(p.dose.shape) < 0.1))
+      ~p.possible_dose_mask & (rng.random(p.dose.shape) < 0.1)
+  )
   predictions = {
       'outside': outside,
       'float32': noisy(p.dose, p.possible_dose_mask, 2).astype(np.float32),
@@ -185,20 +227,24 @@ def test_reference_dose_outside_mask_counts():
 def test_dvh_metrics_and_dose_error_functions_match_plain():
   p = synthetic_patient(7)
   pred = noisy(p.dose, p.possible_dose_mask, 7)
-  metrics = evaluation.dvh_metrics(pred, p.structure_masks, p.roi_present,
-                                   p.voxel_dimensions)
-  plain = plain_scoring.plain_dvh_metrics(pred, p.structure_masks,
-                                          p.roi_present, p.voxel_dimensions)
+  metrics = evaluation.dvh_metrics(
+      pred, p.structure_masks, p.roi_present, p.voxel_dimensions
+  )
+  plain = plain_scoring.plain_dvh_metrics(
+      pred, p.structure_masks, p.roi_present, p.voxel_dimensions
+  )
   assert metrics.shape == (10, 5)
   assert np.count_nonzero(~np.isnan(metrics)) == len(plain)
   for (roi, metric), value in plain.items():
-    got = metrics[openkbp.ROI_NAMES.index(roi),
-                  evaluation.METRIC_NAMES.index(metric)]
+    got = metrics[
+        openkbp.ROI_NAMES.index(roi), evaluation.METRIC_NAMES.index(metric)
+    ]
     np.testing.assert_allclose(got, value, rtol=RTOL)
   np.testing.assert_allclose(
       evaluation.dose_error(p.dose, pred, p.possible_dose_mask),
       plain_scoring.plain_dose_error(p.dose, pred, p.possible_dose_mask),
-      rtol=RTOL)
+      rtol=RTOL,
+  )
 
 
 @pytest.mark.parametrize('size', [1, 7, 4095, 4096, 4097, 50_000])
@@ -222,20 +268,23 @@ def test_roi_voxel_indices_equal_flatnonzero(size):
 def tiny_patient(roi_channel, doses, voxel_dimensions=(5.0, 5.0, 5.0)):
   """A 1x2x4 grid; one ROI over its first len(doses) voxels; mask = all."""
   dose = np.zeros((1, 2, 4))
-  dose.reshape(-1)[:len(doses)] = doses
+  dose.reshape(-1)[: len(doses)] = doses
   masks = np.zeros((1, 2, 4, 10), bool)
-  masks.reshape(-1, 10)[:len(doses), roi_channel] = True
+  masks.reshape(-1, 10)[: len(doses), roi_channel] = True
   present = np.zeros(10, bool)
   present[roi_channel] = True
-  return Arrays('pt_1', dose, masks, present, np.ones((1, 2, 4), bool),
-                voxel_dimensions)
+  return Arrays(
+      'pt_1', dose, masks, present, np.ones((1, 2, 4), bool), voxel_dimensions
+  )
 
 
 def metric(p, name, roi):
-  metrics = evaluation.dvh_metrics(p.dose, p.structure_masks, p.roi_present,
-                                   p.voxel_dimensions)
-  return metrics[openkbp.ROI_NAMES.index(roi),
-                 evaluation.METRIC_NAMES.index(name)]
+  metrics = evaluation.dvh_metrics(
+      p.dose, p.structure_masks, p.roi_present, p.voxel_dimensions
+  )
+  return metrics[
+      openkbp.ROI_NAMES.index(roi), evaluation.METRIC_NAMES.index(name)
+  ]
 
 
 def test_target_percentiles_by_hand():
@@ -248,12 +297,15 @@ def test_target_percentiles_by_hand():
   assert np.isnan(metric(p, 'D_0.1_cc', 'PTV70'))
 
 
-@pytest.mark.parametrize('dims, voxels, expected', [
-    ((5.0, 5.0, 5.0), 1, 32.5),  # 125 mm^3: 0.8 -> 1 voxel; q 75, pos 2.25
-    ((4.0, 4.0, 2.5), 2, 25.0),  # 40 mm^3: 2.5 -> 2 (half to even); q 50
-    ((3.0, 3.0, 3.7), 3, 17.5),  # 33.3 mm^3: 3.003 -> 3; q 25, pos 0.75
-    ((2.0, 2.0, 2.5), 10, 10.0),  # 10 voxels > ROI: q < 0, clipped: min
-])
+@pytest.mark.parametrize(
+    'dims, voxels, expected',
+    [
+        ((5.0, 5.0, 5.0), 1, 32.5),  # 125 mm^3: 0.8 -> 1 voxel; q 75, pos 2.25
+        ((4.0, 4.0, 2.5), 2, 25.0),  # 40 mm^3: 2.5 -> 2 (half to even); q 50
+        ((3.0, 3.0, 3.7), 3, 17.5),  # 33.3 mm^3: 3.003 -> 3; q 25, pos 0.75
+        ((2.0, 2.0, 2.5), 10, 10.0),  # 10 voxels > ROI: q < 0, clipped: min
+    ],
+)
 def test_oar_d01cc_by_hand(dims, voxels, expected):
   assert evaluation.voxels_per_tenth_cc(dims) == voxels
   p = tiny_patient(0, [40.0, 10.0, 30.0, 20.0], dims)  # Brainstem
@@ -296,9 +348,12 @@ def test_dvh_score_pools_metrics_not_patients():
   np.testing.assert_allclose(result.dose_errors, [0.5, 1.5])
   assert result.dose_score == pytest.approx(1.0)
   sums = evaluation.scores_from_sums(evaluator.partial_sums())
-  assert sums == {'dose_score': pytest.approx(1.0),
-                  'dvh_score': pytest.approx(1.8),
-                  'num_patients': 2, 'num_dvh_metrics': 5}
+  assert sums == {
+      'dose_score': pytest.approx(1.0),
+      'dvh_score': pytest.approx(1.8),
+      'num_patients': 2,
+      'num_dvh_metrics': 5,
+  }
 
 
 def test_prepared_reference_scores_many_predictions():
@@ -333,10 +388,17 @@ def test_evaluator_errors_name_the_patient():
   with pytest.raises(ValueError, match='pt_9 has no dose'):
     evaluation.Reference.from_patient(p)
   q = synthetic_patient(10)
-  with pytest.raises(ValueError, match='pt_10: the possible-dose mask is empty'):
+  with pytest.raises(
+      ValueError, match='pt_10: the possible-dose mask is empty'
+  ):
     evaluation.Reference.from_arrays(
-        'pt_10', q.dose, np.zeros_like(q.possible_dose_mask),
-        q.structure_masks, q.roi_present, q.voxel_dimensions)
+        'pt_10',
+        q.dose,
+        np.zeros_like(q.possible_dose_mask),
+        q.structure_masks,
+        q.roi_present,
+        q.voxel_dimensions,
+    )
 
 
 def test_negative_doses_are_errors():
@@ -344,24 +406,31 @@ def test_negative_doses_are_errors():
   mask) or reference is refused, naming the patient; -0.0 is zero."""
   p = synthetic_patient(12)
   evaluator = evaluation.Evaluator()
-  for where in (tuple(np.argwhere(p.possible_dose_mask)[0]),
-                tuple(np.argwhere(~p.possible_dose_mask)[0])):
+  for where in (
+      tuple(np.argwhere(p.possible_dose_mask)[0]),
+      tuple(np.argwhere(~p.possible_dose_mask)[0]),
+  ):
     bad = p.dose.copy()
     bad[where] = -7.5
-    with pytest.raises(ValueError, match=r'prediction of pt_12 holds a '
-                       r'negative dose at 1 voxel\(s\) \(min -7.5 Gy\)'):
+    with pytest.raises(
+        ValueError,
+        match=r'prediction of pt_12 holds a '
+        r'negative dose at 1 voxel\(s\) \(min -7.5 Gy\)',
+    ):
       evaluator.add(p, bad)
   signed_zero = p.dose.copy()
   signed_zero[~p.possible_dose_mask] = -0.0
   assert evaluator.add(p, signed_zero) == 0.0
   reference = synthetic_patient(12)
   reference.dose[tuple(np.argwhere(p.possible_dose_mask)[0])] = -5.0
-  for build in (evaluation.Reference.from_patient,
-                lambda r: evaluation.Reference.from_sparse(sparse_of(r))):
-    with pytest.raises(ValueError, match='reference dose of pt_12 holds a '
-                       'negative dose'):
+  for build in (
+      evaluation.Reference.from_patient,
+      lambda r: evaluation.Reference.from_sparse(sparse_of(r)),
+  ):
+    with pytest.raises(
+        ValueError, match='reference dose of pt_12 holds a ' 'negative dose'
+    ):
       build(reference)
-
 
 
 def sparse_of(p: Arrays) -> openkbp.SparsePatient:
@@ -370,14 +439,21 @@ def sparse_of(p: Arrays) -> openkbp.SparsePatient:
   dose = p.dose.reshape(-1)
   dose_index = np.flatnonzero(dose)
   return openkbp.SparsePatient(
-      patient_id=p.patient_id, grid_shape=tuple(p.dose.shape),
-      ct_index=np.zeros(0, np.int64), ct_value=np.zeros(0, np.float32),
-      dose_index=dose_index, dose_value=dose[dose_index].astype(np.float64),
+      patient_id=p.patient_id,
+      grid_shape=tuple(p.dose.shape),
+      ct_index=np.zeros(0, np.int64),
+      ct_value=np.zeros(0, np.float32),
+      dose_index=dose_index,
+      dose_value=dose[dose_index].astype(np.float64),
       mask_index=np.flatnonzero(p.possible_dose_mask),
-      roi_index=tuple(np.flatnonzero(p.structure_masks[..., r]) if present
-                      else np.zeros(0, np.int64)
-                      for r, present in enumerate(p.roi_present)),
-      voxel_dimensions=p.voxel_dimensions)
+      roi_index=tuple(
+          np.flatnonzero(p.structure_masks[..., r])
+          if present
+          else np.zeros(0, np.int64)
+          for r, present in enumerate(p.roi_present)
+      ),
+      voxel_dimensions=p.voxel_dimensions,
+  )
 
 
 @pytest.mark.parametrize('outside', [False, True])
@@ -396,18 +472,22 @@ def test_reference_from_sparse_equals_from_patient(outside):
   np.testing.assert_array_equal(sparse.metrics, dense.metrics)
   rng = np.random.default_rng(1)
   off_mask = 2.0 * (~p.possible_dose_mask & (rng.random(p.dose.shape) < 0.1))
-  for pred in (noisy(p.dose, p.possible_dose_mask, 3),
-               noisy(p.dose, p.possible_dose_mask, 4) + off_mask):
+  for pred in (
+      noisy(p.dose, p.possible_dose_mask, 3),
+      noisy(p.dose, p.possible_dose_mask, 4) + off_mask,
+  ):
     (e1, m1), (e2, m2) = dense.score(pred), sparse.score(pred)
     assert e2 == pytest.approx(e1, rel=1e-12)
     np.testing.assert_array_equal(m2, m1)
   np.testing.assert_array_equal(sparse.dose, p.dose)
   with pytest.raises(ValueError, match='has no dose'):
-    evaluation.Reference.from_sparse(dataclasses.replace(
-        sparse_of(p), dose_index=None, dose_value=None))
+    evaluation.Reference.from_sparse(
+        dataclasses.replace(sparse_of(p), dose_index=None, dose_value=None)
+    )
   with pytest.raises(ValueError, match='possible-dose mask is empty'):
-    evaluation.Reference.from_sparse(dataclasses.replace(
-        sparse_of(p), mask_index=np.zeros(0, np.int64)))
+    evaluation.Reference.from_sparse(
+        dataclasses.replace(sparse_of(p), mask_index=np.zeros(0, np.int64))
+    )
 
 
 # ----------------------------------------------------------- real patients
@@ -425,14 +505,21 @@ def test_real_patients_match_plain(real_patients):
   for i, p in enumerate(real_patients):
     mask = p.possible_dose_mask
     cases.append(case_of(p, noisy(p.dose, mask, i), f'{p.patient_id}_noise'))
-    cases.append(case_of(p, np.roll(p.dose, (2, -3, 1), axis=(0, 1, 2)),
-                         f'{p.patient_id}_shift'))
+    cases.append(
+        case_of(
+            p,
+            np.roll(p.dose, (2, -3, 1), axis=(0, 1, 2)),
+            f'{p.patient_id}_shift',
+        )
+    )
     cases.append(case_of(p, 1.05 * p.dose + 0.3, f'{p.patient_id}_outside'))
   result = score_cases(cases)
   assert_matches_plain(result, cases)
   # Every ROI of every patient that was contoured is scored.
-  expected = sum(2 * p.roi_present[:7].sum() + 3 * p.roi_present[7:].sum()
-                 for p in real_patients)
+  expected = sum(
+      2 * p.roi_present[:7].sum() + 3 * p.roi_present[7:].sum()
+      for p in real_patients
+  )
   assert result.num_dvh_metrics == 3 * expected
   absent = result.metric_table().query('patient_id == "pt_61_noise"')
   assert 'PTV56' not in set(absent['roi'])
@@ -468,11 +555,18 @@ def write_predictions(patients_dir: Path, out_dir: Path, seed=0) -> list:
 
 
 def run_cli(*args):
-  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep +
-             os.environ.get('PYTHONPATH', ''))
-  return subprocess.run([sys.executable, '-m', 'randose_jax.evaluate', *args],
-                        cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=120)
+  env = dict(
+      os.environ,
+      PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''),
+  )
+  return subprocess.run(
+      [sys.executable, '-m', 'randose_jax.evaluate', *args],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
 
 
 def test_cli_end_to_end(phantom_split, tmp_path):
@@ -480,12 +574,19 @@ def test_cli_end_to_end(phantom_split, tmp_path):
   cases = write_predictions(phantom_split, preds)
   json_path, per_roi = tmp_path / 'scores.json', tmp_path / 'out' / 'roi.csv'
   json_path.write_text('old')  # outputs the user asked for are replaced
-  done = run_cli(f'--reference={phantom_split}', f'--predictions={preds}',
-                 f'--json={json_path}', f'--per-roi={per_roi}')
+  done = run_cli(
+      f'--reference={phantom_split}',
+      f'--predictions={preds}',
+      f'--json={json_path}',
+      f'--per-roi={per_roi}',
+  )
   assert done.returncode == 0, done.stderr
   dose_score, dvh_score, dose_errors, rows = plain_scoring.plain_scores(cases)
   lines = done.stdout.splitlines()
-  assert lines[0].startswith('dose score: ') and f'{len(cases)} patients' in lines[0]
+  assert (
+      lines[0].startswith('dose score: ')
+      and f'{len(cases)} patients' in lines[0]
+  )
   assert lines[1].startswith('DVH score: ') and f'{len(rows)} DVH' in lines[1]
   assert float(lines[0].split()[2]) == pytest.approx(dose_score, abs=1e-4)
   assert float(lines[1].split()[2]) == pytest.approx(dvh_score, abs=1e-4)
@@ -495,21 +596,28 @@ def test_cli_end_to_end(phantom_split, tmp_path):
   assert summary['dvh_score'] == pytest.approx(dvh_score, rel=RTOL)
   assert summary['num_patients'] == len(cases)
   assert summary['num_dvh_metrics'] == len(rows)
-  np.testing.assert_allclose(list(summary['dose_errors'].values()),
-                             dose_errors, rtol=RTOL)
+  np.testing.assert_allclose(
+      list(summary['dose_errors'].values()), dose_errors, rtol=RTOL
+  )
   table = pd.read_csv(per_roi)
-  assert list(table.columns) == ['patient_id', 'roi', 'metric', 'reference',
-                                 'prediction', 'abs_error']
+  assert list(table.columns) == [
+      'patient_id',
+      'roi',
+      'metric',
+      'reference',
+      'prediction',
+      'abs_error',
+  ]
   assert len(table) == len(rows)
-  np.testing.assert_allclose(table['prediction'], [r[4] for r in rows],
-                             rtol=RTOL)
+  np.testing.assert_allclose(
+      table['prediction'], [r[4] for r in rows], rtol=RTOL
+  )
   assert table['abs_error'].mean() == pytest.approx(dvh_score, rel=RTOL)
   assert not list(tmp_path.rglob('.*.tmp'))  # atomic writes left nothing
 
 
 def test_cli_error_exits_with_message(phantom_split, tmp_path):
-  done = run_cli(f'--reference={phantom_split}',
-                 f'--predictions={tmp_path}')
+  done = run_cli(f'--reference={phantom_split}', f'--predictions={tmp_path}')
   assert done.returncode == 2  # README: every CLI error exits 2
   assert f'{tmp_path}: no prediction files (pt_*.csv)' in done.stderr
   assert 'Traceback' not in done.stderr
@@ -523,17 +631,21 @@ def test_shared_patients_through_the_folders(shared_openkbp, tmp_path):
   cases = write_predictions(reference, tmp_path / 'predictions')
   seen = []
   result = evaluate.evaluate_folders(
-      reference, tmp_path / 'predictions',
-      on_patient=lambda patient, prediction: seen.append(patient.patient_id))
+      reference,
+      tmp_path / 'predictions',
+      on_patient=lambda patient, prediction: seen.append(patient.patient_id),
+  )
   assert_matches_plain(result, cases)
   assert seen == ['pt_10', 'pt_43']
   # Without on_patient: voxel lists, no CT read; the same numbers.
   sparse = evaluate.evaluate_folders(reference, tmp_path / 'predictions')
   np.testing.assert_array_equal(sparse.dose_errors, result.dose_errors)
-  np.testing.assert_array_equal(sparse.predicted_metrics,
-                                result.predicted_metrics)
-  np.testing.assert_array_equal(sparse.reference_metrics,
-                                result.reference_metrics)
+  np.testing.assert_array_equal(
+      sparse.predicted_metrics, result.predicted_metrics
+  )
+  np.testing.assert_array_equal(
+      sparse.reference_metrics, result.reference_metrics
+  )
 
 
 @pytest.fixture
@@ -549,15 +661,18 @@ def test_scores_without_on_patient_are_the_same(folders):
   """The callback-free path (voxel lists, ct.csv unread) scores exactly as
   the dense one."""
   reference, preds = folders
-  dense = evaluate.evaluate_folders(reference, preds,
-                                    on_patient=lambda patient, dose: None)
+  dense = evaluate.evaluate_folders(
+      reference, preds, on_patient=lambda patient, dose: None
+  )
   sparse = evaluate.evaluate_folders(reference, preds)
   assert sparse.patient_ids == dense.patient_ids
   np.testing.assert_array_equal(sparse.dose_errors, dense.dose_errors)
-  np.testing.assert_array_equal(sparse.predicted_metrics,
-                                dense.predicted_metrics)
-  np.testing.assert_array_equal(sparse.reference_metrics,
-                                dense.reference_metrics)
+  np.testing.assert_array_equal(
+      sparse.predicted_metrics, dense.predicted_metrics
+  )
+  np.testing.assert_array_equal(
+      sparse.reference_metrics, dense.reference_metrics
+  )
 
 
 def expect_error(reference, preds, *words):
@@ -628,6 +743,7 @@ def test_cli_negative_prediction_exits_with_message(folders):
 
 def test_prediction_on_the_wrong_grid(folders):
   reference, preds = folders
-  openkbp.write_prediction_csv(preds / 'pt_1.csv', np.ones((17, 16, 16)),
-                               overwrite=True)
+  openkbp.write_prediction_csv(
+      preds / 'pt_1.csv', np.ones((17, 16, 16)), overwrite=True
+  )
   expect_error(reference, preds, preds / 'pt_1.csv', 'outside')

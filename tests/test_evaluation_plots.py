@@ -35,17 +35,30 @@ def test_evaluate_cli_plots(phantom_split, tmp_path):
   preds = tmp_path / 'predictions'
   ids = _perturbed_predictions(reference, preds)
   plots = tmp_path / 'plots'
-  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep +
-             os.environ.get('PYTHONPATH', ''))
+  env = dict(
+      os.environ,
+      PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''),
+  )
   done = subprocess.run(
-      [sys.executable, '-m', 'randose_jax.evaluate',
-       f'--reference={reference}', f'--predictions={preds}',
-       f'--plots={plots}'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          '-m',
+          'randose_jax.evaluate',
+          f'--reference={reference}',
+          f'--predictions={preds}',
+          f'--plots={plots}',
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert done.stdout.startswith('dose score: ')
   assert sorted(p.name for p in plots.glob('*.png')) == sorted(
-      f'{pid}_{kind}.png' for pid in ids for kind in ('slices', 'dvh'))
+      f'{pid}_{kind}.png' for pid in ids for kind in ('slices', 'dvh')
+  )
   for pid in ids:
     assert_real_png(plots / f'{pid}_slices.png')
     assert_real_png(plots / f'{pid}_dvh.png')
@@ -57,11 +70,15 @@ def test_on_patient_sees_each_scored_patient(phantom_split, tmp_path):
   ids = _perturbed_predictions(phantom_split, preds)
   seen = {}
   result = evaluate.evaluate_folders(
-      phantom_split, preds,
-      on_patient=lambda patient, dose: seen.setdefault(patient.patient_id,
-                                                       (patient, dose)))
+      phantom_split,
+      preds,
+      on_patient=lambda patient, dose: seen.setdefault(
+          patient.patient_id, (patient, dose)
+      ),
+  )
   assert sorted(seen) == sorted(ids) and result.num_patients == len(ids)
   for pid, (patient, dose) in seen.items():
-    expected = openkbp.read_prediction_csv(preds / f'{pid}.csv',
-                                           patient.grid_shape)
+    expected = openkbp.read_prediction_csv(
+        preds / f'{pid}.csv', patient.grid_shape
+    )
     np.testing.assert_array_equal(dose, expected)

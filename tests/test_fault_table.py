@@ -66,12 +66,25 @@ from randose_jax.data import phantoms
 from tests.test_train import REPO, SUBPROCESS_ENV, tiny_config
 
 CLIS = ("main", "predict", "evaluate", "export", "summary")
-FAULTS = ("missing file", "empty file", "non-numeric value", "NaN",
-          "infinite", "negative dose", "index out of the grid",
-          "duplicate index", "wrong header", "two voxel dimensions",
-          "zero or negative spacing", "empty patient folder", "empty split",
-          "unreadable checkpoint", "output path not writable",
-          "output already present", "disk full")
+FAULTS = (
+    "missing file",
+    "empty file",
+    "non-numeric value",
+    "NaN",
+    "infinite",
+    "negative dose",
+    "index out of the grid",
+    "duplicate index",
+    "wrong header",
+    "two voxel dimensions",
+    "zero or negative spacing",
+    "empty patient folder",
+    "empty split",
+    "unreadable checkpoint",
+    "output path not writable",
+    "output already present",
+    "disk full",
+)
 
 DEMO = str(REPO / "configs" / "demo.py")
 # main on phantom patient folders: configs/demo.py:smoke, not synthetic.
@@ -80,9 +93,11 @@ MAIN_FLAGS = (f"--config={DEMO}:smoke", "--config.data.synthetic=False")
 
 # ------------------------------------------------------------ the world
 
+
 @dataclasses.dataclass
 class World:
   """The folders of one row: inputs (read) and outputs (written)."""
+
   tmp: Path
   trained: Path
   root: Path  # train-pats/ + validation-pats/ phantoms (main)
@@ -98,8 +113,9 @@ class World:
 def trained(tmp_path_factory) -> Path:
   """A workdir trained 4 steps on 16^3 phantoms (configs/demo.py:smoke)."""
   workdir = tmp_path_factory.mktemp("trained")
-  train.train_and_evaluate(tiny_config(), workdir,
-                           mesh=train.make_mesh(jax.devices()[:1]))
+  train.train_and_evaluate(
+      tiny_config(), workdir, mesh=train.make_mesh(jax.devices()[:1])
+  )
   return workdir
 
 
@@ -107,13 +123,15 @@ def trained(tmp_path_factory) -> Path:
 def template(tmp_path_factory, trained) -> Path:
   t = tmp_path_factory.mktemp("template")
   phantoms.write_phantoms(t / "root" / "train-pats", 4, grid=16, seed=0)
-  phantoms.write_phantoms(t / "root" / "validation-pats", 2, grid=16, seed=1,
-                          first_id=5)
+  phantoms.write_phantoms(
+      t / "root" / "validation-pats", 2, grid=16, seed=1, first_id=5
+  )
   shutil.copytree(trained / "synthetic" / "validation-pats", t / "patients")
   preds = t / "predictions"
   for d in openkbp.list_patient_dirs(t / "patients"):
-    openkbp.write_prediction_csv(preds / f"{d.name}.csv",
-                                 openkbp.load_patient(d).dose)
+    openkbp.write_prediction_csv(
+        preds / f"{d.name}.csv", openkbp.load_patient(d).dose
+    )
   return t
 
 
@@ -124,11 +142,16 @@ def world(tmp_path, template, trained) -> World:
   out = tmp_path / "out"
   out.mkdir()
   (out / "keep.txt").write_text("the user's own file\n")
-  return World(tmp=tmp_path, trained=trained, root=tmp_path / "root",
-               patients=tmp_path / "patients",
-               reference=tmp_path / "patients",
-               predictions=tmp_path / "predictions",
-               workdir=tmp_path / "workdir", out=out)
+  return World(
+      tmp=tmp_path,
+      trained=trained,
+      root=tmp_path / "root",
+      patients=tmp_path / "patients",
+      reference=tmp_path / "patients",
+      predictions=tmp_path / "predictions",
+      workdir=tmp_path / "workdir",
+      out=out,
+  )
 
 
 def snapshot(folder: Path) -> dict:
@@ -138,12 +161,14 @@ def snapshot(folder: Path) -> dict:
   found = {}
   for p in sorted(folder.rglob("*")):
     rel = str(p.relative_to(folder))
-    found[rel] = (hashlib.sha256(p.read_bytes()).hexdigest()
-                  if p.is_file() else "dir")
+    found[rel] = (
+        hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    )
   return found
 
 
 # --------------------------------------------------------- the faults
+
 
 def rewrite_line(path: Path, line: int, text: str) -> tuple[Path, int]:
   """Replaces line `line` (1-based) of a file."""
@@ -211,8 +236,9 @@ def empty_split(split: Path):
 
 
 def unreadable_checkpoints(workdir: Path):
-  files = [p for p in (workdir / "checkpoints").glob("*/*/state/**/*")
-           if p.is_file()]
+  files = [
+      p for p in (workdir / "checkpoints").glob("*/*/state/**/*") if p.is_file()
+  ]
   assert files
   for p in files:
     p.write_bytes(b"corrupt")
@@ -226,72 +252,97 @@ def under_a_file(w: World, name: str) -> Path:
 
 # -------------------------------------------------------------- the table
 
+
 @dataclasses.dataclass
 class Row:
   """A fault as one tool meets it: `setup(world, monkeypatch)` breaks the
   world and returns (the file the error must name, its line or None) and
   the arguments of the tool."""
+
   setup: Callable
 
 
 @dataclasses.dataclass
 class NA:
   """The fault cannot reach this tool, and why."""
+
   reason: str
 
 
 def _main_args(w: World):
-  return [*MAIN_FLAGS, f"--config.data.root={w.root}",
-          f"--workdir={w.out / 'run'}"]
+  return [
+      *MAIN_FLAGS,
+      f"--config.data.root={w.root}",
+      f"--workdir={w.out / 'run'}",
+  ]
 
 
 def _predict_args(w: World, output=None):
-  return [f"--workdir={w.workdir}", f"--patients={w.patients}",
-          f"--output={output or w.out / 'preds'}", "--checkpoint=latest"]
+  return [
+      f"--workdir={w.workdir}",
+      f"--patients={w.patients}",
+      f"--output={output or w.out / 'preds'}",
+      "--checkpoint=latest",
+  ]
 
 
 def _evaluate_args(w: World, json_path=None):
   # --clinical too: its tables are outputs a failed run must not leave.
-  return [f"--reference={w.reference}", f"--predictions={w.predictions}",
-          f"--json={json_path or w.out / 'scores.json'}",
-          f"--per_roi={w.out / 'roi.csv'}",
-          f"--clinical={w.out / 'clinical'}", "--gamma=false"]
+  return [
+      f"--reference={w.reference}",
+      f"--predictions={w.predictions}",
+      f"--json={json_path or w.out / 'scores.json'}",
+      f"--per_roi={w.out / 'roi.csv'}",
+      f"--clinical={w.out / 'clinical'}",
+      "--gamma=false",
+  ]
 
 
 def _export_args(w: World, output=None):
-  return [f"--workdir={w.workdir}", f"--output={output or w.out / 'm.zip'}",
-          "--platforms=cpu"]
+  return [
+      f"--workdir={w.workdir}",
+      f"--output={output or w.out / 'm.zip'}",
+      "--platforms=cpu",
+  ]
 
 
 def main_row(fault: Callable):
   """A fault in the last training patient (pt_4) of main's data root."""
+
   def setup(w, mp):
     w.inputs = [w.root]
     return fault(w.root / "train-pats" / "pt_4"), _main_args(w)
+
   return Row(setup)
 
 
 def predict_row(fault: Callable):
   """A fault in the last patient (pt_6) of predict's --patients."""
+
   def setup(w, mp):
     w.inputs = [w.patients, w.workdir]
     return fault(w.patients / "pt_6"), _predict_args(w)
+
   return Row(setup)
 
 
 def evaluate_pred_row(fault: Callable):
   """A fault in the last prediction (pt_6.csv) that evaluate reads."""
+
   def setup(w, mp):
     w.inputs = [w.reference, w.predictions]
     return fault(w.predictions / "pt_6.csv"), _evaluate_args(w)
+
   return Row(setup)
 
 
 def evaluate_ref_row(fault: Callable):
   """A fault in the last reference patient (pt_6) of evaluate."""
+
   def setup(w, mp):
     w.inputs = [w.reference, w.predictions]
     return fault(w.reference / "pt_6"), _evaluate_args(w)
+
   return Row(setup)
 
 
@@ -299,6 +350,7 @@ def summary_row(make_args: Callable):
   def setup(w, mp):
     (named, line), args = make_args(w)
     return (named, line), args
+
   return Row(setup)
 
 
@@ -310,10 +362,13 @@ def _bad_config(w: World, text: Optional[str]):
   return (path, None), [f"--config={path}"]
 
 
-NO_DATA_EXPORT = NA("export reads no patient files (the model comes from "
-                    "--workdir's checkpoint)")
-NO_DATA_SUMMARY = NA("summary reads no patients, checkpoints or outputs: "
-                     "only --config")
+NO_DATA_EXPORT = NA(
+    "export reads no patient files (the model comes from "
+    "--workdir's checkpoint)"
+)
+NO_DATA_SUMMARY = NA(
+    "summary reads no patients, checkpoints or outputs: " "only --config"
+)
 NO_OUTPUT_SUMMARY = NA("summary writes no file (it prints)")
 
 TABLE: dict[str, dict[str, object]] = {
@@ -321,10 +376,14 @@ TABLE: dict[str, dict[str, object]] = {
         "main": main_row(lambda p: missing(p / "ct.csv")),
         "predict": predict_row(lambda p: missing(p / "ct.csv")),
         "evaluate": evaluate_pred_row(missing),
-        "export": Row(lambda w, mp: (
-            (w.tmp / "no-such-run", None),
-            _export_args(dataclasses.replace(w, workdir=w.tmp / "no-such-run"
-                                             )))),
+        "export": Row(
+            lambda w, mp: (
+                (w.tmp / "no-such-run", None),
+                _export_args(
+                    dataclasses.replace(w, workdir=w.tmp / "no-such-run")
+                ),
+            )
+        ),
         "summary": summary_row(lambda w: _bad_config(w, None)),
     },
     "empty file": {
@@ -339,9 +398,12 @@ TABLE: dict[str, dict[str, object]] = {
         "predict": predict_row(lambda p: non_numeric(p / "ct.csv")),
         "evaluate": evaluate_pred_row(non_numeric),
         "export": NO_DATA_EXPORT,
-        "summary": summary_row(lambda w: (
-            ("--config.model.csa_reduction=four", None),
-            [f"--config={DEMO}", "--config.model.csa_reduction=four"])),
+        "summary": summary_row(
+            lambda w: (
+                ("--config.model.csa_reduction=four", None),
+                [f"--config={DEMO}", "--config.model.csa_reduction=four"],
+            )
+        ),
     },
     "NaN": {
         "main": main_row(lambda p: value(p / "dose.csv", "nan")),
@@ -367,9 +429,11 @@ TABLE: dict[str, dict[str, object]] = {
     "index out of the grid": {
         "main": main_row(lambda p: out_of_grid(p / "possible_dose_mask.csv")),
         "predict": predict_row(
-            lambda p: out_of_grid(p / "possible_dose_mask.csv")),
-        "evaluate": evaluate_pred_row(lambda p: rewrite_line(
-            p, 5, f"{16**3},1.0")),
+            lambda p: out_of_grid(p / "possible_dose_mask.csv")
+        ),
+        "evaluate": evaluate_pred_row(
+            lambda p: rewrite_line(p, 5, f"{16**3},1.0")
+        ),
         "export": NO_DATA_EXPORT,
         "summary": NO_DATA_SUMMARY,
     },
@@ -391,19 +455,23 @@ TABLE: dict[str, dict[str, object]] = {
         "main": main_row(lambda p: voxel_dimensions(p, "3.9\n3.9\n")),
         "predict": predict_row(lambda p: voxel_dimensions(p, "3.9\n3.9\n")),
         "evaluate": evaluate_ref_row(
-            lambda p: voxel_dimensions(p, "3.9 3.9\n")),
+            lambda p: voxel_dimensions(p, "3.9 3.9\n")
+        ),
         "export": NO_DATA_EXPORT,
         "summary": NO_DATA_SUMMARY,
     },
     "zero or negative spacing": {
         "main": main_row(lambda p: voxel_dimensions(p, "3.9\n0\n2.5\n")),
         "predict": predict_row(
-            lambda p: voxel_dimensions(p, "3.9\n3.9\n-2.5\n")),
+            lambda p: voxel_dimensions(p, "3.9\n3.9\n-2.5\n")
+        ),
         "evaluate": evaluate_ref_row(
-            lambda p: voxel_dimensions(p, "0.0\n3.9\n2.5\n")),
+            lambda p: voxel_dimensions(p, "0.0\n3.9\n2.5\n")
+        ),
         "export": NO_DATA_EXPORT,
-        "summary": summary_row(lambda w: (("--grid=0", None),
-                                          [f"--config={DEMO}", "--grid=0"])),
+        "summary": summary_row(
+            lambda w: (("--grid=0", None), [f"--config={DEMO}", "--grid=0"])
+        ),
     },
     "empty patient folder": {
         "main": main_row(empty_patient),
@@ -413,8 +481,9 @@ TABLE: dict[str, dict[str, object]] = {
         "summary": NO_DATA_SUMMARY,
     },
     "empty split": {
-        "main": main_row(lambda p: empty_split(p.parent.parent /
-                                               "validation-pats")),
+        "main": main_row(
+            lambda p: empty_split(p.parent.parent / "validation-pats")
+        ),
         "predict": predict_row(lambda p: empty_split(p.parent)),
         "evaluate": evaluate_ref_row(lambda p: empty_split(p.parent)),
         "export": NO_DATA_EXPORT,
@@ -422,65 +491,113 @@ TABLE: dict[str, dict[str, object]] = {
     },
     "unreadable checkpoint": {
         # main resumes the copy of the trained run (phantoms of demo:smoke).
-        "main": Row(lambda w, mp: (
-            _inputs(w, []) or unreadable_checkpoints(w.workdir),
-            [f"--config={DEMO}:smoke", f"--workdir={w.workdir}"])),
-        "predict": Row(lambda w, mp: (
-            _inputs(w, [w.patients, w.workdir]) or
-            unreadable_checkpoints(w.workdir), _predict_args(w))),
+        "main": Row(
+            lambda w, mp: (
+                _inputs(w, []) or unreadable_checkpoints(w.workdir),
+                [f"--config={DEMO}:smoke", f"--workdir={w.workdir}"],
+            )
+        ),
+        "predict": Row(
+            lambda w, mp: (
+                _inputs(w, [w.patients, w.workdir])
+                or unreadable_checkpoints(w.workdir),
+                _predict_args(w),
+            )
+        ),
         "evaluate": NA("evaluate reads no checkpoint"),
-        "export": Row(lambda w, mp: (
-            _inputs(w, [w.workdir]) or unreadable_checkpoints(w.workdir),
-            _export_args(w))),
+        "export": Row(
+            lambda w, mp: (
+                _inputs(w, [w.workdir]) or unreadable_checkpoints(w.workdir),
+                _export_args(w),
+            )
+        ),
         "summary": NO_DATA_SUMMARY,
     },
     "output path not writable": {
-        "main": Row(lambda w, mp: (
-            _inputs(w, [w.root]) or (under_a_file(w, "run"), None),
-            [*MAIN_FLAGS, f"--config.data.root={w.root}",
-             f"--workdir={w.out / 'a-file' / 'run'}"])),
-        "predict": Row(lambda w, mp: (
-            _inputs(w, [w.patients, w.workdir]) or
-            (under_a_file(w, "preds"), None),
-            _predict_args(w, w.out / "a-file" / "preds"))),
-        "evaluate": Row(lambda w, mp: (
-            _inputs(w, [w.reference, w.predictions]) or
-            (under_a_file(w, "s.json"), None),
-            _evaluate_args(w, w.out / "a-file" / "s.json"))),
+        "main": Row(
+            lambda w, mp: (
+                _inputs(w, [w.root]) or (under_a_file(w, "run"), None),
+                [
+                    *MAIN_FLAGS,
+                    f"--config.data.root={w.root}",
+                    f"--workdir={w.out / 'a-file' / 'run'}",
+                ],
+            )
+        ),
+        "predict": Row(
+            lambda w, mp: (
+                _inputs(w, [w.patients, w.workdir])
+                or (under_a_file(w, "preds"), None),
+                _predict_args(w, w.out / "a-file" / "preds"),
+            )
+        ),
+        "evaluate": Row(
+            lambda w, mp: (
+                _inputs(w, [w.reference, w.predictions])
+                or (under_a_file(w, "s.json"), None),
+                _evaluate_args(w, w.out / "a-file" / "s.json"),
+            )
+        ),
         # The issue's case: /proc takes no new file, even from root.
-        "export": Row(lambda w, mp: (
-            _inputs(w, [w.workdir]) or (Path("/proc/x.zip"), None),
-            _export_args(w, "/proc/x.zip"))),
+        "export": Row(
+            lambda w, mp: (
+                _inputs(w, [w.workdir]) or (Path("/proc/x.zip"), None),
+                _export_args(w, "/proc/x.zip"),
+            )
+        ),
         "summary": NO_OUTPUT_SUMMARY,
     },
     "output already present": {
-        "main": NA("main resumes the run in an existing --workdir (README: "
-                   "'Running the same command in the same workdir resumes')"),
-        "predict": Row(lambda w, mp: (
-            _inputs(w, [w.patients, w.workdir]) or _present(
-                w.out / "preds" / "pt_5.csv", w.out / "preds"),
-            _predict_args(w))),
-        "evaluate": NA("evaluate replaces --json, --per_roi and --clinical's "
-                       "tables atomically (README, evaluate's --help)"),
-        "export": Row(lambda w, mp: (
-            _inputs(w, [w.workdir]) or _present(w.out / "m.zip"),
-            _export_args(w))),
+        "main": NA(
+            "main resumes the run in an existing --workdir (README: "
+            "'Running the same command in the same workdir resumes')"
+        ),
+        "predict": Row(
+            lambda w, mp: (
+                _inputs(w, [w.patients, w.workdir])
+                or _present(w.out / "preds" / "pt_5.csv", w.out / "preds"),
+                _predict_args(w),
+            )
+        ),
+        "evaluate": NA(
+            "evaluate replaces --json, --per_roi and --clinical's "
+            "tables atomically (README, evaluate's --help)"
+        ),
+        "export": Row(
+            lambda w, mp: (
+                _inputs(w, [w.workdir]) or _present(w.out / "m.zip"),
+                _export_args(w),
+            )
+        ),
         "summary": NO_OUTPUT_SUMMARY,
     },
     "disk full": {
-        "main": Row(lambda w, mp: (
-            _inputs(w, [w.root]) or _disk_full(mp, w.out / "run" / "cache"),
-            _main_args(w))),
-        "predict": Row(lambda w, mp: (
-            _inputs(w, [w.patients, w.workdir]) or
-            _disk_full(mp, w.out / "preds" / "pt_5.csv"),
-            _predict_args(w))),
-        "evaluate": Row(lambda w, mp: (
-            _inputs(w, [w.reference, w.predictions]) or
-            _disk_full(mp, w.out / "scores.json"), _evaluate_args(w))),
-        "export": Row(lambda w, mp: (
-            _inputs(w, [w.workdir]) or _disk_full(mp, w.out / "m.zip"),
-            _export_args(w))),
+        "main": Row(
+            lambda w, mp: (
+                _inputs(w, [w.root]) or _disk_full(mp, w.out / "run" / "cache"),
+                _main_args(w),
+            )
+        ),
+        "predict": Row(
+            lambda w, mp: (
+                _inputs(w, [w.patients, w.workdir])
+                or _disk_full(mp, w.out / "preds" / "pt_5.csv"),
+                _predict_args(w),
+            )
+        ),
+        "evaluate": Row(
+            lambda w, mp: (
+                _inputs(w, [w.reference, w.predictions])
+                or _disk_full(mp, w.out / "scores.json"),
+                _evaluate_args(w),
+            )
+        ),
+        "export": Row(
+            lambda w, mp: (
+                _inputs(w, [w.workdir]) or _disk_full(mp, w.out / "m.zip"),
+                _export_args(w),
+            )
+        ),
         "summary": NO_OUTPUT_SUMMARY,
     },
 }
@@ -497,8 +614,9 @@ def _present(path: Path, named: Optional[Path] = None):
 
 
 def _disk_full(monkeypatch, named: Path):
-  monkeypatch.setattr(fileio, "atomic_output",
-                      _full_disk_writer(fileio.atomic_output))
+  monkeypatch.setattr(
+      fileio, "atomic_output", _full_disk_writer(fileio.atomic_output)
+  )
   return named, None
 
 
@@ -543,6 +661,7 @@ def test_the_table_covers_every_tool_and_fault():
 
 # ------------------------------------------------------------ running
 
+
 def run_in_process(tool: str, args: list, capfd) -> tuple[int, str, str]:
   """`python -m randose_jax.<tool> ARGS`, in this process: the tool's flags
   in a fresh FlagValues, parsed and run by `cli.invoke` (what `cli.run`
@@ -581,18 +700,26 @@ def test_fault(tool, fault, world, monkeypatch, capfd):
   monkeypatch.chdir(world.tmp)
   (named, line), args = TABLE[fault][tool].setup(world, monkeypatch)
   watched = [*world.inputs, world.out]
-  before = [snapshot(p) if p.is_dir() else p.read_bytes() if p.exists()
-            else None for p in watched]
+  before = [
+      snapshot(p) if p.is_dir() else p.read_bytes() if p.exists() else None
+      for p in watched
+  ]
   code, _, err = run_in_process(tool, args, capfd)
-  after = [snapshot(p) if p.is_dir() else p.read_bytes() if p.exists()
-           else None for p in watched]
+  after = [
+      snapshot(p) if p.is_dir() else p.read_bytes() if p.exists() else None
+      for p in watched
+  ]
   check_failure(code, err, named, line, before, after)
 
 
 # A few rows as real processes: what a user's shell sees.
-REAL = [("main", "non-numeric value"), ("predict", "negative dose"),
-        ("evaluate", "duplicate index"), ("export", "output path not writable"),
-        ("summary", "missing file")]
+REAL = [
+    ("main", "non-numeric value"),
+    ("predict", "negative dose"),
+    ("evaluate", "duplicate index"),
+    ("export", "output path not writable"),
+    ("summary", "missing file"),
+]
 
 
 @pytest.mark.parametrize("tool,fault", REAL, ids=[f"{t}-{f}" for t, f in REAL])
@@ -600,8 +727,13 @@ def test_real_process(tool, fault, world, monkeypatch):
   (named, line), args = TABLE[fault][tool].setup(world, monkeypatch)
   watched = [*world.inputs, world.out]
   before = [snapshot(p) if p.is_dir() else None for p in watched]
-  done = subprocess.run([sys.executable, "-m", f"randose_jax.{tool}", *args],
-                        cwd=world.tmp, env=SUBPROCESS_ENV, capture_output=True,
-                        text=True, timeout=300)
+  done = subprocess.run(
+      [sys.executable, "-m", f"randose_jax.{tool}", *args],
+      cwd=world.tmp,
+      env=SUBPROCESS_ENV,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   after = [snapshot(p) if p.is_dir() else None for p in watched]
   check_failure(done.returncode, done.stderr, named, line, before, after)

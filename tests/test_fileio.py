@@ -16,7 +16,9 @@ def test_undo_removes_what_the_block_created_and_keeps_the_rest(tmp_path):
       (root / "new" / "deep" / "c.txt").write_text("new")
       raise RuntimeError("boom")
   assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == [
-      "old", "old/a.txt"]
+      "old",
+      "old/a.txt",
+  ]
   assert (root / "old" / "a.txt").read_text() == "mine"
 
 

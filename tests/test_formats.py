@@ -35,11 +35,15 @@ def test_nifti_round_trip(dose, tmp_path):
 
 def test_nifti_header(dose, tmp_path):
   nib = pytest.importorskip('nibabel')
-  img = nib.load(formats.write_nifti(tmp_path / 'a.nii', dose, VOXEL_DIMENSIONS))
+  img = nib.load(
+      formats.write_nifti(tmp_path / 'a.nii', dose, VOXEL_DIMENSIONS)
+  )
   assert img.get_data_dtype() == np.float32
   assert img.header.get_xyzt_units()[0] == 'mm'
   assert int(img.header['sform_code']) > 0 and int(img.header['qform_code']) > 0
-  np.testing.assert_allclose(img.header.get_zooms(), VOXEL_DIMENSIONS, rtol=1e-6)
+  np.testing.assert_allclose(
+      img.header.get_zooms(), VOXEL_DIMENSIONS, rtol=1e-6
+  )
   # Array axes are NIfTI i, j, k; anatomically posterior, patient left, inferior.
   assert nib.aff2axcodes(img.affine) == ('P', 'L', 'I')
   np.testing.assert_allclose(img.affine, img.get_qform(), atol=1e-4)
@@ -50,8 +54,13 @@ def test_nifti_reads_other_orientations(dose, tmp_path):
   """A file stored in RAS+ order comes back in the project's axis order."""
   nib = pytest.importorskip('nibabel')
   ras = np.transpose(dose, (1, 0, 2))[::-1, ::-1, ::-1]  # i: R, j: A, k: S
-  affine = np.diag([VOXEL_DIMENSIONS[1], VOXEL_DIMENSIONS[0], VOXEL_DIMENSIONS[2], 1.0])
-  nib.save(nib.Nifti1Image(ras.astype(np.float32), affine), str(tmp_path / 'ras.nii.gz'))
+  affine = np.diag(
+      [VOXEL_DIMENSIONS[1], VOXEL_DIMENSIONS[0], VOXEL_DIMENSIONS[2], 1.0]
+  )
+  nib.save(
+      nib.Nifti1Image(ras.astype(np.float32), affine),
+      str(tmp_path / 'ras.nii.gz'),
+  )
   back, vd = formats.read_nifti(tmp_path / 'ras.nii.gz')
   np.testing.assert_array_equal(back, dose.astype(np.float32))
   np.testing.assert_allclose(vd, VOXEL_DIMENSIONS, rtol=1e-6)
@@ -59,8 +68,9 @@ def test_nifti_reads_other_orientations(dose, tmp_path):
 
 @pytest.mark.parametrize('bits', [16, 32])
 def test_rtdose_round_trip(dose, tmp_path, bits):
-  path = formats.write_rtdose(tmp_path / 'pt_1.dcm', dose, VOXEL_DIMENSIONS, 'pt_1',
-                              bits_allocated=bits)
+  path = formats.write_rtdose(
+      tmp_path / 'pt_1.dcm', dose, VOXEL_DIMENSIONS, 'pt_1', bits_allocated=bits
+  )
   back, vd = formats.read_rtdose(path)
   ds = pydicom.dcmread(path)
   scaling = float(ds.DoseGridScaling)
@@ -73,59 +83,100 @@ def test_rtdose_round_trip(dose, tmp_path, bits):
 
 
 def test_rtdose_tags(dose, tmp_path):
-  path = formats.write_rtdose(tmp_path / 'd.dcm', dose, VOXEL_DIMENSIONS, 'pt_7')
+  path = formats.write_rtdose(
+      tmp_path / 'd.dcm', dose, VOXEL_DIMENSIONS, 'pt_7'
+  )
   ds = pydicom.dcmread(path)
   assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
   assert ds.file_meta.MediaStorageSOPClassUID == formats.RT_DOSE_STORAGE
   assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
   assert ds.SOPClassUID == '1.2.840.10008.5.1.4.1.1.481.2'
   assert ds.Modality == 'RTDOSE'
-  assert (ds.DoseUnits, ds.DoseType, ds.DoseSummationType) == ('GY', 'PHYSICAL', 'PLAN')
+  assert (ds.DoseUnits, ds.DoseType, ds.DoseSummationType) == (
+      'GY',
+      'PHYSICAL',
+      'PLAN',
+  )
   assert ds.PatientID == 'pt_7' and str(ds.PatientName) == 'pt_7'
   assert (ds.Rows, ds.Columns, ds.NumberOfFrames) == SHAPE
   assert ds.FrameIncrementPointer == pydicom.tag.Tag(0x3004, 0x000C)
   assert [float(v) for v in ds.PixelSpacing] == [2.5, 3.1]
   assert float(ds.SliceThickness) == 1.5
-  np.testing.assert_allclose([float(v) for v in ds.GridFrameOffsetVector], np.arange(20) * 1.5)
+  np.testing.assert_allclose(
+      [float(v) for v in ds.GridFrameOffsetVector], np.arange(20) * 1.5
+  )
   assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
   assert len(ds.ImagePositionPatient) == 3
   assert ds.PixelRepresentation == 0 and ds.BitsAllocated == ds.BitsStored == 32
-  for keyword in ('StudyInstanceUID', 'SeriesInstanceUID', 'FrameOfReferenceUID'):
+  for keyword in (
+      'StudyInstanceUID',
+      'SeriesInstanceUID',
+      'FrameOfReferenceUID',
+  ):
     assert pydicom.uid.UID(ds[keyword].value).is_valid, keyword
   assert 'ReferencedRTPlanSequence' not in ds
   assert ds.pixel_array.shape == (20, 12, 16)
 
 
 def test_rtdose_uids_shared_per_patient(dose, tmp_path):
-  a = pydicom.dcmread(formats.write_rtdose(tmp_path / 'a.dcm', dose, VOXEL_DIMENSIONS, 'pt_1'))
-  b = pydicom.dcmread(formats.write_rtdose(tmp_path / 'b.dcm', dose, VOXEL_DIMENSIONS, 'pt_1'))
-  c = pydicom.dcmread(formats.write_rtdose(tmp_path / 'c.dcm', dose, VOXEL_DIMENSIONS, 'pt_2'))
+  a = pydicom.dcmread(
+      formats.write_rtdose(tmp_path / 'a.dcm', dose, VOXEL_DIMENSIONS, 'pt_1')
+  )
+  b = pydicom.dcmread(
+      formats.write_rtdose(tmp_path / 'b.dcm', dose, VOXEL_DIMENSIONS, 'pt_1')
+  )
+  c = pydicom.dcmread(
+      formats.write_rtdose(tmp_path / 'c.dcm', dose, VOXEL_DIMENSIONS, 'pt_2')
+  )
   assert a.FrameOfReferenceUID == b.FrameOfReferenceUID != c.FrameOfReferenceUID
   assert a.StudyInstanceUID == b.StudyInstanceUID != c.StudyInstanceUID
   assert a.SOPInstanceUID != b.SOPInstanceUID
   plan = pydicom.uid.generate_uid()
-  d = pydicom.dcmread(formats.write_rtdose(
-      tmp_path / 'd.dcm', dose, VOXEL_DIMENSIONS, 'pt_1', frame_of_reference_uid='1.2.3.4',
-      study_instance_uid='1.2.3.5', series_instance_uid='1.2.3.6', referenced_rt_plan_uid=plan))
+  d = pydicom.dcmread(
+      formats.write_rtdose(
+          tmp_path / 'd.dcm',
+          dose,
+          VOXEL_DIMENSIONS,
+          'pt_1',
+          frame_of_reference_uid='1.2.3.4',
+          study_instance_uid='1.2.3.5',
+          series_instance_uid='1.2.3.6',
+          referenced_rt_plan_uid=plan,
+      )
+  )
   assert (d.FrameOfReferenceUID, d.StudyInstanceUID, d.SeriesInstanceUID) == (
-      '1.2.3.4', '1.2.3.5', '1.2.3.6')
+      '1.2.3.4',
+      '1.2.3.5',
+      '1.2.3.6',
+  )
   assert d.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == plan
 
 
 def test_rtdose_geometry_matches_nifti(dose, tmp_path):
   """Both files put voxel HOT at the same patient position (LPS = RAS with x, y negated)."""
   nib = pytest.importorskip('nibabel')
-  ds = pydicom.dcmread(formats.write_rtdose(tmp_path / 'a.dcm', dose, VOXEL_DIMENSIONS, 'p'))
-  img = nib.load(formats.write_nifti(tmp_path / 'a.nii.gz', dose, VOXEL_DIMENSIONS))
+  ds = pydicom.dcmread(
+      formats.write_rtdose(tmp_path / 'a.dcm', dose, VOXEL_DIMENSIONS, 'p')
+  )
+  img = nib.load(
+      formats.write_nifti(tmp_path / 'a.nii.gz', dose, VOXEL_DIMENSIONS)
+  )
   frame = SHAPE[2] - 1 - HOT[2]  # Frames run inferior -> superior.
   row, col = HOT[0], HOT[1]
   ipp = np.array([float(v) for v in ds.ImagePositionPatient])
-  dicom_lps = ipp + [col * 3.1, row * 2.5, float(ds.GridFrameOffsetVector[frame])]
+  dicom_lps = ipp + [
+      col * 3.1,
+      row * 2.5,
+      float(ds.GridFrameOffsetVector[frame]),
+  ]
   nifti_ras = img.affine @ [*HOT, 1]
   np.testing.assert_allclose(dicom_lps, nifti_ras[:3] * [-1, -1, 1], atol=1e-3)
   assert ds.pixel_array[frame, row, col] == ds.pixel_array.max()
   # Default geometry: the grid centre at the origin.
-  centre = formats.index_to_lps_matrix(SHAPE, VOXEL_DIMENSIONS) @ [*((np.array(SHAPE) - 1) / 2), 1]
+  centre = formats.index_to_lps_matrix(SHAPE, VOXEL_DIMENSIONS) @ [
+      *((np.array(SHAPE) - 1) / 2),
+      1,
+  ]
   np.testing.assert_allclose(centre[:3], 0, atol=1e-9)
 
 
@@ -146,28 +197,48 @@ def test_rtdose_reads_reversed_frames(dose, tmp_path):
 
 def test_zero_dose(tmp_path):
   zeros = np.zeros((2, 3, 4))
-  back, _ = formats.read_rtdose(formats.write_rtdose(tmp_path / 'z.dcm', zeros, (1, 1, 1), 'p'))
+  back, _ = formats.read_rtdose(
+      formats.write_rtdose(tmp_path / 'z.dcm', zeros, (1, 1, 1), 'p')
+  )
   np.testing.assert_array_equal(back, zeros)
 
 
 def test_write_prediction_formats(dose, tmp_path):
-  paths = formats.write_prediction_formats(tmp_path / 'out', 'pt_9', dose, VOXEL_DIMENSIONS)
+  paths = formats.write_prediction_formats(
+      tmp_path / 'out', 'pt_9', dose, VOXEL_DIMENSIONS
+  )
   assert [p.name for p in paths] == ['pt_9.nii.gz', 'pt_9.dcm']
-  assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['pt_9.dcm', 'pt_9.nii.gz']
+  assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == [
+      'pt_9.dcm',
+      'pt_9.nii.gz',
+  ]
   # Existing files are never replaced silently, and nothing is half-written.
   before = paths[1].read_bytes()
   with pytest.raises(FileExistsError, match='pt_9'):
-    formats.write_prediction_formats(tmp_path / 'out', 'pt_9', dose * 0.5, VOXEL_DIMENSIONS)
+    formats.write_prediction_formats(
+        tmp_path / 'out', 'pt_9', dose * 0.5, VOXEL_DIMENSIONS
+    )
   assert paths[1].read_bytes() == before
   with pytest.raises(FileExistsError, match='pt_9.dcm'):
     formats.write_rtdose(paths[1], dose, VOXEL_DIMENSIONS, 'pt_9')
-  formats.write_prediction_formats(tmp_path / 'out', 'pt_9', dose * 0.5, VOXEL_DIMENSIONS,
-                                   formats=('dicom',), overwrite=True)
+  formats.write_prediction_formats(
+      tmp_path / 'out',
+      'pt_9',
+      dose * 0.5,
+      VOXEL_DIMENSIONS,
+      formats=('dicom',),
+      overwrite=True,
+  )
   back, _ = formats.read_rtdose(paths[1])
   np.testing.assert_allclose(back, dose * 0.5, atol=1e-6)
-  assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['pt_9.dcm', 'pt_9.nii.gz']
+  assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == [
+      'pt_9.dcm',
+      'pt_9.nii.gz',
+  ]
   with pytest.raises(ValueError, match='formats'):
-    formats.write_prediction_formats(tmp_path, 'pt_9', dose, VOXEL_DIMENSIONS, formats=('png',))
+    formats.write_prediction_formats(
+        tmp_path, 'pt_9', dose, VOXEL_DIMENSIONS, formats=('png',)
+    )
 
 
 @pytest.mark.parametrize('writer', ['nifti', 'dicom'])
@@ -181,7 +252,11 @@ def test_bad_input_errors_name_the_file(dose, tmp_path, writer):
   nan[1, 2, 3] = np.nan
   negative = dose.copy()
   negative[0, 0, 0] = -1.0
-  for bad, message in ((dose[0], 'shape'), (nan, 'NaN'), (negative, 'negative')):
+  for bad, message in (
+      (dose[0], 'shape'),
+      (nan, 'NaN'),
+      (negative, 'negative'),
+  ):
     with pytest.raises(ValueError, match=rf'bad\..*{message}'):
       write(bad)
   with pytest.raises(ValueError, match='voxel_dimensions'):

@@ -24,14 +24,18 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 12, 4
-FLAGS = ("--config=configs/openkbp.py:smoke",
-         f"--config.num_train_steps={STEPS}",
-         f"--config.checkpoint_every_steps={SAVE_EVERY}",
-         "--config.eval_every_steps=6", "--config.log_every_steps=2",
-         "--config.model.widths=(4,4)", "--config.model.msfe_kernels=(3,5)",
-         "--config.model.pi_kernels=(3,)")
+FLAGS = (
+    "--config=configs/openkbp.py:smoke",
+    f"--config.num_train_steps={STEPS}",
+    f"--config.checkpoint_every_steps={SAVE_EVERY}",
+    "--config.eval_every_steps=6",
+    "--config.log_every_steps=2",
+    "--config.model.widths=(4,4)",
+    "--config.model.msfe_kernels=(3,5)",
+    "--config.model.pi_kernels=(3,)",
+)
 
-LAUNCHER = r'''
+LAUNCHER = r"""
 import os, runpy, signal, sys
 kind, _, step = os.environ.get("RANDOSE_TEST_KILL", "").partition(":")
 
@@ -74,27 +78,45 @@ elif kind == "step":
   train.Trainer.shard_batch = shard_batch
 sys.argv = ["randose_jax.main"] + sys.argv[1:]
 runpy.run_module("randose_jax.main", run_name="__main__", alter_sys=True)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def data_flags(tmp_path_factory):
   from conftest import openkbp_dir  # pylint: disable=g-import-not-at-top
+
   root = openkbp_dir()
   if not (root / "train-pats").is_dir():
-    pytest.skip(f"shared OpenKBP patients not found at {root} "
-                f"(set RANDOSE_OPENKBP_DIR to run this test)")
+    pytest.skip(
+        f"shared OpenKBP patients not found at {root} "
+        f"(set RANDOSE_OPENKBP_DIR to run this test)"
+    )
   cache = tmp_path_factory.mktemp("kill_cache")  # built once, then shared
   return (f"--config.data.root={root}", f"--config.data.cache_dir={cache}")
 
 
 def run(workdir, data_flags, kill=""):
-  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true",
-             PYTHONUNBUFFERED="1", RANDOSE_TEST_KILL=kill)
+  env = dict(
+      os.environ,
+      JAX_DISABLE_MOST_OPTIMIZATIONS="true",
+      PYTHONUNBUFFERED="1",
+      RANDOSE_TEST_KILL=kill,
+  )
   done = subprocess.run(
-      [sys.executable, "-c", LAUNCHER, f"--workdir={workdir}", *FLAGS,
-       *data_flags], cwd=REPO, env=env, capture_output=True, text=True,
-      timeout=900)
+      [
+          sys.executable,
+          "-c",
+          LAUNCHER,
+          f"--workdir={workdir}",
+          *FLAGS,
+          *data_flags,
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
   out = done.stdout + done.stderr
   if kill:
     assert done.returncode == -9, f"not killed at {kill}:\n{out[-3000:]}"
@@ -104,17 +126,26 @@ def run(workdir, data_flags, kill=""):
 
 
 def resumed_at(out: str):
-  lines = [l for l in out.splitlines()
-           if l.startswith("Resuming from checkpoint at step ")]
+  lines = [
+      l
+      for l in out.splitlines()
+      if l.startswith("Resuming from checkpoint at step ")
+  ]
   return int(lines[-1].split()[5]) if lines else None
 
 
 def metric_values(workdir) -> list:
   """(step, key, value) of every logged scalar but the timings."""
-  records = [json.loads(l) for l in
-             (workdir / "metrics.jsonl").read_text().splitlines()]
-  return [(r["step"], k, v) for r in records for k, v in r.items()
-          if k != "step" and not k.startswith("perf/")]
+  records = [
+      json.loads(l)
+      for l in (workdir / "metrics.jsonl").read_text().splitlines()
+  ]
+  return [
+      (r["step"], k, v)
+      for r in records
+      for k, v in r.items()
+      if k != "step" and not k.startswith("perf/")
+  ]
 
 
 def test_sigkill_in_a_step_and_in_saves_resumes_exactly(tmp_path, data_flags):
@@ -138,8 +169,11 @@ def test_sigkill_in_a_step_and_in_saves_resumes_exactly(tmp_path, data_flags):
   # 3. Resumes at 4 again; killed inside step 11, after logging step 10.
   out = run(workdir, data_flags, kill="step:10")
   assert resumed_at(out) == 4
-  assert sorted(int(p.name) for p in (checkpoints / "latest").iterdir()
-                if p.name.isdigit()) == [4, 8]
+  assert sorted(
+      int(p.name)
+      for p in (checkpoints / "latest").iterdir()
+      if p.name.isdigit()
+  ) == [4, 8]
   # 4. Resumes at 8 and finishes.
   out = run(workdir, data_flags)
   assert resumed_at(out) == 8
@@ -147,16 +181,25 @@ def test_sigkill_in_a_step_and_in_saves_resumes_exactly(tmp_path, data_flags):
   # Where the uninterrupted run ends, exactly (CPU).
   scores = json.loads((workdir / "validation_scores.json").read_text())
   expected = json.loads((straight / "validation_scores.json").read_text())
-  for key in ("checkpoint_step", "dose_score", "dvh_score", "num_patients",
-              "baseline_mean_dose_score", "baseline_mean_dvh_score"):
+  for key in (
+      "checkpoint_step",
+      "dose_score",
+      "dvh_score",
+      "num_patients",
+      "baseline_mean_dose_score",
+      "baseline_mean_dvh_score",
+  ):
     assert scores[key] == expected[key], key
   predictions = sorted((straight / "predictions" / "validation-pats").iterdir())
   assert predictions
   for path in predictions:
-    assert (workdir / "predictions" / "validation-pats" /
-            path.name).read_bytes() == path.read_bytes(), path.name
+    assert (
+        workdir / "predictions" / "validation-pats" / path.name
+    ).read_bytes() == path.read_bytes(), path.name
   # metrics.jsonl: what the straight run logged, each (step, key) once.
   assert metric_values(workdir) == metric_values(straight)
-  steps = [json.loads(l)["step"] for l in
-           (workdir / "metrics.jsonl").read_text().splitlines()]
+  steps = [
+      json.loads(l)["step"]
+      for l in (workdir / "metrics.jsonl").read_text().splitlines()
+  ]
   assert steps == sorted(steps)

@@ -27,7 +27,8 @@ from randose_jax.data import openkbp
 
 _SPEC = importlib.util.spec_from_file_location(
     "openkbp_configs",
-    pathlib.Path(__file__).resolve().parents[1] / "configs" / "openkbp.py")
+    pathlib.Path(__file__).resolve().parents[1] / "configs" / "openkbp.py",
+)
 openkbp_configs = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(openkbp_configs)
 
@@ -35,9 +36,11 @@ _SPEC.loader.exec_module(openkbp_configs)
 def _inputs(grid=(8, 8, 8), seed=0):
   rng = np.random.default_rng(seed)
   shape = (1, *grid)
-  return {"ptv": jnp.asarray(rng.random(shape + (1,)) > 0.7, jnp.float32),
-          "ct": jnp.asarray(rng.normal(size=shape + (1,)), jnp.float32),
-          "oar": jnp.asarray(rng.random(shape + (7,)) > 0.8, jnp.float32)}
+  return {
+      "ptv": jnp.asarray(rng.random(shape + (1,)) > 0.7, jnp.float32),
+      "ct": jnp.asarray(rng.normal(size=shape + (1,)), jnp.float32),
+      "oar": jnp.asarray(rng.random(shape + (7,)) > 0.8, jnp.float32),
+  }
 
 
 @pytest.mark.parametrize("head_init", ["zeros", "lecun"])
@@ -81,17 +84,18 @@ def test_full_randose_overfits_one_real_patient(shared_openkbp, tmp_path):
   trainer = train.Trainer.create(config)
   state = trainer.init_state(config.seed)
   example = cache[0]
-  batch = trainer.shard_batch({k: np.stack([example[k]] * 2)
-                               for k in train.BATCH_KEYS})
+  batch = trainer.shard_batch(
+      {k: np.stack([example[k]] * 2) for k in train.BATCH_KEYS}
+  )
   for _ in range(200):
     state, metrics = trainer.jit_train_step(state, batch)
   assert np.isfinite(float(metrics["loss"]))
   scores = validation.evaluate(
-      trainer.predictor.with_params(state.params["model"]), cache)
+      trainer.predictor.with_params(state.params["model"]), cache
+  )
   patient = openkbp.load_patient(patient_dir)
   mean_gy = float(patient.dose[patient.possible_dose_mask].mean())
   baseline = validation.evaluate_baseline(cache, mean_gy)
   # The 16^3 grid alone costs a few Gy (the reference itself through the
   # 8x down/up-sampling); half the baseline leaves room for it.
-  assert scores["dose_score"] < 0.5 * baseline["dose_score"], (
-      scores, baseline)
+  assert scores["dose_score"] < 0.5 * baseline["dose_score"], (scores, baseline)

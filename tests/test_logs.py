@@ -18,14 +18,16 @@ def test_library_info_lines_are_dropped_and_warnings_kept():
   assert not f.filter(_record(orbax, py_logging.DEBUG))
   assert f.filter(_record(orbax, py_logging.WARNING))
   assert f.filter(_record(orbax, py_logging.ERROR))
-  assert not f.filter(_record("/site-packages/jax/_src/xla_bridge.py",
-                              py_logging.INFO))
+  assert not f.filter(
+      _record("/site-packages/jax/_src/xla_bridge.py", py_logging.INFO)
+  )
   # This library's own lines stay.
   assert f.filter(_record("/work/randose_jax/train.py", py_logging.INFO))
 
 
 def test_quiet_library_logs_installs_once_and_obeys_the_environment(
-    monkeypatch):
+    monkeypatch,
+):
   handler = logging.get_absl_handler()
   before = list(handler.filters)
   try:

@@ -21,8 +21,9 @@ def make_batch(seed=0, shape=(2, 6, 6, 6), empty=()):
   rng = np.random.default_rng(seed)
   pred = rng.normal(size=(*shape, 1)).astype(np.float32)
   target = rng.normal(size=(*shape, 1)).astype(np.float32)
-  ptv = (rng.random(size=(*shape, 1)) < 0.2) * rng.choice([0.8, 0.9, 1.0],
-                                                           size=(*shape, 1))
+  ptv = (rng.random(size=(*shape, 1)) < 0.2) * rng.choice(
+      [0.8, 0.9, 1.0], size=(*shape, 1)
+  )
   oar = (rng.random(size=(*shape, 7)) < 0.05).astype(np.float32)
   if "ptv" in empty:
     ptv = np.zeros_like(ptv)
@@ -47,31 +48,43 @@ def test_uncertainty_mode_matches_the_formula(regions):
   pred, target, ptv, oar = make_batch(1)
   module = losses.RegionAwareLoss(regions=regions)
   params = module.init(jax.random.key(0), pred, target, ptv, oar).get(
-      "params", {})
+      "params", {}
+  )
   assert set(params) == {f"log_var_{r}" for r in regions}
   log_vars = {"ptv": 0.7, "oar": -0.4}
-  params = {k: jnp.float32(log_vars[k[len("log_var_"):]]) for k in params}
+  params = {k: jnp.float32(log_vars[k[len("log_var_") :]]) for k in params}
   loss, metrics = module.apply({"params": params}, pred, target, ptv, oar)
   weights = {r: np.exp(-log_vars[r]) for r in regions}
-  expected, l1 = numpy_loss(pred, target, ptv, oar, weights,
-                            {r: log_vars[r] for r in regions})
+  expected, l1 = numpy_loss(
+      pred, target, ptv, oar, weights, {r: log_vars[r] for r in regions}
+  )
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
-  assert set(metrics) == {"l1_all", "l1_ptv", "l1_oar", "weight_ptv",
-                          "weight_oar", "loss"}
+  assert set(metrics) == {
+      "l1_all",
+      "l1_ptv",
+      "l1_oar",
+      "weight_ptv",
+      "weight_oar",
+      "loss",
+  }
   np.testing.assert_allclose(metrics["loss"], loss)
-  np.testing.assert_allclose(metrics["l1_all"],
-                             np.abs(pred - target).mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+      metrics["l1_all"], np.abs(pred - target).mean(), rtol=1e-5
+  )
   for r in ("ptv", "oar"):
     np.testing.assert_allclose(metrics[f"l1_{r}"], l1[r], rtol=1e-5)
-    np.testing.assert_allclose(metrics[f"weight_{r}"], weights.get(r, 0.0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        metrics[f"weight_{r}"], weights.get(r, 0.0), rtol=1e-6
+    )
 
 
 def test_fixed_mode_has_no_params_and_constant_weights():
   pred, target, ptv, oar = make_batch(2)
   module = losses.RegionAwareLoss(mode="fixed", fixed_weights=(2.0, 0.5))
-  assert module.init(jax.random.key(0), pred, target, ptv, oar).get(
-      "params", {}) == {}
+  assert (
+      module.init(jax.random.key(0), pred, target, ptv, oar).get("params", {})
+      == {}
+  )
   loss, metrics = module.apply({}, pred, target, ptv, oar)
   expected, _ = numpy_loss(pred, target, ptv, oar, {"ptv": 2.0, "oar": 0.5})
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
@@ -89,17 +102,21 @@ def test_empty_region_contributes_nothing_and_stays_finite(empty):
     return module.apply({"params": p}, pred, target, ptv, oar)
 
   (loss, metrics), (g_params, g_pred) = jax.value_and_grad(
-      fn, argnums=(0, 1), has_aux=True)(params, pred)
+      fn, argnums=(0, 1), has_aux=True
+  )(params, pred)
   assert np.isfinite(loss)
   assert all(np.all(np.isfinite(g)) for g in (*g_params.values(), g_pred))
   for r in empty:
     assert float(metrics[f"l1_{r}"]) == 0.0
     assert float(g_params[f"log_var_{r}"]) == 0.0
-  expected, _ = numpy_loss(pred, target, ptv, oar,
-                           {r: np.exp(-float(params[f"log_var_{r}"]))
-                            for r in ("ptv", "oar")},
-                           {r: float(params[f"log_var_{r}"])
-                            for r in ("ptv", "oar")})
+  expected, _ = numpy_loss(
+      pred,
+      target,
+      ptv,
+      oar,
+      {r: np.exp(-float(params[f"log_var_{r}"])) for r in ("ptv", "oar")},
+      {r: float(params[f"log_var_{r}"]) for r in ("ptv", "oar")},
+  )
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
@@ -109,7 +126,8 @@ def test_gradient_reaches_the_log_variances():
   params = module.init(jax.random.key(0), pred, target, ptv, oar)["params"]
   grads, metrics = jax.grad(
       lambda p: module.apply({"params": p}, pred, target, ptv, oar),
-      has_aux=True)(params)
+      has_aux=True,
+  )(params)
   for r in ("ptv", "oar"):
     # d/ds (exp(-s) L + s) = 1 - exp(-s) L.
     expected = 1.0 - float(metrics[f"weight_{r}"]) * float(metrics[f"l1_{r}"])
@@ -128,13 +146,19 @@ def test_learned_weights_converge_to_inverse_region_error():
   oar[..., 2] = (rng.random(size=shape) < 0.3) * (ptv[..., 0] == 0)
   in_oar = oar.any(-1, keepdims=True)
   noise_scale = np.where(ptv > 0, 0.03, np.where(in_oar, 0.3, 0.1))
-  target = (0.9 * ptv + 0.2 * in_oar + 0.05
-            + rng.laplace(size=ptv.shape) * noise_scale).astype(np.float32)
+  target = (
+      0.9 * ptv
+      + 0.2 * in_oar
+      + 0.05
+      + rng.laplace(size=ptv.shape) * noise_scale
+  ).astype(np.float32)
 
   module = losses.RegionAwareLoss()
   params = {
       "model": {"w": jnp.zeros(3, jnp.float32)},  # pred = w0 ptv + w1 oar + w2
-      "loss": module.init(jax.random.key(0), target, target, ptv, oar)["params"],
+      "loss": module.init(jax.random.key(0), target, target, ptv, oar)[
+          "params"
+      ],
   }
 
   def objective(p):
@@ -170,12 +194,17 @@ def test_learned_weights_converge_to_inverse_region_error():
 
 
 def test_create_loss_follows_the_config_rows():
-  spec = importlib.util.spec_from_file_location("openkbp_config",
-                                                CONFIGS / "openkbp.py")
+  spec = importlib.util.spec_from_file_location(
+      "openkbp_config", CONFIGS / "openkbp.py"
+  )
   config_module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(config_module)
-  expected = {"loss1": (), "loss2": ("ptv",), "loss3": ("ptv", "oar"),
-              "": ("ptv", "oar")}
+  expected = {
+      "loss1": (),
+      "loss2": ("ptv",),
+      "loss3": ("ptv", "oar"),
+      "": ("ptv", "oar"),
+  }
   for variant, regions in expected.items():
     loss = losses.create_loss(config_module.get_config(variant).loss)
     assert isinstance(loss, losses.RegionAwareLoss)
@@ -187,10 +216,11 @@ def test_rejects_bad_fields_and_shapes():
   pred, target, ptv, oar = make_batch(6)
   with pytest.raises(ValueError, match="regions"):
     losses.RegionAwareLoss(regions=("brain",)).init(
-        jax.random.key(0), pred, target, ptv, oar)
+        jax.random.key(0), pred, target, ptv, oar
+    )
   with pytest.raises(ValueError, match="mode"):
     losses.RegionAwareLoss(mode="learned").init(
-        jax.random.key(0), pred, target, ptv, oar)
+        jax.random.key(0), pred, target, ptv, oar
+    )
   with pytest.raises(ValueError, match="shape"):
-    losses.RegionAwareLoss().init(jax.random.key(0), pred[:1], target, ptv,
-                                  oar)
+    losses.RegionAwareLoss().init(jax.random.key(0), pred[:1], target, ptv, oar)

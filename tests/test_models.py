@@ -38,22 +38,28 @@ def make_inputs(grid, batch=2, seed=0):
   prescription levels, CT in HU / 1000, seven binary OAR channels."""
   rng = np.random.default_rng(seed)
   d, h, w = grid
-  zz, yy, xx = np.meshgrid(*(np.linspace(-1, 1, n) for n in grid),
-                           indexing="ij")
+  zz, yy, xx = np.meshgrid(
+      *(np.linspace(-1, 1, n) for n in grid), indexing="ij"
+  )
   r = np.sqrt(zz**2 + yy**2 + xx**2)
-  ptv = np.where(r < 0.3, 1.0, np.where(r < 0.45, 0.9,
-                                        np.where(r < 0.6, 0.8, 0.0)))
+  ptv = np.where(
+      r < 0.3, 1.0, np.where(r < 0.45, 0.9, np.where(r < 0.6, 0.8, 0.0))
+  )
   ptv = np.broadcast_to(ptv[None, ..., None], (batch, d, h, w, 1))
   ct = rng.normal(size=(batch, d, h, w, 1)) * 0.5
   oar = (rng.random(size=(batch, d, h, w, 7)) < 0.1).astype(np.float32)
-  return {"ptv": jnp.asarray(ptv, jnp.float32),
-          "ct": jnp.asarray(ct, jnp.float32),
-          "oar": jnp.asarray(oar)}
+  return {
+      "ptv": jnp.asarray(ptv, jnp.float32),
+      "ct": jnp.asarray(ct, jnp.float32),
+      "oar": jnp.asarray(oar),
+  }
 
 
 def abstract_inputs(grid, batch=2):
-  return {k: jax.ShapeDtypeStruct((batch, *grid, c), jnp.float32)
-          for k, c in (("ptv", 1), ("ct", 1), ("oar", 7))}
+  return {
+      k: jax.ShapeDtypeStruct((batch, *grid, c), jnp.float32)
+      for k, c in (("ptv", 1), ("ct", 1), ("oar", 7))
+  }
 
 
 def abstract_params(model, inputs):
@@ -87,8 +93,9 @@ def flat_names(params):
 
 
 @pytest.mark.parametrize("row", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("grid,widths", [((16, 16, 16), TINY),
-                                         ((32, 16, 32), (2, 4, 4, 8, 8))])
+@pytest.mark.parametrize(
+    "grid,widths", [((16, 16, 16), TINY), ((32, 16, 32), (2, 4, 4, 8, 8))]
+)
 def test_output_shape_every_row(row, grid, widths):
   model = models.create_model(model_config(row, widths))
   inputs = abstract_inputs(grid)
@@ -96,8 +103,9 @@ def test_output_shape_every_row(row, grid, widths):
   out = jax.eval_shape(model.apply, {"params": params}, inputs)
   assert out.shape == (2, *grid, 1)
   assert out.dtype == jnp.float32
-  assert all(leaf.dtype == jnp.float32
-             for leaf in jax.tree_util.tree_leaves(params))
+  assert all(
+      leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params)
+  )
 
 
 def test_rejects_grid_not_divisible_and_bad_inputs():
@@ -138,25 +146,37 @@ def test_parameter_groups_per_row(row):
     assert not any(n.startswith(f"{block}/conv_") for n in names)
   else:
     assert params["encoder_1"]["blocks_0"]["conv_0"]["kernel"].shape == (
-        3, 3, 3, 3 * widths[0], widths[0])
+        3,
+        3,
+        3,
+        3 * widths[0],
+        widths[0],
+    )
     assert params["encoder_1"]["blocks_0"]["conv_1"]["kernel"].shape == (
-        3, 3, 3, widths[0], widths[0])
+        3,
+        3,
+        3,
+        widths[0],
+        widths[0],
+    )
     assert not any("msfe" in n for n in names)
 
   alphas = {n for n in names if n.endswith("/alpha")}
   if switches["use_csa"]:
     # One CSA per encoder and decoder block, plus two per AF.
     blocks = 2 * s_max - 1
-    assert len(alphas) == blocks + (2 * (s_max - 1) if switches["use_af"]
-                                    else 0)
+    assert len(alphas) == blocks + (
+        2 * (s_max - 1) if switches["use_af"] else 0
+    )
     assert f"{block}/csa/alpha" in alphas
     assert params["encoder_1"]["blocks_0"]["csa"]["alpha"].shape == ()
   else:
     assert not alphas
 
   betas = {n for n in names if n.endswith("/beta")}
-  assert betas == ({f"af_{s}/beta" for s in range(1, s_max)}
-                   if switches["use_af"] else set())
+  assert betas == (
+      {f"af_{s}/beta" for s in range(1, s_max)} if switches["use_af"] else set()
+  )
 
   # Decoder input: concatenated skip (2C) without AF, fused (C) with it.
   dec_in = widths[0] * (1 if switches["use_af"] else 2)
@@ -170,17 +190,31 @@ def test_parameter_groups_per_row(row):
       for k in (3, 5, 7):
         # Every PI conv maps to the stage width.
         assert pi[f"conv_enc_k{k}"]["kernel"].shape == (
-            k, k, k, widths[s - 2], widths[s - 1])
+            k,
+            k,
+            k,
+            widths[s - 2],
+            widths[s - 1],
+        )
         assert pi[f"conv_ptv_k{k}"]["kernel"].shape == (
-            k, k, k, widths[0], widths[s - 1])
+            k,
+            k,
+            k,
+            widths[0],
+            widths[s - 1],
+        )
         assert f"sa_enc_k{k}" in pi and f"sa_ptv_k{k}" in pi
       assert "sa_out" in pi
 
 
 def test_options_change_the_tree_as_documented():
   inputs = abstract_inputs((16, 16, 16))
-  params = abstract_params(models.create_model(model_config(
-      5, TINY, down="conv", up="resize", blocks_per_stage=2)), inputs)
+  params = abstract_params(
+      models.create_model(
+          model_config(5, TINY, down="conv", up="resize", blocks_per_stage=2)
+      ),
+      inputs,
+  )
   assert params["down_2"]["conv"]["kernel"].shape == (2, 2, 2, 4, 4)
   assert params["up_1"]["conv"]["kernel"].shape == (1, 1, 1, 8, 4)
   assert set(params["encoder_2"]) == {"blocks_0", "blocks_1"}
@@ -190,9 +224,11 @@ def test_options_change_the_tree_as_documented():
   # Both MSFE modes and remat share one tree.
   for overrides in (dict(msfe_fused=True), dict(remat=True)):
     other = abstract_params(
-        models.create_model(model_config(5, TINY, **overrides)), inputs)
+        models.create_model(model_config(5, TINY, **overrides)), inputs
+    )
     assert jax.tree_util.tree_structure(other) == (
-        jax.tree_util.tree_structure(params))
+        jax.tree_util.tree_structure(params)
+    )
 
 
 def test_create_model_is_randose_of_the_config_fields():
@@ -211,21 +247,24 @@ def test_create_model_is_randose_of_the_config_fields():
   assert models.create_model(as_json).widths == TINY
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("colour", "red", "model.colour: unknown field"),
-    ("name", "unet", "model.name: unknown 'unet'"),
-    ("activation", "swish", "model.activation: unknown 'swish'"),
-    ("norm", "batch", "model.norm: unknown 'batch'"),
-    ("dtype", "float16", "model.dtype: unknown 'float16'"),
-    ("conv_impl", "winograd", "model.conv_impl: unknown 'winograd'"),
-    ("down", "stride", "model.down: unknown 'stride'"),
-    ("up", "pixelshuffle", "model.up: unknown 'pixelshuffle'"),
-    ("pi_resize", "cubic", "model.pi_resize: unknown 'cubic'"),
-    ("head_init", "ones", "model.head_init: unknown 'ones'"),
-    ("msfe_kernels", (3, 4), "model.msfe_kernels: sizes must be odd"),
-    ("widths", (), "model.widths"),
-    ("blocks_per_stage", 0, "model.blocks_per_stage"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("colour", "red", "model.colour: unknown field"),
+        ("name", "unet", "model.name: unknown 'unet'"),
+        ("activation", "swish", "model.activation: unknown 'swish'"),
+        ("norm", "batch", "model.norm: unknown 'batch'"),
+        ("dtype", "float16", "model.dtype: unknown 'float16'"),
+        ("conv_impl", "winograd", "model.conv_impl: unknown 'winograd'"),
+        ("down", "stride", "model.down: unknown 'stride'"),
+        ("up", "pixelshuffle", "model.up: unknown 'pixelshuffle'"),
+        ("pi_resize", "cubic", "model.pi_resize: unknown 'cubic'"),
+        ("head_init", "ones", "model.head_init: unknown 'ones'"),
+        ("msfe_kernels", (3, 4), "model.msfe_kernels: sizes must be odd"),
+        ("widths", (), "model.widths"),
+        ("blocks_per_stage", 0, "model.blocks_per_stage"),
+    ],
+)
 def test_create_model_names_a_bad_field(field, value, match):
   config = dict(model_config(5, TINY), **{field: value})
   with pytest.raises(default_config.ConfigError, match=match) as error:
@@ -244,8 +283,14 @@ def row5_run():
   model = models.create_model(model_config(5, (2, 4, 4, 8)))
   inputs = make_inputs(grid)
   params = random_params(abstract_params(model, abstract_inputs(grid)))
-  apply = jax.jit(lambda p, x: model.apply(
-      {"params": p}, x, capture_intermediates=True, mutable=["intermediates"]))
+  apply = jax.jit(
+      lambda p, x: model.apply(
+          {"params": p},
+          x,
+          capture_intermediates=True,
+          mutable=["intermediates"],
+      )
+  )
   out, state = apply(params, inputs)
   return inputs, out, state["intermediates"], lambda x: apply(params, x)[0]
 
@@ -260,8 +305,10 @@ def test_forward_is_finite_and_depends_on_inputs(row5_run):
   rng = np.random.default_rng(11)
   changed = {
       "ptv": inputs["ptv"] * 0.5,  # lower prescription levels
-      "ct": inputs["ct"] + jnp.asarray(rng.normal(size=inputs["ct"].shape),
-                                       jnp.float32),
+      "ct": (
+          inputs["ct"]
+          + jnp.asarray(rng.normal(size=inputs["ct"].shape), jnp.float32)
+      ),
       "oar": inputs["oar"].at[..., 0].set(1 - inputs["oar"][..., 0]),
   }
   for key, value in changed.items():
@@ -273,8 +320,11 @@ def test_forward_is_finite_and_depends_on_inputs(row5_run):
 
 def test_attention_maps_strictly_between_0_and_1(row5_run):
   _, _, inter, _ = row5_run
-  maps = [v for path, v in traverse_util.flatten_dict(inter).items()
-          if path[-1] == "attention"]
+  maps = [
+      v
+      for path, v in traverse_util.flatten_dict(inter).items()
+      if path[-1] == "attention"
+  ]
   # Spatial: 2 per CSA; channel: 1 per CSA; PI: 7 per stage.
   assert len(maps) > 20
   for group in maps:
@@ -295,7 +345,8 @@ def test_pi_resizes_ptv_features_to_each_stage_grid(row5_run):
     f = 2 ** (s - 1)
     assert resized.shape == (n, d // f, h // f, w // f, c)
     pooled = f_p.reshape(n, d // f, f, h // f, f, w // f, f, c).mean(
-        axis=(2, 4, 6))
+        axis=(2, 4, 6)
+    )
     np.testing.assert_allclose(resized, pooled, rtol=1e-5, atol=1e-6)
     # F_Int,s is what the stage's MSCSA sees: stage width, stage grid.
     f_int = inter[f"pi_{s}"]["__call__"][0]
@@ -303,12 +354,16 @@ def test_pi_resizes_ptv_features_to_each_stage_grid(row5_run):
 
 
 def test_resize_ptv_methods():
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 4, 8, 3)),
-                  jnp.float32)
+  x = jnp.asarray(
+      np.random.default_rng(0).normal(size=(1, 8, 4, 8, 3)), jnp.float32
+  )
   pooled = models.resize_ptv(x, (2, 1, 2), "avgpool")
   np.testing.assert_allclose(
-      pooled, np.asarray(x).reshape(1, 2, 4, 1, 4, 2, 4, 3).mean((2, 4, 6)),
-      rtol=1e-5, atol=1e-6)
+      pooled,
+      np.asarray(x).reshape(1, 2, 4, 1, 4, 2, 4, 3).mean((2, 4, 6)),
+      rtol=1e-5,
+      atol=1e-6,
+  )
   assert models.resize_ptv(x, (4, 2, 4), "linear").shape == (1, 4, 2, 4, 3)
   assert models.resize_ptv(x, (8, 4, 8)) is x
   with pytest.raises(ValueError):
@@ -319,19 +374,22 @@ def test_pi_resize_is_accurate_in_bfloat16():
   """Average pooling by 8 sums 512 values: done in bfloat16 it drifts by
   several percent, so PI resizes in float32 and only then casts."""
   rng = np.random.default_rng(9)
-  f_p = jnp.asarray(1 + 0.1 * rng.normal(size=(1, 16, 16, 16, 3)),
-                    jnp.bfloat16)
+  f_p = jnp.asarray(1 + 0.1 * rng.normal(size=(1, 16, 16, 16, 3)), jnp.bfloat16)
   f_e = jnp.ones((1, 2, 2, 2, 2), jnp.bfloat16)
   pi = models.PTVIntegration(
-      4, (3,), conv=functools.partial(models.Conv, dtype=jnp.bfloat16))
+      4, (3,), conv=functools.partial(models.Conv, dtype=jnp.bfloat16)
+  )
   params = random_params(
-      jax.eval_shape(pi.init, jax.random.key(0), f_e, f_p)["params"])
-  out, state = pi.apply({"params": params}, f_e, f_p,
-                        mutable=["intermediates"])
+      jax.eval_shape(pi.init, jax.random.key(0), f_e, f_p)["params"]
+  )
+  out, state = pi.apply({"params": params}, f_e, f_p, mutable=["intermediates"])
   assert out.dtype == jnp.bfloat16 and out.shape == (1, 2, 2, 2, 4)
   resized = np.asarray(state["intermediates"]["ptv_resized"][0], np.float64)
-  expected = np.asarray(f_p, np.float64).reshape(
-      1, 2, 8, 2, 8, 2, 8, 3).mean(axis=(2, 4, 6))
+  expected = (
+      np.asarray(f_p, np.float64)
+      .reshape(1, 2, 8, 2, 8, 2, 8, 3)
+      .mean(axis=(2, 4, 6))
+  )
   assert np.abs(resized - expected).max() < 1e-2 * np.abs(expected).max()
 
 
@@ -339,34 +397,44 @@ def test_pi_resize_is_accurate_in_bfloat16():
 
 
 def _msfe_case(seed):
-  x = jnp.asarray(np.random.default_rng(seed).normal(size=(2, 8, 6, 8, 3)),
-                  jnp.float32)
+  x = jnp.asarray(
+      np.random.default_rng(seed).normal(size=(2, 8, 6, 8, 3)), jnp.float32
+  )
   unfused = models.MSFE(5, (3, 5, 7))
-  fused = models.MSFE(5, (3, 5, 7),
-                      functools.partial(models.Conv, fuse_sums=True))
+  fused = models.MSFE(
+      5, (3, 5, 7), functools.partial(models.Conv, fuse_sums=True)
+  )
   abstract = jax.eval_shape(unfused.init, jax.random.key(0), x)["params"]
   assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(
-      jax.eval_shape(fused.init, jax.random.key(0), x)["params"])
+      jax.eval_shape(fused.init, jax.random.key(0), x)["params"]
+  )
   return x, unfused, fused, random_params(abstract, seed)
 
 
 def test_msfe_fused_matches_unfused_forward_and_gradient():
   x, unfused, fused, params = _msfe_case(1)
-  target = jnp.asarray(np.random.default_rng(2).normal(size=(2, 8, 6, 8, 5)),
-                       jnp.float32)
+  target = jnp.asarray(
+      np.random.default_rng(2).normal(size=(2, 8, 6, 8, 5)), jnp.float32
+  )
 
   def loss(module):
     def fn(p, x):
       return jnp.mean((module.apply({"params": p}, x) - target) ** 2)
+
     return jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
 
-  (l_u, (g_u, gx_u)) = loss(unfused)(params, x)
-  (l_f, (g_f, gx_f)) = loss(fused)(params, x)
+  l_u, (g_u, gx_u) = loss(unfused)(params, x)
+  l_f, (g_f, gx_f) = loss(fused)(params, x)
   np.testing.assert_allclose(
-      unfused.apply({"params": params}, x), fused.apply({"params": params}, x),
-      rtol=1e-4, atol=1e-5)
+      unfused.apply({"params": params}, x),
+      fused.apply({"params": params}, x),
+      rtol=1e-4,
+      atol=1e-5,
+  )
   np.testing.assert_allclose(l_u, l_f, rtol=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(g_u), jax.tree_util.tree_leaves(g_f)):
+  for a, b in zip(
+      jax.tree_util.tree_leaves(g_u), jax.tree_util.tree_leaves(g_f)
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(gx_u, gx_f, rtol=1e-4, atol=1e-6)
 
@@ -377,16 +445,19 @@ def test_msfe_is_the_sum_of_its_branch_convs():
   for k in (3, 5, 7):
     conv = nn.Conv(5, (k, k, k), padding="SAME")
     expected = expected + conv.apply({"params": params[f"conv_k{k}"]}, x)
-  np.testing.assert_allclose(unfused.apply({"params": params}, x), expected,
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+      unfused.apply({"params": params}, x), expected, rtol=1e-4, atol=1e-5
+  )
 
 
 def test_csa_is_channel_plus_alpha_times_spatial():
-  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 4, 4, 4, 8)),
-                  jnp.float32)
+  x = jnp.asarray(
+      np.random.default_rng(4).normal(size=(2, 4, 4, 4, 8)), jnp.float32
+  )
   csa = models.ChannelSpatialAttention(reduction=4)
   params = random_params(
-      jax.eval_shape(csa.init, jax.random.key(0), x)["params"], 4)
+      jax.eval_shape(csa.init, jax.random.key(0), x)["params"], 4
+  )
   assert params["channel_attention"]["fc1"]["kernel"].shape == (8, 2)
   assert params["channel_attention"]["fc2"]["kernel"].shape == (2, 8)
   out, state = csa.apply({"params": params}, x, mutable=["intermediates"])
@@ -400,22 +471,27 @@ def test_csa_is_channel_plus_alpha_times_spatial():
   fc1, fc2 = (params["channel_attention"][n] for n in ("fc1", "fc2"))
   hidden = np.maximum(pooled @ fc1["kernel"] + fc1["bias"], 0)
   np.testing.assert_allclose(
-      a_c, 1 / (1 + np.exp(-(hidden @ fc2["kernel"] + fc2["bias"]))),
-      rtol=1e-5)
+      a_c, 1 / (1 + np.exp(-(hidden @ fc2["kernel"] + fc2["bias"]))), rtol=1e-5
+  )
 
 
 def test_attention_fusion_is_skip_plus_beta_times_up():
   rng = np.random.default_rng(5)
-  f_e, f_d = (jnp.asarray(rng.normal(size=(1, 4, 4, 4, 4)), jnp.float32)
-              for _ in range(2))
+  f_e, f_d = (
+      jnp.asarray(rng.normal(size=(1, 4, 4, 4, 4)), jnp.float32)
+      for _ in range(2)
+  )
   af = models.AttentionFusion()
   params = random_params(
-      jax.eval_shape(af.init, jax.random.key(0), f_e, f_d)["params"], 5)
+      jax.eval_shape(af.init, jax.random.key(0), f_e, f_d)["params"], 5
+  )
   csa = models.ChannelSpatialAttention()
-  expected = (csa.apply({"params": params["csa_skip"]}, f_e)
-              + params["beta"] * csa.apply({"params": params["csa_up"]}, f_d))
-  np.testing.assert_allclose(af.apply({"params": params}, f_e, f_d), expected,
-                             rtol=1e-5, atol=1e-6)
+  expected = csa.apply({"params": params["csa_skip"]}, f_e) + params[
+      "beta"
+  ] * csa.apply({"params": params["csa_up"]}, f_d)
+  np.testing.assert_allclose(
+      af.apply({"params": params}, f_e, f_d), expected, rtol=1e-5, atol=1e-6
+  )
 
 
 # -------------------------------------------------------- init, dtype, grads
@@ -425,22 +501,28 @@ def test_same_seed_same_params_different_seed_different():
   model = models.create_model(model_config(5, (2, 4)))
   inputs = make_inputs((8, 8, 8), batch=1)
   init = jax.jit(model.init)
-  p0, p0_again, p1 = (init(jax.random.key(s), inputs)["params"]
-                      for s in (0, 0, 1))
+  p0, p0_again, p1 = (
+      init(jax.random.key(s), inputs)["params"] for s in (0, 0, 1)
+  )
   leaves0 = jax.tree_util.tree_leaves(p0)
   for a, b in zip(leaves0, jax.tree_util.tree_leaves(p0_again)):
     np.testing.assert_array_equal(a, b)
-  kernels = [(a, b) for (path, a), b in zip(
-      jax.tree_util.tree_leaves_with_path(p0), jax.tree_util.tree_leaves(p1))
-             if path[-1].key == "kernel" and path[0].key != "head"]
+  kernels = [
+      (a, b)
+      for (path, a), b in zip(
+          jax.tree_util.tree_leaves_with_path(p0), jax.tree_util.tree_leaves(p1)
+      )
+      if path[-1].key == "kernel" and path[0].key != "head"
+  ]
   assert kernels and all(not np.allclose(a, b) for a, b in kernels)
   # The head starts at zero (model.head_init='zeros', the default): every
   # prediction starts at 0 Gy whatever the seed.
   assert not np.any(p0["head"]["kernel"]) and not np.any(p1["head"]["kernel"])
   # alpha and beta start at their configured values.
   flat = traverse_util.flatten_dict(p0)
-  assert all(float(v) == 1.0 for k, v in flat.items()
-             if k[-1] in ("alpha", "beta"))
+  assert all(
+      float(v) == 1.0 for k, v in flat.items() if k[-1] in ("alpha", "beta")
+  )
 
 
 def test_bfloat16_matches_float32():
@@ -449,8 +531,9 @@ def test_bfloat16_matches_float32():
   m32 = models.create_model(model_config(5, (4, 8)))
   m16 = models.create_model(model_config(5, (4, 8), dtype="bfloat16"))
   abstract = abstract_params(m16, abstract_inputs(grid))
-  assert all(leaf.dtype == jnp.float32
-             for leaf in jax.tree_util.tree_leaves(abstract))
+  assert all(
+      leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(abstract)
+  )
   params = random_params(abstract, 6)
   y32 = jax.jit(m32.apply)({"params": params}, inputs)
   y16 = jax.jit(m16.apply)({"params": params}, inputs)
@@ -471,9 +554,12 @@ def test_remat_gives_the_same_output():
   plain = models.create_model(model_config(5, (4, 8)))
   remat = models.create_model(model_config(5, (4, 8), remat=True))
   params = random_params(abstract_params(plain, abstract_inputs(grid)), 7)
-  np.testing.assert_allclose(jax.jit(plain.apply)({"params": params}, inputs),
-                             jax.jit(remat.apply)({"params": params}, inputs),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      jax.jit(plain.apply)({"params": params}, inputs),
+      jax.jit(remat.apply)({"params": params}, inputs),
+      rtol=1e-5,
+      atol=1e-6,
+  )
 
 
 def test_gradients_reach_alpha_beta_and_the_loss_weights():
@@ -486,13 +572,17 @@ def test_gradients_reach_alpha_beta_and_the_loss_weights():
   target = inputs["ptv"] * 0.9 + 0.05
   params = {
       "model": random_params(abstract_params(model, abstract_inputs(grid)), 8),
-      "loss": {"log_var_ptv": jnp.float32(0.1), "log_var_oar": jnp.float32(-0.1)},
+      "loss": {
+          "log_var_ptv": jnp.float32(0.1),
+          "log_var_oar": jnp.float32(-0.1),
+      },
   }
 
   def objective(p):
     pred = model.apply({"params": p["model"]}, inputs)
-    loss, _ = loss_module.apply({"params": p["loss"]}, pred, target,
-                                inputs["ptv"], inputs["oar"])
+    loss, _ = loss_module.apply(
+        {"params": p["loss"]}, pred, target, inputs["ptv"], inputs["oar"]
+    )
     return loss
 
   grads = jax.jit(jax.grad(objective))(params)

@@ -43,22 +43,40 @@ def _check_equals_direct(conv_fn, rng, k, grid, cin, cout):
   y_d, y = direct(x, kernel, bias), conv_fn(x, kernel, bias)
   assert y.shape == y_d.shape and y.dtype == jnp.float32
   assert _rel_err(y, y_d) < 1e-5
-  grads = [jax.grad(lambda x, w, b, f=f: jnp.sum(f(x, w, b) * probe),
-                    argnums=(0, 1, 2))(x, kernel, bias)
-           for f in (conv_fn, direct)]
+  grads = [
+      jax.grad(
+          lambda x, w, b, f=f: jnp.sum(f(x, w, b) * probe), argnums=(0, 1, 2)
+      )(x, kernel, bias)
+      for f in (conv_fn, direct)
+  ]
   for a, b in zip(*grads):
     assert _rel_err(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("k,grid,cin,cout", [
-    (1, (5, 6, 7), 3, 2), (3, (5, 6, 7), 1, 3), (3, (8, 4, 6), 3, 2),
-    (5, (8, 8, 8), 2, 3), (5, (9, 4, 3), 3, 1), (7, (5, 6, 7), 3, 2),
-    (7, (8, 4, 6), 1, 4), (2, (5, 6, 7), 2, 2), (4, (8, 4, 6), 2, 3)])
+@pytest.mark.parametrize(
+    "k,grid,cin,cout",
+    [
+        (1, (5, 6, 7), 3, 2),
+        (3, (5, 6, 7), 1, 3),
+        (3, (8, 4, 6), 3, 2),
+        (5, (8, 8, 8), 2, 3),
+        (5, (9, 4, 3), 3, 1),
+        (7, (5, 6, 7), 3, 2),
+        (7, (8, 4, 6), 1, 4),
+        (2, (5, 6, 7), 2, 2),
+        (4, (8, 4, 6), 2, 3),
+    ],
+)
 def test_fft_conv_equals_direct_forward_and_gradients(k, grid, cin, cout):
   rng = np.random.default_rng(k * 100 + grid[0] * 10 + cin)
   _check_equals_direct(
       lambda x, w, b: conv.conv3d_fft(x, [[w]], b, jnp.float32),
-      rng, k, grid, cin, cout)
+      rng,
+      k,
+      grid,
+      cin,
+      cout,
+  )
 
 
 def test_fft_conv_groups_sum_within_and_concatenate_across():
@@ -69,10 +87,14 @@ def test_fft_conv_groups_sum_within_and_concatenate_across():
   bias = _rand(rng, (8,))
   got = conv.conv3d_fft(x, [[a, b], [c]], bias, jnp.float32)
   zero = jnp.zeros((4,))
-  want = jnp.concatenate([
-      conv.conv3d(x, a, bias[:4], jnp.float32)
-      + conv.conv3d(x, b, zero, jnp.float32),
-      conv.conv3d(x, c, bias[4:], jnp.float32)], axis=-1)
+  want = jnp.concatenate(
+      [
+          conv.conv3d(x, a, bias[:4], jnp.float32)
+          + conv.conv3d(x, b, zero, jnp.float32),
+          conv.conv3d(x, c, bias[4:], jnp.float32),
+      ],
+      axis=-1,
+  )
   assert _rel_err(got, want) < 1e-5
 
 
@@ -89,15 +111,28 @@ def test_fft_length_is_smooth_and_long_enough():
   assert conv.fft_length(64, 7) == 72 and conv.fft_length(4, 7) == 8
 
 
-@pytest.mark.parametrize("k,grid,tile", [
-    (3, (8, 8, 8), 4), (7, (8, 12, 4), 4), (5, (16, 8, 8), 8),
-    (4, (8, 8, 3), 4), (2, (4, 8, 8), 4), (7, (8, 8, 8), 2)])
+@pytest.mark.parametrize(
+    "k,grid,tile",
+    [
+        (3, (8, 8, 8), 4),
+        (7, (8, 12, 4), 4),
+        (5, (16, 8, 8), 8),
+        (4, (8, 8, 3), 4),
+        (2, (4, 8, 8), 4),
+        (7, (8, 8, 8), 2),
+    ],
+)
 def test_tiled_fft_conv_equals_direct_forward_and_gradients(k, grid, tile):
   """Overlap-save over tiles (some axes tiled, others whole; odd and even k;
   tiles smaller than the kernel) is the same 'SAME' conv."""
   _check_equals_direct(
       lambda x, w, b: conv.conv3d_fft(x, [[w]], b, jnp.float32, tile),
-      np.random.default_rng(k * 10 + tile), k, grid, 3, 2)
+      np.random.default_rng(k * 10 + tile),
+      k,
+      grid,
+      3,
+      2,
+  )
 
 
 def test_tiled_fft_conv_groups():
@@ -107,10 +142,14 @@ def test_tiled_fft_conv_groups():
   a, b, c = (_rand(rng, (k, k, k, 3, 4), 0.3) for k in (3, 5, 7))
   bias = _rand(rng, (8,))
   zero = jnp.zeros((4,))
-  want = jnp.concatenate([
-      conv.conv3d(x, a, bias[:4], jnp.float32)
-      + conv.conv3d(x, c, zero, jnp.float32),
-      conv.conv3d(x, b, bias[4:], jnp.float32)], axis=-1)
+  want = jnp.concatenate(
+      [
+          conv.conv3d(x, a, bias[:4], jnp.float32)
+          + conv.conv3d(x, c, zero, jnp.float32),
+          conv.conv3d(x, b, bias[4:], jnp.float32),
+      ],
+      axis=-1,
+  )
   got = conv.conv3d_fft(x, [[a, c], [b]], bias, jnp.float32, tile=4)
   assert _rel_err(got, want) < 1e-5
   with pytest.raises(ValueError, match="does not divide"):
@@ -130,8 +169,7 @@ def test_plan_conv():
   # A small grid: tiles would transform more voxels ((4 + 6)^3 per 4^3 tile
   # against 12^3 for the whole 8^3 grid) to save little spectrum, so the
   # whole grid is taken.
-  assert conv.plan_conv("fft", (1, 8, 8, 8, 2), [[3, 5, 7]], 2) == (
-      "fft", None)
+  assert conv.plan_conv("fft", (1, 8, 8, 8, 2), [[3, 5, 7]], 2) == ("fft", None)
   assert conv.fft_tiles((32, 32, 32)) == [None, 16, 8, 4]
   assert conv.fft_tiles((16, 8, 12)) == [None, 4]  # 8 does not divide 12
   # Paper widths at 128^3, first MSFE (48 -> 16 channels, 3/5/7): the
@@ -141,12 +179,13 @@ def test_plan_conv():
   algo, tile = conv.plan_conv("fft", (1, 128, 128, 128, 48), [[3, 5, 7]], 16)
   assert algo == "fft" and tile in (64, 32, 16, 8, 4)
   if jax.default_backend() == "cpu":
-    algo, tile = conv.plan_conv("auto", (1, 128, 128, 128, 48),
-                                [[3, 5, 7]], 16)
+    algo, tile = conv.plan_conv("auto", (1, 128, 128, 128, 48), [[3, 5, 7]], 16)
     assert algo == "fft" and tile is not None
     # The 8^3 x 256 channel stage stays direct (the documented plan).
     assert conv.plan_conv("auto", (1, 8, 8, 8, 256), [[3, 5, 7]], 256) == (
-        "direct", None)
+        "direct",
+        None,
+    )
   with pytest.raises(ValueError, match="conv_impl"):
     conv.plan_conv("winograd", shape, [[3]], 16)
 
@@ -185,9 +224,11 @@ def _inputs(grid, batch=2, seed=0):
   rng = np.random.default_rng(seed)
   shape = (batch, *grid)
   ptv = (rng.random(shape + (1,)) < 0.3) * 0.9
-  return {"ptv": jnp.asarray(ptv, jnp.float32),
-          "ct": _rand(rng, shape + (1,), 0.5),
-          "oar": jnp.asarray(rng.random(shape + (7,)) < 0.1, jnp.float32)}
+  return {
+      "ptv": jnp.asarray(ptv, jnp.float32),
+      "ct": _rand(rng, shape + (1,), 0.5),
+      "oar": jnp.asarray(rng.random(shape + (7,)) < 0.1, jnp.float32),
+  }
 
 
 def _random_params(abstract, seed=0):
@@ -201,8 +242,9 @@ def _random_params(abstract, seed=0):
   return traverse_util.unflatten_dict(out)
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(use_msfe=False),
-                                       dict(msfe_fused=True)])
+@pytest.mark.parametrize(
+    "overrides", [dict(), dict(use_msfe=False), dict(msfe_fused=True)]
+)
 def test_model_fft_equals_direct_forward_and_gradients(overrides):
   inputs = _inputs((8, 8, 8))
   direct = models.create_model(_model_config(conv_impl="direct", **overrides))
@@ -212,10 +254,12 @@ def test_model_fft_equals_direct_forward_and_gradients(overrides):
   for other in (fft, auto):
     # Identical parameter trees: checkpoints and the torch converter work.
     assert jax.tree.structure(abstract) == jax.tree.structure(
-        jax.eval_shape(other.init, jax.random.key(0), inputs)["params"])
+        jax.eval_shape(other.init, jax.random.key(0), inputs)["params"]
+    )
     assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(
         lambda a: a.shape,
-        jax.eval_shape(other.init, jax.random.key(0), inputs)["params"])
+        jax.eval_shape(other.init, jax.random.key(0), inputs)["params"],
+    )
   params = _random_params(abstract)
 
   def loss(model):
@@ -249,7 +293,8 @@ def test_model_with_tiled_fft_equals_direct(monkeypatch):
   direct = models.create_model(_model_config(conv_impl="direct"))
   tiled = models.create_model(_model_config(conv_impl="fft"))
   params = _random_params(
-      jax.eval_shape(direct.init, jax.random.key(0), inputs)["params"])
+      jax.eval_shape(direct.init, jax.random.key(0), inputs)["params"]
+  )
   y_d = direct.apply({"params": params}, inputs)
   y_t = tiled.apply({"params": params}, inputs)
   assert _rel_err(y_t, y_d) < 1e-4
@@ -259,8 +304,12 @@ def test_model_init_is_the_same_for_every_impl():
   """Same initial values (same names, same initialisers), so a seed gives
   the same network whichever algorithm computes it."""
   inputs = _inputs((4, 4, 4), batch=1)
-  trees = [models.create_model(_model_config(conv_impl=impl)).init(
-      jax.random.key(3), inputs)["params"] for impl in ("direct", "fft")]
+  trees = [
+      models.create_model(_model_config(conv_impl=impl)).init(
+          jax.random.key(3), inputs
+      )["params"]
+      for impl in ("direct", "fft")
+  ]
   for a, b in zip(jax.tree.leaves(trees[0]), jax.tree.leaves(trees[1])):
     np.testing.assert_array_equal(a, b)
 
@@ -275,12 +324,14 @@ def test_upsample_matmul_equals_conv_transpose():
   q = fft.init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, q)
   # The direct form is flax's transposed conv, to the bit.
-  reference = nn.ConvTranspose(4, (2, 2, 2), strides=(2, 2, 2),
-                               padding="VALID")
+  reference = nn.ConvTranspose(4, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
   np.testing.assert_array_equal(
-      direct.apply(p, x), reference.apply({"params": p["params"]["conv"]}, x))
+      direct.apply(p, x), reference.apply({"params": p["params"]["conv"]}, x)
+  )
   assert _rel_err(fft.apply(p, x), direct.apply(p, x)) < 1e-6
-  g = [jax.grad(lambda p, x: jnp.sum(m.apply(p, x) ** 3), argnums=(0, 1))(p, x)
-       for m in (fft, direct)]
+  g = [
+      jax.grad(lambda p, x: jnp.sum(m.apply(p, x) ** 3), argnums=(0, 1))(p, x)
+      for m in (fft, direct)
+  ]
   for a, b in zip(jax.tree.leaves(g[0]), jax.tree.leaves(g[1])):
     assert _rel_err(a, b) < 1e-5

@@ -52,11 +52,13 @@ def test_conv_flops_of_single_layers_match_the_hand_count():
 
   msfe = models.MSFE(4, (3, 5, 7))
   p = jax.eval_shape(msfe.init, jax.random.key(0), x)
-  per_k = {k: 2 * 2 * 3 * 4 * taps(8, k) * taps(6, k) * taps(8, k)
-           for k in (3, 5, 7)}
+  per_k = {
+      k: 2 * 2 * 3 * 4 * taps(8, k) * taps(6, k) * taps(8, k) for k in (3, 5, 7)
+  }
   assert summary.conv_flops(msfe.apply, p, x) == sum(per_k.values())
-  fused = models.MSFE(4, (3, 5, 7),
-                      functools.partial(models.Conv, fuse_sums=True))
+  fused = models.MSFE(
+      4, (3, 5, 7), functools.partial(models.Conv, fuse_sums=True)
+  )
   assert summary.conv_flops(fused.apply, p, x) == per_k[7]
 
 
@@ -75,9 +77,11 @@ def test_conv_flops_of_the_plain_unet_match_its_architecture():
       + (w0 * w1 + w1 * w1) * t(g // 2)  # encoder_2 (after max pooling)
       + w1 * w0 * g**3  # up_1: 2x2x2 stride 2, one tap per output voxel
       + (2 * w0 * w0 + w0 * w0) * t(g)  # decoder_1 (concatenated skip)
-      + w0 * 1 * g**3)  # head
+      + w0 * 1 * g**3
+  )  # head
   got = summary.conv_flops(
-      lambda p, x: model.apply({"params": p}, x), params, inputs)
+      lambda p, x: model.apply({"params": p}, x), params, inputs
+  )
   assert got == expected
 
 
@@ -99,24 +103,37 @@ def test_param_counts_per_module():
   params = summary.abstract_params(model, inputs)
   per_module = summary.params_per_module(params)
   assert sum(per_module.values()) == sum(
-      int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+      int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)
+  )
   names = list(per_module)
   assert names[:3] == ["stem_ptv", "stem_ct", "stem_oar"]
   assert names[-1] == "head"
-  assert names.index("pi_2") < names.index("encoder_2") < names.index(
-      "encoder_3") < names.index("up_2") < names.index("af_2") < names.index(
-          "decoder_2") < names.index("up_1")
+  assert (
+      names.index("pi_2")
+      < names.index("encoder_2")
+      < names.index("encoder_3")
+      < names.index("up_2")
+      < names.index("af_2")
+      < names.index("decoder_2")
+      < names.index("up_1")
+  )
   assert per_module["head"] == 4 + 1
   assert per_module["stem_oar"] == 27 * 7 * 4 + 4
   kinds = summary.params_per_kind(per_module)
-  assert kinds["stem"] == sum(per_module[f"stem_{k}"]
-                              for k in ("ptv", "ct", "oar"))
+  assert kinds["stem"] == sum(
+      per_module[f"stem_{k}"] for k in ("ptv", "ct", "oar")
+  )
   assert kinds["pi"] == per_module["pi_2"] + per_module["pi_3"]
   assert sum(kinds.values()) == sum(per_module.values())
   # The ablation rows add parameters in the order of Table 2a.
-  counts = [summary.params_per_module(summary.abstract_params(
-      models.create_model(model_config(r, (4, 8, 16))), inputs))
-            for r in (1, 2, 3, 4, 5)]
+  counts = [
+      summary.params_per_module(
+          summary.abstract_params(
+              models.create_model(model_config(r, (4, 8, 16))), inputs
+          )
+      )
+      for r in (1, 2, 3, 4, 5)
+  ]
   totals = [sum(c.values()) for c in counts]
   assert totals[0] < totals[1] < totals[2] < totals[3]
   assert "af_1" in counts[4] and "af_1" not in counts[3]
@@ -125,9 +142,20 @@ def test_param_counts_per_module():
 def test_cli_prints_json_last():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   result = subprocess.run(
-      [sys.executable, "-m", "randose_jax.summary",
-       "--config=configs/openkbp.py:smoke,row3", "--grid=16", "--json"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "randose_jax.summary",
+          "--config=configs/openkbp.py:smoke,row3",
+          "--grid=16",
+          "--json",
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert result.returncode == 0, result.stderr
   last = json.loads(result.stdout.strip().splitlines()[-1])
   assert last["params"] > 0 and last["gflops_per_sample"] > 0

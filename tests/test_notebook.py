@@ -6,12 +6,16 @@ import pathlib
 import pytest
 
 nbformat = pytest.importorskip(
-    "nbformat", reason="nbformat is needed to run notebooks/quickstart.ipynb")
+    "nbformat", reason="nbformat is needed to run notebooks/quickstart.ipynb"
+)
 nbclient = pytest.importorskip(
-    "nbclient", reason="nbclient is needed to run notebooks/quickstart.ipynb")
+    "nbclient", reason="nbclient is needed to run notebooks/quickstart.ipynb"
+)
 pytest.importorskip(
-    "ipykernel", reason="ipykernel (the python3 kernel) is needed to run "
-    "notebooks/quickstart.ipynb")
+    "ipykernel",
+    reason="ipykernel (the python3 kernel) is needed to run "
+    "notebooks/quickstart.ipynb",
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
@@ -19,8 +23,10 @@ NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
 
 def _load_demo_config(variant):
   import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("demo_config",
-                                                REPO / "configs" / "demo.py")
+
+  spec = importlib.util.spec_from_file_location(
+      "demo_config", REPO / "configs" / "demo.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(variant)
@@ -46,16 +52,25 @@ def test_committed_notebook_has_no_outputs():
 def test_quickstart_runs_on_smoke_settings(tmp_path):
   nb = nbformat.read(NOTEBOOK, as_version=4)
   workdir = tmp_path / "work"
-  env = dict(os.environ, RANDOSE_SMOKE="1", RANDOSE_NOTEBOOK_WORKDIR=str(workdir),
-             PYTHONPATH=os.pathsep.join(
-                 filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-             # Quick compiles, like the rest of the suite (conftest.py).
-             JAX_DISABLE_MOST_OPTIMIZATIONS="true", JAX_PLATFORMS="cpu",
-             MPLBACKEND="Agg")
+  env = dict(
+      os.environ,
+      RANDOSE_SMOKE="1",
+      RANDOSE_NOTEBOOK_WORKDIR=str(workdir),
+      PYTHONPATH=os.pathsep.join(
+          filter(None, [str(REPO), os.environ.get("PYTHONPATH")])
+      ),
+      # Quick compiles, like the rest of the suite (conftest.py).
+      JAX_DISABLE_MOST_OPTIMIZATIONS="true",
+      JAX_PLATFORMS="cpu",
+      MPLBACKEND="Agg",
+  )
   env.pop("OPENKBP_DIR", None)  # the phantom path, whatever the shell holds
   client = nbclient.NotebookClient(
-      nb, kernel_name="python3", timeout=600,
-      resources={"metadata": {"path": str(tmp_path)}})
+      nb,
+      kernel_name="python3",
+      timeout=600,
+      resources={"metadata": {"path": str(tmp_path)}},
+  )
   client.execute(env=env)  # raises CellExecutionError on any failing cell
 
   plots = workdir / "plots"
@@ -64,13 +79,17 @@ def test_quickstart_runs_on_smoke_settings(tmp_path):
   for pid in ("pt_5", "pt_6"):  # the smoke variant's two validation phantoms
     assert {f"{pid}_slices.png", f"{pid}_dvh.png"} <= names
   assert sorted(p.name for p in (workdir / "predictions").glob("pt_*.csv")) == [
-      "pt_5.csv", "pt_6.csv"]
-  outputs = [o for cell in nb.cells if cell.cell_type == "code"
-             for o in cell.outputs]
+      "pt_5.csv",
+      "pt_6.csv",
+  ]
+  outputs = [
+      o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
+  ]
   assert not [o for o in outputs if o.output_type == "error"]
   images = [o for o in outputs if "image/png" in o.get("data", {})]
   assert len(images) == 3  # the inputs, the slice view and the DVH
-  text = "".join(o.get("text", "") for o in outputs
-                 if o.output_type == "stream")
+  text = "".join(
+      o.get("text", "") for o in outputs if o.output_type == "stream"
+  )
   assert "dose score: " in text and "DVH score: " in text
   assert not list(tmp_path.glob("randose_jax_repo"))  # nothing cloned

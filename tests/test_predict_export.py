@@ -26,8 +26,9 @@ from tests.test_train import REPO, SUBPROCESS_ENV, tiny_config
 def trained(tmp_path_factory):
   """A workdir trained for 4 steps on 16^3 phantoms (8^3 model grid)."""
   workdir = tmp_path_factory.mktemp("trained")
-  train.train_and_evaluate(tiny_config(), workdir,
-                           mesh=train.make_mesh(jax.devices()[:1]))
+  train.train_and_evaluate(
+      tiny_config(), workdir, mesh=train.make_mesh(jax.devices()[:1])
+  )
   return workdir
 
 
@@ -54,8 +55,9 @@ def _flip_axes(lr, si):
 
 
 def _flipped(inputs, lr, si):
-  out = {k: np.flip(np.asarray(x), _flip_axes(lr, si))
-         for k, x in inputs.items()}
+  out = {
+      k: np.flip(np.asarray(x), _flip_axes(lr, si)) for k, x in inputs.items()
+  }
   if lr:
     out["oar"] = out["oar"][..., OAR_LR_ORDER]
   return out
@@ -64,9 +66,11 @@ def _flipped(inputs, lr, si):
 def _inputs(batch, seed):
   # Distinct lengths on every grid axis, so a flip on the wrong one shows.
   rng = np.random.default_rng(seed)
-  return {"ptv": rng.uniform(size=(batch, 4, 6, 8, 1)).astype(np.float32),
-          "ct": rng.uniform(size=(batch, 4, 6, 8, 1)).astype(np.float32),
-          "oar": rng.uniform(size=(batch, 4, 6, 8, 7)).astype(np.float32)}
+  return {
+      "ptv": rng.uniform(size=(batch, 4, 6, 8, 1)).astype(np.float32),
+      "ct": rng.uniform(size=(batch, 4, 6, 8, 1)).astype(np.float32),
+      "oar": rng.uniform(size=(batch, 4, 6, 8, 7)).astype(np.float32),
+  }
 
 
 def test_flips_are_the_left_right_and_superior_inferior_axes():
@@ -79,7 +83,8 @@ def test_flips_are_the_left_right_and_superior_inferior_axes():
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     np.testing.assert_array_equal(
         inference.unflip(inputs["ct"], lr, si),
-        np.flip(inputs["ct"], _flip_axes(lr, si)))
+        np.flip(inputs["ct"], _flip_axes(lr, si)),
+    )
   # TTA undoes each flip: a model that returns its CT input gives it back.
   out = inference.predict(lambda x: x["ct"], inputs, tta=True)
   np.testing.assert_allclose(out, inputs["ct"], rtol=1e-6)
@@ -87,11 +92,14 @@ def test_flips_are_the_left_right_and_superior_inferior_axes():
   # not flip with the input: the left/right passes see the left parotid,
   # mirrored, and their predictions come back mirrored.
   ramp = np.arange(4 * 6 * 8, dtype=np.float32).reshape(1, 4, 6, 8, 1)
-  out = inference.predict(lambda x: x["oar"][..., 2:3] * ramp, inputs,
-                          tta=True)
+  out = inference.predict(lambda x: x["oar"][..., 2:3] * ramp, inputs, tta=True)
   right, left = inputs["oar"][..., 2:3], inputs["oar"][..., 3:4]
-  want = (right * ramp + right * np.flip(ramp, SI)
-          + left * np.flip(ramp, LR) + left * np.flip(ramp, (LR, SI))) / 4
+  want = (
+      right * ramp
+      + right * np.flip(ramp, SI)
+      + left * np.flip(ramp, LR)
+      + left * np.flip(ramp, (LR, SI))
+  ) / 4
   np.testing.assert_allclose(out, want, rtol=1e-6)
 
 
@@ -105,8 +113,15 @@ def test_tta_is_the_mean_of_the_four_unflipped_predictions():
     y = jnp.cumsum(jnp.cumsum(x["ct"] * x["oar"][..., 2:3], 2), 3)
     return y + x["ptv"]
 
-  want = sum(np.flip(np.asarray(model(_flipped(inputs, lr, si))),
-                     _flip_axes(lr, si)) for lr, si in FLIPS) / 4
+  want = (
+      sum(
+          np.flip(
+              np.asarray(model(_flipped(inputs, lr, si))), _flip_axes(lr, si)
+          )
+          for lr, si in FLIPS
+      )
+      / 4
+  )
   got = jax.jit(lambda i: inference.predict(model, i, tta=True))(inputs)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   plain = inference.predict(model, inputs, tta=False)
@@ -118,35 +133,58 @@ def test_predict_writes_csv_zip_formats_and_plots(trained, tmp_path):
   out = tmp_path / "out"
   restored = restore.restore_from_workdir(trained, "best")
   summary = predict.predict_patients(
-      restored, openkbp.list_patient_dirs(patients), out, tta=True,
-      formats=("csv", "nifti", "dicom"), plots_dir=tmp_path / "plots",
-      log=lambda *_: None)
+      restored,
+      openkbp.list_patient_dirs(patients),
+      out,
+      tta=True,
+      formats=("csv", "nifti", "dicom"),
+      plots_dir=tmp_path / "plots",
+      log=lambda *_: None,
+  )
   assert "dose_score" not in summary  # no reference dose to score against
   names = sorted(p.name for p in out.iterdir())
-  assert names == ["pt_5.csv", "pt_5.dcm", "pt_5.nii.gz",
-                   "pt_6.csv", "pt_6.dcm", "pt_6.nii.gz"]
+  assert names == [
+      "pt_5.csv",
+      "pt_5.dcm",
+      "pt_5.nii.gz",
+      "pt_6.csv",
+      "pt_6.dcm",
+      "pt_6.nii.gz",
+  ]
   with zipfile.ZipFile(summary["submission_zip"]) as zf:
     assert sorted(zf.namelist()) == ["pt_5.csv", "pt_6.csv"]
   for pid in ("pt_5", "pt_6"):
     patient = openkbp.load_patient(patients / pid)
-    dose = openkbp.read_prediction_csv(out / f"{pid}.csv",
-                                       patient.possible_dose_mask.shape)
+    dose = openkbp.read_prediction_csv(
+        out / f"{pid}.csv", patient.possible_dose_mask.shape
+    )
     assert dose.min() >= 0 and dose.max() > 0
     assert not dose[~patient.possible_dose_mask].any()
     assert (tmp_path / "plots" / f"{pid}_slices.png").is_file()
   # Refuses to overwrite what is there without --overwrite.
   with pytest.raises(FileExistsError, match="already holds predictions"):
-    predict.predict_patients(restored, openkbp.list_patient_dirs(patients),
-                             out, log=lambda *_: None)
+    predict.predict_patients(
+        restored, openkbp.list_patient_dirs(patients), out, log=lambda *_: None
+    )
 
 
 def test_predict_cli_scores_patients_with_dose(trained, tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "randose_jax.predict", f"--workdir={trained}",
-       f"--patients={trained / 'synthetic' / 'validation-pats'}",
-       f"--output={tmp_path / 'preds'}", "--checkpoint=latest"],
-      cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
-      timeout=600)
+      [
+          sys.executable,
+          "-m",
+          "randose_jax.predict",
+          f"--workdir={trained}",
+          f"--patients={trained / 'synthetic' / 'validation-pats'}",
+          f"--output={tmp_path / 'preds'}",
+          "--checkpoint=latest",
+      ],
+      cwd=REPO,
+      env=SUBPROCESS_ENV,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
   dose_line = next(i for i, l in enumerate(lines) if l.startswith("dose score"))
@@ -155,11 +193,20 @@ def test_predict_cli_scores_patients_with_dose(trained, tmp_path):
   assert summary["checkpoint"] == "latest" and summary["checkpoint_step"] == 4
   # The same predictions scored by the evaluate command give the same scores.
   ev = subprocess.run(
-      [sys.executable, "-m", "randose_jax.evaluate",
-       f"--reference={trained / 'synthetic' / 'validation-pats'}",
-       f"--predictions={tmp_path / 'preds'}", f"--json={tmp_path / 's.json'}"],
-      cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
-      timeout=600)
+      [
+          sys.executable,
+          "-m",
+          "randose_jax.evaluate",
+          f"--reference={trained / 'synthetic' / 'validation-pats'}",
+          f"--predictions={tmp_path / 'preds'}",
+          f"--json={tmp_path / 's.json'}",
+      ],
+      cwd=REPO,
+      env=SUBPROCESS_ENV,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert ev.returncode == 0, ev.stderr[-3000:]
   scores = json.loads((tmp_path / "s.json").read_text())
   assert scores["dose_score"] == pytest.approx(summary["dose_score"], rel=1e-5)
@@ -168,10 +215,20 @@ def test_predict_cli_scores_patients_with_dose(trained, tmp_path):
 
 def test_predict_cli_bad_workdir_is_a_clear_error(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "randose_jax.predict", f"--workdir={tmp_path}",
-       f"--patients={tmp_path}", f"--output={tmp_path / 'o'}"],
-      cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
-      timeout=600)
+      [
+          sys.executable,
+          "-m",
+          "randose_jax.predict",
+          f"--workdir={tmp_path}",
+          f"--patients={tmp_path}",
+          f"--output={tmp_path / 'o'}",
+      ],
+      cwd=REPO,
+      env=SUBPROCESS_ENV,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode != 0
   assert "no checkpoints/ folder" in proc.stderr
 
@@ -180,20 +237,24 @@ def test_conv_impl_override_same_predictions(trained, tmp_path):
   # The parameters are the same for every algorithm: restoring the run with
   # conv_impl='direct' or 'fft' must predict the same dose (float32 rounding).
   patient = openkbp.load_patient(
-      trained / "synthetic" / "validation-pats" / "pt_5")
+      trained / "synthetic" / "validation-pats" / "pt_5"
+  )
   preds = {}
   for impl in ("direct", "fft"):
     restored = restore.restore_from_workdir(trained, "best", conv_impl=impl)
     assert restored.config.model.conv_impl == impl
     example = encoding.encode_patient(patient, restored.config.data)
     (preds[impl],) = restored.predictor.with_params(
-        restored.params["model"]).predict_local([example], False)
+        restored.params["model"]
+    ).predict_local([example], False)
   scale = np.abs(preds["direct"]).max()
   assert scale > 0
-  np.testing.assert_allclose(preds["fft"], preds["direct"], rtol=0,
-                             atol=1e-4 * scale)
-  path = export.export_workdir(trained, tmp_path / "direct.zip",
-                               platforms=("cpu",), conv_impl="direct")
+  np.testing.assert_allclose(
+      preds["fft"], preds["direct"], rtol=0, atol=1e-4 * scale
+  )
+  path = export.export_workdir(
+      trained, tmp_path / "direct.zip", platforms=("cpu",), conv_impl="direct"
+  )
   assert export.load(path).meta["conv_impl"] == "direct"
   with pytest.raises(ValueError, match="conv_impl: unknown 'winograd'"):
     restore.restore_from_workdir(trained, "best", conv_impl="winograd")
@@ -207,10 +268,12 @@ def test_exported_model_equals_the_model(trained, tmp_path, tta):
   assert set(loaded.meta["platforms"]) >= {"cpu"}
   restored = restore.restore_from_workdir(trained, "best")
   patient = openkbp.load_patient(
-      trained / "synthetic" / "validation-pats" / "pt_5")
+      trained / "synthetic" / "validation-pats" / "pt_5"
+  )
   example = encoding.encode_patient(patient, restored.config.data)
   (want,) = restored.predictor.with_params(
-      restored.params["model"]).predict_local([example], tta)
+      restored.params["model"]
+  ).predict_local([example], tta)
   batch = {k: np.stack([example[k]] * 3) for k in inference.INPUT_KEYS}
   got = loaded(batch)  # symbolic batch size: 3 works as well as 1
   assert got.shape == (3, 8, 8, 8, 1)

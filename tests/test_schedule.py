@@ -18,8 +18,9 @@ def _config(**fields):
 
 def _lrs(config):
   _, schedule = train.create_optimizer(config)
-  return np.array([float(schedule(t)) for t in range(config.num_train_steps
-                                                     + 1)])
+  return np.array(
+      [float(schedule(t)) for t in range(config.num_train_steps + 1)]
+  )
 
 
 def test_constant_is_the_paper_recipe():
@@ -30,8 +31,9 @@ def test_constant_is_the_paper_recipe():
 def test_cosine_after_warmup_ends_at_zero():
   lrs = _lrs(_config(lr_schedule="cosine", warmup_steps=20))
   # Linear warm-up from 0 to the peak at step 20 ...
-  np.testing.assert_allclose(lrs[:21], np.linspace(0, 1e-3, 21), rtol=1e-6,
-                             atol=1e-12)
+  np.testing.assert_allclose(
+      lrs[:21], np.linspace(0, 1e-3, 21), rtol=1e-6, atol=1e-12
+  )
   # ... then half a cosine over the remaining 80 steps: at the middle of
   # them half the peak, at the last step 0.
   assert lrs[60] == pytest.approx(0.5e-3, rel=1e-5)
@@ -52,11 +54,14 @@ def test_constant_with_warmup():
   np.testing.assert_allclose(lrs[10:], 1e-3, rtol=1e-6)
 
 
-@pytest.mark.parametrize("fields, field", [
-    (dict(lr_schedule="linear"), "lr_schedule"),
-    (dict(warmup_steps=100), "warmup_steps"),
-    (dict(warmup_steps=-1), "warmup_steps"),
-])
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        (dict(lr_schedule="linear"), "lr_schedule"),
+        (dict(warmup_steps=100), "warmup_steps"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+    ],
+)
 def test_bad_schedule_is_a_config_error(fields, field):
   with pytest.raises(ConfigError, match=field):
     train.create_optimizer(_config(**fields))

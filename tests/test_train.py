@@ -21,10 +21,12 @@ from randose_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Subprocesses compile quickly too.
-SUBPROCESS_ENV = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true",
-                      PYTHONUNBUFFERED="1")
-SHARED = pathlib.Path(os.environ.get(
-    "RANDOSE_OPENKBP_DIR", REPO.parent / "shared" / "openkbp"))
+SUBPROCESS_ENV = dict(
+    os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true", PYTHONUNBUFFERED="1"
+)
+SHARED = pathlib.Path(
+    os.environ.get("RANDOSE_OPENKBP_DIR", REPO.parent / "shared" / "openkbp")
+)
 
 
 def tiny_config(**overrides):
@@ -32,8 +34,10 @@ def tiny_config(**overrides):
   2-stage RANDose of width 4 (every module on, smaller kernel sets): the
   trainer is under test here, the network has its own tests."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("demo_config",
-                                                REPO / "configs" / "demo.py")
+
+  spec = importlib.util.spec_from_file_location(
+      "demo_config", REPO / "configs" / "demo.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("smoke")
@@ -47,14 +51,18 @@ def tiny_config(**overrides):
 
 
 def _params_of(workdir, which="latest", step=None):
-  config_step, config_dict = checkpointing.read_config_dict(workdir, which,
-                                                            step)
+  config_step, config_dict = checkpointing.read_config_dict(
+      workdir, which, step
+  )
   import ml_collections  # pylint: disable=g-import-not-at-top
-  trainer = train.Trainer.create(ml_collections.ConfigDict(config_dict),
-                                 train.make_mesh(jax.devices()[:1]))
+
+  trainer = train.Trainer.create(
+      ml_collections.ConfigDict(config_dict), train.make_mesh(jax.devices()[:1])
+  )
   ckpt = checkpointing.Checkpointer(workdir, keep=3, async_save=False)
-  got = ckpt.restore(checkpointing.as_saveable(trainer.abstract_state()),
-                     which, step)
+  got = ckpt.restore(
+      checkpointing.as_saveable(trainer.abstract_state()), which, step
+  )
   ckpt.close()
   return jax.device_get(got["state"]["params"]), got
 
@@ -64,28 +72,40 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
   lb, tb = jax.tree.flatten(b)
   assert ta == tb
   for x, y in zip(la, lb):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
-                               atol=atol)
+    np.testing.assert_allclose(
+        np.asarray(x), np.asarray(y), rtol=rtol, atol=atol
+    )
 
 
 def test_train_and_evaluate_writes_everything(tmp_path):
-  summary = train.train_and_evaluate(tiny_config(), tmp_path,
-                                     mesh=train.make_mesh(jax.devices()[:1]))
+  summary = train.train_and_evaluate(
+      tiny_config(), tmp_path, mesh=train.make_mesh(jax.devices()[:1])
+  )
   assert np.isfinite(summary["dose_score"]) and summary["dose_score"] > 0
   assert np.isfinite(summary["dvh_score"])
   assert summary["num_patients"] == 2
   assert np.isfinite(summary["baseline_mean_dose_score"])
-  preds = sorted((tmp_path / "predictions" / "validation-pats").glob("pt_*.csv"))
+  preds = sorted(
+      (tmp_path / "predictions" / "validation-pats").glob("pt_*.csv")
+  )
   assert [p.stem for p in preds] == ["pt_5", "pt_6"]
   assert (tmp_path / "predictions" / "validation-pats.zip").is_file()
   saved = json.loads((tmp_path / "validation_scores.json").read_text())
   assert saved["dose_score"] == pytest.approx(summary["dose_score"])
-  lines = [json.loads(l) for l in
-           (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  lines = [
+      json.loads(l)
+      for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
+  ]
   keys = set().union(*lines)
-  for k in ("train/loss", "train/learning_rate", "train/grad_norm",
-            "eval/dose_score", "eval/dvh_score",
-            "loss_params/weight_ptv", "loss_params/weight_oar"):
+  for k in (
+      "train/loss",
+      "train/learning_rate",
+      "train/grad_norm",
+      "eval/dose_score",
+      "eval/dvh_score",
+      "loss_params/weight_ptv",
+      "loss_params/weight_oar",
+  ):
     assert k in keys, k
   assert any(k.startswith("scalars/") and k.endswith("alpha") for k in keys)
   assert any(k.startswith("scalars/") and k.endswith("beta") for k in keys)
@@ -111,14 +131,16 @@ def test_resume_equals_straight_run(tmp_path):
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
   mesh = train.make_mesh(jax.devices()[:1])
-  train.train_and_evaluate(tiny_config(eval_every_steps=100), tmp_path,
-                           mesh=mesh)
+  train.train_and_evaluate(
+      tiny_config(eval_every_steps=100), tmp_path, mesh=mesh
+  )
   step_dir = tmp_path / "checkpoints" / "latest" / "4" / "state"
   files = [p for p in step_dir.rglob("*") if p.is_file()]
   assert files
   for p in files:  # scramble every file of the newest state
     p.write_bytes(b"corrupt")
   import logging  # pylint: disable=g-import-not-at-top
+
   caplog.set_level(logging.WARNING)
   _, got = _params_of(tmp_path)
   assert got["step"] == 2
@@ -138,17 +160,23 @@ def test_corrupt_latest_is_moved_aside_and_written_again(tmp_path, caplog):
   (renamed, not deleted) with one warning line naming it, trains again and
   writes a readable checkpoint at the final step; a third run is clean."""
   import logging  # pylint: disable=g-import-not-at-top
+
   mesh = train.make_mesh(jax.devices()[:1])
   config = tiny_config(eval_every_steps=100)
   train.train_and_evaluate(config, tmp_path, mesh=mesh)
   straight, _ = _params_of(tmp_path, step=4)
-  manifest = tmp_path / "checkpoints" / "latest" / "4" / "state" / "manifest.ocdbt"
+  manifest = (
+      tmp_path / "checkpoints" / "latest" / "4" / "state" / "manifest.ocdbt"
+  )
   garbled = np.random.default_rng(0).bytes(manifest.stat().st_size)
   manifest.write_bytes(garbled)
   caplog.set_level(logging.WARNING)
   train.train_and_evaluate(config, tmp_path, mesh=mesh)
-  warnings = [r.getMessage() for r in caplog.records
-              if r.levelno >= logging.WARNING and "unreadable" in r.getMessage()]
+  warnings = [
+      r.getMessage()
+      for r in caplog.records
+      if r.levelno >= logging.WARNING and "unreadable" in r.getMessage()
+  ]
   assert len(warnings) == 1, warnings
   aside = list((tmp_path / "checkpoints" / "unreadable").iterdir())
   assert [p.name.split("-")[:2] for p in aside] == [["latest", "4"]]
@@ -168,18 +196,22 @@ def test_corrupt_latest_is_moved_aside_and_written_again(tmp_path, caplog):
 
 
 def test_a_failure_after_the_move_keeps_the_unreadable_checkpoint(
-    tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
   """The workdir undo of a failed start must not delete the checkpoint that
   was just moved aside: it is the only copy of the user's folder."""
   mesh = train.make_mesh(jax.devices()[:1])
   config = tiny_config(eval_every_steps=100)
   train.train_and_evaluate(config, tmp_path, mesh=mesh)
-  manifest = tmp_path / "checkpoints" / "latest" / "4" / "state" / "manifest.ocdbt"
+  manifest = (
+      tmp_path / "checkpoints" / "latest" / "4" / "state" / "manifest.ocdbt"
+  )
   garbled = np.random.default_rng(1).bytes(manifest.stat().st_size)
   manifest.write_bytes(garbled)
 
   def interrupted(self, which):
     raise KeyboardInterrupt
+
   monkeypatch.setattr(checkpointing.Checkpointer, "_reopen", interrupted)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, tmp_path, mesh=mesh)
@@ -199,9 +231,11 @@ def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
   latest = tmp_path / "checkpoints" / "latest"
   for step in (2, 4):
     _garble(latest / str(step) / "state" / "manifest.ocdbt", step)
-  with pytest.raises(checkpointing.CheckpointError,
-                     match=r"none of the checkpoints \[2, 4\] could be read "
-                     r"\(step 4: ValueError.*nothing was moved"):
+  with pytest.raises(
+      checkpointing.CheckpointError,
+      match=r"none of the checkpoints \[2, 4\] could be read "
+      r"\(step 4: ValueError.*nothing was moved",
+  ):
     train.train_and_evaluate(config, tmp_path, mesh=mesh)
   assert sorted(p.name for p in latest.iterdir()) == ["2", "4"]
   assert not (tmp_path / "checkpoints" / "unreadable").exists()
@@ -229,16 +263,23 @@ def test_metrics_jsonl_has_no_duplicates_after_resume(tmp_path):
   step 3 and a torn last line) logs those steps again when resumed: the
   resume drops the stale records first, keeping the others byte for byte."""
   mesh = train.make_mesh(jax.devices()[:1])
-  train.train_and_evaluate(tiny_config(eval_every_steps=100, log_every_steps=1,
-                                       num_train_steps=2), tmp_path, mesh=mesh)
+  train.train_and_evaluate(
+      tiny_config(eval_every_steps=100, log_every_steps=1, num_train_steps=2),
+      tmp_path,
+      mesh=mesh,
+  )
   path = tmp_path / "metrics.jsonl"
   kept = path.read_bytes()
-  kept = b"".join(l + b"\n" for l in kept.split(b"\n")[:-1]
-                  if b'"final/' not in l)
-  path.write_bytes(path.read_bytes() + b'{"step": 3, "train/loss": 9.0}\n'
-                   b'{"step": 3, "train/lo')
-  train.train_and_evaluate(tiny_config(eval_every_steps=100, log_every_steps=1),
-                           tmp_path, mesh=mesh)
+  kept = b"".join(
+      l + b"\n" for l in kept.split(b"\n")[:-1] if b'"final/' not in l
+  )
+  path.write_bytes(
+      path.read_bytes() + b'{"step": 3, "train/loss": 9.0}\n'
+      b'{"step": 3, "train/lo'
+  )
+  train.train_and_evaluate(
+      tiny_config(eval_every_steps=100, log_every_steps=1), tmp_path, mesh=mesh
+  )
   data = path.read_bytes()
   assert data.startswith(kept)
   records = [json.loads(l) for l in data.decode().splitlines()]
@@ -252,10 +293,10 @@ def test_metrics_jsonl_has_no_duplicates_after_resume(tmp_path):
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   mesh = train.make_mesh(jax.devices()[:1])
-  train.train_and_evaluate(tiny_config(num_train_steps=2, eval_every_steps=100),
-                           tmp_path, mesh=mesh)
-  bad = tiny_config(num_train_steps=8, eval_every_steps=100,
-                    learning_rate=1e38)
+  train.train_and_evaluate(
+      tiny_config(num_train_steps=2, eval_every_steps=100), tmp_path, mesh=mesh
+  )
+  bad = tiny_config(num_train_steps=8, eval_every_steps=100, learning_rate=1e38)
   with pytest.raises(train.NonFiniteLossError, match="NaN or infinite.*step 2"):
     train.train_and_evaluate(bad, tmp_path, mesh=mesh)
   params, got = _params_of(tmp_path)
@@ -297,40 +338,66 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_four_devices_match_one_device():
-  proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(REPO)],
-                        capture_output=True, text=True, timeout=600,
-                        cwd=REPO, env=SUBPROCESS_ENV)
+  proc = subprocess.run(
+      [sys.executable, "-c", _SHARDED_SCRIPT, str(REPO)],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      cwd=REPO,
+      env=SUBPROCESS_ENV,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-  out = json.loads(line[len("RESULT"):])
-  np.testing.assert_allclose(out["4"]["losses"], out["1"]["losses"],
-                             rtol=1e-5)
-  np.testing.assert_allclose(out["4"]["params"], out["1"]["params"],
-                             rtol=1e-4, atol=1e-6)
+  out = json.loads(line[len("RESULT") :])
+  np.testing.assert_allclose(out["4"]["losses"], out["1"]["losses"], rtol=1e-5)
+  np.testing.assert_allclose(
+      out["4"]["params"], out["1"]["params"], rtol=1e-4, atol=1e-6
+  )
 
 
 def _run_main(workdir, *flags, timeout=600):
   return subprocess.Popen(
-      [sys.executable, "-m", "randose_jax.main", "--config=configs/demo.py",
-       f"--workdir={workdir}", "--config.data.synthetic_grid=16",
-       "--config.data.downsample=2", "--config.model.widths=(4,4)",
-       "--config.model.msfe_kernels=(3,5)", "--config.model.pi_kernels=(3,)", "--config.data.num_synthetic_train=4",
-       "--config.data.num_synthetic_eval=2", "--config.progress_bar=False",
-       *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True, env=SUBPROCESS_ENV)
+      [
+          sys.executable,
+          "-m",
+          "randose_jax.main",
+          "--config=configs/demo.py",
+          f"--workdir={workdir}",
+          "--config.data.synthetic_grid=16",
+          "--config.data.downsample=2",
+          "--config.model.widths=(4,4)",
+          "--config.model.msfe_kernels=(3,5)",
+          "--config.model.pi_kernels=(3,)",
+          "--config.data.num_synthetic_train=4",
+          "--config.data.num_synthetic_eval=2",
+          "--config.progress_bar=False",
+          *flags,
+      ],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=SUBPROCESS_ENV,
+  )
 
 
 def test_sigkill_mid_training_resumes(tmp_path):
-  proc = _run_main(tmp_path, "--config.num_train_steps=100000",
-                   "--config.checkpoint_every_steps=2",
-                   "--config.eval_every_steps=100000",
-                   "--config.log_every_steps=1000")
+  proc = _run_main(
+      tmp_path,
+      "--config.num_train_steps=100000",
+      "--config.checkpoint_every_steps=2",
+      "--config.eval_every_steps=100000",
+      "--config.log_every_steps=1000",
+  )
   latest = tmp_path / "checkpoints" / "latest"
   deadline = time.time() + 300
   try:
     while time.time() < deadline:
-      steps = ([int(p.name) for p in latest.glob("[0-9]*") if p.name.isdigit()]
-               if latest.is_dir() else [])
+      steps = (
+          [int(p.name) for p in latest.glob("[0-9]*") if p.name.isdigit()]
+          if latest.is_dir()
+          else []
+      )
       if steps and max(steps) >= 4:
         break
       assert proc.poll() is None, proc.stdout.read()
@@ -343,9 +410,12 @@ def test_sigkill_mid_training_resumes(tmp_path):
   ckpt = checkpointing.Checkpointer(tmp_path)
   last = max(ckpt.steps("latest"))
   ckpt.close()
-  again = _run_main(tmp_path, f"--config.num_train_steps={last + 2}",
-                    "--config.checkpoint_every_steps=2",
-                    "--config.eval_every_steps=100000")
+  again = _run_main(
+      tmp_path,
+      f"--config.num_train_steps={last + 2}",
+      "--config.checkpoint_every_steps=2",
+      "--config.eval_every_steps=100000",
+  )
   out, _ = again.communicate(timeout=600)
   assert again.returncode == 0, out[-3000:]
   assert f"Resuming from checkpoint at step {last}" in out
@@ -354,25 +424,32 @@ def test_sigkill_mid_training_resumes(tmp_path):
   ckpt.close()
 
 
-@pytest.mark.skipif(not (SHARED / "train-pats").is_dir(),
-                    reason=f"shared OpenKBP patients not found at {SHARED}")
+@pytest.mark.skipif(
+    not (SHARED / "train-pats").is_dir(),
+    reason=f"shared OpenKBP patients not found at {SHARED}",
+)
 def test_smoke_config_on_shared_patients(tmp_path):
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   spec = importlib.util.spec_from_file_location(
-      "openkbp_config", REPO / "configs" / "openkbp.py")
+      "openkbp_config", REPO / "configs" / "openkbp.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("smoke")
   config.data.root = str(SHARED)
-  summary = train.train_and_evaluate(config, tmp_path,
-                                     mesh=train.make_mesh(jax.devices()[:1]))
-  assert summary["num_patients"] == len(list(
-      (SHARED / "validation-pats").glob("pt_*")))
+  summary = train.train_and_evaluate(
+      config, tmp_path, mesh=train.make_mesh(jax.devices()[:1])
+  )
+  assert summary["num_patients"] == len(
+      list((SHARED / "validation-pats").glob("pt_*"))
+  )
   assert np.isfinite(summary["dose_score"])
 
 
 def _free_port() -> int:
   import socket  # pylint: disable=g-import-not-at-top
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
@@ -382,12 +459,19 @@ def test_two_processes_on_loopback(tmp_path):
   """jax.distributed with 2 CPU processes (gloo collectives) trains, checkpoints
   and validates through the same main as one process."""
   port = _free_port()
-  procs = [_run_main(tmp_path, f"--coordinator_address=127.0.0.1:{port}",
-                     "--num_processes=2", f"--process_id={i}",
-                     "--config.num_train_steps=4",
-                     "--config.checkpoint_every_steps=2",
-                     "--config.eval_every_steps=2",
-                     "--config.log_every_steps=2") for i in range(2)]
+  procs = [
+      _run_main(
+          tmp_path,
+          f"--coordinator_address=127.0.0.1:{port}",
+          "--num_processes=2",
+          f"--process_id={i}",
+          "--config.num_train_steps=4",
+          "--config.checkpoint_every_steps=2",
+          "--config.eval_every_steps=2",
+          "--config.log_every_steps=2",
+      )
+      for i in range(2)
+  ]
   outs = []
   for p in procs:
     out, _ = p.communicate(timeout=900)
@@ -399,6 +483,6 @@ def test_two_processes_on_loopback(tmp_path):
   ckpt = checkpointing.Checkpointer(tmp_path)
   assert ckpt.steps("latest") == [2, 4]
   ckpt.close()
-  assert sorted(p.name for p in
-                (tmp_path / "predictions" / "validation-pats").iterdir()) == [
-                    "pt_5.csv", "pt_6.csv"]
+  assert sorted(
+      p.name for p in (tmp_path / "predictions" / "validation-pats").iterdir()
+  ) == ["pt_5.csv", "pt_6.csv"]

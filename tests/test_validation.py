@@ -31,8 +31,9 @@ class FixedModel:
 def config_and_cache(request, phantom_split, tmp_path):
   config = default_config.get_default_config()
   config.data.downsample = request.param
-  cache = cache_lib.build_cache(openkbp.list_patient_dirs(phantom_split),
-                                tmp_path / "cache", config.data)
+  cache = cache_lib.build_cache(
+      openkbp.list_patient_dirs(phantom_split), tmp_path / "cache", config.data
+  )
   return config, cache
 
 
@@ -44,14 +45,21 @@ def dense_scores(cache, config, prediction_of):
     patient = cache.reference(i)
     dose = prediction_of(patient)
     evaluator.add(evaluation.Reference.from_patient(patient), dose)
-    cases.append({"patient_id": patient.patient_id, "reference": patient.dose,
-                  "prediction": dose,
-                  "possible_dose_mask": patient.possible_dose_mask,
-                  "structure_masks": patient.structure_masks,
-                  "roi_present": patient.roi_present,
-                  "voxel_dimensions": patient.voxel_dimensions})
-  return (evaluation.scores_from_sums(evaluator.partial_sums()),
-          plain_scoring.plain_scores(cases)[:2])
+    cases.append(
+        {
+            "patient_id": patient.patient_id,
+            "reference": patient.dose,
+            "prediction": dose,
+            "possible_dose_mask": patient.possible_dose_mask,
+            "structure_masks": patient.structure_masks,
+            "roi_present": patient.roi_present,
+            "voxel_dimensions": patient.voxel_dimensions,
+        }
+    )
+  return (
+      evaluation.scores_from_sums(evaluator.partial_sums()),
+      plain_scoring.plain_scores(cases)[:2],
+  )
 
 
 def test_model_scores_equal_the_dense_path(config_and_cache, tmp_path):
@@ -64,26 +72,32 @@ def test_model_scores_equal_the_dense_path(config_and_cache, tmp_path):
     pred = model.predict_local([example], False)[0]
     dose = encoding.decode_dose(pred, patient.possible_dose_mask, config.data)
     written = openkbp.read_prediction_csv(
-        tmp_path / f"{patient.patient_id}.csv", patient.grid_shape)
+        tmp_path / f"{patient.patient_id}.csv", patient.grid_shape
+    )
     np.testing.assert_allclose(written, dose, atol=1e-3)
     return dose
 
   expected, plain = dense_scores(cache, config, prediction_of)
   assert scores == expected
   assert scores["num_patients"] == len(cache)
-  np.testing.assert_allclose([scores["dose_score"], scores["dvh_score"]], plain,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      [scores["dose_score"], scores["dvh_score"]], plain, rtol=1e-6
+  )
 
 
 def test_constant_baseline_equals_the_dense_path(config_and_cache):
   config, cache = config_and_cache
   mean_gy = validation.mean_training_dose(cache)
   patients = [cache.reference(i) for i in range(len(cache))]
-  assert mean_gy == (sum(p.dose[p.possible_dose_mask].sum() for p in patients)
-                     / sum(p.possible_dose_mask.sum() for p in patients))
+  assert mean_gy == (
+      sum(p.dose[p.possible_dose_mask].sum() for p in patients)
+      / sum(p.possible_dose_mask.sum() for p in patients)
+  )
   scores = validation.evaluate_baseline(cache, mean_gy)
   expected, plain = dense_scores(
-      cache, config, lambda p: np.where(p.possible_dose_mask, mean_gy, 0.0))
+      cache, config, lambda p: np.where(p.possible_dose_mask, mean_gy, 0.0)
+  )
   assert scores == expected
-  np.testing.assert_allclose([scores["dose_score"], scores["dvh_score"]], plain,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      [scores["dose_score"], scores["dvh_score"]], plain, rtol=1e-6
+  )

@@ -37,25 +37,51 @@ def toy_patient(shape=(48, 48, 40), voxel_dimensions=(4.5, 4.5, 3.0), seed=0):
 
   masks = np.zeros((*shape, 10), dtype=bool)
   ptv_c = np.array([-20.0, -30.0, 5.0])
-  r_ptv = np.sqrt((y - ptv_c[0]) ** 2 + (x - ptv_c[1]) ** 2 + (z - ptv_c[2]) ** 2)
+  r_ptv = np.sqrt(
+      (y - ptv_c[0]) ** 2 + (x - ptv_c[1]) ** 2 + (z - ptv_c[2]) ** 2
+  )
   masks[..., ROI['PTV70']] = r_ptv < 20
   masks[..., ROI['PTV56']] = (r_ptv < 32) & body
-  masks[..., ROI['SpinalCord']] = (((y - 45) / 5) ** 2 + (x / 5) ** 2 < 1) & (z > -30)
-  masks[..., ROI['Brainstem']] = ((y - 30) / 10) ** 2 + (x / 10) ** 2 + ((z + 40) / 12) ** 2 < 1
-  for name, side in (('RightParotid', -1), ('LeftParotid', 1)):  # Axis 1 runs right -> left.
-    masks[..., ROI[name]] = (((y - 5) / 15) ** 2 + ((x - side * 50) / 10) ** 2
-                             + ((z + 10) / 18) ** 2 < 1)
-  masks[..., ROI['Larynx']] = ((y + 20) / 12) ** 2 + (x / 12) ** 2 + ((z - 30) / 10) ** 2 < 1
+  masks[..., ROI['SpinalCord']] = (((y - 45) / 5) ** 2 + (x / 5) ** 2 < 1) & (
+      z > -30
+  )
+  masks[..., ROI['Brainstem']] = ((y - 30) / 10) ** 2 + (x / 10) ** 2 + (
+      (z + 40) / 12
+  ) ** 2 < 1
+  for name, side in (
+      ('RightParotid', -1),
+      ('LeftParotid', 1),
+  ):  # Axis 1 runs right -> left.
+    masks[..., ROI[name]] = ((y - 5) / 15) ** 2 + (
+        (x - side * 50) / 10
+    ) ** 2 + ((z + 10) / 18) ** 2 < 1
+  masks[..., ROI['Larynx']] = ((y + 20) / 12) ** 2 + (x / 12) ** 2 + (
+      (z - 30) / 10
+  ) ** 2 < 1
   roi_present = masks.reshape(-1, 10).any(axis=0)
 
   # 70 Gy in PTV70, a shoulder to 56 Gy over PTV56, then exponential fall-off.
-  dose = np.where(r_ptv < 20, 70.0, np.where(r_ptv < 32, 70 - 14 * (r_ptv - 20) / 12,
-                                              56 * np.exp(-(r_ptv - 32) / 25)))
+  dose = np.where(
+      r_ptv < 20,
+      70.0,
+      np.where(
+          r_ptv < 32,
+          70 - 14 * (r_ptv - 20) / 12,
+          56 * np.exp(-(r_ptv - 32) / 25),
+      ),
+  )
   dose = np.where(body, dose, 0.0)
   wobble = 2.5 * np.sin(y / 17) * np.cos(x / 23) + 1.5 * np.sin(z / 11)
   pred = np.clip(np.where(body, dose + wobble * (dose > 3), 0.0), 0, None)
-  return SimpleNamespace(patient_id='pt_toy', ct=ct, dose=dose, pred=pred,
-                         structure_masks=masks, roi_present=roi_present, voxel_dimensions=vd)
+  return SimpleNamespace(
+      patient_id='pt_toy',
+      ct=ct,
+      dose=dose,
+      pred=pred,
+      structure_masks=masks,
+      roi_present=roi_present,
+      voxel_dimensions=vd,
+  )
 
 
 def assert_real_png(path, min_side=250):
@@ -65,7 +91,9 @@ def assert_real_png(path, min_side=250):
   assert image.ndim == 3 and min(image.shape[:2]) >= min_side, image.shape
   rgb = image[..., :3]
   assert rgb.std() > 0.05, 'image looks blank'
-  colours = np.unique((rgb.reshape(-1, 3) * 255).round().astype(np.uint8), axis=0)
+  colours = np.unique(
+      (rgb.reshape(-1, 3) * 255).round().astype(np.uint8), axis=0
+  )
   assert len(colours) > 50, f'only {len(colours)} distinct colours'
   return image
 
@@ -76,9 +104,16 @@ def patient():
 
 
 def test_slices_with_reference(patient, tmp_path):
-  path = viz.plot_dose_slices(patient.ct, patient.pred, patient.dose, patient.structure_masks,
-                              patient.voxel_dimensions, tmp_path / 'sub' / 'slices.png',
-                              title='toy', dpi=DPI)
+  path = viz.plot_dose_slices(
+      patient.ct,
+      patient.pred,
+      patient.dose,
+      patient.structure_masks,
+      patient.voxel_dimensions,
+      tmp_path / 'sub' / 'slices.png',
+      title='toy',
+      dpi=DPI,
+  )
   image = assert_real_png(path)
   assert image.shape[1] > image.shape[0] * 0.8  # Three columns.
 
@@ -87,9 +122,17 @@ def test_slices_without_reference_or_targets(patient, tmp_path):
   masks = patient.structure_masks.copy()
   masks[..., 7:] = False  # No target: the views pass through the dose maximum.
   assert viz.slice_centre(masks, patient.dose) == tuple(
-      np.unravel_index(np.argmax(patient.dose), patient.dose.shape))
-  path = viz.plot_dose_slices(patient.ct, patient.pred, None, masks, patient.voxel_dimensions,
-                              tmp_path / 'slices.png', dpi=DPI)
+      np.unravel_index(np.argmax(patient.dose), patient.dose.shape)
+  )
+  path = viz.plot_dose_slices(
+      patient.ct,
+      patient.pred,
+      None,
+      masks,
+      patient.voxel_dimensions,
+      tmp_path / 'slices.png',
+      dpi=DPI,
+  )
   image = assert_real_png(path)
   assert image.shape[0] > image.shape[1]  # One column: taller than wide.
 
@@ -118,8 +161,14 @@ def test_view_orientation():
 
 
 def test_dvh(patient, tmp_path):
-  path = viz.plot_dvh(patient.pred, patient.dose, patient.structure_masks, patient.roi_present,
-                      tmp_path / 'dvh.png', dpi=DPI)
+  path = viz.plot_dvh(
+      patient.pred,
+      patient.dose,
+      patient.structure_masks,
+      patient.roi_present,
+      tmp_path / 'dvh.png',
+      dpi=DPI,
+  )
   assert_real_png(path)
 
 
@@ -128,15 +177,22 @@ def test_dvh_absent_roi_and_no_reference(patient, tmp_path):
   present = patient.roi_present.copy()
   masks[..., ROI['PTV56']] = False
   present[ROI['PTV56']] = False
-  present[ROI['Mandible']] = True  # Flagged present but empty: skipped, not an error.
-  assert_real_png(viz.plot_dvh(patient.pred, None, masks, present, tmp_path / 'dvh.png', dpi=DPI))
+  present[ROI['Mandible']] = (
+      True  # Flagged present but empty: skipped, not an error.
+  )
+  assert_real_png(
+      viz.plot_dvh(
+          patient.pred, None, masks, present, tmp_path / 'dvh.png', dpi=DPI
+      )
+  )
 
 
 def test_cumulative_dvh():
   dose = np.array([[[0.0, 10.0, 20.0, 30.0]]])
   mask = np.ones_like(dose, dtype=bool)
-  np.testing.assert_allclose(viz.cumulative_dvh(dose, mask, [0, 5, 10, 30, 31]),
-                             [100, 75, 75, 25, 0])
+  np.testing.assert_allclose(
+      viz.cumulative_dvh(dose, mask, [0, 5, 10, 30, 31]), [100, 75, 75, 25, 0]
+  )
 
 
 def test_write_patient_plots(patient, tmp_path):
@@ -146,7 +202,9 @@ def test_write_patient_plots(patient, tmp_path):
   patient.structure_masks[..., ROI['PTV56']] = False
   patient.roi_present = patient.roi_present.copy()
   patient.roi_present[ROI['PTV56']] = False
-  paths = viz.write_patient_plots(patient, patient.pred, tmp_path / 'plots', dpi=DPI)
+  paths = viz.write_patient_plots(
+      patient, patient.pred, tmp_path / 'plots', dpi=DPI
+  )
   assert [p.name for p in paths] == ['pt_toy_slices.png', 'pt_toy_dvh.png']
   for p in paths:
     assert_real_png(p)
@@ -154,11 +212,22 @@ def test_write_patient_plots(patient, tmp_path):
 
 def test_shape_errors_name_the_file(patient, tmp_path):
   with pytest.raises(ValueError, match='bad.png'):
-    viz.plot_dose_slices(patient.ct[:-1], patient.pred, None, patient.structure_masks,
-                         patient.voxel_dimensions, tmp_path / 'bad.png')
+    viz.plot_dose_slices(
+        patient.ct[:-1],
+        patient.pred,
+        None,
+        patient.structure_masks,
+        patient.voxel_dimensions,
+        tmp_path / 'bad.png',
+    )
   with pytest.raises(ValueError, match='bad.png'):
-    viz.plot_dvh(patient.pred, None, patient.structure_masks[..., :7], patient.roi_present,
-                 tmp_path / 'bad.png')
+    viz.plot_dvh(
+        patient.pred,
+        None,
+        patient.structure_masks[..., :7],
+        patient.roi_present,
+        tmp_path / 'bad.png',
+    )
 
 
 def test_roi_names_match_openkbp():
@@ -184,5 +253,7 @@ def test_plot_patient_inputs_without_dose(patient, tmp_path):
 
 def test_plot_patient_shape_error_names_the_file(patient, tmp_path):
   with pytest.raises(ValueError, match='bad.png'):
-    viz.plot_patient(SimpleNamespace(**dict(vars(patient), ct=patient.ct[:-1])),
-                     tmp_path / 'bad.png')
+    viz.plot_patient(
+        SimpleNamespace(**dict(vars(patient), ct=patient.ct[:-1])),
+        tmp_path / 'bad.png',
+    )

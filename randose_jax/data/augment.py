@@ -51,8 +51,11 @@ def _plane_map(k: int, d: int, h: int, mirror: bool):
   weight goes to fill_weight (the share of the fill value).
   """
   theta = np.deg2rad(ANGLE_STEP_DEGREES * k)
-  i, j = np.meshgrid(np.arange(d, dtype=np.float64),
-                     np.arange(h, dtype=np.float64), indexing="ij")
+  i, j = np.meshgrid(
+      np.arange(d, dtype=np.float64),
+      np.arange(h, dtype=np.float64),
+      indexing="ij",
+  )
   if mirror:
     j = h - 1 - j
   ci, cj = (d - 1) / 2, (h - 1) / 2
@@ -74,23 +77,40 @@ def _plane_map(k: int, d: int, h: int, mirror: bool):
   fi, fj = si - i0, sj - j0
   taps, weights = [], []
   fill_weight = np.zeros(d * h)
-  for di, dj, w in ((0, 0, (1 - fi) * (1 - fj)), (1, 0, fi * (1 - fj)),
-                    (0, 1, (1 - fi) * fj), (1, 1, fi * fj)):
+  for di, dj, w in (
+      (0, 0, (1 - fi) * (1 - fj)),
+      (1, 0, fi * (1 - fj)),
+      (0, 1, (1 - fi) * fj),
+      (1, 1, fi * fj),
+  ):
     ti, tj = i0 + di, j0 + dj
     ok = inside(ti, tj)
     taps.append(np.where(ok, ti * h + tj, 0).astype(np.int64))
     weights.append(np.where(ok, w, 0.0))
     fill_weight += np.where(ok, 0.0, w)
-  tables = (nearest, nearest_inside, np.array(taps),
-            np.array(weights, np.float32), fill_weight.astype(np.float32))
+  tables = (
+      nearest,
+      nearest_inside,
+      np.array(taps),
+      np.array(weights, np.float32),
+      fill_weight.astype(np.float32),
+  )
   for table in tables:
     table.flags.writeable = False
   return tables
 
 
-def _resample_rows(rows: np.ndarray, row_map: np.ndarray, active: np.ndarray,
-                   background, d: int, h: int, k: int, mirror: bool,
-                   linear: bool) -> tuple[np.ndarray, np.ndarray]:
+def _resample_rows(
+    rows: np.ndarray,
+    row_map: np.ndarray,
+    active: np.ndarray,
+    background,
+    d: int,
+    h: int,
+    k: int,
+    mirror: bool,
+    linear: bool,
+) -> tuple[np.ndarray, np.ndarray]:
   """The plane map applied to the rows of one array.
 
   Args:
@@ -106,12 +126,14 @@ def _resample_rows(rows: np.ndarray, row_map: np.ndarray, active: np.ndarray,
     background.
   """
   nearest, nearest_inside, taps, weights, fill_weight = _plane_map(
-      k, d, h, mirror)
+      k, d, h, mirror
+  )
   if linear and k:
     # An output row needs computing if any of its taps holds something.
     selected = np.flatnonzero((active[taps] & (weights > 0)).any(0))
-    y = np.multiply(rows[row_map[taps[0, selected]]],
-                    weights[0, selected, None, None])
+    y = np.multiply(
+        rows[row_map[taps[0, selected]]], weights[0, selected, None, None]
+    )
     for tap, weight in zip(taps[1:], weights[1:]):
       y += rows[row_map[tap[selected]]] * weight[selected, None, None]
     y += (fill_weight[selected] * background)[:, None, None]
@@ -134,8 +156,14 @@ def _swap_parotids(key: str, y: np.ndarray) -> np.ndarray:
   return keep | (bit_right << left) | (bit_left << right)
 
 
-def transform(planes: dict, data_config, *, k: int = 0, mirror: bool = False,
-              flip_axis2: bool = False) -> dict:
+def transform(
+    planes: dict,
+    data_config,
+    *,
+    k: int = 0,
+    mirror: bool = False,
+    flip_axis2: bool = False,
+) -> dict:
   """Rotate by k * 40 degrees about axis 2, then optionally mirror axis 1
   (left/right) and flip axis 2 (superior/inferior).
 
@@ -161,8 +189,16 @@ def transform(planes: dict, data_config, *, k: int = 0, mirror: bool = False,
     rows = planes[key]
     empty = rows.dtype.type(encoding.background(key, data_config))
     selected, y = _resample_rows(
-        rows, planes[key + "_map"], planes[key + "_active"], empty, d, h, k,
-        mirror, key in _LINEAR_KEYS)
+        rows,
+        planes[key + "_map"],
+        planes[key + "_active"],
+        empty,
+        d,
+        h,
+        k,
+        mirror,
+        key in _LINEAR_KEYS,
+    )
     if flip_axis2:
       y = y[:, ::-1]
     if mirror and data_config.swap_parotids and key in ("oar", "codes"):
@@ -186,7 +222,9 @@ def draw(rng: np.random.Generator, data_config) -> tuple[int, bool, bool]:
 def augment_planes(planes: dict, rng: np.random.Generator, data_config) -> dict:
   """The pack of a random augmentation (`draw`) of the planes; with
   `config.data.augment` False, of the example unchanged."""
-  k, mirror, flip_axis2 = (draw(rng, data_config) if data_config.augment
-                           else (0, False, False))
-  return transform(planes, data_config, k=k, mirror=mirror,
-                   flip_axis2=flip_axis2)
+  k, mirror, flip_axis2 = (
+      draw(rng, data_config) if data_config.augment else (0, False, False)
+  )
+  return transform(
+      planes, data_config, k=k, mirror=mirror, flip_axis2=flip_axis2
+  )

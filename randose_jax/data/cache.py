@@ -57,7 +57,13 @@ from randose_jax.data import openkbp
 # 2: patients whose dose CSV holds negative values are refused (version 1
 # caches may hold them), so caches written before are rebuilt.
 FORMAT_VERSION = 2
-_ENCODING_FIELDS = ("ct_clip", "ct_scale", "dose_scale", "ptv_values", "downsample")
+_ENCODING_FIELDS = (
+    "ct_clip",
+    "ct_scale",
+    "dose_scale",
+    "ptv_values",
+    "downsample",
+)
 
 
 def encoding_settings(data_config) -> dict:
@@ -65,7 +71,9 @@ def encoding_settings(data_config) -> dict:
   settings = {}
   for name in _ENCODING_FIELDS:
     value = getattr(data_config, name)
-    settings[name] = list(map(float, value)) if isinstance(value, (tuple, list)) else value
+    settings[name] = (
+        list(map(float, value)) if isinstance(value, (tuple, list)) else value
+    )
   settings["downsample"] = int(settings["downsample"])
   return settings
 
@@ -76,10 +84,19 @@ def _hash(obj) -> str:
 
 def patient_key(patient_dir: Path, settings: dict) -> str:
   """Hash of the format, the settings and every source file's name/size/mtime."""
-  files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                 for p in patient_dir.iterdir() if p.is_file())
-  return _hash({"format": FORMAT_VERSION, "settings": settings,
-                "patient": patient_dir.name, "files": files})
+  files = sorted(
+      (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+      for p in patient_dir.iterdir()
+      if p.is_file()
+  )
+  return _hash(
+      {
+          "format": FORMAT_VERSION,
+          "settings": settings,
+          "patient": patient_dir.name,
+          "files": files,
+      }
+  )
 
 
 # ---------------------------------------------------------- file format
@@ -96,8 +113,10 @@ def _undeltas(deltas: np.ndarray) -> np.ndarray:
 def patient_bytes(patient: openkbp.SparsePatient) -> bytes:
   """The compressed .npz bytes of one patient (format in the module doc)."""
   if patient.num_voxels >= 2**32:
-    raise ValueError(f"{patient.patient_id}: grid {patient.grid_shape} too large "
-                     f"for uint32 voxel indices")
+    raise ValueError(
+        f"{patient.patient_id}: grid {patient.grid_shape} too large "
+        f"for uint32 voxel indices"
+    )
   ct = patient.ct_value
   ct_int = ct.astype(np.int16)
   arrays = {
@@ -112,11 +131,16 @@ def patient_bytes(patient: openkbp.SparsePatient) -> bytes:
   }
   if patient.dose_index is not None:
     dose = patient.dose_value
-    milligray = np.rint(dose * 1000).astype(np.int32) if np.all(
-        np.abs(dose) < 2e6) else None
+    milligray = (
+        np.rint(dose * 1000).astype(np.int32)
+        if np.all(np.abs(dose) < 2e6)
+        else None
+    )
     # Whole mGy (OpenKBP has three decimals) are stored as integers, exactly:
     # n / 1000.0 is the double nearest to the CSV's decimal text.
-    lossless = milligray is not None and np.array_equal(milligray / 1000.0, dose)
+    lossless = milligray is not None and np.array_equal(
+        milligray / 1000.0, dose
+    )
     arrays["dose_index"] = _deltas(patient.dose_index)
     arrays["dose_value"] = milligray if lossless else dose
   buffer = io.BytesIO()
@@ -135,29 +159,38 @@ def read_patient_file(path: Path, entry: dict) -> openkbp.SparsePatient:
   try:
     data = path.read_bytes()
   except OSError as e:
-    raise openkbp.DataError(f"{path}: cannot read cache file ({e}); {rebuild}") from e
+    raise openkbp.DataError(
+        f"{path}: cannot read cache file ({e}); {rebuild}"
+    ) from e
   if len(data) != entry["size"] or zlib.crc32(data) != entry["crc32"]:
-    raise openkbp.DataError(f"{path}: cache file changed since it was written "
-                            f"(size or CRC-32 differs); {rebuild}")
+    raise openkbp.DataError(
+        f"{path}: cache file changed since it was written "
+        f"(size or CRC-32 differs); {rebuild}"
+    )
   try:
     with np.load(io.BytesIO(data)) as npz:
       arrays = {name: npz[name] for name in npz.files}
   except (ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-    raise openkbp.DataError(f"{path}: unreadable cache file ({e}); {rebuild}") from e
+    raise openkbp.DataError(
+        f"{path}: unreadable cache file ({e}); {rebuild}"
+    ) from e
   patient_id = entry["patient_id"]
   try:
     roi_index = []
     start = 0
     for count in arrays["roi_counts"]:
-      roi_index.append(_undeltas(arrays["roi_index"][start:start + count]))
+      roi_index.append(_undeltas(arrays["roi_index"][start : start + count]))
       start += count
     ct_value = arrays["ct_value"].astype(np.float32)
     dose_index = dose_value = None
     if "dose_index" in arrays:
       dose_index = _undeltas(arrays["dose_index"])
       dose_value = arrays["dose_value"]
-      dose_value = (dose_value / 1000.0 if dose_value.dtype == np.int32
-                    else dose_value.astype(np.float64))
+      dose_value = (
+          dose_value / 1000.0
+          if dose_value.dtype == np.int32
+          else dose_value.astype(np.float64)
+      )
     return openkbp.SparsePatient(
         patient_id=patient_id,
         grid_shape=tuple(int(n) for n in arrays["grid_shape"]),
@@ -197,8 +230,9 @@ class PatientCache:
   Pickles small (paths and settings), so grain worker processes can take it.
   """
 
-  def __init__(self, cache_dir: str | os.PathLike, entries: list[dict],
-               settings: dict):
+  def __init__(
+      self, cache_dir: str | os.PathLike, entries: list[dict], settings: dict
+  ):
     self.cache_dir = Path(cache_dir)
     self.entries = list(entries)
     self.settings = _Settings(settings)
@@ -227,18 +261,28 @@ class PatientCache:
     return self.sparse(int(index)).to_patient()
 
   def __repr__(self) -> str:
-    return (f"PatientCache({str(self.cache_dir)!r}, {len(self)} patients, "
-            f"{self.num_bytes / 2**20:.1f} MiB)")
+    return (
+        f"PatientCache({str(self.cache_dir)!r}, {len(self)} patients, "
+        f"{self.num_bytes / 2**20:.1f} MiB)"
+    )
 
 
 def _file_ok(path: Path, entry: dict | None) -> bool:
-  if entry is None or not path.is_file() or path.stat().st_size != entry["size"]:
+  if (
+      entry is None
+      or not path.is_file()
+      or path.stat().st_size != entry["size"]
+  ):
     return False
   return zlib.crc32(path.read_bytes()) == entry["crc32"]
 
 
-def build_cache(patient_dirs, cache_dir: str | os.PathLike, data_config,
-                logger: logging.Logger | None = None) -> PatientCache:
+def build_cache(
+    patient_dirs,
+    cache_dir: str | os.PathLike,
+    data_config,
+    logger: logging.Logger | None = None,
+) -> PatientCache:
   """Converts patient folders into a cache (or reuses a valid one).
 
   Args:
@@ -259,24 +303,32 @@ def build_cache(patient_dirs, cache_dir: str | os.PathLike, data_config,
   if not patient_dirs:
     raise openkbp.DataError(f"{cache_dir}: no patient folders to cache")
   with fileio.undo_new_files(cache_dir):
-    return _build_cache(patient_dirs, Path(cache_dir), data_config,
-                        logger or logging.getLogger(__name__))
+    return _build_cache(
+        patient_dirs,
+        Path(cache_dir),
+        data_config,
+        logger or logging.getLogger(__name__),
+    )
 
 
 def manifest_name(sources: Sequence[str], settings: dict) -> str:
   """The manifest file of a cache of these patient folders (resolved paths,
   in order) built with these encoding settings by this format version."""
-  return (f"manifest-"
-          f"{_hash({'format': FORMAT_VERSION, 'settings': settings, 'sources': list(sources)})[:16]}"
-          ".json")
+  return (
+      f"manifest-"
+      f"{_hash({'format': FORMAT_VERSION, 'settings': settings, 'sources': list(sources)})[:16]}"
+      ".json"
+  )
 
 
-def _build_cache(patient_dirs, cache_dir: Path, data_config,
-                 log: logging.Logger) -> PatientCache:
+def _build_cache(
+    patient_dirs, cache_dir: Path, data_config, log: logging.Logger
+) -> PatientCache:
   cache_dir.mkdir(parents=True, exist_ok=True)
   settings = encoding_settings(data_config)
   manifest_path = cache_dir / manifest_name(
-      [str(p.resolve()) for p in patient_dirs], settings)
+      [str(p.resolve()) for p in patient_dirs], settings
+  )
 
   # Files listed by any manifest here can be reused: the training and the
   # validation caches may share a folder.
@@ -287,8 +339,11 @@ def _build_cache(patient_dirs, cache_dir: Path, data_config,
       if manifest.get("format_version") == FORMAT_VERSION:
         known.update((entry["key"], entry) for entry in manifest["patients"])
     except (ValueError, KeyError, TypeError) as e:
-      log.warning("%s: unreadable cache manifest (%s); rebuilding what it listed",
-                  path, e)
+      log.warning(
+          "%s: unreadable cache manifest (%s); rebuilding what it listed",
+          path,
+          e,
+      )
 
   entries = []
   for patient_dir in patient_dirs:
@@ -302,20 +357,35 @@ def _build_cache(patient_dirs, cache_dir: Path, data_config,
       entries.append({**entry, "source": str(patient_dir.resolve())})
       continue
     if entry is not None:
-      log.warning("%s: cache file missing, truncated or corrupt; rebuilding it", path)
+      log.warning(
+          "%s: cache file missing, truncated or corrupt; rebuilding it", path
+      )
     elif path.exists():
-      log.warning("%s: cache file not listed in any manifest (an interrupted "
-                  "build?); rebuilding it", path)
+      log.warning(
+          "%s: cache file not listed in any manifest (an interrupted "
+          "build?); rebuilding it",
+          path,
+      )
     data = patient_bytes(openkbp.load_sparse_patient(patient_dir))
     with fileio.atomic_output(path, overwrite=True) as f:
       f.write(data)
-    entries.append({"patient_id": patient_dir.name, "source": str(patient_dir.resolve()),
-                    "key": key, "file": file_name, "size": len(data),
-                    "crc32": zlib.crc32(data)})
+    entries.append(
+        {
+            "patient_id": patient_dir.name,
+            "source": str(patient_dir.resolve()),
+            "key": key,
+            "file": file_name,
+            "size": len(data),
+            "crc32": zlib.crc32(data),
+        }
+    )
 
-  manifest = {"format_version": FORMAT_VERSION, "settings": settings,
-              "key": _hash([entry["key"] for entry in entries]),
-              "patients": entries}
+  manifest = {
+      "format_version": FORMAT_VERSION,
+      "settings": settings,
+      "key": _hash([entry["key"] for entry in entries]),
+      "patients": entries,
+  }
   with fileio.atomic_output(manifest_path, overwrite=True) as f:
     f.write(json.dumps(manifest, indent=1).encode())
   return PatientCache(cache_dir, entries, settings)
@@ -333,24 +403,33 @@ def open_cache(cache_dir: str | os.PathLike, data_config) -> PatientCache:
   """
   cache_dir = Path(cache_dir)
   settings = encoding_settings(data_config)
-  manifests = sorted(cache_dir.glob("manifest-*.json"),
-                     key=lambda p: p.stat().st_mtime, reverse=True)
+  manifests = sorted(
+      cache_dir.glob("manifest-*.json"),
+      key=lambda p: p.stat().st_mtime,
+      reverse=True,
+  )
   if not manifests:
-    raise openkbp.DataError(f"{cache_dir}: no cache manifest (build the cache "
-                            "from the patient folders first)")
+    raise openkbp.DataError(
+        f"{cache_dir}: no cache manifest (build the cache "
+        "from the patient folders first)"
+    )
   for path in manifests:
     try:
       manifest = json.loads(path.read_text())
     except ValueError as e:
       raise openkbp.DataError(f"{path}: unreadable cache manifest ({e})") from e
-    if (manifest.get("format_version") == FORMAT_VERSION
-        and manifest.get("settings") == settings):
+    if (
+        manifest.get("format_version") == FORMAT_VERSION
+        and manifest.get("settings") == settings
+    ):
       for entry in manifest["patients"]:
         if not _file_ok(cache_dir / entry["file"], entry):
           raise openkbp.DataError(
               f"{cache_dir / entry['file']}: cache file missing, truncated or "
-              "corrupt (rebuild the cache from the patient folders)")
+              "corrupt (rebuild the cache from the patient folders)"
+          )
       return PatientCache(cache_dir, manifest["patients"], settings)
   raise openkbp.DataError(
       f"{cache_dir}: no cache manifest matches the encoding settings "
-      f"{settings} (rebuild the cache from the patient folders)")
+      f"{settings} (rebuild the cache from the patient folders)"
+  )

@@ -114,8 +114,11 @@ def _voxel_planes(patient: openkbp.SparsePatient, settings) -> dict:
   # Row of a voxel: index // w, a shift when w is a power of two (int64
   # division is not vectorised and would cost more than the rest).
   shift = w.bit_length() - 1 if w & (w - 1) == 0 else None
-  row_of = (lambda index: index >> shift) if shift is not None else (
-      lambda index: index // w)
+  row_of = (
+      (lambda index: index >> shift)
+      if shift is not None
+      else (lambda index: index // w)
+  )
 
   def add(key, dtype, lists):
     """lists: (voxel index, values) of the voxels that are not background;
@@ -148,11 +151,14 @@ def _voxel_planes(patient: openkbp.SparsePatient, settings) -> dict:
     dose.append((patient.dose_index[nonzero], target[nonzero]))
   add("target", np.float32, dose)
 
-  bits = [(index, 1 << c)
-          for c, index in enumerate(patient.roi_index[:_NUM_OARS])]
+  bits = [
+      (index, 1 << c) for c, index in enumerate(patient.roi_index[:_NUM_OARS])
+  ]
   bits.append((patient.mask_index, 1 << MASK_BIT))
-  bits += [(index, 1 << (PTV_SHIFT + j))
-           for j, index in enumerate(patient.roi_index[_NUM_OARS:])]
+  bits += [
+      (index, 1 << (PTV_SHIFT + j))
+      for j, index in enumerate(patient.roi_index[_NUM_OARS:])
+  ]
   add("codes", np.uint16, [(index, bit) for index, bit in bits if index.size])
   return planes
 
@@ -160,8 +166,9 @@ def _voxel_planes(patient: openkbp.SparsePatient, settings) -> dict:
 def planes_of(example: dict, settings) -> dict:
   """The planes of a dense example (arrays (D, H, W, C) of `KEYS`; other
   keys are left out): every row, the identity map."""
-  arrays = {key: np.ascontiguousarray(example[key])
-            for key in KEYS if key in example}
+  arrays = {
+      key: np.ascontiguousarray(example[key]) for key in KEYS if key in example
+  }
   d, h, w = next(iter(arrays.values())).shape[:3]
   planes = {"grid": (d, h, w)}
   identity = np.arange(d * h, dtype=np.int32)
@@ -169,8 +176,13 @@ def planes_of(example: dict, settings) -> dict:
     rows = x.reshape(d * h, -1)
     empty = x.dtype.type(background(key, settings))
     active = (rows.max(1) != empty) | (rows.min(1) != empty)
-    planes.update({key: x.reshape(d * h, w, -1), key + "_active": active,
-                   key + "_map": identity})
+    planes.update(
+        {
+            key: x.reshape(d * h, w, -1),
+            key + "_active": active,
+            key + "_map": identity,
+        }
+    )
   return planes
 
 
@@ -186,8 +198,9 @@ def encode_planes(patient: openkbp.SparsePatient, settings) -> dict:
   return planes_of(encode_patient(patient, settings), settings)
 
 
-def _decode_codes(rows: np.ndarray, codes: np.ndarray, n: int, w: int,
-                  ptv_values) -> dict:
+def _decode_codes(
+    rows: np.ndarray, codes: np.ndarray, n: int, w: int, ptv_values
+) -> dict:
   """ptv, oar, mask (n, w, C) float32 of the codes (S, w) at rows (S,)."""
   oar_table, ptv_table = _code_tables(tuple(float(v) for v in ptv_values))
   mask = np.zeros((n, w), np.float32)
@@ -227,8 +240,11 @@ def unpack(pack: dict, settings) -> dict:
       out.update(_decode_codes(rows, values[..., 0], n, w, settings.ptv_values))
       continue
     empty = background(key, settings)
-    x = np.full((n, w, values.shape[-1]), empty, np.float32) if empty else (
-        np.zeros((n, w, values.shape[-1]), np.float32))
+    x = (
+        np.full((n, w, values.shape[-1]), empty, np.float32)
+        if empty
+        else (np.zeros((n, w, values.shape[-1]), np.float32))
+    )
     x[rows] = values
     out[key] = x
   return {key: out[key].reshape(b, d, h, w, -1) for key in KEYS if key in out}
@@ -240,8 +256,10 @@ def unpack(pack: dict, settings) -> dict:
 def training_grid(grid_shape, downsample: int) -> tuple[int, int, int]:
   """The grid the network sees for a patient grid and downsample factor."""
   if downsample < 1 or any(n % downsample for n in grid_shape):
-    raise ValueError(f"config.data.downsample={downsample} must be a positive "
-                     f"divisor of the grid {tuple(grid_shape)}")
+    raise ValueError(
+        f"config.data.downsample={downsample} must be a positive "
+        f"divisor of the grid {tuple(grid_shape)}"
+    )
   return tuple(n // downsample for n in grid_shape)
 
 
@@ -264,8 +282,9 @@ def block_reduce(x: np.ndarray, factor: int, how: str = "mean") -> np.ndarray:
   return x if how == "max" else x * np.float32(1.0 / factor**3)
 
 
-def encode_patient(patient: openkbp.Patient | openkbp.SparsePatient,
-                   data_config) -> dict[str, np.ndarray]:
+def encode_patient(
+    patient: openkbp.Patient | openkbp.SparsePatient, data_config
+) -> dict[str, np.ndarray]:
   """The network's inputs and target for one patient (see the module doc).
 
   Args:
@@ -297,16 +316,24 @@ def encode_patient(patient: openkbp.Patient | openkbp.SparsePatient,
   grid = training_grid(patient.grid_shape, f)
   blocks = lambda index: _block_of(index, patient.grid_shape, f)
   num_blocks = int(np.prod(grid))
-  oar = np.bincount(np.concatenate([
-      blocks(index) * _NUM_OARS + c
-      for c, index in enumerate(patient.roi_index[:_NUM_OARS])]),
-                    minlength=num_blocks * _NUM_OARS)
+  oar = np.bincount(
+      np.concatenate(
+          [
+              blocks(index) * _NUM_OARS + c
+              for c, index in enumerate(patient.roi_index[:_NUM_OARS])
+          ]
+      ),
+      minlength=num_blocks * _NUM_OARS,
+  )
   mask = np.bincount(blocks(patient.mask_index), minlength=num_blocks)
   return {
       "ptv": block_reduce(dense["ptv"], f),
       "ct": block_reduce(dense["ct"], f),
-      "oar": (oar.astype(np.float32) * np.float32(1.0 / f**3)).reshape(
-          grid + (_NUM_OARS,)),
+      "oar": (
+          (oar.astype(np.float32) * np.float32(1.0 / f**3)).reshape(
+              grid + (_NUM_OARS,)
+          )
+      ),
       "target": block_reduce(dense["target"], f),
       "mask": (mask > 0).astype(np.float32).reshape(grid + (1,)),
   }
@@ -330,15 +357,18 @@ def _upsample_linear(x: np.ndarray, axis: int, factor: int) -> np.ndarray:
   coord = (np.arange(n * factor) + 0.5) / factor - 0.5
   lower = np.floor(coord).astype(np.int64)
   weight = (coord - lower).reshape(
-      [-1 if a == axis else 1 for a in range(x.ndim)])
+      [-1 if a == axis else 1 for a in range(x.ndim)]
+  )
   below = np.take(x, np.clip(lower, 0, n - 1), axis=axis)
   above = np.take(x, np.clip(lower + 1, 0, n - 1), axis=axis)
   return below + weight * (above - below)
 
 
-def decode_dose(pred: np.ndarray,
-                possible_dose_mask: np.ndarray | openkbp.SparsePatient,
-                data_config) -> np.ndarray:
+def decode_dose(
+    pred: np.ndarray,
+    possible_dose_mask: np.ndarray | openkbp.SparsePatient,
+    data_config,
+) -> np.ndarray:
   """A prediction in target units back to Gy at the patient's own grid.
 
   Args:
@@ -361,9 +391,11 @@ def decode_dose(pred: np.ndarray,
   f = int(data_config.downsample)
   expected = training_grid(grid, f)
   if pred.shape != expected:
-    raise ValueError(f"prediction shape {pred.shape} does not match the "
-                     f"training grid {expected} of a {tuple(grid)} patient "
-                     f"with downsample={f}")
+    raise ValueError(
+        f"prediction shape {pred.shape} does not match the "
+        f"training grid {expected} of a {tuple(grid)} patient "
+        f"with downsample={f}"
+    )
   if f > 1:
     for axis in range(3):
       pred = _upsample_linear(pred, axis, f)

@@ -25,9 +25,15 @@ import numpy as np
 import pandas as pd
 
 from randose_jax import fileio
+
 # The data's conventions, defined in conventions.py (and read here too).
 from randose_jax.conventions import (  # noqa: F401
-    CT_OFFSET, GRID_SHAPE, OAR_NAMES, ROI_NAMES, TARGET_NAMES)
+    CT_OFFSET,
+    GRID_SHAPE,
+    OAR_NAMES,
+    ROI_NAMES,
+    TARGET_NAMES,
+)
 
 # Prescription of each target, Gy (the number in its name).
 PRESCRIPTIONS_GY = {"PTV56": 56.0, "PTV63": 63.0, "PTV70": 70.0}
@@ -57,6 +63,7 @@ class Patient:
     possible_dose_mask: bool (D, H, W), voxels that can receive dose.
     voxel_dimensions: float64 (3,), mm per voxel along each axis.
   """
+
   patient_id: str
   ct: np.ndarray
   dose: np.ndarray | None
@@ -89,7 +96,9 @@ def list_patient_dirs(split_dir: str | os.PathLike) -> list[Path]:
   split_dir = Path(split_dir)
   if not split_dir.is_dir():
     raise DataError(f"{split_dir}: patients folder not found")
-  dirs = [p for p in split_dir.iterdir() if p.is_dir() and p.name.startswith("pt_")]
+  dirs = [
+      p for p in split_dir.iterdir() if p.is_dir() and p.name.startswith("pt_")
+  ]
   if not dirs:
     raise DataError(f"{split_dir}: no patient folders (pt_*) in it")
   return sorted(dirs, key=_patient_sort_key)
@@ -114,10 +123,16 @@ def read_voxel_dimensions(path: str | os.PathLike) -> np.ndarray:
     values = np.array([float(t) for t in tokens], np.float64)
   except ValueError:
     values = None
-  if values is None or values.shape != (3,) or not np.all(np.isfinite(values)) \
-      or not np.all(values > 0):
-    raise DataError(f"{path}: expected three positive numbers (voxel size in "
-                    f"mm), got {tokens[:6]!r}")
+  if (
+      values is None
+      or values.shape != (3,)
+      or not np.all(np.isfinite(values))
+      or not np.all(values > 0)
+  ):
+    raise DataError(
+        f"{path}: expected three positive numbers (voxel size in "
+        f"mm), got {tokens[:6]!r}"
+    )
   return values
 
 
@@ -132,7 +147,9 @@ def read_grid_shape(patient_dir: str | os.PathLike) -> tuple[int, int, int]:
   except ValueError:
     shape = ()
   if len(shape) != 3 or min(shape) < 1:
-    raise DataError(f"{path}: expected three positive integers, got {tokens[:6]!r}")
+    raise DataError(
+        f"{path}: expected three positive integers, got {tokens[:6]!r}"
+    )
   return shape
 
 
@@ -142,16 +159,23 @@ def read_grid_shape(patient_dir: str | os.PathLike) -> tuple[int, int, int]:
 _FIRST_ROW = re.compile(rb"[ \t\r\n]*([^\r\n]*)")
 # pandas >= 3.1 rounds every float correctly (and deprecates the option);
 # before, the C engine's default converter can be an ulp off.
-_FLOAT_PRECISION = ({} if tuple(map(int, pd.__version__.split(".")[:2]))
-                    >= (3, 1) else {"float_precision": "round_trip"})
+_FLOAT_PRECISION = (
+    {}
+    if tuple(map(int, pd.__version__.split(".")[:2])) >= (3, 1)
+    else {"float_precision": "round_trip"}
+)
 _LINE_BREAK = re.compile(r"\r\n?|\n")
 
 
-def _outside_grid(path: Path, line: int, index, grid_shape, count: int) -> DataError:
+def _outside_grid(
+    path: Path, line: int, index, grid_shape, count: int
+) -> DataError:
   num_voxels = int(np.prod(grid_shape))
-  return DataError(f"{path}: line {line}: voxel index {index} is outside the "
-                   f"{'x'.join(map(str, grid_shape))} grid (0..{num_voxels - 1}); "
-                   f"{count} such line(s)")
+  return DataError(
+      f"{path}: line {line}: voxel index {index} is outside the "
+      f"{'x'.join(map(str, grid_shape))} grid (0..{num_voxels - 1}); "
+      f"{count} such line(s)"
+  )
 
 
 def _number(text: str, kind):
@@ -162,8 +186,14 @@ def _number(text: str, kind):
   return kind(text)
 
 
-def _raise_first_bad_line(path: Path, raw: bytes, body_start: int,
-                          with_values: bool, grid_shape, reason: str):
+def _raise_first_bad_line(
+    path: Path,
+    raw: bytes,
+    body_start: int,
+    with_values: bool,
+    grid_shape,
+    reason: str,
+):
   """Raises a DataError naming the first line of a file that pandas could not
   read as `index,value` rows (or read with a non-numeric or non-finite
   field), and the problem. Python, line by line: only for bad files.
@@ -178,8 +208,10 @@ def _raise_first_bad_line(path: Path, raw: bytes, body_start: int,
       continue
     fields = [f.strip() for f in line.split(",")]
     if len(fields) > 2 or (with_values and len(fields) != 2):
-      raise DataError(f"{path}: line {line_number}: expected 'index,value', "
-                      f"got {line[:60]!r}")
+      raise DataError(
+          f"{path}: line {line_number}: expected 'index,value', "
+          f"got {line[:60]!r}"
+      )
     try:
       index = _number(fields[0], int)
     except ValueError:
@@ -188,8 +220,10 @@ def _raise_first_bad_line(path: Path, raw: bytes, body_start: int,
       except ValueError:
         as_float = float("nan")
       if not as_float.is_integer():
-        raise DataError(f"{path}: line {line_number}: voxel index "
-                        f"{fields[0][:30]!r} is not an integer") from None
+        raise DataError(
+            f"{path}: line {line_number}: voxel index "
+            f"{fields[0][:30]!r} is not an integer"
+        ) from None
       index = int(as_float)
     if not 0 <= index < num_voxels:
       raise _outside_grid(path, line_number, index, grid_shape, 1)
@@ -199,11 +233,15 @@ def _raise_first_bad_line(path: Path, raw: bytes, body_start: int,
       try:
         value = _number(fields[1], float)
       except ValueError:
-        raise DataError(f"{path}: line {line_number}: value {fields[1][:30]!r} "
-                        f"is not a number") from None
+        raise DataError(
+            f"{path}: line {line_number}: value {fields[1][:30]!r} "
+            f"is not a number"
+        ) from None
       if not np.isfinite(value):
-        raise DataError(f"{path}: line {line_number}: value {fields[1][:30]!r} "
-                        f"is not finite (NaN or inf)")
+        raise DataError(
+            f"{path}: line {line_number}: value {fields[1][:30]!r} "
+            f"is not finite (NaN or inf)"
+        )
   raise DataError(f"{path}: not readable as 'index,value' rows: {reason}")
 
 
@@ -236,14 +274,21 @@ def _check_unique(path: Path, indices: np.ndarray, row_lines) -> None:
   later = order[repeats + 1]
   k = int(np.argmin(later))
   lines = row_lines()
-  raise DataError(f"{path}: line {lines[later[k]]}: voxel index "
-                  f"{indices[later[k]]} already appeared on line "
-                  f"{lines[order[repeats[k]]]}; {repeats.size} repeated "
-                  f"line(s)")
+  raise DataError(
+      f"{path}: line {lines[later[k]]}: voxel index "
+      f"{indices[later[k]]} already appeared on line "
+      f"{lines[order[repeats[k]]]}; {repeats.size} repeated "
+      f"line(s)"
+  )
 
 
-def read_sparse_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE, *,
-                    with_values: bool = True, nonnegative: bool = False):
+def read_sparse_csv(
+    path: str | os.PathLike,
+    grid_shape=GRID_SHAPE,
+    *,
+    with_values: bool = True,
+    nonnegative: bool = False,
+):
   """Reads one sparse OpenKBP CSV.
 
   pandas' C parser reads the rows (floats correctly rounded, as Python's
@@ -276,33 +321,47 @@ def read_sparse_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE, *,
   if not header.strip():
     raise DataError(f"{path}: empty file (expected the header line ',data')")
   fields = header.strip().split(b",")
-  if header.lstrip()[:1].isdigit() or len(fields) != 2 or (
-      fields[1].strip() != b"data"):
-    raise DataError(f"{path}: line 1 is {header[:40]!r}, expected the header "
-                    f"line ',data'")
+  if (
+      header.lstrip()[:1].isdigit()
+      or len(fields) != 2
+      or (fields[1].strip() != b"data")
+  ):
+    raise DataError(
+        f"{path}: line 1 is {header[:40]!r}, expected the header "
+        f"line ',data'"
+    )
   body_start = len(raw) if header_end < 0 else header_end + 1
 
   def bad_line(reason):
-    _raise_first_bad_line(path, raw, body_start, with_values, grid_shape,
-                          reason)
+    _raise_first_bad_line(
+        path, raw, body_start, with_values, grid_shape, reason
+    )
 
   # pandas refuses a row with a third field, except the first one (it would
   # take the first column for an index and drop the third): look at it.
   if _FIRST_ROW.match(raw, body_start).group(1).count(b",") > 1:
     bad_line("a row with more than two fields")
   try:
-    frame = pd.read_csv(io.BytesIO(raw), header=0, names=("index", "value"),
-                        index_col=False, quoting=csv.QUOTE_NONE,
-                        low_memory=False, **_FLOAT_PRECISION)
+    frame = pd.read_csv(
+        io.BytesIO(raw),
+        header=0,
+        names=("index", "value"),
+        index_col=False,
+        quoting=csv.QUOTE_NONE,
+        low_memory=False,
+        **_FLOAT_PRECISION,
+    )
   except ValueError as e:  # pandas' ParserError, UnicodeDecodeError
     bad_line(str(e).strip())
   if not len(frame):
-    return np.zeros(0, np.int64), (np.zeros(0, np.float64) if with_values
-                                   else None)
+    return np.zeros(0, np.int64), (
+        np.zeros(0, np.float64) if with_values else None
+    )
 
   indices = frame["index"].to_numpy()
   if indices.dtype.kind == "f" and np.all(
-      np.isfinite(indices) & (np.floor(indices) == indices)):
+      np.isfinite(indices) & (np.floor(indices) == indices)
+  ):
     pass  # '12.0', '1e3': integer-valued, read as before
   elif indices.dtype.kind not in "iu":
     bad_line(f"the index column is not all integers ({indices.dtype})")
@@ -319,17 +378,20 @@ def read_sparse_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE, *,
   outside = np.flatnonzero((indices < 0) | (indices >= np.prod(grid_shape)))
   if outside.size:
     row = int(outside[0])
-    raise _outside_grid(path, row_lines()[row], indices[row], grid_shape,
-                        outside.size)
+    raise _outside_grid(
+        path, row_lines()[row], indices[row], grid_shape, outside.size
+    )
   indices = indices.astype(np.int64, copy=False)
   if nonnegative and values is not None and values.size and values.min() < 0:
     negative = np.flatnonzero(values < 0)
     row = int(negative[0])
     lines, starts, ends = _row_lines(raw, body_start)
-    text = raw[starts[row]:ends[row]].split(b",")[1].strip().decode()
-    raise DataError(f"{path}: line {lines[row]}: dose {text[:30]} Gy is "
-                    f"negative (a dose is never negative); {negative.size} "
-                    f"such line(s)")
+    text = raw[starts[row] : ends[row]].split(b",")[1].strip().decode()
+    raise DataError(
+        f"{path}: line {lines[row]}: dose {text[:30]} Gy is "
+        f"negative (a dose is never negative); {negative.size} "
+        f"such line(s)"
+    )
   _check_unique(path, indices, row_lines)
   return indices, values
 
@@ -353,6 +415,7 @@ class SparsePatient:
     roi_index: one index array per ROI, `ROI_NAMES` order (empty = absent).
     voxel_dimensions: float64 (3,) mm.
   """
+
   patient_id: str
   grid_shape: tuple[int, int, int]
   ct_index: np.ndarray | None
@@ -376,18 +439,21 @@ class SparsePatient:
     """The dense `Patient` (ValueError if read without CT)."""
     if self.ct_index is None:
       raise ValueError(f"{self.patient_id}: read without CT, no dense Patient")
+
     def dense(index, value, dtype):
       out = np.zeros(self.num_voxels, dtype)
       out[index] = value
       return out.reshape(self.grid_shape)
+
     masks = np.zeros((self.num_voxels, len(ROI_NAMES)), bool)
     for channel, index in enumerate(self.roi_index):
       masks[index, channel] = True
     return Patient(
         patient_id=self.patient_id,
         ct=dense(self.ct_index, self.ct_value, np.float32),
-        dose=None if self.dose_index is None else dense(
-            self.dose_index, self.dose_value, np.float64),
+        dose=None
+        if self.dose_index is None
+        else dense(self.dose_index, self.dose_value, np.float64),
         structure_masks=masks.reshape(*self.grid_shape, len(ROI_NAMES)),
         roi_present=self.roi_present,
         possible_dose_mask=dense(self.mask_index, True, bool),
@@ -404,7 +470,9 @@ class SparsePatient:
       dose = patient.dose.ravel()
       dose_index = np.flatnonzero(dose)
       dose_value = dose[dose_index].astype(np.float64)
-    voxels, channels = np.nonzero(patient.structure_masks.reshape(-1, len(ROI_NAMES)))
+    voxels, channels = np.nonzero(
+        patient.structure_masks.reshape(-1, len(ROI_NAMES))
+    )
     return cls(
         patient_id=patient.patient_id,
         grid_shape=tuple(patient.grid_shape),
@@ -430,8 +498,9 @@ def _sorted_unique(indices: np.ndarray, values: np.ndarray | None):
   return indices[last], None if values is None else values[order][last]
 
 
-def load_sparse_patient(patient_dir: str | os.PathLike, *,
-                        with_ct: bool = True) -> SparsePatient:
+def load_sparse_patient(
+    patient_dir: str | os.PathLike, *, with_ct: bool = True
+) -> SparsePatient:
   """Reads one OpenKBP patient folder into a `SparsePatient`.
 
   Required: ct.csv, possible_dose_mask.csv, voxel_dimensions.csv. Optional:
@@ -449,18 +518,25 @@ def load_sparse_patient(patient_dir: str | os.PathLike, *,
     raise DataError(f"{patient_dir}: patient folder not found")
   for name in (CT_FILE, MASK_FILE, VOXEL_DIMENSIONS_FILE):
     if not (patient_dir / name).is_file():
-      raise DataError(f"{patient_dir / name}: missing (every patient needs "
-                      f"{CT_FILE}, {MASK_FILE} and {VOXEL_DIMENSIONS_FILE})")
+      raise DataError(
+          f"{patient_dir / name}: missing (every patient needs "
+          f"{CT_FILE}, {MASK_FILE} and {VOXEL_DIMENSIONS_FILE})"
+      )
   grid = read_grid_shape(patient_dir)
 
   def read(name, with_values=True):
-    return _sorted_unique(*read_sparse_csv(patient_dir / name, grid,
-                                           with_values=with_values))
+    return _sorted_unique(
+        *read_sparse_csv(patient_dir / name, grid, with_values=with_values)
+    )
 
   ct_index, ct_value = read(CT_FILE) if with_ct else (None, None)
-  dose_index, dose_value = _sorted_unique(*read_sparse_csv(
-      patient_dir / DOSE_FILE, grid, nonnegative=True)) if (
-      patient_dir / DOSE_FILE).is_file() else (None, None)
+  dose_index, dose_value = (
+      _sorted_unique(
+          *read_sparse_csv(patient_dir / DOSE_FILE, grid, nonnegative=True)
+      )
+      if (patient_dir / DOSE_FILE).is_file()
+      else (None, None)
+  )
   empty = np.zeros(0, np.int64)
   return SparsePatient(
       patient_id=patient_dir.name,
@@ -470,9 +546,15 @@ def load_sparse_patient(patient_dir: str | os.PathLike, *,
       dose_index=dose_index,
       dose_value=dose_value,
       mask_index=read(MASK_FILE, False)[0],
-      roi_index=tuple(read(f"{name}.csv", False)[0] if (
-          patient_dir / f"{name}.csv").is_file() else empty for name in ROI_NAMES),
-      voxel_dimensions=read_voxel_dimensions(patient_dir / VOXEL_DIMENSIONS_FILE),
+      roi_index=tuple(
+          read(f"{name}.csv", False)[0]
+          if (patient_dir / f"{name}.csv").is_file()
+          else empty
+          for name in ROI_NAMES
+      ),
+      voxel_dimensions=read_voxel_dimensions(
+          patient_dir / VOXEL_DIMENSIONS_FILE
+      ),
   )
 
 
@@ -488,7 +570,9 @@ def load_patient(patient_dir: str | os.PathLike) -> Patient:
 # -------------------------------------------------------- predictions
 
 
-def format_sparse_csv(indices: np.ndarray, values: np.ndarray | None = None) -> bytes:
+def format_sparse_csv(
+    indices: np.ndarray, values: np.ndarray | None = None
+) -> bytes:
   """Sparse CSV text: the header `,data`, then `index,value` per voxel.
 
   Values are written as Python's shortest round-trip repr (as pandas'
@@ -503,8 +587,9 @@ def format_sparse_csv(indices: np.ndarray, values: np.ndarray | None = None) -> 
   return (",data\n" + "".join(lines)).encode()
 
 
-def write_prediction_csv(path: str | os.PathLike, dose_gy: np.ndarray, *,
-                         overwrite: bool = False) -> Path:
+def write_prediction_csv(
+    path: str | os.PathLike, dose_gy: np.ndarray, *, overwrite: bool = False
+) -> Path:
   """Writes a predicted dose (float (D, H, W), Gy) in the submission format.
 
   Raises:
@@ -513,13 +598,17 @@ def write_prediction_csv(path: str | os.PathLike, dose_gy: np.ndarray, *,
   """
   dose_gy = np.asarray(dose_gy)
   if dose_gy.ndim != 3:
-    raise ValueError(f"{path}: dose must be (D, H, W), got shape {dose_gy.shape}")
+    raise ValueError(
+        f"{path}: dose must be (D, H, W), got shape {dose_gy.shape}"
+    )
   if not np.all(np.isfinite(dose_gy)):
     raise ValueError(f"{path}: refusing to write a dose with NaN or inf")
   if dose_gy.size and dose_gy.min() < 0:
-    raise ValueError(f"{path}: refusing to write a negative dose "
-                     f"({np.count_nonzero(dose_gy < 0)} voxels, min "
-                     f"{float(dose_gy.min())!r} Gy)")
+    raise ValueError(
+        f"{path}: refusing to write a negative dose "
+        f"({np.count_nonzero(dose_gy < 0)} voxels, min "
+        f"{float(dose_gy.min())!r} Gy)"
+    )
   flat = dose_gy.astype(np.float64).ravel()
   indices = np.flatnonzero(flat)  # the official writer keeps nonzero voxels
   data = format_sparse_csv(indices, flat[indices])
@@ -528,22 +617,29 @@ def write_prediction_csv(path: str | os.PathLike, dose_gy: np.ndarray, *,
   return Path(path)
 
 
-def read_prediction_csv(path: str | os.PathLike, grid_shape=GRID_SHAPE) -> np.ndarray:
+def read_prediction_csv(
+    path: str | os.PathLike, grid_shape=GRID_SHAPE
+) -> np.ndarray:
   """float64 (D, H, W) Gy from a prediction (or dose) CSV; absent voxels = 0.
 
   Raises:
     DataError: see `read_sparse_csv`; a negative dose is an error naming the
       file and its first negative line (never clipped silently).
   """
-  indices, values = read_sparse_csv(path, grid_shape, with_values=True,
-                                    nonnegative=True)
+  indices, values = read_sparse_csv(
+      path, grid_shape, with_values=True, nonnegative=True
+  )
   dose = np.zeros(int(np.prod(grid_shape)), np.float64)
   dose[indices] = values
   return dose.reshape(grid_shape)
 
 
-def write_submission_zip(pred_dir: str | os.PathLike, zip_path: str | os.PathLike,
-                         *, overwrite: bool = False) -> Path:
+def write_submission_zip(
+    pred_dir: str | os.PathLike,
+    zip_path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+) -> Path:
   """Zips the `pt_*.csv` files of `pred_dir` (flat) for the leaderboard.
 
   Raises:
@@ -551,8 +647,10 @@ def write_submission_zip(pred_dir: str | os.PathLike, zip_path: str | os.PathLik
     FileExistsError: `zip_path` exists and overwrite is False.
   """
   pred_dir = Path(pred_dir)
-  files = sorted((p for p in pred_dir.glob("pt_*.csv") if p.is_file()),
-                 key=lambda p: _patient_sort_key(p.with_suffix("")))
+  files = sorted(
+      (p for p in pred_dir.glob("pt_*.csv") if p.is_file()),
+      key=lambda p: _patient_sort_key(p.with_suffix("")),
+  )
   if not files:
     raise DataError(f"{pred_dir}: no prediction files (pt_*.csv) to zip")
   with fileio.atomic_output(zip_path, overwrite=overwrite) as f:

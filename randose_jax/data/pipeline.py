@@ -56,8 +56,9 @@ class PlaneSource:
     return len(self.cache)
 
   def __getitem__(self, index: int) -> dict:
-    return encoding.encode_planes(self.cache.sparse(int(index)),
-                                  self.cache.settings)
+    return encoding.encode_planes(
+        self.cache.sparse(int(index)), self.cache.settings
+    )
 
 
 def _augment(planes, rng, *, data_config):
@@ -89,20 +90,28 @@ class PackedBatch:
       if key not in packs[0]:
         continue
       values = [pack[key] for pack in packs]
-      out = self._empty((sum(len(v) for v in values),) + values[0].shape[1:],
-                        values[0].dtype)
+      out = self._empty(
+          (sum(len(v) for v in values),) + values[0].shape[1:], values[0].dtype
+      )
       np.concatenate(values, out=out)
       rows = self._empty(out.shape[:1], np.int32)
-      np.concatenate([pack[key + "_rows"] + np.int32(i * d * h)
-                      for i, pack in enumerate(packs)], out=rows)
+      np.concatenate(
+          [
+              pack[key + "_rows"] + np.int32(i * d * h)
+              for i, pack in enumerate(packs)
+          ],
+          out=rows,
+      )
       batch[key], batch[key + "_rows"] = out, rows
     return batch
 
 
 def per_process_batch_size(config, process_count: int) -> int:
   if config.batch_size % process_count:
-    raise ValueError(f"batch_size={config.batch_size} must be divisible by the "
-                     f"number of processes ({process_count})")
+    raise ValueError(
+        f"batch_size={config.batch_size} must be divisible by the "
+        f"number of processes ({process_count})"
+    )
   return config.batch_size // process_count
 
 
@@ -123,9 +132,14 @@ def _grain_flags_at_defaults() -> None:
       flags.FLAGS[name].present = True
 
 
-def train_dataset(cache: cache_lib.PatientCache, config, *, seed: int,
-                  process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
+def train_dataset(
+    cache: cache_lib.PatientCache,
+    config,
+    *,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
   """Endless shuffled, augmented training batches for this process.
 
   Args:
@@ -147,12 +161,17 @@ def train_dataset(cache: cache_lib.PatientCache, config, *, seed: int,
   ds = ds.random_map(functools.partial(_augment, data_config=data_config))
   threads = data_config.read_threads
   read_options = grain.ReadOptions(
-      num_threads=threads, prefetch_buffer_size=max(threads, 1) * batch_size)
+      num_threads=threads, prefetch_buffer_size=max(threads, 1) * batch_size
+  )
   ds = ds.to_iter_dataset(read_options).batch(
-      batch_size, drop_remainder=True, batch_fn=PackedBatch())
+      batch_size, drop_remainder=True, batch_fn=PackedBatch()
+  )
   if data_config.num_workers > 0:
     _grain_flags_at_defaults()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=data_config.num_workers,
-        per_worker_buffer_size=data_config.worker_buffer_size))
+    ds = ds.mp_prefetch(
+        grain.MultiprocessingOptions(
+            num_workers=data_config.num_workers,
+            per_worker_buffer_size=data_config.worker_buffer_size,
+        )
+    )
   return ds.map(functools.partial(encoding.unpack, settings=cache.settings))

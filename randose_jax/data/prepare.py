@@ -26,30 +26,40 @@ def prepare_data(config, workdir: pathlib.Path):
     if jax.process_index() == 0:
       for split, n, first, seed in (
           (data.train_split, data.num_synthetic_train, 1, config.seed),
-          (data.eval_split, data.num_synthetic_eval,
-           1 + data.num_synthetic_train, config.seed + 1)):
+          (
+              data.eval_split,
+              data.num_synthetic_eval,
+              1 + data.num_synthetic_train,
+              config.seed + 1,
+          ),
+      ):
         folder = root / split
         if not (folder.is_dir() and len(list(folder.glob("pt_*"))) == n):
           logging.info("Writing %d synthetic patients to %s", n, folder)
-          phantoms.write_phantoms(folder, n, grid=data.synthetic_grid,
-                                  seed=seed, first_id=first)
+          phantoms.write_phantoms(
+              folder, n, grid=data.synthetic_grid, seed=seed, first_id=first
+          )
     distributed.barrier("synthetic_patients")
   elif data.root:
     root = pathlib.Path(data.root).expanduser()
   elif data.cache_dir:
     # Only a prebuilt cache (e.g. carried to a GPU host without the CSVs).
     cache_root = pathlib.Path(data.cache_dir).expanduser()
-    logging.info("config.data.root is empty: using the prebuilt cache in %s",
-                 cache_root)
-    return (cache_lib.open_cache(cache_root / data.train_split, data),
-            cache_lib.open_cache(cache_root / data.eval_split, data),
-            None)
+    logging.info(
+        "config.data.root is empty: using the prebuilt cache in %s", cache_root
+    )
+    return (
+        cache_lib.open_cache(cache_root / data.train_split, data),
+        cache_lib.open_cache(cache_root / data.eval_split, data),
+        None,
+    )
   else:
     raise ConfigError(
         "config.data.root is empty: point it at an OpenKBP provided-data "
         "folder (holding train-pats/ and validation-pats/), e.g. "
         "--config.data.root=/path/to/open-kbp/provided-data, or use "
-        "configs/demo.py for synthetic patients.")
+        "configs/demo.py for synthetic patients."
+    )
   cache_root = pathlib.Path(data.cache_dir or workdir / "cache").expanduser()
   caches = []
   for split in (data.train_split, data.eval_split):

@@ -89,16 +89,32 @@ _SECTIONS = ("masks", "ct", "ct_extra", "dose", "dose_extra")
 _DIRECT = 16  # zigzag codes below this are their own token
 # xz without its container (the block CRC covers the bytes); lc=4: the token
 # before predicts the next one best (measured), a dictionary > any section.
-_TOKEN_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9,
-                   "dict_size": 1 << 24, "lc": 4, "lp": 0, "pb": 0}]
-_MASK_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9,
-                  "dict_size": 1 << 24, "lc": 0, "lp": 0, "pb": 0}]
+_TOKEN_FILTERS = [
+    {
+        "id": lzma.FILTER_LZMA2,
+        "preset": 9,
+        "dict_size": 1 << 24,
+        "lc": 4,
+        "lp": 0,
+        "pb": 0,
+    }
+]
+_MASK_FILTERS = [
+    {
+        "id": lzma.FILTER_LZMA2,
+        "preset": 9,
+        "dict_size": 1 << 24,
+        "lc": 0,
+        "lp": 0,
+        "pb": 0,
+    }
+]
 _RAW_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9, "dict_size": 1 << 24}]
 
 
 def max_dose_error_gy(dose_decimals: int) -> float:
   """The largest dose error of an archive with `dose_decimals` (Gy)."""
-  return 0.5 * 10.0 ** -dose_decimals
+  return 0.5 * 10.0**-dose_decimals
 
 
 # ------------------------------------------------------------ residuals
@@ -117,7 +133,7 @@ def _runs(index: np.ndarray, shape, axis: int):
   if axis == len(shape) - 1:
     order, key = None, index
   else:
-    stride = int(np.prod(shape[axis + 1:]))
+    stride = int(np.prod(shape[axis + 1 :]))
     outer, rest = np.divmod(index, stride)
     before, coord = np.divmod(outer, n)
     # The flat index in the grid transposed to put `axis` last.
@@ -131,8 +147,9 @@ def _runs(index: np.ndarray, shape, axis: int):
   return order, first
 
 
-def _run_diff(values: np.ndarray, index: np.ndarray, shape, axis: int,
-              start: int = 0) -> np.ndarray:
+def _run_diff(
+    values: np.ndarray, index: np.ndarray, shape, axis: int, start: int = 0
+) -> np.ndarray:
   """Differences along `axis` within the runs of the voxel set `index`: each
   voxel minus its predecessor along `axis`, or minus `start` where the
   predecessor is not in the set (values int64, aligned with index)."""
@@ -148,8 +165,9 @@ def _run_diff(values: np.ndarray, index: np.ndarray, shape, axis: int,
   return out
 
 
-def _run_cumsum(residuals: np.ndarray, index: np.ndarray, shape, axis: int,
-                start: int = 0) -> np.ndarray:
+def _run_cumsum(
+    residuals: np.ndarray, index: np.ndarray, shape, axis: int, start: int = 0
+) -> np.ndarray:
   """The inverse of `_run_diff`: cumulative sums restarting at each run."""
   order, first = _runs(index, shape, axis)
   r = residuals.copy() if order is None else residuals[order]
@@ -192,15 +210,20 @@ def _tokens(residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return tokens.astype(np.uint8), counts, extra
 
 
-def _from_tokens(tokens: np.ndarray, extra_bits: bytes, where: str) -> np.ndarray:
+def _from_tokens(
+    tokens: np.ndarray, extra_bits: bytes, where: str
+) -> np.ndarray:
   tokens = tokens.astype(np.int64)
   big = tokens >= _DIRECT
   e = np.where(big, (tokens - _DIRECT) // 4 + 4, 0)
   counts = np.where(big, e - 2, 0)
   extra = _unpack_bits(extra_bits, counts, where)
   top = (4 | ((tokens - _DIRECT) & 3)).astype(np.uint64)
-  u = np.where(big, (top << np.maximum(counts, 0).astype(np.uint64)) | extra,
-               tokens.astype(np.uint64))
+  u = np.where(
+      big,
+      (top << np.maximum(counts, 0).astype(np.uint64)) | extra,
+      tokens.astype(np.uint64),
+  )
   return _unzigzag(u)
 
 
@@ -219,8 +242,10 @@ def _pack_bits(values: np.ndarray, counts: np.ndarray) -> bytes:
 def _unpack_bits(data: bytes, counts: np.ndarray, where: str) -> np.ndarray:
   total = int(counts.sum())
   if len(data) != (total + 7) // 8:
-    raise openkbp.DataError(f"{where}: {len(data)} bytes of extra bits, "
-                            f"expected {(total + 7) // 8}")
+    raise openkbp.DataError(
+        f"{where}: {len(data)} bytes of extra bits, "
+        f"expected {(total + 7) // 8}"
+    )
   bits = np.unpackbits(np.frombuffer(data, np.uint8), count=total)
   values = np.zeros(counts.size, np.uint64)
   starts = np.cumsum(counts) - counts
@@ -236,13 +261,15 @@ def _compress(data: bytes, filters) -> bytes:
 
 def _decompress(data: bytes, filters, size: int, where: str) -> bytes:
   try:
-    out = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=filters
-                                ).decompress(data, max_length=size + 1)
+    out = lzma.LZMADecompressor(
+        format=lzma.FORMAT_RAW, filters=filters
+    ).decompress(data, max_length=size + 1)
   except lzma.LZMAError as e:
     raise openkbp.DataError(f"{where}: cannot decompress ({e})") from e
   if len(out) != size:
-    raise openkbp.DataError(f"{where}: {len(out)} bytes decompressed, "
-                            f"expected {size}")
+    raise openkbp.DataError(
+        f"{where}: {len(out)} bytes decompressed, " f"expected {size}"
+    )
   return out
 
 
@@ -252,8 +279,13 @@ def _decompress(data: bytes, filters, size: int, where: str) -> bytes:
 def _content_crc(patient: openkbp.SparsePatient, dose_steps) -> int:
   """CRC-32 of a patient's content as the archive restores it."""
   crc = zlib.crc32(np.asarray(patient.grid_shape, "<i8").tobytes())
-  parts = [patient.ct_index, patient.ct_value.astype("<f4"), patient.mask_index,
-           *patient.roi_index, np.asarray(patient.voxel_dimensions, "<f8")]
+  parts = [
+      patient.ct_index,
+      patient.ct_value.astype("<f4"),
+      patient.mask_index,
+      *patient.roi_index,
+      np.asarray(patient.voxel_dimensions, "<f8"),
+  ]
   if dose_steps is not None:
     parts += [patient.dose_index, dose_steps]
   for part in parts:
@@ -268,11 +300,13 @@ def _content_crc(patient: openkbp.SparsePatient, dose_steps) -> int:
 def _dose_steps(patient: openkbp.SparsePatient, decimals: int):
   if patient.dose_value is None:
     return None
-  scaled = patient.dose_value * 10.0 ** decimals
+  scaled = patient.dose_value * 10.0**decimals
   if scaled.size and not scaled.max() < 2.0**50:
-    raise openkbp.DataError(f"{patient.patient_id}: dose up to "
-                            f"{patient.dose_value.max()} Gy is too large to store "
-                            f"in steps of 1e-{decimals} Gy")
+    raise openkbp.DataError(
+        f"{patient.patient_id}: dose up to "
+        f"{patient.dose_value.max()} Gy is too large to store "
+        f"in steps of 1e-{decimals} Gy"
+    )
   return np.rint(scaled).astype(np.int64)
 
 
@@ -282,8 +316,9 @@ def _dense(index: np.ndarray, values, shape) -> np.ndarray:
   return out.reshape(shape)
 
 
-def encode_patient(patient: openkbp.SparsePatient,
-                   dose_decimals: int = DEFAULT_DOSE_DECIMALS) -> tuple[dict, bytes]:
+def encode_patient(
+    patient: openkbp.SparsePatient, dose_decimals: int = DEFAULT_DOSE_DECIMALS
+) -> tuple[dict, bytes]:
   """One patient's header entry (without split/offset) and block bytes."""
   shape = tuple(int(n) for n in patient.grid_shape)
   steps = _dose_steps(patient, dose_decimals)
@@ -291,7 +326,9 @@ def encode_patient(patient: openkbp.SparsePatient,
   if steps is not None:
     sets.append(patient.dose_index)
   sets += list(patient.roi_index)
-  maps = b"".join(np.packbits(_dense(i, None, shape).ravel()).tobytes() for i in sets)
+  maps = b"".join(
+      np.packbits(_dense(i, None, shape).ravel()).tobytes() for i in sets
+  )
   sections = {"masks": _compress(maps, _MASK_FILTERS)}
 
   ct = patient.ct_value
@@ -315,10 +352,12 @@ def encode_patient(patient: openkbp.SparsePatient,
     tokens, counts, extra = _tokens(r)
     sections["dose"] = _compress(tokens.tobytes(), _TOKEN_FILTERS)
     sections["dose_extra"] = _pack_bits(extra, counts)
-    error = np.abs(steps / 10.0 ** dose_decimals - patient.dose_value)
-    dose = {"count": int(steps.size),
-            "max_error_gy": float(error.max()) if error.size else 0.0,
-            "exact": bool(not error.size or error.max() == 0)}
+    error = np.abs(steps / 10.0**dose_decimals - patient.dose_value)
+    dose = {
+        "count": int(steps.size),
+        "max_error_gy": float(error.max()) if error.size else 0.0,
+        "exact": bool(not error.size or error.max() == 0),
+    }
 
   block = b"".join(sections[name] for name in _SECTIONS)
   entry = {
@@ -337,58 +376,94 @@ def encode_patient(patient: openkbp.SparsePatient,
   return entry, block
 
 
-def decode_patient(entry: dict, block: bytes, dose_decimals: int,
-                   where: str) -> openkbp.SparsePatient:
+def decode_patient(
+    entry: dict, block: bytes, dose_decimals: int, where: str
+) -> openkbp.SparsePatient:
   """The `SparsePatient` of one block (checked: CRC-32 before, content
   CRC-32 after). `where` names it in errors."""
   if len(block) != entry["size"] or zlib.crc32(block) != entry["crc32"]:
-    raise openkbp.DataError(f"{where}: CRC-32 mismatch (the archive is damaged; "
-                            "copy it again)")
+    raise openkbp.DataError(
+        f"{where}: CRC-32 mismatch (the archive is damaged; " "copy it again)"
+    )
   sections, offset = {}, 0
   for name, size in zip(_SECTIONS, entry["sections"]):
-    sections[name] = block[offset:offset + size]
+    sections[name] = block[offset : offset + size]
     offset += size
   shape = tuple(entry["grid_shape"])
   n = int(np.prod(shape))
   has_dose = entry["dose"] is not None
   num_maps = 2 + has_dose + len(openkbp.ROI_NAMES)
   map_bytes = (n + 7) // 8
-  maps = np.frombuffer(_decompress(sections["masks"], _MASK_FILTERS,
-                                   num_maps * map_bytes, f"{where}: masks"), np.uint8)
-  bitmaps = [np.unpackbits(maps[k * map_bytes:(k + 1) * map_bytes], count=n).view(bool)
-             for k in range(num_maps)]
+  maps = np.frombuffer(
+      _decompress(
+          sections["masks"],
+          _MASK_FILTERS,
+          num_maps * map_bytes,
+          f"{where}: masks",
+      ),
+      np.uint8,
+  )
+  bitmaps = [
+      np.unpackbits(maps[k * map_bytes : (k + 1) * map_bytes], count=n).view(
+          bool
+      )
+      for k in range(num_maps)
+  ]
   ct_s = bitmaps[0]
   ct_index = np.flatnonzero(ct_s)
   if ct_index.size != entry["ct_count"]:
-    raise openkbp.DataError(f"{where}: {ct_index.size} CT voxels, the header "
-                            f"says {entry['ct_count']}")
+    raise openkbp.DataError(
+        f"{where}: {ct_index.size} CT voxels, the header "
+        f"says {entry['ct_count']}"
+    )
   if entry["ct_integer"]:
-    tokens = np.frombuffer(_decompress(sections["ct"], _TOKEN_FILTERS, ct_index.size,
-                                       f"{where}: CT"), np.uint8)
+    tokens = np.frombuffer(
+        _decompress(
+            sections["ct"], _TOKEN_FILTERS, ct_index.size, f"{where}: CT"
+        ),
+        np.uint8,
+    )
     r = _from_tokens(tokens, sections["ct_extra"], f"{where}: CT")
-    ct_value = _run_cumsum(r, ct_index, shape, 2, CT_RUN_START).astype(np.float32)
+    ct_value = _run_cumsum(r, ct_index, shape, 2, CT_RUN_START).astype(
+        np.float32
+    )
   else:
-    ct_value = np.frombuffer(_decompress(sections["ct"], _RAW_FILTERS, 4 * ct_index.size,
-                                         f"{where}: CT"), "<f4").astype(np.float32)
+    ct_value = np.frombuffer(
+        _decompress(
+            sections["ct"], _RAW_FILTERS, 4 * ct_index.size, f"{where}: CT"
+        ),
+        "<f4",
+    ).astype(np.float32)
   dose_index = dose_value = steps = None
   if has_dose:
     dose_s = bitmaps[2]
     dose_index = np.flatnonzero(dose_s)
-    tokens = np.frombuffer(_decompress(sections["dose"], _TOKEN_FILTERS, dose_index.size,
-                                       f"{where}: dose"), np.uint8)
+    tokens = np.frombuffer(
+        _decompress(
+            sections["dose"], _TOKEN_FILTERS, dose_index.size, f"{where}: dose"
+        ),
+        np.uint8,
+    )
     steps = _from_tokens(tokens, sections["dose_extra"], f"{where}: dose")
     for axis in (2, 1, 0):
       steps = _run_cumsum(steps, dose_index, shape, axis)
-    dose_value = steps / 10.0 ** dose_decimals
+    dose_value = steps / 10.0**dose_decimals
   patient = openkbp.SparsePatient(
-      patient_id=entry["patient_id"], grid_shape=shape, ct_index=ct_index,
-      ct_value=ct_value, dose_index=dose_index, dose_value=dose_value,
+      patient_id=entry["patient_id"],
+      grid_shape=shape,
+      ct_index=ct_index,
+      ct_value=ct_value,
+      dose_index=dose_index,
+      dose_value=dose_value,
       mask_index=np.flatnonzero(bitmaps[1]),
-      roi_index=tuple(np.flatnonzero(b) for b in bitmaps[2 + has_dose:]),
-      voxel_dimensions=np.array(entry["voxel_dimensions"], np.float64))
+      roi_index=tuple(np.flatnonzero(b) for b in bitmaps[2 + has_dose :]),
+      voxel_dimensions=np.array(entry["voxel_dimensions"], np.float64),
+  )
   if _content_crc(patient, steps) != entry["content_crc32"]:
-    raise openkbp.DataError(f"{where}: decoded content differs from what was "
-                            "packed (content CRC-32 mismatch)")
+    raise openkbp.DataError(
+        f"{where}: decoded content differs from what was "
+        "packed (content CRC-32 mismatch)"
+    )
   return patient
 
 
@@ -408,10 +483,15 @@ def _map(fn, jobs, workers: int):
     yield from pool.map(fn, jobs)
 
 
-def pack(root: str | os.PathLike, archive: str | os.PathLike, *,
-         splits: Sequence[str] = DEFAULT_SPLITS,
-         dose_decimals: int = DEFAULT_DOSE_DECIMALS, overwrite: bool = False,
-         workers: int = 1) -> dict:
+def pack(
+    root: str | os.PathLike,
+    archive: str | os.PathLike,
+    *,
+    splits: Sequence[str] = DEFAULT_SPLITS,
+    dose_decimals: int = DEFAULT_DOSE_DECIMALS,
+    overwrite: bool = False,
+    workers: int = 1,
+) -> dict:
   """Packs the patient folders `root/<split>/pt_*` into one archive file.
 
   Args:
@@ -430,31 +510,48 @@ def pack(root: str | os.PathLike, archive: str | os.PathLike, *,
     OSError: `archive` cannot be written, or exists and overwrite is False
       (checked before any work).
   """
-  fileio.check_output_file(archive, overwrite=overwrite,
-                           hint="pass --overwrite to replace it")
+  fileio.check_output_file(
+      archive, overwrite=overwrite, hint="pass --overwrite to replace it"
+  )
   root = Path(root)
-  jobs = [(split, d) for split in splits for d in openkbp.list_patient_dirs(root / split)]
+  jobs = [
+      (split, d)
+      for split in splits
+      for d in openkbp.list_patient_dirs(root / split)
+  ]
   encoded = _map(_encode_dir, [(d, dose_decimals) for _, d in jobs], workers)
-  return pack_patients(((split, e) for (split, _), e in zip(jobs, encoded)), archive,
-                       dose_decimals=dose_decimals, overwrite=overwrite, encoded=True)
+  return pack_patients(
+      ((split, e) for (split, _), e in zip(jobs, encoded)),
+      archive,
+      dose_decimals=dose_decimals,
+      overwrite=overwrite,
+      encoded=True,
+  )
 
 
-def pack_patients(patients: Iterable, archive: str | os.PathLike, *,
-                  dose_decimals: int = DEFAULT_DOSE_DECIMALS, overwrite: bool = False,
-                  encoded: bool = False) -> dict:
+def pack_patients(
+    patients: Iterable,
+    archive: str | os.PathLike,
+    *,
+    dose_decimals: int = DEFAULT_DOSE_DECIMALS,
+    overwrite: bool = False,
+    encoded: bool = False,
+) -> dict:
   """Packs (split, SparsePatient) pairs (e.g. from a `PatientCache`'s
   `sparse(i)`) into one archive; see `pack`. With encoded=True the pairs
   are (split, (entry, block)) from `encode_patient`."""
-  archive = fileio.check_output_file(archive, overwrite=overwrite,
-                                     hint="pass --overwrite to replace it")
+  archive = fileio.check_output_file(
+      archive, overwrite=overwrite, hint="pass --overwrite to replace it"
+  )
   if not 0 <= int(dose_decimals) <= 6:
     raise ValueError(f"dose_decimals={dose_decimals}: choose 0..6")
   entries, blocks, splits = [], [], {}
   for split, item in patients:
     entry, block = item if encoded else encode_patient(item, dose_decimals)
     if entry["patient_id"] in splits.setdefault(split, []):
-      raise openkbp.DataError(f"{archive}: patient {split}/{entry['patient_id']} "
-                              "given twice")
+      raise openkbp.DataError(
+          f"{archive}: patient {split}/{entry['patient_id']} " "given twice"
+      )
     splits[split].append(entry["patient_id"])
     entries.append({"split": split, **entry})
     blocks.append(block)
@@ -464,9 +561,14 @@ def pack_patients(patients: Iterable, archive: str | os.PathLike, *,
   for entry in entries:
     entry["offset"] = offset
     offset += entry["size"]
-  header = {"format_version": FORMAT_VERSION, "dose_decimals": int(dose_decimals),
-            "max_dose_error_gy": max_dose_error_gy(dose_decimals),
-            "splits": splits, "data_size": offset, "patients": entries}
+  header = {
+      "format_version": FORMAT_VERSION,
+      "dose_decimals": int(dose_decimals),
+      "max_dose_error_gy": max_dose_error_gy(dose_decimals),
+      "splits": splits,
+      "data_size": offset,
+      "patients": entries,
+  }
   text = json.dumps(header, separators=(",", ":")).encode()
   with fileio.atomic_output(archive, overwrite=overwrite) as f:
     f.write(MAGIC + _HEADER.pack(len(text), zlib.crc32(text)) + text)
@@ -478,6 +580,7 @@ def pack_patients(patients: Iterable, archive: str | os.PathLike, *,
 @dataclasses.dataclass
 class Archive:
   """An opened archive: its header checked, blocks read on demand."""
+
   path: Path
   header: dict
   data_start: int
@@ -517,32 +620,40 @@ def open_archive(path: str | os.PathLike) -> Archive:
   try:
     with open(path, "rb") as f:
       head = f.read(len(MAGIC) + _HEADER.size)
-      if head[:len(MAGIC)] != MAGIC:
-        raise openkbp.DataError(f"{path}: not a randose_jax transport archive "
-                                "(no magic line)")
+      if head[: len(MAGIC)] != MAGIC:
+        raise openkbp.DataError(
+            f"{path}: not a randose_jax transport archive " "(no magic line)"
+        )
       if len(head) < len(MAGIC) + _HEADER.size:
         raise openkbp.DataError(f"{path}: truncated inside the header")
-      length, crc = _HEADER.unpack(head[len(MAGIC):])
+      length, crc = _HEADER.unpack(head[len(MAGIC) :])
       text = f.read(length)
       size = os.fstat(f.fileno()).st_size
   except OSError as e:
     raise openkbp.DataError(f"{path}: cannot read archive ({e})") from e
   if len(text) != length:
-    raise openkbp.DataError(f"{path}: truncated inside the header "
-                            f"({len(text)} of {length} bytes)")
+    raise openkbp.DataError(
+        f"{path}: truncated inside the header "
+        f"({len(text)} of {length} bytes)"
+    )
   if zlib.crc32(text) != crc:
-    raise openkbp.DataError(f"{path}: header CRC-32 mismatch (the archive is "
-                            "damaged; copy it again)")
+    raise openkbp.DataError(
+        f"{path}: header CRC-32 mismatch (the archive is "
+        "damaged; copy it again)"
+    )
   header = json.loads(text)
   if header.get("format_version") != FORMAT_VERSION:
-    raise openkbp.DataError(f"{path}: archive format {header.get('format_version')}, "
-                            f"this library reads {FORMAT_VERSION}")
+    raise openkbp.DataError(
+        f"{path}: archive format {header.get('format_version')}, "
+        f"this library reads {FORMAT_VERSION}"
+    )
   start = len(MAGIC) + _HEADER.size + length
   if size != start + header["data_size"]:
     raise openkbp.DataError(
         f"{path}: {size} bytes, the header says {start + header['data_size']} "
         f"({'truncated' if size < start + header['data_size'] else 'trailing bytes'}"
-        "; copy it again)")
+        "; copy it again)"
+    )
   return Archive(path, header, start)
 
 
@@ -559,20 +670,38 @@ def _write_cache_file(job) -> dict:
   archive, entry, cache_dir, settings = job
   patient = archive.read(entry)
   data = cache_lib.patient_bytes(patient)
-  key = _hash({"format": cache_lib.FORMAT_VERSION, "settings": settings,
-               "patient": entry["patient_id"], "archive": entry["content_crc32"],
-               "dose_decimals": archive.dose_decimals})
+  key = _hash(
+      {
+          "format": cache_lib.FORMAT_VERSION,
+          "settings": settings,
+          "patient": entry["patient_id"],
+          "archive": entry["content_crc32"],
+          "dose_decimals": archive.dose_decimals,
+      }
+  )
   file_name = f"{entry['patient_id']}-{key[:16]}.npz"
   with fileio.atomic_output(Path(cache_dir) / file_name, overwrite=True) as f:
     f.write(data)
-  return {"patient_id": entry["patient_id"],
-          "source": f"{archive.path.resolve()}#{entry['split']}/{entry['patient_id']}",
-          "key": key, "file": file_name, "size": len(data), "crc32": zlib.crc32(data)}
+  return {
+      "patient_id": entry["patient_id"],
+      "source": (
+          f"{archive.path.resolve()}#{entry['split']}/{entry['patient_id']}"
+      ),
+      "key": key,
+      "file": file_name,
+      "size": len(data),
+      "crc32": zlib.crc32(data),
+  }
 
 
-def unpack_to_cache(archive: str | os.PathLike | Archive, cache_root: str | os.PathLike,
-                    data_config, *, splits: Sequence[str] | None = None,
-                    workers: int = 1) -> dict[str, cache_lib.PatientCache]:
+def unpack_to_cache(
+    archive: str | os.PathLike | Archive,
+    cache_root: str | os.PathLike,
+    data_config,
+    *,
+    splits: Sequence[str] | None = None,
+    workers: int = 1,
+) -> dict[str, cache_lib.PatientCache]:
   """Writes `cache_root/<split>/` for each split: the cache that
   `cache.build_cache` builds from the CSVs (same file format, a manifest for
   `data_config`'s encoding settings), read back with `cache.open_cache`.
@@ -588,8 +717,10 @@ def unpack_to_cache(archive: str | os.PathLike | Archive, cache_root: str | os.P
   splits = list(archive.splits) if splits is None else list(splits)
   for split in splits:
     if split not in archive.splits:
-      raise openkbp.DataError(f"{archive.path}: no split {split!r} (it holds "
-                              f"{sorted(archive.splits)})")
+      raise openkbp.DataError(
+          f"{archive.path}: no split {split!r} (it holds "
+          f"{sorted(archive.splits)})"
+      )
   settings = cache_lib.encoding_settings(data_config)
   cache_root = fileio.check_output_dir(cache_root)
   caches = {}
@@ -599,8 +730,12 @@ def unpack_to_cache(archive: str | os.PathLike | Archive, cache_root: str | os.P
       cache_dir.mkdir(parents=True, exist_ok=True)
       jobs = [(archive, e, cache_dir, settings) for e in archive.entries(split)]
       entries = list(_map(_write_cache_file, jobs, workers))
-      manifest = {"format_version": cache_lib.FORMAT_VERSION, "settings": settings,
-                  "key": _hash([e["key"] for e in entries]), "patients": entries}
+      manifest = {
+          "format_version": cache_lib.FORMAT_VERSION,
+          "settings": settings,
+          "key": _hash([e["key"] for e in entries]),
+          "patients": entries,
+      }
       name = cache_lib.manifest_name([e["source"] for e in entries], settings)
       with fileio.atomic_output(cache_dir / name, overwrite=True) as f:
         f.write(json.dumps(manifest, indent=1).encode())
@@ -611,8 +746,11 @@ def unpack_to_cache(archive: str | os.PathLike | Archive, cache_root: str | os.P
 # ---------------------------------------------------------- checking
 
 
-def compare(original: openkbp.SparsePatient, restored: openkbp.SparsePatient,
-            max_dose_error: float) -> float:
+def compare(
+    original: openkbp.SparsePatient,
+    restored: openkbp.SparsePatient,
+    max_dose_error: float,
+) -> float:
   """Checks a restored patient against the original (e.g. read from the
   CSVs): grid, voxel sizes, every voxel set and the CT bit-exact, the dose
   within `max_dose_error` Gy. Returns the largest dose error (Gy).
@@ -623,17 +761,25 @@ def compare(original: openkbp.SparsePatient, restored: openkbp.SparsePatient,
   name = original.patient_id
 
   def same(what, a, b):
-    if (a is None) != (b is None) or (a is not None and not (
-        np.shape(a) == np.shape(b) and np.array_equal(a, b))):
+    if (a is None) != (b is None) or (
+        a is not None
+        and not (np.shape(a) == np.shape(b) and np.array_equal(a, b))
+    ):
       raise openkbp.DataError(f"{name}: {what} differs from the original")
 
-  same("patient id", np.array(original.patient_id), np.array(restored.patient_id))
-  same("grid shape", np.array(original.grid_shape), np.array(restored.grid_shape))
+  same(
+      "patient id", np.array(original.patient_id), np.array(restored.patient_id)
+  )
+  same(
+      "grid shape", np.array(original.grid_shape), np.array(restored.grid_shape)
+  )
   same("voxel dimensions", original.voxel_dimensions, restored.voxel_dimensions)
   same("CT voxels", original.ct_index, restored.ct_index)
   same("CT values", original.ct_value.astype(np.float32), restored.ct_value)
   same("possible-dose mask", original.mask_index, restored.mask_index)
-  for roi, a, b in zip(openkbp.ROI_NAMES, original.roi_index, restored.roi_index):
+  for roi, a, b in zip(
+      openkbp.ROI_NAMES, original.roi_index, restored.roi_index
+  ):
     same(f"{roi} voxels", a, b)
   same("dose voxels", original.dose_index, restored.dose_index)
   if original.dose_value is None:
@@ -641,8 +787,10 @@ def compare(original: openkbp.SparsePatient, restored: openkbp.SparsePatient,
   error = np.abs(original.dose_value - restored.dose_value)
   worst = float(error.max()) if error.size else 0.0
   if worst > max_dose_error + 1e-9:  # float64 rounding at exact half steps
-    raise openkbp.DataError(f"{name}: dose differs by up to {worst} Gy "
-                            f"(allowed {max_dose_error})")
+    raise openkbp.DataError(
+        f"{name}: dose differs by up to {worst} Gy "
+        f"(allowed {max_dose_error})"
+    )
   return worst
 
 
@@ -654,75 +802,121 @@ FLAGS = flags.FLAGS
 
 def define_flags(fv: flags.FlagValues = FLAGS):
   """Flags of the command line (defined only when run as a program)."""
-  flags.DEFINE_string("root", None, "OpenKBP data folder (pack, check).", flag_values=fv)
+  flags.DEFINE_string(
+      "root", None, "OpenKBP data folder (pack, check).", flag_values=fv
+  )
   flags.DEFINE_string("archive", None, "The archive file.", flag_values=fv)
-  flags.DEFINE_list("splits", list(DEFAULT_SPLITS), "Split folders to pack.",
-                    flag_values=fv)
-  flags.DEFINE_integer("dose_decimals", DEFAULT_DOSE_DECIMALS,
-                       "pack: dose stored in steps of 10^-N Gy (error <= half).",
-                       flag_values=fv)
-  flags.DEFINE_bool("overwrite", False, "pack: replace an existing archive.",
-                    flag_values=fv)
-  flags.DEFINE_string("cache_dir", None, "unpack: write the cache here "
-                      "(<cache_dir>/<split>/).", flag_values=fv)
+  flags.DEFINE_list(
+      "splits", list(DEFAULT_SPLITS), "Split folders to pack.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+      "dose_decimals",
+      DEFAULT_DOSE_DECIMALS,
+      "pack: dose stored in steps of 10^-N Gy (error <= half).",
+      flag_values=fv,
+  )
+  flags.DEFINE_bool(
+      "overwrite", False, "pack: replace an existing archive.", flag_values=fv
+  )
+  flags.DEFINE_string(
+      "cache_dir",
+      None,
+      "unpack: write the cache here " "(<cache_dir>/<split>/).",
+      flag_values=fv,
+  )
   config_flags.DEFINE_config_file(
-      "config", None, "unpack: config whose data settings the cache is for "
-      "(default: the default config's).", flag_values=fv, lock_config=True)
-  flags.DEFINE_integer("workers", 1, "Processes that encode / decode patients.",
-                       flag_values=fv)
+      "config",
+      None,
+      "unpack: config whose data settings the cache is for "
+      "(default: the default config's).",
+      flag_values=fv,
+      lock_config=True,
+  )
+  flags.DEFINE_integer(
+      "workers", 1, "Processes that encode / decode patients.", flag_values=fv
+  )
 
 
 def main(argv):
   """pack | unpack | check (see the module docstring)."""
   if len(argv) != 2 or argv[1] not in ("pack", "unpack", "check"):
     raise app.UsageError("give one command: pack, unpack or check")
-  needed = {"pack": ("root", "archive"), "unpack": ("archive", "cache_dir"),
-            "check": ("archive", "root")}[argv[1]]
+  needed = {
+      "pack": ("root", "archive"),
+      "unpack": ("archive", "cache_dir"),
+      "check": ("archive", "root"),
+  }[argv[1]]
   for name in needed:
     if not FLAGS[name].value:
       raise app.UsageError(f"{argv[1]} needs --{name}")
   start = time.perf_counter()
   if argv[1] == "pack":
-    header = pack(FLAGS.root, FLAGS.archive, splits=FLAGS.splits,
-                  dose_decimals=FLAGS.dose_decimals, overwrite=FLAGS.overwrite,
-                  workers=FLAGS.workers)
+    header = pack(
+        FLAGS.root,
+        FLAGS.archive,
+        splits=FLAGS.splits,
+        dose_decimals=FLAGS.dose_decimals,
+        overwrite=FLAGS.overwrite,
+        workers=FLAGS.workers,
+    )
     size = Path(FLAGS.archive).stat().st_size
-    worst = max((e["dose"]["max_error_gy"] for e in header["patients"] if e["dose"]),
-                default=0.0)
-    print(f"{FLAGS.archive}: {len(header['patients'])} patients "
-          f"({', '.join(f'{s} {len(p)}' for s, p in header['splits'].items())}), "
-          f"{size / 2**20:.2f} MiB, dose error <= {worst:.6f} Gy "
-          f"(bound {header['max_dose_error_gy']}), {time.perf_counter() - start:.0f} s")
+    worst = max(
+        (e["dose"]["max_error_gy"] for e in header["patients"] if e["dose"]),
+        default=0.0,
+    )
+    print(
+        f"{FLAGS.archive}: {len(header['patients'])} patients "
+        f"({', '.join(f'{s} {len(p)}' for s, p in header['splits'].items())}), "
+        f"{size / 2**20:.2f} MiB, dose error <= {worst:.6f} Gy "
+        f"(bound {header['max_dose_error_gy']}), {time.perf_counter() - start:.0f} s"
+    )
   elif argv[1] == "unpack":
-    config = (default_config.get_default_config() if FLAGS.config is None
-              else FLAGS.config)
-    caches = unpack_to_cache(FLAGS.archive, FLAGS.cache_dir, config.data,
-                             workers=FLAGS.workers)
+    config = (
+        default_config.get_default_config()
+        if FLAGS.config is None
+        else FLAGS.config
+    )
+    caches = unpack_to_cache(
+        FLAGS.archive, FLAGS.cache_dir, config.data, workers=FLAGS.workers
+    )
     for split, cache in caches.items():
-      print(f"{FLAGS.cache_dir}/{split}: {len(cache)} patients, "
-            f"{cache.num_bytes / 2**20:.1f} MiB")
+      print(
+          f"{FLAGS.cache_dir}/{split}: {len(cache)} patients, "
+          f"{cache.num_bytes / 2**20:.1f} MiB"
+      )
     print(f"unpacked in {time.perf_counter() - start:.0f} s")
   else:
     archive = open_archive(FLAGS.archive)
     for split, ids in archive.splits.items():
-      on_disk = [d.name for d in openkbp.list_patient_dirs(Path(FLAGS.root) / split)]
+      on_disk = [
+          d.name for d in openkbp.list_patient_dirs(Path(FLAGS.root) / split)
+      ]
       if sorted(on_disk) != sorted(ids):
         raise openkbp.DataError(
             f"{Path(FLAGS.root) / split}: holds {len(on_disk)} patients, the "
             f"archive {len(ids)}; differing: "
-            f"{sorted(set(on_disk) ^ set(ids))[:10]}")
+            f"{sorted(set(on_disk) ^ set(ids))[:10]}"
+        )
     worst, count = 0.0, 0
     for entry in archive.entries():
-      original = openkbp.load_sparse_patient(Path(FLAGS.root) / entry["split"]
-                                             / entry["patient_id"])
-      worst = max(worst, compare(original, archive.read(entry),
-                                 archive.header["max_dose_error_gy"]))
+      original = openkbp.load_sparse_patient(
+          Path(FLAGS.root) / entry["split"] / entry["patient_id"]
+      )
+      worst = max(
+          worst,
+          compare(
+              original, archive.read(entry), archive.header["max_dose_error_gy"]
+          ),
+      )
       count += 1
-    print(f"{FLAGS.archive}: {count} patients equal to the CSVs in {FLAGS.root} "
-          f"(CT, voxel sets, voxel sizes bit-exact; dose error <= {worst:.6f} Gy)")
+    print(
+        f"{FLAGS.archive}: {count} patients equal to the CSVs in {FLAGS.root} "
+        f"(CT, voxel sets, voxel sizes bit-exact; dose error <= {worst:.6f} Gy)"
+    )
 
 
 if __name__ == "__main__":
   from randose_jax import cli  # pylint: disable=g-import-not-at-top
+
   define_flags()
   cli.run(main)

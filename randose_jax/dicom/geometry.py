@@ -46,14 +46,29 @@ def read_geometry(patient_dir) -> dict | None:
     info = json.loads(path.read_text())
   except (OSError, ValueError) as e:
     raise DicomError(f"{path}: not a readable geometry file ({e})") from e
-  required = ("origin_lps_mm", "voxel_dimensions", "grid_shape",
-              "frame_of_reference_uid", "study_instance_uid", "patient_id")
-  missing = [k for k in required if k not in info] if isinstance(info, dict) else required
+  required = (
+      "origin_lps_mm",
+      "voxel_dimensions",
+      "grid_shape",
+      "frame_of_reference_uid",
+      "study_instance_uid",
+      "patient_id",
+  )
+  missing = (
+      [k for k in required if k not in info]
+      if isinstance(info, dict)
+      else required
+  )
   if missing or info.get("format") != FORMAT:
-    raise DicomError(f"{path}: not a {FORMAT!r} file (missing {missing or 'format'})")
-  if not np.allclose(info.get("axis_directions_lps", AXIS_DIRECTIONS_LPS),
-                     AXIS_DIRECTIONS_LPS):
-    raise DicomError(f"{path}: axis_directions_lps differ from the project's axes")
+    raise DicomError(
+        f"{path}: not a {FORMAT!r} file (missing {missing or 'format'})"
+    )
+  if not np.allclose(
+      info.get("axis_directions_lps", AXIS_DIRECTIONS_LPS), AXIS_DIRECTIONS_LPS
+  ):
+    raise DicomError(
+        f"{path}: axis_directions_lps differ from the project's axes"
+    )
   return info
 
 
@@ -67,12 +82,19 @@ def resample_to_ct_grid(dose_gy: np.ndarray, info: dict):
   from randose_jax.dicom import rasterize, series
 
   ct = info["ct_grid"]
-  source = series.Volume(np.asarray(dose_gy, np.float32),
-                         np.asarray(info["voxel_dimensions"], np.float64),
-                         np.asarray(info["origin_lps_mm"], np.float64))
-  dose = rasterize.resample_linear(source, ct["shape"], ct["spacing"], ct["origin_lps_mm"], 0.0)
-  return (np.clip(dose.astype(np.float64), 0, None), np.asarray(ct["spacing"], np.float64),
-          np.asarray(ct["origin_lps_mm"], np.float64))
+  source = series.Volume(
+      np.asarray(dose_gy, np.float32),
+      np.asarray(info["voxel_dimensions"], np.float64),
+      np.asarray(info["origin_lps_mm"], np.float64),
+  )
+  dose = rasterize.resample_linear(
+      source, ct["shape"], ct["spacing"], ct["origin_lps_mm"], 0.0
+  )
+  return (
+      np.clip(dose.astype(np.float64), 0, None),
+      np.asarray(ct["spacing"], np.float64),
+      np.asarray(ct["origin_lps_mm"], np.float64),
+  )
 
 
 def rtdose_arguments(info: dict, dose_gy: np.ndarray, grid: str = "crop"):
@@ -89,11 +111,13 @@ def rtdose_arguments(info: dict, dose_gy: np.ndarray, grid: str = "crop"):
   else:
     dose, vd = dose_gy, np.asarray(info["voxel_dimensions"], np.float64)
     origin = np.asarray(info["origin_lps_mm"], np.float64)
-  kwargs = dict(origin_lps_mm=origin,
-                frame_of_reference_uid=info["frame_of_reference_uid"],
-                study_instance_uid=info["study_instance_uid"],
-                referenced_rt_plan_uid=info.get("rtplan_sop_instance_uid"),
-                referenced_structure_set_uid=info.get("rtstruct_sop_instance_uid"),
-                dicom_patient_id=info["patient_id"],
-                patient_name=info.get("patient_name"))
+  kwargs = dict(
+      origin_lps_mm=origin,
+      frame_of_reference_uid=info["frame_of_reference_uid"],
+      study_instance_uid=info["study_instance_uid"],
+      referenced_rt_plan_uid=info.get("rtplan_sop_instance_uid"),
+      referenced_structure_set_uid=info.get("rtstruct_sop_instance_uid"),
+      dicom_patient_id=info["patient_id"],
+      patient_name=info.get("patient_name"),
+  )
   return dose, vd, kwargs

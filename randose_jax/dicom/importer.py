@@ -41,6 +41,7 @@ AIR_HU = -CT_OFFSET
 class Plan:
   """One patient folder to write: a structure set on its CT, with its plan
   and dose when the input holds them."""
+
   patient_id: str
   patient_name: str
   ct_series_uid: str
@@ -66,13 +67,18 @@ def _referenced_series(ds) -> list[str]:
 
 
 def _referenced_frames(inst: series.Instance) -> set[str]:
-  frames = {str(f.get("FrameOfReferenceUID", ""))
-            for f in _items(inst.header, "ReferencedFrameOfReferenceSequence")}
+  frames = {
+      str(f.get("FrameOfReferenceUID", ""))
+      for f in _items(inst.header, "ReferencedFrameOfReferenceSequence")
+  }
   return (frames | {inst.frame_of_reference_uid}) - {""}
 
 
 def _referenced_sops(ds, keyword) -> set[str]:
-  return {str(item.get("ReferencedSOPInstanceUID", "")) for item in _items(ds, keyword)}
+  return {
+      str(item.get("ReferencedSOPInstanceUID", ""))
+      for item in _items(ds, keyword)
+  }
 
 
 def _folder_stem(patient_id: str) -> str:
@@ -88,48 +94,94 @@ def find_plans(scan: series.Scan, input_dir) -> list[Plan]:
       ambiguous, or of another patient.
   """
   if not scan.rtstructs:
-    raise DicomError(f"{input_dir}: no RTSTRUCT found ({len(scan.ct_series)} CT "
-                     f"series, {len(scan.not_dicom)} files not DICOM)")
+    raise DicomError(
+        f"{input_dir}: no RTSTRUCT found ({len(scan.ct_series)} CT "
+        f"series, {len(scan.not_dicom)} files not DICOM)"
+    )
   plans = []
   for ss in sorted(scan.rtstructs, key=lambda i: (i.patient_id, str(i.path))):
     refs = _referenced_series(ss.header)
     if refs:
       found = [uid for uid in refs if uid in scan.ct_series]
       if not found:
-        what = ("holds no CT images" if not scan.ct_series
-                else "does not hold it")
-        raise DicomError(f"{ss.path}: references CT series {', '.join(refs)}, "
-                         f"but {input_dir} {what}")
+        what = (
+            "holds no CT images" if not scan.ct_series else "does not hold it"
+        )
+        raise DicomError(
+            f"{ss.path}: references CT series {', '.join(refs)}, "
+            f"but {input_dir} {what}"
+        )
     else:
       frames = _referenced_frames(ss)
-      found = [uid for uid, sl in scan.ct_series.items()
-               if sl[0].frame_of_reference_uid in frames and sl[0].patient_id == ss.patient_id]
+      found = [
+          uid
+          for uid, sl in scan.ct_series.items()
+          if sl[0].frame_of_reference_uid in frames
+          and sl[0].patient_id == ss.patient_id
+      ]
       if not found:
-        raise DicomError(f"{ss.path}: no CT series of patient {ss.patient_id!r} in its "
-                         f"frame of reference in {input_dir}")
+        raise DicomError(
+            f"{ss.path}: no CT series of patient {ss.patient_id!r} in its "
+            f"frame of reference in {input_dir}"
+        )
     if len(found) > 1:
-      raise DicomError(f"{ss.path}: matches several CT series ({', '.join(found)}); "
-                       "keep one of them in the input")
+      raise DicomError(
+          f"{ss.path}: matches several CT series ({', '.join(found)}); "
+          "keep one of them in the input"
+      )
     ct = scan.ct_series[found[0]]
     series.check_one_patient(ct)
     if ss.patient_id != ct[0].patient_id:
-      raise DicomError(f"{ss.path}: patient {ss.patient_id!r}, but its CT series "
-                       f"{found[0]} is of patient {ct[0].patient_id!r}")
-    rtplans = sorted((p for p in scan.rtplans if ss.sop_instance_uid in _referenced_sops(
-        p.header, "ReferencedStructureSetSequence")), key=lambda p: str(p.path))
-    base = dict(patient_id=ss.patient_id, patient_name=ss.patient_name,
-                ct_series_uid=found[0], ct_slices=ct, rtstruct=ss)
+      raise DicomError(
+          f"{ss.path}: patient {ss.patient_id!r}, but its CT series "
+          f"{found[0]} is of patient {ct[0].patient_id!r}"
+      )
+    rtplans = sorted(
+        (
+            p
+            for p in scan.rtplans
+            if ss.sop_instance_uid
+            in _referenced_sops(p.header, "ReferencedStructureSetSequence")
+        ),
+        key=lambda p: str(p.path),
+    )
+    base = dict(
+        patient_id=ss.patient_id,
+        patient_name=ss.patient_name,
+        ct_series_uid=found[0],
+        ct_slices=ct,
+        rtstruct=ss,
+    )
     if rtplans:
       for plan in rtplans:
-        plans.append(Plan(**base, rtplan=plan, rtdose=_dose_of(
-            scan, lambda d, p=plan: p.sop_instance_uid in _referenced_sops(
-                d.header, "ReferencedRTPlanSequence"))))
+        plans.append(
+            Plan(
+                **base,
+                rtplan=plan,
+                rtdose=_dose_of(
+                    scan,
+                    lambda d, p=plan: p.sop_instance_uid
+                    in _referenced_sops(d.header, "ReferencedRTPlanSequence"),
+                ),
+            )
+        )
     else:
       known = {p.sop_instance_uid for p in scan.rtplans}
       frame = ct[0].frame_of_reference_uid
-      plans.append(Plan(**base, rtdose=_dose_of(
-          scan, lambda d: d.frame_of_reference_uid == frame and d.patient_id == ss.patient_id
-          and not (_referenced_sops(d.header, "ReferencedRTPlanSequence") & known))))
+      plans.append(
+          Plan(
+              **base,
+              rtdose=_dose_of(
+                  scan,
+                  lambda d: d.frame_of_reference_uid == frame
+                  and d.patient_id == ss.patient_id
+                  and not (
+                      _referenced_sops(d.header, "ReferencedRTPlanSequence")
+                      & known
+                  ),
+              ),
+          )
+      )
   by_patient: dict[str, list[Plan]] = {}
   for plan in plans:
     by_patient.setdefault(_folder_stem(plan.patient_id), []).append(plan)
@@ -141,9 +193,15 @@ def find_plans(scan: series.Scan, input_dir) -> list[Plan]:
 
 def _dose_of(scan: series.Scan, belongs) -> series.Instance | None:
   """The plan-summed RTDOSE among those that `belong` (first by path)."""
-  doses = sorted((d for d in scan.rtdoses if belongs(d)), key=lambda d: str(d.path))
-  summed = [d for d in doses if str(d.header.get("DoseSummationType", "PLAN")).upper()
-            in ("PLAN", "MULTI_PLAN", "")]
+  doses = sorted(
+      (d for d in scan.rtdoses if belongs(d)), key=lambda d: str(d.path)
+  )
+  summed = [
+      d
+      for d in doses
+      if str(d.header.get("DoseSummationType", "PLAN")).upper()
+      in ("PLAN", "MULTI_PLAN", "")
+  ]
   return summed[0] if summed else None
 
 
@@ -153,6 +211,7 @@ def _dose_of(scan: series.Scan, belongs) -> series.Instance | None:
 @dataclasses.dataclass
 class Imported:
   """One plan on the import grid (the project's axes)."""
+
   ct_hu: np.ndarray  # float32 (D, H, W)
   masks: dict  # ROI name -> bool (D, H, W)
   possible_dose_mask: np.ndarray
@@ -188,7 +247,10 @@ def _extent(volume: series.Volume, where: np.ndarray | None = None):
   first = np.array([n.min() for n in nz])
   last = np.array([n.max() for n in nz])
   start = volume.axis_start()
-  return start + (first - 0.5) * volume.spacing, start + (last + 0.5) * volume.spacing
+  return (
+      start + (first - 0.5) * volume.spacing,
+      start + (last + 0.5) * volume.spacing,
+  )
 
 
 def _union(masks: list[rasterize.StoredMask]) -> rasterize.StoredMask:
@@ -197,13 +259,21 @@ def _union(masks: list[rasterize.StoredMask]) -> rasterize.StoredMask:
   out = np.zeros(tuple(stop - start), bool)
   for m in masks:
     lo = m.start - start
-    out[lo[0]:lo[0] + m.mask.shape[0], lo[1]:lo[1] + m.mask.shape[1],
-        lo[2]:lo[2] + m.mask.shape[2]] |= m.mask
+    out[
+        lo[0] : lo[0] + m.mask.shape[0],
+        lo[1] : lo[1] + m.mask.shape[1],
+        lo[2] : lo[2] + m.mask.shape[2],
+    ] |= m.mask
   return rasterize.StoredMask(start, out)
 
 
-def import_plan(plan: Plan, mapper: roi_names.RoiMapper, *, shape=GRID_SHAPE,
-                spacing=DEFAULT_SPACING) -> Imported:
+def import_plan(
+    plan: Plan,
+    mapper: roi_names.RoiMapper,
+    *,
+    shape=GRID_SHAPE,
+    spacing=DEFAULT_SPACING,
+) -> Imported:
   """Reads, rasterises and resamples one plan (nothing is written).
 
   Raises:
@@ -217,10 +287,17 @@ def import_plan(plan: Plan, mapper: roi_names.RoiMapper, *, shape=GRID_SHAPE,
   grid, slices = series.ct_grid(plan.ct_slices)
   ss = plan.rtstruct
   ds = ss.header
-  names = {int(r.ROINumber): str(r.get("ROIName", "")) for r in _items(ds, "StructureSetROISequence")}
-  types = {int(o.ReferencedROINumber): str(o.get("RTROIInterpretedType", ""))
-           for o in _items(ds, "RTROIObservationsSequence")}
-  contours = {int(c.ReferencedROINumber): c for c in _items(ds, "ROIContourSequence")}
+  names = {
+      int(r.ROINumber): str(r.get("ROIName", ""))
+      for r in _items(ds, "StructureSetROISequence")
+  }
+  types = {
+      int(o.ReferencedROINumber): str(o.get("RTROIInterpretedType", ""))
+      for o in _items(ds, "RTROIObservationsSequence")
+  }
+  contours = {
+      int(c.ReferencedROINumber): c for c in _items(ds, "ROIContourSequence")
+  }
   warnings, sources = [], {}
   stored: dict[str, list[rasterize.StoredMask]] = {}
   matches = {}
@@ -228,7 +305,9 @@ def import_plan(plan: Plan, mapper: roi_names.RoiMapper, *, shape=GRID_SHAPE,
     match = mapper.match(name, types.get(number, ""))
     if match.warning:
       warnings.append(match.warning)
-    polygons, w = rasterize.contour_polygons(contours.get(number, {}), grid, name)
+    polygons, w = rasterize.contour_polygons(
+        contours.get(number, {}), grid, name
+    )
     warnings += w
     if not polygons:
       if not w:
@@ -238,21 +317,27 @@ def import_plan(plan: Plan, mapper: roi_names.RoiMapper, *, shape=GRID_SHAPE,
       continue
     mask = rasterize.rasterize(polygons, grid)
     if mask is None:
-      warnings.append(f"{name}: its contours enclose no CT voxel centre; skipped")
+      warnings.append(
+          f"{name}: its contours enclose no CT voxel centre; skipped"
+      )
       continue
     stored.setdefault(match.target, []).append(mask)
     sources.setdefault(match.target, []).append(name)
     matches[name] = match
   ptvs = [t for t in roi_names.PTV_LEVELS if t in stored]
   if not ptvs:
-    raise DicomError(f"{ss.path}: no PTV among the structures ({', '.join(sorted(names.values()))}); "
-                     "name the targets with --roi_map or --ptv_doses")
+    raise DicomError(
+        f"{ss.path}: no PTV among the structures ({', '.join(sorted(names.values()))}); "
+        "name the targets with --roi_map or --ptv_doses"
+    )
 
   hu = series.read_ct_pixels(slices, grid)
   ct = series.canonical(hu, grid)
   del hu
   voxel_cc = float(np.prod(ct.spacing)) / 1000
-  canon = {t: rasterize.canonical_mask(_union(m), grid) for t, m in stored.items()}
+  canon = {
+      t: rasterize.canonical_mask(_union(m), grid) for t, m in stored.items()
+  }
 
   ptv_extents = [_extent(canon[t]) for t in ptvs]
   ptv_lo = np.min([e[0] for e in ptv_extents], axis=0)
@@ -260,12 +345,16 @@ def import_plan(plan: Plan, mapper: roi_names.RoiMapper, *, shape=GRID_SHAPE,
   body = canon.get(roi_names.BODY)
   if body is not None:
     body_lo, body_hi = _extent(body)
-    mask_source = f"body contour {', '.join(repr(n) for n in sources[roi_names.BODY])}"
+    mask_source = (
+        f"body contour {', '.join(repr(n) for n in sources[roi_names.BODY])}"
+    )
   else:
     above = ct.array > BODY_THRESHOLD_HU
     if not above.any():
-      raise DicomError(f"{slices[0].path}: no CT voxel above {BODY_THRESHOLD_HU:g} HU and "
-                       f"no body contour in {ss.path.name}")
+      raise DicomError(
+          f"{slices[0].path}: no CT voxel above {BODY_THRESHOLD_HU:g} HU and "
+          f"no body contour in {ss.path.name}"
+      )
     body_lo, body_hi = _extent(ct, above)
     mask_source = f"CT > {BODY_THRESHOLD_HU:g} HU, filled slice by slice"
   voxel0 = place_box(ptv_lo, ptv_hi, body_lo, body_hi, shape, spacing)
@@ -281,7 +370,9 @@ def import_plan(plan: Plan, mapper: roi_names.RoiMapper, *, shape=GRID_SHAPE,
       cut = total - float(occ.sum()) * crop_voxel_cc
       if cut > 0.05 * total + 0.05:
         ptv_cut[target] = round(cut, 2)
-        warnings.append(f"{target}: {cut:.1f} cc of {total:.1f} cc lies outside the box")
+        warnings.append(
+            f"{target}: {cut:.1f} cc of {total:.1f} cc lies outside the box"
+        )
     masks[target] = occ >= 0.5
   if body is not None:
     possible = masks.pop(roi_names.BODY)
@@ -291,25 +382,47 @@ def import_plan(plan: Plan, mapper: roi_names.RoiMapper, *, shape=GRID_SHAPE,
       possible[:, :, k] = ndimage.binary_fill_holes(possible[:, :, k])
   for target in list(masks):
     if not masks[target].any():
-      warnings.append(f"{target}: no voxel of the import grid is at least half inside it; "
-                      "left out")
+      warnings.append(
+          f"{target}: no voxel of the import grid is at least half inside it; "
+          "left out"
+      )
       del masks[target]
 
   dose = None
   if plan.rtdose is not None:
-    if plan.rtdose.frame_of_reference_uid not in ("", plan.ct_slices[0].frame_of_reference_uid):
-      raise DicomError(f"{plan.rtdose.path}: FrameOfReferenceUID differs from its CT "
-                       f"series' ({plan.ct_slices[0].frame_of_reference_uid})")
+    if plan.rtdose.frame_of_reference_uid not in (
+        "",
+        plan.ct_slices[0].frame_of_reference_uid,
+    ):
+      raise DicomError(
+          f"{plan.rtdose.path}: FrameOfReferenceUID differs from its CT "
+          f"series' ({plan.ct_slices[0].frame_of_reference_uid})"
+      )
     dose_volume = series.load_rtdose(plan.rtdose)
-    dose = rasterize.resample_linear(dose_volume, shape, spacing, origin, 0.0).astype(np.float64)
+    dose = rasterize.resample_linear(
+        dose_volume, shape, spacing, origin, 0.0
+    ).astype(np.float64)
     dose = np.round(np.clip(dose, 0, None), 4) * possible
-    covered = rasterize.resample_linear(
-        series.Volume(np.ones_like(dose_volume.array, np.float32), dose_volume.spacing,
-                      dose_volume.origin), shape, spacing, origin, 0.0) > 0.5
+    covered = (
+        rasterize.resample_linear(
+            series.Volume(
+                np.ones_like(dose_volume.array, np.float32),
+                dose_volume.spacing,
+                dose_volume.origin,
+            ),
+            shape,
+            spacing,
+            origin,
+            0.0,
+        )
+        > 0.5
+    )
     uncovered = int(np.count_nonzero(possible & ~covered))
     if uncovered:
-      warnings.append(f"dose: {uncovered} voxels of the possible-dose mask lie outside "
-                      f"the RT Dose grid of {plan.rtdose.path.name} (0 Gy there)")
+      warnings.append(
+          f"dose: {uncovered} voxels of the possible-dose mask lie outside "
+          f"the RT Dose grid of {plan.rtdose.path.name} (0 Gy there)"
+      )
 
   first = slices[0]
   info = {
@@ -324,21 +437,33 @@ def import_plan(plan: Plan, mapper: roi_names.RoiMapper, *, shape=GRID_SHAPE,
       "ct_series_instance_uid": plan.ct_series_uid,
       "rtstruct_sop_instance_uid": ss.sop_instance_uid,
       "rtstruct_series_instance_uid": ss.series_uid,
-      "rtplan_sop_instance_uid": plan.rtplan.sop_instance_uid if plan.rtplan else None,
-      "rtdose_sop_instance_uid": plan.rtdose.sop_instance_uid if plan.rtdose else None,
-      "ct_grid": {"shape": list(ct.array.shape), "spacing": ct.spacing.tolist(),
-                  "origin_lps_mm": ct.origin.tolist(),
-                  "image_orientation_patient": [float(v) for v in first.header.ImageOrientationPatient]},
+      "rtplan_sop_instance_uid": (
+          plan.rtplan.sop_instance_uid if plan.rtplan else None
+      ),
+      "rtdose_sop_instance_uid": (
+          plan.rtdose.sop_instance_uid if plan.rtdose else None
+      ),
+      "ct_grid": {
+          "shape": list(ct.array.shape),
+          "spacing": ct.spacing.tolist(),
+          "origin_lps_mm": ct.origin.tolist(),
+          "image_orientation_patient": [
+              float(v) for v in first.header.ImageOrientationPatient
+          ],
+      },
       "roi_sources": {t: sources[t] for t in ROI_NAMES if t in masks},
       "possible_dose_mask_source": mask_source,
       "ptv_cut_cc": ptv_cut,
       "warnings": warnings,
   }
   summary = {
-      "patient": plan.folder, "patient_id": plan.patient_id,
+      "patient": plan.folder,
+      "patient_id": plan.patient_id,
       "rois_found": len(names),
       "mapped": {t: sources[t] for t in ROI_NAMES if t in masks},
-      "ptv_cut_cc": ptv_cut, "mask": mask_source, "dose": dose is not None,
+      "ptv_cut_cc": ptv_cut,
+      "mask": mask_source,
+      "dose": dose is not None,
       "warnings": warnings,
   }
   return Imported(ct_crop, masks, possible, dose, spacing, info, summary)
@@ -347,30 +472,48 @@ def import_plan(plan: Plan, mapper: roi_names.RoiMapper, *, shape=GRID_SHAPE,
 def write_patient_folder(folder: Path, imported: Imported) -> None:
   """Writes the OpenKBP files and `dicom_geometry.json` into a new `folder`."""
   folder.mkdir(parents=True)
-  stored_ct = np.clip(np.rint(imported.ct_hu.astype(np.float64)) + CT_OFFSET, 0, None).ravel()
+  stored_ct = np.clip(
+      np.rint(imported.ct_hu.astype(np.float64)) + CT_OFFSET, 0, None
+  ).ravel()
   index = np.flatnonzero(stored_ct)
-  (folder / openkbp.CT_FILE).write_bytes(openkbp.format_sparse_csv(index, stored_ct[index]))
+  (folder / openkbp.CT_FILE).write_bytes(
+      openkbp.format_sparse_csv(index, stored_ct[index])
+  )
   (folder / openkbp.MASK_FILE).write_bytes(
-      openkbp.format_sparse_csv(np.flatnonzero(imported.possible_dose_mask)))
+      openkbp.format_sparse_csv(np.flatnonzero(imported.possible_dose_mask))
+  )
   for name in ROI_NAMES:
     if name in imported.masks:
       (folder / f"{name}.csv").write_bytes(
-          openkbp.format_sparse_csv(np.flatnonzero(imported.masks[name])))
+          openkbp.format_sparse_csv(np.flatnonzero(imported.masks[name]))
+      )
   (folder / openkbp.VOXEL_DIMENSIONS_FILE).write_text(
-      "".join(f"{float(v)!r}\n" for v in imported.voxel_dimensions))
+      "".join(f"{float(v)!r}\n" for v in imported.voxel_dimensions)
+  )
   shape = tuple(imported.ct_hu.shape)
   if shape != GRID_SHAPE:
-    (folder / openkbp.GRID_SHAPE_FILE).write_text("".join(f"{n}\n" for n in shape))
+    (folder / openkbp.GRID_SHAPE_FILE).write_text(
+        "".join(f"{n}\n" for n in shape)
+    )
   if imported.dose is not None:
     flat = imported.dose.ravel()
     index = np.flatnonzero(flat)
-    (folder / openkbp.DOSE_FILE).write_bytes(openkbp.format_sparse_csv(index, flat[index]))
+    (folder / openkbp.DOSE_FILE).write_bytes(
+        openkbp.format_sparse_csv(index, flat[index])
+    )
   geometry.write_geometry(folder, imported.geometry)
 
 
-def import_folder(input_dir, output_dir, mapper: roi_names.RoiMapper | None = None, *,
-                  shape=GRID_SHAPE, spacing=DEFAULT_SPACING, overwrite: bool = False,
-                  progress: bool | None = None) -> list[dict]:
+def import_folder(
+    input_dir,
+    output_dir,
+    mapper: roi_names.RoiMapper | None = None,
+    *,
+    shape=GRID_SHAPE,
+    spacing=DEFAULT_SPACING,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> list[dict]:
   """Imports every plan under `input_dir` into `output_dir/pt_*`.
 
   Args:
@@ -390,23 +533,39 @@ def import_folder(input_dir, output_dir, mapper: roi_names.RoiMapper | None = No
   mapper = mapper or roi_names.RoiMapper()
   output_dir = Path(os.path.abspath(Path(output_dir).expanduser()))
   input_dir = Path(input_dir)
-  if output_dir == Path(os.path.abspath(input_dir)) or Path(
-      os.path.abspath(input_dir)) in output_dir.parents:
-    raise DicomError(f"{output_dir}: the output folder must not be inside --input")
+  if (
+      output_dir == Path(os.path.abspath(input_dir))
+      or Path(os.path.abspath(input_dir)) in output_dir.parents
+  ):
+    raise DicomError(
+        f"{output_dir}: the output folder must not be inside --input"
+    )
   fileio.check_output_dir(output_dir)
   scan = series.scan(input_dir)
   plans = find_plans(scan, input_dir)
   if not overwrite:
-    existing = [str(output_dir / p.folder) for p in plans if os.path.lexists(output_dir / p.folder)]
+    existing = [
+        str(output_dir / p.folder)
+        for p in plans
+        if os.path.lexists(output_dir / p.folder)
+    ]
     if existing:
-      raise FileExistsError(17, f"already exist(s) ({', '.join(existing[:3])}); "
-                            "pass --overwrite to replace", existing[0])
+      raise FileExistsError(
+          17,
+          f"already exist(s) ({', '.join(existing[:3])}); "
+          "pass --overwrite to replace",
+          existing[0],
+      )
   anchor = fileio.nearest_existing(output_dir)
   staging = Path(tempfile.mkdtemp(prefix=fileio.STAGING_PREFIX, dir=anchor))
   try:
     rows = []
-    for plan in tqdm(plans, desc="patients", unit="patient", disable=None if progress is None
-                     else not progress):
+    for plan in tqdm(
+        plans,
+        desc="patients",
+        unit="patient",
+        disable=None if progress is None else not progress,
+    ):
       imported = import_plan(plan, mapper, shape=shape, spacing=spacing)
       write_patient_folder(staging / plan.folder, imported)
       rows.append(imported.summary)
@@ -423,14 +582,30 @@ def import_folder(input_dir, output_dir, mapper: roi_names.RoiMapper | None = No
 
 def summary_table(rows: list[dict]) -> str:
   """A plain-text table: patient, ROIs found and mapped, PTV cut, mask, warnings."""
-  header = ("patient", "ROIs", "mapped", "PTV cut (cc)", "possible-dose mask", "dose",
-            "warnings")
+  header = (
+      "patient",
+      "ROIs",
+      "mapped",
+      "PTV cut (cc)",
+      "possible-dose mask",
+      "dose",
+      "warnings",
+  )
   lines = []
   for r in rows:
     mapped = "; ".join(f"{t}<-{'+'.join(n)}" for t, n in r["mapped"].items())
     cut = ", ".join(f"{t} {v:g}" for t, v in r["ptv_cut_cc"].items()) or "0"
-    lines.append((r["patient"], str(r["rois_found"]), mapped, cut, r["mask"],
-                  "yes" if r["dose"] else "no", str(len(r["warnings"]))))
+    lines.append(
+        (
+            r["patient"],
+            str(r["rois_found"]),
+            mapped,
+            cut,
+            r["mask"],
+            "yes" if r["dose"] else "no",
+            str(len(r["warnings"])),
+        )
+    )
   widths = [max(len(x) for x in col) for col in zip(header, *lines)]
   out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
   out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]

@@ -35,6 +35,7 @@ class StoredMask:
     start: int (3,) stored index of mask[0, 0, 0].
     mask: bool (slices, rows, columns) of the box.
   """
+
   start: np.ndarray
   mask: np.ndarray
 
@@ -63,11 +64,15 @@ def contour_polygons(roi_contour, grid: series.StoredGrid, name: str):
     index = grid.lps_to_index(data.reshape(-1, 3))
     k = index[:, 0]
     if np.ptp(k) > PLANARITY_TOLERANCE:
-      skipped["not in a CT slice plane"] = skipped.get("not in a CT slice plane", 0) + 1
+      skipped["not in a CT slice plane"] = (
+          skipped.get("not in a CT slice plane", 0) + 1
+      )
       continue
     slice_index = int(np.rint(k.mean()))
     if not 0 <= slice_index < grid.shape[0]:
-      skipped["outside the CT's slices"] = skipped.get("outside the CT's slices", 0) + 1
+      skipped["outside the CT's slices"] = (
+          skipped.get("outside the CT's slices", 0) + 1
+      )
       continue
     polygons.append((slice_index, index[:, 1:]))
   for why, n in skipped.items():
@@ -95,23 +100,38 @@ def rasterize(polygons, grid: series.StoredGrid) -> StoredMask | None:
     p_hi = np.minimum(np.floor(poly.max(axis=0)).astype(int) + 1, hi)
     if np.any(p_hi <= p_lo):
       continue
-    rr, cc = np.meshgrid(np.arange(p_lo[0], p_hi[0]), np.arange(p_lo[1], p_hi[1]),
-                         indexing="ij")
-    inside = MplPath(poly).contains_points(
-        np.stack([rr.ravel(), cc.ravel()], axis=1)).reshape(rr.shape)
-    mask[k - start[0], p_lo[0] - lo[0]:p_hi[0] - lo[0],
-         p_lo[1] - lo[1]:p_hi[1] - lo[1]] ^= inside
+    rr, cc = np.meshgrid(
+        np.arange(p_lo[0], p_hi[0]), np.arange(p_lo[1], p_hi[1]), indexing="ij"
+    )
+    inside = (
+        MplPath(poly)
+        .contains_points(np.stack([rr.ravel(), cc.ravel()], axis=1))
+        .reshape(rr.shape)
+    )
+    mask[
+        k - start[0],
+        p_lo[0] - lo[0] : p_hi[0] - lo[0],
+        p_lo[1] - lo[1] : p_hi[1] - lo[1],
+    ] ^= inside
   if not mask.any():
     return None
   # Trim to the filled voxels.
-  nz = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        for axis in range(3)]
+  nz = [
+      np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+      for axis in range(3)
+  ]
   trim = tuple(slice(n[0], n[-1] + 1) for n in nz)
   return StoredMask(start + np.array([n[0] for n in nz]), mask[trim])
 
 
-def _overlap_matrix(src_start: float, src_spacing: float, n_src: int,
-                    dst_start: float, dst_spacing: float, n_dst: int) -> np.ndarray:
+def _overlap_matrix(
+    src_start: float,
+    src_spacing: float,
+    n_src: int,
+    dst_start: float,
+    dst_spacing: float,
+    n_dst: int,
+) -> np.ndarray:
   """(n_dst, n_src): the fraction of each target voxel's length covered by
   each source voxel (voxel centres at start + i * spacing)."""
   s = src_start + np.arange(n_src) * src_spacing
@@ -121,7 +141,9 @@ def _overlap_matrix(src_start: float, src_spacing: float, n_src: int,
   return np.clip(hi - lo, 0, None) / dst_spacing
 
 
-def occupancy(source: series.Volume, shape, target_spacing, target_origin) -> np.ndarray:
+def occupancy(
+    source: series.Volume, shape, target_spacing, target_origin
+) -> np.ndarray:
   """float32 `shape`: the fraction of each target voxel covered by `source`
   (0/1 values; canonical axes on both sides)."""
   from randose_jax.conventions import AXIS_DIRECTIONS_LPS
@@ -131,30 +153,47 @@ def occupancy(source: series.Volume, shape, target_spacing, target_origin) -> np
   out = source.array.astype(np.float32)
   ranges = []
   for axis in range(3):
-    w = _overlap_matrix(src_axis0[axis], source.spacing[axis], out.shape[axis],
-                        dst_axis0[axis], target_spacing[axis], shape[axis])
+    w = _overlap_matrix(
+        src_axis0[axis],
+        source.spacing[axis],
+        out.shape[axis],
+        dst_axis0[axis],
+        target_spacing[axis],
+        shape[axis],
+    )
     rows = np.flatnonzero(w.any(axis=1))
     if rows.size == 0:
       return np.zeros(shape, np.float32)
     rows = np.arange(rows[0], rows[-1] + 1)
     ranges.append(rows)
-    out = np.moveaxis(np.tensordot(w[rows].astype(np.float32), out, axes=([1], [axis])),
-                      0, axis)
+    out = np.moveaxis(
+        np.tensordot(w[rows].astype(np.float32), out, axes=([1], [axis])),
+        0,
+        axis,
+    )
   full = np.zeros(shape, np.float32)
-  full[ranges[0][0]:ranges[0][-1] + 1, ranges[1][0]:ranges[1][-1] + 1,
-       ranges[2][0]:ranges[2][-1] + 1] = out
+  full[
+      ranges[0][0] : ranges[0][-1] + 1,
+      ranges[1][0] : ranges[1][-1] + 1,
+      ranges[2][0] : ranges[2][-1] + 1,
+  ] = out
   return full
 
 
 def canonical_mask(mask: StoredMask, grid: series.StoredGrid) -> series.Volume:
   """A stored mask box as a canonical `Volume` (float32 0/1)."""
-  box = series.StoredGrid(mask.mask.shape, grid.directions, grid.spacing,
-                          grid.origin + (mask.start * grid.spacing) @ grid.directions)
+  box = series.StoredGrid(
+      mask.mask.shape,
+      grid.directions,
+      grid.spacing,
+      grid.origin + (mask.start * grid.spacing) @ grid.directions,
+  )
   return series.canonical(mask.mask, box)
 
 
-def resample_linear(source: series.Volume, shape, target_spacing, target_origin,
-                    fill: float) -> np.ndarray:
+def resample_linear(
+    source: series.Volume, shape, target_spacing, target_origin, fill: float
+) -> np.ndarray:
   """float32 `shape`: `source` sampled linearly at the target voxel centres
   (canonical axes on both sides); `fill` outside the source."""
   from scipy import ndimage
@@ -165,5 +204,12 @@ def resample_linear(source: series.Volume, shape, target_spacing, target_origin,
   scale = np.asarray(target_spacing, np.float64) / source.spacing
   offset = (dst_axis0 - source.axis_start()) / source.spacing
   return ndimage.affine_transform(
-      source.array.astype(np.float32), scale, offset=offset, output_shape=tuple(shape),
-      order=1, mode="constant", cval=fill, prefilter=False)
+      source.array.astype(np.float32),
+      scale,
+      offset=offset,
+      output_shape=tuple(shape),
+      order=1,
+      mode="constant",
+      cval=fill,
+      prefilter=False,
+  )

@@ -53,19 +53,55 @@ RIGHT = frozenset({"r", "rt", "right", "rgt", "dx"})
 FILLER = frozenset({"gland", "total"})
 # Tokens of derived structures (planning risk volumes, optimisation helpers,
 # rings, margins): such a structure is never mapped by the default table.
-DERIVED = frozenset({
-    "prv", "opt", "optim", "avoid", "avd", "ring", "planning", "plan", "exp",
-    "expand", "expanded", "plus", "minus", "mm", "cm", "dummy", "z", "zz",
-    "help", "helper", "aux", "ctv", "gtv", "itv", "dose", "hot", "cold",
-    "old", "wire", "block", "isodose", "ptv", "crop", "margin", "shell",
-})
+DERIVED = frozenset(
+    {
+        "prv",
+        "opt",
+        "optim",
+        "avoid",
+        "avd",
+        "ring",
+        "planning",
+        "plan",
+        "exp",
+        "expand",
+        "expanded",
+        "plus",
+        "minus",
+        "mm",
+        "cm",
+        "dummy",
+        "z",
+        "zz",
+        "help",
+        "helper",
+        "aux",
+        "ctv",
+        "gtv",
+        "itv",
+        "dose",
+        "hot",
+        "cold",
+        "old",
+        "wire",
+        "block",
+        "isodose",
+        "ptv",
+        "crop",
+        "margin",
+        "shell",
+    }
+)
 
 
 def tokens(name: str) -> list[str]:
   """Lower-case tokens of a structure name (see the module docstring)."""
   text = re.sub(r"([a-z])([A-Z])", r"\1 \2", name)
-  text = re.sub(r"([A-Za-z])([0-9])|([0-9])([A-Za-z])",
-                lambda m: " ".join(g for g in m.groups() if g), text)
+  text = re.sub(
+      r"([A-Za-z])([0-9])|([0-9])([A-Za-z])",
+      lambda m: " ".join(g for g in m.groups() if g),
+      text,
+  )
   return re.findall(r"[a-z]+|[0-9]+(?:\.[0-9]+)?", text.lower())
 
 
@@ -79,6 +115,7 @@ class Match:
     rule: what decided it ("roi map", "ptv_doses", "default", "none").
     warning: set when the structure looks relevant but is not used.
   """
+
   target: str | None
   dose_gy: float | None = None
   rule: str = "none"
@@ -88,17 +125,31 @@ class Match:
 def ptv_channel(dose_gy: float) -> str | None:
   """The OpenKBP target channel for a PTV level, None if none is near."""
   name = min(PTV_LEVELS, key=lambda n: abs(PTV_LEVELS[n] - dose_gy))
-  return name if abs(PTV_LEVELS[name] - dose_gy) <= PTV_LEVEL_TOLERANCE_GY else None
+  return (
+      name
+      if abs(PTV_LEVELS[name] - dose_gy) <= PTV_LEVEL_TOLERANCE_GY
+      else None
+  )
 
 
 def _ptv_match(name: str, dose_gy: float | None, rule: str) -> Match:
   if dose_gy is None:
-    return Match(None, None, rule, f"PTV {name!r} has no dose level in its "
-                 "name; give one with --ptv_doses")
+    return Match(
+        None,
+        None,
+        rule,
+        f"PTV {name!r} has no dose level in its "
+        "name; give one with --ptv_doses",
+    )
   channel = ptv_channel(dose_gy)
   if channel is None:
-    return Match(None, dose_gy, rule, f"PTV {name!r} at {dose_gy:g} Gy is not "
-                 f"within {PTV_LEVEL_TOLERANCE_GY} Gy of 56, 63 or 70 Gy: not used")
+    return Match(
+        None,
+        dose_gy,
+        rule,
+        f"PTV {name!r} at {dose_gy:g} Gy is not "
+        f"within {PTV_LEVEL_TOLERANCE_GY} Gy of 56, 63 or 70 Gy: not used",
+    )
   return Match(channel, dose_gy, rule)
 
 
@@ -106,7 +157,7 @@ def _ptv_level(toks: list[str]) -> float | None:
   for i, tok in enumerate(toks):
     if tok[0].isdigit():
       value = float(tok)
-      unit = "".join(toks[i + 1:i + 3]) if i + 1 < len(toks) else ""
+      unit = "".join(toks[i + 1 : i + 3]) if i + 1 < len(toks) else ""
       if unit.startswith("cgy") or (not unit.startswith("gy") and value >= 200):
         value /= 100
       return value
@@ -131,10 +182,15 @@ def default_match(name: str, interpreted_type: str = "") -> Match:
     if core in synonyms:
       if target == "Parotid":
         if len(sides) != 1:
-          return Match(None, None, "default", f"{name!r}: a parotid without "
-                       "one side (L or R) is not used")
-        return Match("LeftParotid" if sides == {"L"} else "RightParotid",
-                     None, "default")
+          return Match(
+              None,
+              None,
+              "default",
+              f"{name!r}: a parotid without " "one side (L or R) is not used",
+          )
+        return Match(
+            "LeftParotid" if sides == {"L"} else "RightParotid", None, "default"
+        )
       if sides:
         return Match(None)
       return Match(target, None, "default")
@@ -146,8 +202,10 @@ def default_match(name: str, interpreted_type: str = "") -> Match:
 def _check_target(target, where: str):
   if target is None or target in ROI_NAMES or target == BODY:
     return target
-  raise DicomError(f"{where}: unknown target {target!r}; use one of "
-                   f"{', '.join(ROI_NAMES)}, {BODY} or null")
+  raise DicomError(
+      f"{where}: unknown target {target!r}; use one of "
+      f"{', '.join(ROI_NAMES)}, {BODY} or null"
+  )
 
 
 def load_roi_map(path) -> dict:
@@ -161,25 +219,33 @@ def load_roi_map(path) -> dict:
   try:
     text = path.read_text()
   except OSError as e:
-    raise DicomError(f"{path}: cannot read the ROI map ({e.strerror or e})") from e
+    raise DicomError(
+        f"{path}: cannot read the ROI map ({e.strerror or e})"
+    ) from e
   if path.suffix.lower() in (".yaml", ".yml"):
     try:
       import yaml  # pylint: disable=g-import-not-at-top
     except ImportError as e:
-      raise DicomError(f"{path}: a YAML ROI map needs pyyaml (pip install "
-                       "pyyaml), or write it as JSON") from e
+      raise DicomError(
+          f"{path}: a YAML ROI map needs pyyaml (pip install "
+          "pyyaml), or write it as JSON"
+      ) from e
     try:
       data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-      raise DicomError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+      raise DicomError(
+          f"{path}: not valid YAML ({str(e).splitlines()[0]})"
+      ) from e
   else:
     try:
       data = json.loads(text)
     except json.JSONDecodeError as e:
       raise DicomError(f"{path}: not valid JSON ({e})") from e
   if not isinstance(data, dict):
-    raise DicomError(f"{path}: expected an object of name -> ROI, got "
-                     f"{type(data).__name__}")
+    raise DicomError(
+        f"{path}: expected an object of name -> ROI, got "
+        f"{type(data).__name__}"
+    )
   out = {}
   for key, target in data.items():
     key = str(key)
@@ -188,7 +254,9 @@ def load_roi_map(path) -> dict:
       try:
         re.compile(key[3:])
       except re.error as e:
-        raise DicomError(f"{path}: {key!r} is not a valid regular expression ({e})") from e
+        raise DicomError(
+            f"{path}: {key!r} is not a valid regular expression ({e})"
+        ) from e
     out[key] = target
   return out
 
@@ -207,7 +275,9 @@ def parse_ptv_doses(items) -> dict[str, float]:
     except ValueError:
       level = -1.0
     if not sep or not name.strip() or not level > 0:
-      raise DicomError(f"--ptv_doses: {item!r} is not NAME=Gy (a positive level)")
+      raise DicomError(
+          f"--ptv_doses: {item!r} is not NAME=Gy (a positive level)"
+      )
     out[name.strip().lower()] = level
   return out
 
@@ -215,13 +285,22 @@ def parse_ptv_doses(items) -> dict[str, float]:
 class RoiMapper:
   """Maps structure names with the user map, `--ptv_doses` and the defaults."""
 
-  def __init__(self, user_map: dict | None = None,
-               ptv_doses: dict[str, float] | None = None):
+  def __init__(
+      self,
+      user_map: dict | None = None,
+      ptv_doses: dict[str, float] | None = None,
+  ):
     user_map = user_map or {}
-    self._exact = {k.strip().lower(): v for k, v in user_map.items()
-                   if not k.startswith("re:")}
-    self._regex = [(re.compile(k[3:], re.IGNORECASE), v)
-                   for k, v in user_map.items() if k.startswith("re:")]
+    self._exact = {
+        k.strip().lower(): v
+        for k, v in user_map.items()
+        if not k.startswith("re:")
+    }
+    self._regex = [
+        (re.compile(k[3:], re.IGNORECASE), v)
+        for k, v in user_map.items()
+        if k.startswith("re:")
+    ]
     self._ptv_doses = {k.lower(): v for k, v in (ptv_doses or {}).items()}
 
   def _user(self, name: str, target) -> Match:

@@ -40,6 +40,7 @@ TILT_TOLERANCE_MM = 0.05
 @dataclasses.dataclass
 class Instance:
   """One DICOM file, read without its pixel data."""
+
   path: Path
   modality: str
   patient_id: str
@@ -54,6 +55,7 @@ class Instance:
 @dataclasses.dataclass
 class Scan:
   """What a folder tree holds, by kind."""
+
   ct_series: dict[str, list[Instance]]  # SeriesInstanceUID -> slices
   rtstructs: list[Instance]
   rtplans: list[Instance]
@@ -78,8 +80,11 @@ def scan(input_dir) -> Scan:
   if not input_dir.is_dir():
     raise DicomError(f"{input_dir}: input folder not found")
   result = Scan({}, [], [], [], [], 0)
-  paths = sorted(Path(root) / name for root, _, names in os.walk(input_dir)
-                 for name in names)
+  paths = sorted(
+      Path(root) / name
+      for root, _, names in os.walk(input_dir)
+      for name in names
+  )
   for path in paths:
     try:
       ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -87,18 +92,22 @@ def scan(input_dir) -> Scan:
       result.not_dicom.append(path)
       continue
     except Exception as e:  # pylint: disable=broad-except
-      raise DicomError(f"{path}: not a readable DICOM file "
-                       f"({type(e).__name__}: {_first_line(e)})") from e
+      raise DicomError(
+          f"{path}: not a readable DICOM file "
+          f"({type(e).__name__}: {_first_line(e)})"
+      ) from e
     modality = str(ds.get("Modality", "")).upper()
     inst = Instance(
-        path=path, modality=modality,
+        path=path,
+        modality=modality,
         patient_id=str(ds.get("PatientID", "")),
         patient_name=str(ds.get("PatientName", "")),
         study_uid=str(ds.get("StudyInstanceUID", "")),
         series_uid=str(ds.get("SeriesInstanceUID", "")),
         frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")),
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-        header=ds)
+        header=ds,
+    )
     if modality == "CT":
       result.ct_series.setdefault(inst.series_uid, []).append(inst)
     elif modality == "RTSTRUCT":
@@ -129,6 +138,7 @@ class Volume:
     spacing: float64 (3,) mm per axis.
     origin: float64 (3,) LPS mm of the centre of voxel (0, 0, 0).
   """
+
   array: np.ndarray
   spacing: np.ndarray
   origin: np.ndarray
@@ -139,7 +149,10 @@ class Volume:
 
   def index_to_lps(self, index) -> np.ndarray:
     """LPS mm of (continuous) indices (..., 3)."""
-    return self.origin + (np.asarray(index, np.float64) * self.spacing) @ AXIS_DIRECTIONS_LPS
+    return (
+        self.origin
+        + (np.asarray(index, np.float64) * self.spacing) @ AXIS_DIRECTIONS_LPS
+    )
 
 
 @dataclasses.dataclass
@@ -152,6 +165,7 @@ class StoredGrid:
     spacing: float64 (3,) mm.
     origin: float64 (3,) LPS mm of stored voxel (0, 0, 0).
   """
+
   shape: tuple[int, int, int]
   directions: np.ndarray
   spacing: np.ndarray
@@ -159,7 +173,9 @@ class StoredGrid:
 
   def lps_to_index(self, points) -> np.ndarray:
     """Continuous stored indices (n, 3) of LPS points (n, 3)."""
-    return ((np.asarray(points, np.float64) - self.origin) @ self.directions.T) / self.spacing
+    return (
+        (np.asarray(points, np.float64) - self.origin) @ self.directions.T
+    ) / self.spacing
 
   def to_canonical(self):
     """(permutation, flips): canonical axis a is stored axis permutation[a],
@@ -182,9 +198,16 @@ def canonical(array: np.ndarray, grid: StoredGrid) -> Volume:
   for axis, (stored, flip) in enumerate(zip(permutation, flips)):
     if flip:
       out = np.flip(out, axis)
-      origin += (grid.shape[stored] - 1) * grid.spacing[stored] * grid.directions[stored]
-  return Volume(np.ascontiguousarray(out), grid.spacing[permutation].astype(np.float64),
-                origin)
+      origin += (
+          (grid.shape[stored] - 1)
+          * grid.spacing[stored]
+          * grid.directions[stored]
+      )
+  return Volume(
+      np.ascontiguousarray(out),
+      grid.spacing[permutation].astype(np.float64),
+      origin,
+  )
 
 
 def _vector(ds, keyword: str, n: int, path) -> np.ndarray:
@@ -194,8 +217,9 @@ def _vector(ds, keyword: str, n: int, path) -> np.ndarray:
   except (TypeError, ValueError):
     out = np.zeros(0)
   if out.shape != (n,) or not np.all(np.isfinite(out)):
-    raise DicomError(f"{path}: {keyword} is missing or not {n} numbers "
-                     f"(got {value!r})")
+    raise DicomError(
+        f"{path}: {keyword} is missing or not {n} numbers " f"(got {value!r})"
+    )
   return out
 
 
@@ -206,36 +230,46 @@ def _orientation(ds, path) -> tuple[np.ndarray, np.ndarray]:
   for cosine in (row, col):
     norm = np.linalg.norm(cosine)
     if norm == 0 or np.sort(np.abs(cosine / norm))[1] > AXIS_TOLERANCE:
-      raise DicomError(f"{path}: oblique ImageOrientationPatient {iop.tolist()}; "
-                       "only axis-aligned (axial, coronal or sagittal) grids "
-                       "are supported")
+      raise DicomError(
+          f"{path}: oblique ImageOrientationPatient {iop.tolist()}; "
+          "only axis-aligned (axial, coronal or sagittal) grids "
+          "are supported"
+      )
   row = np.round(row / np.linalg.norm(row))
   col = np.round(col / np.linalg.norm(col))
   if abs(row @ col) > 0.5:
-    raise DicomError(f"{path}: ImageOrientationPatient {iop.tolist()} has "
-                     "parallel row and column directions")
+    raise DicomError(
+        f"{path}: ImageOrientationPatient {iop.tolist()} has "
+        "parallel row and column directions"
+    )
   return row, col
 
 
 def _pixel_spacing(ds, path) -> np.ndarray:
   spacing = _vector(ds, "PixelSpacing", 2, path)
   if np.any(spacing <= 0):
-    raise DicomError(f"{path}: PixelSpacing {spacing.tolist()} must be positive")
+    raise DicomError(
+        f"{path}: PixelSpacing {spacing.tolist()} must be positive"
+    )
   return spacing
 
 
 def check_one_patient(slices: list[Instance]) -> None:
   """DicomError naming a file of the minority when a series' slices belong to
   several patients or frames of reference."""
-  for attribute, what in (("patient_id", "patients"),
-                          ("frame_of_reference_uid", "frames of reference")):
+  for attribute, what in (
+      ("patient_id", "patients"),
+      ("frame_of_reference_uid", "frames of reference"),
+  ):
     values = [getattr(inst, attribute) for inst in slices]
     common = max(set(values), key=values.count)
     odd = [inst for inst in slices if getattr(inst, attribute) != common]
     if odd:
-      raise DicomError(f"{odd[0].path}: CT series {slices[0].series_uid} mixes slices "
-                       f"of {what} {common!r} ({values.count(common)} slices) and "
-                       f"{getattr(odd[0], attribute)!r} ({len(odd)})")
+      raise DicomError(
+          f"{odd[0].path}: CT series {slices[0].series_uid} mixes slices "
+          f"of {what} {common!r} ({values.count(common)} slices) and "
+          f"{getattr(odd[0], attribute)!r} ({len(odd)})"
+      )
 
 
 def ct_grid(slices: list[Instance]) -> tuple[StoredGrid, list[Instance]]:
@@ -252,13 +286,17 @@ def ct_grid(slices: list[Instance]) -> tuple[StoredGrid, list[Instance]]:
   first = slices[0]
   series = first.series_uid
   if len(slices) < 2:
-    raise DicomError(f"{first.path}: CT series {series} has a single slice; "
-                     "a volume needs at least two")
+    raise DicomError(
+        f"{first.path}: CT series {series} has a single slice; "
+        "a volume needs at least two"
+    )
   row, col = _orientation(first.header, first.path)
   spacing2 = _pixel_spacing(first.header, first.path)
   size = (int(first.header.get("Rows", 0)), int(first.header.get("Columns", 0)))
   if min(size) < 1:
-    raise DicomError(f"{first.path}: Rows and Columns must be positive, got {size}")
+    raise DicomError(
+        f"{first.path}: Rows and Columns must be positive, got {size}"
+    )
   normal = np.cross(row, col)
   positions = []
   for inst in slices:
@@ -266,12 +304,17 @@ def ct_grid(slices: list[Instance]) -> tuple[StoredGrid, list[Instance]]:
     if inst is not first:
       r, c = _orientation(ds, inst.path)
       if not (np.array_equal(r, row) and np.array_equal(c, col)):
-        raise DicomError(f"{inst.path}: ImageOrientationPatient differs from "
-                         f"{first.path.name}'s in CT series {series}")
-      if not np.allclose(_pixel_spacing(ds, inst.path), spacing2, atol=1e-4) or (
-          (int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) != size):
-        raise DicomError(f"{inst.path}: PixelSpacing or Rows/Columns differ from "
-                         f"{first.path.name}'s in CT series {series}")
+        raise DicomError(
+            f"{inst.path}: ImageOrientationPatient differs from "
+            f"{first.path.name}'s in CT series {series}"
+        )
+      if not np.allclose(
+          _pixel_spacing(ds, inst.path), spacing2, atol=1e-4
+      ) or ((int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) != size):
+        raise DicomError(
+            f"{inst.path}: PixelSpacing or Rows/Columns differ from "
+            f"{first.path.name}'s in CT series {series}"
+        )
     positions.append(_vector(ds, "ImagePositionPatient", 3, inst.path))
   positions = np.array(positions)
   along = positions @ normal
@@ -281,30 +324,37 @@ def ct_grid(slices: list[Instance]) -> tuple[StoredGrid, list[Instance]]:
   steps = np.diff(along)
   if np.any(steps <= 1e-3):
     i = int(np.argmax(steps <= 1e-3))
-    raise DicomError(f"{slices[i + 1].path}: at the same position as "
-                     f"{slices[i].path.name} ({along[i]:.3f} mm along the normal) "
-                     f"in CT series {series}")
+    raise DicomError(
+        f"{slices[i + 1].path}: at the same position as "
+        f"{slices[i].path.name} ({along[i]:.3f} mm along the normal) "
+        f"in CT series {series}"
+    )
   in_plane = positions - np.outer(along, normal)
   drift = np.linalg.norm(in_plane - in_plane[0], axis=1)
   if drift.max() > TILT_TOLERANCE_MM:
     i = int(np.argmax(drift))
-    raise DicomError(f"{slices[i].path}: ImagePositionPatient is {drift[i]:.2f} mm "
-                     f"off the slice normal of {slices[0].path.name} (gantry tilt "
-                     "or a sheared series); only untilted series are supported")
+    raise DicomError(
+        f"{slices[i].path}: ImagePositionPatient is {drift[i]:.2f} mm "
+        f"off the slice normal of {slices[0].path.name} (gantry tilt "
+        "or a sheared series); only untilted series are supported"
+    )
   step = float(np.median(steps))
   tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_FRACTION * step)
   uneven = np.abs(steps - step) > tolerance
   if np.any(uneven):
     i = int(np.argmax(uneven))
-    raise DicomError(f"{slices[i + 1].path}: {steps[i]:.3f} mm from the previous "
-                     f"slice ({slices[i].path.name}), {step:.3f} mm elsewhere in CT "
-                     f"series {series}: a missing slice or uneven spacing, which "
-                     "is not supported")
+    raise DicomError(
+        f"{slices[i + 1].path}: {steps[i]:.3f} mm from the previous "
+        f"slice ({slices[i].path.name}), {step:.3f} mm elsewhere in CT "
+        f"series {series}: a missing slice or uneven spacing, which "
+        "is not supported"
+    )
   grid = StoredGrid(
       shape=(len(slices), size[0], size[1]),
       directions=np.stack([normal, col, row]),
       spacing=np.array([step, spacing2[0], spacing2[1]]),
-      origin=positions[0])
+      origin=positions[0],
+  )
   return grid, slices
 
 
@@ -322,11 +372,15 @@ def read_ct_pixels(slices: list[Instance], grid: StoredGrid) -> np.ndarray:
       ds = pydicom.dcmread(inst.path)
       pixels = ds.pixel_array
     except Exception as e:  # pylint: disable=broad-except
-      raise DicomError(f"{inst.path}: cannot read the pixel data "
-                       f"({type(e).__name__}: {_first_line(e)})") from e
+      raise DicomError(
+          f"{inst.path}: cannot read the pixel data "
+          f"({type(e).__name__}: {_first_line(e)})"
+      ) from e
     if pixels.shape != grid.shape[1:]:
-      raise DicomError(f"{inst.path}: pixel data has shape {pixels.shape}, "
-                       f"expected {grid.shape[1:]}")
+      raise DicomError(
+          f"{inst.path}: pixel data has shape {pixels.shape}, "
+          f"expected {grid.shape[1:]}"
+      )
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     out[k] = pixels.astype(np.float32) * slope + intercept
@@ -346,40 +400,56 @@ def load_rtdose(inst: Instance) -> Volume:
   try:
     ds = pydicom.dcmread(path)
   except Exception as e:  # pylint: disable=broad-except
-    raise DicomError(f"{path}: not a readable DICOM file "
-                     f"({type(e).__name__}: {_first_line(e)})") from e
+    raise DicomError(
+        f"{path}: not a readable DICOM file "
+        f"({type(e).__name__}: {_first_line(e)})"
+    ) from e
   if str(ds.get("DoseUnits", "")).upper() != "GY":
-    raise DicomError(f"{path}: DoseUnits is {ds.get('DoseUnits')!r}, only GY is supported")
+    raise DicomError(
+        f"{path}: DoseUnits is {ds.get('DoseUnits')!r}, only GY is supported"
+    )
   if "DoseGridScaling" not in ds or "PixelData" not in ds:
     raise DicomError(f"{path}: DoseGridScaling or PixelData is missing")
   row, col = _orientation(ds, path)
   spacing2 = _pixel_spacing(ds, path)
   n_frames = int(ds.get("NumberOfFrames", 1) or 1)
   try:
-    pixels = np.asarray(ds.pixel_array).reshape(n_frames, int(ds.Rows), int(ds.Columns))
+    pixels = np.asarray(ds.pixel_array).reshape(
+        n_frames, int(ds.Rows), int(ds.Columns)
+    )
   except Exception as e:  # pylint: disable=broad-except
-    raise DicomError(f"{path}: cannot read the pixel data "
-                     f"({type(e).__name__}: {_first_line(e)})") from e
+    raise DicomError(
+        f"{path}: cannot read the pixel data "
+        f"({type(e).__name__}: {_first_line(e)})"
+    ) from e
   dose = pixels.astype(np.float64) * float(ds.DoseGridScaling)
   if n_frames > 1:
     offsets = np.array([float(v) for v in ds.get("GridFrameOffsetVector", [])])
     if offsets.shape != (n_frames,):
-      raise DicomError(f"{path}: GridFrameOffsetVector has {offsets.size} values "
-                       f"for {n_frames} frames")
+      raise DicomError(
+          f"{path}: GridFrameOffsetVector has {offsets.size} values "
+          f"for {n_frames} frames"
+      )
     offsets = offsets - offsets[0]
     order = np.argsort(offsets, kind="stable")
     dose, offsets = dose[order], offsets[order]
     steps = np.diff(offsets)
-    if np.any(steps <= 0) or np.ptp(steps) > max(SPACING_TOLERANCE_MM,
-                                                 SPACING_TOLERANCE_FRACTION * steps[0]):
-      raise DicomError(f"{path}: dose frames are not equally spaced "
-                       f"(GridFrameOffsetVector {offsets.tolist()[:8]}...)")
+    if np.any(steps <= 0) or np.ptp(steps) > max(
+        SPACING_TOLERANCE_MM, SPACING_TOLERANCE_FRACTION * steps[0]
+    ):
+      raise DicomError(
+          f"{path}: dose frames are not equally spaced "
+          f"(GridFrameOffsetVector {offsets.tolist()[:8]}...)"
+      )
     step, first_offset = float(np.median(steps)), float(offsets[0])
   else:
     step, first_offset = float(ds.get("SliceThickness") or 1.0), 0.0
   normal = np.cross(row, col)
   origin = _vector(ds, "ImagePositionPatient", 3, path) + first_offset * normal
-  grid = StoredGrid((n_frames, int(ds.Rows), int(ds.Columns)),
-                    np.stack([normal, col, row]),
-                    np.array([step, spacing2[0], spacing2[1]]), origin)
+  grid = StoredGrid(
+      (n_frames, int(ds.Rows), int(ds.Columns)),
+      np.stack([normal, col, row]),
+      np.array([step, spacing2[0], spacing2[1]]),
+      origin,
+  )
   return canonical(dose, grid)

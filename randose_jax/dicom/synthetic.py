@@ -39,6 +39,7 @@ class Shape:
   """A structure: kind 'ellipsoid' (centre, radii), 'cylinder' (centre, radii
   (rx, ry, half length)) or 'annulus' (centre, (r_out, r_in, half length)),
   relative to the phantom centre (mm, LPS)."""
+
   name: str
   kind: str
   centre: tuple
@@ -62,7 +63,10 @@ DEFAULT_SHAPES = (
 @dataclasses.dataclass
 class Phantom:
   """Geometry of one synthetic patient; all lengths mm, LPS."""
-  centre: np.ndarray = dataclasses.field(default_factory=lambda: np.array([12.0, -30.0, 400.0]))
+
+  centre: np.ndarray = dataclasses.field(
+      default_factory=lambda: np.array([12.0, -30.0, 400.0])
+  )
   shapes: tuple = DEFAULT_SHAPES
 
   def shape(self, name: str) -> Shape:
@@ -71,13 +75,16 @@ class Phantom:
   def inside(self, name: str, points, slice_z=None) -> np.ndarray:
     """bool (n,): points (n, 3) LPS inside the structure; with `slice_z` (the
     CT's slice positions) as its contours say: each point takes the
-    cross-section of the nearest slice (none beyond half a step past the ends)."""
+    cross-section of the nearest slice (none beyond half a step past the ends).
+    """
     s = self.shape(name)
     p = np.asarray(points, np.float64)
     if slice_z is not None:
       z = np.sort(np.asarray(slice_z, np.float64))
       step = z[1] - z[0]
-      nearest = z[np.clip(np.rint((p[:, 2] - z[0]) / step).astype(int), 0, len(z) - 1)]
+      nearest = z[
+          np.clip(np.rint((p[:, 2] - z[0]) / step).astype(int), 0, len(z) - 1)
+      ]
       beyond = np.abs(p[:, 2] - nearest) > step / 2
       p = np.stack([p[:, 0], p[:, 1], nearest], 1)
       return self.inside(name, p) & ~beyond
@@ -86,7 +93,9 @@ class Phantom:
       return np.sum((p / np.asarray(s.size)) ** 2, axis=1) <= 1
     if s.kind == "cylinder":
       rx, ry, h = s.size
-      return ((p[:, 0] / rx) ** 2 + (p[:, 1] / ry) ** 2 <= 1) & (np.abs(p[:, 2]) <= h)
+      return ((p[:, 0] / rx) ** 2 + (p[:, 1] / ry) ** 2 <= 1) & (
+          np.abs(p[:, 2]) <= h
+      )
     r_out, r_in, h = s.size
     r2 = p[:, 0] ** 2 + p[:, 1] ** 2
     return (r2 <= r_out**2) & (r2 >= r_in**2) & (np.abs(p[:, 2]) <= h)
@@ -95,25 +104,36 @@ class Phantom:
     """HU at points (n, 3): the linear body field inside the body, -1000 outside."""
     p = np.asarray(points, np.float64) - self.centre
     a, b, c, d = BODY_HU
-    return np.where(self.inside("External", points),
-                    a + b * p[:, 0] + c * p[:, 1] + d * p[:, 2], -1000.0)
+    return np.where(
+        self.inside("External", points),
+        a + b * p[:, 0] + c * p[:, 1] + d * p[:, 2],
+        -1000.0,
+    )
 
   def dose_peak(self) -> np.ndarray:
     return self.centre + np.asarray(self.shape("PTV_7000").centre, np.float64)
 
   def dose(self, points) -> np.ndarray:
     """Gy at points (n, 3): a Gaussian peak at the PTV_7000 centre."""
-    r2 = np.sum((np.asarray(points, np.float64) - self.dose_peak()) ** 2, axis=1)
+    r2 = np.sum(
+        (np.asarray(points, np.float64) - self.dose_peak()) ** 2, axis=1
+    )
     return DOSE_PEAK_GY * np.exp(-r2 / (2 * DOSE_SIGMA_MM**2))
 
-  def contours(self, name: str, z: float, n_points: int = 72) -> list[np.ndarray]:
+  def contours(
+      self, name: str, z: float, n_points: int = 72
+  ) -> list[np.ndarray]:
     """Closed contours (k, 3) LPS of the structure's cross-section at z."""
     s = self.shape(name)
     c = self.centre + np.asarray(s.centre, np.float64)
     dz = z - c[2]
     if s.kind == "ellipsoid":
       f = 1 - (dz / s.size[2]) ** 2
-      radii = [] if f <= 0.0025 else [(s.size[0] * np.sqrt(f), s.size[1] * np.sqrt(f))]
+      radii = (
+          []
+          if f <= 0.0025
+          else [(s.size[0] * np.sqrt(f), s.size[1] * np.sqrt(f))]
+      )
     elif abs(dz) > s.size[2]:
       radii = []
     elif s.kind == "cylinder":
@@ -121,12 +141,19 @@ class Phantom:
     else:
       radii = [(s.size[0], s.size[0]), (s.size[1], s.size[1])]
     t = np.arange(n_points) * 2 * np.pi / n_points
-    return [np.stack([c[0] + rx * np.cos(t), c[1] + ry * np.sin(t), np.full_like(t, z)], 1)
-            for rx, ry in radii]
+    return [
+        np.stack(
+            [c[0] + rx * np.cos(t), c[1] + ry * np.sin(t), np.full_like(t, z)],
+            1,
+        )
+        for rx, ry in radii
+    ]
 
 
 def _uid(rng) -> str:
-  return "2.25." + str(int(rng.integers(1, 2**62)) * 2**60 + int(rng.integers(1, 2**60)))
+  return "2.25." + str(
+      int(rng.integers(1, 2**62)) * 2**60 + int(rng.integers(1, 2**60))
+  )
 
 
 def _base(sop_class: str, sop_uid: str, modality: str, ids: dict):
@@ -149,6 +176,7 @@ def _base(sop_class: str, sop_uid: str, modality: str, ids: dict):
 
 def _save(ds, folder: Path, rng) -> Path:
   import pydicom
+
   sub = folder / f"d{int(rng.integers(0, 3))}"
   sub.mkdir(parents=True, exist_ok=True)
   path = sub / f"{int(rng.integers(0, 2**40)):x}"
@@ -158,20 +186,35 @@ def _save(ds, folder: Path, rng) -> Path:
 
 def ct_positions(phantom: Phantom, orientation: str, shape, spacing):
   """(row cosine, column cosine, normal, IPP (n, 3)) of a CT grid centred on
-  the phantom: shape (slices, rows, columns), spacing (slice, row, column) mm."""
+  the phantom: shape (slices, rows, columns), spacing (slice, row, column) mm.
+  """
   row, col = (np.array(v, np.float64) for v in ORIENTATIONS[orientation])
   normal = np.cross(row, col)
   n, rows, cols = shape
-  corner = (phantom.centre - (rows - 1) / 2 * spacing[1] * col
-            - (cols - 1) / 2 * spacing[2] * row)
-  ipp = np.array([corner + (k - (n - 1) / 2) * spacing[0] * normal for k in range(n)])
+  corner = (
+      phantom.centre
+      - (rows - 1) / 2 * spacing[1] * col
+      - (cols - 1) / 2 * spacing[2] * row
+  )
+  ipp = np.array(
+      [corner + (k - (n - 1) / 2) * spacing[0] * normal for k in range(n)]
+  )
   return row, col, normal, ipp
 
 
-def write_patient(folder, phantom: Phantom | None = None, *, orientation: str = "HFS",
-                  shape=(30, 64, 64), spacing=(3.0, 2.5, 2.5), seed: int = 0,
-                  patient_id: str = "SYN001", with_dose: bool = True,
-                  with_plan: bool = True, dose_spacing: float = 3.0) -> dict:
+def write_patient(
+    folder,
+    phantom: Phantom | None = None,
+    *,
+    orientation: str = "HFS",
+    shape=(30, 64, 64),
+    spacing=(3.0, 2.5, 2.5),
+    seed: int = 0,
+    patient_id: str = "SYN001",
+    with_dose: bool = True,
+    with_plan: bool = True,
+    dose_spacing: float = 3.0,
+) -> dict:
   """Writes one synthetic patient's DICOM files under `folder`.
 
   Returns:
@@ -183,15 +226,24 @@ def write_patient(folder, phantom: Phantom | None = None, *, orientation: str = 
   phantom = phantom or Phantom()
   folder = Path(folder)
   rng = np.random.default_rng(seed)
-  ids = {"patient_id": patient_id, "patient_name": f"Synthetic^{patient_id}",
-         "study": _uid(rng), "frame": _uid(rng)}
+  ids = {
+      "patient_id": patient_id,
+      "patient_name": f"Synthetic^{patient_id}",
+      "study": _uid(rng),
+      "frame": _uid(rng),
+  }
   ct_series = _uid(rng)
   row, col, normal, ipp = ct_positions(phantom, orientation, shape, spacing)
-  r_idx, c_idx = np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij")
+  r_idx, c_idx = np.meshgrid(
+      np.arange(shape[1]), np.arange(shape[2]), indexing="ij"
+  )
   ct_files, slice_uids = [], []
   for k in rng.permutation(shape[0]):
-    points = (ipp[k] + r_idx[..., None] * spacing[1] * col
-              + c_idx[..., None] * spacing[2] * row).reshape(-1, 3)
+    points = (
+        ipp[k]
+        + r_idx[..., None] * spacing[1] * col
+        + c_idx[..., None] * spacing[2] * row
+    ).reshape(-1, 3)
     hu = phantom.hu(points).reshape(shape[1:])
     uid = _uid(rng)
     ds = _base(CT_STORAGE, uid, "CT", ids)
@@ -204,7 +256,12 @@ def write_patient(folder, phantom: Phantom | None = None, *, orientation: str = 
     ds.SliceThickness = float(spacing[0])
     ds.Rows, ds.Columns = shape[1], shape[2]
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (
+        16,
+        16,
+        15,
+        0,
+    )
     ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
     ds.PixelData = np.clip(np.rint(hu + 1024), 0, 65535).astype("<u2").tobytes()
     ct_files.append((k, _save(ds, folder, rng)))
@@ -213,6 +270,7 @@ def write_patient(folder, phantom: Phantom | None = None, *, orientation: str = 
   slice_uids = [u for _, u in sorted(slice_uids)]
 
   from pydicom.dataset import Dataset
+
   ss_uid = _uid(rng)
   ds = _base(RTSTRUCT_STORAGE, ss_uid, "RTSTRUCT", ids)
   ds.SeriesInstanceUID, ds.StructureSetLabel = _uid(rng), "synthetic"
@@ -238,7 +296,11 @@ def write_patient(folder, phantom: Phantom | None = None, *, orientation: str = 
     roi.ROIName, roi.ROIGenerationAlgorithm = s.name, "MANUAL"
     rois.append(roi)
     roi_contour = Dataset()
-    roi_contour.ReferencedROINumber, roi_contour.ROIDisplayColor = number, [255, 0, 0]
+    roi_contour.ReferencedROINumber, roi_contour.ROIDisplayColor = number, [
+        255,
+        0,
+        0,
+    ]
     roi_contour.ContourSequence = Sequence([])
     for z in slice_z:
       for points in phantom.contours(s.name, z):
@@ -264,7 +326,7 @@ def write_patient(folder, phantom: Phantom | None = None, *, orientation: str = 
     if kind:
       c = Dataset()
       c.ContourGeometricType = kind
-      pts = [phantom.centre + [0, 0, slice_z[1]- phantom.centre[2]]]
+      pts = [phantom.centre + [0, 0, slice_z[1] - phantom.centre[2]]]
       if kind == "OPEN_PLANAR":
         pts.append(pts[0] + [10, 0, 0])
       c.NumberOfContourPoints = len(pts)
@@ -282,20 +344,35 @@ def write_patient(folder, phantom: Phantom | None = None, *, orientation: str = 
     ds = _base(RTPLAN_STORAGE, plan_uid, "RTPLAN", ids)
     ds.SeriesInstanceUID, ds.RTPlanLabel = _uid(rng), "synthetic"
     ref = Dataset()
-    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = RTSTRUCT_STORAGE, ss_uid
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = (
+        RTSTRUCT_STORAGE,
+        ss_uid,
+    )
     ds.ReferencedStructureSetSequence = Sequence([ref])
     rtplan = _save(ds, folder, rng)
 
   rtdose = None
   if with_dose:
     rtdose = _write_dose(folder, phantom, ids, plan_uid, dose_spacing, rng)
-  return {"phantom": phantom, "ct_files": ct_files, "rtstruct": rtstruct,
-          "rtplan": rtplan, "rtdose": rtdose,
-          "uids": {"study": ids["study"], "frame": ids["frame"], "ct_series": ct_series,
-                   "rtstruct": ss_uid, "rtplan": plan_uid}}
+  return {
+      "phantom": phantom,
+      "ct_files": ct_files,
+      "rtstruct": rtstruct,
+      "rtplan": rtplan,
+      "rtdose": rtdose,
+      "uids": {
+          "study": ids["study"],
+          "frame": ids["frame"],
+          "ct_series": ct_series,
+          "rtstruct": ss_uid,
+          "rtplan": plan_uid,
+      },
+  }
 
 
-def _write_dose(folder, phantom: Phantom, ids, plan_uid, spacing: float, rng) -> Path:
+def _write_dose(
+    folder, phantom: Phantom, ids, plan_uid, spacing: float, rng
+) -> Path:
   """An axial RT Dose (HFS orientation) over the body, frames inferior first."""
   from pydicom.dataset import Dataset
   from pydicom.sequence import Sequence
@@ -307,7 +384,9 @@ def _write_dose(folder, phantom: Phantom, ids, plan_uid, spacing: float, rng) ->
   y = first[1] + np.arange(n[1]) * spacing
   z = first[2] + np.arange(n[2]) * spacing
   zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
-  dose = phantom.dose(np.stack([xx, yy, zz], -1).reshape(-1, 3)).reshape(zz.shape)
+  dose = phantom.dose(np.stack([xx, yy, zz], -1).reshape(-1, 3)).reshape(
+      zz.shape
+  )
   scaling = dose.max() / 60000
   ds = _base(RTDOSE_STORAGE, _uid(rng), "RTDOSE", ids)
   ds.SeriesInstanceUID = _uid(rng)
@@ -317,12 +396,22 @@ def _write_dose(folder, phantom: Phantom, ids, plan_uid, spacing: float, rng) ->
   ds.Rows, ds.Columns, ds.NumberOfFrames = int(n[1]), int(n[0]), int(n[2])
   ds.GridFrameOffsetVector = [float(v) for v in np.arange(n[2]) * spacing]
   ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-  ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+  ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (
+      16,
+      16,
+      15,
+      0,
+  )
   ds.DoseUnits, ds.DoseType, ds.DoseSummationType = "GY", "PHYSICAL", "PLAN"
   ds.DoseGridScaling = f"{scaling:.10g}"
   if plan_uid:
     ref = Dataset()
-    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = RTPLAN_STORAGE, plan_uid
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = (
+        RTPLAN_STORAGE,
+        plan_uid,
+    )
     ds.ReferencedRTPlanSequence = Sequence([ref])
-  ds.PixelData = np.rint(dose / float(ds.DoseGridScaling)).astype("<u2").tobytes()
+  ds.PixelData = (
+      np.rint(dose / float(ds.DoseGridScaling)).astype("<u2").tobytes()
+  )
   return _save(ds, folder, rng)

@@ -24,8 +24,20 @@ from randose_jax.models.randose import Stage
 from randose_jax.models.randose import create_model
 
 __all__ = [
-    "AttentionFusion", "ChannelAttention", "ChannelSpatialAttention", "Conv",
-    "CSA", "Downsample", "MSCSA", "MSFE", "PTVIntegration", "RANDose",
-    "SpatialAttention", "Stage", "UNetBlock", "Upsample", "create_model",
+    "AttentionFusion",
+    "ChannelAttention",
+    "ChannelSpatialAttention",
+    "Conv",
+    "CSA",
+    "Downsample",
+    "MSCSA",
+    "MSFE",
+    "PTVIntegration",
+    "RANDose",
+    "SpatialAttention",
+    "Stage",
+    "UNetBlock",
+    "Upsample",
+    "create_model",
     "resize_ptv",
 ]

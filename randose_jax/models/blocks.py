@@ -40,8 +40,9 @@ ModuleDef = Any
 # The normalisation after each conv by default: per-sample, per-channel
 # statistics over (D, H, W) with a learned scale and bias (docs/design.md: batch 2
 # makes batch norm a poor fit); statistics are reduced in float32.
-InstanceNorm = functools.partial(nn.InstanceNorm, epsilon=1e-5,
-                                 param_dtype=jnp.float32)
+InstanceNorm = functools.partial(
+    nn.InstanceNorm, epsilon=1e-5, param_dtype=jnp.float32
+)
 
 
 class MSFE(nn.Module):
@@ -53,6 +54,7 @@ class MSFE(nn.Module):
 
   x: (N, D, H, W, Cin) -> (N, D, H, W, features).
   """
+
   features: int
   kernels: Sequence[int] = (3, 5, 7)
   conv: ModuleDef = Conv
@@ -62,8 +64,10 @@ class MSFE(nn.Module):
     for k in self.kernels:
       if k % 2 != 1:
         raise ValueError(f"model.msfe_kernels: sizes must be odd, got {k}")
-    return conv_sum([self.conv(self.features, k, name=f"conv_k{k}")
-                     for k in self.kernels], x)
+    return conv_sum(
+        [self.conv(self.features, k, name=f"conv_k{k}") for k in self.kernels],
+        x,
+    )
 
 
 class ChannelAttention(nn.Module):
@@ -75,6 +79,7 @@ class ChannelAttention(nn.Module):
 
   x: (N, D, H, W, C) -> (N, D, H, W, C).
   """
+
   reduction: int = 4
 
   @nn.compact
@@ -96,6 +101,7 @@ class SpatialAttention(nn.Module):
 
   x: (N, D, H, W, C) -> (N, D, H, W, C).
   """
+
   conv: ModuleDef = Conv
 
   @nn.compact
@@ -114,6 +120,7 @@ class ChannelSpatialAttention(nn.Module):
 
   x: (N, D, H, W, C) -> (N, D, H, W, C).
   """
+
   reduction: int = 4
   alpha_init: float = 1.0
   conv: ModuleDef = Conv
@@ -122,8 +129,9 @@ class ChannelSpatialAttention(nn.Module):
   def __call__(self, x: Array) -> Array:
     f_ca = ChannelAttention(self.reduction, name="channel_attention")(x)
     f_sa = SpatialAttention(self.conv, name="spatial_attention")(x)
-    alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (),
-                       jnp.float32)
+    alpha = self.param(
+        "alpha", nn.initializers.constant(self.alpha_init), (), jnp.float32
+    )
     return f_ca + alpha.astype(x.dtype) * f_sa
 
 
@@ -137,6 +145,7 @@ class StageBlock(nn.Module):
 
   x: (N, D, H, W, Cin) -> (N, D, H, W, features).
   """
+
   features: int
   use_csa: bool = True
   csa_reduction: int = 4
@@ -153,6 +162,7 @@ class MSCSA(StageBlock):
   block" of Table 2a row 2 (MSFE -> norm -> activation): one MSFE per block,
   so rows 2 and 3 differ by the CSA alone.
   """
+
   msfe_kernels: Sequence[int] = (3, 5, 7)
 
   @nn.compact
@@ -170,6 +180,7 @@ class UNetBlock(StageBlock):
   `use_csa=True` appends a CSA (not a row of the paper; kept so that every
   combination of the config switches builds).
   """
+
   use_csa: bool = False
 
   @nn.compact
@@ -182,8 +193,9 @@ class UNetBlock(StageBlock):
     return x
 
 
-def resize_ptv(f_p: Array, grid: Sequence[int], method: str = "avgpool"
-               ) -> Array:
+def resize_ptv(
+    f_p: Array, grid: Sequence[int], method: str = "avgpool"
+) -> Array:
   """Brings F_P (N, D, H, W, C) to a coarser stage grid (d, h, w).
 
   'avgpool': average pooling with window = stride = D / d per axis (integer
@@ -199,8 +211,10 @@ def resize_ptv(f_p: Array, grid: Sequence[int], method: str = "avgpool"
     factors = []
     for full, small in zip(f_p.shape[1:4], grid):
       if full % small:
-        raise ValueError(f"PTV integration: grid {tuple(f_p.shape[1:4])} is "
-                         f"not a multiple of the stage grid {tuple(grid)}")
+        raise ValueError(
+            f"PTV integration: grid {tuple(f_p.shape[1:4])} is "
+            f"not a multiple of the stage grid {tuple(grid)}"
+        )
       factors.append(full // small)
     # The block mean by reshape: the same average as nn.avg_pool (window =
     # stride), but its gradient is a broadcast, where avg_pool's gradient on
@@ -210,8 +224,9 @@ def resize_ptv(f_p: Array, grid: Sequence[int], method: str = "avgpool"
     return f_p.reshape(n, d, fd, h, fh, w, fw, c).mean(axis=(2, 4, 6))
   if method == "linear":
     return jax.image.resize(f_p, (n, *grid, c), "linear")
-  raise ValueError(f"model.pi_resize: unknown {method!r}; choose from "
-                   "'avgpool', 'linear'")
+  raise ValueError(
+      f"model.pi_resize: unknown {method!r}; choose from " "'avgpool', 'linear'"
+  )
 
 
 class PTVIntegration(nn.Module):
@@ -229,6 +244,7 @@ class PTVIntegration(nn.Module):
   f_p: (N, D, H, W, C_p) stem PTV features at full size.
   Returns F_Int,s: (N, d, h, w, features).
   """
+
   features: int
   kernels: Sequence[int] = (3, 5, 7)
   resize: str = "avgpool"
@@ -241,10 +257,20 @@ class PTVIntegration(nn.Module):
     f_p = resize_ptv(f_p.astype(jnp.float32), f_e.shape[1:4], self.resize)
     f_p = f_p.astype(f_e.dtype)
     self.sow("intermediates", "ptv_resized", f_p)
-    f_e_ks = conv_each([self.conv(self.features, k, name=f"conv_enc_k{k}")
-                        for k in self.kernels], f_e)
-    f_p_ks = conv_each([self.conv(self.features, k, name=f"conv_ptv_k{k}")
-                        for k in self.kernels], f_p)
+    f_e_ks = conv_each(
+        [
+            self.conv(self.features, k, name=f"conv_enc_k{k}")
+            for k in self.kernels
+        ],
+        f_e,
+    )
+    f_p_ks = conv_each(
+        [
+            self.conv(self.features, k, name=f"conv_ptv_k{k}")
+            for k in self.kernels
+        ],
+        f_p,
+    )
     refined = []
     for k, f_e_k, f_p_k in zip(self.kernels, f_e_ks, f_p_ks):
       refined.append(SpatialAttention(self.conv, name=f"sa_enc_k{k}")(f_e_k))
@@ -261,6 +287,7 @@ class AttentionFusion(nn.Module):
   f_e: (N, D, H, W, C) skip features; f_d: (N, D, H, W, C) upsampled decoder
   features. Returns (N, D, H, W, C).
   """
+
   reduction: int = 4
   alpha_init: float = 1.0
   beta_init: float = 1.0
@@ -269,12 +296,15 @@ class AttentionFusion(nn.Module):
   @nn.compact
   def __call__(self, f_e: Array, f_d: Array) -> Array:
     if f_e.shape != f_d.shape:
-      raise ValueError(f"AttentionFusion: skip {f_e.shape} and upsampled "
-                       f"{f_d.shape} features differ in shape")
+      raise ValueError(
+          f"AttentionFusion: skip {f_e.shape} and upsampled "
+          f"{f_d.shape} features differ in shape"
+      )
     a_e = CSA(self.reduction, self.alpha_init, self.conv, name="csa_skip")(f_e)
     a_d = CSA(self.reduction, self.alpha_init, self.conv, name="csa_up")(f_d)
-    beta = self.param("beta", nn.initializers.constant(self.beta_init), (),
-                      jnp.float32)
+    beta = self.param(
+        "beta", nn.initializers.constant(self.beta_init), (), jnp.float32
+    )
     return a_e + beta.astype(a_d.dtype) * a_d
 
 
@@ -284,6 +314,7 @@ class Downsample(nn.Module):
   'maxpool': 2x2x2 max pooling (no params). 'conv': a 2x2x2 stride-2 conv
   keeping the channel count (param 'conv', computed in x's dtype).
   """
+
   mode: str = "maxpool"
 
   @nn.compact
@@ -291,10 +322,18 @@ class Downsample(nn.Module):
     if self.mode == "maxpool":
       return nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))
     if self.mode == "conv":
-      return nn.Conv(x.shape[-1], (2, 2, 2), strides=(2, 2, 2), padding="VALID",
-                     dtype=x.dtype, param_dtype=jnp.float32, name="conv")(x)
-    raise ValueError(f"model.down: unknown {self.mode!r}; choose from "
-                     "'maxpool', 'conv'")
+      return nn.Conv(
+          x.shape[-1],
+          (2, 2, 2),
+          strides=(2, 2, 2),
+          padding="VALID",
+          dtype=x.dtype,
+          param_dtype=jnp.float32,
+          name="conv",
+      )(x)
+    raise ValueError(
+        f"model.down: unknown {self.mode!r}; choose from " "'maxpool', 'conv'"
+    )
 
 
 class Upsample(nn.Module):
@@ -304,6 +343,7 @@ class Upsample(nn.Module):
   'resize': trilinear resize then a 1x1x1 conv. Either way the param is
   'conv'.
   """
+
   features: int
   mode: str = "transpose"
   conv: ModuleDef = Conv
@@ -316,5 +356,6 @@ class Upsample(nn.Module):
       n, d, h, w, c = x.shape
       x = jax.image.resize(x, (n, 2 * d, 2 * h, 2 * w, c), "linear")
       return self.conv(self.features, 1, name="conv")(x)
-    raise ValueError(f"model.up: unknown {self.mode!r}; choose from "
-                     "'transpose', 'resize'")
+    raise ValueError(
+        f"model.up: unknown {self.mode!r}; choose from " "'transpose', 'resize'"
+    )

@@ -49,8 +49,9 @@ CONV_IMPLS = ("direct", "fft", "auto")
 def check_conv_impl(impl: str) -> None:
   """ConfigError naming the choices unless impl is one of CONV_IMPLS."""
   if impl not in CONV_IMPLS:
-    raise ConfigError(f"model.conv_impl: unknown {impl!r}; choose from "
-                     f"{CONV_IMPLS}")
+    raise ConfigError(
+        f"model.conv_impl: unknown {impl!r}; choose from " f"{CONV_IMPLS}"
+    )
 
 
 # ---------------------------------------------------------- direct conv
@@ -59,8 +60,12 @@ def check_conv_impl(impl: str) -> None:
 def conv3d(x: Array, kernel: Array, bias: Array, dtype: Dtype) -> Array:
   """'SAME' stride-1 3D conv of x (N,D,H,W,Cin) with kernel (k,k,k,Cin,Cout)."""
   y = jax.lax.conv_general_dilated(
-      x.astype(dtype), kernel.astype(dtype), window_strides=(1, 1, 1),
-      padding="SAME", dimension_numbers=_CONV_DIMS)
+      x.astype(dtype),
+      kernel.astype(dtype),
+      window_strides=(1, 1, 1),
+      padding="SAME",
+      dimension_numbers=_CONV_DIMS,
+  )
   return y + bias.astype(dtype)
 
 
@@ -120,14 +125,16 @@ def _dft_taps(length: int, kernel_size: int, half: bool) -> np.ndarray:
   return (np.cos(phase) + 1j * np.sin(phase)).astype(np.complex64)
 
 
-def kernel_spectrum(kernel: Array, lengths: Sequence[int],
-                    layout: str = "ioabc") -> Array:
+def kernel_spectrum(
+    kernel: Array, lengths: Sequence[int], layout: str = "ioabc"
+) -> Array:
   """U (Cin, Cout, Ld, Lh, Lw // 2 + 1) complex64 of a (k,k,k,Cin,Cout)
   kernel (odd or even k; lax 'SAME' alignment); layout 'abcio' puts the
   frequencies first."""
   k = kernel.shape[0]
-  ed, eh, ew = (jnp.asarray(_dft_taps(n, k, half=(a == 2)))
-                for a, n in enumerate(lengths))
+  ed, eh, ew = (
+      jnp.asarray(_dft_taps(n, k, half=(a == 2))) for a, n in enumerate(lengths)
+  )
   u = kernel.astype(jnp.float32).astype(jnp.complex64)
   u = jnp.einsum("cl,jklio->jkcio", ew, u)
   u = jnp.einsum("bk,jkcio->jbcio", eh, u)
@@ -145,13 +152,20 @@ def _axis_plan(m: int, tile: int | None, k_max: int):
   if tile is None or tile >= m:
     return m, 1, 0, fft_length(m, k_max)
   if m % tile:
-    raise ValueError(f"conv3d_fft: tile {tile} does not divide the grid "
-                     f"axis of {m} voxels")
+    raise ValueError(
+        f"conv3d_fft: tile {tile} does not divide the grid "
+        f"axis of {m} voxels"
+    )
   return tile, m // tile, (k_max - 1) // 2, tiled_fft_length(tile, k_max)
 
 
-def conv3d_fft(x: Array, kernels: Sequence[Sequence[Array]], bias: Array,
-               dtype: Dtype, tile: int | None = None) -> Array:
+def conv3d_fft(
+    x: Array,
+    kernels: Sequence[Sequence[Array]],
+    bias: Array,
+    dtype: Dtype,
+    tile: int | None = None,
+) -> Array:
   """sum over g of conv3d(x, kernels[g]) + bias, through one FFT of x.
 
   kernels: groups of (k,k,k,Cin,Cout_g) kernels; the kernels of a group are
@@ -188,10 +202,10 @@ def conv3d_fft(x: Array, kernels: Sequence[Sequence[Array]], bias: Array,
   for group in kernels:
     if len(group) > 1 and all(kern.shape[0] % 2 for kern in group):
       km = max(kern.shape[0] for kern in group)
-      group = [sum(pad_kernel(kern.astype(jnp.float32), km)
-                   for kern in group)]
-    spectra.append(sum(kernel_spectrum(kern, lengths, "abcio")
-                       for kern in group))
+      group = [sum(pad_kernel(kern.astype(jnp.float32), km) for kern in group)]
+    spectra.append(
+        sum(kernel_spectrum(kern, lengths, "abcio") for kern in group)
+    )
   u = spectra[0] if len(spectra) == 1 else jnp.concatenate(spectra, axis=-1)
   cout = u.shape[-1]
   fshape = u.shape[:3]  # (Ld, Lh, Lw // 2 + 1)
@@ -200,18 +214,27 @@ def conv3d_fft(x: Array, kernels: Sequence[Sequence[Array]], bias: Array,
   xp = jnp.transpose(x.astype(jnp.float32), (0, 4, 1, 2, 3))  # N, C, D, H, W
   if any(c > 1 for c in counts):
     # Leading zeros, and trailing ones so that the last tile's L voxels exist.
-    xp = jnp.pad(xp, [(0, 0), (0, 0)] + [
-        (lo, (c - 1) * t + length - m - lo) if c > 1 else (0, 0)
-        for (t, c, lo, length), m in zip(plans, (d, h, w))])
+    xp = jnp.pad(
+        xp,
+        [(0, 0), (0, 0)]
+        + [
+            (lo, (c - 1) * t + length - m - lo) if c > 1 else (0, 0)
+            for (t, c, lo, length), m in zip(plans, (d, h, w))
+        ],
+    )
   # Overlapping tiles, one axis at a time: (.., M, ..) -> (.., count, L, ..)
   # (an untiled axis keeps its m voxels; rfftn zero-pads it to L).
   for axis, (t, count, _, length) in zip((2, 4, 6), plans):
     if count == 1:
       xp = jnp.expand_dims(xp, axis)
     else:
-      xp = jnp.stack([jax.lax.slice_in_dim(xp, i * t, i * t + length,
-                                           axis=axis) for i in range(count)],
-                     axis=axis)
+      xp = jnp.stack(
+          [
+              jax.lax.slice_in_dim(xp, i * t, i * t + length, axis=axis)
+              for i in range(count)
+          ],
+          axis=axis,
+      )
   # (N, C, nd, Sd, nh, Sh, nw, Sw) -> (N * tiles, C, Sd, Sh, Sw)
   xt = jnp.transpose(xp, (0, 2, 4, 6, 1, 3, 5, 7))
   xt = xt.reshape(-1, cin, *xt.shape[5:])
@@ -220,8 +243,13 @@ def conv3d_fft(x: Array, kernels: Sequence[Sequence[Array]], bias: Array,
   yf = jnp.einsum("fni,fio->fno", jnp.transpose(xf, (2, 0, 1)), u)
   yf = jnp.transpose(yf, (1, 2, 0)).reshape(tiles, cout, *fshape)
   y = jnp.fft.irfftn(yf, s=lengths, axes=(2, 3, 4))
-  y = y[:, :, los[0]:los[0] + sizes[0], los[1]:los[1] + sizes[1],
-        los[2]:los[2] + sizes[2]]
+  y = y[
+      :,
+      :,
+      los[0] : los[0] + sizes[0],
+      los[1] : los[1] + sizes[1],
+      los[2] : los[2] + sizes[2],
+  ]
   y = y.reshape(n, *counts, cout, *sizes)
   # (N, nd, nh, nw, Co, Td, Th, Tw) -> (N, nd, Td, nh, Th, nw, Tw, Co)
   y = jnp.transpose(y, (0, 1, 5, 2, 6, 3, 7, 4)).reshape(n, d, h, w, cout)
@@ -234,8 +262,15 @@ def conv3d_fft(x: Array, kernels: Sequence[Sequence[Array]], bias: Array,
 # FFT and the per-layer plan"); only their ranking matters.
 # Direct conv: GFLOP/s against log2(Cin * Cout) (small channel counts ran
 # far slower than large ones).
-_DIRECT_RATE = ((4, 1.5), (6, 4.8), (8, 18.5), (10, 19.5), (12, 65.0),
-                (14, 60.0), (16, 110.0))
+_DIRECT_RATE = (
+    (4, 1.5),
+    (6, 4.8),
+    (8, 18.5),
+    (10, 19.5),
+    (12, 65.0),
+    (14, 60.0),
+    (16, 110.0),
+)
 # FFT path, seconds per 1e9 of: transformed points * log2(points), mixing
 # FLOPs, spectrum-building FLOPs.
 _FFT_COST = (0.65, 0.0125, 0.133)
@@ -246,6 +281,7 @@ MAX_SPECTRUM_BYTES = 2 << 30
 class Plan(NamedTuple):
   """How one conv layer is computed: algorithm 'direct' | 'fft' | 'matmul'
   (the transposed conv only); tile None (whole grid) or the FFT tile."""
+
   algorithm: str
   tile: int | None = None
 
@@ -255,7 +291,7 @@ def direct_seconds(x_shape, kernel_groups, cout: int, fused: bool) -> float:
   n, d, h, w, cin = x_shape
   taps = 0
   for sizes in kernel_groups:
-    group_taps = [k ** 3 for k in sizes]
+    group_taps = [k**3 for k in sizes]
     taps += max(group_taps) if fused else sum(group_taps)
   taps = taps / len(kernel_groups)  # per output channel
   flops = 2 * n * d * h * w * taps * cin * cout
@@ -294,8 +330,9 @@ def fft_tiles(grid) -> list:
   return out
 
 
-def plan_conv(impl: str, x_shape, kernel_groups, cout: int,
-              fused: bool = True) -> Plan:
+def plan_conv(
+    impl: str, x_shape, kernel_groups, cout: int, fused: bool = True
+) -> Plan:
   """Plan('direct') or Plan('fft', tile) for one conv layer.
 
   x_shape (N, D, H, W, Cin); kernel_groups: kernel sizes per `conv3d_fft`
@@ -312,8 +349,11 @@ def plan_conv(impl: str, x_shape, kernel_groups, cout: int,
   """
   check_conv_impl(impl)
   k_max = max(max(sizes) for sizes in kernel_groups)
-  if impl == "direct" or k_max < 2 or (
-      impl == "auto" and jax.default_backend() != "cpu"):
+  if (
+      impl == "direct"
+      or k_max < 2
+      or (impl == "auto" and jax.default_backend() != "cpu")
+  ):
     return Plan("direct")
   grid, cin = tuple(x_shape[1:4]), x_shape[4]
   if not all(isinstance(m, int) for m in (*grid, cin)):
@@ -326,14 +366,18 @@ def plan_conv(impl: str, x_shape, kernel_groups, cout: int,
   for tile in tiles:
     plans = [_axis_plan(m, tile, k_max) for m in grid]
     freqs = plans[0][3] * plans[1][3] * (plans[2][3] // 2 + 1)
-    if (freqs * cin * cout * len(kernel_groups) * 8 > MAX_SPECTRUM_BYTES
-        and tile != tiles[-1]):  # the smallest tile is always allowed
+    if (
+        freqs * cin * cout * len(kernel_groups) * 8 > MAX_SPECTRUM_BYTES
+        and tile != tiles[-1]
+    ):  # the smallest tile is always allowed
       continue
     cost = fft_seconds(x_shape, kernel_groups, cout, tile)
     if best is None or cost < best[0]:
       best = (cost, tile)
-  if impl == "auto" and direct_seconds(x_shape, kernel_groups, cout,
-                                       fused) < best[0]:
+  if (
+      impl == "auto"
+      and direct_seconds(x_shape, kernel_groups, cout, fused) < best[0]
+  ):
     return Plan("direct")
   return Plan("fft", best[1])
 
@@ -349,22 +393,32 @@ def plan_transposed_conv(impl: str) -> Plan:
   return Plan("direct")
 
 
-def plan_record(impl: str, x_shape, kernel_groups, cout: int, fused: bool,
-                plan: Plan) -> dict:
+def plan_record(
+    impl: str, x_shape, kernel_groups, cout: int, fused: bool, plan: Plan
+) -> dict:
   """One row of `randose_jax.summary.conv_plan`: input shape, kernel groups,
   cout, conv_impl, algorithm, tile and (concrete shapes, k > 1) the
   estimated CPU seconds."""
   shape = tuple(int(m) if isinstance(m, int) else str(m) for m in x_shape)
-  record = {"input": shape, "kernels": [list(g) for g in kernel_groups],
-            "cout": cout, "conv_impl": impl, "algorithm": plan.algorithm,
-            "tile": plan.tile}
-  if all(isinstance(m, int) for m in x_shape) and max(
-      max(g) for g in kernel_groups) > 1:
-    record["est_direct_s"] = float(direct_seconds(
-        x_shape, kernel_groups, cout, fused))
+  record = {
+      "input": shape,
+      "kernels": [list(g) for g in kernel_groups],
+      "cout": cout,
+      "conv_impl": impl,
+      "algorithm": plan.algorithm,
+      "tile": plan.tile,
+  }
+  if (
+      all(isinstance(m, int) for m in x_shape)
+      and max(max(g) for g in kernel_groups) > 1
+  ):
+    record["est_direct_s"] = float(
+        direct_seconds(x_shape, kernel_groups, cout, fused)
+    )
     if plan.algorithm == "fft":
-      record["est_fft_s"] = float(fft_seconds(
-          x_shape, kernel_groups, cout, plan.tile))
+      record["est_fft_s"] = float(
+          fft_seconds(x_shape, kernel_groups, cout, plan.tile)
+      )
   return record
 
 
@@ -387,6 +441,7 @@ class Conv(nn.Module):
 
   x: (N, D, H, W, Cin) -> (N, D, H, W, features).
   """
+
   features: int
   kernel_size: int
   impl: str = "direct"
@@ -397,17 +452,23 @@ class Conv(nn.Module):
   def weights(self, in_features: int) -> tuple[Array, Array]:
     """kernel (k, k, k, in_features, features) and bias (features,)."""
     k = self.kernel_size
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (k, k, k, in_features, self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
-                      jnp.float32)
+    kernel = self.param(
+        "kernel",
+        nn.initializers.lecun_normal(),
+        (k, k, k, in_features, self.features),
+        jnp.float32,
+    )
+    bias = self.param(
+        "bias", nn.initializers.zeros_init(), (self.features,), jnp.float32
+    )
     return kernel, bias
 
   def plan(self, x_shape, kernel_groups) -> Plan:
     """The plan of this conv and the convs computed with it (`conv_sum`,
     `conv_each`); `randose_jax.summary.conv_plan` intercepts this method."""
-    return plan_conv(self.impl, x_shape, kernel_groups, self.features,
-                     self.fuse_sums)
+    return plan_conv(
+        self.impl, x_shape, kernel_groups, self.features, self.fuse_sums
+    )
 
   def __call__(self, x: Array) -> Array:
     return conv_sum([self], x)
@@ -427,8 +488,9 @@ class Conv(nn.Module):
     k, dtype = self.kernel_size, self.dtype
     x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
     if plan_transposed_conv(self.impl).algorithm == "direct":
-      y = jax.lax.conv_transpose(x, kernel, (k, k, k), "VALID",
-                                 rhs_dilation=(1, 1, 1))
+      y = jax.lax.conv_transpose(
+          x, kernel, (k, k, k), "VALID", rhs_dilation=(1, 1, 1)
+      )
       return y + bias
     n, d, h, w, _ = x.shape
     y = jnp.einsum("ndhwi,abcio->ndahbwco", x, kernel[::-1, ::-1, ::-1])
@@ -450,8 +512,12 @@ def conv_sum(convs: Sequence[Conv], x: Array) -> Array:
     return conv3d_fft(x, [kernels], _sum(biases), first.dtype, plan.tile)
   if len(convs) > 1 and first.fuse_sums:
     k_max = max(c.kernel_size for c in convs)
-    return conv3d(x, _sum([pad_kernel(w, k_max) for w in kernels]),
-                  _sum(biases), first.dtype)
+    return conv3d(
+        x,
+        _sum([pad_kernel(w, k_max) for w in kernels]),
+        _sum(biases),
+        first.dtype,
+    )
   return _sum([conv3d(x, w, b, first.dtype) for w, b in weights])
 
 
@@ -463,8 +529,12 @@ def conv_each(convs: Sequence[Conv], x: Array) -> list[Array]:
   plan = first.plan(x.shape, [[c.kernel_size] for c in convs])
   if plan.algorithm == "direct":
     return [conv3d(x, w, b, first.dtype) for w, b in weights]
-  y = conv3d_fft(x, [[w] for w, _ in weights],
-                 jnp.concatenate([b for _, b in weights]), first.dtype,
-                 plan.tile)
+  y = conv3d_fft(
+      x,
+      [[w] for w, _ in weights],
+      jnp.concatenate([b for _, b in weights]),
+      first.dtype,
+      plan.tile,
+  )
   f = first.features
-  return [y[..., i * f:(i + 1) * f] for i in range(len(convs))]
+  return [y[..., i * f : (i + 1) * f] for i in range(len(convs))]

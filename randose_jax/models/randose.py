@@ -60,8 +60,10 @@ ACTIVATIONS = {
     "silu": nn.silu,
 }
 NORMS = ("instance", "group", "none")
-HEAD_INITS = {"lecun": nn.initializers.lecun_normal(),
-              "zeros": nn.initializers.zeros_init()}
+HEAD_INITS = {
+    "lecun": nn.initializers.lecun_normal(),
+    "zeros": nn.initializers.zeros_init(),
+}
 
 
 def _identity(x: Array) -> Array:
@@ -81,8 +83,12 @@ def make_norm(kind: str, groups: int, dtype):
     return functools.partial(blocks.InstanceNorm, dtype=dtype)
   if kind == "group":
     return lambda name: lambda x: nn.GroupNorm(
-        num_groups=math.gcd(groups, x.shape[-1]), epsilon=1e-5, dtype=dtype,
-        param_dtype=jnp.float32, name=name)(x)
+        num_groups=math.gcd(groups, x.shape[-1]),
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )(x)
   return lambda name: _identity
 
 
@@ -92,6 +98,7 @@ class Stage(nn.Module):
   blocks: unbound modules (created with parent=None) so their params nest
   under this stage as blocks_0, blocks_1, ...
   """
+
   blocks: Sequence[nn.Module]
 
   def __call__(self, x: Array) -> Array:
@@ -102,8 +109,9 @@ class Stage(nn.Module):
 
 def _check_choice(field: str, value, choices) -> None:
   if value not in choices:
-    raise ConfigError(f"model.{field}: unknown {value!r}; choose from "
-                      f"{sorted(choices)}")
+    raise ConfigError(
+        f"model.{field}: unknown {value!r}; choose from " f"{sorted(choices)}"
+    )
 
 
 class RANDose(nn.Module):
@@ -115,6 +123,7 @@ class RANDose(nn.Module):
   ct (N,D,H,W,1), oar (N,D,H,W,7), D, H, W divisible by 2^(S-1); returns the
   predicted dose (N,D,H,W,1) float32 in target units.
   """
+
   widths: Sequence[int] = (16, 32, 64, 128, 256)
   use_msfe: bool = True
   use_csa: bool = True
@@ -141,8 +150,10 @@ class RANDose(nn.Module):
 
   def __post_init__(self):
     if len(self.widths) < 1 or self.blocks_per_stage < 1:
-      raise ConfigError("model.widths and model.blocks_per_stage must be "
-                        "non-empty / at least 1")
+      raise ConfigError(
+          "model.widths and model.blocks_per_stage must be "
+          "non-empty / at least 1"
+      )
     for k in self.msfe_kernels:
       if k % 2 != 1:
         raise ConfigError(f"model.msfe_kernels: sizes must be odd, got {k}")
@@ -169,33 +180,51 @@ class RANDose(nn.Module):
   def _stage(self, features: int, name: str, layers: dict) -> Stage:
     """`blocks_per_stage` blocks of the row's kind; all map to `features`."""
     if self.use_msfe:
-      block = functools.partial(self._maybe_remat(blocks.MSCSA),
-                                msfe_kernels=tuple(self.msfe_kernels))
+      block = functools.partial(
+          self._maybe_remat(blocks.MSCSA), msfe_kernels=tuple(self.msfe_kernels)
+      )
     else:
       block = self._maybe_remat(blocks.UNetBlock)
-    return Stage([
-        block(features, use_csa=self.use_csa, csa_reduction=self.csa_reduction,
-              alpha_init=self.alpha_init, parent=None, **layers)
-        for _ in range(self.blocks_per_stage)], name=name)
+    return Stage(
+        [
+            block(
+                features,
+                use_csa=self.use_csa,
+                csa_reduction=self.csa_reduction,
+                alpha_init=self.alpha_init,
+                parent=None,
+                **layers,
+            )
+            for _ in range(self.blocks_per_stage)
+        ],
+        name=name,
+    )
 
   def _check_inputs(self, inputs) -> tuple[int, int, int]:
     grid = None
     for key, channels in INPUT_CHANNELS.items():
       if key not in inputs:
-        raise ValueError(f"RANDose: input dict lacks {key!r} (has "
-                         f"{sorted(inputs)})")
+        raise ValueError(
+            f"RANDose: input dict lacks {key!r} (has " f"{sorted(inputs)})"
+        )
       shape = inputs[key].shape
       if len(shape) != 5 or shape[-1] != channels:
-        raise ValueError(f"RANDose: input {key!r} has shape {shape}; expected "
-                         f"(N, D, H, W, {channels})")
+        raise ValueError(
+            f"RANDose: input {key!r} has shape {shape}; expected "
+            f"(N, D, H, W, {channels})"
+        )
       if grid is not None and shape[:4] != grid:
-        raise ValueError(f"RANDose: input {key!r} has shape {shape}, the "
-                         f"others (N, D, H, W) = {grid}")
+        raise ValueError(
+            f"RANDose: input {key!r} has shape {shape}, the "
+            f"others (N, D, H, W) = {grid}"
+        )
       grid = shape[:4]
     factor = 2 ** (len(self.widths) - 1)
     if any(n % factor for n in grid[1:]):
-      raise ValueError(f"RANDose: grid {grid[1:]} is not divisible by "
-                       f"2^(S-1) = {factor} (S = {len(self.widths)} stages)")
+      raise ValueError(
+          f"RANDose: grid {grid[1:]} is not divisible by "
+          f"2^(S-1) = {factor} (S = {len(self.widths)} stages)"
+      )
     return grid[1:]
 
   @nn.compact
@@ -205,14 +234,25 @@ class RANDose(nn.Module):
     widths = tuple(self.widths)
     num_stages = len(widths)
     # The layers every block uses, built once.
-    conv = functools.partial(conv_lib.Conv, impl=self.conv_impl, dtype=dtype,
-                             fuse_sums=self.msfe_fused)
-    layers = dict(conv=conv, norm=make_norm(self.norm, self.norm_groups, dtype),
-                  act=ACTIVATIONS[self.activation])
+    conv = functools.partial(
+        conv_lib.Conv,
+        impl=self.conv_impl,
+        dtype=dtype,
+        fuse_sums=self.msfe_fused,
+    )
+    layers = dict(
+        conv=conv,
+        norm=make_norm(self.norm, self.norm_groups, dtype),
+        act=ACTIVATIONS[self.activation],
+    )
 
     # Stem: one conv per input; F_P is kept for PI.
-    feats = {key: conv(widths[0], self.stem_kernel, name=f"stem_{key}")(
-        inputs[key].astype(dtype)) for key in ("ptv", "ct", "oar")}
+    feats = {
+        key: conv(widths[0], self.stem_kernel, name=f"stem_{key}")(
+            inputs[key].astype(dtype)
+        )
+        for key in ("ptv", "ct", "oar")
+    }
     f_p = feats["ptv"]
     x = jnp.concatenate([feats["ptv"], feats["ct"], feats["oar"]], axis=-1)
 
@@ -223,8 +263,13 @@ class RANDose(nn.Module):
         x = blocks.Downsample(self.down, name=f"down_{s}")(x)
         if self.use_pi:
           pi = self._maybe_remat(blocks.PTVIntegration)
-          x = pi(widths[s - 1], tuple(self.pi_kernels), self.pi_resize, conv,
-                 name=f"pi_{s}")(x, f_p)
+          x = pi(
+              widths[s - 1],
+              tuple(self.pi_kernels),
+              self.pi_resize,
+              conv,
+              name=f"pi_{s}",
+          )(x, f_p)
       x = self._stage(widths[s - 1], f"encoder_{s}", layers)(x)
       skips.append(x)
 
@@ -234,8 +279,13 @@ class RANDose(nn.Module):
       skip = skips[s - 1]
       if self.use_af:
         af = self._maybe_remat(blocks.AttentionFusion)
-        x = af(self.csa_reduction, self.alpha_init, self.beta_init, conv,
-               name=f"af_{s}")(skip, up)
+        x = af(
+            self.csa_reduction,
+            self.alpha_init,
+            self.beta_init,
+            conv,
+            name=f"af_{s}",
+        )(skip, up)
       else:
         x = jnp.concatenate([skip, up], axis=-1)
       x = self._stage(widths[s - 1], f"decoder_{s}", layers)(x)
@@ -243,15 +293,23 @@ class RANDose(nn.Module):
     # Head in float32: the dose regression output needs no bf16 rounding.
     # head_init='zeros' starts every prediction at 0 (benchmarks/NOTES.md,
     # "Why the full RANDose learned slowly").
-    out = nn.Conv(1, (1, 1, 1), dtype=jnp.float32, param_dtype=jnp.float32,
-                  kernel_init=HEAD_INITS[self.head_init],
-                  name="head")(x.astype(jnp.float32))
+    out = nn.Conv(
+        1,
+        (1, 1, 1),
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        kernel_init=HEAD_INITS[self.head_init],
+        name="head",
+    )(x.astype(jnp.float32))
     return out.astype(jnp.float32)
 
 
 # config.model's fields: RANDose's, and `name` (which network).
-MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(RANDose)
-                     if f.name not in ("parent", "name"))
+MODEL_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(RANDose)
+    if f.name not in ("parent", "name")
+)
 
 
 def create_model(model_config) -> RANDose:
@@ -263,13 +321,17 @@ def create_model(model_config) -> RANDose:
   (the default config's). ConfigError names an unknown field or value.
   """
   # Sequences read back from a JSON config are lists; the module's are tuples.
-  fields = {k: tuple(v) if isinstance(v, list) else v
-            for k, v in dict(model_config).items()}
+  fields = {
+      k: tuple(v) if isinstance(v, list) else v
+      for k, v in dict(model_config).items()
+  }
   name = fields.pop("name", "randose")
   if name != "randose":
     raise ConfigError(f"model.name: unknown {name!r}; only 'randose'")
   unknown = sorted(set(fields) - set(MODEL_FIELDS))
   if unknown:
-    raise ConfigError(f"model.{unknown[0]}: unknown field; RANDose's fields "
-                      f"are {', '.join(MODEL_FIELDS)}")
+    raise ConfigError(
+        f"model.{unknown[0]}: unknown field; RANDose's fields "
+        f"are {', '.join(MODEL_FIELDS)}"
+    )
   return RANDose(**fields)
