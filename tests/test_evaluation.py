@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import plain_scoring
+from tests import plain_scoring
 from randose_jax import evaluate
 from randose_jax import evaluation
 from randose_jax.data import openkbp

@@ -5,7 +5,7 @@ scored from its voxel lists (`Reference.from_sparse`, `decode_dose` with the
 import numpy as np
 import pytest
 
-import plain_scoring
+from tests import plain_scoring
 from randose_jax import default_config
 from randose_jax import evaluation
 from randose_jax import validation
