@@ -40,6 +40,15 @@ W - 1 - f, ImagePositionPatient is the centre of voxel (0, 0, W - 1), and
 GridFrameOffsetVector = [0, s2, 2 s2, ...] increases monotonically (the layout
 every reader accepts; negative offsets confuse some planning systems).
 `read_rtdose` undoes this and also accepts other axis-aligned axial layouts.
+
+`write_rtdose(..., image_orientation_patient=IOP)` writes another
+axis-aligned layout instead, e.g. a CT's own (`predict --dicom_grid=ct`):
+frames along the normal n = row cosine x column cosine, in increasing
+position along n (GridFrameOffsetVector 0, s, 2s, ...), rows along the
+column cosine, columns along the row cosine, each a permutation and flip of
+the array axes, so that each frame lies on one CT image when the dose has
+the CT's voxel centres. The default IOP [1, 0, 0, 0, 1, 0] is the layout
+above.
 """
 
 from __future__ import annotations
@@ -304,6 +313,7 @@ def write_rtdose(
     patient_name: str | None = None,
     origin_lps_mm=None,
     bits_allocated: int = 32,
+    image_orientation_patient=None,
     overwrite: bool = False,
 ) -> Path:
   """Writes a dose volume as a DICOM RT Dose file (explicit VR little endian), atomically.
@@ -326,6 +336,9 @@ def write_rtdose(
     bits_allocated: 32 (default) or 16 bits unsigned per voxel. DoseGridScaling
       maps the maximum dose near the top of that range; the stored dose is
       within DoseGridScaling / 2 of `dose_gy`.
+    image_orientation_patient: six direction cosines (row, column), axis-aligned
+      within 1e-3, written as given; the frames, rows and columns follow them
+      (module docstring). None: [1, 0, 0, 0, 1, 0], the standard axial layout.
     overwrite: replace an existing file (otherwise FileExistsError).
 
   Returns:
@@ -353,18 +366,28 @@ def write_rtdose(
     if uid is not None and not pydicom.uid.UID(uid).is_valid:
       raise ValueError(f'{path}: {name} {uid!r} is not a valid DICOM UID')
 
-  depth, height, width = dose.shape
+  iop, permutation, flips = _stored_layout(image_orientation_patient, path)
   scaling, scaling_text = _dose_grid_scaling(float(dose.max()), bits_allocated)
   top = 2**bits_allocated - 1
   pixels = np.clip(np.rint(dose / scaling), 0, top).astype(
       f'<u{bits_allocated // 8}'
   )
-  # (D,H,W) -> frames (W, reversed: inferior first), rows D (axis 0), columns H (axis 1).
-  frames = np.ascontiguousarray(np.transpose(pixels[:, :, ::-1], (2, 0, 1)))
+  # (D,H,W) -> (frames, rows, columns): stored axis s is array axis
+  # permutation[s], reversed where flips[s] (default: frames W reversed,
+  # inferior first; rows D (axis 0); columns H (axis 1)).
+  for axis in range(3):
+    if flips[permutation.index(axis)]:
+      pixels = np.flip(pixels, axis)
+  frames = np.ascontiguousarray(np.transpose(pixels, permutation))
+  n_frames, rows, columns = frames.shape
 
   to_lps = index_to_lps_matrix(dose.shape, vd, origin_lps_mm)
-  first_frame_lps = to_lps @ np.array([0.0, 0.0, width - 1, 1.0])
-  offsets = np.arange(width) * vd[2]
+  first_voxel = [
+      dose.shape[a] - 1 if flips[permutation.index(a)] else 0 for a in range(3)
+  ]
+  first_frame_lps = to_lps @ np.array([*first_voxel, 1.0])
+  stored_spacing = vd[permutation]
+  offsets = np.arange(n_frames) * stored_spacing[0]
 
   sop_instance_uid = generate_uid()
   now = datetime.datetime.now()
@@ -414,18 +437,18 @@ def write_rtdose(
   ds.ContentDate, ds.ContentTime = date, time
   # Image Plane
   ds.PixelSpacing = [
-      _ds(vd[0]),
-      _ds(vd[1]),
-  ]  # [between rows (axis 0), between columns (axis 1)]
-  ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+      _ds(stored_spacing[1]),
+      _ds(stored_spacing[2]),
+  ]  # [between rows, columns]
+  ds.ImageOrientationPatient = iop
   ds.ImagePositionPatient = [_ds(v) for v in first_frame_lps[:3]]
-  ds.SliceThickness = _ds(vd[2])
+  ds.SliceThickness = _ds(stored_spacing[0])
   # Image Pixel + Multi-frame
   ds.SamplesPerPixel = 1
   ds.PhotometricInterpretation = 'MONOCHROME2'
-  ds.Rows = depth
-  ds.Columns = height
-  ds.NumberOfFrames = width
+  ds.Rows = rows
+  ds.Columns = columns
+  ds.NumberOfFrames = n_frames
   ds.FrameIncrementPointer = pydicom.tag.Tag(
       0x3004, 0x000C
   )  # GridFrameOffsetVector
@@ -463,6 +486,43 @@ def write_rtdose(
   with fileio.atomic_path(path, overwrite=overwrite, suffix='.dcm') as tmp:
     write(tmp)
   return Path(path)
+
+
+def _stored_layout(image_orientation_patient, path):
+  """(IOP as written, permutation, flips): stored axis s (frame, row,
+  column) runs along array axis permutation[s], reversed where flips[s]."""
+  if image_orientation_patient is None:
+    iop, written = np.array([1.0, 0, 0, 0, 1, 0]), [1, 0, 0, 0, 1, 0]
+  else:
+    try:
+      iop = np.array([float(v) for v in image_orientation_patient], np.float64)
+    except (TypeError, ValueError):
+      iop = np.zeros(0)
+    if iop.shape != (6,) or not np.all(np.isfinite(iop)):
+      raise ValueError(
+          f'{path}: image_orientation_patient must be six finite numbers, '
+          f'got {image_orientation_patient!r}'
+      )
+    written = [_ds(v) for v in iop]
+  row, col = iop[:3], iop[3:]
+  directions = []
+  for cosine in (np.cross(row, col), col, row):
+    norm = np.linalg.norm(cosine)
+    if norm == 0 or np.sort(np.abs(cosine / norm))[1] > 1e-3:
+      raise ValueError(
+          f'{path}: image_orientation_patient {iop.tolist()} is not '
+          'axis-aligned (oblique grids are not supported)'
+      )
+    directions.append(np.round(cosine / norm))
+  dots = np.stack(directions) @ AXIS_DIRECTIONS_LPS.T  # (stored, array axis)
+  permutation = [int(np.argmax(np.abs(d))) for d in dots]
+  if sorted(permutation) != [0, 1, 2]:
+    raise ValueError(
+        f'{path}: image_orientation_patient {iop.tolist()} has parallel '
+        'row and column directions'
+    )
+  flips = [bool(dots[s, permutation[s]] < 0) for s in range(3)]
+  return written, permutation, flips
 
 
 def _ds(value: float) -> str:
@@ -615,7 +675,8 @@ def write_prediction_formats(
     overwrite: replace existing files; otherwise FileExistsError, checked for
       every requested file before anything is written.
     **dicom_kwargs: passed to `write_rtdose` (UIDs, bits_allocated, origin_lps_mm,
-      patient_name; origin_lps_mm also goes to `write_nifti`), except
+      image_orientation_patient, patient_name; origin_lps_mm also goes to
+      `write_nifti`), except
       `dicom_patient_id`: the DICOM PatientID when it differs from the file stem.
 
   Returns:

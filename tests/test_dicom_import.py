@@ -308,17 +308,7 @@ def test_rt_dose_back_in_the_patient_frame(case, grid, tmp_path):
       _rtdose_peak_lps(path) - peak,
   )
   if grid == "ct":
-    # The dose voxels are the CT's voxel centres.
-    ct_shape, _ = CASES[orientation]
-    assert sorted((ds.NumberOfFrames, ds.Rows, ds.Columns)) == sorted(ct_shape)
-    ct_first = pydicom.dcmread(record["ct_files"][0], stop_before_pixels=True)
-    row, col = (np.array(v, float) for v in synthetic.ORIENTATIONS[orientation])
-    directions = np.stack([np.cross(row, col), col, row])
-    offset = np.array([float(v) for v in ds.ImagePositionPatient]) - np.array(
-        [float(v) for v in ct_first.ImagePositionPatient]
-    )
-    index = (directions @ offset) / np.array(CASES[orientation][1])
-    np.testing.assert_allclose(index, np.rint(index), atol=1e-3)
+    _check_frames_are_the_ct_images(ds, record, orientation)
   sitk = pytest.importorskip("SimpleITK")
   image = sitk.ReadImage(str(path))
   array = sitk.GetArrayFromImage(image)  # (frames, rows, columns)
@@ -327,6 +317,49 @@ def test_rt_dose_back_in_the_patient_frame(case, grid, tmp_path):
       image.TransformIndexToPhysicalPoint((int(i), int(j), int(k)))
   )
   assert np.all(np.abs(point - peak) <= tolerance), (orientation, point - peak)
+  if grid == "ct":
+    # SimpleITK sees the dose and the CT series as one grid: same size,
+    # origin, spacing and directions, so frame k lies on CT image k.
+    ct = sitk.ReadImage([str(p) for p in record["ct_files"]])
+    assert image.GetSize() == ct.GetSize(), orientation
+    np.testing.assert_allclose(image.GetOrigin(), ct.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(image.GetSpacing(), ct.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(
+        image.GetDirection(), ct.GetDirection(), atol=1e-6
+    )
+
+
+def _check_frames_are_the_ct_images(ds, record, orientation):
+  """An RT Dose written with --dicom_grid=ct: the CT's IOP, rows, columns and
+  pixel spacing, one frame at each CT slice position (pydicom only)."""
+  cts = [
+      pydicom.dcmread(p, stop_before_pixels=True) for p in record["ct_files"]
+  ]
+  ct_first = cts[0]
+  assert [float(v) for v in ds.ImageOrientationPatient] == [
+      float(v) for v in ct_first.ImageOrientationPatient
+  ], orientation
+  assert (ds.Rows, ds.Columns, ds.NumberOfFrames) == (
+      ct_first.Rows,
+      ct_first.Columns,
+      len(cts),
+  )
+  np.testing.assert_allclose(
+      [float(v) for v in ds.PixelSpacing],
+      [float(v) for v in ct_first.PixelSpacing],
+      atol=1e-6,
+  )
+  iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+  normal = np.cross(iop[:3], iop[3:])
+  offsets = np.array([float(v) for v in ds.GridFrameOffsetVector])
+  assert offsets[0] == 0 and np.all(np.diff(offsets) > 0)
+  frames = (
+      np.array([float(v) for v in ds.ImagePositionPatient])
+      + offsets[:, None] * normal
+  )
+  # record["ct_files"] is in slice order, increasing along the CT's normal.
+  slices = np.array([[float(v) for v in c.ImagePositionPatient] for c in cts])
+  np.testing.assert_allclose(frames, slices, atol=1e-3)
 
 
 # ------------------------------------------------------------ names
@@ -502,6 +535,62 @@ def test_body_from_ct_when_no_body_contour(small_dicom, tmp_path, capfd):
   assert _dice(patient.possible_dose_mask & within, body & within) > 0.97
 
 
+def test_couch_apart_from_the_body_is_left_out(tmp_path, capfd):
+  """Without a body contour, CT > -500 HU keeps its largest connected region:
+  a couch slab behind the body, with air between, is not in the mask."""
+  phantom = synthetic.Phantom(
+      shapes=synthetic.DEFAULT_SHAPES[:4], couch=(72.0, 12.0)
+  )
+  src = tmp_path / "in"
+  synthetic.write_patient(
+      src,
+      phantom,
+      shape=(12, 88, 72),
+      spacing=(3.0, 2.2, 2.2),
+      seed=5,
+      with_plan=False,
+      with_dose=False,
+  )
+  (tmp_path / "map.json").write_text(json.dumps({"External": None}))
+  code, out, err = _run_cli(
+      [
+          f"--input={src}",
+          f"--output={tmp_path / 'out'}",
+          "--grid_shape=48,48,16",
+          f"--roi_map={tmp_path / 'map.json'}",
+      ],
+      capfd,
+  )
+  assert code == 0, err
+  assert "CT > -500 HU, largest connected region" in out
+  folder = tmp_path / "out" / "pt_SYN001"
+  patient = openkbp.load_patient(folder)
+  points = _centres(geometry.read_geometry(folder))
+  y = (points[:, 1] - phantom.centre[1]).reshape(patient.grid_shape)
+  # The couch is in the imported CT (so CT > -500 HU would take it) ...
+  couch = (patient.ct - CT_OFFSET > -500) & (y > 72 + 2)
+  assert couch.sum() > 100
+  # ... and not in the possible-dose mask, which is the body.
+  assert not (patient.possible_dose_mask & (y > 65 + 3)).any()
+  within = (np.abs(points[:, 2] - phantom.centre[2]) < 16.5).reshape(
+      patient.grid_shape
+  )
+  body = phantom.inside("External", points).reshape(patient.grid_shape)
+  assert _dice(patient.possible_dose_mask & within, body & within) > 0.97
+
+
+def test_largest_region():
+  mask = np.zeros((6, 6, 6), bool)
+  mask[0:2, 0:2, 0:2] = True  # 8 voxels
+  mask[4:6, 0:6, 0:6] = True  # 72 voxels
+  mask[0, 5, 5] = True  # touches the slab only diagonally: apart
+  assert np.array_equal(
+      importer.largest_region(mask),
+      np.pad(np.ones((2, 6, 6), bool), ((4, 0), (0, 0), (0, 0))),
+  )
+  assert not importer.largest_region(np.zeros((3, 3, 3), bool)).any()
+
+
 def _break(kind, src, files):
   """Breaks the copied input; returns the file the error must name."""
   cts = files["ct_files"]
@@ -545,6 +634,11 @@ def _break(kind, src, files):
   if kind == "missing slice":
     cts[6].unlink()
     return cts[7]
+  if kind == "dose units":
+    ds = pydicom.dcmread(files["rtdose"])
+    ds.DoseUnits = "RELATIVE"
+    ds.save_as(files["rtdose"])
+    return files["rtdose"]
   if kind == "no PTV":
     ds = pydicom.dcmread(files["rtstruct"])
     for roi in ds.StructureSetROISequence:
@@ -565,6 +659,7 @@ def _break(kind, src, files):
         "tilt",
         "missing slice",
         "no PTV",
+        "dose units",
     ],
 )
 def test_bad_input_is_one_error_line_and_writes_nothing(
@@ -584,6 +679,93 @@ def test_bad_input_is_one_error_line_and_writes_nothing(
   assert not [
       p for p in tmp_path.iterdir() if p.name.startswith(".randose-staging")
   ]
+
+
+@pytest.fixture(scope="module")
+def small_dicom_plan(tmp_path_factory):
+  """A small HFS patient with an RTPLAN, its RTDOSE referencing it."""
+  folder = tmp_path_factory.mktemp("small_plan") / "dicom"
+  record = synthetic.write_patient(
+      folder,
+      shape=(12, 72, 72),
+      spacing=(3.0, 2.2, 2.2),
+      seed=4,
+      with_plan=True,
+      phantom=synthetic.Phantom(shapes=synthetic.DEFAULT_SHAPES[:4]),
+  )
+  return folder, record
+
+
+def test_rt_dose_in_another_frame_is_refused(small_dicom_plan, tmp_path, capfd):
+  """The plan's RTDOSE in another frame of reference than the CT: one error
+  line naming the RTDOSE, nothing written."""
+  src, files = _copy(small_dicom_plan, tmp_path)
+  ds = pydicom.dcmread(files["rtdose"])
+  ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.2.1125.99"
+  ds.save_as(files["rtdose"])
+  out = tmp_path / "out"
+  code, _, err = _run_cli(
+      [f"--input={src}", f"--output={out}", "--grid_shape=40,40,16"], capfd
+  )
+  assert code == 2, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), err
+  assert (
+      str(files["rtdose"]) in lines[0] and "FrameOfReferenceUID" in lines[0]
+  ), err
+  assert not out.exists()
+  assert not [
+      p for p in tmp_path.iterdir() if p.name.startswith(".randose-staging")
+  ]
+
+
+def _as_beam_dose(path, copy_to=None):
+  ds = pydicom.dcmread(path)
+  ds.DoseSummationType = "BEAM"
+  if copy_to is not None:
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = (
+        "1.2.826.0.1.3680043.2.1125.7"
+    )
+  ds.save_as(copy_to or path)
+
+
+def test_per_beam_dose_is_ignored_with_a_warning(
+    small_dicom_plan, tmp_path, capfd
+):
+  """Only a plan-summed RTDOSE is read. A per-beam one alone: the patient is
+  imported without dose.csv, and the summary says why; beside a plan-summed
+  one it is ignored without a word."""
+  src, files = _copy(small_dicom_plan, tmp_path)
+  _as_beam_dose(files["rtdose"])
+  args = [
+      f"--input={src}",
+      f"--output={tmp_path / 'out'}",
+      "--grid_shape=40,40,16",
+  ]
+  code, out, err = _run_cli(args, capfd)
+  assert code == 0, err
+  folder = tmp_path / "out" / "pt_SYN001"
+  assert not (folder / openkbp.DOSE_FILE).exists()
+  warning = (
+      f"pt_SYN001: warning: dose: no plan-summed RT Dose, only "
+      f"{files['rtdose'].name} (BEAM)"
+  )
+  assert warning in out, out
+  assert any("BEAM" in w for w in geometry.read_geometry(folder)["warnings"])
+  # The plan-summed dose back, the per-beam one beside it.
+  src2, files2 = _copy(small_dicom_plan, tmp_path / "2")
+  _as_beam_dose(files2["rtdose"], copy_to=files2["rtdose"].with_name("beam1"))
+  code, out, err = _run_cli(
+      [
+          f"--input={src2}",
+          f"--output={tmp_path / 'out2'}",
+          "--grid_shape=40,40,16",
+      ],
+      capfd,
+  )
+  assert code == 0, err
+  assert (tmp_path / "out2" / "pt_SYN001" / openkbp.DOSE_FILE).exists()
+  assert "dose:" not in out and "BEAM" not in out, out
 
 
 def test_occupancy_is_the_overlap():

@@ -195,6 +195,68 @@ def test_rtdose_reads_reversed_frames(dose, tmp_path):
   np.testing.assert_allclose(vd, VOXEL_DIMENSIONS)
 
 
+@pytest.mark.parametrize(
+    'iop',
+    [
+        (-1, 0, 0, 0, 1, 0),
+        (-1, 0, 0, 0, -1, 0),
+        (1, 0, 0, 0, -1, 0),  # FFS, HFP, FFP
+        (0, 1, 0, 0, 0, -1),
+        (1, 0, 0, 0, 0, -1),
+    ],
+)  # sagittal, coronal
+def test_rtdose_in_another_orientation(dose, tmp_path, iop):
+  """`image_orientation_patient`: the file has that IOP, frames along its
+  normal at increasing offsets, and every voxel where index_to_lps_matrix
+  puts it; read_rtdose gives the array back."""
+  origin = (10.0, -20.0, 30.0)
+  path = formats.write_rtdose(
+      tmp_path / 'o.dcm',
+      dose,
+      VOXEL_DIMENSIONS,
+      'p',
+      origin_lps_mm=origin,
+      image_orientation_patient=iop,
+  )
+  ds = pydicom.dcmread(path)
+  assert [float(v) for v in ds.ImageOrientationPatient] == [
+      float(v) for v in iop
+  ]
+  back, vd = formats.read_rtdose(path)
+  assert np.abs(back - dose).max() <= float(ds.DoseGridScaling) / 2 * (1 + 1e-9)
+  np.testing.assert_allclose(vd, VOXEL_DIMENSIONS, rtol=1e-12)
+  row, col = np.array(iop[:3], float), np.array(iop[3:], float)
+  offsets = np.array([float(v) for v in ds.GridFrameOffsetVector])
+  assert offsets[0] == 0 and np.all(np.diff(offsets) > 0)
+  frame, r, c = np.unravel_index(
+      np.argmax(ds.pixel_array), ds.pixel_array.shape
+  )
+  lps = (
+      np.array([float(v) for v in ds.ImagePositionPatient])
+      + offsets[frame] * np.cross(row, col)
+      + r * float(ds.PixelSpacing[0]) * col
+      + c * float(ds.PixelSpacing[1]) * row
+  )
+  expected = formats.index_to_lps_matrix(SHAPE, VOXEL_DIMENSIONS, origin) @ [
+      *HOT,
+      1,
+  ]
+  np.testing.assert_allclose(lps, expected[:3], atol=1e-3)
+
+
+def test_rtdose_refuses_an_oblique_orientation(dose, tmp_path):
+  c, s = np.cos(0.3), np.sin(0.3)
+  with pytest.raises(ValueError, match='o.dcm.*not axis-aligned'):
+    formats.write_rtdose(
+        tmp_path / 'o.dcm',
+        dose,
+        VOXEL_DIMENSIONS,
+        'p',
+        image_orientation_patient=(c, s, 0, -s, c, 0),
+    )
+  assert not list(tmp_path.iterdir())
+
+
 def test_zero_dose(tmp_path):
   zeros = np.zeros((2, 3, 4))
   back, _ = formats.read_rtdose(

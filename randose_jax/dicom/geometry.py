@@ -5,8 +5,10 @@ The import grid has the project's axes (formats.py: 0 anterior -> posterior,
 1 right -> left, 2 superior -> inferior; `axis_directions_lps`) with
 `voxel_dimensions` mm and voxel (0, 0, 0) centred at `origin_lps_mm`, in the
 CT's frame of reference. `ct_grid` is the CT's own grid in the same axis
-order (the same voxel centres as the CT's, permuted and flipped), for
-`--dicom_grid=ct`.
+order (the same voxel centres as the CT's, permuted and flipped) and the
+CT's ImageOrientationPatient, for `--dicom_grid=ct`: the RT Dose is then
+written in the CT's own layout, one dose frame on each CT image (same IOP,
+frame positions = the CT's slice positions).
 """
 
 from __future__ import annotations
@@ -102,7 +104,9 @@ def rtdose_arguments(info: dict, dose_gy: np.ndarray, grid: str = "crop"):
   put `dose_gy` (on the import grid) in the patient's own frame.
 
   Args:
-    grid: "crop" (the import grid) or "ct" (the CT's own voxel centres).
+    grid: "crop" (the import grid, standard axial layout) or "ct" (the CT's
+      own voxel centres, written in the CT's orientation: one dose frame per
+      CT image).
   """
   if grid not in ("crop", "ct"):
     raise ValueError(f"--dicom_grid must be crop or ct, got {grid!r}")
@@ -120,4 +124,8 @@ def rtdose_arguments(info: dict, dose_gy: np.ndarray, grid: str = "crop"):
       dicom_patient_id=info["patient_id"],
       patient_name=info.get("patient_name"),
   )
+  if grid == "ct":
+    kwargs["image_orientation_patient"] = info["ct_grid"][
+        "image_orientation_patient"
+    ]
   return dose, vd, kwargs
