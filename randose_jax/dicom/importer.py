@@ -13,6 +13,13 @@ placed around the targets: per axis, centred on the bounding box of the PTVs,
 then moved to lie within the body where the body is longer than the box,
 never so far that a PTV that fits would be cut. A PTV longer than the box is
 cut; the volume cut is reported.
+
+The possible-dose mask is the body contour; without one, the CT's voxels
+above -500 HU, of which only the largest connected region (3-D) is kept, so
+that a couch or a positioning device apart from the body is left out, then
+filled slice by slice. Only a plan-summed RT Dose (DoseSummationType PLAN or
+MULTI_PLAN) is read; per-beam or per-fraction doses are ignored with a
+warning when no summed dose is found.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ class Plan:
   rtplan: series.Instance | None = None
   rtdose: series.Instance | None = None
   folder: str = ""
+  dose_warnings: list = dataclasses.field(default_factory=list)
 
 
 def _items(ds, keyword):
@@ -158,7 +166,7 @@ def find_plans(scan: series.Scan, input_dir) -> list[Plan]:
             Plan(
                 **base,
                 rtplan=plan,
-                rtdose=_dose_of(
+                **_dose_of(
                     scan,
                     lambda d, p=plan: p.sop_instance_uid
                     in _referenced_sops(d.header, "ReferencedRTPlanSequence"),
@@ -171,7 +179,7 @@ def find_plans(scan: series.Scan, input_dir) -> list[Plan]:
       plans.append(
           Plan(
               **base,
-              rtdose=_dose_of(
+              **_dose_of(
                   scan,
                   lambda d: d.frame_of_reference_uid == frame
                   and d.patient_id == ss.patient_id
@@ -191,18 +199,31 @@ def find_plans(scan: series.Scan, input_dir) -> list[Plan]:
   return plans
 
 
-def _dose_of(scan: series.Scan, belongs) -> series.Instance | None:
-  """The plan-summed RTDOSE among those that `belong` (first by path)."""
+def _summation(d: series.Instance) -> str:
+  return str(d.header.get("DoseSummationType", "PLAN") or "PLAN").upper()
+
+
+def _dose_of(scan: series.Scan, belongs) -> dict:
+  """{'rtdose': the plan-summed RTDOSE among those that `belong` (first by
+  path) or None, 'dose_warnings': what was left out and why}."""
   doses = sorted(
       (d for d in scan.rtdoses if belongs(d)), key=lambda d: str(d.path)
   )
-  summed = [
-      d
-      for d in doses
-      if str(d.header.get("DoseSummationType", "PLAN")).upper()
-      in ("PLAN", "MULTI_PLAN", "")
-  ]
-  return summed[0] if summed else None
+  summed = [d for d in doses if _summation(d) in ("PLAN", "MULTI_PLAN")]
+  notes = []
+  if not summed and doses:
+    listed = ", ".join(f"{d.path.name} ({_summation(d)})" for d in doses[:4])
+    notes.append(
+        f"dose: no plan-summed RT Dose, only {listed}"
+        f"{' ...' if len(doses) > 4 else ''}; these are not summed, so no "
+        "dose.csv is written"
+    )
+  elif len(summed) > 1:
+    notes.append(
+        f"dose: {len(summed)} plan-summed RT Doses; {summed[0].path.name} is read, "
+        f"{', '.join(d.path.name for d in summed[1:4])} ignored"
+    )
+  return {"rtdose": summed[0] if summed else None, "dose_warnings": notes}
 
 
 # ---------------------------------------------------------------- one plan
@@ -253,6 +274,31 @@ def _extent(volume: series.Volume, where: np.ndarray | None = None):
   )
 
 
+def largest_region(mask: np.ndarray) -> np.ndarray:
+  """The largest 6-connected region of a bool mask (the mask itself when it
+  has one region or none)."""
+  from scipy import ndimage
+
+  labels, n = ndimage.label(mask)
+  if n <= 1:
+    return mask
+  sizes = np.bincount(labels.ravel())
+  sizes[0] = 0
+  return labels == np.argmax(sizes)
+
+
+def _bounding_box(volume: series.Volume) -> series.Volume:
+  """The volume cut to the bounding box of its nonzero voxels."""
+  nz = np.nonzero(volume.array)
+  lo = np.array([n.min() for n in nz])
+  hi = np.array([n.max() for n in nz]) + 1
+  return series.Volume(
+      volume.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]],
+      volume.spacing,
+      volume.index_to_lps(lo),
+  )
+
+
 def _union(masks: list[rasterize.StoredMask]) -> rasterize.StoredMask:
   start = np.min([m.start for m in masks], axis=0)
   stop = np.max([m.stop for m in masks], axis=0)
@@ -298,7 +344,7 @@ def import_plan(
   contours = {
       int(c.ReferencedROINumber): c for c in _items(ds, "ROIContourSequence")
   }
-  warnings, sources = [], {}
+  warnings, sources = list(plan.dose_warnings), {}
   stored: dict[str, list[rasterize.StoredMask]] = {}
   matches = {}
   for number, name in sorted(names.items()):
@@ -355,8 +401,16 @@ def import_plan(
           f"{slices[0].path}: no CT voxel above {BODY_THRESHOLD_HU:g} HU and "
           f"no body contour in {ss.path.name}"
       )
-    body_lo, body_hi = _extent(ct, above)
-    mask_source = f"CT > {BODY_THRESHOLD_HU:g} HU, filled slice by slice"
+    # A couch or a device apart from the body is another region: left out.
+    body_from_ct = _bounding_box(
+        series.Volume(largest_region(above), ct.spacing, ct.origin)
+    )
+    del above
+    body_lo, body_hi = _extent(body_from_ct)
+    mask_source = (
+        f"CT > {BODY_THRESHOLD_HU:g} HU, largest connected region, "
+        "filled slice by slice"
+    )
   voxel0 = place_box(ptv_lo, ptv_hi, body_lo, body_hi, shape, spacing)
   origin = AXIS_DIRECTIONS_LPS.T @ voxel0
 
@@ -377,7 +431,8 @@ def import_plan(
   if body is not None:
     possible = masks.pop(roi_names.BODY)
   else:
-    possible = ct_crop > BODY_THRESHOLD_HU
+    possible = rasterize.occupancy(body_from_ct, shape, spacing, origin) >= 0.5
+    del body_from_ct
     for k in range(shape[2]):
       possible[:, :, k] = ndimage.binary_fill_holes(possible[:, :, k])
   for target in list(masks):
@@ -469,37 +524,49 @@ def import_plan(
   return Imported(ct_crop, masks, possible, dose, spacing, info, summary)
 
 
+def _write(path: Path, data: bytes) -> None:
+  with fileio.atomic_output(path) as f:
+    f.write(data)
+
+
 def write_patient_folder(folder: Path, imported: Imported) -> None:
-  """Writes the OpenKBP files and `dicom_geometry.json` into a new `folder`."""
+  """Writes the OpenKBP files and `dicom_geometry.json` into a new `folder`
+  (each file through `fileio.atomic_output`)."""
   folder.mkdir(parents=True)
   stored_ct = np.clip(
       np.rint(imported.ct_hu.astype(np.float64)) + CT_OFFSET, 0, None
   ).ravel()
   index = np.flatnonzero(stored_ct)
-  (folder / openkbp.CT_FILE).write_bytes(
-      openkbp.format_sparse_csv(index, stored_ct[index])
+  _write(
+      folder / openkbp.CT_FILE,
+      openkbp.format_sparse_csv(index, stored_ct[index]),
   )
-  (folder / openkbp.MASK_FILE).write_bytes(
-      openkbp.format_sparse_csv(np.flatnonzero(imported.possible_dose_mask))
+  _write(
+      folder / openkbp.MASK_FILE,
+      openkbp.format_sparse_csv(np.flatnonzero(imported.possible_dose_mask)),
   )
   for name in ROI_NAMES:
     if name in imported.masks:
-      (folder / f"{name}.csv").write_bytes(
-          openkbp.format_sparse_csv(np.flatnonzero(imported.masks[name]))
+      _write(
+          folder / f"{name}.csv",
+          openkbp.format_sparse_csv(np.flatnonzero(imported.masks[name])),
       )
-  (folder / openkbp.VOXEL_DIMENSIONS_FILE).write_text(
-      "".join(f"{float(v)!r}\n" for v in imported.voxel_dimensions)
+  _write(
+      folder / openkbp.VOXEL_DIMENSIONS_FILE,
+      "".join(f"{float(v)!r}\n" for v in imported.voxel_dimensions).encode(),
   )
   shape = tuple(imported.ct_hu.shape)
   if shape != GRID_SHAPE:
-    (folder / openkbp.GRID_SHAPE_FILE).write_text(
-        "".join(f"{n}\n" for n in shape)
+    _write(
+        folder / openkbp.GRID_SHAPE_FILE,
+        "".join(f"{n}\n" for n in shape).encode(),
     )
   if imported.dose is not None:
     flat = imported.dose.ravel()
     index = np.flatnonzero(flat)
-    (folder / openkbp.DOSE_FILE).write_bytes(
-        openkbp.format_sparse_csv(index, flat[index])
+    _write(
+        folder / openkbp.DOSE_FILE,
+        openkbp.format_sparse_csv(index, flat[index]),
     )
   geometry.write_geometry(folder, imported.geometry)
 
@@ -526,8 +593,24 @@ def import_folder(
     One summary dict per patient folder (`import_plan`).
 
   Raises:
-    DicomError or OSError naming the file; nothing is written then.
+    DicomError or OSError naming the file (an output file by its final
+    path); nothing is written then.
   """
+  with series.quiet_pydicom():
+    return _import_folder(
+        input_dir,
+        output_dir,
+        mapper,
+        shape=shape,
+        spacing=spacing,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+def _import_folder(
+    input_dir, output_dir, mapper, *, shape, spacing, overwrite, progress
+):
   from tqdm import tqdm
 
   mapper = mapper or roi_names.RoiMapper()
@@ -567,7 +650,17 @@ def import_folder(
         disable=None if progress is None else not progress,
     ):
       imported = import_plan(plan, mapper, shape=shape, spacing=spacing)
-      write_patient_folder(staging / plan.folder, imported)
+      try:
+        write_patient_folder(staging / plan.folder, imported)
+      except OSError as e:  # name the user's path, not the staged one
+        staged = Path(e.filename) if e.filename is not None else None
+        if staged is None or e.errno is None or staging not in staged.parents:
+          raise
+        raise OSError(
+            e.errno,
+            e.strerror or os.strerror(e.errno),
+            str(output_dir / staged.relative_to(staging)),
+        ) from e
       rows.append(imported.summary)
     output_dir.mkdir(parents=True, exist_ok=True)
     for plan in plans:

@@ -15,12 +15,21 @@ flips such a grid into the project's axis order (formats.py, conventions.py:
 interpolation. Only axis-aligned grids are supported: an oblique IOP, a gantry
 tilt (IPP drifting in-plane from slice to slice), unequal slice spacing (a
 missing slice) are errors naming a file.
+
+Every number read from a header is checked (present, numeric, finite, and
+positive where it must be); a bad one is an error naming the file. pydicom's
+own warnings about value encodings are silenced while an import reads
+(`quiet_pydicom`): the checks here report what matters, and a failed import
+prints its one error line only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,14 +73,32 @@ class Scan:
   other_modalities: int
 
 
+@contextlib.contextmanager
+def quiet_pydicom():
+  """Silences pydicom's warnings (the `warnings` module and its logger) in
+  the block."""
+  logger = logging.getLogger("pydicom")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      yield
+  finally:
+    logger.setLevel(level)
+
+
 def scan(input_dir) -> Scan:
   """Reads the header of every file under `input_dir` (any names, any depth).
 
   Files without the DICOM preamble are counted as not DICOM and skipped;
-  a file with the preamble that cannot be read is an error.
+  a file with the preamble that cannot be read is an error, and so is an
+  empty (0-byte) file: the mark of an interrupted copy, which would
+  otherwise drop a slice without a word.
 
   Raises:
-    DicomError: a missing folder, or an unreadable DICOM file (named).
+    DicomError: a missing folder, an empty file, or an unreadable DICOM
+    file (named).
   """
   import pydicom
   from pydicom.errors import InvalidDicomError
@@ -86,6 +113,11 @@ def scan(input_dir) -> Scan:
       for name in names
   )
   for path in paths:
+    if os.path.getsize(path) == 0:
+      raise DicomError(
+          f"{path}: empty file (0 bytes), not a DICOM file: an "
+          "interrupted copy? Copy it again or remove it"
+      )
     try:
       ds = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
@@ -210,17 +242,38 @@ def canonical(array: np.ndarray, grid: StoredGrid) -> Volume:
   )
 
 
-def _vector(ds, keyword: str, n: int, path) -> np.ndarray:
+def _vector(ds, keyword: str, n: int | None, path) -> np.ndarray:
+  """The attribute as float64 (n,) (any length when n is None), every value
+  finite; a DicomError naming the file otherwise."""
   value = ds.get(keyword)
+  if value is not None and (
+      isinstance(value, (str, bytes)) or not hasattr(value, "__iter__")
+  ):
+    value = [value]  # a single value
   try:
     out = np.array([float(v) for v in value], np.float64)
   except (TypeError, ValueError):
     out = np.zeros(0)
-  if out.shape != (n,) or not np.all(np.isfinite(out)):
+  if (out.shape != (n,) if n is not None else out.size == 0) or not np.all(
+      np.isfinite(out)
+  ):
+    count = f"{n} finite numbers" if n is not None else "finite numbers"
     raise DicomError(
-        f"{path}: {keyword} is missing or not {n} numbers " f"(got {value!r})"
+        f"{path}: {keyword} is missing or not {count} " f"(got {_shown(value)})"
     )
   return out
+
+
+def _number(ds, keyword: str, path, default: float | None = None) -> float:
+  """A single-valued numeric attribute (`default` when absent or empty)."""
+  if default is not None and ds.get(keyword) in (None, ""):
+    return default
+  return float(_vector(ds, keyword, 1, path)[0])
+
+
+def _shown(value, limit: int = 80) -> str:
+  text = repr(list(value) if isinstance(value, (list, tuple)) else value)
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _orientation(ds, path) -> tuple[np.ndarray, np.ndarray]:
@@ -381,8 +434,8 @@ def read_ct_pixels(slices: list[Instance], grid: StoredGrid) -> np.ndarray:
           f"{inst.path}: pixel data has shape {pixels.shape}, "
           f"expected {grid.shape[1:]}"
       )
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    slope = _number(ds, "RescaleSlope", inst.path, default=1.0) or 1.0
+    intercept = _number(ds, "RescaleIntercept", inst.path, default=0.0)
     out[k] = pixels.astype(np.float32) * slope + intercept
   return out
 
@@ -392,7 +445,9 @@ def load_rtdose(inst: Instance) -> Volume:
 
   Raises:
     DicomError naming the file: units other than GY, missing attributes,
-    an oblique grid, unequal frame spacing, unreadable pixel data.
+    a DoseGridScaling that is not a positive number, GridFrameOffsetVector
+    values that are not finite, an oblique grid, unequal frame spacing,
+    unreadable pixel data, negative dose values.
   """
   import pydicom
 
@@ -412,7 +467,7 @@ def load_rtdose(inst: Instance) -> Volume:
     raise DicomError(f"{path}: DoseGridScaling or PixelData is missing")
   row, col = _orientation(ds, path)
   spacing2 = _pixel_spacing(ds, path)
-  n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+  n_frames = int(_number(ds, "NumberOfFrames", path, default=1.0))
   try:
     pixels = np.asarray(ds.pixel_array).reshape(
         n_frames, int(ds.Rows), int(ds.Columns)
@@ -422,9 +477,17 @@ def load_rtdose(inst: Instance) -> Volume:
         f"{path}: cannot read the pixel data "
         f"({type(e).__name__}: {_first_line(e)})"
     ) from e
-  dose = pixels.astype(np.float64) * float(ds.DoseGridScaling)
+  scaling = _number(ds, "DoseGridScaling", path)
+  if scaling <= 0:
+    raise DicomError(f"{path}: DoseGridScaling {scaling!r} must be positive")
+  dose = pixels.astype(np.float64) * scaling
+  if dose.min() < 0:
+    raise DicomError(
+        f"{path}: {np.count_nonzero(dose < 0)} negative dose values "
+        f"(min {dose.min():.6g} Gy); a dose must be >= 0"
+    )
   if n_frames > 1:
-    offsets = np.array([float(v) for v in ds.get("GridFrameOffsetVector", [])])
+    offsets = _vector(ds, "GridFrameOffsetVector", None, path)
     if offsets.shape != (n_frames,):
       raise DicomError(
           f"{path}: GridFrameOffsetVector has {offsets.size} values "
@@ -443,7 +506,10 @@ def load_rtdose(inst: Instance) -> Volume:
       )
     step, first_offset = float(np.median(steps)), float(offsets[0])
   else:
-    step, first_offset = float(ds.get("SliceThickness") or 1.0), 0.0
+    step, first_offset = (
+        _number(ds, "SliceThickness", path, default=1.0) or 1.0,
+        0.0,
+    )
   normal = np.cross(row, col)
   origin = _vector(ds, "ImagePositionPatient", 3, path) + first_offset * normal
   grid = StoredGrid(

@@ -5,7 +5,8 @@ The phantom lives in patient coordinates (LPS mm, relative to `centre`): an
 elliptic body whose CT number is a linear function of position (so linear
 interpolation reproduces it exactly), spheres, ellipsoids, cylinders and an
 annulus (a structure with a hole: two contours per slice), a Gaussian dose
-peak at the PTV70 centre. `Phantom.inside`, `Phantom.hu` and `Phantom.dose`
+peak at the PTV70 centre, and optionally a couch: a slab posterior to the
+body, apart from it (air between), in the CT only (not contoured). `Phantom.inside`, `Phantom.hu` and `Phantom.dose`
 give the truth at any point. The CT is written in any of the four standard
 patient positions (`ORIENTATIONS`: only ImageOrientationPatient and the slice
 order change), the files under random names in random subfolders.
@@ -31,6 +32,7 @@ ORIENTATIONS = {
     "FFP": ((1, 0, 0), (0, -1, 0)),
 }
 BODY_HU = (20.0, 0.3, 0.2, -0.1)  # HU = a + b x + c y + d z inside the body
+COUCH_HU = 200.0
 DOSE_PEAK_GY, DOSE_SIGMA_MM = 70.0, 35.0
 
 
@@ -68,6 +70,17 @@ class Phantom:
       default_factory=lambda: np.array([12.0, -30.0, 400.0])
   )
   shapes: tuple = DEFAULT_SHAPES
+  # (y_top, thickness) mm relative to the centre: a couch of COUCH_HU where
+  # y_top <= y <= y_top + thickness (LPS +y is posterior), every x and z.
+  couch: tuple | None = None
+
+  def in_couch(self, points) -> np.ndarray:
+    """bool (n,): points (n, 3) LPS in the couch (none without one)."""
+    p = np.asarray(points, np.float64)
+    if self.couch is None:
+      return np.zeros(len(p), bool)
+    y = p[:, 1] - self.centre[1]
+    return (y >= self.couch[0]) & (y <= self.couch[0] + self.couch[1])
 
   def shape(self, name: str) -> Shape:
     return next(s for s in self.shapes if s.name == name)
@@ -101,13 +114,14 @@ class Phantom:
     return (r2 <= r_out**2) & (r2 >= r_in**2) & (np.abs(p[:, 2]) <= h)
 
   def hu(self, points) -> np.ndarray:
-    """HU at points (n, 3): the linear body field inside the body, -1000 outside."""
+    """HU at points (n, 3): the linear body field inside the body, COUCH_HU
+    in the couch, -1000 elsewhere."""
     p = np.asarray(points, np.float64) - self.centre
     a, b, c, d = BODY_HU
     return np.where(
         self.inside("External", points),
         a + b * p[:, 0] + c * p[:, 1] + d * p[:, 2],
-        -1000.0,
+        np.where(self.in_couch(points), COUCH_HU, -1000.0),
     )
 
   def dose_peak(self) -> np.ndarray:
