@@ -2,9 +2,9 @@
 
 This table is the documentation of what a failed command does (the README
 links here). For each tool (`main`, `predict`, `evaluate`, `export`,
-`summary`) and each fault in `FAULTS`, `TABLE` holds either the fault as
-that tool meets it, or why the fault cannot reach that tool (`NA`). Every
-fault that can reach a tool must give:
+`summary`, `dicom_import`) and each fault in `FAULTS`, `TABLE` holds either
+the fault as that tool meets it, or why the fault cannot reach that tool
+(`NA`). Every fault that can reach a tool must give:
 
   * exit status 2;
   * exactly one line on stderr, `error: ...`, naming the file (and the line
@@ -13,31 +13,33 @@ fault that can reach a tool must give:
     (nothing half-written: no partial cache, no earlier patients' CSVs, no
     temporary files).
 
-| fault                      | main            | predict          | evaluate              | export         | summary      |
-|----------------------------|-----------------|------------------|-----------------------|----------------|--------------|
-| missing file               | ct.csv          | ct.csv           | a prediction CSV      | --workdir      | --config     |
-| empty file                 | dose.csv        | ct.csv           | a prediction CSV      | NA             | --config     |
-| non-numeric value          | ct.csv          | ct.csv           | a prediction CSV      | NA             | a --config.* |
-| NaN                        | dose.csv        | ct.csv           | a prediction CSV      | NA             | NA           |
-| infinite                   | ct.csv          | dose.csv         | a prediction CSV      | NA             | NA           |
-| negative dose              | dose.csv        | dose.csv         | a prediction CSV      | NA             | NA           |
-| index out of the grid      | mask            | mask             | a prediction CSV      | NA             | NA           |
-| duplicate index            | dose.csv        | ct.csv           | a prediction CSV      | NA             | NA           |
-| wrong header               | mask            | ct.csv           | a prediction CSV      | NA             | NA           |
-| two voxel dimensions       | voxel_dims      | voxel_dims       | reference voxel_dims  | NA             | NA           |
-| zero or negative spacing   | voxel_dims (0)  | voxel_dims (-1)  | reference (0)         | NA             | --grid=0     |
-| empty patient folder       | a patient       | a patient        | a reference patient   | NA             | NA           |
-| empty split                | validation-pats | --patients       | --reference           | NA             | NA           |
-| unreadable checkpoint      | --workdir       | --workdir        | NA                    | --workdir      | NA           |
-| output path not writable   | --workdir       | --output         | --json                | /proc/x.zip    | NA           |
-| output already present     | NA (resumes)    | --output         | NA (replaced)         | --output       | NA           |
-| disk full (patched writer) | the cache       | --output         | --json                | --output       | NA           |
+| fault                      | main            | predict          | evaluate              | export         | summary      | dicom_import         |
+|----------------------------|-----------------|------------------|-----------------------|----------------|--------------|----------------------|
+| missing file               | ct.csv          | ct.csv           | a prediction CSV      | --workdir      | --config     | --input              |
+| empty file                 | dose.csv        | ct.csv           | a prediction CSV      | NA             | --config     | a CT slice (0 bytes) |
+| non-numeric value          | ct.csv          | ct.csv           | a prediction CSV      | NA             | a --config.* | a CT slice (IPP)     |
+| NaN                        | dose.csv        | ct.csv           | a prediction CSV      | NA             | NA           | RTDOSE (scaling)     |
+| infinite                   | ct.csv          | dose.csv         | a prediction CSV      | NA             | NA           | RTDOSE (offsets)     |
+| negative dose              | dose.csv        | dose.csv         | a prediction CSV      | NA             | NA           | RTDOSE (signed)      |
+| index out of the grid      | mask            | mask             | a prediction CSV      | NA             | NA           | NA                   |
+| duplicate index            | dose.csv        | ct.csv           | a prediction CSV      | NA             | NA           | a CT slice twice     |
+| wrong header               | mask            | ct.csv           | a prediction CSV      | NA             | NA           | a CT slice (TS)      |
+| two voxel dimensions       | voxel_dims      | voxel_dims       | reference voxel_dims  | NA             | NA           | a CT slice (1 value) |
+| zero or negative spacing   | voxel_dims (0)  | voxel_dims (-1)  | reference (0)         | NA             | --grid=0     | a CT slice (0)       |
+| empty patient folder       | a patient       | a patient        | a reference patient   | NA             | NA           | the RTSTRUCT         |
+| empty split                | validation-pats | --patients       | --reference           | NA             | NA           | --input              |
+| unreadable checkpoint      | --workdir       | --workdir        | NA                    | --workdir      | NA           | NA                   |
+| output path not writable   | --workdir       | --output         | --json                | /proc/x.zip    | NA           | --output             |
+| output already present     | NA (resumes)    | --output         | NA (replaced)         | --output       | NA           | a pt_* folder        |
+| disk full (patched writer) | the cache       | --output         | --json                | --output       | NA           | --output             |
 
-Faults in patient files are put into the last patient of the split, so
-that a tool that wrote as it went would leave the earlier patients' files
-behind. The rows run in-process (each tool's `main` with its flags parsed
-by `cli.invoke`, which is what `cli.run` does in the real program); a few
-rows run as real processes too (`test_real_process`).
+Faults in patient files are put into the last patient of the split, so that
+a tool that wrote as it went would leave the earlier patients' files behind;
+for `dicom_import`, into the last of the two synthetic DICOM patients of
+--input (SYN002; `dicom_row`): IPP = ImagePositionPatient, TS = the file
+meta's TransferSyntaxUID. The rows run in-process (each tool's `main` with
+its flags parsed by `cli.invoke`, which is what `cli.run` does in the real
+program); a few rows run as real processes too (`test_real_process`).
 """
 
 from __future__ import annotations
@@ -51,11 +53,13 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 from absl import flags
 import jax
+import pydicom
 import pytest
 
 from randose_jax import cli
@@ -63,9 +67,10 @@ from randose_jax import fileio
 from randose_jax import train
 from randose_jax.data import openkbp
 from randose_jax.data import phantoms
+from randose_jax.dicom import synthetic
 from tests.test_train import REPO, SUBPROCESS_ENV, tiny_config
 
-CLIS = ("main", "predict", "evaluate", "export", "summary")
+CLIS = ("main", "predict", "evaluate", "export", "summary", "dicom_import")
 FAULTS = (
     "missing file",
     "empty file",
@@ -96,16 +101,22 @@ MAIN_FLAGS = (f"--config={DEMO}:smoke", "--config.data.synthetic=False")
 
 @dataclasses.dataclass
 class World:
-  """The folders of one row: inputs (read) and outputs (written)."""
+  """The folders of one row: inputs (read) and outputs (written). The rows
+  of dicom_import get only `dicom` (no trained run: the others are None)."""
 
   tmp: Path
-  trained: Path
-  root: Path  # train-pats/ + validation-pats/ phantoms (main)
-  patients: Path  # patients to predict (pt_5, pt_6, with dose)
-  reference: Path  # evaluate's reference (pt_5, pt_6)
-  predictions: Path  # evaluate's predictions (pt_5.csv, pt_6.csv)
-  workdir: Path  # a copy of the trained workdir (predict, export, main)
   out: Path  # the outputs' parent folder
+  dicom: Path  # dicom_import's --input: SYN001/ and SYN002/ (DICOM files)
+  trained: Optional[Path] = None
+  root: Optional[Path] = None  # train-pats/ + validation-pats/ phantoms (main)
+  patients: Optional[Path] = None  # patients to predict (pt_5, pt_6, with dose)
+  reference: Optional[Path] = None  # evaluate's reference (pt_5, pt_6)
+  predictions: Optional[Path] = (
+      None  # evaluate's predictions (pt_5.csv, pt_6.csv)
+  )
+  workdir: Optional[Path] = (
+      None  # a copy of the trained workdir (predict, export, main)
+  )
   inputs: list = dataclasses.field(default_factory=list)
 
 
@@ -135,22 +146,45 @@ def template(tmp_path_factory, trained) -> Path:
   return t
 
 
+@pytest.fixture(scope="module")
+def dicom_template(tmp_path_factory) -> Path:
+  """Two small synthetic DICOM patients (CT 10 x 48 x 48, RTSTRUCT, RTDOSE),
+  one folder each: SYN001/, SYN002/."""
+  t = tmp_path_factory.mktemp("dicom")
+  for k, pid in enumerate(("SYN001", "SYN002")):
+    synthetic.write_patient(
+        t / pid,
+        synthetic.Phantom(shapes=synthetic.DEFAULT_SHAPES[:3]),
+        shape=(10, 48, 48),
+        spacing=(3.0, 3.2, 3.2),
+        seed=k,
+        patient_id=pid,
+        with_plan=False,
+    )
+  return t
+
+
 @pytest.fixture
-def world(tmp_path, template, trained) -> World:
-  shutil.copytree(template, tmp_path, dirs_exist_ok=True)
-  shutil.copytree(trained, tmp_path / "workdir")
+def world(request, tmp_path, dicom_template) -> World:
   out = tmp_path / "out"
   out.mkdir()
   (out / "keep.txt").write_text("the user's own file\n")
-  return World(
-      tmp=tmp_path,
+  shutil.copytree(dicom_template, tmp_path / "dicom")
+  w = World(tmp=tmp_path, out=out, dicom=tmp_path / "dicom")
+  if request.node.callspec.params.get("tool") == "dicom_import":
+    return w  # no trained run needed
+  template = request.getfixturevalue("template")
+  trained = request.getfixturevalue("trained")
+  shutil.copytree(template, tmp_path, dirs_exist_ok=True)
+  shutil.copytree(trained, tmp_path / "workdir")
+  return dataclasses.replace(
+      w,
       trained=trained,
       root=tmp_path / "root",
       patients=tmp_path / "patients",
       reference=tmp_path / "patients",
       predictions=tmp_path / "predictions",
       workdir=tmp_path / "workdir",
-      out=out,
   )
 
 
@@ -245,6 +279,68 @@ def unreadable_checkpoints(workdir: Path):
   return workdir / "checkpoints", None
 
 
+def dicom_files(patient: Path) -> dict[str, list[Path]]:
+  """A synthetic DICOM patient's files by Modality (CT slices in position
+  order, inferior first)."""
+  found: dict[str, list] = {}
+  for p in sorted(patient.rglob("*")):
+    if p.is_file():
+      ds = pydicom.dcmread(p, stop_before_pixels=True)
+      z = float(ds.ImagePositionPatient[2]) if ds.Modality == "CT" else 0.0
+      found.setdefault(str(ds.Modality), []).append((z, p))
+  return {m: [p for _, p in sorted(v)] for m, v in found.items()}
+
+
+def dicom_set(path: Path, **values):
+  """Sets attributes of a DICOM file (pydicom's warnings about values a
+  valid file would not hold silenced: writing them is the fault)."""
+  ds = pydicom.dcmread(path)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    for keyword, value in values.items():
+      setattr(ds, keyword, value)
+    ds.save_as(path)
+  return path, None
+
+
+def dicom_bytes(path: Path, old: bytes, new: bytes):
+  """Replaces the one occurrence of `old` in the file by `new` (as long):
+  for what pydicom refuses to write."""
+  data = path.read_bytes()
+  assert data.count(old) == 1 and len(old) == len(new), (path, old)
+  path.write_bytes(data.replace(old, new))
+  return path, None
+
+
+def non_numeric_position(path: Path):
+  """ImagePositionPatient's first value '12.5abc' (written as bytes)."""
+  ds = pydicom.dcmread(path)
+  ds.ImagePositionPatient = ["-12.5017", *ds.ImagePositionPatient[1:]]
+  ds.save_as(path)
+  return dicom_bytes(path, b"-12.5017", b"12.5abc ")
+
+
+def wrong_transfer_syntax(path: Path):
+  """The file meta says RLE Lossless; the pixels are not compressed."""
+  return dicom_bytes(path, b"1.2.840.10008.1.2.1\0", b"1.2.840.10008.1.2.5\0")
+
+
+def duplicated(path: Path):
+  """A second copy of the file (same position), sorted after it."""
+  copy = path.with_name(path.name + "-copy")
+  shutil.copyfile(path, copy)
+  return copy, None
+
+
+def only_rtstruct(files: dict):
+  """The patient's folder keeps its RTSTRUCT only (its CT, dose gone)."""
+  for modality, paths in files.items():
+    if modality != "RTSTRUCT":
+      for p in paths:
+        p.unlink()
+  return files["RTSTRUCT"][0], None
+
+
 def under_a_file(w: World, name: str) -> Path:
   (w.out / "a-file").write_text("not a folder\n")
   return w.out / "a-file" / name
@@ -306,6 +402,15 @@ def _export_args(w: World, output=None):
   ]
 
 
+def _dicom_args(w: World, output=None, input_dir=None):
+  return [
+      f"--input={input_dir or w.dicom}",
+      f"--output={output or w.out / 'pats'}",
+      "--grid_shape=24,24,12",
+      "--progress=false",
+  ]
+
+
 def main_row(fault: Callable):
   """A fault in the last training patient (pt_4) of main's data root."""
 
@@ -346,6 +451,17 @@ def evaluate_ref_row(fault: Callable):
   return Row(setup)
 
 
+def dicom_row(fault: Callable):
+  """A fault in the last patient (SYN002) of dicom_import's --input;
+  `fault` gets its files by Modality (`dicom_files`)."""
+
+  def setup(w, mp):
+    w.inputs = [w.dicom]
+    return fault(dicom_files(w.dicom / "SYN002")), _dicom_args(w)
+
+  return Row(setup)
+
+
 def summary_row(make_args: Callable):
   def setup(w, mp):
     (named, line), args = make_args(w)
@@ -370,6 +486,7 @@ NO_DATA_SUMMARY = NA(
     "summary reads no patients, checkpoints or outputs: " "only --config"
 )
 NO_OUTPUT_SUMMARY = NA("summary writes no file (it prints)")
+NO_CHECKPOINT_DICOM = NA("dicom_import reads no checkpoint")
 
 TABLE: dict[str, dict[str, object]] = {
     "missing file": {
@@ -385,6 +502,12 @@ TABLE: dict[str, dict[str, object]] = {
             )
         ),
         "summary": summary_row(lambda w: _bad_config(w, None)),
+        "dicom_import": Row(
+            lambda w, mp: (
+                (w.tmp / "no-such-dicom", None),
+                _dicom_args(w, input_dir=w.tmp / "no-such-dicom"),
+            )
+        ),
     },
     "empty file": {
         "main": main_row(lambda p: emptied(p / "dose.csv")),
@@ -392,6 +515,7 @@ TABLE: dict[str, dict[str, object]] = {
         "evaluate": evaluate_pred_row(emptied),
         "export": NO_DATA_EXPORT,
         "summary": summary_row(lambda w: _bad_config(w, "")),
+        "dicom_import": dicom_row(lambda f: emptied(f["CT"][5])),
     },
     "non-numeric value": {
         "main": main_row(lambda p: non_numeric(p / "ct.csv")),
@@ -404,6 +528,7 @@ TABLE: dict[str, dict[str, object]] = {
                 [f"--config={DEMO}", "--config.model.csa_reduction=four"],
             )
         ),
+        "dicom_import": dicom_row(lambda f: non_numeric_position(f["CT"][5])),
     },
     "NaN": {
         "main": main_row(lambda p: value(p / "dose.csv", "nan")),
@@ -411,6 +536,9 @@ TABLE: dict[str, dict[str, object]] = {
         "evaluate": evaluate_pred_row(lambda p: value(p, "nan")),
         "export": NO_DATA_EXPORT,
         "summary": NO_DATA_SUMMARY,
+        "dicom_import": dicom_row(
+            lambda f: dicom_set(f["RTDOSE"][0], DoseGridScaling="NaN")
+        ),
     },
     "infinite": {
         "main": main_row(lambda p: value(p / "ct.csv", "inf")),
@@ -418,6 +546,15 @@ TABLE: dict[str, dict[str, object]] = {
         "evaluate": evaluate_pred_row(lambda p: value(p, "inf")),
         "export": NO_DATA_EXPORT,
         "summary": NO_DATA_SUMMARY,
+        "dicom_import": dicom_row(
+            lambda f: dicom_set(
+                f["RTDOSE"][0],
+                GridFrameOffsetVector=[
+                    *pydicom.dcmread(f["RTDOSE"][0]).GridFrameOffsetVector[:-1],
+                    "inf",
+                ],
+            )
+        ),
     },
     "negative dose": {
         "main": main_row(lambda p: value(p / "dose.csv", "-1.5")),
@@ -425,6 +562,10 @@ TABLE: dict[str, dict[str, object]] = {
         "evaluate": evaluate_pred_row(lambda p: value(p, "-3.0")),
         "export": NO_DATA_EXPORT,
         "summary": NO_DATA_SUMMARY,
+        # Signed pixels: the synthetic dose's upper half reads as negative.
+        "dicom_import": dicom_row(
+            lambda f: dicom_set(f["RTDOSE"][0], PixelRepresentation=1)
+        ),
     },
     "index out of the grid": {
         "main": main_row(lambda p: out_of_grid(p / "possible_dose_mask.csv")),
@@ -436,6 +577,11 @@ TABLE: dict[str, dict[str, object]] = {
         ),
         "export": NO_DATA_EXPORT,
         "summary": NO_DATA_SUMMARY,
+        "dicom_import": NA(
+            "DICOM gives positions (mm), not voxel indices; a "
+            "contour off the CT's slices is skipped with a "
+            "warning (README)"
+        ),
     },
     "duplicate index": {
         "main": main_row(lambda p: duplicate(p / "dose.csv")),
@@ -443,6 +589,7 @@ TABLE: dict[str, dict[str, object]] = {
         "evaluate": evaluate_pred_row(duplicate),
         "export": NO_DATA_EXPORT,
         "summary": NO_DATA_SUMMARY,
+        "dicom_import": dicom_row(lambda f: duplicated(f["CT"][5])),
     },
     "wrong header": {
         "main": main_row(lambda p: wrong_header(p / "possible_dose_mask.csv")),
@@ -450,6 +597,7 @@ TABLE: dict[str, dict[str, object]] = {
         "evaluate": evaluate_pred_row(wrong_header),
         "export": NO_DATA_EXPORT,
         "summary": NO_DATA_SUMMARY,
+        "dicom_import": dicom_row(lambda f: wrong_transfer_syntax(f["CT"][5])),
     },
     "two voxel dimensions": {
         "main": main_row(lambda p: voxel_dimensions(p, "3.9\n3.9\n")),
@@ -459,6 +607,9 @@ TABLE: dict[str, dict[str, object]] = {
         ),
         "export": NO_DATA_EXPORT,
         "summary": NO_DATA_SUMMARY,
+        "dicom_import": dicom_row(
+            lambda f: dicom_set(f["CT"][5], PixelSpacing=[3.2])
+        ),
     },
     "zero or negative spacing": {
         "main": main_row(lambda p: voxel_dimensions(p, "3.9\n0\n2.5\n")),
@@ -472,6 +623,9 @@ TABLE: dict[str, dict[str, object]] = {
         "summary": summary_row(
             lambda w: (("--grid=0", None), [f"--config={DEMO}", "--grid=0"])
         ),
+        "dicom_import": dicom_row(
+            lambda f: dicom_set(f["CT"][5], PixelSpacing=[0, 3.2])
+        ),
     },
     "empty patient folder": {
         "main": main_row(empty_patient),
@@ -479,6 +633,7 @@ TABLE: dict[str, dict[str, object]] = {
         "evaluate": evaluate_ref_row(empty_patient),
         "export": NO_DATA_EXPORT,
         "summary": NO_DATA_SUMMARY,
+        "dicom_import": dicom_row(only_rtstruct),
     },
     "empty split": {
         "main": main_row(
@@ -488,6 +643,12 @@ TABLE: dict[str, dict[str, object]] = {
         "evaluate": evaluate_ref_row(lambda p: empty_split(p.parent)),
         "export": NO_DATA_EXPORT,
         "summary": NO_DATA_SUMMARY,
+        "dicom_import": Row(
+            lambda w, mp: (
+                _inputs(w, [w.dicom]) or empty_split(w.dicom),
+                _dicom_args(w),
+            )
+        ),
     },
     "unreadable checkpoint": {
         # main resumes the copy of the trained run (phantoms of demo:smoke).
@@ -512,6 +673,7 @@ TABLE: dict[str, dict[str, object]] = {
             )
         ),
         "summary": NO_DATA_SUMMARY,
+        "dicom_import": NO_CHECKPOINT_DICOM,
     },
     "output path not writable": {
         "main": Row(
@@ -546,6 +708,12 @@ TABLE: dict[str, dict[str, object]] = {
             )
         ),
         "summary": NO_OUTPUT_SUMMARY,
+        "dicom_import": Row(
+            lambda w, mp: (
+                _inputs(w, [w.dicom]) or (under_a_file(w, "pats"), None),
+                _dicom_args(w, w.out / "a-file" / "pats"),
+            )
+        ),
     },
     "output already present": {
         "main": NA(
@@ -570,6 +738,16 @@ TABLE: dict[str, dict[str, object]] = {
             )
         ),
         "summary": NO_OUTPUT_SUMMARY,
+        "dicom_import": Row(
+            lambda w, mp: (
+                _inputs(w, [w.dicom])
+                or _present(
+                    w.out / "pats" / "pt_SYN002" / "ct.csv",
+                    w.out / "pats" / "pt_SYN002",
+                ),
+                _dicom_args(w),
+            )
+        ),
     },
     "disk full": {
         "main": Row(
@@ -599,6 +777,13 @@ TABLE: dict[str, dict[str, object]] = {
             )
         ),
         "summary": NO_OUTPUT_SUMMARY,
+        "dicom_import": Row(
+            lambda w, mp: (
+                _inputs(w, [w.dicom])
+                or _disk_full(mp, w.out / "pats" / "pt_SYN001" / "ct.csv"),
+                _dicom_args(w),
+            )
+        ),
     },
 }
 
@@ -713,12 +898,15 @@ def test_fault(tool, fault, world, monkeypatch, capfd):
 
 
 # A few rows as real processes: what a user's shell sees.
+# dicom_import's: pydicom would warn on stderr about the RLE data were its
+# warnings not silenced.
 REAL = [
     ("main", "non-numeric value"),
     ("predict", "negative dose"),
     ("evaluate", "duplicate index"),
     ("export", "output path not writable"),
     ("summary", "missing file"),
+    ("dicom_import", "wrong header"),
 ]
 
 

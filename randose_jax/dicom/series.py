@@ -77,6 +77,8 @@ class Scan:
 def quiet_pydicom():
   """Silences pydicom's warnings (the `warnings` module and its logger) in
   the block."""
+  import pydicom  # pylint: disable=unused-import; its first import sets the level
+
   logger = logging.getLogger("pydicom")
   level = logger.level
   logger.setLevel(logging.ERROR)
@@ -151,6 +153,14 @@ def scan(input_dir) -> Scan:
     else:
       result.other_modalities += 1
   return result
+
+
+def _syntax_of(inst: Instance) -> str:
+  """' of transfer syntax <name>' from the file meta, or ''."""
+  uid = getattr(
+      getattr(inst.header, "file_meta", None), "TransferSyntaxUID", None
+  )
+  return f" of transfer syntax {uid.name}" if uid else ""
 
 
 def _first_line(e: BaseException) -> str:
@@ -243,25 +253,35 @@ def canonical(array: np.ndarray, grid: StoredGrid) -> Volume:
 
 
 def _vector(ds, keyword: str, n: int | None, path) -> np.ndarray:
-  """The attribute as float64 (n,) (any length when n is None), every value
-  finite; a DicomError naming the file otherwise."""
+  """The attribute as float64 (n,) (any length >= 1 when n is None), every
+  value a finite number; a DicomError naming the file and the value
+  otherwise."""
   value = ds.get(keyword)
-  if value is not None and (
-      isinstance(value, (str, bytes)) or not hasattr(value, "__iter__")
-  ):
-    value = [value]  # a single value
-  try:
-    out = np.array([float(v) for v in value], np.float64)
-  except (TypeError, ValueError):
-    out = np.zeros(0)
-  if (out.shape != (n,) if n is not None else out.size == 0) or not np.all(
-      np.isfinite(out)
-  ):
-    count = f"{n} finite numbers" if n is not None else "finite numbers"
+  if value is None or value == "":
+    values = []
+  elif isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+    values = [value]  # a single value
+  else:
+    values = list(value)
+  out = []
+  for i, v in enumerate(values):
+    try:
+      number = float(v)
+    except (TypeError, ValueError):
+      number = float("nan")
+    if not np.isfinite(number):
+      raise DicomError(
+          f"{path}: {keyword} value {i + 1} of {len(values)} is "
+          f"{str(v)!r}, not a finite number"
+      )
+    out.append(number)
+  if not out or (n is not None and len(out) != n):
+    expected = "1 or more" if n is None else str(n)
     raise DicomError(
-        f"{path}: {keyword} is missing or not {count} " f"(got {_shown(value)})"
+        f"{path}: {keyword} is missing or has {len(out)} values, "
+        f"expected {expected} (got {_shown(value)})"
     )
-  return out
+  return np.array(out, np.float64)
 
 
 def _number(ds, keyword: str, path, default: float | None = None) -> float:
@@ -426,7 +446,7 @@ def read_ct_pixels(slices: list[Instance], grid: StoredGrid) -> np.ndarray:
       pixels = ds.pixel_array
     except Exception as e:  # pylint: disable=broad-except
       raise DicomError(
-          f"{inst.path}: cannot read the pixel data "
+          f"{inst.path}: cannot read the pixel data{_syntax_of(inst)} "
           f"({type(e).__name__}: {_first_line(e)})"
       ) from e
     if pixels.shape != grid.shape[1:]:
@@ -474,7 +494,7 @@ def load_rtdose(inst: Instance) -> Volume:
     )
   except Exception as e:  # pylint: disable=broad-except
     raise DicomError(
-        f"{path}: cannot read the pixel data "
+        f"{path}: cannot read the pixel data{_syntax_of(inst)} "
         f"({type(e).__name__}: {_first_line(e)})"
     ) from e
   scaling = _number(ds, "DoseGridScaling", path)
