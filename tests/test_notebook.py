@@ -92,4 +92,9 @@ def test_quickstart_runs_on_smoke_settings(tmp_path):
       o.get("text", "") for o in outputs if o.output_type == "stream"
   )
   assert "dose score: " in text and "DVH score: " in text
+  # The DICOM section: imported, predicted, written as an RT Dose in the
+  # CT's frame and orientation (feet-first supine).
+  assert (workdir / "dicom" / "predictions" / "pt_DEMO001.dcm").is_file()
+  assert "same frame of reference as the CT: True" in text
+  assert "ImageOrientationPatient [-1.0, 0.0, 0.0, 0.0, 1.0, 0.0]" in text
   assert not list(tmp_path.glob("randose_jax_repo"))  # nothing cloned
