@@ -766,6 +766,26 @@ def test_per_beam_dose_is_ignored_with_a_warning(
   assert code == 0, err
   assert (tmp_path / "out2" / "pt_SYN001" / openkbp.DOSE_FILE).exists()
   assert "dose:" not in out and "BEAM" not in out, out
+  # Two plan-summed doses of one plan: the first by path is read, with a word.
+  src3, files3 = _copy(small_dicom_plan, tmp_path / "3")
+  second = files3["rtdose"].with_name(files3["rtdose"].name + "-2")
+  ds = pydicom.dcmread(files3["rtdose"])
+  ds.SOPInstanceUID = "1.2.826.0.1.3680043.2.1125.8"
+  ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+  ds.save_as(second)
+  code, out, err = _run_cli(
+      [
+          f"--input={src3}",
+          f"--output={tmp_path / 'out3'}",
+          "--grid_shape=40,40,16",
+      ],
+      capfd,
+  )
+  assert code == 0, err
+  assert (
+      f"dose: 2 plan-summed RT Doses; {files3['rtdose'].name} is read, "
+      f"{second.name} ignored"
+  ) in out, out
 
 
 def test_occupancy_is_the_overlap():

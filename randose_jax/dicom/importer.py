@@ -220,8 +220,8 @@ def _dose_of(scan: series.Scan, belongs) -> dict:
     )
   elif len(summed) > 1:
     notes.append(
-        f"dose: {len(summed)} plan-summed RT Doses; {summed[0].path.name} is read, "
-        f"{', '.join(d.path.name for d in summed[1:4])} ignored"
+        f"dose: {len(summed)} plan-summed RT Doses; {summed[0].path.name} is "
+        f"read, {', '.join(d.path.name for d in summed[1:4])} ignored"
     )
   return {"rtdose": summed[0] if summed else None, "dose_warnings": notes}
 

@@ -77,7 +77,8 @@ class Scan:
 def quiet_pydicom():
   """Silences pydicom's warnings (the `warnings` module and its logger) in
   the block."""
-  import pydicom  # pylint: disable=unused-import; its first import sets the level
+  # pydicom's first import sets its logger's level: import it before.
+  import pydicom  # pylint: disable=unused-import
 
   logger = logging.getLogger("pydicom")
   level = logger.level

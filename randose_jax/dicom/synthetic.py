@@ -6,8 +6,9 @@ elliptic body whose CT number is a linear function of position (so linear
 interpolation reproduces it exactly), spheres, ellipsoids, cylinders and an
 annulus (a structure with a hole: two contours per slice), a Gaussian dose
 peak at the PTV70 centre, and optionally a couch: a slab posterior to the
-body, apart from it (air between), in the CT only (not contoured). `Phantom.inside`, `Phantom.hu` and `Phantom.dose`
-give the truth at any point. The CT is written in any of the four standard
+body, apart from it (air between), in the CT only (not contoured).
+`Phantom.inside`, `Phantom.hu` and `Phantom.dose` give the truth at any
+point. The CT is written in any of the four standard
 patient positions (`ORIENTATIONS`: only ImageOrientationPatient and the slice
 order change), the files under random names in random subfolders.
 """
