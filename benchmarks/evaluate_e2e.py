@@ -34,6 +34,8 @@ process's own seconds from its first patient to its scores):
                             the same command on the package as of commit
                             ef8a8a7 (its hand-written CSV parser), from a
                             `git archive` in a temporary folder
+  randose_jax.evaluate at COMMIT (with --with_commit=COMMIT, repeatable)
+                            the same, at COMMIT
 
 The rows alternate over --repeats rounds; the table gives each row's
 fastest round (the median is in the JSON), in wall seconds and in CPU
@@ -232,6 +234,9 @@ def main(argv=None):
   parser.add_argument('--noise', type=float, default=2.0, help='Gy')
   parser.add_argument('--with_old', action='store_true',
                       help=f'also time randose_jax.evaluate at {OLD_COMMIT}')
+  parser.add_argument('--with_commit', action='append', default=[],
+                      metavar='COMMIT', help='also time randose_jax.evaluate '
+                      'at this commit (repeatable)')
   parser.add_argument('--json', type=pathlib.Path,
                       default=common.default_json_path('evaluate_e2e'))
   # Internal: the official loop's process, or its reads alone.
@@ -272,14 +277,14 @@ def main(argv=None):
         'official kit loop': (official, env),
         "kit's reads alone": (official + ['--reads_only'], env),
     }
-    if args.with_old:
-      old = tmp / 'old'
+    for commit in args.with_commit + ([OLD_COMMIT] if args.with_old else []):
+      old = tmp / f'old-{commit}'
       old.mkdir()
-      archive = subprocess.run(['git', 'archive', OLD_COMMIT, 'randose_jax'],
+      archive = subprocess.run(['git', 'archive', commit, 'randose_jax'],
                                cwd=_ROOT, check=True, capture_output=True)
       subprocess.run(['tar', '-x', '-C', str(old)], input=archive.stdout,
                      check=True)
-      rows[f'randose_jax.evaluate at {OLD_COMMIT}'] = (
+      rows[f'randose_jax.evaluate at {commit}'] = (
           evaluate, dict(os.environ, PYTHONPATH=str(old)))
     # Which randose_jax each row's environment imports.
     which = 'import randose_jax; print(randose_jax.__file__)'
