@@ -92,15 +92,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
-import pandas as pd
 
 from randose_jax import evaluation
 from randose_jax import fileio
 from randose_jax.conventions import OAR_NAMES, ROI_NAMES, TARGET_NAMES
 from randose_jax.data import openkbp
+
+if TYPE_CHECKING:  # imported where used: `evaluate` imports this module
+  import pandas as pd
 
 # D_x% of the targets: (metric name, x).
 TARGET_DX = (("D99", 99.0), ("D98", 98.0), ("D95", 95.0), ("D50", 50.0),
@@ -476,6 +478,7 @@ def compare_patient(patient: openkbp.Patient, prediction: np.ndarray,
       rows.append((patient.patient_id, GAMMA_ROI,
                    gamma_metric_name(dose_percent, distance_mm), UNIT_GAMMA,
                    100.0, rate))
+  import pandas as pd  # pylint: disable=g-import-not-at-top
   table = pd.DataFrame(rows, columns=METRIC_COLUMNS[:-1])
   table["difference"] = table["predicted"] - table["reference"]
   return table
@@ -512,6 +515,7 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
                  mean(diff), sd(diff), mean(absdiff), sd(absdiff),
                  part["patient"].iloc[worst] if n else "",
                  float(diff[worst]) if n else math.nan))
+  import pandas as pd  # pylint: disable=g-import-not-at-top
   return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
@@ -536,7 +540,9 @@ class ClinicalEvaluator:
 
   def table(self) -> pd.DataFrame:
     if not self._tables:
+      import pandas as pd  # pylint: disable=g-import-not-at-top
       return pd.DataFrame(columns=METRIC_COLUMNS)
+    import pandas as pd  # pylint: disable=g-import-not-at-top
     return pd.concat(self._tables, ignore_index=True)
 
   def summary(self) -> pd.DataFrame:

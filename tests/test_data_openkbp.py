@@ -205,7 +205,7 @@ def test_arrow_reads_clean_files_without_pandas(tmp_path, monkeypatch):
   pytest.importorskip("pyarrow")
   calls = []
   read_csv = pd.read_csv
-  monkeypatch.setattr(openkbp.pd, "read_csv",
+  monkeypatch.setattr(pd, "read_csv",
                       lambda *a, **k: calls.append(1) or read_csv(*a, **k))
   values = np.random.default_rng(0).uniform(0, 80, 500).tolist()
   write_csv(tmp_path / "v.csv", [f"{i},{v!r}" for i, v in enumerate(values)],
