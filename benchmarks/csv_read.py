@@ -1,9 +1,13 @@
-"""Sparse CSV reading: the hand-written parser of commit ef8a8a7 against
-this checkout's `openkbp.read_sparse_csv` (pandas' C parser), one process.
+"""Sparse CSV reading: openkbp.py of an older commit (--old_commit) against
+this checkout's `openkbp.read_sparse_csv`, one process.
 
-The old parser (`_parse_fast`, SWAR digit words, with `_parse_lines` as its
-per-line slow path) is taken from `git show ef8a8a7:randose_jax/data/openkbp.py`
-into a temporary folder and imported from there; the library keeps no copy.
+Old commits: 4df4582 (the default) reads with pandas' C engine; ef8a8a7
+with a hand-written parser (`_parse_fast`, SWAR digit words, with
+`_parse_lines` as its per-line slow path). This checkout reads with pyarrow
+where it is installed (pandas' C engine where not, or where pyarrow does
+not read a file cleanly). The old module is taken from
+`git show COMMIT:randose_jax/data/openkbp.py` into a temporary folder and
+imported from there; the library keeps no copy.
 
 Input kinds (--patients shared patients of train-pats/ each give one file
 per kind; the made ones are written into a temporary folder):
@@ -38,6 +42,7 @@ field, and records the count in the JSON.
 
   python benchmarks/csv_read.py --check_all --repeats=5 \\
       --json=benchmarks/results/csv_read_vm.json
+  python benchmarks/csv_read.py --old_commit=ef8a8a7 ...   (the SWAR parser)
 """
 
 from __future__ import annotations
@@ -66,18 +71,18 @@ import common  # noqa: E402
 import input_pipeline  # noqa: E402  (official_style_load)
 from randose_jax.data import openkbp  # noqa: E402
 
-OLD_COMMIT = "ef8a8a7"
+OLD_COMMIT = "4df4582"  # pandas' C engine
 
 
-def import_old(folder: pathlib.Path):
-  """openkbp.py as of OLD_COMMIT, imported as a module of its own."""
+def import_old(folder: pathlib.Path, commit: str = OLD_COMMIT):
+  """openkbp.py as of `commit`, imported as a module of its own."""
   source = subprocess.run(
-      ["git", "show", f"{OLD_COMMIT}:randose_jax/data/openkbp.py"],
+      ["git", "show", f"{commit}:randose_jax/data/openkbp.py"],
       cwd=common.ROOT,
       check=True,
       capture_output=True,
   ).stdout
-  path = folder / f"openkbp_{OLD_COMMIT}.py"
+  path = folder / f"openkbp_{commit}.py"
   path.write_bytes(source)
   spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(spec)
@@ -200,19 +205,28 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--check_all", action="store_true")
   parser.add_argument(
+      "--old_commit",
+      default=OLD_COMMIT,
+      help="the commit whose openkbp.py is 'old'",
+  )
+  parser.add_argument(
       "--json", type=pathlib.Path, default=common.default_json_path("csv_read")
   )
   args = parser.parse_args(argv)
 
   machine = common.machine_info()
   machine["pandas"] = importlib.metadata.version("pandas")
+  try:
+    machine["pyarrow"] = importlib.metadata.version("pyarrow")
+  except importlib.metadata.PackageNotFoundError:
+    machine["pyarrow"] = None
   machine["uptime"] = subprocess.run(
       ["uptime"], capture_output=True, text=True
   ).stdout.strip()
   dirs = openkbp.list_patient_dirs(args.data / "train-pats")[: args.patients]
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
-    old = import_old(tmp)
+    old = import_old(tmp, args.old_commit)
     kinds = make_files(dirs, tmp)
     for items in kinds.values():
       for path, with_values in items:
@@ -267,8 +281,10 @@ def main(argv=None):
   table = {}
   print(
       f"{machine['cpu_model']}, {machine['usable_cores']} cores, pandas "
-      f"{machine['pandas']}; {machine['uptime']}"
+      f"{machine['pandas']}, pyarrow {machine['pyarrow']}; "
+      f"{machine['uptime']}"
   )
+  print(f"old: openkbp.py at {args.old_commit}; new: this checkout")
   print(
       f"{len(dirs)} patients of {args.data / 'train-pats'}; ms per file "
       f"(fastest of {args.repeats} rounds)\n"
@@ -315,7 +331,7 @@ def main(argv=None):
           "python benchmarks/csv_read.py "
           + " ".join(sys.argv[1:] if argv is None else argv)
       ),
-      "old_commit": OLD_COMMIT,
+      "old_commit": args.old_commit,
       "patients": [d.name for d in dirs],
       "repeats": args.repeats,
       "check_all": checked,

@@ -34,6 +34,8 @@ process's own seconds from its first patient to its scores):
                             the same command on the package as of commit
                             ef8a8a7 (its hand-written CSV parser), from a
                             `git archive` in a temporary folder
+  randose_jax.evaluate at COMMIT (with --with_commit=COMMIT, repeatable)
+                            the same, at COMMIT
 
 The rows alternate over --repeats rounds; the table gives each row's
 fastest round (the median is in the JSON), in wall seconds and in CPU
@@ -282,6 +284,13 @@ def main(argv=None):
       help=f'also time randose_jax.evaluate at {OLD_COMMIT}',
   )
   parser.add_argument(
+      '--with_commit',
+      action='append',
+      default=[],
+      metavar='COMMIT',
+      help='also time randose_jax.evaluate ' 'at this commit (repeatable)',
+  )
+  parser.add_argument(
       '--json',
       type=pathlib.Path,
       default=common.default_json_path('evaluate_e2e'),
@@ -343,11 +352,11 @@ def main(argv=None):
         'official kit loop': (official, env),
         "kit's reads alone": (official + ['--reads_only'], env),
     }
-    if args.with_old:
-      old = tmp / 'old'
+    for commit in args.with_commit + ([OLD_COMMIT] if args.with_old else []):
+      old = tmp / f'old-{commit}'
       old.mkdir()
       archive = subprocess.run(
-          ['git', 'archive', OLD_COMMIT, 'randose_jax'],
+          ['git', 'archive', commit, 'randose_jax'],
           cwd=_ROOT,
           check=True,
           capture_output=True,
@@ -355,7 +364,7 @@ def main(argv=None):
       subprocess.run(
           ['tar', '-x', '-C', str(old)], input=archive.stdout, check=True
       )
-      rows[f'randose_jax.evaluate at {OLD_COMMIT}'] = (
+      rows[f'randose_jax.evaluate at {commit}'] = (
           evaluate,
           dict(os.environ, PYTHONPATH=str(old)),
       )

@@ -92,15 +92,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
-import pandas as pd
 
 from randose_jax import evaluation
 from randose_jax import fileio
 from randose_jax.conventions import OAR_NAMES, ROI_NAMES, TARGET_NAMES
 from randose_jax.data import openkbp
+
+if TYPE_CHECKING:  # imported where used: `evaluate` imports this module
+  import pandas as pd
 
 # D_x% of the targets: (metric name, x).
 TARGET_DX = (
@@ -600,6 +602,8 @@ def compare_patient(
               rate,
           )
       )
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+
   table = pd.DataFrame(rows, columns=METRIC_COLUMNS[:-1])
   table["difference"] = table["predicted"] - table["reference"]
   return table
@@ -648,6 +652,8 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
             float(diff[worst]) if n else math.nan,
         )
     )
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+
   return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
@@ -673,7 +679,11 @@ class ClinicalEvaluator:
 
   def table(self) -> pd.DataFrame:
     if not self._tables:
+      import pandas as pd  # pylint: disable=g-import-not-at-top
+
       return pd.DataFrame(columns=METRIC_COLUMNS)
+    import pandas as pd  # pylint: disable=g-import-not-at-top
+
     return pd.concat(self._tables, ignore_index=True)
 
   def summary(self) -> pd.DataFrame:

@@ -19,8 +19,8 @@ metric over the patients) into DIR: the clinical metrics of
 `randose_jax/clinical.py` (target D_x, HI, conformity; OAR Dmean, D_cc,
 V_d at the --clinical_v_gy doses) and, unless --gamma=false, the global
 gamma pass rates at 3%/3mm and 2%/2mm (pymedphys; 20-70 s per 128^3
-patient on 2 CPU cores, see --gamma_subsample). Patients are read and
-scored one at a time.
+patient on 2 CPU cores, see --gamma_subsample). Patients are scored one at
+a time, in id order, while two threads read the next ones.
 
 The output paths are checked before any scoring, and the outputs are written
 only when every patient has been scored (plots are staged until then): a
@@ -28,7 +28,9 @@ failed run leaves them as they were. A bad reference or prediction file, or
 an unusable output path, is one `error:` line naming the file (exit 2).
 """
 
+import concurrent.futures
 import json
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -179,40 +181,68 @@ def match_patients(reference_dir, predictions_dir) -> list[tuple[Path, Path]]:
   return [(d, predictions[d.name]) for d in patient_dirs]
 
 
+# Patients read ahead of the one being scored, by this many threads (pyarrow
+# parses without holding the GIL): the reading is most of the time.
+READ_AHEAD = min(2, os.cpu_count() or 1)
+
+
 def evaluate_folders(
     reference_dir,
     predictions_dir,
     *,
     on_patient: Optional[PatientCallback] = None,
+    read_ahead: int = READ_AHEAD,
 ) -> evaluation.EvaluationResult:
   """Scores every prediction of `predictions_dir` against `reference_dir`.
 
-  Only one patient is in memory at a time. `on_patient(patient, prediction)`,
-  if given, sees each patient (a dense `Patient`) after it is scored; without
-  it, each reference is read as voxel lists and its ct.csv is not read
-  (scoring needs neither a dense volume nor the CT).
+  Patients are scored one at a time, in id order, while up to `read_ahead`
+  threads read the next ones (0: read each in turn); so at most
+  1 + read_ahead patients are in memory. `on_patient(patient, prediction)`,
+  if given, sees each patient (a dense `Patient`) after it is scored;
+  without it, each reference is read as voxel lists and its ct.csv is not
+  read (scoring needs neither a dense volume nor the CT). The first bad
+  patient in id order is the error raised, as if read in turn.
 
   Raises:
     DataError: see `match_patients`, or a bad patient or prediction file.
   """
-  evaluator = evaluation.Evaluator()
-  for patient_dir, prediction_path in match_patients(
-      reference_dir, predictions_dir
-  ):
+
+  def read(pair):
+    patient_dir, prediction_path = pair
     if on_patient is None:
       patient = openkbp.load_sparse_patient(patient_dir, with_ct=False)
     else:
       patient = openkbp.load_patient(patient_dir)
-    prediction = openkbp.read_prediction_csv(
+    return patient, openkbp.read_prediction_csv(
         prediction_path, patient.grid_shape
     )
-    try:
-      error = evaluator.add(patient, prediction)
-    except ValueError as e:
-      raise openkbp.DataError(f'{prediction_path}: {e}') from e
-    logging.info('%s: dose error %.4f Gy', patient.patient_id, error)
-    if on_patient is not None:
-      on_patient(patient, prediction)
+
+  pairs = match_patients(reference_dir, predictions_dir)
+  evaluator = evaluation.Evaluator()
+  executor = (
+      concurrent.futures.ThreadPoolExecutor(read_ahead)
+      if read_ahead > 0
+      else None
+  )
+  try:
+    pending = []  # futures of the next patients, in order
+    for i, (_, prediction_path) in enumerate(pairs):
+      if executor is None:
+        patient, prediction = read(pairs[i])
+      else:
+        while len(pending) < read_ahead + 1 and (i + len(pending) < len(pairs)):
+          pending.append(executor.submit(read, pairs[i + len(pending)]))
+        patient, prediction = pending.pop(0).result()
+      try:
+        error = evaluator.add(patient, prediction)
+      except ValueError as e:
+        raise openkbp.DataError(f'{prediction_path}: {e}') from e
+      logging.info('%s: dose error %.4f Gy', patient.patient_id, error)
+      if on_patient is not None:
+        on_patient(patient, prediction)
+  finally:
+    if executor is not None:
+      executor.shutdown(wait=True, cancel_futures=True)
   return evaluator.result()
 
 

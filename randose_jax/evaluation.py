@@ -41,12 +41,14 @@ so scoring 100 patients at 128^3 never holds more than one in memory.
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import pandas as pd
 
 from randose_jax.data import openkbp
+
+if TYPE_CHECKING:  # imported where used: scoring itself needs no pandas
+  import pandas as pd
 
 # Columns of every (..., 10, 5) metric array; rows are openkbp.ROI_NAMES.
 # OARs have the first two, targets the last three.
@@ -533,13 +535,15 @@ class EvaluationResult:
     """How many (patient, ROI, metric) values the DVH score pools."""
     return int(np.count_nonzero(~np.isnan(self.reference_metrics)))
 
-  def metric_table(self) -> pd.DataFrame:
+  def metric_table(self) -> 'pd.DataFrame':
     """One row per existing (patient, ROI, metric): patient_id, roi, metric,
     reference, prediction, abs_error (Gy); patients in order added, then ROIs
     and metrics in the official order."""
     p, r, m = np.nonzero(~np.isnan(self.reference_metrics))
     reference = self.reference_metrics[p, r, m]
     prediction = self.predicted_metrics[p, r, m]
+    import pandas as pd  # pylint: disable=g-import-not-at-top
+
     return pd.DataFrame(
         {
             'patient_id': np.asarray(self.patient_ids, dtype=object)[p],

@@ -109,8 +109,16 @@ def write_csv(path: Path, lines: list[str], newline: str = "\n") -> Path:
   return path
 
 
+# Both readers of `read_sparse_csv`: pyarrow (where installed; without it
+# use_arrow=True reads with pandas too) and pandas' C engine.
+both_readers = pytest.mark.parametrize(
+    "use_arrow", [True, False], ids=["arrow", "pandas"]
+)
+
+
+@both_readers
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_values_read_as_python_float_reads_them(tmp_path, seed):
+def test_values_read_as_python_float_reads_them(tmp_path, seed, use_arrow):
   # Fixed decimals, full precision (repr, as pandas' to_csv writes), and
   # exponents, with LF and CRLF: every value bit-equal to float(text).
   rng = np.random.default_rng(seed)
@@ -136,7 +144,9 @@ def test_values_read_as_python_float_reads_them(tmp_path, seed):
   expected = np.array([float(t.split(",")[1]) for t in text])
   for newline in ("\n", "\r\n"):
     path = write_csv(tmp_path / "x.csv", text, newline)
-    read_indices, read_values = openkbp.read_sparse_csv(path, (16, 16, 16))
+    read_indices, read_values = openkbp.read_sparse_csv(
+        path, (16, 16, 16), use_arrow=use_arrow
+    )
     assert read_indices.dtype == np.int64 and read_values.dtype == np.float64
     np.testing.assert_array_equal(read_indices, indices)
     np.testing.assert_array_equal(
@@ -144,32 +154,103 @@ def test_values_read_as_python_float_reads_them(tmp_path, seed):
     )
 
 
-def test_irregular_but_valid_csv(tmp_path):
+@both_readers
+def test_irregular_but_valid_csv(tmp_path, use_arrow):
   # Exponents, a '+', CRLF, spaces, a blank line and no final newline.
   path = tmp_path / "x.csv"
   path.write_bytes(b",data\r\n3,1e-05\r\n 7 , +2.5\r\n\r\n4095,1E2")
-  indices, values = openkbp.read_sparse_csv(path, (16, 16, 16))
+  read = lambda path: openkbp.read_sparse_csv(
+      path, (16, 16, 16), use_arrow=use_arrow
+  )
+  indices, values = read(path)
   np.testing.assert_array_equal(indices, [3, 7, 4095])
   np.testing.assert_array_equal(values, [1e-05, 2.5, 100.0])
   # Integers without a decimal point, and negative values.
   write_csv(path, ["1,5", "2,-17", "9,0"])
-  indices, values = openkbp.read_sparse_csv(path, (16, 16, 16))
+  indices, values = read(path)
   np.testing.assert_array_equal(values, [5.0, -17.0, 0.0])
   # A header and nothing else: no voxels.
   write_csv(path, [])
-  indices, values = openkbp.read_sparse_csv(path, (16, 16, 16))
+  indices, values = read(path)
   assert indices.size == 0 and values.size == 0
 
 
-def test_mask_rows_and_integer_valued_indices(tmp_path):
+@both_readers
+def test_mask_rows_and_integer_valued_indices(tmp_path, use_arrow):
   # Mask rows with or without the comma; an index written as a float.
   path = tmp_path / "m.csv"
   path.write_bytes(b",data\n5\n6,\n12.0,\n1e3,\n")
   indices, values = openkbp.read_sparse_csv(
-      path, (16, 16, 16), with_values=False
+      path, (16, 16, 16), with_values=False, use_arrow=use_arrow
   )
   assert values is None and indices.dtype == np.int64
   np.testing.assert_array_equal(indices, [5, 6, 12, 1000])
+
+
+@pytest.mark.parametrize(
+    "body, with_values",
+    [
+        (b"3,1e-05\n7,2.5\n", True),
+        (b"3,1e-05\r\n\r\n 7 , 2.5 \r\n4095,1E2", True),  # CRLF, spaces, blank
+        (b"3,1e-05\r7,2.5\r", True),  # lone CRs end lines for both
+        (b"3,\n7,\n\n4095,\n", False),
+        (b"3,\r\n7,\r\n", False),
+        (b"3,\n7,NaN\n", False),  # a mask's value column is not read
+        (b"3,2.5\n\xef\xbb\xbf7,1.0\n", True),  # a BOM on a data line: pandas
+        (b"3,\n\xef\xbb\xbf7,\n", False),
+        (b"", True),
+        (b"\n\n", False),
+    ],
+)
+def test_arrow_and_pandas_read_the_same(tmp_path, body, with_values):
+  path = tmp_path / "x.csv"
+  path.write_bytes(b",data\n" + body)
+  results = []
+  for use_arrow in (True, False):
+    try:
+      results.append(
+          openkbp.read_sparse_csv(
+              path, (16, 16, 16), with_values=with_values, use_arrow=use_arrow
+          )
+      )
+    except DataError as e:
+      results.append(str(e))
+  arrow, pandas = results
+  if isinstance(pandas, str):
+    assert arrow == pandas
+    return
+  for a, b in zip(arrow, pandas):
+    if b is None:
+      assert a is None
+    else:
+      assert a.dtype == b.dtype
+      np.testing.assert_array_equal(a.view(np.int64), b.view(np.int64))
+
+
+def test_arrow_reads_clean_files_without_pandas(tmp_path, monkeypatch):
+  # With pyarrow installed, pandas is not called for a clean file (values at
+  # full precision, exponents, CRLF, a mask); it still is for a bad one.
+  pytest.importorskip("pyarrow")
+  calls = []
+  read_csv = pd.read_csv
+  monkeypatch.setattr(
+      pd, "read_csv", lambda *a, **k: calls.append(1) or read_csv(*a, **k)
+  )
+  values = np.random.default_rng(0).uniform(0, 80, 500).tolist()
+  write_csv(
+      tmp_path / "v.csv", [f"{i},{v!r}" for i, v in enumerate(values)], "\r\n"
+  )
+  write_csv(tmp_path / "e.csv", [f"{i},{v:.6e}" for i, v in enumerate(values)])
+  write_csv(tmp_path / "m.csv", [f"{i}," for i in range(0, 4000, 7)])
+  _, read = openkbp.read_sparse_csv(tmp_path / "v.csv", (16, 16, 16))
+  np.testing.assert_array_equal(read, values)
+  openkbp.read_sparse_csv(tmp_path / "e.csv", (16, 16, 16))
+  openkbp.read_sparse_csv(tmp_path / "m.csv", (16, 16, 16), with_values=False)
+  assert not calls
+  write_csv(tmp_path / "b.csv", ["1,2.0", "2,x"])
+  with pytest.raises(DataError, match="line 3"):
+    openkbp.read_sparse_csv(tmp_path / "b.csv", (16, 16, 16))
+  assert calls
 
 
 @pytest.mark.parametrize(
@@ -203,11 +284,14 @@ def test_mask_rows_and_integer_valued_indices(tmp_path):
         ),
     ],
 )
-def test_error_bad_rows(tmp_path, body, with_values, words):
+@both_readers
+def test_error_bad_rows(tmp_path, body, with_values, words, use_arrow):
   path = tmp_path / "x.csv"
   path.write_bytes(b",data\n" + body)
   with pytest.raises(DataError) as info:
-    openkbp.read_sparse_csv(path, (16, 16, 16), with_values=with_values)
+    openkbp.read_sparse_csv(
+        path, (16, 16, 16), with_values=with_values, use_arrow=use_arrow
+    )
   message = str(info.value)
   assert message.startswith(f"{path}: ")
   for word in words:

@@ -5,10 +5,12 @@ One folder per patient (`pt_<n>`), one sparse CSV per item (docs/design.md secti
 C-order voxel index and, for `ct.csv` and `dose.csv`, a value. Mask files
 (`possible_dose_mask.csv` and the ROI files) leave the value empty.
 
-pandas' C parser reads the rows and numpy checks them (indices in the grid,
-no repeats, finite values, no negative dose). A file that fails is read again
-line by line, only to raise a `DataError` naming the file, the first bad line
-and the problem.
+pyarrow's CSV reader (where pyarrow is installed; else pandas' C parser)
+reads the rows and numpy checks them (indices in the grid, no repeats,
+finite values, no negative dose). A file pyarrow does not read cleanly is
+read by pandas, as without pyarrow; a file that fails there too is read
+again line by line, only to raise a `DataError` naming the file, the first
+bad line and the problem.
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+
+try:  # the fast reader (requirements.txt); pandas' C engine without it
+  import pyarrow as _pa
+  import pyarrow.csv as _pa_csv
+except ImportError:  # pragma: no cover - depends on the environment
+  _pa = _pa_csv = None
 
 from randose_jax import fileio
 
@@ -157,14 +164,103 @@ def read_grid_shape(patient_dir: str | os.PathLike) -> tuple[int, int, int]:
 
 # The first row after the header (leading blank lines skipped).
 _FIRST_ROW = re.compile(rb"[ \t\r\n]*([^\r\n]*)")
-# pandas >= 3.1 rounds every float correctly (and deprecates the option);
-# before, the C engine's default converter can be an ulp off.
-_FLOAT_PRECISION = (
-    {}
-    if tuple(map(int, pd.__version__.split(".")[:2])) >= (3, 1)
-    else {"float_precision": "round_trip"}
-)
+
+
+def _read_csv_pandas(raw: bytes):
+  """pandas' reading of a sparse CSV (imported here: with pyarrow installed,
+  scoring never needs pandas, and a process that does not import it starts
+  about 0.4 s sooner). pandas >= 3.1 rounds every float correctly (and
+  deprecates the option); before, the C engine's default converter can be
+  an ulp off, so it gets float_precision="round_trip"."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+
+  precision = (
+      {}
+      if tuple(map(int, pd.__version__.split(".")[:2])) >= (3, 1)
+      else {"float_precision": "round_trip"}
+  )
+  return pd.read_csv(
+      io.BytesIO(raw),
+      header=0,
+      names=("index", "value"),
+      index_col=False,
+      quoting=csv.QUOTE_NONE,
+      low_memory=False,
+      **precision,
+  )
+
+
 _LINE_BREAK = re.compile(r"\r\n?|\n")
+
+
+def _arrow_options(with_values: bool):
+  """pyarrow's options for a sparse CSV's body (the header line cut off):
+  two columns, no quoting (pandas reads with QUOTE_NONE), blank lines
+  skipped; int64 indices and float64 values, or for masks a value column
+  that must be empty (null type). One thread: on 2 busy cores pyarrow's
+  own threads gained nothing, and a process that had used them aborted
+  once at exit in 41 runs ('terminate called without an active
+  exception', pyarrow 26.0.1; benchmarks/NOTES.md)."""
+  return dict(
+      read_options=_pa_csv.ReadOptions(
+          column_names=("index", "value"), use_threads=False
+      ),
+      parse_options=_pa_csv.ParseOptions(
+          quote_char=False,
+          double_quote=False,
+          escape_char=False,
+          newlines_in_values=False,
+          ignore_empty_lines=True,
+      ),
+      convert_options=_pa_csv.ConvertOptions(
+          column_types={
+              "index": _pa.int64(),
+              "value": _pa.float64() if with_values else _pa.null(),
+          }
+      ),
+  )
+
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _read_rows_arrow(raw: bytes, body_start: int, with_values: bool):
+  """(indices int64, values float64 or None) of a sparse CSV's rows as
+  pyarrow reads them, or None where pyarrow is not installed or the file is
+  not plain `index,value` rows of finite numbers (pandas then reads it, as
+  without pyarrow, and reports what is wrong). pyarrow rounds every float
+  correctly, as Python's float() does (tests/test_data_openkbp.py)."""
+  if _pa is None or raw.startswith(_UTF8_BOM, body_start):
+    return None  # pyarrow would skip a byte-order mark there, pandas not
+  try:
+    table = _pa_csv.read_csv(
+        _pa.BufferReader(memoryview(raw)[body_start:]),
+        **_arrow_options(with_values),
+    )
+  except _pa.ArrowException:  # e.g. a third field, '12.0' as an index
+    return None
+  index, value = table.column("index"), table.column("value")
+  if (
+      table.num_rows == 0
+      or index.null_count
+      or (with_values and value.null_count)
+  ):
+    return None
+  # The chunks' data buffers (no nulls), copied into one writable array, as
+  # pandas gives (pyarrow's to_numpy would import pandas, ~0.4 s).
+  as_numpy = lambda column, dtype: np.concatenate(
+      [
+          np.frombuffer(chunk.buffers()[1], dtype, len(chunk), chunk.offset * 8)
+          for chunk in column.chunks
+      ]
+  )
+  indices = as_numpy(index, np.int64)
+  values = None
+  if with_values:
+    values = as_numpy(value, np.float64)
+    if not np.all(np.isfinite(values)):
+      return None
+  return indices, values
 
 
 def _outside_grid(
@@ -288,11 +384,13 @@ def read_sparse_csv(
     *,
     with_values: bool = True,
     nonnegative: bool = False,
+    use_arrow: bool = True,
 ):
   """Reads one sparse OpenKBP CSV.
 
-  pandas' C parser reads the rows (floats correctly rounded, as Python's
-  float() reads them); numpy checks them. Blank lines are skipped, CRLF line
+  pyarrow reads the rows, or pandas' C parser where pyarrow is not
+  installed or does not read the file cleanly (both round floats correctly,
+  as Python's float() does); numpy checks them. Blank lines are skipped, CRLF line
   ends and spaces around fields are accepted, quotes are not.
 
   Args:
@@ -301,6 +399,8 @@ def read_sparse_csv(
     with_values: read the `data` column (ct, dose) or only the indices (masks).
     nonnegative: a negative value is an error (dose files: a dose is never
       negative).
+    use_arrow: False reads with pandas only (the same arrays, the same
+      errors; for tests and benchmarks).
 
   Returns:
     (indices int64 (n,), values float64 (n,) or None).
@@ -341,38 +441,34 @@ def read_sparse_csv(
   # take the first column for an index and drop the third): look at it.
   if _FIRST_ROW.match(raw, body_start).group(1).count(b",") > 1:
     bad_line("a row with more than two fields")
-  try:
-    frame = pd.read_csv(
-        io.BytesIO(raw),
-        header=0,
-        names=("index", "value"),
-        index_col=False,
-        quoting=csv.QUOTE_NONE,
-        low_memory=False,
-        **_FLOAT_PRECISION,
-    )
-  except ValueError as e:  # pandas' ParserError, UnicodeDecodeError
-    bad_line(str(e).strip())
-  if not len(frame):
-    return np.zeros(0, np.int64), (
-        np.zeros(0, np.float64) if with_values else None
-    )
+  rows = _read_rows_arrow(raw, body_start, with_values) if use_arrow else None
+  if rows is not None:
+    indices, values = rows
+  else:
+    try:
+      frame = _read_csv_pandas(raw)
+    except ValueError as e:  # pandas' ParserError, UnicodeDecodeError
+      bad_line(str(e).strip())
+    if not len(frame):
+      return np.zeros(0, np.int64), (
+          np.zeros(0, np.float64) if with_values else None
+      )
 
-  indices = frame["index"].to_numpy()
-  if indices.dtype.kind == "f" and np.all(
-      np.isfinite(indices) & (np.floor(indices) == indices)
-  ):
-    pass  # '12.0', '1e3': integer-valued, read as before
-  elif indices.dtype.kind not in "iu":
-    bad_line(f"the index column is not all integers ({indices.dtype})")
-  values = None
-  if with_values:
-    values = frame["value"].to_numpy()
-    if values.dtype.kind not in "iuf":
-      bad_line(f"the value column is not all numbers ({values.dtype})")
-    values = values.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(values)):
-      bad_line("a value is not finite")
+    indices = frame["index"].to_numpy()
+    if indices.dtype.kind == "f" and np.all(
+        np.isfinite(indices) & (np.floor(indices) == indices)
+    ):
+      pass  # '12.0', '1e3': integer-valued, read as before
+    elif indices.dtype.kind not in "iu":
+      bad_line(f"the index column is not all integers ({indices.dtype})")
+    values = None
+    if with_values:
+      values = frame["value"].to_numpy()
+      if values.dtype.kind not in "iuf":
+        bad_line(f"the value column is not all numbers ({values.dtype})")
+      values = values.astype(np.float64, copy=False)
+      if not np.all(np.isfinite(values)):
+        bad_line("a value is not finite")
 
   row_lines = lambda: _row_lines(raw, body_start)[0]
   outside = np.flatnonzero((indices < 0) | (indices >= np.prod(grid_shape)))
