@@ -292,7 +292,8 @@ def plot(result: dict, path: pathlib.Path, window: int = 20) -> None:
   axes[2].set(title="validation DVH score", xlabel="step", ylabel="Gy")
   for ax in axes:
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # a run too short for a curve: none
+      ax.legend(fontsize=8)
   fig.suptitle(result["title"], fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=90)

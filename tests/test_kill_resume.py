@@ -83,7 +83,7 @@ runpy.run_module("randose_jax.main", run_name="__main__", alter_sys=True)
 
 @pytest.fixture(scope="module")
 def data_flags(tmp_path_factory):
-  from conftest import openkbp_dir  # pylint: disable=g-import-not-at-top
+  from tests.conftest import openkbp_dir  # pylint: disable=g-import-not-at-top
 
   root = openkbp_dir()
   if not (root / "train-pats").is_dir():

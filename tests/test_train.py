@@ -407,6 +407,7 @@ def test_sigkill_mid_training_resumes(tmp_path):
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proc.stdout.close()
   ckpt = checkpointing.Checkpointer(tmp_path)
   last = max(ckpt.steps("latest"))
   ckpt.close()

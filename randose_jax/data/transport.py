@@ -64,6 +64,7 @@ import struct
 import time
 import zlib
 from concurrent import futures
+import multiprocessing
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -479,7 +480,10 @@ def _map(fn, jobs, workers: int):
   if workers <= 1:
     yield from map(fn, jobs)
     return
-  with futures.ProcessPoolExecutor(workers) as pool:
+  # Spawned, not forked: forking a process whose JAX threads are running can
+  # deadlock (JAX warns); a spawned worker imports this module afresh.
+  spawn = multiprocessing.get_context("spawn")
+  with futures.ProcessPoolExecutor(workers, mp_context=spawn) as pool:
     yield from pool.map(fn, jobs)
 
 
