@@ -883,3 +883,39 @@ def test_predict_writes_the_rt_dose_in_the_patient_frame(
   ras = img.affine @ np.array([*ijk, 1.0])
   lps = ras[:3] * [-1, -1, 1]
   assert np.all(np.abs(lps - record["phantom"].dose_peak()) <= tolerance)
+
+
+def test_imported_patients_train_validate_and_predict(tmp_path):
+  """Issue 14 item 6: patients imported from DICOM (with an RT Dose) train
+  and validate like OpenKBP patients, from `config.data.root`."""
+  from randose_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path / "data"
+  for i, split in enumerate(("train-pats", "train-pats", "validation-pats")):
+    src = tmp_path / f"dicom{i}"
+    synthetic.write_patient(
+        src, seed=i, patient_id=f"SYN{i:03d}", shape=(20, 40, 40)
+    )
+    importer.import_folder(
+        src,
+        root / split,
+        shape=(16, 16, 16),
+        spacing=(6.0, 6.0, 6.0),
+        progress=False,
+    )
+  config = tiny_config(**{"data.synthetic": False, "data.root": str(root)})
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir))
+  scores = json.loads((workdir / "validation_scores.json").read_text())
+  assert scores["num_patients"] == 1
+  assert np.isfinite(scores["dose_score"]) and np.isfinite(scores["dvh_score"])
+  # The baseline is scored against the imported RT Dose: not zero, finite.
+  assert 0 < scores["baseline_mean_dose_score"] < 80
+  pred = openkbp.read_prediction_csv(
+      workdir / "predictions" / "validation-pats" / "pt_SYN002.csv",
+      (16, 16, 16),
+  )
+  patient = openkbp.load_patient(root / "validation-pats" / "pt_SYN002")
+  assert not pred[~patient.possible_dose_mask].any()
+  assert pred.max() > 0
