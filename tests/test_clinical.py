@@ -31,20 +31,9 @@ from randose_jax import clinical
 from randose_jax import evaluate
 from randose_jax import evaluation
 from randose_jax.data import openkbp
+from tests.plain_scoring import ROI_NAMES  # written out, not the library's
 
 REPO = Path(__file__).resolve().parents[1]
-ROI_NAMES = (
-    'Brainstem',
-    'SpinalCord',
-    'RightParotid',
-    'LeftParotid',
-    'Esophagus',
-    'Larynx',
-    'Mandible',
-    'PTV56',
-    'PTV63',
-    'PTV70',
-)
 # pt_10 lacks Esophagus, Larynx, Mandible and PTV63; pt_12 has all 3 PTVs.
 REAL_PATIENTS = ('train-pats/pt_10', 'train-pats/pt_12')
 

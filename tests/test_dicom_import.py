@@ -459,19 +459,24 @@ def _run_cli(args, capfd):
   return (code, *capfd.readouterr())
 
 
-@pytest.fixture(scope="module")
-def small_dicom(tmp_path_factory):
-  """A small HFS patient (fast to copy and break)."""
-  folder = tmp_path_factory.mktemp("small") / "dicom"
+def _small_patient(tmp_path_factory, name, *, seed, with_plan):
+  """A small HFS patient (fast to copy and break): (folder, record)."""
+  folder = tmp_path_factory.mktemp(name) / "dicom"
   record = synthetic.write_patient(
       folder,
       shape=(12, 72, 72),
       spacing=(3.0, 2.2, 2.2),
-      seed=3,
-      with_plan=False,
+      seed=seed,
+      with_plan=with_plan,
       phantom=synthetic.Phantom(shapes=synthetic.DEFAULT_SHAPES[:4]),
   )
   return folder, record
+
+
+@pytest.fixture(scope="module")
+def small_dicom(tmp_path_factory):
+  """A small HFS patient without an RTPLAN."""
+  return _small_patient(tmp_path_factory, "small", seed=3, with_plan=False)
 
 
 def _copy(small_dicom, tmp_path):
@@ -684,16 +689,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(
 @pytest.fixture(scope="module")
 def small_dicom_plan(tmp_path_factory):
   """A small HFS patient with an RTPLAN, its RTDOSE referencing it."""
-  folder = tmp_path_factory.mktemp("small_plan") / "dicom"
-  record = synthetic.write_patient(
-      folder,
-      shape=(12, 72, 72),
-      spacing=(3.0, 2.2, 2.2),
-      seed=4,
-      with_plan=True,
-      phantom=synthetic.Phantom(shapes=synthetic.DEFAULT_SHAPES[:4]),
-  )
-  return folder, record
+  return _small_patient(tmp_path_factory, "small_plan", seed=4, with_plan=True)
 
 
 def test_rt_dose_in_another_frame_is_refused(small_dicom_plan, tmp_path, capfd):
