@@ -288,7 +288,7 @@ def main(argv=None):
       action='append',
       default=[],
       metavar='COMMIT',
-      help='also time randose_jax.evaluate ' 'at this commit (repeatable)',
+      help='also time randose_jax.evaluate at this commit (repeatable)',
   )
   parser.add_argument(
       '--json',

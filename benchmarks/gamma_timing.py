@@ -50,7 +50,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
       '--patients',
-      default='train-pats/pt_10,' 'validation-pats/pt_202,train-pats/pt_12',
+      default='train-pats/pt_10,validation-pats/pt_202,train-pats/pt_12',
   )
   parser.add_argument('--subsample', default='1,0.5,0.2,0.1,0.05')
   parser.add_argument('--seeds', type=int, default=3)

@@ -196,7 +196,7 @@ def define_flags():
       "its host-side measure (unpack + copy per batch).",
   )
   flags.DEFINE_float(
-      "fallback_step_s", 1.0, "Step time assumed when phase 3 " "gave none."
+      "fallback_step_s", 1.0, "Step time assumed when phase 3 gave none."
   )
   flags.DEFINE_float(
       "later_compile_est_s",
@@ -1196,7 +1196,7 @@ def main(argv):
           "n": n,
           "reps": reps,
           "trials_tflops": best,
-          "how": "JAX a @ b, random bf16, best of 3 " "means of 10",
+          "how": "JAX a @ b, random bf16, best of 3 means of 10",
       }
       del a, b, c
       log(f"bf16 matmul peak: {peak:.1f} TFLOP/s ({n}^3)")

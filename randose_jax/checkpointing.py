@@ -144,7 +144,7 @@ class Checkpointer:
     )
     if not saved:  # orbax skips a step not newer than its newest: say so
       logging.warning(
-          "Checkpoint step %d was not written to %s (it holds " "steps %s).",
+          "Checkpoint step %d was not written to %s (it holds steps %s).",
           step,
           manager.directory,
           sorted(manager.all_steps()),

@@ -535,11 +535,11 @@ class ClinicalSettings:
   def __post_init__(self):
     if any(not math.isfinite(d) or d < 0 for d in self.v_doses_gy):
       raise ValueError(
-          f"V doses must be finite and >= 0 Gy, got " f"{self.v_doses_gy!r}"
+          f"V doses must be finite and >= 0 Gy, got {self.v_doses_gy!r}"
       )
     if not 0 < self.gamma_subsample <= 1:
       raise ValueError(
-          f"gamma subsample must be in (0, 1], got " f"{self.gamma_subsample!r}"
+          f"gamma subsample must be in (0, 1], got {self.gamma_subsample!r}"
       )
 
 

@@ -51,7 +51,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
   flags.DEFINE_list(
       "ptv_doses",
       [],
-      "NAME=Gy pairs: the dose level of PTVs " "whose names carry none.",
+      "NAME=Gy pairs: the dose level of PTVs whose names carry none.",
       flag_values=flag_values,
   )
   flags.DEFINE_list(
@@ -65,19 +65,19 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
   flags.DEFINE_list(
       "grid_shape",
       [str(n) for n in GRID_SHAPE],
-      "Voxels per " "axis (the model expects 128,128,128).",
+      "Voxels per axis (the model expects 128,128,128).",
       flag_values=flag_values,
   )
   flags.DEFINE_bool(
       "overwrite",
       False,
-      "Replace patient folders already in " "--output.",
+      "Replace patient folders already in --output.",
       flag_values=flag_values,
   )
   flags.DEFINE_bool(
       "progress",
       None,
-      "Show a progress bar (default: on a " "terminal).",
+      "Show a progress bar (default: on a terminal).",
       flag_values=flag_values,
   )
 

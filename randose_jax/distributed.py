@@ -54,7 +54,7 @@ def maybe_initialize(
   else:
     jax.distributed.initialize()
   logging.info(
-      "jax.distributed: process %d of %d, %d local / %d global " "devices",
+      "jax.distributed: process %d of %d, %d local / %d global devices",
       jax.process_index(),
       jax.process_count(),
       jax.local_device_count(),

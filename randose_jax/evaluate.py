@@ -276,7 +276,7 @@ def clinical_settings_from_flags() -> clinical.ClinicalSettings:
     doses.append(dose)
   if not 0 < FLAGS.gamma_subsample <= 1:
     raise app.UsageError(
-        f'--gamma_subsample={FLAGS.gamma_subsample}: must be ' 'in (0, 1]'
+        f'--gamma_subsample={FLAGS.gamma_subsample}: must be in (0, 1]'
     )
   if FLAGS.gamma and not clinical.gamma_available():
     raise app.UsageError(

@@ -92,7 +92,7 @@ def roi_voxel_indices(
     present = np.asarray(roi_present, bool)
     if present.shape != (num_rois,):
       raise ValueError(
-          f'roi_present has shape {present.shape}, ' f'expected ({num_rois},)'
+          f'roi_present has shape {present.shape}, expected ({num_rois},)'
       )
   # One pass over all (voxel, ROI) bytes, then a split by ROI of the few
   # True ones: much cheaper than one strided pass per ROI.
@@ -326,7 +326,7 @@ def _check_grid(
   if array.shape != tuple(shape):
     whose = f' of {patient_id}' if patient_id else ''
     raise ValueError(
-        f'{name}{whose} has shape {array.shape}, ' f'expected {tuple(shape)}'
+        f'{name}{whose} has shape {array.shape}, expected {tuple(shape)}'
     )
 
 

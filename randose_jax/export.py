@@ -134,7 +134,7 @@ def load(path) -> ExportedModel:
       missing = {"model.jaxexport", "params.msgpack", "meta.json"} - names
       if missing:
         raise ValueError(
-            f"{path}: not a randose_jax export (missing " f"{sorted(missing)})"
+            f"{path}: not a randose_jax export (missing {sorted(missing)})"
         )
       meta = json.loads(zf.read("meta.json"))
       exported = jax.export.deserialize(bytearray(zf.read("model.jaxexport")))
@@ -254,7 +254,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
   flags.DEFINE_bool(
       "overwrite",
       False,
-      "Replace an artifact already at " "--output.",
+      "Replace an artifact already at --output.",
       flag_values=flag_values,
   )
 

@@ -116,7 +116,7 @@ def _check_creatable_under(path: Path, anchor: Path) -> None:
   if not anchor.is_dir():
     raise _oserror(
         errno.ENOTDIR,
-        f"cannot create it: {anchor} is a file, " "not a folder",
+        f"cannot create it: {anchor} is a file, not a folder",
         path,
     )
   try:
@@ -124,7 +124,7 @@ def _check_creatable_under(path: Path, anchor: Path) -> None:
   except OSError as e:
     raise _oserror(
         e.errno or errno.EACCES,
-        f"cannot write in {anchor} " f"({e.strerror or e})",
+        f"cannot write in {anchor} ({e.strerror or e})",
         path,
     ) from e
   os.close(fd)

@@ -76,7 +76,7 @@ class RegionAwareLoss(nn.Module):
     unknown = set(self.regions) - set(REGIONS)
     if unknown:
       raise ValueError(
-          f"loss.regions: unknown {sorted(unknown)}; choose from " f"{REGIONS}"
+          f"loss.regions: unknown {sorted(unknown)}; choose from {REGIONS}"
       )
     if self.mode not in MODES:
       raise ValueError(f"loss.mode: unknown {self.mode!r}; choose from {MODES}")

@@ -29,7 +29,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
   flags.DEFINE_string(
       "workdir",
       None,
-      "Where checkpoints, logs and " "predictions go.",
+      "Where checkpoints, logs and predictions go.",
       flag_values=flag_values,
   )
   flags.DEFINE_bool(
@@ -42,7 +42,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
   flags.DEFINE_string(
       "coordinator_address",
       "",
-      "host:port of process 0, " "for hand-started multi-process runs.",
+      "host:port of process 0, for hand-started multi-process runs.",
       flag_values=flag_values,
   )
   flags.DEFINE_integer(

@@ -49,7 +49,7 @@ def parse_checkpoint_flag(value: str) -> tuple[str, Optional[int]]:
     return "latest", int(value)
   except ValueError:
     raise ConfigError(
-        f"--checkpoint must be best, latest or a step number, " f"got {value!r}"
+        f"--checkpoint must be best, latest or a step number, got {value!r}"
     ) from None
 
 

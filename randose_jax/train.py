@@ -508,7 +508,7 @@ def train_and_evaluate(
       if not bool(all_finite):
         ckpt.wait()
         where = (
-            f"the last good checkpoint is step {last_saved} in " f"{ckpt.root}"
+            f"the last good checkpoint is step {last_saved} in {ckpt.root}"
             if last_saved
             else "no checkpoint was saved"
         )

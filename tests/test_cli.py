@@ -74,7 +74,7 @@ def test_config_override_typo_is_one_unescaped_line(
     [
         (
             "configs/demoo.py",
-            "error: --config=configs/demoo.py: no such config " "file",
+            "error: --config=configs/demoo.py: no such config file",
         ),
         (f"{REPO}/configs/openkbp.py:smok", "unknown variant 'smok'"),
     ],

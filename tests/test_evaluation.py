@@ -428,7 +428,7 @@ def test_negative_doses_are_errors():
       lambda r: evaluation.Reference.from_sparse(sparse_of(r)),
   ):
     with pytest.raises(
-        ValueError, match='reference dose of pt_12 holds a ' 'negative dose'
+        ValueError, match='reference dose of pt_12 holds a negative dose'
     ):
       build(reference)
 

@@ -483,7 +483,7 @@ NO_DATA_EXPORT = NA(
     "--workdir's checkpoint)"
 )
 NO_DATA_SUMMARY = NA(
-    "summary reads no patients, checkpoints or outputs: " "only --config"
+    "summary reads no patients, checkpoints or outputs: only --config"
 )
 NO_OUTPUT_SUMMARY = NA("summary writes no file (it prints)")
 NO_CHECKPOINT_DICOM = NA("dicom_import reads no checkpoint")

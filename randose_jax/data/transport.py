@@ -269,7 +269,7 @@ def _decompress(data: bytes, filters, size: int, where: str) -> bytes:
     raise openkbp.DataError(f"{where}: cannot decompress ({e})") from e
   if len(out) != size:
     raise openkbp.DataError(
-        f"{where}: {len(out)} bytes decompressed, " f"expected {size}"
+        f"{where}: {len(out)} bytes decompressed, expected {size}"
     )
   return out
 
@@ -384,7 +384,7 @@ def decode_patient(
   CRC-32 after). `where` names it in errors."""
   if len(block) != entry["size"] or zlib.crc32(block) != entry["crc32"]:
     raise openkbp.DataError(
-        f"{where}: CRC-32 mismatch (the archive is damaged; " "copy it again)"
+        f"{where}: CRC-32 mismatch (the archive is damaged; copy it again)"
     )
   sections, offset = {}, 0
   for name, size in zip(_SECTIONS, entry["sections"]):
@@ -626,7 +626,7 @@ def open_archive(path: str | os.PathLike) -> Archive:
       head = f.read(len(MAGIC) + _HEADER.size)
       if head[: len(MAGIC)] != MAGIC:
         raise openkbp.DataError(
-            f"{path}: not a randose_jax transport archive " "(no magic line)"
+            f"{path}: not a randose_jax transport archive (no magic line)"
         )
       if len(head) < len(MAGIC) + _HEADER.size:
         raise openkbp.DataError(f"{path}: truncated inside the header")
@@ -825,7 +825,7 @@ def define_flags(fv: flags.FlagValues = FLAGS):
   flags.DEFINE_string(
       "cache_dir",
       None,
-      "unpack: write the cache here " "(<cache_dir>/<split>/).",
+      "unpack: write the cache here (<cache_dir>/<split>/).",
       flag_values=fv,
   )
   config_flags.DEFINE_config_file(

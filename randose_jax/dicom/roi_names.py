@@ -186,7 +186,7 @@ def default_match(name: str, interpreted_type: str = "") -> Match:
               None,
               None,
               "default",
-              f"{name!r}: a parotid without " "one side (L or R) is not used",
+              f"{name!r}: a parotid without one side (L or R) is not used",
           )
         return Match(
             "LeftParotid" if sides == {"L"} else "RightParotid", None, "default"

@@ -50,7 +50,7 @@ def check_conv_impl(impl: str) -> None:
   """ConfigError naming the choices unless impl is one of CONV_IMPLS."""
   if impl not in CONV_IMPLS:
     raise ConfigError(
-        f"model.conv_impl: unknown {impl!r}; choose from " f"{CONV_IMPLS}"
+        f"model.conv_impl: unknown {impl!r}; choose from {CONV_IMPLS}"
     )
 
 

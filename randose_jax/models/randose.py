@@ -110,7 +110,7 @@ class Stage(nn.Module):
 def _check_choice(field: str, value, choices) -> None:
   if value not in choices:
     raise ConfigError(
-        f"model.{field}: unknown {value!r}; choose from " f"{sorted(choices)}"
+        f"model.{field}: unknown {value!r}; choose from {sorted(choices)}"
     )
 
 
@@ -205,7 +205,7 @@ class RANDose(nn.Module):
     for key, channels in INPUT_CHANNELS.items():
       if key not in inputs:
         raise ValueError(
-            f"RANDose: input dict lacks {key!r} (has " f"{sorted(inputs)})"
+            f"RANDose: input dict lacks {key!r} (has {sorted(inputs)})"
         )
       shape = inputs[key].shape
       if len(shape) != 5 or shape[-1] != channels:
