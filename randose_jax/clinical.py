@@ -406,6 +406,7 @@ def gamma_map(
     seed: int = 0,
     max_gamma: float | None = 2.0,
     stop_at_pass: bool = False,
+    region: np.ndarray | None = None,
 ) -> np.ndarray:
   """Global gamma of `evaluated` against `reference` (module docstring).
 
@@ -420,6 +421,9 @@ def gamma_map(
       (None: no limit, slow where the doses differ much).
     stop_at_pass: stop each point's search once gamma < 1 (its value is then
       only known to be < 1; pass / fail stays exact).
+    region: bool (D, H, W) or None: only the points inside it are evaluated
+      (e.g. the planes a figure shows, `viz.view_planes`); the normalisation
+      and the low-dose threshold stay those of the whole mask.
 
   Returns:
     float64 (D, H, W): gamma at the evaluated points, NaN elsewhere (and at a
@@ -445,6 +449,13 @@ def gamma_map(
       subsample=subsample,
       seed=seed,
   )
+  if region is not None:
+    region = np.asarray(region, bool)
+    if region.shape != reference.shape:
+      raise ValueError(
+          f"region has shape {region.shape}, expected {reference.shape}"
+      )
+    points &= region
   if not points.any():
     return np.full(reference.shape, np.nan)
   axes = tuple(np.arange(n) * s for n, s in zip(reference.shape, spacing))

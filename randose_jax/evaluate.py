@@ -3,8 +3,8 @@ r"""Scores a folder of predicted doses with the official OpenKBP metrics.
   python -m randose_jax.evaluate \
       --reference=provided-data/validation-pats --predictions=predictions/ \
       [--json=scores.json] [--per_roi=per_roi.csv] [--plots=DIR] \
-      [--clinical=DIR [--clinical_v_gy=20,30,40,50] [--gamma=false]
-       [--gamma_subsample=1.0]]
+      [--clinical=DIR] [--report=report.html] [--clinical_v_gy=20,30,40,50]
+      [--gamma=false] [--gamma_subsample=1.0]
 
 --reference holds the patients (`pt_*/` folders with dose.csv); --predictions
 holds one `pt_*.csv` per patient, the submission format. Prints the dose score,
@@ -19,7 +19,12 @@ metric over the patients) into DIR: the clinical metrics of
 `randose_jax/clinical.py` (target D_x, HI, conformity; OAR Dmean, D_cc,
 V_d at the --clinical_v_gy doses) and, unless --gamma=false, the global
 gamma pass rates at 3%/3mm and 2%/2mm (pymedphys; 20-70 s per 128^3
-patient on 2 CPU cores, see --gamma_subsample). Patients are scored one at
+patient on 2 CPU cores, see --gamma_subsample). --report writes one
+self-contained HTML file (`randose_jax/report.py`): the scores, the cohort
+summary of those clinical metrics, and per patient its metrics (differences
+outside the --report_tolerance_* and --report_gamma_min tolerances
+highlighted), the DVH overlay, the dose and difference slices and a gamma map
+on the same planes; it is replaced if it exists. Patients are scored one at
 a time, in id order, while two threads read the next ones.
 
 The output paths are checked before any scoring, and the outputs are written
@@ -29,6 +34,7 @@ an unusable output path, is one `error:` line naming the file (exit 2).
 """
 
 import concurrent.futures
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -43,6 +49,7 @@ from randose_jax import cli
 from randose_jax import clinical
 from randose_jax import evaluation
 from randose_jax import fileio
+from randose_jax import report
 from randose_jax.data import openkbp
 
 FLAGS = flags.FLAGS
@@ -100,6 +107,42 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
       True,
       'With --clinical: the gamma pass rates (3%/3mm, '
       '2%/2mm; needs pymedphys, the [clinical] extra).',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+      'report',
+      None,
+      'Write one self-contained HTML report here (replaced if '
+      'present): the scores, the cohort summary of the clinical '
+      'metrics, and per patient its metrics (out of tolerance '
+      'highlighted), DVH, dose slices and gamma map.',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_float(
+      'report_tolerance_gy',
+      report.Tolerances.dose_gy,
+      'With --report: highlight a dose metric (Gy) whose '
+      '|difference| is above this.',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_float(
+      'report_tolerance_volume',
+      report.Tolerances.volume_percent,
+      'With --report: highlight a V_d whose |difference| is above '
+      'this many percentage points.',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_float(
+      'report_tolerance_ratio',
+      report.Tolerances.ratio,
+      'With --report: highlight an HI or CI whose |difference| is '
+      'above this.',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_list(
+      'report_gamma_min',
+      [f'{c}={v:g}' for c, v in report.GAMMA_LIMITS],
+      'With --report: highlight a gamma pass rate below ' 'CRITERION=PERCENT.',
       flag_values=flag_values,
   )
   flags.DEFINE_float(
@@ -290,6 +333,25 @@ def clinical_settings_from_flags() -> clinical.ClinicalSettings:
   )
 
 
+def tolerances_from_flags() -> report.Tolerances:
+  """--report_tolerance_* and --report_gamma_min as tolerances; a bad value
+  is a usage error naming the flag."""
+  for name in ('gy', 'volume', 'ratio'):
+    value = FLAGS[f'report_tolerance_{name}'].value
+    if not np.isfinite(value) or value < 0:
+      raise app.UsageError(f'--report_tolerance_{name}={value}: must be >= 0')
+  try:
+    gamma_limits = report.parse_gamma_limits(FLAGS.report_gamma_min)
+  except ValueError as e:
+    raise app.UsageError(f'--report_gamma_min: {e}') from e
+  return report.Tolerances(
+      dose_gy=FLAGS.report_tolerance_gy,
+      volume_percent=FLAGS.report_tolerance_volume,
+      ratio=FLAGS.report_tolerance_ratio,
+      gamma_min_percent=gamma_limits,
+  )
+
+
 def format_scores(result: evaluation.EvaluationResult) -> str:
   return (
       f'dose score: {result.dose_score:.4f} Gy '
@@ -305,19 +367,25 @@ def main(argv):
   for name in ('reference', 'predictions'):
     if not FLAGS[name].value:
       raise app.UsageError(f'--{name} is required')
-  # --json and --per_roi are replaced if they exist (documented).
-  for name in ('json', 'per_roi'):
+  # --json, --per_roi and --report are replaced if they exist (documented).
+  for name in ('json', 'per_roi', 'report'):
     if FLAGS[name].value:
       fileio.check_output_file(FLAGS[name].value, overwrite=True)
   if FLAGS.plots:
     fileio.check_output_dir(FLAGS.plots)
   clinical_settings = None
-  if FLAGS.clinical:
+  if FLAGS.clinical or FLAGS.report:
     clinical_settings = clinical_settings_from_flags()
+  if FLAGS.clinical:
     fileio.check_output_dir(FLAGS.clinical)
     for name in (clinical.METRICS_FILE, clinical.SUMMARY_FILE):
       fileio.check_output_file(Path(FLAGS.clinical) / name, overwrite=True)
-  with fileio.StagedOutput() as stage:
+  builder = None
+  if FLAGS.report:
+    builder = report.ReportBuilder(clinical_settings, tolerances_from_flags())
+  with contextlib.ExitStack() as stack, fileio.StagedOutput() as stage:
+    if builder is not None:
+      stack.enter_context(builder)
     callbacks = []
     if FLAGS.plots:
       from randose_jax import viz  # pylint: disable=g-import-not-at-top
@@ -328,7 +396,14 @@ def main(argv):
       )
     if clinical_settings is not None:
       clinical_evaluator = clinical.ClinicalEvaluator(clinical_settings)
-      callbacks.append(clinical_evaluator.add)
+      if builder is None:
+        callbacks.append(clinical_evaluator.add)
+      else:  # the report reuses the patient's clinical metrics
+        callbacks.append(
+            lambda patient, dose: builder.add(
+                patient, dose, clinical_evaluator.add(patient, dose)
+            )
+        )
     on_patient = None
     if callbacks:
       on_patient = lambda patient, dose: [c(patient, dose) for c in callbacks]
@@ -344,7 +419,16 @@ def main(argv):
       )
     if FLAGS.per_roi:
       write_per_roi(result, stage.path(FLAGS.per_roi))
-    if clinical_settings is not None:
+    if builder is not None:
+      builder.write(
+          stage.path(FLAGS.report),
+          scores=result,
+          sources={
+              'reference': Path(FLAGS.reference).resolve(),
+              'predictions': Path(FLAGS.predictions).resolve(),
+          },
+      )
+    if FLAGS.clinical:
       folder = Path(FLAGS.clinical)
       clinical_evaluator.write(
           folder,
@@ -354,7 +438,9 @@ def main(argv):
           ],
       )
   print(format_scores(result))
-  if clinical_settings is not None:
+  if FLAGS.report:
+    print(f'report: {FLAGS.report}')
+  if FLAGS.clinical:
     print(
         f'clinical metrics: {Path(FLAGS.clinical) / clinical.METRICS_FILE}, '
         f'{Path(FLAGS.clinical) / clinical.SUMMARY_FILE}'

@@ -46,6 +46,8 @@ _FALLBACK_COLOURS = colormaps['tab20'].colors
 CT_WINDOW_HU = (-160.0, 240.0)  # Soft-tissue window: level 40, width 400.
 DOSE_CMAP = 'turbo'
 DIFF_CMAP = 'RdBu_r'  # Red: prediction above reference.
+GAMMA_CMAP = 'RdBu_r'  # Blue: passes (gamma < 1), white at 1, red: fails.
+GAMMA_MAX = 2.0
 DOSE_WASH_THRESHOLD = (
     0.05  # Fraction of the maximum dose below which the wash is transparent.
 )
@@ -316,7 +318,41 @@ def plot_dose_slices(
     roi_names: Sequence[str] = DEFAULT_ROI_NAMES,
     dpi: int = 110,
 ) -> Path:
-  """Writes a PNG of axial, coronal and sagittal slices through the PTV centre.
+  """Writes `dose_slices_figure(...)` as a PNG (parent folders are created).
+
+  Returns:
+    The path written.
+  """
+  path = Path(path)
+  fig = dose_slices_figure(
+      ct,
+      dose_pred,
+      dose_ref,
+      structure_masks,
+      voxel_dimensions,
+      title,
+      roi_names=roi_names,
+      dpi=dpi,
+      where=path,
+  )
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=dpi, facecolor='white')
+  return path
+
+
+def dose_slices_figure(
+    ct,
+    dose_pred,
+    dose_ref,
+    structure_masks,
+    voxel_dimensions,
+    title: str | None = None,
+    *,
+    roi_names: Sequence[str] = DEFAULT_ROI_NAMES,
+    dpi: int = 110,
+    where='dose slices',
+) -> Figure:
+  """Axial, coronal and sagittal slices through the PTV centre.
 
   Rows are the three views, columns prediction, reference and prediction minus
   reference (one column when `dose_ref` is None). Dose is a colourwash over the
@@ -331,29 +367,30 @@ def plot_dose_slices(
     structure_masks: bool (D,H,W,R), channels in the order of `roi_names`;
       absent ROIs are all-False channels.
     voxel_dimensions: (3,) mm per array axis.
-    path: output PNG (parent folders are created).
     title: figure title.
     roi_names: the R channel names (default: the OpenKBP order).
     dpi: resolution.
+    where: what error messages name (e.g. the output file).
 
   Returns:
-    The path written.
+    The figure (Agg; write it with `savefig`).
   """
-  path = Path(path)
   dose_pred = np.asarray(dose_pred, dtype=np.float64)
   if dose_pred.ndim != 3:
     raise ValueError(
-        f'{path}: dose_pred must be (D,H,W), got shape {dose_pred.shape}'
+        f'{where}: dose_pred must be (D,H,W), got shape {dose_pred.shape}'
     )
   shape = dose_pred.shape
-  ct_hu = _check_grid('ct', ct, shape, path).astype(np.float32) - CT_OFFSET
+  ct_hu = _check_grid('ct', ct, shape, where).astype(np.float32) - CT_OFFSET
   if dose_ref is not None:
-    dose_ref = _check_grid('dose_ref', dose_ref, shape, path).astype(np.float64)
-  masks = _check_masks(structure_masks, shape, roi_names, path)
+    dose_ref = _check_grid('dose_ref', dose_ref, shape, where).astype(
+        np.float64
+    )
+  masks = _check_masks(structure_masks, shape, roi_names, where)
   voxel_dimensions = np.asarray(voxel_dimensions, dtype=np.float64)
   if voxel_dimensions.shape != (3,) or np.any(voxel_dimensions <= 0):
     raise ValueError(
-        f'{path}: voxel_dimensions must be three positive mm values, '
+        f'{where}: voxel_dimensions must be three positive mm values, '
         f'got {voxel_dimensions}'
     )
   present = masks.reshape(-1, masks.shape[-1]).any(axis=0)
@@ -489,9 +526,7 @@ def plot_dose_slices(
         frameon=False,
     )
   fig.suptitle(title or 'Dose distribution', fontsize=13, fontweight='bold')
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=dpi, facecolor='white')
-  return path
+  return fig
 
 
 def cumulative_dvh(dose, mask, bins) -> np.ndarray:
@@ -517,7 +552,39 @@ def plot_dvh(
     roi_names: Sequence[str] = DEFAULT_ROI_NAMES,
     dpi: int = 110,
 ) -> Path:
-  """Writes a PNG of cumulative dose-volume histograms.
+  """Writes `dvh_figure(...)` as a PNG (parent folders are created).
+
+  Returns:
+    The path written.
+  """
+  path = Path(path)
+  fig = dvh_figure(
+      dose_pred,
+      dose_ref,
+      structure_masks,
+      roi_present,
+      title,
+      roi_names=roi_names,
+      dpi=dpi,
+      where=path,
+  )
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=dpi, facecolor='white')
+  return path
+
+
+def dvh_figure(
+    dose_pred,
+    dose_ref,
+    structure_masks,
+    roi_present,
+    title: str | None = None,
+    *,
+    roi_names: Sequence[str] = DEFAULT_ROI_NAMES,
+    dpi: int = 110,
+    where='DVH',
+) -> Figure:
+  """Cumulative dose-volume histograms.
 
   x: dose (Gy); y: percent of the ROI volume receiving at least that dose.
   Reference solid, prediction dashed, one colour per ROI (as in
@@ -528,26 +595,29 @@ def plot_dvh(
     dose_ref: (D,H,W) reference dose, Gy, or None (prediction only, solid).
     structure_masks: bool (D,H,W,R) in the order of `roi_names`.
     roi_present: bool (R,).
-    path: output PNG (parent folders are created).
     title: axes title.
+    roi_names: the R channel names (default: the OpenKBP order).
+    dpi: resolution.
+    where: what error messages name (e.g. the output file).
 
   Returns:
-    The path written.
+    The figure (Agg; write it with `savefig`).
   """
-  path = Path(path)
   dose_pred = np.asarray(dose_pred, dtype=np.float64)
   if dose_pred.ndim != 3:
     raise ValueError(
-        f'{path}: dose_pred must be (D,H,W), got shape {dose_pred.shape}'
+        f'{where}: dose_pred must be (D,H,W), got shape {dose_pred.shape}'
     )
   shape = dose_pred.shape
   if dose_ref is not None:
-    dose_ref = _check_grid('dose_ref', dose_ref, shape, path).astype(np.float64)
-  masks = _check_masks(structure_masks, shape, roi_names, path)
+    dose_ref = _check_grid('dose_ref', dose_ref, shape, where).astype(
+        np.float64
+    )
+  masks = _check_masks(structure_masks, shape, roi_names, where)
   roi_present = np.asarray(roi_present, dtype=bool)
   if roi_present.shape != (len(roi_names),):
     raise ValueError(
-        f'{path}: roi_present has shape {roi_present.shape}, '
+        f'{where}: roi_present has shape {roi_present.shape}, '
         f'expected ({len(roi_names)},)'
     )
 
@@ -625,9 +695,148 @@ def plot_dvh(
       fontsize=10,
       frameon=False,
   )
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=dpi, facecolor='white')
-  return path
+  return fig
+
+
+def view_planes(shape, centre) -> np.ndarray:
+  """bool (D,H,W): the voxels of the three planes the slice views show.
+
+  The axial, coronal and sagittal planes through `centre` (a voxel index);
+  e.g. to compute a gamma map only where `gamma_slices_figure` draws it.
+  """
+  planes = np.zeros(shape, dtype=bool)
+  for _, plane_axis, _, _ in _VIEWS:
+    index = [slice(None)] * len(shape)
+    index[plane_axis] = centre[plane_axis]
+    planes[tuple(index)] = True
+  return planes
+
+
+def gamma_slices_figure(
+    ct,
+    gamma,
+    structure_masks,
+    voxel_dimensions,
+    centre,
+    title: str | None = None,
+    *,
+    criterion: str = '3%/3mm',
+    roi_names: Sequence[str] = DEFAULT_ROI_NAMES,
+    dpi: int = 110,
+    where='gamma map',
+) -> Figure:
+  """Gamma index maps on the axial, coronal and sagittal planes through `centre`.
+
+  One row of the three views (the views, zoom and contours of
+  `dose_slices_figure`) over the CT: gamma from 0 (blue) through 1 (white) to
+  `GAMMA_MAX` and above (red); voxels without a gamma value (NaN: outside the
+  evaluated points) are transparent. Each panel's title gives the pass rate
+  (gamma < 1) of the points shown in it.
+
+  Args:
+    ct: (D,H,W) CT as stored by OpenKBP, HU + 1024.
+    gamma: (D,H,W) gamma values, NaN where not evaluated (at least the planes
+      through `centre`, see `view_planes`).
+    structure_masks: bool (D,H,W,R) in the order of `roi_names`.
+    voxel_dimensions: (3,) mm per array axis.
+    centre: the voxel (axis 0, 1, 2) the planes pass through, e.g.
+      `slice_centre(structure_masks, reference_dose)` as the dose slices use.
+    title: figure title.
+    criterion: the gamma criterion, for the colour bar label.
+    roi_names: the R channel names (default: the OpenKBP order).
+    dpi: resolution.
+    where: what error messages name.
+
+  Returns:
+    The figure (Agg; write it with `savefig`).
+  """
+  gamma = np.asarray(gamma, dtype=np.float64)
+  if gamma.ndim != 3:
+    raise ValueError(f'{where}: gamma must be (D,H,W), got shape {gamma.shape}')
+  shape = gamma.shape
+  ct_hu = _check_grid('ct', ct, shape, where).astype(np.float32) - CT_OFFSET
+  masks = _check_masks(structure_masks, shape, roi_names, where)
+  voxel_dimensions = np.asarray(voxel_dimensions, dtype=np.float64)
+  if voxel_dimensions.shape != (3,) or np.any(voxel_dimensions <= 0):
+    raise ValueError(
+        f'{where}: voxel_dimensions must be three positive mm values, '
+        f'got {voxel_dimensions}'
+    )
+  centre = tuple(int(c) for c in centre)
+  if len(centre) != 3 or not all(0 <= c < n for c, n in zip(centre, shape)):
+    raise ValueError(f'{where}: centre {centre} is outside the grid {shape}')
+  present = masks.reshape(-1, masks.shape[-1]).any(axis=0)
+  evaluated = np.isfinite(gamma)
+  content = (ct_hu > -400) | masks.any(axis=-1) | evaluated
+  boxes = [
+      _view_box(
+          v, centre, shape, voxel_dimensions, [_view_slice(content, v, centre)]
+      )
+      for v in _VIEWS
+  ]
+  widths = [(b[1] - b[0]) / (b[3] - b[2]) for b in boxes]
+  panel_h = 3.8
+  fig = Figure(
+      figsize=(panel_h * sum(widths) + 1.6, panel_h + 1.9),
+      layout='constrained',
+      dpi=dpi,
+  )
+  axes = fig.subplots(
+      1, 3, squeeze=False, gridspec_kw={'width_ratios': widths}
+  )[0]
+  kwargs = dict(cmap=GAMMA_CMAP, vmin=0.0, vmax=GAMMA_MAX, alpha=0.85)
+  image = None
+  for ax, view, box in zip(axes, _VIEWS, boxes):
+    values = _view_slice(gamma, view, centre)
+    shown = values[np.isfinite(values)]
+    image = _draw_panel(
+        ax,
+        view,
+        centre,
+        shape,
+        voxel_dimensions,
+        box,
+        ct_hu,
+        np.ma.masked_invalid(values),
+        kwargs,
+        masks,
+        roi_names,
+        present,
+        scale_bar=True,
+    )
+    rate = (
+        f'{100.0 * np.count_nonzero(shown < 1) / shown.size:.1f}% of '
+        f'{shown.size} pass'
+        if shown.size
+        else 'no points evaluated'
+    )
+    ax.set_title(f'{view[0]}: {rate}', fontsize=11)
+  cbar = fig.colorbar(
+      image,
+      ax=axes.tolist(),
+      location='right',
+      shrink=0.8,
+      pad=0.01,
+      aspect=25,
+      extend='max',
+  )
+  cbar.solids.set_alpha(1.0)
+  cbar.set_label(f'Gamma ({criterion})', fontsize=11)
+  handles = [
+      Line2D([], [], color=_roi_colour(name, c), linewidth=2.0, label=name)
+      for c, name in enumerate(roi_names)
+      if present[c]
+  ]
+  if handles:
+    fig.legend(
+        handles=handles,
+        loc='outside lower center',
+        ncol=min(len(handles), 5),
+        fontsize=10,
+        frameon=False,
+    )
+  fig.suptitle(title or f'Gamma {criterion}', fontsize=13, fontweight='bold')
+  return fig
 
 
 def write_patient_plots(
