@@ -218,7 +218,9 @@ def _png_data_uri(figure, dpi: int) -> str:
   return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _figure_html(kind: str, uri: str, alt: str, caption: str) -> str:
+def _figure_html(kind: str, figure, dpi: int, alt: str, caption: str) -> str:
+  """A <figure> of class `kind` holding `figure` as an embedded PNG."""
+  uri = _png_data_uri(figure, dpi)
   return (
       f'<figure class="{kind}"><img src="{uri}" alt="{_e(alt)}">'
       f"<figcaption>{_e(caption)}</figcaption></figure>\n"
@@ -378,7 +380,8 @@ class ReportBuilder:
     parts.append(
         _figure_html(
             "dvh",
-            _png_data_uri(figure, self.dpi),
+            figure,
+            self.dpi,
             f"{pid} DVH",
             "Cumulative DVH: reference solid, prediction dashed.",
         )
@@ -396,7 +399,8 @@ class ReportBuilder:
     parts.append(
         _figure_html(
             "slices",
-            _png_data_uri(figure, self.dpi),
+            figure,
+            self.dpi,
             f"{pid} dose slices",
             "Axial, coronal and sagittal planes through the PTV centre: "
             "prediction, reference and prediction minus reference (red: "
@@ -431,7 +435,8 @@ class ReportBuilder:
       parts.append(
           _figure_html(
               "gamma",
-              _png_data_uri(figure, self.dpi),
+              figure,
+              self.dpi,
               f"{pid} gamma map",
               f"Gamma {criterion} of the prediction against the reference "
               "on the same planes (blue passes, red fails; blank: below "

@@ -104,6 +104,13 @@ def _check_masks(structure_masks, shape, roi_names, path) -> np.ndarray:
   return masks.astype(bool)
 
 
+def _save(fig: Figure, path: Path, dpi: int) -> Path:
+  """Writes `fig` as a PNG at `path` (parent folders are created)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=dpi, facecolor='white')
+  return path
+
+
 def _is_target(name: str) -> bool:
   return name.upper().startswith(('PTV', 'CTV', 'GTV'))
 
@@ -335,9 +342,7 @@ def plot_dose_slices(
       dpi=dpi,
       where=path,
   )
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=dpi, facecolor='white')
-  return path
+  return _save(fig, path, dpi)
 
 
 def dose_slices_figure(
@@ -568,9 +573,7 @@ def plot_dvh(
       dpi=dpi,
       where=path,
   )
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=dpi, facecolor='white')
-  return path
+  return _save(fig, path, dpi)
 
 
 def dvh_figure(
@@ -1000,7 +1003,5 @@ def plot_patient(
       fontweight='bold',
   )
   if path is not None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, facecolor='white')
+    _save(fig, Path(path), dpi)
   return fig
