@@ -40,16 +40,22 @@ def _check_equals_direct(conv_fn, rng, k, grid, cin, cout):
   bias = _rand(rng, (cout,))
   probe = _rand(rng, (2, *grid, cout))
   direct = lambda x, w, b: conv.conv3d(x, w, b, jnp.float32)
-  y_d, y = direct(x, kernel, bias), conv_fn(x, kernel, bias)
+
+  # Both convs, outputs and gradients (of sum(f * probe): the VJP of the
+  # probe), in one compiled program: run op by op, the many small shapes of
+  # the FFT path each compiled alone took several times longer.
+  @jax.jit
+  def outputs_and_grads(x, w, b):
+    out = []
+    for f in (conv_fn, direct):
+      y, vjp = jax.vjp(f, x, w, b)
+      out.append((y, vjp(probe)))
+    return out
+
+  (y, grads), (y_d, grads_d) = outputs_and_grads(x, kernel, bias)
   assert y.shape == y_d.shape and y.dtype == jnp.float32
   assert _rel_err(y, y_d) < 1e-5
-  grads = [
-      jax.grad(
-          lambda x, w, b, f=f: jnp.sum(f(x, w, b) * probe), argnums=(0, 1, 2)
-      )(x, kernel, bias)
-      for f in (conv_fn, direct)
-  ]
-  for a, b in zip(*grads):
+  for a, b in zip(grads, grads_d):
     assert _rel_err(a, b) < 1e-5
 
 
@@ -262,14 +268,22 @@ def test_model_fft_equals_direct_forward_and_gradients(overrides):
     )
   params = _random_params(abstract)
 
-  def loss(model):
-    return lambda p, x: jnp.mean(model.apply({"params": p}, x) ** 2)
+  def output_and_grads(model):
+    """The model's output and the gradients of mean(output^2) w.r.t. the
+    parameters and the inputs, one compiled program (op by op it took
+    several times longer)."""
+
+    def loss(p, x):
+      y = model.apply({"params": p}, x)
+      return jnp.mean(y**2), y
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    (_, y), g = jax.jit(grad)(params, inputs)
+    return y, g
 
   outs = {}
   for name, model in (("direct", direct), ("fft", fft), ("auto", auto)):
-    y = model.apply({"params": params}, inputs)
-    g = jax.grad(loss(model), argnums=(0, 1))(params, inputs)
-    outs[name] = (y, g)
+    outs[name] = output_and_grads(model)
   y_d, g_d = outs["direct"]
   for name in ("fft", "auto"):
     y, g = outs[name]
@@ -295,8 +309,8 @@ def test_model_with_tiled_fft_equals_direct(monkeypatch):
   params = _random_params(
       jax.eval_shape(direct.init, jax.random.key(0), inputs)["params"]
   )
-  y_d = direct.apply({"params": params}, inputs)
-  y_t = tiled.apply({"params": params}, inputs)
+  y_d = jax.jit(direct.apply)({"params": params}, inputs)
+  y_t = jax.jit(tiled.apply)({"params": params}, inputs)
   assert _rel_err(y_t, y_d) < 1e-4
 
 
@@ -305,7 +319,7 @@ def test_model_init_is_the_same_for_every_impl():
   the same network whichever algorithm computes it."""
   inputs = _inputs((4, 4, 4), batch=1)
   trees = [
-      models.create_model(_model_config(conv_impl=impl)).init(
+      jax.jit(models.create_model(_model_config(conv_impl=impl)).init)(
           jax.random.key(3), inputs
       )["params"]
       for impl in ("direct", "fft")
