@@ -1,8 +1,8 @@
 """SIGKILL during a step, during a latest save and during a best save, then
 the same command: the run resumes, loses at most one save interval and ends
-exactly where an uninterrupted run ends (scores, predictions, metrics), on the
-shared OpenKBP patients with the smoke config (model shrunk to two stages to
-keep the six processes short).
+exactly where an uninterrupted run ends (scores, predictions, metrics), on
+six of the shared OpenKBP patients with the smoke config (model shrunk to two
+stages to keep the five processes short).
 
 The kills come from a launcher around `python -m randose_jax.main`, not from
 the library: `RANDOSE_TEST_KILL=latest:N` / `best:N` kill the process at the
@@ -21,6 +21,8 @@ import subprocess
 import sys
 
 import pytest
+
+from randose_jax.data import openkbp
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 12, 4
@@ -91,8 +93,18 @@ def data_flags(tmp_path_factory):
         f"shared OpenKBP patients not found at {root} "
         f"(set RANDOSE_OPENKBP_DIR to run this test)"
     )
+  # Four training and two validation patients of the shared ones (links):
+  # what is checked does not depend on their number, and the first run's
+  # cache build and both final validations cost about a third as much.
+  subset = tmp_path_factory.mktemp("kill_data")
+  for split, n in (("train-pats", 4), ("validation-pats", 2)):
+    (subset / split).mkdir()
+    for patient in openkbp.list_patient_dirs(root / split)[:n]:
+      (subset / split / patient.name).symlink_to(
+          patient, target_is_directory=True
+      )
   cache = tmp_path_factory.mktemp("kill_cache")  # built once, then shared
-  return (f"--config.data.root={root}", f"--config.data.cache_dir={cache}")
+  return (f"--config.data.root={subset}", f"--config.data.cache_dir={cache}")
 
 
 def run(workdir, data_flags, kill=""):
