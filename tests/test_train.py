@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,24 +117,40 @@ def test_train_and_evaluate_writes_everything(tmp_path):
   ckpt.close()
 
 
-def test_resume_equals_straight_run(tmp_path):
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> pathlib.Path:
+  """The workdir of one finished `tiny_config(eval_every_steps=100)` run
+  (latest checkpoints 2 and 4), trained once for the tests below that start
+  from it (do not modify; `_copy_run` gives a test its own copy)."""
+  workdir = tmp_path_factory.mktemp("finished_run") / "run"
+  train.train_and_evaluate(
+      tiny_config(eval_every_steps=100),
+      workdir,
+      mesh=train.make_mesh(jax.devices()[:1]),
+  )
+  return workdir
+
+
+def _copy_run(finished_run: pathlib.Path, workdir: pathlib.Path):
+  """`finished_run` copied into `workdir` (as if trained there)."""
+  shutil.copytree(finished_run, workdir, dirs_exist_ok=True)
+
+
+def test_resume_equals_straight_run(tmp_path, finished_run):
   mesh = train.make_mesh(jax.devices()[:1])
   config = tiny_config(eval_every_steps=100, num_train_steps=4)
-  train.train_and_evaluate(config, tmp_path / "straight", mesh=mesh)
+  assert config == tiny_config(eval_every_steps=100)  # finished_run's
   config2 = tiny_config(eval_every_steps=100, num_train_steps=2)
   train.train_and_evaluate(config2, tmp_path / "resumed", mesh=mesh)
   train.train_and_evaluate(config, tmp_path / "resumed", mesh=mesh)
-  straight, _ = _params_of(tmp_path / "straight", step=4)
+  straight, _ = _params_of(finished_run, step=4)
   resumed, got = _params_of(tmp_path / "resumed", step=4)
   assert got["step"] == 4
   _assert_trees_close(straight, resumed)
 
 
-def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
-  mesh = train.make_mesh(jax.devices()[:1])
-  train.train_and_evaluate(
-      tiny_config(eval_every_steps=100), tmp_path, mesh=mesh
-  )
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog, finished_run):
+  _copy_run(finished_run, tmp_path)
   step_dir = tmp_path / "checkpoints" / "latest" / "4" / "state"
   files = [p for p in step_dir.rglob("*") if p.is_file()]
   assert files
@@ -154,7 +171,9 @@ def _garble(path: pathlib.Path, seed: int = 0):
   path.write_bytes(np.random.default_rng(seed).bytes(path.stat().st_size))
 
 
-def test_corrupt_latest_is_moved_aside_and_written_again(tmp_path, caplog):
+def test_corrupt_latest_is_moved_aside_and_written_again(
+    tmp_path, caplog, finished_run
+):
   """The issue's repro: a garbled manifest of the newest latest checkpoint.
   The rerun falls back to the one before, moves the unreadable folder aside
   (renamed, not deleted) with one warning line naming it, trains again and
@@ -163,7 +182,7 @@ def test_corrupt_latest_is_moved_aside_and_written_again(tmp_path, caplog):
 
   mesh = train.make_mesh(jax.devices()[:1])
   config = tiny_config(eval_every_steps=100)
-  train.train_and_evaluate(config, tmp_path, mesh=mesh)
+  _copy_run(finished_run, tmp_path)
   straight, _ = _params_of(tmp_path, step=4)
   manifest = (
       tmp_path / "checkpoints" / "latest" / "4" / "state" / "manifest.ocdbt"
@@ -196,13 +215,13 @@ def test_corrupt_latest_is_moved_aside_and_written_again(tmp_path, caplog):
 
 
 def test_a_failure_after_the_move_keeps_the_unreadable_checkpoint(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, finished_run
 ):
   """The workdir undo of a failed start must not delete the checkpoint that
   was just moved aside: it is the only copy of the user's folder."""
   mesh = train.make_mesh(jax.devices()[:1])
   config = tiny_config(eval_every_steps=100)
-  train.train_and_evaluate(config, tmp_path, mesh=mesh)
+  _copy_run(finished_run, tmp_path)
   manifest = (
       tmp_path / "checkpoints" / "latest" / "4" / "state" / "manifest.ocdbt"
   )
@@ -224,10 +243,12 @@ def test_a_failure_after_the_move_keeps_the_unreadable_checkpoint(
   assert got["step"] == 4
 
 
-def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
+def test_no_readable_checkpoint_is_an_error_and_moves_nothing(
+    tmp_path, finished_run
+):
   mesh = train.make_mesh(jax.devices()[:1])
   config = tiny_config(eval_every_steps=100)
-  train.train_and_evaluate(config, tmp_path, mesh=mesh)
+  _copy_run(finished_run, tmp_path)
   latest = tmp_path / "checkpoints" / "latest"
   for step in (2, 4):
     _garble(latest / str(step) / "state" / "manifest.ocdbt", step)
