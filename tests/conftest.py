@@ -60,3 +60,18 @@ def phantom_split(tmp_path_factory) -> Path:
 def phantom_patient(phantom_split, tmp_path) -> Path:
   """A private copy of one 16^3 phantom patient, free to modify."""
   return Path(shutil.copytree(phantom_split / "pt_1", tmp_path / "pt_1"))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+  """A workdir trained 4 steps on 16^3 phantoms (configs/demo.py:smoke, 8^3
+  model grid), shared by test_fault_table and test_predict_export: read it,
+  never modify it (copy it first)."""
+  from randose_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
+
+  workdir = tmp_path_factory.mktemp("trained")
+  train.train_and_evaluate(
+      tiny_config(), workdir, mesh=train.make_mesh(jax.devices()[:1])
+  )
+  return workdir

@@ -58,17 +58,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from absl import flags
-import jax
 import pydicom
 import pytest
 
 from randose_jax import cli
 from randose_jax import fileio
-from randose_jax import train
 from randose_jax.data import openkbp
 from randose_jax.data import phantoms
 from randose_jax.dicom import synthetic
-from tests.test_train import REPO, SUBPROCESS_ENV, tiny_config
+from tests.test_train import REPO, SUBPROCESS_ENV
 
 CLIS = ("main", "predict", "evaluate", "export", "summary", "dicom_import")
 FAULTS = (
@@ -118,16 +116,6 @@ class World:
       None  # a copy of the trained workdir (predict, export, main)
   )
   inputs: list = dataclasses.field(default_factory=list)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-  """A workdir trained 4 steps on 16^3 phantoms (configs/demo.py:smoke)."""
-  workdir = tmp_path_factory.mktemp("trained")
-  train.train_and_evaluate(
-      tiny_config(), workdir, mesh=train.make_mesh(jax.devices()[:1])
-  )
-  return workdir
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,9 @@ from randose_jax import export
 from randose_jax import inference
 from randose_jax import predict
 from randose_jax import restore
-from randose_jax import train
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
-from tests.test_train import REPO, SUBPROCESS_ENV, tiny_config
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A workdir trained for 4 steps on 16^3 phantoms (8^3 model grid)."""
-  workdir = tmp_path_factory.mktemp("trained")
-  train.train_and_evaluate(
-      tiny_config(), workdir, mesh=train.make_mesh(jax.devices()[:1])
-  )
-  return workdir
+from tests.test_train import REPO, SUBPROCESS_ENV
 
 
 def _patients_without_dose(trained, tmp_path):
