@@ -282,12 +282,14 @@ class ReportBuilder:
       dpi: int = 72,
       gamma_map: bool | None = None,
   ):
-    """Args:
+    """The builder of one report.
 
-    settings: the clinical metrics computed when `add` is not given them.
-    tolerances: what is highlighted.
-    dpi: resolution of the embedded figures.
-    gamma_map: draw the gamma map (default: when `settings.gamma`).
+    Args:
+      settings: the clinical metrics computed when `add` is not given them
+        (and the gamma criteria: the map uses the first).
+      tolerances: what is highlighted.
+      dpi: resolution of the embedded figures.
+      gamma_map: draw the gamma map (default: when `settings.gamma`).
     """
     self.settings = settings
     self.tolerances = tolerances
