@@ -394,16 +394,22 @@ def main(argv):
       callbacks.append(
           lambda patient, dose: viz.write_patient_plots(patient, dose, plots)
       )
-    if clinical_settings is not None:
+    clinical_evaluator = None
+    if FLAGS.clinical:
       clinical_evaluator = clinical.ClinicalEvaluator(clinical_settings)
-      if builder is None:
-        callbacks.append(clinical_evaluator.add)
-      else:  # the report reuses the patient's clinical metrics
-        callbacks.append(
-            lambda patient, dose: builder.add(
-                patient, dose, clinical_evaluator.add(patient, dose)
-            )
-        )
+    if builder is not None:
+      # With --clinical too, the report reuses the patient's metrics table.
+      callbacks.append(
+          lambda patient, dose: builder.add(
+              patient,
+              dose,
+              None
+              if clinical_evaluator is None
+              else clinical_evaluator.add(patient, dose),
+          )
+      )
+    elif clinical_evaluator is not None:
+      callbacks.append(clinical_evaluator.add)
     on_patient = None
     if callbacks:
       on_patient = lambda patient, dose: [c(patient, dose) for c in callbacks]

@@ -1,7 +1,6 @@
 """predict (CSV + zip, TTA, formats, plots, patients without dose) and export."""
 
 import json
-import pathlib
 import shutil
 import subprocess
 import sys

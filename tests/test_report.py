@@ -16,7 +16,6 @@ import html.parser
 import math
 import shutil
 import struct
-from pathlib import Path
 
 from absl import flags
 import numpy as np
@@ -253,7 +252,7 @@ def build_report(patients, path, settings, **kwargs):
   return evaluator.result(), tables
 
 
-def check_self_contained(root: Node, text: str):
+def check_self_contained(root: Node):
   assert not root.find_all("script") and not root.find_all("link")
   assert not root.find_all("iframe") and not root.find_all("object")
   ids = {n.attrs["id"] for n in root.walk() if "id" in n.attrs}
@@ -281,7 +280,7 @@ def test_report_structure_and_tolerances(phantom_patients, tmp_path):
   (html_node,) = root.find_all("html")
   assert html_node.attrs.get("lang") == "en"
   assert any(m.attrs.get("charset") == "utf-8" for m in root.find_all("meta"))
-  check_self_contained(root, text)
+  check_self_contained(root)
   # The header escapes what it shows.
   assert "/data/<b>&c" in root.find_all("header")[0].all_text()
   assert "<b>&c" not in text
@@ -401,7 +400,7 @@ def test_report_with_gamma(phantom_patients, tmp_path):
   settings = clinical.ClinicalSettings(v_doses_gy=(5.0,))
   _, tables = build_report(patients, path, settings)
   root, _ = parse(path.read_text())
-  check_self_contained(root, path.read_text())
+  check_self_contained(root)
   (summary,) = [
       s for s in root.find_all("section") if s.attrs.get("id") == "summary"
   ]

@@ -17,7 +17,6 @@ import pytest
 jax.config.update("jax_disable_most_optimizations", True)
 
 from randose_jax import checkpointing
-from randose_jax import default_config
 from randose_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
