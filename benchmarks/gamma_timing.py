@@ -8,10 +8,15 @@ criterion (3%/3mm, 2%/2mm) and each --subsample fraction: the seconds of
 `evaluate --clinical` runs) and the pass rate; fractions below 1 are drawn
 with --seeds seeds (the spread of the estimate). With --map, also the
 seconds of the full `gamma_map` (values up to gamma 2, for plots) at
-subsample 1.
+subsample 1. With --planes, also the seconds of the map the HTML report
+draws (`evaluate --report`): `gamma_map` up to gamma 2 on the three planes
+through the PTV centre only (`viz.view_planes`). With --predictions=DIR, the
+"prediction" is a model's `DIR/<patient>.csv` instead of the perturbed copy.
 
   python benchmarks/gamma_timing.py \
       --patients=train-pats/pt_10,validation-pats/pt_202,train-pats/pt_12
+  python benchmarks/gamma_timing.py --patients=validation-pats/pt_202 \
+      --subsample=1 --planes --predictions=RUN/predictions/validation-pats
 
 Writes benchmarks/results/gamma_timing_<hostname>.json (or --json).
 """
@@ -35,6 +40,7 @@ if str(_HERE.parent) not in sys.path:
 
 import common  # noqa: E402
 from randose_jax import clinical  # noqa: E402
+from randose_jax import viz  # noqa: E402
 from randose_jax.data import openkbp  # noqa: E402
 
 
@@ -55,18 +61,29 @@ def main():
   parser.add_argument('--subsample', default='1,0.5,0.2,0.1,0.05')
   parser.add_argument('--seeds', type=int, default=3)
   parser.add_argument('--map', action='store_true')
+  parser.add_argument('--planes', action='store_true')
+  parser.add_argument('--predictions', default=None)
   parser.add_argument('--json', default=None)
   args = parser.parse_args()
   data = common.openkbp_dir()
   fractions = [float(f) for f in args.subsample.split(',')]
   result = {
       'machine': common.machine_info(),
-      'prediction': 'gaussian_filter(reference, 1 voxel) * 1.02, masked',
+      'prediction': (
+          args.predictions
+          or 'gaussian_filter(reference, 1 voxel) * 1.02, masked'
+      ),
       'patients': [],
   }
   for name in args.patients.split(','):
     patient = openkbp.load_patient(data / name)
-    prediction = perturbed(patient)
+    if args.predictions:
+      prediction = openkbp.read_prediction_csv(
+          pathlib.Path(args.predictions) / f'{patient.patient_id}.csv',
+          patient.dose.shape,
+      )
+    else:
+      prediction = perturbed(patient)
     entry = {
         'patient': name,
         'voxel_dimensions': patient.voxel_dimensions.tolist(),
@@ -125,6 +142,39 @@ def main():
             }
         )
         print(f'{name} map {criteria}: {seconds:.1f} s', flush=True)
+      if args.planes:
+        region = viz.view_planes(
+            patient.dose.shape,
+            viz.slice_centre(patient.structure_masks, patient.dose),
+        )
+        load = os.getloadavg()[0]
+        start = time.perf_counter()
+        gamma = clinical.gamma_map(
+            patient.dose,
+            prediction,
+            patient.voxel_dimensions,
+            patient.possible_dose_mask,
+            *criteria,
+            max_gamma=viz.GAMMA_MAX,
+            region=region,
+        )
+        seconds = time.perf_counter() - start
+        points = ~np.isnan(gamma)
+        entry.setdefault('plane_maps', []).append(
+            {
+                'criterion': clinical.gamma_metric_name(*criteria),
+                'seconds': seconds,
+                'max_gamma': viz.GAMMA_MAX,
+                'points': int(points.sum()),
+                'pass_rate': float(100 * np.mean(gamma[points] < 1)),
+                'load_1min': load,
+            }
+        )
+        print(
+            f'{name} map on the three planes {criteria}: {seconds:.1f} s, '
+            f'{int(points.sum())} points (load {load:.1f})',
+            flush=True,
+        )
     result['patients'].append(entry)
   result['machine_after'] = {'load_average': list(os.getloadavg())}
   path = (
