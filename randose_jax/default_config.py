@@ -57,11 +57,24 @@ def get_default_config() -> ml_collections.ConfigDict:
   # Integer factor the 128^3 grid is reduced by before training (1 = full
   # size). Predictions are brought back to the patient's own grid.
   data.downsample = 1
+  # Crop training: each example is a random crop of this shape (training
+  # grid voxels, each divisible by 2^(S-1)) placed around the possible-dose
+  # mask, after augmentation; prediction then covers the mask's bounding box
+  # with overlapping windows of the same shape, blended (Gaussian weights).
+  # () = the whole grid (the paper). The mask's box averages 60 x 91 x 81
+  # voxels of the 128^3 grid, so a crop near that size sees the patient at
+  # full resolution for the cost of a 64^3 grid.
+  data.crop_shape = ()
+  data.window_overlap = 0.5  # fraction of a window shared with the next
   # Input encoding (docs/design.md section 2).
   data.ct_clip = (-1024.0, 1500.0)  # HU
   data.ct_scale = 1000.0  # HU per unit
   data.dose_scale = 70.0  # Gy per target unit (the PTV70 prescription)
   data.ptv_values = (0.8, 0.9, 1.0)  # PTV56, PTV63, PTV70 input levels
+  # An extra input `geom`: each voxel's signed distance to PTV56, PTV63 and
+  # PTV70 (randose_jax/data/distances.py), in units of geometry_scale_mm.
+  data.geometry = False
+  data.geometry_scale_mm = 50.0
   # Geometry-consistent augmentation (docs/design.md section 1); training only.
   data.augment = True
   data.flip_lr = True

@@ -22,9 +22,16 @@ SI_AXIS = conventions.SI_AXIS + 1
 Inputs = Mapping[str, jax.Array]
 
 
+# Inputs a model takes when its data config makes them (`geom`:
+# `config.data.geometry`).
+OPTIONAL_INPUT_KEYS = ("geom",)
+
+
 def model_inputs(batch: Mapping[str, Any]) -> dict:
   """The model's input dict out of a batch that may hold more keys."""
-  return {k: batch[k] for k in INPUT_KEYS}
+  inputs = {k: batch[k] for k in INPUT_KEYS}
+  inputs.update({k: batch[k] for k in OPTIONAL_INPUT_KEYS if k in batch})
+  return inputs
 
 
 def flip_inputs(

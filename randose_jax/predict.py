@@ -39,7 +39,6 @@ from randose_jax import evaluation
 from randose_jax import fileio
 from randose_jax import logs
 from randose_jax import restore
-from randose_jax.data import encoding
 from randose_jax.data import openkbp
 from randose_jax.default_config import ConfigError
 
@@ -222,9 +221,7 @@ def predict_patients(
     staged_plots = stage.dir(plots_dir) if plots_dir else None
     for d in patient_dirs:
       patient = openkbp.load_patient(d)
-      example = encoding.encode_patient(patient, config.data)
-      (pred,) = predictor.predict_local([example], tta)
-      dose = encoding.decode_dose(pred, patient.possible_dose_mask, config.data)
+      (dose,) = predictor.predict_doses([patient], tta)
       if "csv" in formats:
         openkbp.write_prediction_csv(staged / f"{patient.patient_id}.csv", dose)
       extra = [f for f in formats if f != "csv"]

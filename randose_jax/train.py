@@ -35,6 +35,7 @@ from randose_jax import losses
 from randose_jax import models
 from randose_jax import validation
 from randose_jax.conventions import INPUT_CHANNELS
+from randose_jax.data import encoding
 from randose_jax.data import pipeline
 from randose_jax.data.prepare import prepare_data
 from randose_jax.default_config import ConfigError
@@ -147,16 +148,21 @@ def _copy_float32(tree):
   return jax.tree.map(lambda x: jnp.copy(x.astype(jnp.float32)), tree)
 
 
-def dummy_inputs(model_config, batch: int = 1, grid=None) -> dict:
-  """Zeros shaped like the model inputs; parameters do not depend on the
-  grid, so the smallest valid grid (2^(S-1) per axis) is used by default."""
+def dummy_inputs(
+    model_config, batch: int = 1, grid=None, channels=None
+) -> dict:
+  """Zeros shaped like the model inputs (`channels`: key -> channels, by
+  default `INPUT_CHANNELS`; `encoding.input_channels(config.data)` for a
+  run's); parameters do not depend on the grid, so the smallest valid grid
+  (2^(S-1) per axis) is used by default."""
   if grid is None:
     grid = (2 ** (len(model_config.widths) - 1),) * 3
-  return {k: jnp.zeros((batch, *grid, c)) for k, c in INPUT_CHANNELS.items()}
+  channels = INPUT_CHANNELS if channels is None else channels
+  return {k: jnp.zeros((batch, *grid, c)) for k, c in channels.items()}
 
 
-def init_params(model, loss_module, model_config, rng) -> dict:
-  inputs = dummy_inputs(model_config)
+def init_params(model, loss_module, model_config, rng, channels=None) -> dict:
+  inputs = dummy_inputs(model_config, channels=channels)
   m_rng, l_rng = jax.random.split(rng)
   model_params = model.init(m_rng, inputs)["params"]
   pred = jnp.zeros(inputs["ct"].shape)
@@ -203,7 +209,13 @@ class Trainer:
     return ema_decay_of(self.config)
 
   def _init_state(self, rng) -> TrainState:
-    params = init_params(self.model, self.loss_module, self.config.model, rng)
+    params = init_params(
+        self.model,
+        self.loss_module,
+        self.config.model,
+        rng,
+        encoding.input_channels(self.config.data),
+    )
     ema = _copy_float32(params["model"]) if self.ema_decay else None
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -315,7 +327,10 @@ class Trainer:
   def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict:
     """Process-local numpy batch -> global arrays split over 'data'."""
     out = {}
-    for k in BATCH_KEYS:
+    keys = BATCH_KEYS + tuple(
+        k for k in inference.OPTIONAL_INPUT_KEYS if k in local_batch
+    )
+    for k in keys:
       x = np.asarray(local_batch[k], np.float32)
       global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
       out[k] = jax.make_array_from_process_local_data(

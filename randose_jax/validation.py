@@ -23,7 +23,6 @@ import numpy as np
 from randose_jax import distributed
 from randose_jax import evaluation
 from randose_jax import fileio
-from randose_jax.data import encoding
 from randose_jax.data import openkbp
 
 
@@ -79,19 +78,9 @@ class ModelEvaluator:
     self.write_dir = write_dir
 
   def run(self, predictor) -> dict:
-    def doses_of(patients):
-      examples = [
-          encoding.encode_patient(p, self.eval_cache.settings) for p in patients
-      ]
-      preds = predictor.predict_local(examples, self.tta)
-      return [
-          encoding.decode_dose(pred, p, predictor.data_config)
-          for pred, p in zip(preds, patients)
-      ]
-
     return _score(
         self.eval_cache,
-        doses_of,
+        lambda patients: predictor.predict_doses(patients, self.tta),
         max_patients=self.max_patients,
         write_dir=self.write_dir,
     )

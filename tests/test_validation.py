@@ -8,19 +8,25 @@ import pytest
 from tests import plain_scoring
 from randose_jax import default_config
 from randose_jax import evaluation
+from randose_jax import predictor as predictor_lib
 from randose_jax import validation
 from randose_jax.data import cache as cache_lib
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
 
 
-class FixedModel:
-  """What `validation.evaluate` asks of a `Predictor`: its data config and
-  predictions, here a fixed function of the inputs, so every path scores
-  the same."""
+class FixedModel(predictor_lib.Predictor):
+  """A `Predictor` whose network is a fixed function of the inputs, so every
+  path scores the same (encoding and decoding are the Predictor's)."""
 
   def __init__(self, config):
-    self.data_config = config.data
+    super().__init__(
+        model=None,
+        params=None,
+        data_config=config.data,
+        mesh=None,
+        forward=lambda *args: None,
+    )
 
   def predict_local(self, examples, tta):
     del tta

@@ -35,7 +35,7 @@ from randose_jax.data import encoding
 
 ANGLE_STEP_DEGREES = 40
 NUM_ANGLES = 360 // ANGLE_STEP_DEGREES  # 9 beam-aligned rotations
-_LINEAR_KEYS = ("ct", "target")  # interpolated; the rest are masks
+_LINEAR_KEYS = ("ct", "target", "geom")  # interpolated; the rest are masks
 
 
 @functools.lru_cache(maxsize=64)
@@ -110,6 +110,7 @@ def _resample_rows(
     k: int,
     mirror: bool,
     linear: bool,
+    keep: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """The plane map applied to the rows of one array.
 
@@ -119,6 +120,7 @@ def _resample_rows(
       background; only output rows that read one of them are computed.
     background: the fill value, of rows' dtype.
     linear: bilinear (else nearest).
+    keep: bool (d*h,), the output pixels wanted (a crop), or None for all.
 
   Returns:
     (selected int64 (S,), values (S, W, C)): the output rows that are not
@@ -130,7 +132,8 @@ def _resample_rows(
   )
   if linear and k:
     # An output row needs computing if any of its taps holds something.
-    selected = np.flatnonzero((active[taps] & (weights > 0)).any(0))
+    needed = (active[taps] & (weights > 0)).any(0)
+    selected = np.flatnonzero(needed if keep is None else needed & keep)
     y = np.multiply(
         rows[row_map[taps[0, selected]]], weights[0, selected, None, None]
     )
@@ -138,7 +141,8 @@ def _resample_rows(
       y += rows[row_map[tap[selected]]] * weight[selected, None, None]
     y += (fill_weight[selected] * background)[:, None, None]
   else:
-    selected = np.flatnonzero(nearest_inside & active[nearest])
+    needed = nearest_inside & active[nearest]
+    selected = np.flatnonzero(needed if keep is None else needed & keep)
     y = rows[row_map[nearest[selected]]]
   return selected, y
 
@@ -163,9 +167,10 @@ def transform(
     k: int = 0,
     mirror: bool = False,
     flip_axis2: bool = False,
+    crop: tuple | None = None,
 ) -> dict:
   """Rotate by k * 40 degrees about axis 2, then optionally mirror axis 1
-  (left/right) and flip axis 2 (superior/inferior).
+  (left/right) and flip axis 2 (superior/inferior), then optionally crop.
 
   Args:
     planes: an example's planes (`encoding.encode_planes` or
@@ -175,13 +180,24 @@ def transform(
     k: rotation steps of 40 degrees, 0..8.
     mirror: flip axis 1.
     flip_axis2: flip axis 2.
+    crop: (start, shape), each 3 ints: the part of the transformed grid
+      kept (inside it); None keeps the whole grid.
 
   Returns:
     The pack of the transformed example (`encoding` module doc), grid
-    (1, d, h, w): `encoding.unpack` gives its dense arrays.
+    (1, d, h, w) (the crop's shape with a crop): `encoding.unpack` gives
+    its dense arrays.
   """
   k = int(k) % NUM_ANGLES
   d, h, w = planes["grid"]
+  keep = None
+  if crop is not None:
+    (i0, j0, k0), (cd, ch, cw) = crop
+    if not (0 <= i0 <= d - cd and 0 <= j0 <= h - ch and 0 <= k0 <= w - cw):
+      raise ValueError(f"crop {crop} does not fit the grid {(d, h, w)}")
+    plane = np.zeros((d, h), bool)
+    plane[i0 : i0 + cd, j0 : j0 + ch] = True
+    keep = plane.reshape(-1)
   pack = {"grid": np.array([1, d, h, w], np.int64)}
   for key in encoding.ARRAY_KEYS:
     if key not in planes:
@@ -198,14 +214,80 @@ def transform(
         k,
         mirror,
         key in _LINEAR_KEYS,
+        keep,
     )
     if flip_axis2:
       y = y[:, ::-1]
     if mirror and data_config.swap_parotids and key in ("oar", "codes"):
       y = _swap_parotids(key, y)
+    if crop is not None:
+      i, j = np.divmod(selected, h)
+      selected = (i - i0) * ch + (j - j0)
+      y = y[:, k0 : k0 + cw]
     pack[key + "_rows"] = selected.astype(np.int32)
     pack[key] = y
+  if crop is not None:
+    pack["grid"] = np.array([1, cd, ch, cw], np.int64)
   return pack
+
+
+def _mask_pixels(planes: dict) -> tuple[np.ndarray, np.ndarray]:
+  """(bool (d*h,), bool (w,)): the plane pixels and the axis-2 positions
+  where the possible-dose mask has a voxel (codes at downsample 1, else
+  the mask channel)."""
+  key = "codes" if "codes" in planes else "mask"
+  rows = planes[key][..., 0]
+  if key == "codes":
+    inside = (rows >> encoding.MASK_BIT) & 1 != 0
+  else:
+    inside = rows > 0
+  row_has = inside.any(1)
+  pixels = planes[key + "_active"] & row_has[planes[key + "_map"]]
+  return pixels, inside.any(0)
+
+
+def mask_box(
+    planes: dict, k: int = 0, mirror: bool = False, flip_axis2: bool = False
+):
+  """(lo, hi) int (3,), inclusive: the bounding box of the possible-dose
+  mask after `transform(k, mirror, flip_axis2)` (nearest pixels), or None
+  for an empty mask."""
+  d, h, _ = planes["grid"]
+  pixels, along = _mask_pixels(planes)
+  nearest, nearest_inside, *_ = _plane_map(int(k) % NUM_ANGLES, d, h, mirror)
+  out = (nearest_inside & pixels[nearest]).reshape(d, h)
+  if flip_axis2:
+    along = along[::-1]
+  if not out.any() or not along.any():
+    return None
+  ii, jj = np.flatnonzero(out.any(1)), np.flatnonzero(out.any(0))
+  kk = np.flatnonzero(along)
+  return (
+      np.array([ii[0], jj[0], kk[0]]),
+      np.array([ii[-1], jj[-1], kk[-1]]),
+  )
+
+
+def draw_crop(rng: np.random.Generator, box, grid, shape) -> tuple:
+  """(start, shape) of a random crop placed around a box, per axis: a crop
+  longer than the box holds all of it (start uniform over the positions
+  that do), a shorter one lies inside it (start uniform); always inside
+  the grid. box None (empty mask): the centred crop."""
+  start = []
+  for axis, (n, c) in enumerate(zip(grid, shape)):
+    if box is None:
+      start.append((n - c) // 2)
+      continue
+    lo, hi = int(box[0][axis]), int(box[1][axis])
+    if c >= hi - lo + 1:
+      first, last = hi - c + 1, lo
+    else:
+      first, last = lo, hi - c + 1
+    first, last = max(first, 0), min(last, n - c)
+    if first > last:  # cannot happen for a box inside the grid; be safe
+      first = last = min(max(first, 0), n - c)
+    start.append(int(rng.integers(first, last + 1)))
+  return tuple(start), tuple(int(c) for c in shape)
 
 
 def draw(rng: np.random.Generator, data_config) -> tuple[int, bool, bool]:
@@ -221,10 +303,22 @@ def draw(rng: np.random.Generator, data_config) -> tuple[int, bool, bool]:
 
 def augment_planes(planes: dict, rng: np.random.Generator, data_config) -> dict:
   """The pack of a random augmentation (`draw`) of the planes; with
-  `config.data.augment` False, of the example unchanged."""
+  `config.data.augment` False, of the example unchanged. With
+  `config.data.crop_shape`, then a random crop around the transformed
+  possible-dose mask (`draw_crop`, drawn after the augmentation)."""
   k, mirror, flip_axis2 = (
       draw(rng, data_config) if data_config.augment else (0, False, False)
   )
+  crop = None
+  shape = tuple(data_config.get("crop_shape", ()) or ())
+  if shape:
+    box = mask_box(planes, k, mirror, flip_axis2)
+    crop = draw_crop(rng, box, planes["grid"], shape)
   return transform(
-      planes, data_config, k=k, mirror=mirror, flip_axis2=flip_axis2
+      planes,
+      data_config,
+      k=k,
+      mirror=mirror,
+      flip_axis2=flip_axis2,
+      crop=crop,
   )

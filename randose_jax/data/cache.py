@@ -75,6 +75,11 @@ def encoding_settings(data_config) -> dict:
         list(map(float, value)) if isinstance(value, (tuple, list)) else value
     )
   settings["downsample"] = int(settings["downsample"])
+  # Optional channels join the settings only when on, so caches built
+  # without them keep their keys.
+  if data_config.get("geometry", False):
+    settings["geometry"] = True
+    settings["geometry_scale_mm"] = float(data_config.geometry_scale_mm)
   return settings
 
 

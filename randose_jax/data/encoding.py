@@ -7,6 +7,8 @@ docs/design.md section 2, with the config fields of `config.data`:
   oar     (D, H, W, 7): the seven OAR masks, official order, 0/1.
   target  (D, H, W, 1): dose / `dose_scale` (zeros for a patient without dose).
   mask    (D, H, W, 1): the possible-dose mask, 0/1.
+  geom    (D, H, W, 3): only with `geometry` on: the signed distances to
+          PTV56, PTV63, PTV70 (`distances` module), a model input.
 
 The same numbers come in two forms, both made here:
   - dense (`encode_patient`): the dict above, float32 at the training grid;
@@ -30,7 +32,7 @@ row holding each pixel) and `<key>_active` bool (d*h,) (pixels whose row is
 not all background). From the voxel lists (downsample 1): keys ct, target,
 codes; only the active rows are stored, plus one background row last, which
 every other pixel maps to. From a dense example (downsample > 1, fractional
-channels): the keys of `KEYS`, all rows, the identity map.
+channels): the keys of `ALL_KEYS`, all rows, the identity map.
 
 A pack (`augment.transform`, `pipeline.PackedBatch`, input of `unpack`):
 grid (b, d, h, w) and, per array key, `<key>_rows` int32 (S,) (rows of the
@@ -55,10 +57,14 @@ import functools
 
 import numpy as np
 
+from randose_jax import conventions
+from randose_jax.data import distances
 from randose_jax.data import openkbp
 
-KEYS = ("ptv", "ct", "oar", "target", "mask")
-ARRAY_KEYS = KEYS + ("codes",)  # the arrays planes and packs may hold
+KEYS = ("ptv", "ct", "oar", "target", "mask")  # every example's
+OPTIONAL_KEYS = ("geom",)  # made only when the settings ask for them
+ALL_KEYS = KEYS + OPTIONAL_KEYS
+ARRAY_KEYS = ALL_KEYS + ("codes",)  # the arrays planes and packs may hold
 MASK_BIT = 7
 PTV_SHIFT = 8
 _NUM_OARS = len(openkbp.OAR_NAMES)
@@ -85,8 +91,27 @@ def encoded_dose(gy: np.ndarray, settings) -> np.ndarray:
 
 
 def background(key: str, settings) -> float:
-  """The value of an array's empty voxels: air for ct, 0 otherwise."""
+  """The value of an array's empty voxels: air for ct, far from every PTV
+  for geom, 0 otherwise."""
+  if key == "geom":
+    return distances.FAR
   return air_value(settings) if key == "ct" else 0.0
+
+
+def geometry_scale(settings) -> float | None:
+  """mm per unit of the geom channels, or None when `geometry` is off
+  (also for settings saved before the option existed)."""
+  if not getattr(settings, "geometry", False):
+    return None
+  return float(settings.geometry_scale_mm)
+
+
+def input_channels(settings) -> dict[str, int]:
+  """The model's inputs and their channels for these encoding settings."""
+  channels = dict(conventions.INPUT_CHANNELS)
+  if geometry_scale(settings) is not None:
+    channels["geom"] = distances.NUM_CHANNELS
+  return channels
 
 
 @functools.lru_cache(maxsize=8)
@@ -160,14 +185,38 @@ def _voxel_planes(patient: openkbp.SparsePatient, settings) -> dict:
       for j, index in enumerate(patient.roi_index[_NUM_OARS:])
   ]
   add("codes", np.uint16, [(index, bit) for index, bit in bits if index.size])
+  scale = geometry_scale(settings)
+  if scale is not None:
+    planes.update(_geometry_planes(patient, scale))
   return planes
 
 
+def _geometry_planes(patient: openkbp.SparsePatient, scale: float) -> dict:
+  """The geom planes: the rows of the distance box's pixels (the box's
+  values along axis 2, `distances.FAR` beyond it) and one background row."""
+  d, h, w = patient.grid_shape
+  lo, box = distances.ptv_distances(patient, scale)
+  bd, bh, bw = box.shape[:3]
+  active = np.zeros((d, h), bool)
+  active[lo[0] : lo[0] + bd, lo[1] : lo[1] + bh] = True
+  active = active.reshape(-1)
+  num = bd * bh
+  values = np.full(
+      (num + 1, w, distances.NUM_CHANNELS), distances.FAR, np.float32
+  )
+  values[:num, lo[2] : lo[2] + bw] = box.reshape(num, bw, -1)
+  row_map = np.full(d * h, num, np.int32)
+  row_map[active] = np.arange(num, dtype=np.int32)
+  return {"geom": values, "geom_active": active, "geom_map": row_map}
+
+
 def planes_of(example: dict, settings) -> dict:
-  """The planes of a dense example (arrays (D, H, W, C) of `KEYS`; other
+  """The planes of a dense example (arrays (D, H, W, C) of `ALL_KEYS`; other
   keys are left out): every row, the identity map."""
   arrays = {
-      key: np.ascontiguousarray(example[key]) for key in KEYS if key in example
+      key: np.ascontiguousarray(example[key])
+      for key in ALL_KEYS
+      if key in example
   }
   d, h, w = next(iter(arrays.values())).shape[:3]
   planes = {"grid": (d, h, w)}
@@ -226,7 +275,7 @@ def unpack(pack: dict, settings) -> dict:
       ct_scale).
 
   Returns:
-    The arrays of `KEYS` the pack holds (codes give ptv, oar, mask), each
+    The arrays of `ALL_KEYS` the pack holds (codes give ptv, oar, mask), each
     float32 (b, d, h, w, c).
   """
   b, d, h, w = (int(n) for n in pack["grid"])
@@ -247,7 +296,9 @@ def unpack(pack: dict, settings) -> dict:
     )
     x[rows] = values
     out[key] = x
-  return {key: out[key].reshape(b, d, h, w, -1) for key in KEYS if key in out}
+  return {
+      key: out[key].reshape(b, d, h, w, -1) for key in ALL_KEYS if key in out
+  }
 
 
 # ------------------------------------------------------------ dense form
@@ -295,7 +346,7 @@ def encode_patient(
   Returns:
     dict of float32 arrays at the training grid (grid // downsample):
     ptv (d,h,w,1), ct (d,h,w,1), oar (d,h,w,7), target (d,h,w,1),
-    mask (d,h,w,1).
+    mask (d,h,w,1); with `geometry` on, also geom (d,h,w,3).
   """
   if isinstance(patient, openkbp.Patient):
     patient = openkbp.SparsePatient.from_patient(patient)
@@ -304,7 +355,9 @@ def encode_patient(
   planes = _voxel_planes(patient, data_config)
   # The stored rows are the active ones, in order, the background row last.
   stored = {"grid": (1,) + planes["grid"]}
-  for key in ("ct", "target", "codes"):
+  for key in ("ct", "target", "codes", "geom"):
+    if key not in planes:
+      continue
     stored[key + "_rows"] = np.flatnonzero(planes[key + "_active"])
     stored[key] = planes[key][:-1]
   dense = {key: x[0] for key, x in unpack(stored, data_config).items()}
@@ -326,7 +379,7 @@ def encode_patient(
       minlength=num_blocks * _NUM_OARS,
   )
   mask = np.bincount(blocks(patient.mask_index), minlength=num_blocks)
-  return {
+  reduced = {
       "ptv": block_reduce(dense["ptv"], f),
       "ct": block_reduce(dense["ct"], f),
       "oar": (
@@ -337,6 +390,9 @@ def encode_patient(
       "target": block_reduce(dense["target"], f),
       "mask": (mask > 0).astype(np.float32).reshape(grid + (1,)),
   }
+  if "geom" in dense:
+    reduced["geom"] = block_reduce(dense["geom"], f)
+  return reduced
 
 
 def _block_of(index: np.ndarray, grid_shape, factor: int) -> np.ndarray:

@@ -46,6 +46,10 @@ import jax
 import jax.numpy as jnp
 
 from randose_jax.conventions import INPUT_CHANNELS
+
+# The optional `geom` input (config.data.geometry): signed distances to
+# PTV56, PTV63, PTV70 (randose_jax/data/distances.py).
+NUM_GEOMETRY_CHANNELS = 3
 from randose_jax.default_config import ConfigError
 from randose_jax.models import blocks
 from randose_jax.models import conv as conv_lib
@@ -120,7 +124,8 @@ class RANDose(nn.Module):
   same). An unknown choice is a `ConfigError` naming the field.
 
   __call__(inputs) with inputs a dict of float32 arrays ptv (N,D,H,W,1),
-  ct (N,D,H,W,1), oar (N,D,H,W,7), D, H, W divisible by 2^(S-1); returns the
+  ct (N,D,H,W,1), oar (N,D,H,W,7) and optionally geom (N,D,H,W,3) (joins
+  the PTV stem's input), D, H, W divisible by 2^(S-1); returns the
   predicted dose (N,D,H,W,1) float32 in target units.
   """
 
@@ -202,7 +207,10 @@ class RANDose(nn.Module):
 
   def _check_inputs(self, inputs) -> tuple[int, int, int]:
     grid = None
-    for key, channels in INPUT_CHANNELS.items():
+    expected = dict(INPUT_CHANNELS)
+    if "geom" in inputs:
+      expected["geom"] = NUM_GEOMETRY_CHANNELS
+    for key, channels in expected.items():
       if key not in inputs:
         raise ValueError(
             f"RANDose: input dict lacks {key!r} (has {sorted(inputs)})"
@@ -246,10 +254,17 @@ class RANDose(nn.Module):
         act=ACTIVATIONS[self.activation],
     )
 
-    # Stem: one conv per input; F_P is kept for PI.
+    # Stem: one conv per input; F_P is kept for PI. The optional geometry
+    # channels (signed distances to the PTVs) describe the targets, so they
+    # join the PTV input of the PTV stem.
+    stem_inputs = dict(inputs)
+    if "geom" in inputs:
+      stem_inputs["ptv"] = jnp.concatenate(
+          [inputs["ptv"], inputs["geom"]], axis=-1
+      )
     feats = {
         key: conv(widths[0], self.stem_kernel, name=f"stem_{key}")(
-            inputs[key].astype(dtype)
+            stem_inputs[key].astype(dtype)
         )
         for key in ("ptv", "ct", "oar")
     }
