@@ -1,9 +1,11 @@
-r"""Predict dose for patient folders with a trained workdir.
+r"""Predict dose for patient folders with a trained workdir or a shipped model.
 
   python -m randose_jax.predict --workdir=runs/randose --patients=test-pats \
       --output=predictions [--checkpoint=best|latest|STEP] [--tta] \
       [--formats=csv,nifti,dicom] [--dicom_grid=crop|ct] [--plots=DIR] \
       [--conv_impl=direct]
+  python -m randose_jax.predict --patients=test-pats --output=predictions \
+      [--model=NAME]      # a model shipped in the package (randose_jax/shipped.py)
 
 Writes `pt_*.csv` (the OpenKBP submission format, Gy, masked, clipped at 0)
 and `<output>.zip` for the leaderboard; NIfTI / DICOM RT Dose files beside
@@ -39,6 +41,7 @@ from randose_jax import evaluation
 from randose_jax import fileio
 from randose_jax import logs
 from randose_jax import restore
+from randose_jax import shipped
 from randose_jax.data import openkbp
 from randose_jax.default_config import ConfigError
 
@@ -50,7 +53,15 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
   flags.DEFINE_string(
       "workdir",
       None,
-      "Training workdir holding checkpoints/.",
+      "Training workdir holding checkpoints/. Without it, a model shipped "
+      "in the package predicts (--model).",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+      "model",
+      None,
+      "A shipped model's name (randose_jax/shipped_models/; the default one "
+      "when there is one). Not with --workdir.",
       flag_values=flag_values,
   )
   flags.DEFINE_string(
@@ -278,11 +289,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_library_logs()
-  for name in ("workdir", "patients", "output"):
+  for name in ("patients", "output"):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
-  restore.parse_checkpoint_flag(FLAGS.checkpoint)
-  restore.check_workdir(FLAGS.workdir)
+  if FLAGS.workdir and FLAGS.model:
+    raise app.UsageError("--workdir and --model: give one of them")
+  if FLAGS.workdir:
+    restore.parse_checkpoint_flag(FLAGS.checkpoint)
+    restore.check_workdir(FLAGS.workdir)
+  else:
+    shipped.folder(FLAGS.model)  # a wrong name fails before any work
   out = pathlib.Path(FLAGS.output).expanduser().resolve()
   if out == pathlib.Path(FLAGS.patients).expanduser().resolve():
     raise ConfigError("--output must differ from --patients")
@@ -297,15 +313,23 @@ def main(argv):
       overwrite=FLAGS.overwrite,
   )
   check_patients(dirs)
-  restored = restore.restore_from_workdir(
-      FLAGS.workdir,
-      FLAGS.checkpoint,
-      mesh=distributed.make_mesh(jax.local_devices()),
-      conv_impl=FLAGS.conv_impl,
-  )
+  mesh = distributed.make_mesh(jax.local_devices())
+  if FLAGS.workdir:
+    restored = restore.restore_from_workdir(
+        FLAGS.workdir, FLAGS.checkpoint, mesh=mesh, conv_impl=FLAGS.conv_impl
+    )
+    source = (
+        f"the {restored.which} checkpoint (step {restored.step}) of "
+        f"{FLAGS.workdir}"
+    )
+  else:
+    restored = shipped.load(FLAGS.model, mesh=mesh, conv_impl=FLAGS.conv_impl)
+    source = (
+        f"the shipped model {restored.which.split(':', 1)[1]} (trained "
+        f"{restored.step} steps; research use only, see its MODEL_CARD.md)"
+    )
   print(
-      f"Predicting {len(dirs)} patients with the {restored.which} "
-      f"checkpoint (step {restored.step}) of {FLAGS.workdir}"
+      f"Predicting {len(dirs)} patients with {source}"
       f"{' (its EMA parameters)' if restored.uses_ema else ''}"
       f"{' with 4-flip TTA' if FLAGS.tta else ''}",
       flush=True,

@@ -1,0 +1,117 @@
+"""Models shipped in the package (`randose_jax/shipped.py`): a crop-trained
+run with the distance channels ships, loads and predicts as its workdir
+does; the real shipped model reproduces its recorded scores on the shared
+validation patients through `predict` with no --workdir."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from randose_jax import checkpointing
+from randose_jax import restore
+from randose_jax import shipped
+from randose_jax import train
+from randose_jax.data import openkbp
+from tests.test_train import REPO
+from tests.test_train import SUBPROCESS_ENV
+from tests.test_train import tiny_config
+
+
+@pytest.fixture(scope="module")
+def crop_run(tmp_path_factory):
+  """A tiny run on 8^3 crops of 16^3 phantoms at full resolution, with the
+  PTV distance channels: the cpu_best recipe's code paths."""
+  workdir = tmp_path_factory.mktemp("crop_run")
+  config = tiny_config(**{
+      "data.downsample": 1,
+      "data.crop_shape": (8, 8, 8),
+      "data.geometry": True,
+      "ema_decay": 0.9,
+  })
+  train.train_and_evaluate(
+      config, workdir, mesh=train.make_mesh(jax.devices()[:1])
+  )
+  return workdir
+
+
+def test_crop_run_ships_and_predicts_as_its_workdir(crop_run, tmp_path):
+  root = tmp_path / "models"
+  out = shipped.ship(crop_run, "tiny", {"recipe": "test"}, root=root)
+  assert shipped.available(root) == ["tiny"]
+  assert shipped.default_name(root) == "tiny"
+  meta = shipped.card("tiny", root)
+  assert meta["recipe"] == "test" and meta["ema"] is True
+  assert meta["params_bytes"] == (out / shipped.PARAMS_FILE).stat().st_size
+  got = shipped.load("tiny", root=root)
+  want = restore.restore_from_workdir(crop_run)
+  assert got.uses_ema and got.predictor.window == (8, 8, 8)
+  patients = [
+      openkbp.load_patient(d)
+      for d in openkbp.list_patient_dirs(
+          crop_run / "synthetic" / "validation-pats"
+      )
+  ]
+  for a, b in zip(
+      got.predictor.predict_doses(patients),
+      want.predictor.predict_doses(patients),
+  ):
+    np.testing.assert_array_equal(a, b)
+    assert a.max() > 0
+  # Not replaced without asking; a damaged file is named.
+  with pytest.raises(FileExistsError):
+    shipped.ship(crop_run, "tiny", {}, root=root)
+  blob = bytearray((out / shipped.PARAMS_FILE).read_bytes())
+  blob[-1] ^= 1
+  (out / shipped.PARAMS_FILE).write_bytes(bytes(blob))
+  with pytest.raises(checkpointing.CheckpointError, match="SHA-256"):
+    shipped.load("tiny", root=root)
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+  with pytest.raises(shipped.ConfigError, match="no shipped model"):
+    shipped.default_name(tmp_path)
+  with pytest.raises(shipped.ConfigError, match="no such shipped model"):
+    shipped.folder("nope", tmp_path / "x")
+
+
+@pytest.mark.parametrize("name", shipped.available() or ["(none shipped)"])
+def test_shipped_model_reproduces_its_recorded_scores(
+    name, shared_openkbp, tmp_path
+):
+  """`predict` without --workdir, on the 6 shared validation patients: the
+  scores the card records (dose, DVH), the parameters within the size a
+  package may carry."""
+  assert name in shipped.available(), "no model is shipped in the package"
+  meta = shipped.card(name)
+  assert meta["params_bytes"] <= shipped.MAX_PARAM_BYTES
+  recorded = meta["shared_validation"]
+  patients = shared_openkbp / "validation-pats"
+  assert sorted(recorded["patients"]) == sorted(
+      d.name for d in openkbp.list_patient_dirs(patients)
+  )
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "randose_jax.predict",
+          f"--model={name}",
+          f"--patients={patients}",
+          f"--output={tmp_path / 'preds'}",
+      ],
+      cwd=REPO,
+      env=SUBPROCESS_ENV,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"shipped model {name}" in proc.stdout
+  summary = json.loads(proc.stdout.splitlines()[-1])
+  assert summary["dose_score"] == pytest.approx(
+      recorded["dose_score"], rel=1e-3
+  )
+  assert summary["dvh_score"] == pytest.approx(recorded["dvh_score"], rel=1e-3)
