@@ -35,6 +35,7 @@ from randose_jax import fileio
 from randose_jax import inference
 from randose_jax import logs
 from randose_jax import restore
+from randose_jax import shipped
 from randose_jax.conventions import INPUT_CHANNELS
 from randose_jax.data import encoding
 
@@ -42,10 +43,11 @@ FORMAT_VERSION = 1
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 
 
-def _input_specs(grid, batch):
+def _input_specs(grid, batch, channels=None):
+  channels = INPUT_CHANNELS if channels is None else channels
   return {
       k: jax.ShapeDtypeStruct((batch, *grid, c), jnp.float32)
-      for k, c in INPUT_CHANNELS.items()
+      for k, c in channels.items()
   }
 
 
@@ -57,8 +59,10 @@ def export_model(
     tta=False,
     swap_parotids=True,
     platforms=DEFAULT_PLATFORMS,
+    channels=None,
 ):
-  """`jax.export.Exported` of params, inputs -> (N, *grid, 1) float32.
+  """`jax.export.Exported` of params, inputs -> (N, *grid, 1) float32
+  (`channels`: the inputs, `encoding.input_channels(config.data)`).
 
   Traced once for every platform: the convs are computed the way
   `model.conv_impl` plans them on the exporting backend (with 'auto' on a
@@ -77,7 +81,7 @@ def export_model(
       model_params,
   )
   return jax.export.export(jax.jit(forward), platforms=tuple(platforms))(
-      param_specs, _input_specs(grid, batch)
+      param_specs, _input_specs(grid, batch, channels)
   )
 
 
@@ -110,9 +114,11 @@ class ExportedModel:
     return tuple(self.meta["grid"])
 
   def __call__(self, inputs) -> np.ndarray:
-    """inputs: {'ptv','ct','oar'} float32 (N, D, H, W, C) -> (N, D, H, W, 1)."""
+    """inputs: {'ptv','ct','oar'} (and 'geom' for a model trained with the
+    distance channels, `meta['inputs']`) float32 (N, D, H, W, C) ->
+    (N, D, H, W, 1)."""
     args = {}
-    for k, c in INPUT_CHANNELS.items():
+    for k, c in self.meta.get("inputs", INPUT_CHANNELS).items():
       if k not in inputs:
         raise ValueError(f"exported model: missing input {k!r}")
       x = jnp.asarray(inputs[k], jnp.float32)
@@ -170,6 +176,24 @@ def export_workdir(
   restored = restore.restore_from_workdir(
       workdir, checkpoint, conv_impl=conv_impl
   )
+  return export_restored(
+      restored, output, tta=tta, platforms=platforms, overwrite=overwrite
+  )
+
+
+def export_restored(
+    restored: restore.Restored,
+    output,
+    *,
+    tta=False,
+    platforms=DEFAULT_PLATFORMS,
+    overwrite: bool = False,
+) -> pathlib.Path:
+  """Exports a restored model (a workdir's checkpoint or a shipped model,
+  `shipped.load`). A model trained on crops is exported at its window
+  (`meta['window']`): tile the patient's box with it as
+  `Predictor.predict_examples` does."""
+  fileio.check_output_file(output, overwrite=overwrite)
   config = restored.config
   grid = _training_grid(config)
   model_params = restored.model_params  # the EMA when the run kept one
@@ -180,11 +204,14 @@ def export_workdir(
       tta=tta,
       swap_parotids=config.data.swap_parotids,
       platforms=platforms,
+      channels=encoding.input_channels(config.data),
   )
   meta = {
       "format_version": FORMAT_VERSION,
       "grid": list(grid),
-      "inputs": INPUT_CHANNELS,
+      "window": list(config.data.get("crop_shape", ()) or ()),
+      "window_overlap": float(config.data.get("window_overlap", 0.5)),
+      "inputs": encoding.input_channels(config.data),
       "output": "dose / dose_scale, (N, D, H, W, 1) float32",
       "dose_scale_gy": float(config.data.dose_scale),
       "downsample": int(config.data.downsample),
@@ -203,8 +230,11 @@ def export_workdir(
 
 
 def _training_grid(config):
-  """The grid the model sees: OpenKBP's 128^3 (or the phantom grid) reduced
-  by config.data.downsample."""
+  """The grid the model sees: a crop-trained model's window, else OpenKBP's
+  128^3 (or the phantom grid) reduced by config.data.downsample."""
+  window = tuple(config.data.get("crop_shape", ()) or ())
+  if window:
+    return tuple(int(n) for n in window)
   edge = config.data.synthetic_grid if config.data.synthetic else 128
   return encoding.training_grid((edge,) * 3, config.data.downsample)
 
@@ -217,7 +247,14 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
   flags.DEFINE_string(
       "workdir",
       None,
-      "Training workdir holding checkpoints/.",
+      "Training workdir holding checkpoints/ (or --model).",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+      "model",
+      None,
+      "A shipped model's name (randose_jax/shipped_models/), instead of "
+      "--workdir.",
       flag_values=flag_values,
   )
   flags.DEFINE_string(
@@ -263,22 +300,34 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_library_logs()
-  if not FLAGS.workdir or not FLAGS.output:
-    raise app.UsageError("--workdir and --output are required")
-  path = export_workdir(
-      FLAGS.workdir,
-      FLAGS.output,
-      FLAGS.checkpoint,
-      FLAGS.tta,
-      tuple(FLAGS.platforms),
-      FLAGS.conv_impl,
-      overwrite=FLAGS.overwrite,
-  )
+  if not FLAGS.output:
+    raise app.UsageError("--output is required")
+  if bool(FLAGS.workdir) == bool(FLAGS.model):
+    raise app.UsageError("give one of --workdir and --model")
+  if FLAGS.workdir:
+    path = export_workdir(
+        FLAGS.workdir,
+        FLAGS.output,
+        FLAGS.checkpoint,
+        FLAGS.tta,
+        tuple(FLAGS.platforms),
+        FLAGS.conv_impl,
+        overwrite=FLAGS.overwrite,
+    )
+    source = f"{FLAGS.workdir} ({FLAGS.checkpoint})"
+  else:
+    fileio.check_output_file(FLAGS.output, overwrite=FLAGS.overwrite)
+    restored = shipped.load(FLAGS.model, conv_impl=FLAGS.conv_impl)
+    path = export_restored(
+        restored,
+        FLAGS.output,
+        tta=FLAGS.tta,
+        platforms=tuple(FLAGS.platforms),
+        overwrite=FLAGS.overwrite,
+    )
+    source = f"the shipped model {FLAGS.model}"
   size = path.stat().st_size / 2**20
-  print(
-      f"Exported {FLAGS.workdir} ({FLAGS.checkpoint}) to {path} "
-      f"({size:.1f} MiB)"
-  )
+  print(f"Exported {source} to {path} ({size:.1f} MiB)")
 
 
 if __name__ == "__main__":

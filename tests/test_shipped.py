@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from randose_jax import checkpointing
+from randose_jax import export
 from randose_jax import restore
 from randose_jax import shipped
 from randose_jax import train
+from randose_jax.data import encoding
 from randose_jax.data import openkbp
 from tests.test_train import REPO
 from tests.test_train import SUBPROCESS_ENV
@@ -26,12 +28,14 @@ def crop_run(tmp_path_factory):
   """A tiny run on 8^3 crops of 16^3 phantoms at full resolution, with the
   PTV distance channels: the cpu_best recipe's code paths."""
   workdir = tmp_path_factory.mktemp("crop_run")
-  config = tiny_config(**{
-      "data.downsample": 1,
-      "data.crop_shape": (8, 8, 8),
-      "data.geometry": True,
-      "ema_decay": 0.9,
-  })
+  config = tiny_config(
+      **{
+          "data.downsample": 1,
+          "data.crop_shape": (8, 8, 8),
+          "data.geometry": True,
+          "ema_decay": 0.9,
+      }
+  )
   train.train_and_evaluate(
       config, workdir, mesh=train.make_mesh(jax.devices()[:1])
   )
@@ -61,6 +65,22 @@ def test_crop_run_ships_and_predicts_as_its_workdir(crop_run, tmp_path):
   ):
     np.testing.assert_array_equal(a, b)
     assert a.max() > 0
+  # Exported at its window, with the distance channels as an input.
+  artifact = export.export_restored(got, tmp_path / "tiny.zip")
+  loaded = export.load(artifact)
+  assert loaded.meta["grid"] == loaded.meta["window"] == [8, 8, 8]
+  assert loaded.meta["inputs"]["geom"] == 3
+  example = encoding.encode_patient(patients[0], got.config.data)
+  window = {
+      k: np.asarray(example[k])[None, 4:12, 4:12, 4:12]
+      for k in loaded.meta["inputs"]
+  }
+  (direct,) = got.predictor.predict_local(
+      [{k: v[0] for k, v in window.items()}]
+  )
+  np.testing.assert_allclose(
+      loaded(window)[0, ..., 0], direct, rtol=1e-5, atol=1e-6
+  )
   # Not replaced without asking; a damaged file is named.
   with pytest.raises(FileExistsError):
     shipped.ship(crop_run, "tiny", {}, root=root)
