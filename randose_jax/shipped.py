@@ -141,7 +141,7 @@ def load(
       config=config,
       predictor=Predictor.create(config, params, mesh),
       params={"model": params, "loss": {}},
-      step=int(meta.get("steps", 0)),
+      step=int(meta.get("steps", meta.get("checkpoint_step", 0))),
       which=f"shipped:{where.name}",
       ema_params=params if ema else None,
   )
