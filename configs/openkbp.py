@@ -71,22 +71,18 @@ def _cpu_proxy(config):
 
 
 def _cpu_best(config):
-  # Full resolution at the proxy's cost: random 64^3 crops of the 128^3 grid
-  # placed around the possible-dose mask (prediction: overlapping windows
-  # over the mask's box), plus each voxel's signed distance to the three PTV
-  # levels as input channels, and the EMA of the parameters.
+  # cpu_proxy's network and optimiser at full resolution for the proxy's
+  # cost: random 64^3 crops of the 128^3 grid placed around the
+  # possible-dose mask (prediction: overlapping windows over the mask's
+  # box), each voxel's signed distance to the three PTV levels as input
+  # channels, and the EMA of the parameters.
+  _cpu_proxy(config)
   config.data.downsample = 1
   config.data.crop_shape = (64, 64, 64)
   config.data.geometry = True
-  config.model.widths = (4, 8, 16, 32, 64)
-  config.model.dtype = "float32"
-  config.learning_rate = 3e-4
   config.ema_decay = 0.999
-  config.batch_size = 2
   config.num_train_steps = 20_000
-  config.log_every_steps = 25
   config.eval_every_steps = 500
-  config.checkpoint_every_steps = 250
 
 
 _VARIANTS = {
