@@ -143,6 +143,29 @@ def ema_update(ema, params, decay: float, step):
   )
 
 
+def check_crop_shape(config) -> tuple:
+  """`config.data.crop_shape` checked: () or three positive integers, each
+  divisible by 2^(S-1) (the network's pooling) and at most the training
+  grid's edge (128 // downsample, or the phantoms' grid)."""
+  shape = tuple(config.data.get("crop_shape", ()) or ())
+  if not shape:
+    return ()
+  factor = 2 ** (len(config.model.widths) - 1)
+  edge = config.data.synthetic_grid if config.data.synthetic else 128
+  edge //= max(int(config.data.downsample), 1)
+  if (
+      len(shape) != 3
+      or not all(isinstance(n, int) and 0 < n <= edge for n in shape)
+      or any(n % factor for n in shape)
+  ):
+    raise ConfigError(
+        f"config.data.crop_shape={shape}: must be () or three integers, "
+        f"each a multiple of {factor} (2^(S-1), S = {len(config.model.widths)}"
+        f" stages) and at most the training grid's {edge}"
+    )
+  return shape
+
+
 def _copy_float32(tree):
   """A fresh float32 copy (its own buffers: the train step donates both)."""
   return jax.tree.map(lambda x: jnp.copy(x.astype(jnp.float32)), tree)
@@ -432,6 +455,7 @@ def train_and_evaluate(
   """
   workdir = pathlib.Path(workdir).expanduser()
   ema_decay_of(config)
+  check_crop_shape(config)
   if config.batch_size % jax.device_count():
     raise ConfigError(
         f"config.batch_size={config.batch_size} must be divisible by the "
