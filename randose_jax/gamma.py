@@ -208,21 +208,24 @@ def _on_grid(
 
 @jax.jit
 def _block_min(
-    evaluated, index, coords, scaled_reference, deltas, weights, dist2, first,
-    last,
+    evaluated, index, coords, reference, deltas, weights, dist2, first, last
 ):
   """min over the block's offsets of gamma^2 at each point (C,).
 
   evaluated: (V,) the padded evaluated dose, flat (Gy). index: (C,) int32,
   the points' flat indices there plus the window's low corner. coords:
-  (C, 3) int32, the points' voxel indices. scaled_reference: (C,)
-  R / (DD x N). deltas: (w,) int32, the window's flat offsets. weights:
+  (C, 3) int32, the points' voxel indices. reference: (C,) their
+  reference dose (Gy). deltas: (w,) int32, the window's flat offsets. weights:
   (w, K), the trilinear weights / (DD x N). dist2: (K,) (|o| / DTA)^2.
   first, last: (3, K) int32, `_on_grid`'s.
   """
+  # Relative to the point's dose before the product (the weights of an
+  # offset sum to 1): float32 rounds the small differences, not the doses.
   patches = evaluated[index[:, None] + deltas[None, :]]
-  dose = jnp.matmul(patches, weights, precision=jax.lax.Precision.HIGHEST)
-  difference = dose - scaled_reference[:, None]
+  patches = patches - reference[:, None]
+  difference = jnp.matmul(
+      patches, weights, precision=jax.lax.Precision.HIGHEST
+  )
   on_grid = jnp.all(
       (coords[:, :, None] >= first[None]) & (coords[:, :, None] <= last[None]),
       axis=1,
@@ -301,9 +304,9 @@ def gamma_index(
       for dose, _ in criteria
   ]
   grid = _PaddedGrid(evaluated, coords)
+  at_points = reference.flat[where]
   for out, g0, (dose_percent, dta) in zip(maps, gamma0, criteria):
     scale = 1 / (dose_percent / 100 * normalisation)
-    scaled_reference = reference.flat[where] * scale
     best2 = g0**2
     for offsets, radii in _blocks(
         pymedphys_offsets(dta, max_gamma, interp_fraction)
@@ -343,7 +346,7 @@ def gamma_index(
                     grid.flat,
                     jnp.asarray(index, jnp.int32),
                     jnp.asarray(coords[part], jnp.int32),
-                    jnp.asarray(scaled_reference[part], jnp.float32),
+                    jnp.asarray(at_points[part], jnp.float32),
                     *args,
                 )
             )[:n]
