@@ -155,8 +155,9 @@ def _window_weights(
 
 
 class _PaddedGrid:
-  """The evaluated dose on the device, padded with zeros as far as the
-  search has reached, flat; the points' flat indices in it."""
+  """The evaluated dose padded with zeros as far as the search has reached,
+  flat, on the host (float64) and on the device (float32); the points' flat
+  indices in it."""
 
   def __init__(self, evaluated: np.ndarray, coords: np.ndarray):
     self._evaluated = evaluated
@@ -167,7 +168,8 @@ class _PaddedGrid:
   def _repad(self, pad: int):
     padded = np.pad(self._evaluated, pad)  # read only by off-grid offsets
     self.strides = np.array(padded.strides) // padded.itemsize
-    self.flat = jnp.asarray(padded.ravel(), jnp.float32)
+    self.host = padded.ravel()
+    self.flat = jnp.asarray(self.host, jnp.float32)
     self.index = (self._coords + pad) @ self.strides
     self.pad = pad
 
@@ -236,13 +238,18 @@ def _block_min(
   )
 
 
-def _chunk(n: int, offsets: int) -> int:
-  """Points per kernel call: a power of 2 >= 256 holding n if it can."""
+def _chunks(n: int, offsets: int) -> Iterator[tuple[int, int]]:
+  """(start, size) of the kernel calls over n points: full calls of the most
+  points one holds, then the rest in a power of 2 >= 256 (few shapes to
+  compile, little padding)."""
   most = max(256, _CALL_ELEMENTS // max(offsets, 1))
-  size = 256
-  while size < n and size < most:
-    size *= 2
-  return size
+  start = 0
+  while start < n:
+    size = 256
+    while size < n - start and size < most:
+      size *= 2
+    yield start, size
+    start += size
 
 
 def gamma_index(
@@ -307,7 +314,8 @@ def gamma_index(
   at_points = reference.flat[where]
   for out, g0, (dose_percent, dta) in zip(maps, gamma0, criteria):
     scale = 1 / (dose_percent / 100 * normalisation)
-    best2 = g0**2
+    # Above max_gamma every value reads as it: no need to search below.
+    best2 = g0**2 if max_gamma is None else np.minimum(g0**2, max_gamma**2)
     for offsets, radii in _blocks(
         pymedphys_offsets(dta, max_gamma, interp_fraction)
     ):
@@ -320,6 +328,18 @@ def gamma_index(
       low, shape, weights = _window_weights(offsets, spacing)
       grid.reach(low, shape)
       deltas = np.stack(np.indices(shape), -1).reshape(-1, 3) @ grid.strides
+      # A block can lower gamma only where the point's dose is within DD x N
+      # x sqrt(best^2 - (d / DTA)^2) of a dose in its window (the
+      # interpolated doses lie between the window's least and greatest).
+      window = grid.host[
+          grid.index[active, None] + (low @ grid.strides + deltas)[None]
+      ]
+      dose = at_points[active]
+      gap = np.maximum(0, np.maximum(dose - window.max(1), window.min(1) - dose))
+      bound = (radii[0] / dta) ** 2 + (gap * scale) ** 2
+      active = active[bound < best2[active]]
+      if not active.size:
+        continue
       # The block padded to a power of 2 offsets that never win.
       k = len(offsets)
       size = max(_BLOCK_SIZES[0], 1 << (k - 1).bit_length())
@@ -333,9 +353,8 @@ def gamma_index(
           jnp.asarray(np.pad(first, ((0, 0), (0, size - k))), jnp.int32),
           jnp.asarray(np.pad(last, ((0, 0), (0, size - k))), jnp.int32),
       )
-      chunk = _chunk(active.size, size)
       found = []
-      for start in range(0, active.size, chunk):
+      for start, chunk in _chunks(active.size, size):
         part = active[start : start + chunk]
         n = part.size
         part = np.pad(part, (0, chunk - n), mode="edge")
