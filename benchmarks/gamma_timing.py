@@ -12,6 +12,9 @@ subsample 1. With --planes, also the seconds of the map the HTML report
 draws (`evaluate --report`): `gamma_map` up to gamma 2 on the three planes
 through the PTV centre only (`viz.view_planes`). With --predictions=DIR, the
 "prediction" is a model's `DIR/<patient>.csv` instead of the perturbed copy.
+--gamma_impl picks who computes gamma (default pymedphys, which gave the
+figures of benchmarks/NOTES.md before issue 24; `gamma_jax.py` times the two
+side by side).
 
   python benchmarks/gamma_timing.py \
       --patients=train-pats/pt_10,validation-pats/pt_202,train-pats/pt_12
@@ -64,11 +67,16 @@ def main():
   parser.add_argument('--planes', action='store_true')
   parser.add_argument('--predictions', default=None)
   parser.add_argument('--json', default=None)
+  parser.add_argument(
+      '--gamma_impl', default='pymedphys', choices=clinical.GAMMA_IMPLS
+  )
   args = parser.parse_args()
+  impl = {'gamma_impl': args.gamma_impl}
   data = common.openkbp_dir()
   fractions = [float(f) for f in args.subsample.split(',')]
   result = {
       'machine': common.machine_info(),
+      'gamma_impl': args.gamma_impl,
       'prediction': (
           args.predictions
           or 'gaussian_filter(reference, 1 voxel) * 1.02, masked'
@@ -103,6 +111,7 @@ def main():
               *criteria,
               subsample=fraction,
               seed=seed,
+              **impl,
           )
           seconds = time.perf_counter() - start
           run = {
@@ -130,6 +139,7 @@ def main():
             patient.possible_dose_mask,
             *criteria,
             max_gamma=2.0,
+            **impl,
         )
         seconds = time.perf_counter() - start
         points = ~np.isnan(gamma)
@@ -157,6 +167,7 @@ def main():
             *criteria,
             max_gamma=viz.GAMMA_MAX,
             region=region,
+            **impl,
         )
         seconds = time.perf_counter() - start
         points = ~np.isnan(gamma)

@@ -214,3 +214,25 @@ def test_bad_inputs_are_refused():
     gamma.gamma_index(dose, dose, (1, 1), points, 1.0, [(3, 3)])
   with pytest.raises(ValueError, match="gamma_impl"):
     clinical.gamma_map(dose, dose, (1, 1, 1), points, 3, 3, gamma_impl="x")
+
+
+def test_both_criteria_in_one_call_equal_one_call_each():
+  rng = np.random.default_rng(2)
+  reference = ndimage.gaussian_filter(rng.uniform(0, 70, (9, 8, 10)), 1.0)
+  evaluated = reference * rng.uniform(0.95, 1.08, reference.shape)
+  mask = np.ones(reference.shape, bool)
+  spacing = (2.5, 2.0, 3.0)
+  together = clinical.gamma_pass_rates(reference, evaluated, spacing, mask)
+  assert together == [
+      clinical.gamma_pass_rate(reference, evaluated, spacing, mask, *c)
+      for c in clinical.GAMMA_CRITERIA
+  ]
+  maps = clinical.gamma_maps(
+      reference, evaluated, spacing, mask, clinical.GAMMA_CRITERIA
+  )
+  for c, g in zip(clinical.GAMMA_CRITERIA, maps):
+    np.testing.assert_array_equal(
+        g, clinical.gamma_map(reference, evaluated, spacing, mask, *c)
+    )
+  with pytest.raises(ValueError, match="gamma_impl"):
+    clinical.ClinicalSettings(gamma_impl="numba")
