@@ -138,6 +138,32 @@ def test_search_offsets_are_pymedphys_s(distance):
 
 
 @needs_pymedphys
+@pytest.mark.parametrize("max_gamma", [1.0, 2.0, 1.5])
+def test_search_distances_are_pymedphys_s(monkeypatch, max_gamma):
+  """The shells' radii and steps pymedphys asks for when no point stops
+  early (every point fails by far), recorded from inside it."""
+  from pymedphys._utilities import createshells  # pylint: disable=g-import-not-at-top
+
+  asked = []
+  shell = createshells.calculate_coordinates_shell
+
+  def recording(distance, dimensions, step):
+    asked.append((distance, step))
+    return shell(distance, dimensions, step)
+
+  monkeypatch.setattr(createshells, "calculate_coordinates_shell", recording)
+  reference = np.full((3, 3, 3), 10.0)
+  mask = np.ones(reference.shape, bool)
+  for criteria in clinical.GAMMA_CRITERIA:
+    asked.clear()
+    clinical.gamma_map(
+        reference, reference + 50, (1.0, 1.0, 1.0), mask, *criteria,
+        max_gamma=max_gamma, gamma_impl="pymedphys",
+    )
+    assert asked == list(gamma.search_distances(criteria[1], max_gamma))
+
+
+@needs_pymedphys
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_doses_equal_pymedphys_up_to_the_grid_faces(seed):
   rng = np.random.default_rng(seed)
