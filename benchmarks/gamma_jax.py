@@ -248,8 +248,11 @@ def main():
     )
   result['summary'] = summary
   print(json.dumps(summary, indent=1))
-  print('| patient | prediction | criterion | points | ' + ' | '.join(
-      f'{i} pass rate | {i} s (load)' for i in impls) + ' |')
+  print(
+      '| patient | prediction | criterion | points | '
+      + ' | '.join(f'{i} pass rate | {i} s (load)' for i in impls)
+      + ' |'
+  )
   print('|---|---|---|---|' + '---|---|' * len(impls))
   for run in result['runs']:
     print(
@@ -262,12 +265,7 @@ def main():
         )
         + ' |'
     )
-  path = (
-      pathlib.Path(args.json) if args.json else common.default_json_path(
-          'gamma_jax')
-  )
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=1) + '\n')
+  path = common.save_json(result, args.json, 'gamma_jax')
   print(f'wrote {path}')
 
 

@@ -27,7 +27,6 @@ Writes benchmarks/results/gamma_timing_<hostname>.json (or --json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -188,13 +187,7 @@ def main():
         )
     result['patients'].append(entry)
   result['machine_after'] = {'load_average': list(os.getloadavg())}
-  path = (
-      pathlib.Path(args.json)
-      if args.json
-      else common.default_json_path('gamma_timing')
-  )
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=1) + '\n')
+  path = common.save_json(result, args.json, 'gamma_timing')
   print(f'wrote {path}')
 
 

@@ -527,14 +527,8 @@ def gamma_map(
     **kwargs: Any,
 ) -> np.ndarray:
   """`gamma_maps` of one criterion (dose %, distance mm), e.g. 3, 3."""
-  return gamma_maps(
-      reference,
-      evaluated,
-      voxel_dimensions,
-      mask,
-      [(dose_percent, distance_mm)],
-      **kwargs,
-  )[0]
+  doses = (reference, evaluated, voxel_dimensions, mask)
+  return gamma_maps(*doses, [(dose_percent, distance_mm)], **kwargs)[0]
 
 
 def gamma_pass_rates(
@@ -592,14 +586,8 @@ def gamma_pass_rate(
     **kwargs: Any,
 ) -> tuple[float, int]:
   """`gamma_pass_rates` of one criterion (dose %, distance mm)."""
-  return gamma_pass_rates(
-      reference,
-      evaluated,
-      voxel_dimensions,
-      mask,
-      [(dose_percent, distance_mm)],
-      **kwargs,
-  )[0]
+  doses = (reference, evaluated, voxel_dimensions, mask)
+  return gamma_pass_rates(*doses, [(dose_percent, distance_mm)], **kwargs)[0]
 
 
 # ------------------------------------------------------------ patients

@@ -146,9 +146,7 @@ def _window_weights(
   weights = np.zeros((*shape, len(offsets)))
   k = np.arange(len(offsets))
   for corner in np.ndindex(2, 2, 2):
-    weight = np.prod(
-        np.where(corner, fraction, 1 - fraction), axis=1
-    )  # (K,)
+    weight = np.prod(np.where(corner, fraction, 1 - fraction), axis=1)  # (K,)
     index = floor - low + corner
     np.add.at(weights, (*index.T, k), weight)
   return low, shape, weights.reshape(-1, len(offsets))
@@ -197,7 +195,9 @@ def _on_grid(
     lo = np.clip(np.ceil(-o / v).astype(int), 0, n)
     hi = np.clip(np.floor((top - o) / v).astype(int), -1, n - 1)
     for _ in range(2):  # the estimates are off by one at most
-      lo = np.where((lo > 0) & (grid[np.maximum(lo - 1, 0)] + o >= 0), lo - 1, lo)
+      lo = np.where(
+          (lo > 0) & (grid[np.maximum(lo - 1, 0)] + o >= 0), lo - 1, lo
+      )
       lo = np.where((lo < n) & (grid[lo] + o < 0), lo + 1, lo)
       hi = np.where((hi < n - 1) & (grid[hi + 1] + o <= top), hi + 1, hi)
       hi = np.where((hi >= 0) & (grid[np.maximum(hi, 0)] + o > top), hi - 1, hi)
@@ -219,9 +219,7 @@ def _gamma2(evaluated, index, reference, deltas, weights, dist2):
   # offset sum to 1): float32 rounds the small differences, not the doses.
   patches = evaluated[index[:, None] + deltas[None, :]]
   patches = patches - reference[:, None]
-  difference = jnp.matmul(
-      patches, weights, precision=jax.lax.Precision.HIGHEST
-  )
+  difference = jnp.matmul(patches, weights, precision=jax.lax.Precision.HIGHEST)
   return dist2[None, :] + difference * difference
 
 
@@ -360,8 +358,10 @@ def gamma_index(
           axis=1,
       )
       found = np.empty(active.size)
-      for subset, faces in ((np.flatnonzero(inside), False),
-                            (np.flatnonzero(~inside), True)):
+      for subset, faces in (
+          (np.flatnonzero(inside), False),
+          (np.flatnonzero(~inside), True),
+      ):
         for start, chunk in _chunks(subset.size, size):
           which = subset[start : start + chunk]
           n = which.size

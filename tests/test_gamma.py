@@ -44,8 +44,12 @@ def interior(shape, margin):
 def test_uniform_dose_scaled_gamma_is_the_dose_difference_over_dd():
   reference = np.full((7, 6, 5), 50.0)
   for dose_percent, distance_mm in clinical.GAMMA_CRITERIA:
-    g = jax_gamma(reference, reference * 1.02, (2.0, 3.0, 2.5),
-                  (dose_percent, distance_mm))
+    g = jax_gamma(
+        reference,
+        reference * 1.02,
+        (2.0, 3.0, 2.5),
+        (dose_percent, distance_mm),
+    )
     np.testing.assert_allclose(g, 2 / dose_percent, rtol=1e-6)
 
 
@@ -78,13 +82,16 @@ def test_linear_dose_shifted_gamma_is_the_search_minimum(
     # Far enough from the faces for every offset to be on the grid.
     points = interior(shape, np.ceil(2 * dta / np.asarray(spacing)).astype(int))
     g = gamma.gamma_index(
-        reference, evaluated, spacing, points, normalisation,
-        [(dose_percent, dta)], max_gamma=2.0,
+        reference,
+        evaluated,
+        spacing,
+        points,
+        normalisation,
+        [(dose_percent, dta)],
+        max_gamma=2.0,
     )[0][points]
     delta = dose_percent / 100 * normalisation
-    offsets = np.concatenate(
-        [o for o, _ in gamma.pymedphys_offsets(dta, 2.0)]
-    )
+    offsets = np.concatenate([o for o, _ in gamma.pymedphys_offsets(dta, 2.0)])
     searched = np.sqrt(
         np.sum(offsets**2, 1) / dta**2
         + ((offsets - shift_mm) @ slope / delta) ** 2
@@ -157,8 +164,13 @@ def test_search_distances_are_pymedphys_s(monkeypatch, max_gamma):
   for criteria in clinical.GAMMA_CRITERIA:
     asked.clear()
     clinical.gamma_map(
-        reference, reference + 50, (1.0, 1.0, 1.0), mask, *criteria,
-        max_gamma=max_gamma, gamma_impl="pymedphys",
+        reference,
+        reference + 50,
+        (1.0, 1.0, 1.0),
+        mask,
+        *criteria,
+        max_gamma=max_gamma,
+        gamma_impl="pymedphys",
     )
     assert asked == list(gamma.search_distances(criteria[1], max_gamma))
 
@@ -191,9 +203,10 @@ def cropped_patient(shared_openkbp):
   ).astype(int)
   region = tuple(slice(c - 8, c + 8) for c in centre)
   mask = patient.possible_dose_mask
-  prediction = np.roll(
-      ndimage.gaussian_filter(patient.dose, 1.0) * 1.03, 1, axis=2
-  ) * mask
+  prediction = (
+      np.roll(ndimage.gaussian_filter(patient.dose, 1.0) * 1.03, 1, axis=2)
+      * mask
+  )
   return (
       patient.dose[region],
       prediction[region],
@@ -233,9 +246,7 @@ def test_bad_inputs_are_refused():
   dose = np.ones((4, 4, 4))
   points = np.ones(dose.shape, bool)
   with pytest.raises(ValueError, match="not finite"):
-    gamma.gamma_index(
-        dose, dose * np.nan, (1, 1, 1), points, 1.0, [(3, 3)]
-    )
+    gamma.gamma_index(dose, dose * np.nan, (1, 1, 1), points, 1.0, [(3, 3)])
   with pytest.raises(ValueError, match="voxel dimensions"):
     gamma.gamma_index(dose, dose, (1, 1), points, 1.0, [(3, 3)])
   with pytest.raises(ValueError, match="gamma_impl"):
