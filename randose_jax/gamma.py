@@ -8,29 +8,34 @@ each criterion (dose DD % of the global normalisation N, distance DTA mm),
 
 with E the evaluated dose, linearly (trilinear) interpolated between its
 voxels, exactly over the offsets `pymedphys.gamma` (0.41, `gamma_shell`)
-tries with the options `clinical.gamma_map` passes it: shells of radius 0,
+tries with the options `clinical.gamma_maps` passes it: shells of radius 0,
 s, 2 s, ... (s = DTA / interp_fraction, the radius DTA itself always one of
 them) up to max_gamma x DTA, each shell's points on rings of elevation and
 azimuth no more than s apart (`pymedphys_offsets`). An offset whose point
 lies off the evaluated grid is skipped (pymedphys reads it as infinite
-dose), decided as scipy does it to the last bit (`_on_grid`). Gamma above max_gamma reads as max_gamma (pymedphys's clipping). So
-the values are pymedphys's up to rounding (float32 here, float64 there).
+dose), decided as scipy does it to the last bit (`_on_grid`). Gamma above
+max_gamma reads as max_gamma (pymedphys's clipping). So the values are
+pymedphys's up to rounding (float32 here, float64 there).
 
 How it is fast. Each voxel x is on the grid, so for a given offset the
 trilinear weights and the corner voxels relative to x are the same for
 every x: the interpolated doses of a block of K offsets at C points are one
 matrix product, (C x w) patches of E around the points (w = the voxels of
-the block's window) times (w x K) weights, in one jitted kernel that also
-takes the minimum over the block (`_block_min`). Offsets are sorted by
-distance as pymedphys's shells are and taken in blocks of growing size; a
-point stops searching once its gamma is <= d / DTA, d the distance of the
-next block (no farther offset can lower it: pymedphys's stop) or, with
-`stop_at_pass`, once it is < 1 (pymedphys's `skip_once_passed`: pass / fail
-exact, the value then only known to be < 1). Between blocks the host keeps
-only the points still searching, so the cost follows the points that need
-a long search. The offset 0 (the dose difference at the point) is done on
-the host for every point first. The same code runs on a GPU (the matrix
-products at full float32 precision, `jax.lax.Precision.HIGHEST`, not TF32).
+the block's window) times (w x K) weights, in one jitted kernel that XLA
+fuses with the minimum over the block (`_block_min`; the points near the
+grid's faces, whose offsets may leave it, go through
+`_block_min_near_faces`, which tests each offset and runs 4x slower).
+Offsets are sorted by distance as pymedphys's shells are and taken in
+blocks of growing size; a point stops searching once its gamma is <= d /
+DTA, d the distance of the next block (no farther offset can lower it:
+pymedphys's stop) or, with `stop_at_pass`, once it is < 1 (pymedphys's
+`skip_once_passed`: pass / fail exact, the value then only known to be
+< 1). Between blocks the host keeps only the points still searching, so the
+cost follows the points that need a long search. The offset 0 (the dose
+difference at the point) is done on the host for every point first. The
+same code runs on a GPU (the matrix products at full float32 precision,
+`jax.lax.Precision.HIGHEST`, not TF32). Several criteria share one device
+copy of the evaluated dose.
 """
 
 from __future__ import annotations
