@@ -9,8 +9,9 @@ against pymedphys (the independent reference, `gamma_impl="pymedphys"`).
 - pymedphys: its search offsets to the last bit, random doses on small
   anisotropic grids (every voxel at or next to the grid's faces, where
   pymedphys skips off-grid points), and a cropped region of a shared OpenKBP
-  patient against a smoothed, hot copy: pass rates within 0.1 percentage
-  point, gamma within 1 % where below max_gamma.
+  patient against a smoothed, shifted, hot copy: pass rates within 0.1
+  percentage point, gamma within 1 % where below max_gamma (measured: the
+  same pass rates, 88.83% and 63.54% of 1,728 points, gamma within 4.4e-6).
 """
 
 import numpy as np
@@ -195,13 +196,13 @@ def test_random_doses_equal_pymedphys_up_to_the_grid_faces(seed):
 
 @pytest.fixture(scope="module")
 def cropped_patient(shared_openkbp):
-  """A 16^3 region of a shared patient around its high dose, its dose
+  """A 12^3 region of a shared patient around its high dose, its dose
   smoothed by 1 voxel, x1.03 and shifted 1 voxel along axis 2."""
   patient = openkbp.load_patient(shared_openkbp / "validation-pats/pt_202")
   centre = np.array(
       ndimage.center_of_mass(patient.dose > 0.5 * patient.dose.max())
   ).astype(int)
-  region = tuple(slice(c - 8, c + 8) for c in centre)
+  region = tuple(slice(c - 6, c + 6) for c in centre)
   mask = patient.possible_dose_mask
   prediction = (
       np.roll(ndimage.gaussian_filter(patient.dose, 1.0) * 1.03, 1, axis=2)
@@ -226,7 +227,7 @@ def test_real_patient_region_agrees_with_pymedphys(cropped_patient, criteria):
       for impl in clinical.GAMMA_IMPLS
   ]
   (jax_rate, n), (pymedphys_rate, m) = rates
-  assert n == m > 2000
+  assert n == m > 1000
   assert 20 < pymedphys_rate < 99  # a test with failing points
   assert abs(jax_rate - pymedphys_rate) <= 0.1
   maps = [
