@@ -38,11 +38,6 @@ REPO = Path(__file__).resolve().parents[1]
 # pt_10 lacks Esophagus, Larynx, Mandible and PTV63; pt_12 has all 3 PTVs.
 REAL_PATIENTS = ('train-pats/pt_10', 'train-pats/pt_12')
 
-needs_gamma = pytest.mark.skipif(
-    not clinical.gamma_available(),
-    reason="pymedphys is not installed (pip install 'randose_jax[clinical]')",
-)
-
 
 # ------------------------------------------------------------ independent code
 
@@ -411,7 +406,6 @@ def edge_dose(shape, axis, edge, high=60.0, low=30.0):
   return np.where(index < edge, high, low)
 
 
-@needs_gamma
 def test_gamma_of_a_dose_against_itself_is_100():
   rng = np.random.default_rng(0)
   dose = rng.uniform(0, 70, (10, 9, 8))
@@ -428,7 +422,6 @@ def test_gamma_of_a_dose_against_itself_is_100():
     assert np.isnan(gamma[0]).all()  # outside the mask: not evaluated
 
 
-@needs_gamma
 @pytest.mark.parametrize('axis', [0, 1, 2])
 def test_gamma_edge_shifted_by_1mm_passes(axis):
   """3%/3mm: an edge moved 1 mm (one voxel of 1 mm along `axis`; the other
@@ -447,7 +440,6 @@ def test_gamma_edge_shifted_by_1mm_passes(axis):
     assert rate == 100.0
 
 
-@needs_gamma
 @pytest.mark.parametrize('axis', [0, 1, 2])
 def test_gamma_edge_shifted_beyond_the_dta_fails_at_the_edge(axis):
   """Anisotropic voxels (spacing[axis] = 2 mm, the others 1 mm and 0.5 mm);
@@ -483,7 +475,6 @@ def test_gamma_edge_shifted_beyond_the_dta_fails_at_the_edge(axis):
   assert rate == pytest.approx(100 * (1 - expected_fail.mean()))
 
 
-@needs_gamma
 def test_gamma_pass_rate_equals_the_longer_search():
   """The pass rate (search stopped at pass or at gamma 1) equals the pass
   rate of the gamma map searched on to gamma 1.5, on a smooth phantom and a
@@ -516,7 +507,6 @@ def test_gamma_pass_rate_equals_the_longer_search():
     assert rate == pytest.approx(full)
 
 
-@needs_gamma
 def test_gamma_subsample_is_a_reproducible_fraction():
   rng = np.random.default_rng(1)
   reference = rng.uniform(10, 70, (8, 8, 8))
@@ -605,7 +595,6 @@ def run_cli(*args):
   )
 
 
-@needs_gamma
 def test_cli_writes_the_clinical_tables(cli_folders, tmp_path):
   reference, preds = cli_folders
   out = tmp_path / 'clinical'
