@@ -8,6 +8,9 @@ predictions are kept in the repository):
   inferior) and scaled by 1.03, zero outside the possible-dose mask;
 - blur: the reference smoothed by a Gaussian of 1 voxel and scaled by 1.02,
   masked (`gamma_timing.py`'s);
+- poor (only with --predictions=...,poor): smoothed by 2 voxels, moved 1
+  voxel along axis 0 and 2 along axis 2, x 1.08, masked: most points fail,
+  each failing point's search runs to its end (the slow case);
 
 the gamma pass rates at 3%/3mm and 2%/2mm as `evaluate --clinical` computes
 them (`clinical.gamma_pass_rate`: global, 10% threshold, search stopped at
@@ -57,6 +60,10 @@ from randose_jax.data import openkbp  # noqa: E402
 PREDICTIONS = {
     'shift': 'np.roll(reference, 1, axis=2) * 1.03, masked',
     'blur': 'gaussian_filter(reference, 1 voxel) * 1.02, masked',
+    'poor': (
+        'np.roll(gaussian_filter(reference, 2 voxels), (1, 2), axis=(0, 2))'
+        ' * 1.08, masked'
+    ),
 }
 VALIDATION = 'pt_202,pt_211,pt_216,pt_219,pt_233,pt_238'
 
@@ -64,8 +71,11 @@ VALIDATION = 'pt_202,pt_211,pt_216,pt_219,pt_233,pt_238'
 def prediction(patient: openkbp.Patient, kind: str) -> np.ndarray:
   if kind == 'shift':
     moved = np.roll(patient.dose, 1, axis=2) * 1.03
-  else:
+  elif kind == 'blur':
     moved = ndimage.gaussian_filter(patient.dose, 1.0) * 1.02
+  else:
+    smooth = ndimage.gaussian_filter(patient.dose, 2.0)
+    moved = np.roll(smooth, (1, 2), axis=(0, 2)) * 1.08
   return moved * patient.possible_dose_mask
 
 

@@ -51,8 +51,10 @@ import numpy as np
 INTERP_FRACTION = 10
 # Offsets per block: the first blocks are small (most points stop there).
 _BLOCK_SIZES = (32, 128, 512, 2048)
-# The most (points x offsets) one kernel call holds (float32: 64 MiB).
-_CALL_ELEMENTS = 2**24
+# The most points one kernel call takes (x 2048 offsets: 64 MiB of float32
+# if XLA did not fuse): few call shapes, met (and compiled) on the first
+# patient rather than on the largest.
+_CALL_POINTS = 2**13
 
 
 def shell_offsets(distance: float, step: float) -> np.ndarray:
@@ -252,15 +254,14 @@ def _block_min_near_faces(
   return jnp.min(jnp.where(on_grid, gamma2, jnp.inf), axis=1)
 
 
-def _chunks(n: int, offsets: int) -> Iterator[tuple[int, int]]:
-  """(start, size) of the kernel calls over n points: full calls of the most
-  points one holds, then the rest in a power of 2 >= 256 (few shapes to
+def _chunks(n: int) -> Iterator[tuple[int, int]]:
+  """(start, size) of the kernel calls over n points: calls of
+  `_CALL_POINTS`, then the rest in a power of 2 >= 256 (few shapes to
   compile, little padding)."""
-  most = max(256, _CALL_ELEMENTS // max(offsets, 1))
   start = 0
   while start < n:
     size = 256
-    while size < n - start and size < most:
+    while size < n - start and size < _CALL_POINTS:
       size *= 2
     yield start, size
     start += size
@@ -367,7 +368,7 @@ def gamma_index(
           (np.flatnonzero(inside), False),
           (np.flatnonzero(~inside), True),
       ):
-        for start, chunk in _chunks(subset.size, size):
+        for start, chunk in _chunks(subset.size):
           which = subset[start : start + chunk]
           n = which.size
           part = np.pad(active[which], (0, chunk - n), mode="edge")
