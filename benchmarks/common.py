@@ -27,6 +27,15 @@ def default_json_path(benchmark: str) -> pathlib.Path:
   return RESULTS_DIR / f"{benchmark}_{socket.gethostname()}.json"
 
 
+def save_json(result: dict, json_path, benchmark: str) -> pathlib.Path:
+  """Writes `result` as JSON to `json_path`, or by default to
+  `default_json_path(benchmark)`; returns the path."""
+  path = pathlib.Path(json_path) if json_path else default_json_path(benchmark)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=1) + "\n")
+  return path
+
+
 def write_result(
     result: dict, json_path, benchmark: str, config: str
 ) -> pathlib.Path:
@@ -34,14 +43,7 @@ def write_result(
   benchmarks/results/<benchmark>_<config variant or 'paper'>_<hostname>.json
   (config: 'configs/openkbp.py[:variant,...]'); returns the path."""
   variant = config.partition(":")[2].replace(",", "_") or "paper"
-  path = (
-      pathlib.Path(json_path)
-      if json_path
-      else default_json_path(f"{benchmark}_{variant}")
-  )
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=1) + "\n")
-  return path
+  return save_json(result, json_path, f"{benchmark}_{variant}")
 
 
 def xla_memory(compiled) -> dict:

@@ -12,6 +12,9 @@ subsample 1. With --planes, also the seconds of the map the HTML report
 draws (`evaluate --report`): `gamma_map` up to gamma 2 on the three planes
 through the PTV centre only (`viz.view_planes`). With --predictions=DIR, the
 "prediction" is a model's `DIR/<patient>.csv` instead of the perturbed copy.
+--gamma_impl picks who computes gamma (default pymedphys, which gave the
+figures of benchmarks/NOTES.md before issue 24; `gamma_jax.py` times the two
+side by side).
 
   python benchmarks/gamma_timing.py \
       --patients=train-pats/pt_10,validation-pats/pt_202,train-pats/pt_12
@@ -24,7 +27,6 @@ Writes benchmarks/results/gamma_timing_<hostname>.json (or --json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -64,11 +66,16 @@ def main():
   parser.add_argument('--planes', action='store_true')
   parser.add_argument('--predictions', default=None)
   parser.add_argument('--json', default=None)
+  parser.add_argument(
+      '--gamma_impl', default='pymedphys', choices=clinical.GAMMA_IMPLS
+  )
   args = parser.parse_args()
+  impl = {'gamma_impl': args.gamma_impl}
   data = common.openkbp_dir()
   fractions = [float(f) for f in args.subsample.split(',')]
   result = {
       'machine': common.machine_info(),
+      'gamma_impl': args.gamma_impl,
       'prediction': (
           args.predictions
           or 'gaussian_filter(reference, 1 voxel) * 1.02, masked'
@@ -103,6 +110,7 @@ def main():
               *criteria,
               subsample=fraction,
               seed=seed,
+              **impl,
           )
           seconds = time.perf_counter() - start
           run = {
@@ -130,6 +138,7 @@ def main():
             patient.possible_dose_mask,
             *criteria,
             max_gamma=2.0,
+            **impl,
         )
         seconds = time.perf_counter() - start
         points = ~np.isnan(gamma)
@@ -157,6 +166,7 @@ def main():
             *criteria,
             max_gamma=viz.GAMMA_MAX,
             region=region,
+            **impl,
         )
         seconds = time.perf_counter() - start
         points = ~np.isnan(gamma)
@@ -177,13 +187,7 @@ def main():
         )
     result['patients'].append(entry)
   result['machine_after'] = {'load_average': list(os.getloadavg())}
-  path = (
-      pathlib.Path(args.json)
-      if args.json
-      else common.default_json_path('gamma_timing')
-  )
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=1) + '\n')
+  path = common.save_json(result, args.json, 'gamma_timing')
   print(f'wrote {path}')
 
 

@@ -65,15 +65,19 @@ Conformity at the PTV's prescription Rx (PTV56: 56 Gy, PTV63: 63, PTV70:
 Every metric is computed for the reference and the prediction by the same
 code; `difference` = predicted - reference.
 
-Gamma (`gamma_map`, `gamma_pass_rate`): global gamma of the prediction
-(evaluated dose) against the reference, computed by `pymedphys.gamma`
-(install the `clinical` extra: `pip install 'randose_jax[clinical]'`) with
-scipy's linear interpolation of the evaluated dose (`interp_algo='scipy'`;
-pymedphys's own interpolator needs numba) at DTA / 10 steps (pymedphys's
-default `interp_fraction=10`). Coordinates: array axis i at
-i * voxel_dimensions[i] mm (axis 0 anterior -> posterior, 1 right -> left,
-2 superior -> inferior, `conventions.py`), so anisotropic voxels are
-handled. The dose criterion is a percent of the global normalisation, the
+Gamma (`gamma_maps`, `gamma_pass_rates`; `gamma_map`, `gamma_pass_rate`
+for one criterion): global gamma of the prediction (evaluated dose) against
+the reference, computed (`gamma_impl`) by `randose_jax.gamma` (JAX, the
+default: pymedphys's search vectorised, the same values up to float32
+rounding, well under a second per 128^3 patient for both criteria on 2 CPU
+cores; benchmarks/NOTES.md, "Gamma in JAX") or by `pymedphys.gamma` itself
+(`"pymedphys"`, the independent reference; install the `clinical` extra:
+`pip install 'randose_jax[clinical]'`) with scipy's linear interpolation of
+the evaluated dose (`interp_algo='scipy'`; pymedphys's own interpolator
+needs numba) at DTA / 10 steps (pymedphys's default `interp_fraction=10`).
+Coordinates: array axis i at i * voxel_dimensions[i] mm (axis 0 anterior
+-> posterior, 1 right -> left, 2 superior -> inferior, `conventions.py`), so
+anisotropic voxels are handled. The dose criterion is a percent of the global normalisation, the
 reference's maximum inside the possible-dose mask. The reference points
 evaluated are the possible-dose-mask voxels whose reference dose is >= 10%
 of that maximum (the low-dose threshold); the pass rate is the percent of
@@ -81,10 +85,10 @@ them with gamma < 1 (a point without a finite gamma fails). With
 `subsample` < 1 a fixed-seed random fraction of those points is evaluated
 (what pymedphys's `random_subset` does, but reproducible); the pass rate is
 then an estimate (benchmarks/NOTES.md: time against pass rate).
-`gamma_pass_rate` stops each point's search once it passes or once gamma
+`gamma_pass_rates` stops each point's search once it passes or once gamma
 reaches 1 (`skip_once_passed=True`, `max_gamma=1`), which leaves the pass /
-fail of every point exact and saves most of the time; `gamma_map` gives the
-values themselves (up to `max_gamma`).
+fail of every point exact and saves most of the time; `gamma_maps` gives
+the values themselves (up to `max_gamma`).
 """
 
 from __future__ import annotations
@@ -118,6 +122,8 @@ DEFAULT_V_DOSES_GY = (20.0, 30.0, 40.0, 50.0)
 GAMMA_CRITERIA = ((3.0, 3.0), (2.0, 2.0))
 GAMMA_CUTOFF_PERCENT = 10.0
 GAMMA_ROI = "possible_dose_mask"
+# Who computes the gamma index: randose_jax.gamma, or pymedphys itself.
+GAMMA_IMPLS = ("jax", "pymedphys")
 
 UNIT_GY = "Gy"
 UNIT_VOLUME_PERCENT = "% of ROI volume"
@@ -331,14 +337,26 @@ def dose_metrics(
 # ------------------------------------------------------------ gamma
 
 
-def gamma_available() -> bool:
-  """Whether pymedphys (the `clinical` extra) can be imported."""
+def gamma_available(gamma_impl: str = "pymedphys") -> bool:
+  """Whether `gamma_impl` can run: always for "jax"; for "pymedphys",
+  whether pymedphys (the `clinical` extra) can be imported."""
+  _check_impl(gamma_impl)
+  if gamma_impl == "jax":
+    return True
   try:
     # pylint: disable-next=g-import-not-at-top,unused-import
     import pymedphys  # noqa: F401
   except ImportError:
     return False
   return True
+
+
+def _check_impl(gamma_impl: str):
+  if gamma_impl not in GAMMA_IMPLS:
+    raise ValueError(
+        f"gamma_impl must be one of {', '.join(GAMMA_IMPLS)}, got "
+        f"{gamma_impl!r}"
+    )
 
 
 def _pymedphys_gamma():
@@ -393,13 +411,12 @@ def gamma_points(
   return points, normalisation
 
 
-def gamma_map(
+def gamma_maps(
     reference: np.ndarray,
     evaluated: np.ndarray,
     voxel_dimensions: Sequence[float],
     mask: np.ndarray,
-    dose_percent: float,
-    distance_mm: float,
+    criteria: Sequence[tuple[float, float]],
     *,
     cutoff_percent: float = GAMMA_CUTOFF_PERCENT,
     subsample: float = 1.0,
@@ -407,14 +424,16 @@ def gamma_map(
     max_gamma: float | None = 2.0,
     stop_at_pass: bool = False,
     region: np.ndarray | None = None,
-) -> np.ndarray:
-  """Global gamma of `evaluated` against `reference` (module docstring).
+    gamma_impl: str = "jax",
+) -> list[np.ndarray]:
+  """Global gamma of `evaluated` against `reference` (module docstring), one
+  map per criterion (JAX: one call for all of them).
 
   Args:
     reference, evaluated: (D, H, W) Gy on the same grid.
     voxel_dimensions: (3,) mm along axes 0, 1, 2.
     mask: bool (D, H, W), the possible-dose mask.
-    dose_percent, distance_mm: the criteria (e.g. 3, 3).
+    criteria: ((dose %, distance mm), ...), e.g. `GAMMA_CRITERIA`.
     cutoff_percent: the low-dose threshold, % of the normalisation.
     subsample, seed: see `gamma_points`.
     max_gamma: the search stops at this gamma; larger values read as it
@@ -424,11 +443,15 @@ def gamma_map(
     region: bool (D, H, W) or None: only the points inside it are evaluated
       (e.g. the planes a figure shows, `viz.view_planes`); the normalisation
       and the low-dose threshold stay those of the whole mask.
+    gamma_impl: "jax" (`randose_jax.gamma`) or "pymedphys"; the same values
+      up to float32 rounding, except below 1 with `stop_at_pass` (where
+      each stops its search differs).
 
   Returns:
-    float64 (D, H, W): gamma at the evaluated points, NaN elsewhere (and at a
-    point where no finite gamma was found).
+    float64 (D, H, W) per criterion: gamma at the evaluated points, NaN
+    elsewhere (and at a point where no finite gamma was found).
   """
+  _check_impl(gamma_impl)
   reference = np.asarray(reference, np.float64)
   evaluated = np.asarray(evaluated, np.float64)
   if evaluated.shape != reference.shape:
@@ -457,56 +480,87 @@ def gamma_map(
       )
     points &= region
   if not points.any():
-    return np.full(reference.shape, np.nan)
+    return [np.full(reference.shape, np.nan) for _ in criteria]
+  if gamma_impl == "jax":
+    from randose_jax import gamma  # pylint: disable=g-import-not-at-top
+
+    return gamma.gamma_index(
+        reference,
+        evaluated,
+        spacing,
+        points,
+        normalisation,
+        criteria,
+        max_gamma=max_gamma,
+        stop_at_pass=stop_at_pass,
+    )
   axes = tuple(np.arange(n) * s for n, s in zip(reference.shape, spacing))
-  # pymedphys evaluates the reference points >= its cutoff: NaN (never >=)
-  # marks the others. The evaluated dose is interpolated on the whole grid.
-  gamma = _pymedphys_gamma()(
-      axes,
-      np.where(points, reference, np.nan),
-      axes,
-      evaluated,
-      dose_percent,
-      distance_mm,
-      lower_percent_dose_cutoff=cutoff_percent,
-      global_normalisation=normalisation,
-      max_gamma=max_gamma,
-      skip_once_passed=stop_at_pass,
-      interp_algo="scipy",
-      ram_available=2**29,
-  )
-  return np.where(points, gamma, np.nan)
+  maps = []
+  for dose_percent, distance_mm in criteria:
+    # pymedphys evaluates the reference points >= its cutoff: NaN (never >=)
+    # marks the others. The evaluated dose is interpolated on the whole grid.
+    gamma = _pymedphys_gamma()(
+        axes,
+        np.where(points, reference, np.nan),
+        axes,
+        evaluated,
+        dose_percent,
+        distance_mm,
+        lower_percent_dose_cutoff=cutoff_percent,
+        global_normalisation=normalisation,
+        max_gamma=max_gamma,
+        skip_once_passed=stop_at_pass,
+        interp_algo="scipy",
+        ram_available=2**29,
+    )
+    maps.append(np.where(points, gamma, np.nan))
+  return maps
 
 
-def gamma_pass_rate(
+def gamma_map(
     reference: np.ndarray,
     evaluated: np.ndarray,
     voxel_dimensions: Sequence[float],
     mask: np.ndarray,
     dose_percent: float,
     distance_mm: float,
+    **kwargs: Any,
+) -> np.ndarray:
+  """`gamma_maps` of one criterion (dose %, distance mm), e.g. 3, 3."""
+  doses = (reference, evaluated, voxel_dimensions, mask)
+  return gamma_maps(*doses, [(dose_percent, distance_mm)], **kwargs)[0]
+
+
+def gamma_pass_rates(
+    reference: np.ndarray,
+    evaluated: np.ndarray,
+    voxel_dimensions: Sequence[float],
+    mask: np.ndarray,
+    criteria: Sequence[tuple[float, float]] = GAMMA_CRITERIA,
     *,
     cutoff_percent: float = GAMMA_CUTOFF_PERCENT,
     subsample: float = 1.0,
     seed: int = 0,
-) -> tuple[float, int]:
-  """(pass rate in % of the evaluated points, number of evaluated points).
+    gamma_impl: str = "jax",
+) -> list[tuple[float, int]]:
+  """Per criterion (pass rate in % of the evaluated points, number of
+  evaluated points).
 
   A point passes when gamma < 1; the search stops at pass or at gamma 1,
-  which decides every point exactly (args as in `gamma_map`).
+  which decides every point exactly (args as in `gamma_maps`).
   """
-  gamma = gamma_map(
+  maps = gamma_maps(
       reference,
       evaluated,
       voxel_dimensions,
       mask,
-      dose_percent,
-      distance_mm,
+      criteria,
       cutoff_percent=cutoff_percent,
       subsample=subsample,
       seed=seed,
       max_gamma=1.0,
       stop_at_pass=True,
+      gamma_impl=gamma_impl,
   )
   points = gamma_points(
       reference,
@@ -517,9 +571,23 @@ def gamma_pass_rate(
   )[0]
   n = int(np.count_nonzero(points))
   if n == 0:
-    return math.nan, 0
-  passed = np.count_nonzero(gamma[points] < 1)  # NaN fails
-  return 100.0 * passed / n, n
+    return [(math.nan, 0) for _ in criteria]
+  # NaN fails
+  return [(100.0 * np.count_nonzero(g[points] < 1) / n, n) for g in maps]
+
+
+def gamma_pass_rate(
+    reference: np.ndarray,
+    evaluated: np.ndarray,
+    voxel_dimensions: Sequence[float],
+    mask: np.ndarray,
+    dose_percent: float,
+    distance_mm: float,
+    **kwargs: Any,
+) -> tuple[float, int]:
+  """`gamma_pass_rates` of one criterion (dose %, distance mm)."""
+  doses = (reference, evaluated, voxel_dimensions, mask)
+  return gamma_pass_rates(*doses, [(dose_percent, distance_mm)], **kwargs)[0]
 
 
 # ------------------------------------------------------------ patients
@@ -531,10 +599,12 @@ class ClinicalSettings:
 
   Attributes:
     v_doses_gy: the doses d of the OARs' V_d (Gy).
-    gamma: whether to compute the gamma pass rates (needs pymedphys).
+    gamma: whether to compute the gamma pass rates.
     gamma_criteria: ((dose %, distance mm), ...), global gamma.
     gamma_subsample: fraction in (0, 1] of the gamma points evaluated.
     gamma_seed: seed of that fraction's draw.
+    gamma_impl: who computes gamma, one of `GAMMA_IMPLS` ("pymedphys" needs
+      pymedphys).
   """
 
   v_doses_gy: tuple[float, ...] = DEFAULT_V_DOSES_GY
@@ -542,8 +612,10 @@ class ClinicalSettings:
   gamma_criteria: tuple[tuple[float, float], ...] = GAMMA_CRITERIA
   gamma_subsample: float = 1.0
   gamma_seed: int = 0
+  gamma_impl: str = "jax"
 
   def __post_init__(self):
+    _check_impl(self.gamma_impl)
     if any(not math.isfinite(d) or d < 0 for d in self.v_doses_gy):
       raise ValueError(
           f"V doses must be finite and >= 0 Gy, got {self.v_doses_gy!r}"
@@ -592,17 +664,19 @@ def compare_patient(
       for r, p in zip(reference, predicted)
   ]
   if settings.gamma:
-    for dose_percent, distance_mm in settings.gamma_criteria:
-      rate, _ = gamma_pass_rate(
-          patient.dose,
-          prediction,
-          patient.voxel_dimensions,
-          patient.possible_dose_mask,
-          dose_percent,
-          distance_mm,
-          subsample=settings.gamma_subsample,
-          seed=settings.gamma_seed,
-      )
+    rates = gamma_pass_rates(
+        patient.dose,
+        prediction,
+        patient.voxel_dimensions,
+        patient.possible_dose_mask,
+        settings.gamma_criteria,
+        subsample=settings.gamma_subsample,
+        seed=settings.gamma_seed,
+        gamma_impl=settings.gamma_impl,
+    )
+    for (dose_percent, distance_mm), (rate, _) in zip(
+        settings.gamma_criteria, rates
+    ):
       rows.append(
           (
               patient.patient_id,

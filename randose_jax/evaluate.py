@@ -4,7 +4,7 @@ r"""Scores a folder of predicted doses with the official OpenKBP metrics.
       --reference=provided-data/validation-pats --predictions=predictions/ \
       [--json=scores.json] [--per_roi=per_roi.csv] [--plots=DIR] \
       [--clinical=DIR] [--report=report.html] [--clinical_v_gy=20,30,40,50]
-      [--gamma=false] [--gamma_subsample=1.0]
+      [--gamma=false] [--gamma_subsample=1.0] [--gamma_impl=jax]
 
 --reference holds the patients (`pt_*/` folders with dose.csv); --predictions
 holds one `pt_*.csv` per patient, the submission format. Prints the dose score,
@@ -18,8 +18,10 @@ the prediction and their difference) and `clinical_summary.csv` (per ROI and
 metric over the patients) into DIR: the clinical metrics of
 `randose_jax/clinical.py` (target D_x, HI, conformity; OAR Dmean, D_cc,
 V_d at the --clinical_v_gy doses) and, unless --gamma=false, the global
-gamma pass rates at 3%/3mm and 2%/2mm (pymedphys; 20-70 s per 128^3
-patient on 2 CPU cores, see --gamma_subsample). --report writes one
+gamma pass rates at 3%/3mm and 2%/2mm (--gamma_impl=jax, the default:
+`randose_jax/gamma.py`, under a second per 128^3 patient on 2 CPU cores;
+--gamma_impl=pymedphys: pymedphys itself, the independent reference, 20-70 s
+per patient; see --gamma_subsample). --report writes one
 self-contained HTML file (`randose_jax/report.py`): the scores, the cohort
 summary of those clinical metrics, and per patient its metrics (differences
 outside the --report_tolerance_* and --report_gamma_min tolerances
@@ -105,8 +107,17 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
   flags.DEFINE_boolean(
       'gamma',
       True,
-      'With --clinical: the gamma pass rates (3%/3mm, '
-      '2%/2mm; needs pymedphys, the [clinical] extra).',
+      'With --clinical: the gamma pass rates (3%/3mm, 2%/2mm).',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_enum(
+      'gamma_impl',
+      'jax',
+      list(clinical.GAMMA_IMPLS),
+      'With --clinical or --report: who computes the gamma index: jax '
+      '(randose_jax/gamma.py, fast) or pymedphys (the reference '
+      'implementation, slow; needs the [clinical] extra). The same values '
+      'up to float32 rounding.',
       flag_values=flag_values,
   )
   flags.DEFINE_string(
@@ -303,8 +314,9 @@ def write_per_roi(result: evaluation.EvaluationResult, path) -> None:
 
 
 def clinical_settings_from_flags() -> clinical.ClinicalSettings:
-  """--clinical_v_gy, --gamma, --gamma_subsample as settings; a bad value,
-  or --gamma without pymedphys, is a usage error naming the flag."""
+  """--clinical_v_gy, --gamma, --gamma_subsample, --gamma_impl as settings;
+  a bad value, or --gamma_impl=pymedphys without pymedphys, is a usage error
+  naming the flag."""
   doses = []
   for text in FLAGS.clinical_v_gy:
     try:
@@ -321,15 +333,17 @@ def clinical_settings_from_flags() -> clinical.ClinicalSettings:
     raise app.UsageError(
         f'--gamma_subsample={FLAGS.gamma_subsample}: must be in (0, 1]'
     )
-  if FLAGS.gamma and not clinical.gamma_available():
+  if FLAGS.gamma and not clinical.gamma_available(FLAGS.gamma_impl):
     raise app.UsageError(
-        '--gamma: the gamma index needs pymedphys (pip install '
-        '"randose_jax[clinical]"); pass --gamma=false to skip it'
+        '--gamma_impl=pymedphys: needs pymedphys (pip install '
+        '"randose_jax[clinical]"); pass --gamma_impl=jax, or --gamma=false '
+        'to skip gamma'
     )
   return clinical.ClinicalSettings(
       v_doses_gy=tuple(doses),
       gamma=FLAGS.gamma,
       gamma_subsample=FLAGS.gamma_subsample,
+      gamma_impl=FLAGS.gamma_impl,
   )
 
 

@@ -35,10 +35,11 @@ highlighted; they are not a clinical standard, and every one can be set
 A NaN metric (e.g. a conformity index with no prescription isodose) is never
 out of tolerance; it reads "n/a".
 
-The gamma map is computed (`clinical.gamma_map`, pymedphys) only on the three
-planes the figure shows (`viz.view_planes`): the first gamma criterion of the
-settings, values up to `viz.GAMMA_MAX`, with the normalisation and low-dose
-threshold of the whole patient. It takes a fraction of the pass rates' time.
+The gamma map is computed (`clinical.gamma_map`, by the settings'
+`gamma_impl`) only on the three planes the figure shows
+(`viz.view_planes`): the first gamma criterion of the settings, values up
+to `viz.GAMMA_MAX`, with the normalisation and low-dose threshold of the
+whole patient. It takes a fraction of the pass rates' time.
 
   builder = ReportBuilder(clinical.ClinicalSettings())
   for patient, prediction in pairs:
@@ -72,6 +73,8 @@ if TYPE_CHECKING:
 
 GAMMA_LIMITS = (("3%/3mm", 95.0), ("2%/2mm", 90.0))
 OUT_MARK = "out"
+# The definitions' words for who computed gamma (`clinical.GAMMA_IMPLS`).
+_GAMMA_BY = {"jax": "randose_jax.gamma, JAX", "pymedphys": "pymedphys"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,6 +425,7 @@ class ReportBuilder:
           distance_mm,
           max_gamma=viz.GAMMA_MAX,
           region=viz.view_planes(patient.dose.shape, centre),
+          gamma_impl=self.settings.gamma_impl,
       )
       figure = viz.gamma_slices_figure(
           patient.ct,
@@ -619,7 +623,9 @@ class ReportBuilder:
         "70 Gy), the target volume being the PTVs prescribed at least as "
         "much.",
         "Gamma: global gamma of the prediction against the reference "
-        "(pymedphys), the percent of the possible-dose-mask voxels above the "
+        f"({_GAMMA_BY[self.settings.gamma_impl]}), the percent of the "
+        "possible-dose-mask "
+        "voxels above the "
         "low-dose threshold with gamma &lt; 1.",
         "OpenKBP dose error: the mean absolute difference over the "
         "possible-dose mask (the dose score is its mean over the patients).",

@@ -29,11 +29,6 @@ from randose_jax import report
 from randose_jax import viz
 from randose_jax.data import openkbp
 
-needs_gamma = pytest.mark.skipif(
-    not clinical.gamma_available(),
-    reason="pymedphys is not installed (pip install 'randose_jax[clinical]')",
-)
-
 NO_GAMMA = clinical.ClinicalSettings(gamma=False)
 _VOID = {"img", "meta", "br", "hr", "link", "input", "source", "col", "wbr"}
 
@@ -181,7 +176,6 @@ def test_view_planes_are_the_three_planes_through_the_centre():
   np.testing.assert_array_equal(viz.view_planes(shape, centre), expected)
 
 
-@needs_gamma
 def test_gamma_map_on_a_region_equals_the_full_map_there():
   """The region changes which points are evaluated, not their values (the
   normalisation and the threshold stay those of the whole mask)."""
@@ -393,7 +387,6 @@ def test_report_tolerances_change_what_is_highlighted(
   assert not parse(loose.read_text())[0].find_all("tr", "out")
 
 
-@needs_gamma
 def test_report_with_gamma(phantom_patients, tmp_path):
   patients = [phantom_patients[3]]  # +3 Gy in the possible-dose mask
   path = tmp_path / "report.html"
