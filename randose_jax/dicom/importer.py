@@ -412,6 +412,11 @@ def import_plan(
         "filled slice by slice"
     )
   voxel0 = place_box(ptv_lo, ptv_hi, body_lo, body_hi, shape, spacing)
+  # Where the import spacing is the CT's, the box moves (by under half a
+  # voxel) onto the CT's voxels: masks and CT are then copied, not blurred.
+  same = np.isclose(spacing, ct.spacing, rtol=1e-6, atol=0)
+  steps = np.rint((voxel0 - ct.axis_start()) / spacing)
+  voxel0 = np.where(same, ct.axis_start() + steps * spacing, voxel0)
   origin = AXIS_DIRECTIONS_LPS.T @ voxel0
 
   ct_crop = rasterize.resample_linear(ct, shape, spacing, origin, AIR_HU)

@@ -1,0 +1,220 @@
+"""OpenKBP patients exported as DICOM by other writers, and RTSTRUCTs read by
+other readers: the interoperability checks of `tests/test_dicom_interop.py`
+and `benchmarks/dicom_interop.py`.
+
+Writers (each an RTSTRUCT from a patient's masks, on a CT series that
+`synthetic.write_openkbp_ct` writes as a clinic would: head-first supine,
+random file names): rt-utils' `RTStructBuilder` (contours through the
+centres of the boundary pixels, OpenCV's `findContours`; platipy's
+`convert_nifti` is the same writer). Readers: rt-utils' own
+(`RTStructBuilder.create_from`: OpenCV's `fillPoly` on the rounded vertices,
+edges included), dcmrtstruct2nii's (scikit-image's `polygon2mask`, XOR per
+contour) and platipy's (vertices rounded to the nearest pixel, scikit-image's
+`polygon`, XOR), each as installed: a missing library is reported, never
+installed here. rt-utils, dcmrtstruct2nii and platipy are not dependencies
+of the project; platipy pins pydicom < 3 and runs from its own virtual
+environment (`LEGACY_PYTHON`) when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from randose_jax.conventions import ROI_NAMES
+
+# OpenKBP ROI -> the name a clinic's RTSTRUCT gives it (the importer's
+# default table maps each back).
+CLINIC_NAMES = {
+    "Brainstem": "BrainStem",
+    "SpinalCord": "SpinalCord",
+    "RightParotid": "Parotid_R",
+    "LeftParotid": "Parotid_L",
+    "Esophagus": "Esophagus",
+    "Larynx": "Larynx",
+    "Mandible": "Mandible",
+    "PTV56": "PTV_56",
+    "PTV63": "PTV_63",
+    "PTV70": "PTV_70",
+}
+BODY_NAME = "External"
+# A python with pydicom < 3, for dcmrtstruct2nii (pydicom.read_file) and
+# platipy (pins pydicom < 3), if any.
+LEGACY_PYTHON = os.environ.get(
+    "RANDOSE_LEGACY_PYTHON", "/tmp/platipy-venv/bin/python"
+)
+
+
+def available(library: str) -> str | None:
+  """None when `library` (rt_utils, dcmrtstruct2nii, platipy) can be used,
+  else why not."""
+  if library in ("platipy", "dcmrtstruct2nii"):
+    if not Path(LEGACY_PYTHON).exists():
+      return f"no python with pydicom < 3 at {LEGACY_PYTHON}"
+    module = {
+        "platipy": "platipy.dicom.io.rtstruct_to_nifti",
+        "dcmrtstruct2nii": "dcmrtstruct2nii",
+    }[library]
+    done = subprocess.run(
+        [LEGACY_PYTHON, "-c", f"import {module}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return None if done.returncode == 0 else f"{library} does not import"
+  try:
+    __import__(library)
+  except Exception as e:  # pylint: disable=broad-except
+    return f"{library} not installed ({type(e).__name__})"
+  return None
+
+
+def patient_masks(patient) -> dict[str, np.ndarray]:
+  """Clinic name -> bool mask (OpenKBP grid) of every ROI the patient has,
+  plus the body (`BODY_NAME`: the possible-dose mask)."""
+  masks = {
+      CLINIC_NAMES[name]: patient.structure_masks[..., c]
+      for c, name in enumerate(ROI_NAMES)
+      if patient.roi_present[c]
+  }
+  masks[BODY_NAME] = patient.possible_dose_mask
+  return masks
+
+
+def write_rt_utils(ct_dir, masks_stored: dict, path) -> Path:
+  """An RTSTRUCT by rt-utils from stored-layout masks (slice, row, column;
+  slices in position order), saved at `path`."""
+  import logging
+
+  from rt_utils import RTStructBuilder
+
+  logging.getLogger().setLevel(logging.WARNING)
+  rtstruct = RTStructBuilder.create_new(dicom_series_path=str(ct_dir))
+  for name, mask in masks_stored.items():
+    if mask.any():
+      rtstruct.add_roi(mask=np.transpose(mask, (1, 2, 0)), name=name)
+  rtstruct.save(str(path))
+  return Path(path)
+
+
+def read_rt_utils(ct_dir, rtstruct_path) -> dict[str, np.ndarray]:
+  """rt-utils' reader: name -> stored-layout bool mask."""
+  from rt_utils import RTStructBuilder
+
+  rt = RTStructBuilder.create_from(
+      dicom_series_path=str(ct_dir), rt_struct_path=str(rtstruct_path)
+  )
+  out = {}
+  for name in rt.get_roi_names():
+    out[name] = np.transpose(rt.get_roi_mask_by_name(name), (2, 0, 1))
+  return out
+
+
+_LEGACY_SCRIPT = """
+import logging, sys
+from pathlib import Path
+import numpy as np, pydicom, SimpleITK as sitk
+logging.disable(logging.WARNING)
+reader, ct_dir, rtstruct, out = sys.argv[1:]
+masks = {}
+if reader == "platipy":
+  from platipy.dicom.io import rtstruct_to_nifti as r
+  image = r.read_dicom_image(ct_dir)
+  found, names = r.transform_point_set_from_dicom_struct(
+      image, pydicom.dcmread(rtstruct))
+  masks = {n: sitk.GetArrayFromImage(m) > 0 for m, n in zip(found, names)}
+else:
+  from dcmrtstruct2nii import dcmrtstruct2nii, list_rt_structs
+  work = Path(out).parent / "d2n"
+  dcmrtstruct2nii(rtstruct, ct_dir, str(work), convert_original_dicom=False)
+  for name in list_rt_structs(rtstruct):
+    f = work / ("mask_" + name.replace(" ", "-") + ".nii.gz")
+    if f.exists():
+      masks[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(f))) > 0
+np.savez_compressed(out, **masks)
+"""
+
+
+def read_legacy(reader: str, ct_dir, rtstruct_path, work) -> dict:
+  """dcmrtstruct2nii's or platipy's reader (both need pydicom < 3: run in
+  `LEGACY_PYTHON`): name -> stored-layout bool mask (SimpleITK's array
+  order is (slice, row, column) already; platipy writes spaces as '_')."""
+  out = Path(work) / f"{reader}.npz"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  subprocess.run(
+      [
+          LEGACY_PYTHON,
+          "-c",
+          _LEGACY_SCRIPT,
+          reader,
+          str(ct_dir),
+          str(rtstruct_path),
+          str(out),
+      ],
+      check=True,
+      capture_output=True,
+      env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+  )
+  with np.load(out) as data:
+    return {k: data[k] for k in data.files}
+
+
+def imported_masks(output_dir, to_stored, ct_shape) -> dict:
+  """OpenKBP ROI -> stored-layout bool mask of `dicom_import`'s output (one
+  patient folder under `output_dir`), placed on the CT's grid through its
+  `dicom_geometry.json` (the import grid must share the CT's spacing: the
+  box lies on the CT's lattice then)."""
+  from randose_jax.data import openkbp
+
+  (folder,) = openkbp.list_patient_dirs(output_dir)
+  info = json.loads((folder / "dicom_geometry.json").read_text())
+  patient = openkbp.load_patient(folder)
+  ct = info["ct_grid"]
+  # Canonical axis start of both grids (the project's axes).
+  from randose_jax.conventions import AXIS_DIRECTIONS_LPS
+
+  spacing = np.asarray(info["voxel_dimensions"])
+  ct_start = AXIS_DIRECTIONS_LPS @ np.asarray(ct["origin_lps_mm"])
+  box_start = AXIS_DIRECTIONS_LPS @ np.asarray(info["origin_lps_mm"])
+  shift = (box_start - ct_start) / spacing
+  assert np.allclose(shift, np.rint(shift), atol=1e-3), shift
+  shift = np.rint(shift).astype(int)
+  canon_shape = np.asarray(ct["shape"])
+  out = {}
+  masks = {
+      name: patient.structure_masks[..., c]
+      for c, name in enumerate(ROI_NAMES)
+      if patient.roi_present[c]
+  }
+  masks[BODY_NAME] = patient.possible_dose_mask
+  for name, mask in masks.items():
+    full = np.zeros(tuple(canon_shape), bool)
+    src = [
+        slice(max(0, -s), min(m, n - s))
+        for s, m, n in zip(shift, mask.shape, canon_shape)
+    ]
+    dst = [
+        slice(max(0, s), max(0, s) + (r.stop - r.start))
+        for s, r in zip(shift, src)
+    ]
+    full[tuple(dst)] = mask[tuple(src)]
+    # The CT grid's canonical array is the OpenKBP layout here (HFS).
+    out[name] = to_stored(full)
+  assert tuple(canon_shape) == tuple(np.asarray(ct_shape)[[1, 2, 0]]), ct
+  return out
+
+
+def compare(reference: np.ndarray, other: np.ndarray, voxel_cc: float):
+  """{'cc': reference volume, 'dice', 'volume_ratio'} of two bool masks."""
+  a, b = reference.sum(), other.sum()
+  inter = np.count_nonzero(reference & other)
+  return {
+      "cc": round(float(a * voxel_cc), 2),
+      "dice": round(float(2 * inter / max(a + b, 1)), 4),
+      "volume_ratio": round(float(b / max(a, 1)), 4),
+  }
