@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import shutil
 import sys
 import tempfile
 import time
@@ -36,58 +35,6 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import common  # pylint: disable=wrong-import-position
 
 MIN_CC = 5.0
-
-
-def one_patient(patient_dir, work: pathlib.Path, readers=()) -> dict:
-  """{reader or 'dicom_import': {structure: compare()}} for one patient."""
-  import numpy as np
-
-  from randose_jax.data import openkbp
-  from randose_jax.dicom import importer, interop, synthetic
-
-  patient = openkbp.load_patient(patient_dir)
-  src = work / "dicom"
-  ct_dir = src / "ct"
-  info = synthetic.write_openkbp_ct(ct_dir, patient, seed=0)
-  # rt-utils reads a folder of the series only: gather the slices.
-  flat = work / "ct_flat"
-  flat.mkdir(parents=True)
-  for k, f in enumerate(info["ct_files"]):
-    shutil.copyfile(f, flat / f"{k:04d}.dcm")
-  originals = {
-      name: info["to_stored"](mask)
-      for name, mask in interop.patient_masks(patient).items()
-  }
-  rtstruct = interop.write_rt_utils(flat, originals, src / "rtstruct.dcm")
-  voxel_cc = float(np.prod(patient.voxel_dimensions)) / 1000
-  results = {}
-  importer.import_folder(
-      src,
-      work / "out",
-      spacing=tuple(patient.voxel_dimensions),
-      shape=patient.ct.shape,
-      progress=False,
-  )
-  ours = interop.imported_masks(
-      work / "out", info["to_stored"], originals["External"].shape
-  )
-  by_clinic = {interop.CLINIC_NAMES.get(k, k): v for k, v in ours.items()}
-  results["dicom_import"] = {
-      name: interop.compare(originals[name], by_clinic[name], voxel_cc)
-      for name in originals
-      if name in by_clinic
-  }
-  for reader in readers:
-    if reader == "rt_utils":
-      read = interop.read_rt_utils(flat, rtstruct)
-    else:
-      read = interop.read_legacy(reader, flat, rtstruct, work / reader)
-    results[reader] = {
-        name: interop.compare(originals[name], read[name], voxel_cc)
-        for name in originals
-        if name in read
-    }
-  return results
 
 
 def worst(per_patient: dict) -> dict:
@@ -127,7 +74,9 @@ def main():
   dirs = dirs[: args.patients]
   readers = []
   for r in args.readers.split(","):
-    why = interop.available(r) if r else "none"
+    why = interop.available(r) if r else None
+    if not r:
+      continue
     if why:
       print(f"reader {r}: skipped ({why})", flush=True)
     else:
@@ -136,27 +85,55 @@ def main():
   t0 = time.perf_counter()
   for d in dirs:
     with tempfile.TemporaryDirectory() as tmp:
-      per_patient[d.name] = one_patient(d, pathlib.Path(tmp), readers)
+      per_patient[d.name] = interop.openkbp_case(d, pathlib.Path(tmp), readers)
     w = worst({d.name: per_patient[d.name]})
     print(
         d.name,
         {k: (v["min_dice"], v["max_volume_error"]) for k, v in w.items()},
         flush=True,
     )
+  seconds = time.perf_counter() - t0
+  with tempfile.TemporaryDirectory() as tmp:
+    synthetic_rows = interop.synthetic_case(pathlib.Path(tmp), readers)
+  pydicom_rows = {}
+  for on_centres in (True, False):
+    with tempfile.TemporaryDirectory() as tmp:
+      pydicom_rows["on pixel centres" if on_centres else "on pixel edges"] = (
+          interop.pydicom_case(
+              pathlib.Path(tmp),
+              [r for r in readers if r != "rt_utils"],
+              on_centres=on_centres,
+          )
+      )
   result = {
       "benchmark": "dicom_interop",
-      "writer": "rt-utils 1.2.7 (RTStructBuilder; platipy's writer)",
-      "patients": len(dirs),
+      "rt_utils_writer": {
+          "writer": "rt-utils 1.2.7 RTStructBuilder (platipy's writer too)",
+          "patients": len(dirs),
+          "seconds": round(seconds, 1),
+          "worst": worst(per_patient),
+          "per_patient": per_patient,
+      },
+      "synthetic_writer": {
+          "worst": worst({"synthetic": synthetic_rows}),
+          "structures": synthetic_rows,
+      },
+      "pydicom_rtstruct": pydicom_rows,
       "min_cc": MIN_CC,
-      "seconds": round(time.perf_counter() - t0, 1),
-      "worst": worst(per_patient),
-      "per_patient": per_patient,
       "machine": common.machine_info(),
   }
   text = json.dumps(result, indent=1)
   if args.json:
     pathlib.Path(args.json).write_text(text + "\n")
-  print(json.dumps(result["worst"], indent=1))
+  print(
+      json.dumps(
+          {
+              k: result[k]
+              for k in ("rt_utils_writer", "synthetic_writer", "pydicom_rtstruct")
+          },
+          indent=1,
+      )[:6000]
+  )
 
 
 if __name__ == "__main__":

@@ -111,7 +111,10 @@ def read_rt_utils(ct_dir, rtstruct_path) -> dict[str, np.ndarray]:
   )
   out = {}
   for name in rt.get_roi_names():
-    out[name] = np.transpose(rt.get_roi_mask_by_name(name), (2, 0, 1))
+    try:
+      out[name] = np.transpose(rt.get_roi_mask_by_name(name), (2, 0, 1))
+    except AttributeError:  # an ROI without ContourSequence: it fails
+      continue
   return out
 
 
@@ -164,12 +167,13 @@ def read_legacy(reader: str, ct_dir, rtstruct_path, work) -> dict:
     return {k: data[k] for k in data.files}
 
 
-def imported_masks(output_dir, to_stored, ct_shape) -> dict:
+def imported_masks(output_dir) -> dict:
   """OpenKBP ROI -> stored-layout bool mask of `dicom_import`'s output (one
   patient folder under `output_dir`), placed on the CT's grid through its
   `dicom_geometry.json` (the import grid must share the CT's spacing: the
-  box lies on the CT's lattice then)."""
+  box lies on the CT's lattice then; the CT head-first supine)."""
   from randose_jax.data import openkbp
+  from randose_jax.dicom import synthetic
 
   (folder,) = openkbp.list_patient_dirs(output_dir)
   info = json.loads((folder / "dicom_geometry.json").read_text())
@@ -203,9 +207,7 @@ def imported_masks(output_dir, to_stored, ct_shape) -> dict:
         for s, r in zip(shift, src)
     ]
     full[tuple(dst)] = mask[tuple(src)]
-    # The CT grid's canonical array is the OpenKBP layout here (HFS).
-    out[name] = to_stored(full)
-  assert tuple(canon_shape) == tuple(np.asarray(ct_shape)[[1, 2, 0]]), ct
+    out[name] = synthetic.hfs_stored(full)  # an HFS CT's stored layout
   return out
 
 
@@ -218,3 +220,192 @@ def compare(reference: np.ndarray, other: np.ndarray, voxel_cc: float):
       "dice": round(float(2 * inter / max(a + b, 1)), 4),
       "volume_ratio": round(float(b / max(a, 1)), 4),
   }
+
+
+def _read(reader, ct_dir, rtstruct, work):
+  if reader == "rt_utils":
+    return read_rt_utils(ct_dir, rtstruct)
+  return read_legacy(reader, ct_dir, rtstruct, Path(work) / reader)
+
+
+def _flat_copy(files, folder: Path) -> Path:
+  """The CT slices copied into one folder (rt-utils and dcmrtstruct2nii read
+  a folder holding the series only)."""
+  import shutil
+
+  folder.mkdir(parents=True)
+  for k, f in enumerate(files):
+    shutil.copyfile(f, folder / f"{k:04d}.dcm")
+  return folder
+
+
+def _import_on_ct(src: Path, out: Path, spacing, shape) -> dict:
+  from randose_jax.dicom import importer
+
+  rows = importer.import_folder(
+      src, out, spacing=tuple(spacing), shape=tuple(shape), progress=False
+  )
+  return rows[0]
+
+
+def openkbp_case(patient_dir, work, readers=()) -> dict:
+  """An OpenKBP patient written by rt-utils (clinic names, the possible-dose
+  mask as External) and imported on the CT's own grid; each reader reads
+  the same files. Returns {'dicom_import' or reader: {structure: compare()}},
+  all against the original masks."""
+  from randose_jax.data import openkbp
+  from randose_jax.dicom import synthetic
+
+  work = Path(work)
+  patient = openkbp.load_patient(patient_dir)
+  src = work / "dicom"
+  info = synthetic.write_openkbp_ct(src / "ct", patient, seed=0)
+  flat = _flat_copy(info["ct_files"], work / "ct_flat")
+  originals = {
+      name: synthetic.hfs_stored(mask)
+      for name, mask in patient_masks(patient).items()
+  }
+  rtstruct = write_rt_utils(flat, originals, src / "rtstruct.dcm")
+  voxel_cc = float(np.prod(patient.voxel_dimensions)) / 1000
+  _import_on_ct(src, work / "out", patient.voxel_dimensions, patient.ct.shape)
+  ours = {
+      CLINIC_NAMES.get(k, k): v
+      for k, v in imported_masks(work / "out").items()
+  }
+  results = {"dicom_import": ours}
+  for reader in readers:
+    results[reader] = _read(reader, flat, rtstruct, work)
+  return {
+      who: {
+          name: compare(originals[name], got[name], voxel_cc)
+          for name in originals
+          if name in got
+      }
+      for who, got in results.items()
+  }
+
+
+# The synthetic writer's CT: slices, rows, columns; mm.
+SYNTHETIC_SHAPE, SYNTHETIC_SPACING = (48, 96, 96), (2.5, 2.0, 2.0)
+
+
+def synthetic_case(work, readers=()) -> dict:
+  """The project's synthetic writer (`synthetic.write_patient`: contours of
+  72 points drawn freely, HFS) imported on the CT's own grid, against the
+  phantom's cross-section at each pixel centre (the truth); each reader reads
+  the same files. Returns {who: {structure: compare()}}."""
+  from randose_jax.dicom import synthetic
+
+  work = Path(work)
+  record = synthetic.write_patient(
+      work / "dicom",
+      shape=SYNTHETIC_SHAPE,
+      spacing=SYNTHETIC_SPACING,
+      with_plan=False,
+      with_dose=False,
+  )
+  phantom = record["phantom"]
+  row, col, _, ipp = synthetic.ct_positions(
+      phantom, "HFS", SYNTHETIC_SHAPE, SYNTHETIC_SPACING
+  )
+  r, c = np.meshgrid(
+      np.arange(SYNTHETIC_SHAPE[1]), np.arange(SYNTHETIC_SHAPE[2]), indexing="ij"
+  )
+  points = (
+      ipp[:, None, None, :]
+      + (r[..., None] * SYNTHETIC_SPACING[1]) * col
+      + (c[..., None] * SYNTHETIC_SPACING[2]) * row
+  ).reshape(-1, 3)
+  truth = {
+      s.name: phantom.inside(s.name, points, ipp[:, 2]).reshape(
+          SYNTHETIC_SHAPE
+      )
+      for s in phantom.shapes
+  }
+  row_out = _import_on_ct(
+      work / "dicom",
+      work / "out",
+      np.asarray(SYNTHETIC_SPACING)[[1, 2, 0]],
+      np.asarray(SYNTHETIC_SHAPE)[[1, 2, 0]],
+  )
+  imported = imported_masks(work / "out")
+  ours = {BODY_NAME: imported.pop(BODY_NAME)}
+  for target, names in row_out["mapped"].items():
+    if len(names) == 1 and target in imported:
+      ours[names[0]] = imported[target]
+  results = {"dicom_import": ours}
+  flat = _flat_copy(record["ct_files"], work / "ct_flat")
+  for reader in readers:
+    got = _read(reader, flat, record["rtstruct"], work)
+    results[reader] = {k.replace("_", " "): v for k, v in got.items()} | got
+  voxel_cc = float(np.prod(SYNTHETIC_SPACING)) / 1000
+  return {
+      who: {
+          name: compare(truth[name], got[name], voxel_cc)
+          for name in truth
+          if name in got
+      }
+      for who, got in results.items()
+  }
+
+
+def pydicom_case(work, readers=(), on_centres=True) -> dict:
+  """pydicom's own test RTSTRUCT (rtstruct.dcm: a 400 x 300 mm rectangle on
+  three slices, two POINT ROIs) on a CT made for it (its series UID; 2 mm
+  pixels whose centres the rectangle's edges pass through, or halfway
+  between them when not `on_centres`): `rasterize` against each reader
+  (there is no original). Returns {reader: {'patient': compare()}}."""
+  import pydicom
+  from pydicom.data import get_testdata_file
+
+  from randose_jax.dicom import rasterize, series, synthetic
+
+  work = Path(work)
+  path = get_testdata_file("rtstruct.dcm")
+  ss = pydicom.dcmread(path, force=True)
+  frame = ss.ReferencedFrameOfReferenceSequence[0]
+  series_uid = (
+      frame.RTReferencedStudySequence[0]
+      .RTReferencedSeriesSequence[0]
+      .SeriesInstanceUID
+  )
+  shape, spacing = (5, 180, 220), (10.0, 2.0, 2.0)
+  ids = {
+      "patient_id": str(ss.PatientID),
+      "patient_name": str(ss.PatientName),
+      "study": str(ss.StudyInstanceUID),
+      "frame": str(frame.FrameOfReferenceUID),
+  }
+  shift = 0.0 if on_centres else 1.0
+  first = np.array([-220.0 + shift, -180.0 + shift, -210.0])
+  ipp = first + np.arange(shape[0])[:, None] * np.array([0, 0, spacing[0]])
+  ct_dir = work / "ct"
+  files, _ = synthetic.write_ct_series(
+      ct_dir,
+      lambda k: np.zeros(shape[1:]),
+      ids=ids,
+      series_uid=str(series_uid),
+      orientation="HFS",
+      ipp=ipp,
+      spacing=spacing,
+      shape=shape,
+      rng=np.random.default_rng(0),
+  )
+  flat = _flat_copy(files, work / "ct_flat")
+  rtstruct = work / "rtstruct.dcm"
+  ss.save_as(rtstruct, enforce_file_format=True)
+  grid = series.StoredGrid(
+      shape, np.eye(3)[[2, 1, 0]], np.array(spacing), first
+  )
+  roi = ss.ROIContourSequence[0]
+  polygons, _ = rasterize.contour_polygons(roi, grid, "patient", path)
+  stored = rasterize.rasterize(polygons, grid)
+  ours = np.zeros(shape, bool)
+  lo, hi = stored.start, stored.stop
+  ours[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = stored.mask
+  voxel_cc = float(np.prod(spacing)) / 1000
+  out = {}
+  for reader in readers:
+    got = _read(reader, flat, rtstruct, work)
+    out[reader] = {"patient": compare(got["patient"], ours, voxel_cc)}
+  return out

@@ -217,6 +217,11 @@ def ct_positions(phantom: Phantom, orientation: str, shape, spacing):
   return row, col, normal, ipp
 
 
+def hfs_stored(array: np.ndarray) -> np.ndarray:
+  """An array in the project's axes (A->P, R->L, S->I) in the stored layout
+  of a head-first supine CT: (slice, row, column), slices inferior first."""
+  return np.ascontiguousarray(np.transpose(array, (2, 0, 1))[::-1])
+
 def write_ct_series(
     folder, slice_hu, *, ids, series_uid, orientation, ipp, spacing, shape, rng
 ):
@@ -261,9 +266,8 @@ def write_openkbp_ct(folder, patient, *, seed: int = 0, patient_id=None):
   clinic exports it: random file names), its grid centred at the origin.
 
   Returns:
-    {'ct_files', 'uids' (study, frame, ct_series), 'to_stored'}: `to_stored`
-    maps an array on the OpenKBP grid (axes A->P, R->L, S->I) to the stored
-    (slice, row, column) layout, slices inferior first.
+    {'ct_files', 'uids' (study, frame, ct_series)}; `hfs_stored` gives an
+    array of the OpenKBP grid in the series' stored layout.
   """
   folder = Path(folder)
   rng = np.random.default_rng(seed)
@@ -275,10 +279,7 @@ def write_openkbp_ct(folder, patient, *, seed: int = 0, patient_id=None):
       "frame": _uid(rng),
   }
 
-  def to_stored(array):
-    return np.ascontiguousarray(np.transpose(array, (2, 0, 1))[::-1])
-
-  hu = to_stored(patient.ct).astype(np.float64) - 1024
+  hu = hfs_stored(patient.ct).astype(np.float64) - 1024
   vd = np.asarray(patient.voxel_dimensions, np.float64)
   spacing = (vd[2], vd[0], vd[1])  # slice, row (A->P), column (R->L)
   shape = hu.shape
@@ -303,7 +304,6 @@ def write_openkbp_ct(folder, patient, *, seed: int = 0, patient_id=None):
           "frame": ids["frame"],
           "ct_series": series_uid,
       },
-      "to_stored": to_stored,
   }
 
 
@@ -396,9 +396,13 @@ def write_patient(
         0,
     ]
     roi_contour.ContourSequence = Sequence([])
-    for z in slice_z:
+    for z, slice_uid in zip(slice_z, slice_uids):
       for points in phantom.contours(s.name, z):
         c = Dataset()
+        image = Dataset()
+        image.ReferencedSOPClassUID = CT_STORAGE
+        image.ReferencedSOPInstanceUID = slice_uid
+        c.ContourImageSequence = Sequence([image])
         c.ContourGeometricType = "CLOSED_PLANAR"
         c.NumberOfContourPoints = len(points)
         c.ContourData = [round(float(v), 3) for v in points.ravel()]
