@@ -269,8 +269,7 @@ def openkbp_case(patient_dir, work, readers=()) -> dict:
   voxel_cc = float(np.prod(patient.voxel_dimensions)) / 1000
   _import_on_ct(src, work / "out", patient.voxel_dimensions, patient.ct.shape)
   ours = {
-      CLINIC_NAMES.get(k, k): v
-      for k, v in imported_masks(work / "out").items()
+      CLINIC_NAMES.get(k, k): v for k, v in imported_masks(work / "out").items()
   }
   results = {"dicom_import": ours}
   for reader in readers:
@@ -309,7 +308,9 @@ def synthetic_case(work, readers=()) -> dict:
       phantom, "HFS", SYNTHETIC_SHAPE, SYNTHETIC_SPACING
   )
   r, c = np.meshgrid(
-      np.arange(SYNTHETIC_SHAPE[1]), np.arange(SYNTHETIC_SHAPE[2]), indexing="ij"
+      np.arange(SYNTHETIC_SHAPE[1]),
+      np.arange(SYNTHETIC_SHAPE[2]),
+      indexing="ij",
   )
   points = (
       ipp[:, None, None, :]
@@ -317,9 +318,7 @@ def synthetic_case(work, readers=()) -> dict:
       + (c[..., None] * SYNTHETIC_SPACING[2]) * row
   ).reshape(-1, 3)
   truth = {
-      s.name: phantom.inside(s.name, points, ipp[:, 2]).reshape(
-          SYNTHETIC_SHAPE
-      )
+      s.name: phantom.inside(s.name, points, ipp[:, 2]).reshape(SYNTHETIC_SHAPE)
       for s in phantom.shapes
   }
   row_out = _import_on_ct(

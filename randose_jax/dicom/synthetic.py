@@ -222,6 +222,7 @@ def hfs_stored(array: np.ndarray) -> np.ndarray:
   of a head-first supine CT: (slice, row, column), slices inferior first."""
   return np.ascontiguousarray(np.transpose(array, (2, 0, 1))[::-1])
 
+
 def write_ct_series(
     folder, slice_hu, *, ids, series_uid, orientation, ipp, spacing, shape, rng
 ):
