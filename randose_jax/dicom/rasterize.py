@@ -40,8 +40,10 @@ PLANARITY_TOLERANCE = 0.1
 # A pixel whose centre lies this close to a contour (in pixels) is on it.
 ON_CONTOUR_TOLERANCE = 0.01
 # A contour may have at most this many points per pixel of its slice (an
-# outline through every pixel corner, twice, needs 2 per pixel).
+# outline through every pixel corner, twice, needs 2 per pixel), or
+# MIN_POINT_LIMIT on a small image; its outline as many pixel steps.
 MAX_POINTS_PER_PIXEL = 4
+MIN_POINT_LIMIT = 200_000
 CONTOUR_DATA = 0x30060050
 
 
@@ -91,7 +93,7 @@ def contour_values(contour, max_values: int, where: str) -> np.ndarray:
   if count > max_values:
     raise DicomError(
         f"{where}: ContourData has {count // 3:,} points, more than a slice "
-        f"could need ({max_values // 3:,}: {MAX_POINTS_PER_PIXEL} per pixel)"
+        f"could need (at most {max_values // 3:,})"
     )
   raw = values()
   try:
@@ -126,8 +128,9 @@ def contour_polygons(roi_contour, grid: series.StoredGrid, name: str, path=""):
     DicomError naming `path`: see `contour_values`.
   """
   polygons, warnings, skipped = [], [], {}
-  max_values = (
-      3 * MAX_POINTS_PER_PIXEL * (grid.shape[1] + 1) * (grid.shape[2] + 1)
+  max_values = 3 * max(
+      MIN_POINT_LIMIT,
+      MAX_POINTS_PER_PIXEL * (grid.shape[1] + 1) * (grid.shape[2] + 1),
   )
   for i, contour in enumerate(roi_contour.get("ContourSequence", []) or []):
     kind = str(contour.get("ContourGeometricType", "CLOSED_PLANAR")).upper()
