@@ -250,7 +250,7 @@ def _import_on_ct(src: Path, out: Path, spacing, shape) -> dict:
 
 def openkbp_case(patient_dir, work, readers=()) -> dict:
   """An OpenKBP patient written by rt-utils (clinic names, the possible-dose
-  mask as External) and imported on the CT's own grid; each reader reads
+  mask as External) and imported on the CT's own spacing; each reader reads
   the same files. Returns {'dicom_import' or reader: {structure: compare()}},
   all against the original masks."""
   from randose_jax.data import openkbp
@@ -267,7 +267,14 @@ def openkbp_case(patient_dir, work, readers=()) -> dict:
   }
   rtstruct = write_rt_utils(flat, originals, src / "rtstruct.dcm")
   voxel_cc = float(np.prod(patient.voxel_dimensions)) / 1000
-  _import_on_ct(src, work / "out", patient.voxel_dimensions, patient.ct.shape)
+  # A box 16 voxels longer than the CT on each axis holds all of it: what is
+  # compared is the rasterising, not where the box is placed.
+  _import_on_ct(
+      src,
+      work / "out",
+      patient.voxel_dimensions,
+      [n + 16 for n in patient.ct.shape],
+  )
   ours = {
       CLINIC_NAMES.get(k, k): v for k, v in imported_masks(work / "out").items()
   }
