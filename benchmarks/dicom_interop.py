@@ -129,7 +129,11 @@ def main():
       json.dumps(
           {
               k: result[k]
-              for k in ("rt_utils_writer", "synthetic_writer", "pydicom_rtstruct")
+              for k in (
+                  "rt_utils_writer",
+                  "synthetic_writer",
+                  "pydicom_rtstruct",
+              )
           },
           indent=1,
       )[:6000]

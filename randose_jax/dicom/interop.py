@@ -222,6 +222,19 @@ def compare(reference: np.ndarray, other: np.ndarray, voxel_cc: float):
   }
 
 
+def compare_all(reference: dict, results: dict, voxel_cc: float) -> dict:
+  """{who: {structure: compare()}} of each {who: {structure: mask}} against
+  the `reference` masks of the same names."""
+  return {
+      who: {
+          name: compare(reference[name], got[name], voxel_cc)
+          for name in reference
+          if name in got
+      }
+      for who, got in results.items()
+  }
+
+
 def _read(reader, ct_dir, rtstruct, work):
   if reader == "rt_utils":
     return read_rt_utils(ct_dir, rtstruct)
@@ -281,14 +294,7 @@ def openkbp_case(patient_dir, work, readers=()) -> dict:
   results = {"dicom_import": ours}
   for reader in readers:
     results[reader] = _read(reader, flat, rtstruct, work)
-  return {
-      who: {
-          name: compare(originals[name], got[name], voxel_cc)
-          for name in originals
-          if name in got
-      }
-      for who, got in results.items()
-  }
+  return compare_all(originals, results, voxel_cc)
 
 
 # The synthetic writer's CT: slices, rows, columns; mm.
@@ -345,14 +351,7 @@ def synthetic_case(work, readers=()) -> dict:
     got = _read(reader, flat, record["rtstruct"], work)
     results[reader] = {k.replace("_", " "): v for k, v in got.items()} | got
   voxel_cc = float(np.prod(SYNTHETIC_SPACING)) / 1000
-  return {
-      who: {
-          name: compare(truth[name], got[name], voxel_cc)
-          for name in truth
-          if name in got
-      }
-      for who, got in results.items()
-  }
+  return compare_all(truth, results, voxel_cc)
 
 
 def pydicom_case(work, readers=(), on_centres=True) -> dict:
