@@ -272,12 +272,38 @@ sys.stderr.write(done.stderr)
 """
 
 
+def huge_image(slices: list, implicit: bool = False) -> Path:
+  """Rows = Columns = 60000 on every CT slice (402 GiB as float32); returns
+  the slice the scan meets first (sorted paths), which the error names."""
+  import warnings
+
+  for path in slices:
+    ds = pydicom.dcmread(path)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      ds.Rows = ds.Columns = 60000
+      if implicit:
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+      ds.save_as(path, enforce_file_format=True)
+  return sorted(slices)[0]
+
+
 @pytest.mark.parametrize(
     "implicit", [False, True], ids=["explicit", "implicit"]
 )
-def test_huge_contour_is_refused_in_bounded_memory(implicit, tmp_path):
+@pytest.mark.parametrize("kind", ["contour", "image"])
+def test_huge_input_is_refused_in_bounded_memory(kind, implicit, tmp_path):
+  """A 10-million-point contour, or CT slices of 60000 x 60000: one error
+  line naming the file, exit 2, nothing written, under 1 GiB peak (the
+  import's process, `ru_maxrss` of a child; the time is printed, not
+  asserted)."""
   src, record = _one_patient(tmp_path)
-  huge_contour(record["rtstruct"], implicit)
+  if kind == "contour":
+    named = huge_contour(record["rtstruct"], implicit)
+    what = "10,000,000 points"
+  else:
+    named = huge_image(record["ct_files"], implicit)
+    what = "Rows is 60000"
   done = subprocess.run(
       [
           sys.executable,
@@ -296,10 +322,12 @@ def test_huge_contour_is_refused_in_bounded_memory(implicit, tmp_path):
   code, seconds, max_rss_kib = done.stdout.split()
   lines = done.stderr.strip().splitlines()
   assert code == "2" and len(lines) == 1, done.stderr
-  assert str(record["rtstruct"]) in lines[0] and "10,000,000 points" in lines[0]
+  assert lines[0].startswith("error: ") and str(named) in lines[0], lines
+  assert what in lines[0], lines
   assert int(max_rss_kib) < 1024**2, max_rss_kib  # under 1 GiB peak
   print(
-      f"refused in {float(seconds):.1f} s, peak {int(max_rss_kib) / 1024:.0f} MiB"
+      f"{kind} refused in {float(seconds):.1f} s, peak "
+      f"{int(max_rss_kib) / 1024:.0f} MiB"
   )
   assert not (tmp_path / "out").exists()
 

@@ -69,7 +69,7 @@ from randose_jax import fileio
 from randose_jax.data import openkbp
 from randose_jax.data import phantoms
 from randose_jax.dicom import synthetic
-from tests.test_dicom_interop import huge_contour
+from tests.test_dicom_interop import huge_contour, huge_image
 from tests.test_train import REPO, SUBPROCESS_ENV
 
 CLIS = ("main", "predict", "evaluate", "export", "summary", "dicom_import")
@@ -339,14 +339,6 @@ def nan_contour(path: Path):
     contour.ContourData = values
     ds.save_as(path)
   return path, None
-
-
-def huge_image(slices: list):
-  """Rows = Columns = 60000 on every CT slice (a 402 GiB series); the error
-  names the first slice the scan meets (sorted paths)."""
-  for path in slices:
-    dicom_set(path, Rows=60000, Columns=60000)
-  return sorted(slices)[0], None
 
 
 def only_rtstruct(files: dict):
@@ -809,7 +801,7 @@ TABLE: dict[str, dict[str, object]] = {
     },
     "impossible image size": {
         **dict.fromkeys(CLIS[:5], NO_DICOM),
-        "dicom_import": dicom_row(lambda f: huge_image(f["CT"])),
+        "dicom_import": dicom_row(lambda f: (huge_image(f["CT"]), None)),
     },
     "oversized contour": {
         **dict.fromkeys(CLIS[:5], NO_DICOM),
