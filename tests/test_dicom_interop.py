@@ -63,6 +63,14 @@ def test_contours_through_centres_and_around_edges_give_the_same_pixels():
   np.testing.assert_array_equal(_fill(diamond), inside)
 
 
+def test_points_far_off_the_image_are_clipped_not_overflowed():
+  """A vertex at 1e300 mm (finite, absurd): the polygon is filled within
+  the image, no overflow (a warning would be an error here)."""
+  far = _fill([(2, 2), (2, 1e300), (6, 2)])
+  assert far[2:7, 2].all() and far[3:6, 2:].any()
+  assert not far[:2].any() and not far[7:].any()
+
+
 def test_holes_traced_through_the_objects_pixels():
   """OpenCV (rt-utils) traces a hole along the object's pixels around it:
   those pixels stay in, the hole's go out; a hole drawn on edges too."""

@@ -220,16 +220,17 @@ def path_pixels(points: np.ndarray, tolerance: float, lo, hi) -> np.ndarray:
     )
     at = p0[which] + s[:, None] * d[which]
     m = at[:, 1 - axis]
-    near = (np.abs(m - np.rint(m)) <= tolerance) & (
-        np.abs(at[:, axis] - t) <= tolerance
+    near = (
+        (np.abs(m - np.rint(m)) <= tolerance)
+        & (np.abs(at[:, axis] - t) <= tolerance)
+        & (np.rint(m) >= lo[1 - axis])
+        & (np.rint(m) < hi[1 - axis])
     )
     pixels = np.empty((int(near.sum()), 2), np.int64)
     pixels[:, axis] = t[near]
     pixels[:, 1 - axis] = np.rint(m[near])
     out.append(pixels)
-  out = np.concatenate(out)
-  inside = np.all((out >= np.asarray(lo)) & (out < np.asarray(hi)), axis=1)
-  return out[inside]
+  return np.concatenate(out)
 
 
 def _parity_fill(polygons, lo, hi) -> np.ndarray:
@@ -265,8 +266,8 @@ def _parity_fill(polygons, lo, hi) -> np.ndarray:
   end = pair_end[ok]
   ok = rows[begin] == rows[end]
   begin, end = begin[ok], end[ok]
-  c0 = np.clip(np.floor(xs[begin]).astype(np.int64) + 1, lo[1], hi[1])
-  c1 = np.clip(np.ceil(xs[end]).astype(np.int64), lo[1], hi[1])
+  c0 = np.clip(np.floor(xs[begin]) + 1, lo[1], hi[1]).astype(np.int64)
+  c1 = np.clip(np.ceil(xs[end]), lo[1], hi[1]).astype(np.int64)
   keep = c1 > c0
   diff = np.zeros((shape[0], shape[1] + 1), np.int32)
   np.add.at(diff, (rows[begin][keep] - lo[0], c0[keep] - lo[1]), 1)
