@@ -17,9 +17,13 @@ cut; the volume cut is reported.
 The possible-dose mask is the body contour; without one, the CT's voxels
 above -500 HU, of which only the largest connected region (3-D) is kept, so
 that a couch or a positioning device apart from the body is left out, then
-filled slice by slice. Only a plan-summed RT Dose (DoseSummationType PLAN or
-MULTI_PLAN) is read; per-beam or per-fraction doses are ignored with a
-warning when no summed dose is found.
+filled slice by slice. A plan-summed RT Dose (DoseSummationType PLAN or
+MULTI_PLAN) is read as it is; without one, per-beam doses are summed on the
+first one's grid (`summed_dose`), per-fraction ones too, times the plan's
+NumberOfFractionsPlanned; what cannot be summed is left out with a warning.
+Where the import spacing equals the CT's along an axis, the box lies on the
+CT's voxels. ROIs drawn in another frame of reference than the CT are
+skipped, ROIs of one name combined, each with a warning.
 """
 
 from __future__ import annotations
