@@ -9,8 +9,8 @@ rasterisation convention).
 For each shared OpenKBP patient (`benchmarks/common.openkbp_dir()`): its CT
 is written as a head-first supine DICOM series with random file names
 (`synthetic.write_openkbp_ct`), its masks (clinic names, the possible-dose
-mask as External) as an RTSTRUCT by rt-utils (platipy's writer is rt-utils
-too), then `importer.import_folder` imports it on the CT's own spacing
+mask as External) as an RTSTRUCT by rt-utils and by platipy (whose writer
+is rt-utils' builder, run under pydicom 2), then `importer.import_folder` imports it on the CT's own spacing
 (3.906 x 3.906 x 2.5 mm, 128^3) and each mask is compared with the original;
 rt-utils', dcmrtstruct2nii's and platipy's readers (where installed) read the
 same RTSTRUCT on the same CT. Per writer / reader: the worst Dice and volume
@@ -35,6 +35,13 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import common  # pylint: disable=wrong-import-position
 
 MIN_CC = 5.0
+WRITERS = {
+    "rt_utils": "rt-utils 1.2.7 RTStructBuilder (pydicom 3)",
+    "platipy": (
+        "platipy 0.7.2 convert_nifti (rt-utils' RTStructBuilder inside, "
+        "pydicom 2.4.5)"
+    ),
+}
 
 
 def worst(per_patient: dict) -> dict:
@@ -64,6 +71,7 @@ def main():
   parser.add_argument("--patients", type=int, default=26)
   parser.add_argument("--json", default="")
   parser.add_argument("--readers", default="rt_utils,dcmrtstruct2nii,platipy")
+  parser.add_argument("--writers", default="rt_utils,platipy")
   args = parser.parse_args()
   from randose_jax.data import openkbp
   from randose_jax.dicom import interop
@@ -81,18 +89,33 @@ def main():
       print(f"reader {r}: skipped ({why})", flush=True)
     else:
       readers.append(r)
-  per_patient = {}
-  t0 = time.perf_counter()
-  for d in dirs:
-    with tempfile.TemporaryDirectory() as tmp:
-      per_patient[d.name] = interop.openkbp_case(d, pathlib.Path(tmp), readers)
-    w = worst({d.name: per_patient[d.name]})
-    print(
-        d.name,
-        {k: (v["min_dice"], v["max_volume_error"]) for k, v in w.items()},
-        flush=True,
-    )
-  seconds = time.perf_counter() - t0
+  writers = {}
+  for writer in args.writers.split(","):
+    why = interop.available(writer)
+    if why:
+      print(f"writer {writer}: skipped ({why})", flush=True)
+      continue
+    per_patient = {}
+    t0 = time.perf_counter()
+    for d in dirs:
+      with tempfile.TemporaryDirectory() as tmp:
+        per_patient[d.name] = interop.openkbp_case(
+            d, pathlib.Path(tmp), readers, writer=writer
+        )
+      w = worst({d.name: per_patient[d.name]})
+      print(
+          writer,
+          d.name,
+          {k: (v["min_dice"], v["max_volume_error"]) for k, v in w.items()},
+          flush=True,
+      )
+    writers[f"{writer}_writer"] = {
+        "writer": WRITERS[writer],
+        "patients": len(dirs),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "worst": worst(per_patient),
+        "per_patient": per_patient,
+    }
   with tempfile.TemporaryDirectory() as tmp:
     synthetic_rows = interop.synthetic_case(pathlib.Path(tmp), readers)
   pydicom_rows = {}
@@ -107,13 +130,7 @@ def main():
       )
   result = {
       "benchmark": "dicom_interop",
-      "rt_utils_writer": {
-          "writer": "rt-utils 1.2.7 RTStructBuilder (platipy's writer too)",
-          "patients": len(dirs),
-          "seconds": round(seconds, 1),
-          "worst": worst(per_patient),
-          "per_patient": per_patient,
-      },
+      **writers,
       "synthetic_writer": {
           "worst": worst({"synthetic": synthetic_rows}),
           "structures": synthetic_rows,

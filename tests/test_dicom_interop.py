@@ -368,15 +368,22 @@ RT_UTILS_WARNINGS = (
 
 
 @pytest.mark.filterwarnings(*RT_UTILS_WARNINGS)
-@pytest.mark.parametrize("index", [0, 13])
-def test_rt_utils_writer_on_openkbp_patients(index, shared_openkbp, tmp_path):
-  """An OpenKBP patient written by rt-utils (contours through pixel centres,
-  one-point islands and one-pixel-wide lines included) comes back: Dice >=
-  0.97 and volume within 3 % for every structure of 5 cc or more (all of
-  them exact here), as rt-utils' own reader gives it back."""
+@pytest.mark.parametrize(
+    "writer,index", [("rt_utils", 0), ("rt_utils", 13), ("platipy", 5)]
+)
+def test_mask_exporters_on_openkbp_patients(
+    writer, index, shared_openkbp, tmp_path
+):
+  """An OpenKBP patient written by rt-utils or platipy (contours through
+  pixel centres, one-point islands and one-pixel-wide lines included) comes
+  back: Dice >= 0.97 and volume within 3 % for every structure of 5 cc or
+  more (all of them exact here), as rt-utils' own reader gives it back."""
   _skip_unless("rt_utils")
+  _skip_unless(writer)
   dirs = openkbp.list_patient_dirs(shared_openkbp / "train-pats")
-  result = interop.openkbp_case(dirs[index], tmp_path, readers=["rt_utils"])
+  result = interop.openkbp_case(
+      dirs[index], tmp_path, readers=["rt_utils"], writer=writer
+  )
   for who in ("dicom_import", "rt_utils"):
     dice, err, where = _worst(result[who])
     assert dice >= 0.97 and err <= 0.03, (who, where, result[who])

@@ -125,6 +125,15 @@ import numpy as np, pydicom, SimpleITK as sitk
 logging.disable(logging.WARNING)
 reader, ct_dir, rtstruct, out = sys.argv[1:]
 masks = {}
+if reader == "write_platipy":  # rtstruct: the masks (npz), out: the RTSTRUCT
+  from platipy.dicom.io.nifti_to_rtstruct import convert_nifti
+  image = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(ct_dir))
+  with np.load(rtstruct) as data:
+    for name in data.files:
+      masks[name] = sitk.GetImageFromArray(data[name].astype(np.uint8))
+      masks[name].CopyInformation(image)
+  convert_nifti(ct_dir, masks, out)
+  sys.exit(0)
 if reader == "platipy":
   from platipy.dicom.io import rtstruct_to_nifti as r
   image = r.read_dicom_image(ct_dir)
@@ -143,26 +152,34 @@ np.savez_compressed(out, **masks)
 """
 
 
+def write_platipy(ct_dir, masks_stored: dict, path, work) -> Path:
+  """An RTSTRUCT by platipy's `convert_nifti` (in `LEGACY_PYTHON`) from
+  stored-layout masks, saved at `path`."""
+  masks = Path(work) / "platipy_masks.npz"
+  masks.parent.mkdir(parents=True, exist_ok=True)
+  np.savez_compressed(
+      masks, **{k: v for k, v in masks_stored.items() if v.any()}
+  )
+  _legacy("write_platipy", ct_dir, masks, path)
+  return Path(path)
+
+
+def _legacy(*args) -> None:
+  subprocess.run(
+      [LEGACY_PYTHON, "-c", _LEGACY_SCRIPT, *map(str, args)],
+      check=True,
+      capture_output=True,
+      env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+  )
+
+
 def read_legacy(reader: str, ct_dir, rtstruct_path, work) -> dict:
   """dcmrtstruct2nii's or platipy's reader (both need pydicom < 3: run in
   `LEGACY_PYTHON`): name -> stored-layout bool mask (SimpleITK's array
   order is (slice, row, column) already; platipy writes spaces as '_')."""
   out = Path(work) / f"{reader}.npz"
   out.parent.mkdir(parents=True, exist_ok=True)
-  subprocess.run(
-      [
-          LEGACY_PYTHON,
-          "-c",
-          _LEGACY_SCRIPT,
-          reader,
-          str(ct_dir),
-          str(rtstruct_path),
-          str(out),
-      ],
-      check=True,
-      capture_output=True,
-      env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-  )
+  _legacy(reader, ct_dir, rtstruct_path, out)
   with np.load(out) as data:
     return {k: data[k] for k in data.files}
 
@@ -261,9 +278,10 @@ def _import_on_ct(src: Path, out: Path, spacing, shape) -> dict:
   return rows[0]
 
 
-def openkbp_case(patient_dir, work, readers=()) -> dict:
-  """An OpenKBP patient written by rt-utils (clinic names, the possible-dose
-  mask as External) and imported on the CT's own spacing; each reader reads
+def openkbp_case(patient_dir, work, readers=(), writer="rt_utils") -> dict:
+  """An OpenKBP patient written by rt-utils (or platipy: `writer`; clinic
+  names, the possible-dose mask as External) and imported on the CT's own
+  spacing; each reader reads
   the same files. Returns {'dicom_import' or reader: {structure: compare()}},
   all against the original masks."""
   from randose_jax.data import openkbp
@@ -278,7 +296,10 @@ def openkbp_case(patient_dir, work, readers=()) -> dict:
       name: synthetic.hfs_stored(mask)
       for name, mask in patient_masks(patient).items()
   }
-  rtstruct = write_rt_utils(flat, originals, src / "rtstruct.dcm")
+  if writer == "platipy":
+    rtstruct = write_platipy(flat, originals, src / "rtstruct.dcm", work)
+  else:
+    rtstruct = write_rt_utils(flat, originals, src / "rtstruct.dcm")
   voxel_cc = float(np.prod(patient.voxel_dimensions)) / 1000
   # A box 16 voxels longer than the CT on each axis holds all of it: what is
   # compared is the rasterising, not where the box is placed.
