@@ -767,6 +767,24 @@ def test_per_beam_and_per_fraction_doses_are_summed(
       len(geometry.read_geometry(folder)["rtdose_summed_sop_instance_uids"])
       == 2
   )
+  # The second beam on another grid (one dose voxel shorter along x, its
+  # values where they were): resampled onto the first's, the same sum.
+  src6, files6 = _copy(small_dicom_plan, tmp_path / "grids")
+  second = files6["rtdose"].with_name("b2")
+  _as_dose_part(files6["rtdose"], "BEAM", 0.6, copy_to=second)
+  _as_dose_part(files6["rtdose"], "BEAM", 0.4)
+  ds = pydicom.dcmread(second)
+  step = float(ds.PixelSpacing[1])
+  pixels = ds.pixel_array[:, :, 1:].copy()
+  ds.ImagePositionPatient = [
+      float(ds.ImagePositionPatient[0]) + step,
+      *ds.ImagePositionPatient[1:],
+  ]
+  ds.Columns = pixels.shape[2]
+  ds.PixelData = pixels.astype("<u2").tobytes()
+  ds.save_as(second)
+  dose, out, _ = _dose_of_import(src6, tmp_path / "out6", capfd)
+  np.testing.assert_allclose(dose, reference, atol=2e-4)
   # One per-fraction dose of a 35-fraction plan.
   src2, files2 = _copy(small_dicom_plan, tmp_path / "fraction")
   _as_dose_part(files2["rtdose"], "FRACTION", 1 / 35)
