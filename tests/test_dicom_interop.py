@@ -218,6 +218,13 @@ def _edge(kind, ds):
       c.ContourData = [float(v) for v in data.ravel()]
     n = len(contours.ContourSequence)
     return f"Brainstem: {n} contour(s) skipped (outside the CT's slices)"
+  if kind == "contour between CT slices":
+    for c in contours.ContourSequence:
+      data = np.asarray(c.ContourData, np.float64).reshape(-1, 3)
+      data[:, 2] += 1.5  # half a slice
+      c.ContourData = [float(v) for v in data.ravel()]
+    n = len(contours.ContourSequence)
+    return f"Brainstem: {n} contour(s) skipped (between the CT's slices)"
   if kind == "duplicate ROI names":
     other, _ = _roi(ds, "Parotid_L")
     other.ROIName = "Brainstem"
@@ -229,6 +236,7 @@ def _edge(kind, ds):
 EDGES = (
     "empty contour sequence",
     "contour on no CT slice",
+    "contour between CT slices",
     "duplicate ROI names",
     "another frame of reference",
 )

@@ -13,8 +13,9 @@ them the first rule decides alone. A contour of one or two points is the
 pixel nearest each point of it (a one-pixel island, a one-pixel-wide line).
 This is what rt-utils' own reader gives back (OpenCV's fillPoly, edges
 included); `benchmarks/dicom_interop.py` holds the comparison with the other
-readers. POINT and OPEN_* contours, contours off the slice planes and off the
-CT's slices are skipped with a warning. ContourData is read as numbers
+readers. POINT and OPEN_* contours, contours off the slice planes, between
+the CT's slices (by over a tenth of a slice) and beyond them are skipped
+with a warning. ContourData is read as numbers
 however it is stored (VR UN for a value over 64 KB in an explicit-VR file),
 counted before it is parsed: a contour of more points, or a longer outline,
 than its slice could need, or a value that is not a finite number, is an
@@ -152,6 +153,13 @@ def contour_polygons(roi_contour, grid: series.StoredGrid, name: str, path=""):
     if not 0 <= slice_index < grid.shape[0]:
       skipped["outside the CT's slices"] = (
           skipped.get("outside the CT's slices", 0) + 1
+      )
+      continue
+    if abs(k.mean() - slice_index) > PLANARITY_TOLERANCE:
+      # Drawn on another series' slices: two such contours would meet on
+      # one CT slice and cancel (XOR), so none is moved.
+      skipped["between the CT's slices"] = (
+          skipped.get("between the CT's slices", 0) + 1
       )
       continue
     in_plane = index[:, 1:]
