@@ -715,71 +715,125 @@ def test_rt_dose_in_another_frame_is_refused(small_dicom_plan, tmp_path, capfd):
   ]
 
 
-def _as_beam_dose(path, copy_to=None):
+def _as_dose_part(path, kind, fraction, copy_to=None, uid_suffix="7"):
+  """The RTDOSE as a `kind` dose (BEAM, FRACTION) holding `fraction` of it
+  (DoseGridScaling scaled), at `copy_to` (a new SOPInstanceUID) or in place."""
   ds = pydicom.dcmread(path)
-  ds.DoseSummationType = "BEAM"
+  ds.DoseSummationType = kind
+  ds.DoseGridScaling = f"{float(ds.DoseGridScaling) * fraction:.10g}"
   if copy_to is not None:
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = (
-        "1.2.826.0.1.3680043.2.1125.7"
+        f"1.2.826.0.1.3680043.2.1125.{uid_suffix}"
     )
   ds.save_as(copy_to or path)
 
 
-def test_per_beam_dose_is_ignored_with_a_warning(
+def _dose_of_import(src, out, capfd):
+  code, text, err = _run_cli(
+      [f"--input={src}", f"--output={out}", "--grid_shape=40,40,16"], capfd
+  )
+  assert code == 0, err
+  folder = out / "pt_SYN001"
+  dose = (
+      openkbp.load_patient(folder).dose
+      if (folder / openkbp.DOSE_FILE).exists()
+      else None
+  )
+  return dose, text, folder
+
+
+def test_per_beam_and_per_fraction_doses_are_summed(
     small_dicom_plan, tmp_path, capfd
 ):
-  """Only a plan-summed RTDOSE is read. A per-beam one alone: the patient is
-  imported without dose.csv, and the summary says why; beside a plan-summed
-  one it is ignored without a word."""
-  src, files = _copy(small_dicom_plan, tmp_path)
-  _as_beam_dose(files["rtdose"])
-  args = [
-      f"--input={src}",
-      f"--output={tmp_path / 'out'}",
-      "--grid_shape=40,40,16",
+  """Without a plan-summed RTDOSE, per-beam doses are summed (and
+  per-fraction ones times the plan's NumberOfFractionsPlanned), on one grid:
+  the same dose.csv as the plan-summed dose they add up to (to the 1e-4 Gy
+  of the CSV and DoseGridScaling's digits); beside a plan-summed one they
+  are ignored without a word."""
+  src, files = _copy(small_dicom_plan, tmp_path / "plan")
+  reference, _, _ = _dose_of_import(src, tmp_path / "out", capfd)
+  assert reference is not None and reference.max() > 10
+  # Two beams: 40 % and 60 % of the plan's dose.
+  src1, files1 = _copy(small_dicom_plan, tmp_path / "beams")
+  _as_dose_part(
+      files1["rtdose"], "BEAM", 0.6, copy_to=files1["rtdose"].with_name("b2")
+  )
+  _as_dose_part(files1["rtdose"], "BEAM", 0.4)
+  dose, out, folder = _dose_of_import(src1, tmp_path / "out1", capfd)
+  assert dose is not None, out
+  np.testing.assert_allclose(dose, reference, atol=2e-4)
+  assert "the sum of 2 per-beam doses" in out, out
+  assert (
+      len(geometry.read_geometry(folder)["rtdose_summed_sop_instance_uids"])
+      == 2
+  )
+  # The second beam on another grid (one dose voxel shorter along x, its
+  # values where they were): resampled onto the first's, the same sum.
+  src6, files6 = _copy(small_dicom_plan, tmp_path / "grids")
+  second = files6["rtdose"].with_name("b2")
+  _as_dose_part(files6["rtdose"], "BEAM", 0.6, copy_to=second)
+  _as_dose_part(files6["rtdose"], "BEAM", 0.4)
+  ds = pydicom.dcmread(second)
+  step = float(ds.PixelSpacing[1])
+  pixels = ds.pixel_array[:, :, 1:].copy()
+  ds.ImagePositionPatient = [
+      float(ds.ImagePositionPatient[0]) + step,
+      *ds.ImagePositionPatient[1:],
   ]
-  code, out, err = _run_cli(args, capfd)
-  assert code == 0, err
-  folder = tmp_path / "out" / "pt_SYN001"
-  assert not (folder / openkbp.DOSE_FILE).exists()
-  warning = (
-      f"pt_SYN001: warning: dose: no plan-summed RT Dose, only "
-      f"{files['rtdose'].name} (BEAM)"
+  ds.Columns = pixels.shape[2]
+  ds.PixelData = pixels.astype("<u2").tobytes()
+  ds.save_as(second)
+  dose, out, _ = _dose_of_import(src6, tmp_path / "out6", capfd)
+  np.testing.assert_allclose(dose, reference, atol=2e-4)
+  # One per-fraction dose of a 35-fraction plan.
+  src2, files2 = _copy(small_dicom_plan, tmp_path / "fraction")
+  _as_dose_part(files2["rtdose"], "FRACTION", 1 / 35)
+  (plan_file,) = [
+      p
+      for p in src2.rglob("*")
+      if p.is_file()
+      and pydicom.dcmread(p, stop_before_pixels=True).Modality == "RTPLAN"
+  ]
+  ds = pydicom.dcmread(plan_file)
+  group = pydicom.Dataset()
+  group.FractionGroupNumber, group.NumberOfFractionsPlanned = 1, 35
+  ds.FractionGroupSequence = pydicom.Sequence([group])
+  ds.save_as(plan_file)
+  dose, out, _ = _dose_of_import(src2, tmp_path / "out2", capfd)
+  np.testing.assert_allclose(dose, reference, atol=2e-4)
+  assert "x 35 fractions" in out, out
+  # Per-fraction doses without the plan's fractions: no dose.csv, with why.
+  src3, files3 = _copy(small_dicom_plan, tmp_path / "no-fractions")
+  _as_dose_part(files3["rtdose"], "FRACTION", 1 / 35)
+  dose, out, _ = _dose_of_import(src3, tmp_path / "out3", capfd)
+  assert dose is None
+  assert "NumberOfFractionsPlanned" in out and "no dose.csv" in out, out
+  # The plan-summed dose back, a per-beam one beside it: ignored, no word.
+  src4, files4 = _copy(small_dicom_plan, tmp_path / "4")
+  _as_dose_part(
+      files4["rtdose"], "BEAM", 0.5, copy_to=files4["rtdose"].with_name("b1")
   )
-  assert warning in out, out
-  assert any("BEAM" in w for w in geometry.read_geometry(folder)["warnings"])
-  # The plan-summed dose back, the per-beam one beside it.
-  src2, files2 = _copy(small_dicom_plan, tmp_path / "2")
-  _as_beam_dose(files2["rtdose"], copy_to=files2["rtdose"].with_name("beam1"))
-  code, out, err = _run_cli(
-      [
-          f"--input={src2}",
-          f"--output={tmp_path / 'out2'}",
-          "--grid_shape=40,40,16",
-      ],
-      capfd,
-  )
-  assert code == 0, err
-  assert (tmp_path / "out2" / "pt_SYN001" / openkbp.DOSE_FILE).exists()
+  dose, out, _ = _dose_of_import(src4, tmp_path / "out4", capfd)
+  np.testing.assert_allclose(dose, reference, atol=0)
   assert "dose:" not in out and "BEAM" not in out, out
   # Two plan-summed doses of one plan: the first by path is read, with a word.
-  src3, files3 = _copy(small_dicom_plan, tmp_path / "3")
-  second = files3["rtdose"].with_name(files3["rtdose"].name + "-2")
-  ds = pydicom.dcmread(files3["rtdose"])
+  src5, files5 = _copy(small_dicom_plan, tmp_path / "5")
+  second = files5["rtdose"].with_name(files5["rtdose"].name + "-2")
+  ds = pydicom.dcmread(files5["rtdose"])
   ds.SOPInstanceUID = "1.2.826.0.1.3680043.2.1125.8"
   ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
   ds.save_as(second)
   code, out, err = _run_cli(
       [
-          f"--input={src3}",
-          f"--output={tmp_path / 'out3'}",
+          f"--input={src5}",
+          f"--output={tmp_path / 'out5'}",
           "--grid_shape=40,40,16",
       ],
       capfd,
   )
   assert code == 0, err
   assert (
-      f"dose: 2 plan-summed RT Doses; {files3['rtdose'].name} is read, "
+      f"dose: 2 plan-summed RT Doses; {files5['rtdose'].name} is read, "
       f"{second.name} ignored"
   ) in out, out
 

@@ -32,6 +32,9 @@ the fault as that tool meets it, or why the fault cannot reach that tool
 | output path not writable   | --workdir       | --output         | --json                | /proc/x.zip    | NA           | --output             |
 | output already present     | NA (resumes)    | --output         | NA (replaced)         | --output       | NA           | a pt_* folder        |
 | disk full (patched writer) | the cache       | --output         | --json                | --output       | NA           | --output             |
+| non-finite contour point   | NA              | NA               | NA                    | NA             | NA           | RTSTRUCT (NaN)       |
+| impossible image size      | NA              | NA               | NA                    | NA             | NA           | CT (Rows = 60000)    |
+| oversized contour          | NA              | NA               | NA                    | NA             | NA           | RTSTRUCT (10^7 pts)  |
 
 Faults in patient files are put into the last patient of the split, so that
 a tool that wrote as it went would leave the earlier patients' files behind;
@@ -66,6 +69,7 @@ from randose_jax import fileio
 from randose_jax.data import openkbp
 from randose_jax.data import phantoms
 from randose_jax.dicom import synthetic
+from tests.test_dicom_interop import huge_contour, huge_image
 from tests.test_train import REPO, SUBPROCESS_ENV
 
 CLIS = ("main", "predict", "evaluate", "export", "summary", "dicom_import")
@@ -87,6 +91,9 @@ FAULTS = (
     "output path not writable",
     "output already present",
     "disk full",
+    "non-finite contour point",
+    "impossible image size",
+    "oversized contour",
 )
 
 DEMO = str(REPO / "configs" / "demo.py")
@@ -320,6 +327,20 @@ def duplicated(path: Path):
   return copy, None
 
 
+def nan_contour(path: Path):
+  """A NaN in the first contour's ContourData (pydicom's warning about the
+  value silenced: writing it is the fault)."""
+  ds = pydicom.dcmread(path)
+  contour = ds.ROIContourSequence[0].ContourSequence[0]
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    values = list(contour.ContourData)
+    values[4] = "NaN"
+    contour.ContourData = values
+    ds.save_as(path)
+  return path, None
+
+
 def only_rtstruct(files: dict):
   """The patient's folder keeps its RTSTRUCT only (its CT, dose gone)."""
   for modality, paths in files.items():
@@ -475,6 +496,7 @@ NO_DATA_SUMMARY = NA(
 )
 NO_OUTPUT_SUMMARY = NA("summary writes no file (it prints)")
 NO_CHECKPOINT_DICOM = NA("dicom_import reads no checkpoint")
+NO_DICOM = NA("reads no DICOM files (only dicom_import does)")
 
 TABLE: dict[str, dict[str, object]] = {
     "missing file": {
@@ -773,6 +795,20 @@ TABLE: dict[str, dict[str, object]] = {
             )
         ),
     },
+    "non-finite contour point": {
+        **dict.fromkeys(CLIS[:5], NO_DICOM),
+        "dicom_import": dicom_row(lambda f: nan_contour(f["RTSTRUCT"][0])),
+    },
+    "impossible image size": {
+        **dict.fromkeys(CLIS[:5], NO_DICOM),
+        "dicom_import": dicom_row(lambda f: (huge_image(f["CT"]), None)),
+    },
+    "oversized contour": {
+        **dict.fromkeys(CLIS[:5], NO_DICOM),
+        "dicom_import": dicom_row(
+            lambda f: (huge_contour(f["RTSTRUCT"][0]), None)
+        ),
+    },
 }
 
 
@@ -890,6 +926,7 @@ def test_fault(tool, fault, world, monkeypatch, capfd):
 # warnings not silenced.
 REAL = [
     ("main", "non-numeric value"),
+    ("dicom_import", "impossible image size"),
     ("predict", "negative dose"),
     ("evaluate", "duplicate index"),
     ("export", "output path not writable"),

@@ -17,9 +17,13 @@ cut; the volume cut is reported.
 The possible-dose mask is the body contour; without one, the CT's voxels
 above -500 HU, of which only the largest connected region (3-D) is kept, so
 that a couch or a positioning device apart from the body is left out, then
-filled slice by slice. Only a plan-summed RT Dose (DoseSummationType PLAN or
-MULTI_PLAN) is read; per-beam or per-fraction doses are ignored with a
-warning when no summed dose is found.
+filled slice by slice. A plan-summed RT Dose (DoseSummationType PLAN or
+MULTI_PLAN) is read as it is; without one, per-beam doses are summed on the
+first one's grid (`summed_dose`), per-fraction ones too, times the plan's
+NumberOfFractionsPlanned; what cannot be summed is left out with a warning.
+Where the import spacing equals the CT's along an axis, the box lies on the
+CT's voxels. ROIs drawn in another frame of reference than the CT are
+skipped, ROIs of one name combined, each with a warning.
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ class Plan:
   rtplan: series.Instance | None = None
   rtdose: series.Instance | None = None
   folder: str = ""
+  # Without a plan-summed RTDOSE: per-beam ones to sum (and the factor, the
+  # plan's fractions for per-fraction doses).
+  dose_parts: list = dataclasses.field(default_factory=list)
+  dose_factor: float = 1.0
   dose_warnings: list = dataclasses.field(default_factory=list)
 
 
@@ -102,9 +110,17 @@ def find_plans(scan: series.Scan, input_dir) -> list[Plan]:
       ambiguous, or of another patient.
   """
   if not scan.rtstructs:
+    others = [
+        f"{kind} {', '.join(i.path.name for i in found[:3])}"
+        f"{' ...' if len(found) > 3 else ''}"
+        for kind, found in (("RTPLAN", scan.rtplans), ("RTDOSE", scan.rtdoses))
+        if found
+    ]
     raise DicomError(
         f"{input_dir}: no RTSTRUCT found ({len(scan.ct_series)} CT "
-        f"series, {len(scan.not_dicom)} files not DICOM)"
+        f"series, {'; '.join(others) + ', ' if others else ''}"
+        f"{len(scan.not_dicom)} files not DICOM); an import needs a "
+        "structure set"
     )
   plans = []
   for ss in sorted(scan.rtstructs, key=lambda i: (i.patient_id, str(i.path))):
@@ -170,6 +186,7 @@ def find_plans(scan: series.Scan, input_dir) -> list[Plan]:
                     scan,
                     lambda d, p=plan: p.sop_instance_uid
                     in _referenced_sops(d.header, "ReferencedRTPlanSequence"),
+                    plan,
                 ),
             )
         )
@@ -203,27 +220,67 @@ def _summation(d: series.Instance) -> str:
   return str(d.header.get("DoseSummationType", "PLAN") or "PLAN").upper()
 
 
-def _dose_of(scan: series.Scan, belongs) -> dict:
-  """{'rtdose': the plan-summed RTDOSE among those that `belong` (first by
-  path) or None, 'dose_warnings': what was left out and why}."""
+def _fractions(plan: series.Instance | None) -> int | None:
+  """NumberOfFractionsPlanned of the plan's one fraction group, or None."""
+  groups = _items(plan.header, "FractionGroupSequence") if plan else []
+  if len(groups) != 1:
+    return None
+  try:
+    n = int(groups[0].get("NumberOfFractionsPlanned", 0) or 0)
+  except (TypeError, ValueError):
+    return None
+  return n if n > 0 else None
+
+
+def _dose_of(scan: series.Scan, belongs, rtplan=None) -> dict:
+  """The plan's dose among the RTDOSEs that `belong`: {'rtdose': the
+  plan-summed one (first by path) or None, 'dose_parts', 'dose_factor':
+  without one, the per-beam doses to sum (x 1), or the per-fraction doses to
+  sum (x the plan's NumberOfFractionsPlanned), 'dose_warnings': what was
+  left out and why}."""
   doses = sorted(
       (d for d in scan.rtdoses if belongs(d)), key=lambda d: str(d.path)
   )
   summed = [d for d in doses if _summation(d) in ("PLAN", "MULTI_PLAN")]
-  notes = []
+  notes, parts, factor = [], [], 1.0
   if not summed and doses:
+    kinds = {_summation(d) for d in doses}
+    fractions = _fractions(rtplan)
+    if kinds == {"BEAM"}:
+      parts = doses
+    elif kinds == {"FRACTION"} and fractions:
+      parts, factor = doses, float(fractions)
     listed = ", ".join(f"{d.path.name} ({_summation(d)})" for d in doses[:4])
-    notes.append(
-        f"dose: no plan-summed RT Dose, only {listed}"
-        f"{' ...' if len(doses) > 4 else ''}; these are not summed, so no "
-        "dose.csv is written"
-    )
+    more = " ..." if len(doses) > 4 else ""
+    if parts:
+      times = f" x {fractions} fractions" if factor != 1 else ""
+      notes.append(
+          f"dose: no plan-summed RT Dose; the sum of {len(parts)} "
+          f"{'per-beam' if factor == 1 else 'per-fraction'} doses{times} "
+          f"({listed}{more}) is read"
+      )
+    else:
+      why = (
+          "per-fraction doses of a plan without one fraction group and its "
+          "NumberOfFractionsPlanned"
+          if kinds == {"FRACTION"}
+          else "these cannot be summed to the plan's dose"
+      )
+      notes.append(
+          f"dose: no plan-summed RT Dose, only {listed}{more}; {why}, so no "
+          "dose.csv is written"
+      )
   elif len(summed) > 1:
     notes.append(
         f"dose: {len(summed)} plan-summed RT Doses; {summed[0].path.name} is "
         f"read, {', '.join(d.path.name for d in summed[1:4])} ignored"
     )
-  return {"rtdose": summed[0] if summed else None, "dose_warnings": notes}
+  return {
+      "rtdose": summed[0] if summed else None,
+      "dose_parts": parts,
+      "dose_factor": factor,
+      "dose_warnings": notes,
+  }
 
 
 # ---------------------------------------------------------------- one plan
@@ -313,6 +370,36 @@ def _union(masks: list[rasterize.StoredMask]) -> rasterize.StoredMask:
   return rasterize.StoredMask(start, out)
 
 
+def _roi_number(item, keyword: str, path) -> int:
+  """An ROI number of the RTSTRUCT at `path`, checked."""
+  value = item.get(keyword)
+  try:
+    return int(value)
+  except (TypeError, ValueError):
+    raise DicomError(
+        f"{path}: {keyword} {value!r} is not an ROI number"
+    ) from None
+
+
+def summed_dose(doses: list, factor: float = 1.0) -> series.Volume:
+  """The sum of RT Doses (Gy) on the first one's grid, the others resampled
+  linearly onto it (0 Gy outside them), times `factor`."""
+  total = series.load_rtdose(doses[0])
+  total.array = total.array.astype(np.float64)
+  for d in doses[1:]:
+    part = series.load_rtdose(d)
+    if part.array.shape == total.array.shape and np.allclose(
+        [part.spacing, part.origin], [total.spacing, total.origin], atol=1e-4
+    ):
+      total.array += part.array
+    else:
+      total.array += rasterize.resample_linear(
+          part, total.array.shape, total.spacing, total.origin, 0.0
+      )
+  total.array *= factor
+  return total
+
+
 def import_plan(
     plan: Plan,
     mapper: roi_names.RoiMapper,
@@ -333,26 +420,48 @@ def import_plan(
   grid, slices = series.ct_grid(plan.ct_slices)
   ss = plan.rtstruct
   ds = ss.header
-  names = {
-      int(r.ROINumber): str(r.get("ROIName", ""))
+  rois = {
+      _roi_number(r, "ROINumber", ss.path): r
       for r in _items(ds, "StructureSetROISequence")
   }
+  names = {n: str(r.get("ROIName", "")) for n, r in rois.items()}
   types = {
-      int(o.ReferencedROINumber): str(o.get("RTROIInterpretedType", ""))
+      _roi_number(o, "ReferencedROINumber", ss.path): str(
+          o.get("RTROIInterpretedType", "")
+      )
       for o in _items(ds, "RTROIObservationsSequence")
   }
   contours = {
-      int(c.ReferencedROINumber): c for c in _items(ds, "ROIContourSequence")
+      _roi_number(c, "ReferencedROINumber", ss.path): c
+      for c in _items(ds, "ROIContourSequence")
   }
   warnings, sources = list(plan.dose_warnings), {}
+  ct_frame = plan.ct_slices[0].frame_of_reference_uid
+  by_name: dict[str, list[int]] = {}
+  for number, name in sorted(names.items()):
+    by_name.setdefault(name.strip().lower(), []).append(number)
+  for numbers in by_name.values():
+    if len(numbers) > 1:
+      warnings.append(
+          f"{names[numbers[0]]}: {len(numbers)} ROIs of this name (ROI "
+          f"numbers {', '.join(map(str, numbers))}); their contours are "
+          "combined"
+      )
   stored: dict[str, list[rasterize.StoredMask]] = {}
   matches = {}
   for number, name in sorted(names.items()):
+    frame = str(rois[number].get("ReferencedFrameOfReferenceUID", "") or "")
+    if frame and ct_frame and frame != ct_frame:
+      warnings.append(
+          f"{name}: drawn in another frame of reference ({frame}) than its "
+          f"CT ({ct_frame}); skipped"
+      )
+      continue
     match = mapper.match(name, types.get(number, ""))
     if match.warning:
       warnings.append(match.warning)
     polygons, w = rasterize.contour_polygons(
-        contours.get(number, {}), grid, name
+        contours.get(number, {}), grid, name, ss.path
     )
     warnings += w
     if not polygons:
@@ -363,9 +472,7 @@ def import_plan(
       continue
     mask = rasterize.rasterize(polygons, grid)
     if mask is None:
-      warnings.append(
-          f"{name}: its contours enclose no CT voxel centre; skipped"
-      )
+      warnings.append(f"{name}: its contours cover no CT pixel; skipped")
       continue
     stored.setdefault(match.target, []).append(mask)
     sources.setdefault(match.target, []).append(name)
@@ -412,6 +519,11 @@ def import_plan(
         "filled slice by slice"
     )
   voxel0 = place_box(ptv_lo, ptv_hi, body_lo, body_hi, shape, spacing)
+  # Where the import spacing is the CT's, the box moves (by under half a
+  # voxel) onto the CT's voxels: masks and CT are then copied, not blurred.
+  same = np.isclose(spacing, ct.spacing, rtol=1e-6, atol=0)
+  steps = np.rint((voxel0 - ct.axis_start()) / spacing)
+  voxel0 = np.where(same, ct.axis_start() + steps * spacing, voxel0)
   origin = AXIS_DIRECTIONS_LPS.T @ voxel0
 
   ct_crop = rasterize.resample_linear(ct, shape, spacing, origin, AIR_HU)
@@ -444,16 +556,18 @@ def import_plan(
       del masks[target]
 
   dose = None
-  if plan.rtdose is not None:
-    if plan.rtdose.frame_of_reference_uid not in (
-        "",
-        plan.ct_slices[0].frame_of_reference_uid,
-    ):
-      raise DicomError(
-          f"{plan.rtdose.path}: FrameOfReferenceUID differs from its CT "
-          f"series' ({plan.ct_slices[0].frame_of_reference_uid})"
-      )
-    dose_volume = series.load_rtdose(plan.rtdose)
+  dose_files = [plan.rtdose] if plan.rtdose is not None else plan.dose_parts
+  if dose_files:
+    for d in dose_files:
+      if d.frame_of_reference_uid not in (
+          "",
+          plan.ct_slices[0].frame_of_reference_uid,
+      ):
+        raise DicomError(
+            f"{d.path}: FrameOfReferenceUID differs from its CT "
+            f"series' ({plan.ct_slices[0].frame_of_reference_uid})"
+        )
+    dose_volume = summed_dose(dose_files, plan.dose_factor)
     dose = rasterize.resample_linear(
         dose_volume, shape, spacing, origin, 0.0
     ).astype(np.float64)
@@ -476,7 +590,7 @@ def import_plan(
     if uncovered:
       warnings.append(
           f"dose: {uncovered} voxels of the possible-dose mask lie outside "
-          f"the RT Dose grid of {plan.rtdose.path.name} (0 Gy there)"
+          f"the RT Dose grid of {dose_files[0].path.name} (0 Gy there)"
       )
 
   first = slices[0]
@@ -498,6 +612,9 @@ def import_plan(
       "rtdose_sop_instance_uid": (
           plan.rtdose.sop_instance_uid if plan.rtdose else None
       ),
+      "rtdose_summed_sop_instance_uids": [
+          d.sop_instance_uid for d in plan.dose_parts
+      ],
       "ct_grid": {
           "shape": list(ct.array.shape),
           "spacing": ct.spacing.tolist(),

@@ -44,6 +44,11 @@ SPACING_TOLERANCE_MM = 0.02
 SPACING_TOLERANCE_FRACTION = 0.02
 # IPP may drift off the slice normal by this much over a series (mm).
 TILT_TOLERANCE_MM = 0.05
+# The largest image read: Rows and Columns each, and voxels of a CT series
+# or an RT Dose (2^30: 4 GiB as float32); larger ones are refused before
+# anything is allocated.
+MAX_IMAGE_SIDE = 4096
+MAX_VOXELS = 2**30
 
 
 @dataclasses.dataclass
@@ -91,11 +96,22 @@ def quiet_pydicom():
     logger.setLevel(level)
 
 
+def _bare_dataset(path) -> bool:
+  """Whether a file without the DICOM preamble starts as a bare data set
+  does (an old export, pydicom's own test files): its first element in
+  group 0x0008, little-endian."""
+  with open(path, "rb") as f:
+    head = f.read(132)
+  return head[128:132] != b"DICM" and head[:2] == b"\x08\x00"
+
+
 def scan(input_dir) -> Scan:
   """Reads the header of every file under `input_dir` (any names, any depth).
 
-  Files without the DICOM preamble are counted as not DICOM and skipped;
-  a file with the preamble that cannot be read is an error, and so is an
+  Files without the DICOM preamble are counted as not DICOM and skipped,
+  unless they start as a bare data set does (group 0008: old exports,
+  pydicom's test files), which are read; a DICOM file that cannot be read
+  is an error, and so is an
   empty (0-byte) file: the mark of an interrupted copy, which would
   otherwise drop a slice without a word.
 
@@ -121,12 +137,16 @@ def scan(input_dir) -> Scan:
           f"{path}: empty file (0 bytes), not a DICOM file: an "
           "interrupted copy? Copy it again or remove it"
       )
+    bare = _bare_dataset(path)
     try:
-      ds = pydicom.dcmread(path, stop_before_pixels=True)
+      ds = pydicom.dcmread(path, stop_before_pixels=True, force=bare)
     except InvalidDicomError:
       result.not_dicom.append(path)
       continue
     except Exception as e:  # pylint: disable=broad-except
+      if bare:  # only looked like a data set
+        result.not_dicom.append(path)
+        continue
       raise DicomError(
           f"{path}: not a readable DICOM file "
           f"({type(e).__name__}: {_first_line(e)})"
@@ -328,6 +348,31 @@ def _pixel_spacing(ds, path) -> np.ndarray:
   return spacing
 
 
+def image_size(ds, path, frames: int = 1) -> tuple[int, int]:
+  """(Rows, Columns), each a positive integer of at most MAX_IMAGE_SIDE,
+  with frames x Rows x Columns at most MAX_VOXELS; a DicomError naming the
+  file and the element otherwise."""
+  size = []
+  for keyword in ("Rows", "Columns"):
+    value = ds.get(keyword)
+    try:
+      n = int(value)
+    except (TypeError, ValueError):
+      n = 0
+    if not 1 <= n <= MAX_IMAGE_SIDE:
+      raise DicomError(
+          f"{path}: {keyword} is {value!r}; it must be an integer from 1 to "
+          f"{MAX_IMAGE_SIDE} (the largest image read)"
+      )
+    size.append(n)
+  if frames * size[0] * size[1] > MAX_VOXELS:
+    raise DicomError(
+        f"{path}: {frames} x {size[0]} x {size[1]} voxels, more than the "
+        f"{MAX_VOXELS:,} read at most"
+    )
+  return size[0], size[1]
+
+
 def check_one_patient(slices: list[Instance]) -> None:
   """DicomError naming a file of the minority when a series' slices belong to
   several patients or frames of reference."""
@@ -366,11 +411,7 @@ def ct_grid(slices: list[Instance]) -> tuple[StoredGrid, list[Instance]]:
     )
   row, col = _orientation(first.header, first.path)
   spacing2 = _pixel_spacing(first.header, first.path)
-  size = (int(first.header.get("Rows", 0)), int(first.header.get("Columns", 0)))
-  if min(size) < 1:
-    raise DicomError(
-        f"{first.path}: Rows and Columns must be positive, got {size}"
-    )
+  size = image_size(first.header, first.path, len(slices))
   normal = np.cross(row, col)
   positions = []
   for inst in slices:
@@ -384,7 +425,7 @@ def ct_grid(slices: list[Instance]) -> tuple[StoredGrid, list[Instance]]:
         )
       if not np.allclose(
           _pixel_spacing(ds, inst.path), spacing2, atol=1e-4
-      ) or ((int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) != size):
+      ) or (image_size(ds, inst.path, len(slices)) != size):
         raise DicomError(
             f"{inst.path}: PixelSpacing or Rows/Columns differ from "
             f"{first.path.name}'s in CT series {series}"
@@ -488,11 +529,13 @@ def load_rtdose(inst: Instance) -> Volume:
     raise DicomError(f"{path}: DoseGridScaling or PixelData is missing")
   row, col = _orientation(ds, path)
   spacing2 = _pixel_spacing(ds, path)
-  n_frames = int(_number(ds, "NumberOfFrames", path, default=1.0))
+  n_frames = _number(ds, "NumberOfFrames", path, default=1.0)
+  if n_frames != int(n_frames) or not 1 <= n_frames <= MAX_VOXELS:
+    raise DicomError(f"{path}: NumberOfFrames {n_frames!r} is not a count")
+  n_frames = int(n_frames)
+  rows, columns = image_size(ds, path, n_frames)
   try:
-    pixels = np.asarray(ds.pixel_array).reshape(
-        n_frames, int(ds.Rows), int(ds.Columns)
-    )
+    pixels = np.asarray(ds.pixel_array).reshape(n_frames, rows, columns)
   except Exception as e:  # pylint: disable=broad-except
     raise DicomError(
         f"{path}: cannot read the pixel data{_syntax_of(inst)} "
@@ -534,7 +577,7 @@ def load_rtdose(inst: Instance) -> Volume:
   normal = np.cross(row, col)
   origin = _vector(ds, "ImagePositionPatient", 3, path) + first_offset * normal
   grid = StoredGrid(
-      (n_frames, int(ds.Rows), int(ds.Columns)),
+      (n_frames, rows, columns),
       np.stack([normal, col, row]),
       np.array([step, spacing2[0], spacing2[1]]),
       origin,

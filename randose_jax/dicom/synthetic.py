@@ -217,6 +217,97 @@ def ct_positions(phantom: Phantom, orientation: str, shape, spacing):
   return row, col, normal, ipp
 
 
+def hfs_stored(array: np.ndarray) -> np.ndarray:
+  """An array in the project's axes (A->P, R->L, S->I) in the stored layout
+  of a head-first supine CT: (slice, row, column), slices inferior first."""
+  return np.ascontiguousarray(np.transpose(array, (2, 0, 1))[::-1])
+
+
+def write_ct_series(
+    folder, slice_hu, *, ids, series_uid, orientation, ipp, spacing, shape, rng
+):
+  """Writes a CT series, one file per slice under random names, in random
+  order; `slice_hu(k)` gives stored slice k's HU (rows, columns), `ipp` (n,
+  3) the slices' positions.
+
+  Returns:
+    (files, SOPInstanceUIDs), both in slice order.
+  """
+  row, col = ORIENTATIONS[orientation]
+  ct_files, slice_uids = [], []
+  for k in rng.permutation(shape[0]):
+    hu = slice_hu(k)
+    uid = _uid(rng)
+    ds = _base(CT_STORAGE, uid, "CT", ids)
+    ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, 1
+    ds.StudyID = "1"
+    ds.PatientPosition = orientation
+    ds.InstanceNumber = int(k) + 1
+    ds.ImageOrientationPatient = [float(v) for v in (*row, *col)]
+    ds.ImagePositionPatient = [round(float(v), 4) for v in ipp[k]]
+    ds.PixelSpacing = [float(spacing[1]), float(spacing[2])]
+    ds.SliceThickness = float(spacing[0])
+    ds.Rows, ds.Columns = shape[1], shape[2]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (
+        16,
+        16,
+        15,
+        0,
+    )
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.PixelData = np.clip(np.rint(hu + 1024), 0, 65535).astype("<u2").tobytes()
+    ct_files.append((k, _save(ds, folder, rng)))
+    slice_uids.append((k, uid))
+  return [p for _, p in sorted(ct_files)], [u for _, u in sorted(slice_uids)]
+
+
+def write_openkbp_ct(folder, patient, *, seed: int = 0, patient_id=None):
+  """An OpenKBP `Patient`'s CT as a head-first supine DICOM series (as a
+  clinic exports it: random file names), its grid centred at the origin.
+
+  Returns:
+    {'ct_files', 'uids' (study, frame, ct_series)}; `hfs_stored` gives an
+    array of the OpenKBP grid in the series' stored layout.
+  """
+  folder = Path(folder)
+  rng = np.random.default_rng(seed)
+  patient_id = patient_id or patient.patient_id
+  ids = {
+      "patient_id": patient_id,
+      "patient_name": f"OpenKBP^{patient_id}",
+      "study": _uid(rng),
+      "frame": _uid(rng),
+  }
+
+  hu = hfs_stored(patient.ct).astype(np.float64) - 1024
+  vd = np.asarray(patient.voxel_dimensions, np.float64)
+  spacing = (vd[2], vd[0], vd[1])  # slice, row (A->P), column (R->L)
+  shape = hu.shape
+  phantom = Phantom(centre=np.zeros(3))
+  _, _, _, ipp = ct_positions(phantom, "HFS", shape, spacing)
+  series_uid = _uid(rng)
+  ct_files, _ = write_ct_series(
+      folder,
+      lambda k: hu[k],
+      ids=ids,
+      series_uid=series_uid,
+      orientation="HFS",
+      ipp=ipp,
+      spacing=spacing,
+      shape=shape,
+      rng=rng,
+  )
+  return {
+      "ct_files": ct_files,
+      "uids": {
+          "study": ids["study"],
+          "frame": ids["frame"],
+          "ct_series": series_uid,
+      },
+  }
+
+
 def write_patient(
     folder,
     phantom: Phantom | None = None,
@@ -252,37 +343,26 @@ def write_patient(
   r_idx, c_idx = np.meshgrid(
       np.arange(shape[1]), np.arange(shape[2]), indexing="ij"
   )
-  ct_files, slice_uids = [], []
-  for k in rng.permutation(shape[0]):
+
+  def slice_hu(k):
     points = (
         ipp[k]
         + r_idx[..., None] * spacing[1] * col
         + c_idx[..., None] * spacing[2] * row
     ).reshape(-1, 3)
-    hu = phantom.hu(points).reshape(shape[1:])
-    uid = _uid(rng)
-    ds = _base(CT_STORAGE, uid, "CT", ids)
-    ds.SeriesInstanceUID, ds.SeriesNumber = ct_series, 1
-    ds.PatientPosition = orientation
-    ds.InstanceNumber = int(k) + 1
-    ds.ImageOrientationPatient = [float(v) for v in (*row, *col)]
-    ds.ImagePositionPatient = [round(float(v), 4) for v in ipp[k]]
-    ds.PixelSpacing = [float(spacing[1]), float(spacing[2])]
-    ds.SliceThickness = float(spacing[0])
-    ds.Rows, ds.Columns = shape[1], shape[2]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (
-        16,
-        16,
-        15,
-        0,
-    )
-    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-    ds.PixelData = np.clip(np.rint(hu + 1024), 0, 65535).astype("<u2").tobytes()
-    ct_files.append((k, _save(ds, folder, rng)))
-    slice_uids.append((k, uid))
-  ct_files = [p for _, p in sorted(ct_files)]
-  slice_uids = [u for _, u in sorted(slice_uids)]
+    return phantom.hu(points).reshape(shape[1:])
+
+  ct_files, slice_uids = write_ct_series(
+      folder,
+      slice_hu,
+      ids=ids,
+      series_uid=ct_series,
+      orientation=orientation,
+      ipp=ipp,
+      spacing=spacing,
+      shape=shape,
+      rng=rng,
+  )
 
   from pydicom.dataset import Dataset
 
@@ -317,9 +397,13 @@ def write_patient(
         0,
     ]
     roi_contour.ContourSequence = Sequence([])
-    for z in slice_z:
+    for z, slice_uid in zip(slice_z, slice_uids):
       for points in phantom.contours(s.name, z):
         c = Dataset()
+        image = Dataset()
+        image.ReferencedSOPClassUID = CT_STORAGE
+        image.ReferencedSOPInstanceUID = slice_uid
+        c.ContourImageSequence = Sequence([image])
         c.ContourGeometricType = "CLOSED_PLANAR"
         c.NumberOfContourPoints = len(points)
         c.ContourData = [round(float(v), 3) for v in points.ravel()]
