@@ -80,6 +80,7 @@ def _cpu_best(config):
   config.data.downsample = 1
   config.data.crop_shape = (64, 64, 64)
   config.data.geometry = True
+  config.data.geometry_slab = True
   config.ema_decay = 0.999
   config.num_train_steps = 20_000
   config.eval_every_steps = 500

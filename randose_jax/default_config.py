@@ -75,6 +75,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   # PTV70 (randose_jax/data/distances.py), in units of geometry_scale_mm.
   data.geometry = False
   data.geometry_scale_mm = 50.0
+  # With geometry: three more channels, each voxel's superior/inferior
+  # distance to each PTV's slab of axial slices (coplanar beams).
+  data.geometry_slab = False
   # Geometry-consistent augmentation (docs/design.md section 1); training only.
   data.augment = True
   data.flip_lr = True

@@ -171,6 +171,29 @@ def test_distances_equal_brute_force(patient):
   assert sum(i.size > 0 for i in patient.roi_index[-3:]) >= 2
 
 
+def test_slab_distances(patient):
+  """Superior/inferior distance to each PTV's slab of axial slices, by a
+  plain loop over the slices."""
+  scale = 40.0
+  got = distances.dense(patient, scale, slab=True)
+  assert got.shape[-1] == 6
+  np.testing.assert_array_equal(got[..., :3], distances.dense(patient, scale))
+  lo, box = distances.ptv_distances(patient, scale, slab=True)
+  spacing = patient.voxel_dimensions[2]
+  for c, index in enumerate(patient.roi_index[-3:]):
+    if not index.size:
+      continue
+    slices = set(np.unravel_index(index, patient.grid_shape)[2].tolist())
+    for k in range(lo[2], lo[2] + box.shape[2]):
+      want = min(abs(k - z) for z in slices) * spacing / scale
+      want = min(want, distances.FAR)
+      inside = got[
+          lo[0] : lo[0] + box.shape[0], lo[1] : lo[1] + box.shape[1], k, 3 + c
+      ]
+      np.testing.assert_allclose(inside, want, atol=2e-3, rtol=1e-3)
+      assert (want == 0) == (k in slices)
+
+
 def test_geometry_channels_in_the_dense_and_packed_forms(patient):
   config = data_config(geometry=True, geometry_scale_mm=40.0)
   example = encoding.encode_patient(patient, config)
@@ -280,7 +303,7 @@ def test_model_takes_the_distance_channels_into_the_ptv_stem():
   out3 = model.apply({"params": params}, inputs)
   assert not jnp.allclose(out2, out3)
   del out
-  inputs["geom"] = jnp.zeros((1, 4, 4, 4, 2))
+  inputs["geom"] = jnp.zeros((1, 4, 4, 2, 3))
   with pytest.raises(ValueError, match="geom"):
     model.apply({"params": params}, inputs)
 
@@ -297,3 +320,13 @@ def test_bad_crop_shape_is_a_config_error(shape):
     train.check_crop_shape(config)
   config.data.crop_shape = (64, 32, 96)
   assert train.check_crop_shape(config) == (64, 32, 96)
+
+
+def test_slab_channels_through_the_packed_form(patient):
+  config = data_config(geometry=True, geometry_slab=True)
+  example = encoding.encode_patient(patient, config)
+  assert example["geom"].shape[-1] == encoding.input_channels(config)["geom"]
+  assert example["geom"].shape[-1] == 6
+  pack = augment.transform(encoding.encode_planes(patient, config), config)
+  np.testing.assert_array_equal(dense_of(pack, config)["geom"], example["geom"])
+  assert cache_lib.encoding_settings(config)["geometry_slab"] is True

@@ -17,6 +17,7 @@ import pytest
 from randose_jax import cli
 from randose_jax import dicom_import
 from randose_jax import formats
+from randose_jax import predictor as predictor_lib
 from randose_jax.conventions import AXIS_DIRECTIONS_LPS, CT_OFFSET
 from randose_jax.data import openkbp
 from randose_jax.dicom import DicomError, geometry, importer, rasterize, roi_names, series, synthetic
@@ -874,10 +875,20 @@ def test_occupancy_is_the_overlap():
 # ------------------------------------------------------------ predict
 
 
-class _TruthPredictor:
-  """Stands in for a model: predicts the patient's own (imported) dose."""
+class _TruthPredictor(predictor_lib.Predictor):
+  """Stands in for a model: predicts the patient's own (imported) dose
+  (encoding and decoding are the Predictor's)."""
 
-  def predict_local(self, examples, tta):
+  def __init__(self, data_config):
+    super().__init__(
+        model=None,
+        params=None,
+        data_config=data_config,
+        mesh=None,
+        forward=lambda *args: None,
+    )
+
+  def predict_local(self, examples, tta=False):
     del tta
     return [np.asarray(e["target"]) for e in examples]
 
@@ -894,7 +905,7 @@ def test_predict_writes_the_rt_dose_in_the_patient_frame(
   config = default_config.get_default_config()
   restored = types.SimpleNamespace(
       config=config,
-      predictor=_TruthPredictor(),
+      predictor=_TruthPredictor(config.data),
       which="best",
       step=0,
       uses_ema=False,

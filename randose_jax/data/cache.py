@@ -80,6 +80,8 @@ def encoding_settings(data_config) -> dict:
   if data_config.get("geometry", False):
     settings["geometry"] = True
     settings["geometry_scale_mm"] = float(data_config.geometry_scale_mm)
+    if data_config.get("geometry_slab", False):
+      settings["geometry_slab"] = True
   return settings
 
 

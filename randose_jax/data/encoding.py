@@ -98,19 +98,23 @@ def background(key: str, settings) -> float:
   return air_value(settings) if key == "ct" else 0.0
 
 
-def geometry_scale(settings) -> float | None:
-  """mm per unit of the geom channels, or None when `geometry` is off
-  (also for settings saved before the option existed)."""
+def geometry_spec(settings) -> tuple[float, bool] | None:
+  """(mm per unit, slab channels too) of the geom input, or None when
+  `geometry` is off (also for settings saved before the option existed)."""
   if not getattr(settings, "geometry", False):
     return None
-  return float(settings.geometry_scale_mm)
+  return (
+      float(settings.geometry_scale_mm),
+      bool(getattr(settings, "geometry_slab", False)),
+  )
 
 
 def input_channels(settings) -> dict[str, int]:
   """The model's inputs and their channels for these encoding settings."""
   channels = dict(conventions.INPUT_CHANNELS)
-  if geometry_scale(settings) is not None:
-    channels["geom"] = distances.NUM_CHANNELS
+  spec = geometry_spec(settings)
+  if spec is not None:
+    channels["geom"] = distances.num_channels(spec[1])
   return channels
 
 
@@ -185,25 +189,25 @@ def _voxel_planes(patient: openkbp.SparsePatient, settings) -> dict:
       for j, index in enumerate(patient.roi_index[_NUM_OARS:])
   ]
   add("codes", np.uint16, [(index, bit) for index, bit in bits if index.size])
-  scale = geometry_scale(settings)
-  if scale is not None:
-    planes.update(_geometry_planes(patient, scale))
+  spec = geometry_spec(settings)
+  if spec is not None:
+    planes.update(_geometry_planes(patient, *spec))
   return planes
 
 
-def _geometry_planes(patient: openkbp.SparsePatient, scale: float) -> dict:
+def _geometry_planes(
+    patient: openkbp.SparsePatient, scale: float, slab: bool
+) -> dict:
   """The geom planes: the rows of the distance box's pixels (the box's
   values along axis 2, `distances.FAR` beyond it) and one background row."""
   d, h, w = patient.grid_shape
-  lo, box = distances.ptv_distances(patient, scale)
+  lo, box = distances.ptv_distances(patient, scale, slab)
   bd, bh, bw = box.shape[:3]
   active = np.zeros((d, h), bool)
   active[lo[0] : lo[0] + bd, lo[1] : lo[1] + bh] = True
   active = active.reshape(-1)
   num = bd * bh
-  values = np.full(
-      (num + 1, w, distances.NUM_CHANNELS), distances.FAR, np.float32
-  )
+  values = np.full((num + 1, w, box.shape[-1]), distances.FAR, np.float32)
   values[:num, lo[2] : lo[2] + bw] = box.reshape(num, bw, -1)
   row_map = np.full(d * h, num, np.int32)
   row_map[active] = np.arange(num, dtype=np.int32)

@@ -47,9 +47,6 @@ import jax.numpy as jnp
 
 from randose_jax.conventions import INPUT_CHANNELS
 
-# The optional `geom` input (config.data.geometry): signed distances to
-# PTV56, PTV63, PTV70 (randose_jax/data/distances.py).
-NUM_GEOMETRY_CHANNELS = 3
 from randose_jax.default_config import ConfigError
 from randose_jax.models import blocks
 from randose_jax.models import conv as conv_lib
@@ -124,7 +121,7 @@ class RANDose(nn.Module):
   same). An unknown choice is a `ConfigError` naming the field.
 
   __call__(inputs) with inputs a dict of float32 arrays ptv (N,D,H,W,1),
-  ct (N,D,H,W,1), oar (N,D,H,W,7) and optionally geom (N,D,H,W,3) (joins
+  ct (N,D,H,W,1), oar (N,D,H,W,7) and optionally geom (N,D,H,W,G) (joins
   the PTV stem's input), D, H, W divisible by 2^(S-1); returns the
   predicted dose (N,D,H,W,1) float32 in target units.
   """
@@ -208,8 +205,8 @@ class RANDose(nn.Module):
   def _check_inputs(self, inputs) -> tuple[int, int, int]:
     grid = None
     expected = dict(INPUT_CHANNELS)
-    if "geom" in inputs:
-      expected["geom"] = NUM_GEOMETRY_CHANNELS
+    if "geom" in inputs:  # as many as the data config makes
+      expected["geom"] = inputs["geom"].shape[-1]
     for key, channels in expected.items():
       if key not in inputs:
         raise ValueError(
