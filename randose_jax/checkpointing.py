@@ -20,6 +20,7 @@ that is not newer than the newest folder it sees). Nothing is moved when no
 checkpoint of the kind can be read: that is an error for the user to look at.
 """
 
+import contextlib
 import datetime
 import logging
 import os
@@ -32,6 +33,8 @@ from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+
+from randose_jax import interrupts
 
 ITEMS = ("state", "data", "config", "meta")
 # The entry of the saved state that only some checkpoints hold (runs with
@@ -118,6 +121,7 @@ class Checkpointer:
     root = pathlib.Path(workdir) / "checkpoints"
     self.root = root
     self._keep, self._async_save = keep, async_save
+    self._in_flight = {}  # id(manager) -> the step of its last save
     self.latest = self._new_manager("latest")
     # The best checkpoint is written rarely: synchronous keeps it simple.
     self.best = self._new_manager("best")
@@ -133,15 +137,17 @@ class Checkpointer:
     setattr(self, which, self._new_manager(which))
 
   def _save(self, manager, step, state, data_state, config_dict, meta):
-    saved = manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config_dict),
-            meta=ocp.args.JsonSave(meta),
-        ),
-    )
+    with self._saving(manager, step):
+      saved = manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              data=ocp.args.JsonSave(data_state),
+              config=ocp.args.JsonSave(config_dict),
+              meta=ocp.args.JsonSave(meta),
+          ),
+      )
+    self._in_flight[id(manager)] = step
     if not saved:  # orbax skips a step not newer than its newest: say so
       logging.warning(
           "Checkpoint step %d was not written to %s (it holds steps %s).",
@@ -161,7 +167,7 @@ class Checkpointer:
     aside to `checkpoints/superseded/` while the new one is written, then
     removed, as orbax removes an older best once the new one is complete.
     """
-    self.latest.wait_until_finished()
+    self._wait(self.latest)
     newer = sorted(s for s in self.best.all_steps() if s >= step)
     moved = []
     if newer:
@@ -177,13 +183,36 @@ class Checkpointer:
       _barrier(f"best_set_aside_{step}")
       self._reopen("best")
     self._save(self.best, step, state, data_state, config_dict, meta)
-    self.best.wait_until_finished()
+    self._wait(self.best)
     for folder in moved:
       shutil.rmtree(folder, ignore_errors=True)
 
+  @contextlib.contextmanager
+  def _saving(self, manager, step):
+    """A failed save (a full disk, a file system gone read-only) as one
+    `CheckpointError` naming the folder; orbax's own report of it goes to
+    the log (`logs`). The checkpoints saved before it are intact: orbax
+    commits a save by renaming its temporary folder when complete."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, (CheckpointError, interrupts.Interrupted)):
+        raise
+      step = self._in_flight.pop(id(manager), step)
+      raise CheckpointError(
+          f"{pathlib.Path(manager.directory)}: saving the checkpoint at step "
+          f"{step} failed ({brief_error(e)}); the earlier checkpoints are "
+          "intact (a rerun resumes from the newest)"
+      ) from e
+
+  def _wait(self, manager):
+    with self._saving(manager, self._in_flight.get(id(manager))):
+      manager.wait_until_finished()
+    self._in_flight.pop(id(manager), None)
+
   def wait(self):
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    self._wait(self.latest)
+    self._wait(self.best)
 
   def close(self):
     self.latest.close()
@@ -255,6 +284,15 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         _ignore_stale_loop_callbacks()
         where = self.root / which / str(s)
+        if not where.exists():  # removed meanwhile (another run's rotation)
+          if step is not None:
+            raise CheckpointError(
+                f"{where}: the checkpoint was removed while it was read"
+            ) from e
+          logging.warning(
+              "Checkpoint %s was removed while read; skipped.", where
+          )
+          continue
         if step is not None:
           raise CheckpointError(
               f"{where}: unreadable checkpoint ({brief_error(e)})"
@@ -266,7 +304,7 @@ class Checkpointer:
       out = {k: restored[k] for k in ITEMS}
       out["step"] = s
       return out
-    if steps:
+    if unreadable:
       raise CheckpointError(
           f"{self.root / which}: none of the checkpoints {sorted(steps)} "
           f"could be read (step {steps[0]}: {brief_error(unreadable[0][1])}); "
