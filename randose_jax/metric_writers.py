@@ -101,8 +101,11 @@ class MetricWriter:
     record.update(
         {k: v if math.isfinite(v) else str(v) for k, v in clean.items()}
     )
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    try:
+      self._jsonl.write(json.dumps(record) + "\n")
+      self._jsonl.flush()
+    except OSError as e:  # a full disk: name the file
+      raise OSError(e.errno, e.strerror or str(e), self._jsonl.name) from e
     if self._tb is not None:
       for k, v in clean.items():
         self._tb.add_scalar(k, v, int(step))

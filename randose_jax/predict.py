@@ -37,6 +37,7 @@ from randose_jax import cli
 from randose_jax import distributed
 from randose_jax import evaluation
 from randose_jax import fileio
+from randose_jax import interrupts
 from randose_jax import logs
 from randose_jax import restore
 from randose_jax.data import encoding
@@ -217,10 +218,11 @@ def predict_patients(
       "ema": restored.uses_ema,
       "output": str(output_dir),
   }
-  with fileio.StagedOutput() as stage:
+  with fileio.StagedOutput(kind="predict") as stage:
     staged = stage.dir(output_dir)
     staged_plots = stage.dir(plots_dir) if plots_dir else None
     for d in patient_dirs:
+      interrupts.check()  # a signal during the model work: stop here
       patient = openkbp.load_patient(d)
       example = encoding.encode_patient(patient, config.data)
       (pred,) = predictor.predict_local([example], tta)
@@ -300,6 +302,8 @@ def main(argv):
       overwrite=FLAGS.overwrite,
   )
   check_patients(dirs)
+  # From here (JAX at work) a signal is acted on between patients.
+  interrupts.defer()
   restored = restore.restore_from_workdir(
       FLAGS.workdir,
       FLAGS.checkpoint,
