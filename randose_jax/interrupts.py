@@ -117,6 +117,13 @@ def deferred(signals=SIGNALS) -> Iterator[None]:
       _STATE["defer"] -= 1
 
 
+def ignore_signals(*unused) -> None:
+  """SIGINT and SIGTERM ignored from now on in this process: a worker
+  process's init (grain's `worker_init_fn`), whose parent stops it."""
+  for s in SIGNALS:
+    signal.signal(s, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def ignored_in_children() -> Iterator[None]:
   """SIGINT and SIGTERM ignored while the block starts worker processes:

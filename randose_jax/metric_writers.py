@@ -94,7 +94,7 @@ class MetricWriter:
       )
 
   def write_scalars(self, step: int, scalars: dict):
-    if not self.enabled:
+    if not self.enabled or self._jsonl is None:
       return
     clean = {k: float(v) for k, v in scalars.items()}
     record = {"step": int(step)}
@@ -105,7 +105,12 @@ class MetricWriter:
       self._jsonl.write(json.dumps(record) + "\n")
       self._jsonl.flush()
     except OSError as e:  # a full disk: name the file
-      raise OSError(e.errno, e.strerror or str(e), self._jsonl.name) from e
+      f, self._jsonl = self._jsonl, None
+      try:
+        f.close()
+      except OSError:
+        pass  # the same error again (the buffered line)
+      raise OSError(e.errno, e.strerror or str(e), f.name) from e
     if self._tb is not None:
       for k, v in clean.items():
         self._tb.add_scalar(k, v, int(step))

@@ -13,6 +13,7 @@ and `export`, is `predictor.Predictor`.
 
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import math
@@ -437,6 +438,25 @@ def train_and_evaluate(
     return _train_and_evaluate(config, workdir, mesh)
 
 
+def _stop_workers(train_iter) -> None:
+  """Stops grain's input worker processes and releases their shared memory
+  (grain unlinks it from a thread pool: waited for, or the interpreter's
+  exit would report it leaked)."""
+  train_iter.close()
+  gc.collect()
+  try:
+    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+
+    arrays = shared_memory_array.SharedMemoryArray
+    pool = arrays._del_thread_pool  # pylint: disable=protected-access
+  except (ImportError, AttributeError):  # another grain: nothing to wait for
+    return
+  if pool is not None:
+    arrays._del_thread_pool = None  # pylint: disable=protected-access
+    pool.close()
+    pool.join()
+
+
 def _should_stop(step: int) -> int:
   """The signal that stops training after `step` (0: go on)."""
   if interrupts.requested():
@@ -547,7 +567,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict:
     ckpt.wait()
     ckpt.close()
     writer.close()
-    train_iter.close()
+    _stop_workers(train_iter)
     saved = max(done, start_step) if (done > start_step or restored) else 0
     raise interrupts.Interrupted(
         signum,
