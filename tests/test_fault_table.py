@@ -32,6 +32,9 @@ the fault as that tool meets it, or why the fault cannot reach that tool
 | output path not writable   | --workdir       | --output         | --json                | /proc/x.zip    | NA           | --output             |
 | output already present     | NA (resumes)    | --output         | NA (replaced)         | --output       | NA           | a pt_* folder        |
 | disk full (patched writer) | the cache       | --output         | --json                | --output       | NA           | --output             |
+| header line too long       | ct.csv          | ct.csv           | a prediction CSV      | NA             | NA           | NA                   |
+| more rows than voxels      | dose.csv        | mask             | a prediction CSV      | NA             | NA           | NA                   |
+| not a regular file (FIFO)  | ct.csv          | dose.csv         | a prediction CSV      | NA             | NA           | NA                   |
 
 Faults in patient files are put into the last patient of the split, so that
 a tool that wrote as it went would leave the earlier patients' files behind;
@@ -53,6 +56,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
@@ -87,6 +91,9 @@ FAULTS = (
     "output path not writable",
     "output already present",
     "disk full",
+    "header line too long",
+    "more rows than voxels",
+    "not a regular file",
 )
 
 DEMO = str(REPO / "configs" / "demo.py")
@@ -776,6 +783,59 @@ TABLE: dict[str, dict[str, object]] = {
 }
 
 
+def one_long_line(path: Path, size: int = 64 * 1024):
+  """A file of one line of commas, longer than any header (the issue's
+  1.9 GB case is `test_hostile_file_in_bounded_memory`)."""
+  path.write_bytes(b"1," * (size // 2))
+  return path, None
+
+
+def too_many_rows(path: Path):
+  """One row more than the 16^3 grid has voxels (small enough to pass the
+  size bound: the line count refuses it)."""
+  path.write_bytes(b",data\n" + b"0,1\n" * (16**3 + 1))
+  return path, None
+
+
+def fifo(path: Path):
+  """A named pipe where the file should be: opening it would wait for a
+  writer forever."""
+  path.unlink()
+  os.mkfifo(path)
+  return path, None
+
+
+NO_CSV_DICOM = NA(
+    "dicom_import reads DICOM files (its own bounds are the DICOM module's)"
+)
+TABLE["header line too long"] = {
+    "main": main_row(lambda p: one_long_line(p / "ct.csv")),
+    "predict": predict_row(lambda p: one_long_line(p / "ct.csv")),
+    "evaluate": evaluate_pred_row(one_long_line),
+    "export": NO_DATA_EXPORT,
+    "summary": NO_DATA_SUMMARY,
+    "dicom_import": NO_CSV_DICOM,
+}
+TABLE["more rows than voxels"] = {
+    "main": main_row(lambda p: too_many_rows(p / "dose.csv")),
+    "predict": predict_row(
+        lambda p: too_many_rows(p / "possible_dose_mask.csv")
+    ),
+    "evaluate": evaluate_pred_row(too_many_rows),
+    "export": NO_DATA_EXPORT,
+    "summary": NO_DATA_SUMMARY,
+    "dicom_import": NO_CSV_DICOM,
+}
+TABLE["not a regular file"] = {
+    "main": main_row(lambda p: fifo(p / "ct.csv")),
+    "predict": predict_row(lambda p: fifo(p / "dose.csv")),
+    "evaluate": evaluate_pred_row(fifo),
+    "export": NO_DATA_EXPORT,
+    "summary": NO_DATA_SUMMARY,
+    "dicom_import": NO_CSV_DICOM,
+}
+
+
 def _inputs(w: World, inputs: list) -> None:
   w.inputs = inputs
 
@@ -913,3 +973,119 @@ def test_real_process(tool, fault, world, monkeypatch):
   )
   after = [snapshot(p) if p.is_dir() else None for p in watched]
   check_failure(done.returncode, done.stderr, named, line, before, after)
+
+
+# ------------------------------------------------- hostile files, real size
+
+GB = 1024**3
+
+
+def sparse_one_line(path: Path) -> None:
+  """The issue's 1.9 GB one-line CSV (commas, no line end), as a sparse
+  file: a few KB on the disk."""
+  with open(path, "wb") as f:
+    f.write(b"1," * 2048)
+    f.truncate(int(1.9 * GB))
+
+
+def five_million_rows(path: Path) -> None:
+  """5,000,000 rows repeating one voxel index (30 MB, streamed)."""
+  with open(path, "wb") as f:
+    f.write(b",data\n")
+    for _ in range(50):
+      f.write(b"0,1.0\n" * 100_000)
+
+
+HOSTILE = {"one line of 1.9 GB": sparse_one_line, "5M rows": five_million_rows}
+
+
+# Runs `python -m MODULE ARGS` and writes the process's peak resident
+# memory (VmHWM: the high-water mark of its own memory since exec; the
+# rusage of a child started from this large process would count this
+# process's size too) to $RANDOSE_TEST_PEAK when it exits.
+PEAK_WRAPPER = r"""
+import atexit, os, runpy, sys
+def peak():
+  with open("/proc/self/status") as f:
+    kb = [l.split()[1] for l in f if l.startswith("VmHWM:")][0]
+  with open(os.environ["RANDOSE_TEST_PEAK"], "w") as f:
+    f.write(kb)
+atexit.register(peak)
+module = sys.argv[1]
+sys.argv = [module] + sys.argv[2:]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def run_measured(module: str, args: list, cwd: Path):
+  """Runs `python -m module args`: (exit status, stderr, peak resident
+  memory in GB, seconds)."""
+  peak_file = cwd / "peak-kb"
+  t0 = time.time()
+  done = subprocess.run(
+      [sys.executable, "-c", PEAK_WRAPPER, module, *map(str, args)],
+      cwd=cwd,
+      env=dict(SUBPROCESS_ENV, RANDOSE_TEST_PEAK=str(peak_file)),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+      timeout=300,
+      check=False,
+  )
+  seconds = time.time() - t0
+  peak_gb = int(peak_file.read_text()) * 1024 / GB
+  peak_file.unlink()
+  return done.returncode, done.stderr, peak_gb, seconds
+
+
+def _hostile_setup(tool: str, w: World, make) -> tuple[Path, list]:
+  if tool == "main":
+    path = w.root / "train-pats" / "pt_4" / "ct.csv"
+    args = _main_args(w)
+  elif tool == "predict":
+    path = w.patients / "pt_6" / "ct.csv"
+    args = _predict_args(w)
+  else:
+    path = w.predictions / "pt_6.csv"
+    args = _evaluate_args(w)
+  make(path)
+  return path, args
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+@pytest.mark.parametrize("tool", ["main", "predict", "evaluate"])
+def test_hostile_file_in_bounded_memory(tool, case, world):
+  """A file that cannot be the sparse CSV it claims to be is refused with
+  one line, in bounded memory and time (before: past 8 GB for the one-line
+  file, 2 GB for 5M rows), the command's peak measured (`wait4`)."""
+  path, args = _hostile_setup(tool, world, HOSTILE[case])
+  code, err, peak_gb, seconds = run_measured(
+      f"randose_jax.{tool}", args, world.tmp
+  )
+  check_failure(code, err, path, None, None, None)
+  assert peak_gb < 1.0, f"{tool} peaked at {peak_gb:.2f} GB"
+  assert seconds < 60, f"{tool} took {seconds:.0f} s"
+  print(f"{tool}, {case}: {peak_gb:.2f} GB peak, {seconds:.1f} s")
+
+
+def test_five_million_rows_on_a_real_grid(shared_openkbp, tmp_path):
+  """On a 128^3 patient the 5M-row file is within the size bound: the line
+  count refuses it (2,097,152 voxels); evaluate, in a real process."""
+  reference = tmp_path / "reference"
+  reference.mkdir()
+  patient = openkbp.list_patient_dirs(shared_openkbp / "validation-pats")[0]
+  (reference / patient.name).symlink_to(patient, target_is_directory=True)
+  predictions = tmp_path / "predictions"
+  predictions.mkdir()
+  path = predictions / f"{patient.name}.csv"
+  five_million_rows(path)
+  code, err, peak_gb, seconds = run_measured(
+      "randose_jax.evaluate",
+      [f"--reference={reference}", f"--predictions={predictions}"],
+      tmp_path,
+  )
+  check_failure(code, err, path, None, None, None)
+  assert "5,000,001 lines" in err
+  assert peak_gb < 1.0, f"peaked at {peak_gb:.2f} GB"
+  assert seconds < 60
+  print(f"evaluate, 5M rows at 128^3: {peak_gb:.2f} GB peak, {seconds:.1f} s")

@@ -694,7 +694,7 @@ def load_sparse_patient(
   if not patient_dir.is_dir():
     raise DataError(f"{patient_dir}: patient folder not found")
   for name in (CT_FILE, MASK_FILE, VOXEL_DIMENSIONS_FILE):
-    if not (patient_dir / name).is_file():
+    if not os.path.lexists(patient_dir / name):
       raise DataError(
           f"{patient_dir / name}: missing (every patient needs "
           f"{CT_FILE}, {MASK_FILE} and {VOXEL_DIMENSIONS_FILE})"
@@ -711,7 +711,7 @@ def load_sparse_patient(
       _sorted_unique(
           *read_sparse_csv(patient_dir / DOSE_FILE, grid, nonnegative=True)
       )
-      if (patient_dir / DOSE_FILE).is_file()
+      if os.path.lexists(patient_dir / DOSE_FILE)  # a FIFO is an error
       else (None, None)
   )
   empty = np.zeros(0, np.int64)
@@ -725,7 +725,7 @@ def load_sparse_patient(
       mask_index=read(MASK_FILE, False)[0],
       roi_index=tuple(
           read(f"{name}.csv", False)[0]
-          if (patient_dir / f"{name}.csv").is_file()
+          if os.path.lexists(patient_dir / f"{name}.csv")
           else empty
           for name in ROI_NAMES
       ),
