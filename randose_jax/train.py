@@ -680,9 +680,11 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict:
     summary = finish(
         trainer, ckpt, state, train_cache, eval_cache, workdir, config
     )
-  except interrupts.Interrupted as e:
+  except BaseException as e:
     writer.close()
     ckpt.close()
+    if not isinstance(e, interrupts.Interrupted):
+      raise
     raise interrupts.Interrupted(
         e.signum,
         f"interrupted during the final validation (training is complete: "

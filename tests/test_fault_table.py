@@ -166,7 +166,8 @@ def world(request, tmp_path, dicom_template) -> World:
   (out / "keep.txt").write_text("the user's own file\n")
   shutil.copytree(dicom_template, tmp_path / "dicom")
   w = World(tmp=tmp_path, out=out, dicom=tmp_path / "dicom")
-  if request.node.callspec.params.get("tool") == "dicom_import":
+  callspec = getattr(request.node, "callspec", None)
+  if callspec is not None and callspec.params.get("tool") == "dicom_import":
     return w  # no trained run needed
   template = request.getfixturevalue("template")
   trained = request.getfixturevalue("trained")
@@ -1089,3 +1090,40 @@ def test_five_million_rows_on_a_real_grid(shared_openkbp, tmp_path):
   assert peak_gb < 1.0, f"peaked at {peak_gb:.2f} GB"
   assert seconds < 60
   print(f"evaluate, 5M rows at 128^3: {peak_gb:.2f} GB peak, {seconds:.1f} s")
+
+
+def test_final_predictions_on_a_full_disk(world, monkeypatch, capfd):
+  """A run continued from step 4 to 6 whose final predictions meet a full
+  disk at the second CSV (patched writer): one line naming that CSV's
+  path, and the step-4 predictions, zip and validation_scores.json as
+  they were (they change together or not at all)."""
+  w = world
+  outputs = [w.workdir / "predictions", w.workdir / "validation_scores.json"]
+  before = [snapshot(outputs[0]), outputs[1].read_bytes()]
+  real, full = fileio.atomic_output, _full_disk_writer(fileio.atomic_output)
+  staged = []
+
+  def writer(path, **kwargs):
+    if ".randose-staging-final" in str(path):
+      staged.append(path)
+      if len(staged) == 2:
+        return full(path, **kwargs)
+    return real(path, **kwargs)
+
+  monkeypatch.setattr(fileio, "atomic_output", writer)
+  code, out, err = run_in_process(
+      "main",
+      [
+          f"--config={DEMO}:smoke",
+          f"--workdir={w.workdir}",
+          "--config.num_train_steps=6",
+      ],
+      capfd,
+  )
+  assert "Resuming from checkpoint at step 4" in out
+  named = w.workdir / "predictions" / "validation-pats" / "pt_6.csv"
+  after = [snapshot(outputs[0]), outputs[1].read_bytes()]
+  check_failure(code, err, named, None, before, after)
+  assert "No space left on device" in err
+  # Training itself completed: the same command writes the predictions.
+  assert (w.workdir / "checkpoints" / "latest" / "6").is_dir()
