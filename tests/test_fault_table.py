@@ -54,6 +54,7 @@ import hashlib
 import importlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -1127,3 +1128,43 @@ def test_final_predictions_on_a_full_disk(world, monkeypatch, capfd):
   assert "No space left on device" in err
   # Training itself completed: the same command writes the predictions.
   assert (w.workdir / "checkpoints" / "latest" / "6").is_dir()
+
+
+def _interrupt_second_call(monkeypatch, module, name: str):
+  """`module.name` sends SIGINT to this process at its second call, as a
+  Ctrl-C in the middle of the second patient."""
+  real = getattr(module, name)
+  calls = []
+
+  def interrupting(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+      os.kill(os.getpid(), signal.SIGINT)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(module, name, interrupting)
+
+
+@pytest.mark.parametrize("tool", ["predict", "evaluate", "dicom_import"])
+def test_ctrl_c_leaves_no_output(tool, world, monkeypatch, capfd):
+  """Ctrl-C during the second patient: one line, exit 130, the output
+  folder as it was (nothing half-written, no staging folder left)."""
+  from randose_jax.dicom import importer  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.chdir(world.tmp)
+  if tool == "predict":
+    _interrupt_second_call(monkeypatch, openkbp, "load_patient")
+    args = _predict_args(world)
+  elif tool == "evaluate":
+    _interrupt_second_call(monkeypatch, openkbp, "read_prediction_csv")
+    args = _evaluate_args(world)
+  else:
+    _interrupt_second_call(monkeypatch, importer, "import_plan")
+    args = _dicom_args(world)
+  before = snapshot(world.out)
+  code, _, err = run_in_process(tool, args, capfd)
+  assert code == 130, err
+  assert err == (
+      "interrupted by SIGINT; no output was left half-written\n"
+  ), err
+  assert snapshot(world.out) == before

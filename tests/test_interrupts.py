@@ -369,3 +369,56 @@ def _run_to_end(workdir, tmp_path, point, extra):
   proc = start(workdir, point, tmp_path / "marker-fill", extra)
   out, err = proc.communicate(timeout=300)
   return proc.returncode, out, err, None
+
+
+def test_metrics_on_a_full_disk_name_the_file(tmp_path, monkeypatch):
+  from randose_jax import metric_writers  # pylint: disable=g-import-not-at-top
+
+  writer = metric_writers.MetricWriter(tmp_path, resume_step=0)
+  writer._tb = None  # pylint: disable=protected-access
+
+  class Full:
+    name = str(tmp_path / "metrics.jsonl")
+
+    def write(self, text):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    flush = close = lambda self: None
+
+  writer._jsonl.close()  # pylint: disable=protected-access
+  writer._jsonl = Full()  # pylint: disable=protected-access
+  with pytest.raises(OSError) as info:
+    writer.write_scalars(1, {"loss": 1.0})
+  assert info.value.errno == errno.ENOSPC
+  assert info.value.filename == str(tmp_path / "metrics.jsonl")
+  writer.close()
+
+
+def test_a_checkpoint_removed_meanwhile_is_not_unreadable(
+    trained, tmp_path, caplog
+):
+  """Another run's rotation removes the newest checkpoint while it is read:
+  said as such (not 'unreadable'), and the one before it is used."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  from randose_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
+  workdir = shutil.copytree(trained, tmp_path / "run")
+  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+  newest = ckpt.steps("latest")[-1]
+  real = ckpt.latest.restore
+
+  def restore(step, *args, **kwargs):
+    if step == newest:
+      shutil.rmtree(workdir / "checkpoints" / "latest" / str(step))
+      raise FileNotFoundError("[Errno 2] No such file: pybind11::...")
+    return real(step, *args, **kwargs)
+
+  ckpt.latest.restore = restore
+  with caplog.at_level("WARNING"):
+    got = ckpt.restore(None, "latest")
+  ckpt.close()
+  assert got["step"] < newest
+  text = caplog.text
+  assert "was removed while read" in text
+  assert "unreadable" not in text
