@@ -80,7 +80,11 @@ def handled(signals=SIGNALS) -> Iterator[None]:
   handlers: elsewhere (a test's thread, a notebook kernel thread) the
   block changes nothing."""
   if threading.current_thread() is not threading.main_thread():
-    yield
+    defer = _STATE["defer"]
+    try:
+      yield
+    finally:
+      _STATE["defer"] = defer
     return
   if not _STATE["installed"]:
     _STATE["signum"] = 0

@@ -810,32 +810,26 @@ def fifo(path: Path):
 NO_CSV_DICOM = NA(
     "dicom_import reads DICOM files (its own bounds are the DICOM module's)"
 )
-TABLE["header line too long"] = {
-    "main": main_row(lambda p: one_long_line(p / "ct.csv")),
-    "predict": predict_row(lambda p: one_long_line(p / "ct.csv")),
-    "evaluate": evaluate_pred_row(one_long_line),
-    "export": NO_DATA_EXPORT,
-    "summary": NO_DATA_SUMMARY,
-    "dicom_import": NO_CSV_DICOM,
-}
-TABLE["more rows than voxels"] = {
-    "main": main_row(lambda p: too_many_rows(p / "dose.csv")),
-    "predict": predict_row(
-        lambda p: too_many_rows(p / "possible_dose_mask.csv")
-    ),
-    "evaluate": evaluate_pred_row(too_many_rows),
-    "export": NO_DATA_EXPORT,
-    "summary": NO_DATA_SUMMARY,
-    "dicom_import": NO_CSV_DICOM,
-}
-TABLE["not a regular file"] = {
-    "main": main_row(lambda p: fifo(p / "ct.csv")),
-    "predict": predict_row(lambda p: fifo(p / "dose.csv")),
-    "evaluate": evaluate_pred_row(fifo),
-    "export": NO_DATA_EXPORT,
-    "summary": NO_DATA_SUMMARY,
-    "dicom_import": NO_CSV_DICOM,
-}
+
+
+def csv_fault_row(fault: Callable, main_file: str, predict_file: str):
+  """A fault of one sparse CSV: in main's and predict's patient file of
+  that name, in evaluate's prediction CSV (no other tool reads one)."""
+  return {
+      "main": main_row(lambda p: fault(p / main_file)),
+      "predict": predict_row(lambda p: fault(p / predict_file)),
+      "evaluate": evaluate_pred_row(fault),
+      "export": NO_DATA_EXPORT,
+      "summary": NO_DATA_SUMMARY,
+      "dicom_import": NO_CSV_DICOM,
+  }
+
+
+TABLE["header line too long"] = csv_fault_row(one_long_line, "ct.csv", "ct.csv")
+TABLE["more rows than voxels"] = csv_fault_row(
+    too_many_rows, "dose.csv", "possible_dose_mask.csv"
+)
+TABLE["not a regular file"] = csv_fault_row(fifo, "ct.csv", "dose.csv")
 
 
 def _inputs(w: World, inputs: list) -> None:
