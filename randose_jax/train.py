@@ -551,18 +551,22 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict:
   t0, compile_s = time.time(), None
   step = start_step
 
-  def stop(done: int, signum: int):
+  def stop(done: int, signum: int, validation_pending: bool = False):
     """A signal: saves step `done` (waiting for a save in flight), stops
-    the input workers and raises `Interrupted` with the line to print."""
+    the input workers and raises `Interrupted` with the line to print. A
+    validation it cut short is marked in the checkpoint: run on resume."""
     if bar is not None:
       bar.close()
     if done > start_step and last_saved != done:
+      meta = dict(step=done)
+      if validation_pending:
+        meta["validation_pending"] = True
       ckpt.save_latest(
           done,
           checkpointing.as_saveable(state),
           train_iter.get_state(),
           config_dict,
-          dict(step=done),
+          meta,
       )
     ckpt.wait()
     ckpt.close()
@@ -576,6 +580,39 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict:
         + "; run the same command to resume",
     )
 
+  def validate(at: int):
+    """The periodic validation of step `at`; a better score saves `best`."""
+    nonlocal best_score
+    try:
+      scores = periodic.run(
+          interrupts.Polling(
+              trainer.predictor.with_params(trainer.eval_params(state)),
+              "predict_local",
+          )
+      )
+    except interrupts.Interrupted as e:
+      stop(at, e.signum, validation_pending=True)
+    writer.write_scalars(at, {f"eval/{k}": v for k, v in scores.items()})
+    msg = (
+        f"step {at}: validation dose score {scores['dose_score']:.4f}, "
+        f"DVH score {scores['dvh_score']:.4f} "
+        f"({scores['num_patients']} patients)"
+    )
+    if scores["dose_score"] < best_score:
+      best_score = scores["dose_score"]
+      ckpt.save_best(
+          at,
+          checkpointing.as_saveable(state),
+          train_iter.get_state(),
+          config_dict,
+          dict(step=at, **scores),
+      )
+      msg += " (best so far)"
+    logging.info(msg)
+    _console(bar, msg)
+
+  if restored is not None and restored["meta"].get("validation_pending"):
+    validate(start_step)  # the one an interrupt cut short
   for step in range(start_step + 1, config.num_train_steps + 1):
     if signum := _should_stop(step - 1):
       stop(step - 1, signum)
@@ -634,33 +671,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict:
         _console(bar, negative_loss_note(step, summary))
       pending = []
     if do_eval:
-      try:
-        scores = periodic.run(
-            interrupts.Polling(
-                trainer.predictor.with_params(trainer.eval_params(state)),
-                "predict_local",
-            )
-        )
-      except interrupts.Interrupted as e:
-        stop(step, e.signum)
-      writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
-      msg = (
-          f"step {step}: validation dose score {scores['dose_score']:.4f}, "
-          f"DVH score {scores['dvh_score']:.4f} "
-          f"({scores['num_patients']} patients)"
-      )
-      if scores["dose_score"] < best_score:
-        best_score = scores["dose_score"]
-        ckpt.save_best(
-            step,
-            checkpointing.as_saveable(state),
-            train_iter.get_state(),
-            config_dict,
-            dict(step=step, **scores),
-        )
-        msg += " (best so far)"
-      logging.info(msg)
-      _console(bar, msg)
+      validate(step)
     if do_ckpt:
       ckpt.save_latest(
           step,

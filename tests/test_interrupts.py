@@ -193,6 +193,9 @@ def test_signals_stop_training_at_each_point_and_the_run_resumes(tmp_path):
       workdir, tmp_path, "save:8", signal.SIGTERM, WORKERS
   )
   assert "Resuming from checkpoint at step 6" in out
+  # The validation cut short at step 6 ran first, as the first run would
+  # have done (the best checkpoint may be that step's).
+  assert "step 6: validation dose score" in out
   assert code == 143, err[-3000:]
   line = one_line(err)
   stopped = int(line.split()[3].rstrip(";"))
