@@ -21,7 +21,9 @@ import os
 from absl import logging
 
 # Source paths whose records stay off the console.
-QUIET_PATHS = ("/orbax/", "/jax/_src/xla_bridge.py")
+# asyncio's: "Future exception was never retrieved" of orbax's writes after
+# a failed save (this library runs no event loop of its own).
+QUIET_PATHS = ("/orbax/", "/jax/_src/xla_bridge.py", "/asyncio/")
 # Set when the command line asks for a verbosity: library lines shown.
 _SHOW_LIBRARIES = []
 
