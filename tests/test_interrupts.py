@@ -425,3 +425,29 @@ def test_a_checkpoint_removed_meanwhile_is_not_unreadable(
   text = caplog.text
   assert "was removed while read" in text
   assert "unreadable" not in text
+
+
+def test_multi_process_runs_stop_at_the_preemption_sync_point(monkeypatch):
+  """Several processes: SIGTERM is JAX's preemption notice, and every
+  process stops after the step the sync point agrees on (simulated: the
+  agreement itself is JAX's)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  from randose_jax import train  # pylint: disable=g-import-not-at-top
+
+  assert train._should_stop(7) == 0  # pylint: disable=protected-access
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(
+      multihost_utils, "reached_preemption_sync_point", lambda step: step == 7
+  )
+  assert train._should_stop(6) == 0  # pylint: disable=protected-access
+  assert train._should_stop(7) == signal.SIGTERM  # pylint: disable=protected-access
+
+  def no_service(step):
+    raise RuntimeError("Preemption sync manager has not been initialized.")
+
+  monkeypatch.setattr(
+      multihost_utils, "reached_preemption_sync_point", no_service
+  )
+  assert train._should_stop(7) == 0  # pylint: disable=protected-access
