@@ -63,26 +63,34 @@ def brief_error(e: BaseException, limit: int = 200) -> str:
 _STALE_CALLBACK_FILTER = []
 
 
+def _is_stale_loop_callback(exc) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
 def _ignore_stale_loop_callbacks():
-  """A failed orbax restore closes its event loop while TensorStore reads
-  are still in flight; each one's completion then prints a traceback of
-  `RuntimeError: Event loop is closed` (dozens of them, after the failure was
-  handled). Those, and only those, are dropped from `sys.unraisablehook`."""
+  """A failed orbax restore or save closes its event loop while TensorStore
+  operations are still in flight; each one's completion then prints a
+  traceback of `RuntimeError: Event loop is closed` (dozens of them, after
+  the failure was handled): through `sys.unraisablehook`, or, called from
+  TensorStore's threads, through `sys.excepthook`. Those, and only those,
+  are dropped."""
   if (
       _STALE_CALLBACK_FILTER
-      and sys.unraisablehook is _STALE_CALLBACK_FILTER[-1]
+      and sys.unraisablehook is _STALE_CALLBACK_FILTER[-1][0]
   ):
     return
-  previous = sys.unraisablehook
+  unraisable, excepthook = sys.unraisablehook, sys.excepthook
 
-  def hook(unraisable):
-    exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-      return
-    previous(unraisable)
+  def unraisable_hook(info):
+    if not _is_stale_loop_callback(info.exc_value):
+      unraisable(info)
 
-  sys.unraisablehook = hook
-  _STALE_CALLBACK_FILTER.append(hook)
+  def except_hook(kind, value, tb):
+    if not _is_stale_loop_callback(value):
+      excepthook(kind, value, tb)
+
+  sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+  _STALE_CALLBACK_FILTER.append((unraisable_hook, except_hook))
 
 
 def _utc_stamp() -> str:
@@ -122,6 +130,9 @@ class Checkpointer:
     self.root = root
     self._keep, self._async_save = keep, async_save
     self._in_flight = {}  # id(manager) -> the step of its last save
+    # A save that fails in orbax's thread prints those tracebacks at once,
+    # before this thread hears of the failure: filtered from the start.
+    _ignore_stale_loop_callbacks()
     self.latest = self._new_manager("latest")
     # The best checkpoint is written rarely: synchronous keeps it simple.
     self.best = self._new_manager("best")
@@ -198,6 +209,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       if isinstance(e, (CheckpointError, interrupts.Interrupted)):
         raise
+      _ignore_stale_loop_callbacks()
       step = self._in_flight.pop(id(manager), step)
       raise CheckpointError(
           f"{pathlib.Path(manager.directory)}: saving the checkpoint at step "

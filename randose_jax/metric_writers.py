@@ -112,9 +112,14 @@ class MetricWriter:
         pass  # the same error again (the buffered line)
       raise OSError(e.errno, e.strerror or str(e), f.name) from e
     if self._tb is not None:
-      for k, v in clean.items():
-        self._tb.add_scalar(k, v, int(step))
-      self._tb.flush()
+      try:
+        for k, v in clean.items():
+          self._tb.add_scalar(k, v, int(step))
+        self._tb.flush()
+      except OSError as e:  # a full disk: name the folder
+        raise OSError(
+            e.errno, e.strerror or str(e), e.filename or self._tb.logdir
+        ) from e
 
   def write_hparams(self, config_dict: dict):
     if self.enabled and self._tb is not None:

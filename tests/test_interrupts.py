@@ -92,13 +92,19 @@ elif point == "final":  # after the first final prediction CSV
       mark(hold=True)
     return out
   openkbp.write_prediction_csv = held_write
-elif point == "fill":  # after latest/N is committed, the disk fills up
-  rename = os.rename
-  def filling_rename(src, dst, *args, **kwargs):
-    out = rename(src, dst, *args, **kwargs)
-    if os.fspath(dst).rstrip("/").endswith(f"/latest/{arg}"):
-      with open(os.path.join(os.path.dirname(os.fspath(dst)), "..", "..",
-                             "filler"), "wb") as f:
+elif point == "fill":  # before step N, once the saves are committed
+  import glob
+  from randose_jax import train
+  shard = train.Trainer.shard_batch
+  workdir = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
+  def filling_shard_batch(self, batch, _calls=[]):
+    _calls.append(1)
+    if len(_calls) == int(arg):
+      deadline = time.time() + 60
+      while (glob.glob(f"{workdir}/checkpoints/*/*.orbax-checkpoint-tmp*")
+             and time.time() < deadline):
+        time.sleep(0.05)
+      with open(os.path.join(workdir, "filler"), "wb") as f:
         try:
           while True:
             f.write(b"\0" * 65536)
@@ -106,8 +112,8 @@ elif point == "fill":  # after latest/N is committed, the disk fills up
         except OSError:
           pass
       open(marker, "w").close()
-    return out
-  os.rename = filling_rename
+    return shard(self, batch)
+  train.Trainer.shard_batch = filling_shard_batch
 sys.argv = ["randose_jax.main"] + sys.argv[1:]
 runpy.run_module("randose_jax.main", run_name="__main__", alter_sys=True)
 """
@@ -332,7 +338,7 @@ def test_a_lock_dies_with_its_process(tmp_path):
 
 def test_a_full_disk_during_a_checkpoint_save(tmp_path):
   """The workdir on a 4 MB tmpfs (mounted here: needs root), filled up
-  right after latest/4 is committed: the save of step 8 fails."""
+  before step 7 (latest/4 committed): the save of step 8 fails."""
   mount = tmp_path / "small"
   mount.mkdir()
   done = subprocess.run(
@@ -345,20 +351,28 @@ def test_a_full_disk_during_a_checkpoint_save(tmp_path):
   try:
     workdir = mount / "run"
     cache = tmp_path / "cache"
-    # No metrics line between the two saves: the checkpoint meets the
-    # full disk first (metrics.jsonl's own full disk: test_metric_writers).
+    # Few metrics lines (steps 1 and 12): the checkpoint meets the full
+    # disk first, mostly (metrics.jsonl's own full disk:
+    # test_metrics_on_a_full_disk_name_the_file).
     extra = (
         "--config.log_every_steps=100",
         "--config.eval_every_steps=100",
         f"--config.data.cache_dir={cache}",
     )
-    code, out, err, _ = _run_to_end(workdir, tmp_path, "fill:4", extra)
+    code, out, err, _ = _run_to_end(workdir, tmp_path, "fill:7", extra)
     assert code == 2, err[-3000:]
     line = one_line(err)
-    assert line.startswith(
-        f"error: {workdir}/checkpoints/latest: saving "
-    ), line
-    assert "step 8" in line
+    # The save of step 8 fails in orbax's thread; the loop hears of it at
+    # the next wait (step 12's). A metrics line written meanwhile may meet
+    # the full disk first (the filler leaves < 64 KB): then that file is
+    # the one named.
+    assert line.startswith(f"error: {workdir}/"), line
+    assert "No space left on device" in line, line
+    if "checkpoints" in line:
+      assert line.startswith(
+          f"error: {workdir}/checkpoints/latest: saving the checkpoint at "
+          "step 8 failed"
+      ), line
     assert latest_steps(workdir) == [4]
     (workdir / "filler").unlink()
     code, out, err, _ = _run_to_end(workdir, tmp_path, "", extra)
