@@ -114,6 +114,15 @@ elif point == "fill":  # before step N, once the saves are committed
       open(marker, "w").close()
     return shard(self, batch)
   train.Trainer.shard_batch = filling_shard_batch
+# Where an error line came from, for a failing test's message.
+from randose_jax import cli
+import traceback
+error_line = cli.error_line
+def traced_error_line(e):
+  with open(marker + ".traceback", "a") as f:
+    traceback.print_exception(e, file=f)
+  return error_line(e)
+cli.error_line = traced_error_line
 sys.argv = ["randose_jax.main"] + sys.argv[1:]
 runpy.run_module("randose_jax.main", run_name="__main__", alter_sys=True)
 """
@@ -361,7 +370,9 @@ def test_a_full_disk_during_a_checkpoint_save(tmp_path):
     )
     code, out, err, _ = _run_to_end(workdir, tmp_path, "fill:7", extra)
     assert code == 2, err[-3000:]
+    traced = tmp_path / "marker-fill.traceback"
     line = one_line(err)
+    assert "error: [Errno" not in line, traced.read_text()[-4000:]
     # The save of step 8 fails in orbax's thread; the loop hears of it at
     # the next wait (step 12's). A metrics line written meanwhile may meet
     # the full disk first (the filler leaves < 64 KB): then that file is
