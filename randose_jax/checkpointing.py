@@ -20,6 +20,7 @@ that is not newer than the newest folder it sees). Nothing is moved when no
 checkpoint of the kind can be read: that is an error for the user to look at.
 """
 
+import contextlib
 import datetime
 import logging
 import os
@@ -32,6 +33,8 @@ from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+
+from randose_jax import interrupts
 
 ITEMS = ("state", "data", "config", "meta")
 # The entry of the saved state that only some checkpoints hold (runs with
@@ -60,26 +63,34 @@ def brief_error(e: BaseException, limit: int = 200) -> str:
 _STALE_CALLBACK_FILTER = []
 
 
+def _is_stale_loop_callback(exc) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
 def _ignore_stale_loop_callbacks():
-  """A failed orbax restore closes its event loop while TensorStore reads
-  are still in flight; each one's completion then prints a traceback of
-  `RuntimeError: Event loop is closed` (dozens of them, after the failure was
-  handled). Those, and only those, are dropped from `sys.unraisablehook`."""
+  """A failed orbax restore or save closes its event loop while TensorStore
+  operations are still in flight; each one's completion then prints a
+  traceback of `RuntimeError: Event loop is closed` (dozens of them, after
+  the failure was handled): through `sys.unraisablehook`, or, called from
+  TensorStore's threads, through `sys.excepthook`. Those, and only those,
+  are dropped."""
   if (
       _STALE_CALLBACK_FILTER
-      and sys.unraisablehook is _STALE_CALLBACK_FILTER[-1]
+      and sys.unraisablehook is _STALE_CALLBACK_FILTER[-1][0]
   ):
     return
-  previous = sys.unraisablehook
+  unraisable, excepthook = sys.unraisablehook, sys.excepthook
 
-  def hook(unraisable):
-    exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-      return
-    previous(unraisable)
+  def unraisable_hook(info):
+    if not _is_stale_loop_callback(info.exc_value):
+      unraisable(info)
 
-  sys.unraisablehook = hook
-  _STALE_CALLBACK_FILTER.append(hook)
+  def except_hook(kind, value, tb):
+    if not _is_stale_loop_callback(value):
+      excepthook(kind, value, tb)
+
+  sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+  _STALE_CALLBACK_FILTER.append((unraisable_hook, except_hook))
 
 
 def _utc_stamp() -> str:
@@ -118,6 +129,10 @@ class Checkpointer:
     root = pathlib.Path(workdir) / "checkpoints"
     self.root = root
     self._keep, self._async_save = keep, async_save
+    self._in_flight = {}  # id(manager) -> the step of its last save
+    # A save that fails in orbax's thread prints those tracebacks at once,
+    # before this thread hears of the failure: filtered from the start.
+    _ignore_stale_loop_callbacks()
     self.latest = self._new_manager("latest")
     # The best checkpoint is written rarely: synchronous keeps it simple.
     self.best = self._new_manager("best")
@@ -133,15 +148,17 @@ class Checkpointer:
     setattr(self, which, self._new_manager(which))
 
   def _save(self, manager, step, state, data_state, config_dict, meta):
-    saved = manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config_dict),
-            meta=ocp.args.JsonSave(meta),
-        ),
-    )
+    with self._saving(manager, step):
+      saved = manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              data=ocp.args.JsonSave(data_state),
+              config=ocp.args.JsonSave(config_dict),
+              meta=ocp.args.JsonSave(meta),
+          ),
+      )
+    self._in_flight[id(manager)] = step
     if not saved:  # orbax skips a step not newer than its newest: say so
       logging.warning(
           "Checkpoint step %d was not written to %s (it holds steps %s).",
@@ -161,7 +178,7 @@ class Checkpointer:
     aside to `checkpoints/superseded/` while the new one is written, then
     removed, as orbax removes an older best once the new one is complete.
     """
-    self.latest.wait_until_finished()
+    self._wait(self.latest)
     newer = sorted(s for s in self.best.all_steps() if s >= step)
     moved = []
     if newer:
@@ -177,13 +194,37 @@ class Checkpointer:
       _barrier(f"best_set_aside_{step}")
       self._reopen("best")
     self._save(self.best, step, state, data_state, config_dict, meta)
-    self.best.wait_until_finished()
+    self._wait(self.best)
     for folder in moved:
       shutil.rmtree(folder, ignore_errors=True)
 
+  @contextlib.contextmanager
+  def _saving(self, manager, step):
+    """A failed save (a full disk, a file system gone read-only) as one
+    `CheckpointError` naming the folder; orbax's own report of it goes to
+    the log (`logs`). The checkpoints saved before it are intact: orbax
+    commits a save by renaming its temporary folder when complete."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, (CheckpointError, interrupts.Interrupted)):
+        raise
+      _ignore_stale_loop_callbacks()
+      step = self._in_flight.pop(id(manager), step)
+      raise CheckpointError(
+          f"{pathlib.Path(manager.directory)}: saving the checkpoint at step "
+          f"{step} failed ({brief_error(e)}); the earlier checkpoints are "
+          "intact (a rerun resumes from the newest)"
+      ) from e
+
+  def _wait(self, manager):
+    with self._saving(manager, self._in_flight.get(id(manager))):
+      manager.wait_until_finished()
+    self._in_flight.pop(id(manager), None)
+
   def wait(self):
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    self._wait(self.latest)
+    self._wait(self.best)
 
   def close(self):
     self.latest.close()
@@ -255,6 +296,15 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         _ignore_stale_loop_callbacks()
         where = self.root / which / str(s)
+        if not where.exists():  # removed meanwhile (another run's rotation)
+          if step is not None:
+            raise CheckpointError(
+                f"{where}: the checkpoint was removed while it was read"
+            ) from e
+          logging.warning(
+              "Checkpoint %s was removed while read; skipped.", where
+          )
+          continue
         if step is not None:
           raise CheckpointError(
               f"{where}: unreadable checkpoint ({brief_error(e)})"
@@ -266,7 +316,7 @@ class Checkpointer:
       out = {k: restored[k] for k in ITEMS}
       out["step"] = s
       return out
-    if steps:
+    if unreadable:
       raise CheckpointError(
           f"{self.root / which}: none of the checkpoints {sorted(steps)} "
           f"could be read (step {steps[0]}: {brief_error(unreadable[0][1])}); "

@@ -15,6 +15,9 @@
   `CheckpointError`, `ConfigError`, `NonFiniteLossError`, `OSError`, a
   usage error) is one line on stderr, `error: <file>: <problem>`, exit
   status 2. Anything else is a bug and keeps its traceback.
+- SIGINT (Ctrl-C) and SIGTERM stop the command (`interrupts`): one line
+  on stderr, exit status 130 / 143, no output half-written (training saves
+  a checkpoint first and says how to resume).
 - The console shows warnings and errors of the logging; this library's
   progress goes to stdout. `--verbosity=0` (or RANDOSE_VERBOSE_LIBRARIES=1)
   shows the INFO log lines too.
@@ -33,6 +36,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from randose_jax import interrupts
 from randose_jax import logs
 from randose_jax.default_config import ConfigError
 
@@ -222,9 +226,21 @@ def call_main(
   """Runs `main(argv)`; the library's errors become one line, exit 2."""
   logs.console_warnings_only(flag_values)
   try:
-    return main(argv)
+    with interrupts.handled():
+      return main(argv)
+  except interrupts.Interrupted as e:
+    print(interrupted_line(e), file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
   except user_errors() as e:  # pylint: disable=catching-non-exception
     fail(error_line(e))
+
+
+def interrupted_line(e: "interrupts.Interrupted") -> str:
+  """The one line of a command stopped by a signal."""
+  text = _one_line(str(e))
+  if text == f"interrupted by {e.signal_name}":
+    text += "; no output was left half-written"
+  return text
 
 
 def run(main: Callable) -> None:

@@ -397,7 +397,10 @@ def main(argv):
   builder = None
   if FLAGS.report:
     builder = report.ReportBuilder(clinical_settings, tolerances_from_flags())
-  with contextlib.ExitStack() as stack, fileio.StagedOutput() as stage:
+  with (
+      contextlib.ExitStack() as stack,
+      fileio.StagedOutput(kind='evaluate') as stage,
+  ):
     if builder is not None:
       stack.enter_context(builder)
     callbacks = []

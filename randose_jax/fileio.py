@@ -26,9 +26,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
+import socket
 import tempfile
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
@@ -161,6 +164,59 @@ def check_output_dir(path) -> Path:
   return path
 
 
+def _host_tag() -> str:
+  return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+_STAGING_NAME = re.compile(
+    re.escape(STAGING_PREFIX) + r"([a-z_]+)-p(\d+)-h([0-9a-f]{8})-"
+)
+
+
+def new_staging_dir(anchor, kind: str) -> Path:
+  """A new hidden staging folder in `anchor` whose name says its kind and
+  its creator (pid, host), so that `remove_stale_staging` can tell."""
+  return Path(
+      tempfile.mkdtemp(
+          prefix=f"{STAGING_PREFIX}{kind}-p{os.getpid()}-h{_host_tag()}-",
+          dir=anchor,
+      )
+  )
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def remove_stale_staging(anchor, kind: str) -> list[Path]:
+  """Removes the staging folders of `kind` in `anchor` whose creating
+  process (on this host) is gone; returns them. Folders of other kinds,
+  other hosts, live processes, or without a creator in their name (older
+  versions) are left alone."""
+  removed = []
+  try:
+    names = os.listdir(anchor)
+  except OSError:
+    return removed
+  for name in names:
+    m = _STAGING_NAME.match(name)
+    if not m or m.group(1) != kind or m.group(3) != _host_tag():
+      continue
+    if int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
+      continue
+    path = Path(anchor) / name
+    if path.is_dir() and not path.is_symlink():
+      shutil.rmtree(path, ignore_errors=True)
+      removed.append(path)
+  return removed
+
+
 class StagedOutput:
   """Output files written under temporary names, moved into place together.
 
@@ -169,13 +225,16 @@ class StagedOutput:
       write_zip(stage.path(zip_path))    # write zip_path's content here
     # only now do output_dir/* and zip_path exist (created or replaced)
 
-  The staging folders are hidden folders (`.randose-staging-*`) in each
-  destination's nearest existing ancestor, on its file system, so the final
-  moves are renames. An exception in the block removes them and changes
-  nothing at the destinations.
+  The staging folders are hidden folders (`.randose-staging-<kind>-p<pid>-
+  h<host>-*`, `new_staging_dir`) in each destination's nearest existing
+  ancestor, on its file system, so the final moves are renames. An
+  exception in the block removes them and changes nothing at the
+  destinations; folders of the same `kind` left there by a killed process
+  (its pid gone from this host) are removed when a new one is made.
   """
 
-  def __init__(self):
+  def __init__(self, kind: str = "out"):
+    self.kind = kind
     self._stages: dict[Path, Path] = {}  # anchor -> staging folder
     self._files: list[tuple[Path, Path]] = []  # (staged, final)
     self._dirs: list[tuple[Path, Path]] = []  # (staged folder, final folder)
@@ -183,9 +242,8 @@ class StagedOutput:
   def _stage_near(self, final: Path) -> Path:
     anchor = nearest_existing(final)
     if anchor not in self._stages:
-      self._stages[anchor] = Path(
-          tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=anchor)
-      )
+      remove_stale_staging(anchor, self.kind)
+      self._stages[anchor] = new_staging_dir(anchor, self.kind)
     return self._stages[anchor]
 
   def path(self, final) -> Path:

@@ -4,10 +4,15 @@ r"""Train and evaluate RANDose.
 
 Running the same command in the same workdir resumes from its latest
 checkpoint. Notebooks and tests call `train.train_and_evaluate` directly.
-A bad patient, an unreadable checkpoint, an unusable --workdir or a loss
-that became NaN is one `error:` line on stderr (exit status 2); a run that
-fails before training leaves the workdir as it was.
+A bad patient, an unreadable checkpoint, an unusable --workdir, a full
+disk, a loss that became NaN or a second run in the same workdir is one
+`error:` line on stderr (exit status 2); a run that fails before training
+leaves the workdir as it was. Ctrl-C or SIGTERM saves a checkpoint at the
+next step boundary and exits 130 / 143 with one line. Warnings and errors
+of orbax and JAX go to `<workdir>/library.log` (`--verbosity=0` shows them).
 """
+
+import pathlib
 
 from absl import app
 from absl import flags
@@ -78,6 +83,11 @@ def main(argv):
       FLAGS.coordinator_address,
       FLAGS.num_processes,
       FLAGS.process_id,
+  )
+  index = jax.process_index()
+  logs.library_log(
+      pathlib.Path(FLAGS.workdir).expanduser()
+      / (f"library-{index}.log" if index else "library.log")
   )
   logging.info(
       "JAX process %d / %d; devices: %s",

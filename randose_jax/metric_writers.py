@@ -94,19 +94,32 @@ class MetricWriter:
       )
 
   def write_scalars(self, step: int, scalars: dict):
-    if not self.enabled:
+    if not self.enabled or self._jsonl is None:
       return
     clean = {k: float(v) for k, v in scalars.items()}
     record = {"step": int(step)}
     record.update(
         {k: v if math.isfinite(v) else str(v) for k, v in clean.items()}
     )
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    try:
+      self._jsonl.write(json.dumps(record) + "\n")
+      self._jsonl.flush()
+    except OSError as e:  # a full disk: name the file
+      f, self._jsonl = self._jsonl, None
+      try:
+        f.close()
+      except OSError:
+        pass  # the same error again (the buffered line)
+      raise OSError(e.errno, e.strerror or str(e), f.name) from e
     if self._tb is not None:
-      for k, v in clean.items():
-        self._tb.add_scalar(k, v, int(step))
-      self._tb.flush()
+      try:
+        for k, v in clean.items():
+          self._tb.add_scalar(k, v, int(step))
+        self._tb.flush()
+      except OSError as e:  # a full disk: name the folder
+        raise OSError(
+            e.errno, e.strerror or str(e), e.filename or self._tb.logdir
+        ) from e
 
   def write_hparams(self, config_dict: dict):
     if self.enabled and self._tb is not None:

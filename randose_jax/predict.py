@@ -39,6 +39,7 @@ from randose_jax import cli
 from randose_jax import distributed
 from randose_jax import evaluation
 from randose_jax import fileio
+from randose_jax import interrupts
 from randose_jax import logs
 from randose_jax import restore
 from randose_jax import shipped
@@ -227,10 +228,11 @@ def predict_patients(
       "ema": restored.uses_ema,
       "output": str(output_dir),
   }
-  with fileio.StagedOutput() as stage:
+  with fileio.StagedOutput(kind="predict") as stage:
     staged = stage.dir(output_dir)
     staged_plots = stage.dir(plots_dir) if plots_dir else None
     for d in patient_dirs:
+      interrupts.check()  # a signal during the model work: stop here
       patient = openkbp.load_patient(d)
       (dose,) = predictor.predict_doses([patient], tta)
       if "csv" in formats:
@@ -272,6 +274,7 @@ def predict_patients(
           f"{patient.patient_id}: max {dose.max():.2f} Gy, mean in mask "
           f"{dose[patient.possible_dose_mask].mean():.2f} Gy"
       )
+    interrupts.check()  # one during the last patient: nothing is moved
     if "csv" in formats:
       zip_path = zip_path_of(output_dir)
       openkbp.write_submission_zip(staged, stage.path(zip_path))
@@ -313,6 +316,8 @@ def main(argv):
       overwrite=FLAGS.overwrite,
   )
   check_patients(dirs)
+  # From here (JAX at work) a signal is acted on between patients.
+  interrupts.defer()
   mesh = distributed.make_mesh(jax.local_devices())
   if FLAGS.workdir:
     restored = restore.restore_from_workdir(

@@ -13,6 +13,7 @@ and `export`, is `predictor.Predictor`.
 
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from typing import Any, Callable, Mapping, Optional
 import flax
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
@@ -31,8 +33,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from randose_jax import checkpointing
 from randose_jax import fileio
 from randose_jax import inference
+from randose_jax import interrupts
 from randose_jax import losses
 from randose_jax import models
+from randose_jax import runlock
 from randose_jax import validation
 from randose_jax.conventions import INPUT_CHANNELS
 from randose_jax.data import encoding
@@ -452,8 +456,59 @@ def train_and_evaluate(
 
   Returns the final summary: validation scores of the best checkpoint and,
   for comparison, of the mean-training-dose baseline.
+
+  The run holds `runlock.RunLock(workdir)` (a second run in the workdir is
+  refused). SIGINT and SIGTERM (`interrupts`) stop training at the next step
+  boundary with a checkpoint saved and raise `interrupts.Interrupted`
+  ("interrupted at step N; ..."); before training they stop it at once,
+  undoing what it built. In a multi-process run SIGTERM is JAX's preemption
+  notice: every process stops at the step `reached_preemption_sync_point`
+  agrees on.
   """
   workdir = pathlib.Path(workdir).expanduser()
+  signals = interrupts.SIGNALS
+  if jax.process_count() > 1:  # JAX's preemption service handles SIGTERM
+    signals = (interrupts.signal.SIGINT,)
+  with (
+      runlock.RunLock(workdir, enabled=jax.process_index() == 0),
+      interrupts.handled(signals),
+  ):
+    return _train_and_evaluate(config, workdir, mesh)
+
+
+def _stop_workers(train_iter) -> None:
+  """Stops grain's input worker processes and releases their shared memory
+  (grain unlinks it from a thread pool: waited for, or the interpreter's
+  exit would report it leaked)."""
+  train_iter.close()
+  gc.collect()
+  try:
+    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+
+    arrays = shared_memory_array.SharedMemoryArray
+    pool = arrays._del_thread_pool  # pylint: disable=protected-access
+  except (ImportError, AttributeError):  # another grain: nothing to wait for
+    return
+  if pool is not None:
+    arrays._del_thread_pool = None  # pylint: disable=protected-access
+    pool.close()
+    pool.join()
+
+
+def _should_stop(step: int) -> int:
+  """The signal that stops training after `step` (0: go on)."""
+  if interrupts.requested():
+    return interrupts.requested()
+  if jax.process_count() > 1:
+    try:
+      if multihost_utils.reached_preemption_sync_point(step):
+        return int(interrupts.signal.SIGTERM)
+    except RuntimeError:  # no preemption service in this run
+      pass
+  return 0
+
+
+def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict:
   ema_decay_of(config)
   check_crop_shape(config)
   if config.batch_size % jax.device_count():
@@ -479,6 +534,8 @@ def train_and_evaluate(
       ckpt.close()
       raise
 
+  # From here a signal stops training at a step boundary (`stop` below).
+  interrupts.defer()
   local_batch = config.batch_size // jax.process_count()
   train_ds = pipeline.train_dataset(
       train_cache,
@@ -487,9 +544,14 @@ def train_and_evaluate(
       process_index=jax.process_index(),
       process_count=jax.process_count(),
   )
-  train_iter = iter(train_ds)
-  if restored is not None:
-    train_iter.set_state(restored["data"])
+  with interrupts.ignored_in_children():  # workers: the parent stops them
+    train_iter = iter(train_ds)
+    if restored is not None:
+      train_iter.set_state(restored["data"])
+    # grain starts its worker processes with the first batch.
+    first_batch = (
+        next(train_iter) if start_step < config.num_train_steps else None
+    )
   periodic = validation.ModelEvaluator(
       eval_cache, max_patients=config.max_eval_patients
   )
@@ -527,8 +589,76 @@ def train_and_evaluate(
   last_saved = start_step if restored is not None else None
   t0, compile_s = time.time(), None
   step = start_step
+
+  def stop(done: int, signum: int, validation_pending: bool = False):
+    """A signal: saves step `done` (waiting for a save in flight), stops
+    the input workers and raises `Interrupted` with the line to print. A
+    validation it cut short is marked in the checkpoint: run on resume."""
+    if bar is not None:
+      bar.close()
+    if done > start_step and last_saved != done:
+      meta = dict(step=done)
+      if validation_pending:
+        meta["validation_pending"] = True
+      ckpt.save_latest(
+          done,
+          checkpointing.as_saveable(state),
+          train_iter.get_state(),
+          config_dict,
+          meta,
+      )
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    _stop_workers(train_iter)
+    saved = max(done, start_step) if (done > start_step or restored) else 0
+    raise interrupts.Interrupted(
+        signum,
+        f"interrupted at step {done}; "
+        + (f"checkpoint saved (step {saved})" if saved else "nothing to save")
+        + "; run the same command to resume",
+    )
+
+  def validate(at: int):
+    """The periodic validation of step `at`; a better score saves `best`."""
+    nonlocal best_score
+    try:
+      scores = periodic.run(
+          interrupts.Polling(
+              trainer.predictor.with_params(trainer.eval_params(state)),
+              "predict_local",
+          )
+      )
+    except interrupts.Interrupted as e:
+      stop(at, e.signum, validation_pending=True)
+    writer.write_scalars(at, {f"eval/{k}": v for k, v in scores.items()})
+    msg = (
+        f"step {at}: validation dose score {scores['dose_score']:.4f}, "
+        f"DVH score {scores['dvh_score']:.4f} "
+        f"({scores['num_patients']} patients)"
+    )
+    if scores["dose_score"] < best_score:
+      best_score = scores["dose_score"]
+      ckpt.save_best(
+          at,
+          checkpointing.as_saveable(state),
+          train_iter.get_state(),
+          config_dict,
+          dict(step=at, **scores),
+      )
+      msg += " (best so far)"
+    logging.info(msg)
+    _console(bar, msg)
+
+  if restored is not None and restored["meta"].get("validation_pending"):
+    validate(start_step)  # the one an interrupt cut short
   for step in range(start_step + 1, config.num_train_steps + 1):
-    batch = trainer.shard_batch(next(train_iter))
+    if signum := _should_stop(step - 1):
+      stop(step - 1, signum)
+    batch = trainer.shard_batch(
+        next(train_iter) if first_batch is None else first_batch
+    )
+    first_batch = None
     state, metrics = trainer.jit_train_step(state, batch)
     all_finite = jnp.logical_and(all_finite, metrics["finite"])
     pending.append(metrics)
@@ -580,27 +710,7 @@ def train_and_evaluate(
         _console(bar, negative_loss_note(step, summary))
       pending = []
     if do_eval:
-      scores = periodic.run(
-          trainer.predictor.with_params(trainer.eval_params(state))
-      )
-      writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
-      msg = (
-          f"step {step}: validation dose score {scores['dose_score']:.4f}, "
-          f"DVH score {scores['dvh_score']:.4f} "
-          f"({scores['num_patients']} patients)"
-      )
-      if scores["dose_score"] < best_score:
-        best_score = scores["dose_score"]
-        ckpt.save_best(
-            step,
-            checkpointing.as_saveable(state),
-            train_iter.get_state(),
-            config_dict,
-            dict(step=step, **scores),
-        )
-        msg += " (best so far)"
-      logging.info(msg)
-      _console(bar, msg)
+      validate(step)
     if do_ckpt:
       ckpt.save_latest(
           step,
@@ -612,11 +722,25 @@ def train_and_evaluate(
       last_saved = step
   if bar is not None:
     bar.close()
+  if signum := _should_stop(step):
+    stop(step, signum)
   ckpt.wait()
 
-  summary = finish(
-      trainer, ckpt, state, train_cache, eval_cache, workdir, config
-  )
+  try:
+    summary = finish(
+        trainer, ckpt, state, train_cache, eval_cache, workdir, config
+    )
+  except BaseException as e:
+    writer.close()
+    ckpt.close()
+    if not isinstance(e, interrupts.Interrupted):
+      raise
+    raise interrupts.Interrupted(
+        e.signum,
+        f"interrupted during the final validation (training is complete: "
+        f"step {step} saved); its predictions were not written; run the "
+        "same command to write them",
+    ) from None
   writer.write_scalars(
       step,
       {
@@ -639,7 +763,10 @@ def finish(trainer, ckpt, state, train_cache, eval_cache, workdir, config):
   final = TrainState(**best["state"]) if best else state
   best_step = best["step"] if best else int(state.step)
   return validation.final_validation(
-      trainer.predictor.with_params(trainer.eval_params(final)),
+      interrupts.Polling(
+          trainer.predictor.with_params(trainer.eval_params(final)),
+          "predict_local",
+      ),
       best_step,
       final.ema_params is not None,
       train_cache,

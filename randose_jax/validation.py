@@ -14,7 +14,9 @@ never held in memory); the partial sums are added over the processes.
 """
 
 import json
+import os
 import pathlib
+import shutil
 from typing import Callable, Optional
 
 import jax
@@ -158,33 +160,59 @@ def final_validation(
   (`predictions/<split>/pt_*.csv` and the zip) and `validation_scores.json`,
   beside the mean-dose baseline's scores."""
   out_dir = workdir / "predictions" / config.data.eval_split
-  out_dir.mkdir(parents=True, exist_ok=True)
-  scores = evaluate(
-      predictor, eval_cache, tta=config.eval_tta, write_dir=out_dir
-  )
-  distributed.barrier("predictions_written")
   zip_path = out_dir.with_suffix(".zip")
-  if jax.process_index() == 0:
-    openkbp.write_submission_zip(out_dir, zip_path, overwrite=True)
-  baseline = BaselineEvaluator.mean_training_dose(eval_cache, train_cache).run()
-  ema = bool(uses_ema)
-  summary = {
-      "checkpoint_step": checkpoint_step,
-      "dose_score": scores["dose_score"],
-      "dvh_score": scores["dvh_score"],
-      "num_patients": scores.get("num_patients"),
-      "tta": bool(config.eval_tta),
-      "ema": ema,
-      "baseline_mean_dose_score": baseline["dose_score"],
-      "baseline_mean_dvh_score": baseline["dvh_score"],
-      "predictions": str(out_dir),
-      "submission_zip": str(zip_path),
-  }
-  if jax.process_index() == 0:
-    with fileio.atomic_output(
-        workdir / "validation_scores.json", overwrite=True
-    ) as f:
-      f.write(json.dumps(summary, indent=2).encode())
+  scores_path = workdir / "validation_scores.json"
+  # Everything is written into one staging folder first (the run lock
+  # keeps it to this run) and moved into place when complete: the CSVs,
+  # the zip and the scores change together, or not at all.
+  stage = workdir / "predictions" / f"{fileio.STAGING_PREFIX}final"
+  staged = stage / out_dir.name
+  first = jax.process_index() == 0
+  new_parent = not stage.parent.exists()
+  if first:
+    shutil.rmtree(stage, ignore_errors=True)
+    staged.mkdir(parents=True)
+  distributed.barrier("final_stage_made")
+  try:
+    scores = evaluate(
+        predictor, eval_cache, tta=config.eval_tta, write_dir=staged
+    )
+    distributed.barrier("predictions_written")
+    if first:
+      openkbp.write_submission_zip(staged, stage / zip_path.name)
+    baseline = BaselineEvaluator.mean_training_dose(
+        eval_cache, train_cache
+    ).run()
+    ema = bool(uses_ema)
+    summary = {
+        "checkpoint_step": checkpoint_step,
+        "dose_score": scores["dose_score"],
+        "dvh_score": scores["dvh_score"],
+        "num_patients": scores.get("num_patients"),
+        "tta": bool(config.eval_tta),
+        "ema": ema,
+        "baseline_mean_dose_score": baseline["dose_score"],
+        "baseline_mean_dvh_score": baseline["dvh_score"],
+        "predictions": str(out_dir),
+        "submission_zip": str(zip_path),
+    }
+    if first:
+      with fileio.atomic_output(stage / scores_path.name) as f:
+        f.write(json.dumps(summary, indent=2).encode())
+      out_dir.mkdir(parents=True, exist_ok=True)
+      for path in sorted(staged.iterdir()):
+        os.replace(path, out_dir / path.name)
+      os.replace(stage / zip_path.name, zip_path)
+      os.replace(stage / scores_path.name, scores_path)
+  except OSError as e:
+    _name_final(e, stage, workdir)
+    raise
+  finally:
+    if first:
+      shutil.rmtree(stage, ignore_errors=True)
+      if new_parent and stage.parent.is_dir() and not os.listdir(stage.parent):
+        stage.parent.rmdir()
+  if first:
     print(
         f"Validation ({summary['num_patients']} patients, checkpoint step "
         f"{checkpoint_step}{', EMA parameters' if ema else ''}): "
@@ -199,6 +227,23 @@ def final_validation(
     if summary["dose_score"] >= summary["baseline_mean_dose_score"]:
       print(short_run_note(config), flush=True)
   return summary
+
+
+def _name_final(e: OSError, stage: pathlib.Path, workdir: pathlib.Path):
+  """Raises `e` again naming the final path of a staged file (the user's
+  path, not the staging one)."""
+  if e.filename is None or e.errno is None:
+    return
+  path = pathlib.Path(e.filename)
+  if stage not in path.parents:
+    return
+  rel = path.relative_to(stage)
+  final = workdir / (
+      rel.name
+      if rel.name.endswith(".json")
+      else pathlib.Path("predictions", rel)
+  )
+  raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(final)) from e
 
 
 def short_run_note(config) -> str:

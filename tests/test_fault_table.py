@@ -35,6 +35,9 @@ the fault as that tool meets it, or why the fault cannot reach that tool
 | non-finite contour point   | NA              | NA               | NA                    | NA             | NA           | RTSTRUCT (NaN)       |
 | impossible image size      | NA              | NA               | NA                    | NA             | NA           | CT (Rows = 60000)    |
 | oversized contour          | NA              | NA               | NA                    | NA             | NA           | RTSTRUCT (10^7 pts)  |
+| header line too long       | ct.csv          | ct.csv           | a prediction CSV      | NA             | NA           | NA                   |
+| more rows than voxels      | dose.csv        | mask             | a prediction CSV      | NA             | NA           | NA                   |
+| not a regular file (FIFO)  | ct.csv          | dose.csv         | a prediction CSV      | NA             | NA           | NA                   |
 
 Faults in patient files are put into the last patient of the split, so that
 a tool that wrote as it went would leave the earlier patients' files behind;
@@ -54,8 +57,10 @@ import hashlib
 import importlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
@@ -94,6 +99,9 @@ FAULTS = (
     "non-finite contour point",
     "impossible image size",
     "oversized contour",
+    "header line too long",
+    "more rows than voxels",
+    "not a regular file",
 )
 
 DEMO = str(REPO / "configs" / "demo.py")
@@ -166,7 +174,8 @@ def world(request, tmp_path, dicom_template) -> World:
   (out / "keep.txt").write_text("the user's own file\n")
   shutil.copytree(dicom_template, tmp_path / "dicom")
   w = World(tmp=tmp_path, out=out, dicom=tmp_path / "dicom")
-  if request.node.callspec.params.get("tool") == "dicom_import":
+  callspec = getattr(request.node, "callspec", None)
+  if callspec is not None and callspec.params.get("tool") == "dicom_import":
     return w  # no trained run needed
   template = request.getfixturevalue("template")
   trained = request.getfixturevalue("trained")
@@ -812,6 +821,53 @@ TABLE: dict[str, dict[str, object]] = {
 }
 
 
+def one_long_line(path: Path, size: int = 64 * 1024):
+  """A file of one line of commas, longer than any header (the issue's
+  1.9 GB case is `test_hostile_file_in_bounded_memory`)."""
+  path.write_bytes(b"1," * (size // 2))
+  return path, None
+
+
+def too_many_rows(path: Path):
+  """One row more than the 16^3 grid has voxels (small enough to pass the
+  size bound: the line count refuses it)."""
+  path.write_bytes(b",data\n" + b"0,1\n" * (16**3 + 1))
+  return path, None
+
+
+def fifo(path: Path):
+  """A named pipe where the file should be: opening it would wait for a
+  writer forever."""
+  path.unlink()
+  os.mkfifo(path)
+  return path, None
+
+
+NO_CSV_DICOM = NA(
+    "dicom_import reads DICOM files (its own bounds are the DICOM module's)"
+)
+
+
+def csv_fault_row(fault: Callable, main_file: str, predict_file: str):
+  """A fault of one sparse CSV: in main's and predict's patient file of
+  that name, in evaluate's prediction CSV (no other tool reads one)."""
+  return {
+      "main": main_row(lambda p: fault(p / main_file)),
+      "predict": predict_row(lambda p: fault(p / predict_file)),
+      "evaluate": evaluate_pred_row(fault),
+      "export": NO_DATA_EXPORT,
+      "summary": NO_DATA_SUMMARY,
+      "dicom_import": NO_CSV_DICOM,
+  }
+
+
+TABLE["header line too long"] = csv_fault_row(one_long_line, "ct.csv", "ct.csv")
+TABLE["more rows than voxels"] = csv_fault_row(
+    too_many_rows, "dose.csv", "possible_dose_mask.csv"
+)
+TABLE["not a regular file"] = csv_fault_row(fifo, "ct.csv", "dose.csv")
+
+
 def _inputs(w: World, inputs: list) -> None:
   w.inputs = inputs
 
@@ -950,3 +1006,196 @@ def test_real_process(tool, fault, world, monkeypatch):
   )
   after = [snapshot(p) if p.is_dir() else None for p in watched]
   check_failure(done.returncode, done.stderr, named, line, before, after)
+
+
+# ------------------------------------------------- hostile files, real size
+
+GB = 1024**3
+
+
+def sparse_one_line(path: Path) -> None:
+  """The issue's 1.9 GB one-line CSV (commas, no line end), as a sparse
+  file: a few KB on the disk."""
+  with open(path, "wb") as f:
+    f.write(b"1," * 2048)
+    f.truncate(int(1.9 * GB))
+
+
+def five_million_rows(path: Path) -> None:
+  """5,000,000 rows repeating one voxel index (30 MB, streamed)."""
+  with open(path, "wb") as f:
+    f.write(b",data\n")
+    for _ in range(50):
+      f.write(b"0,1.0\n" * 100_000)
+
+
+HOSTILE = {"one line of 1.9 GB": sparse_one_line, "5M rows": five_million_rows}
+
+
+# Runs `python -m MODULE ARGS` and writes the process's peak resident
+# memory (VmHWM: the high-water mark of its own memory since exec; the
+# rusage of a child started from this large process would count this
+# process's size too) to $RANDOSE_TEST_PEAK when it exits.
+PEAK_WRAPPER = r"""
+import atexit, os, runpy, sys
+def peak():
+  with open("/proc/self/status") as f:
+    kb = [l.split()[1] for l in f if l.startswith("VmHWM:")][0]
+  with open(os.environ["RANDOSE_TEST_PEAK"], "w") as f:
+    f.write(kb)
+atexit.register(peak)
+module = sys.argv[1]
+sys.argv = [module] + sys.argv[2:]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def run_measured(module: str, args: list, cwd: Path):
+  """Runs `python -m module args`: (exit status, stderr, peak resident
+  memory in GB, seconds)."""
+  peak_file = cwd / "peak-kb"
+  t0 = time.time()
+  done = subprocess.run(
+      [sys.executable, "-c", PEAK_WRAPPER, module, *map(str, args)],
+      cwd=cwd,
+      env=dict(SUBPROCESS_ENV, RANDOSE_TEST_PEAK=str(peak_file)),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+      timeout=300,
+      check=False,
+  )
+  seconds = time.time() - t0
+  peak_gb = int(peak_file.read_text()) * 1024 / GB
+  peak_file.unlink()
+  return done.returncode, done.stderr, peak_gb, seconds
+
+
+def _hostile_setup(tool: str, w: World, make) -> tuple[Path, list]:
+  if tool == "main":
+    path = w.root / "train-pats" / "pt_4" / "ct.csv"
+    args = _main_args(w)
+  elif tool == "predict":
+    path = w.patients / "pt_6" / "ct.csv"
+    args = _predict_args(w)
+  else:
+    path = w.predictions / "pt_6.csv"
+    args = _evaluate_args(w)
+  make(path)
+  return path, args
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+@pytest.mark.parametrize("tool", ["main", "predict", "evaluate"])
+def test_hostile_file_in_bounded_memory(tool, case, world):
+  """A file that cannot be the sparse CSV it claims to be is refused with
+  one line, in bounded memory and time (before: past 8 GB for the one-line
+  file, 2 GB for 5M rows), the command's peak measured (`wait4`)."""
+  path, args = _hostile_setup(tool, world, HOSTILE[case])
+  code, err, peak_gb, seconds = run_measured(
+      f"randose_jax.{tool}", args, world.tmp
+  )
+  check_failure(code, err, path, None, None, None)
+  assert peak_gb < 1.0, f"{tool} peaked at {peak_gb:.2f} GB"
+  assert seconds < 60, f"{tool} took {seconds:.0f} s"
+  print(f"{tool}, {case}: {peak_gb:.2f} GB peak, {seconds:.1f} s")
+
+
+def test_five_million_rows_on_a_real_grid(shared_openkbp, tmp_path):
+  """On a 128^3 patient the 5M-row file is within the size bound: the line
+  count refuses it (2,097,152 voxels); evaluate, in a real process."""
+  reference = tmp_path / "reference"
+  reference.mkdir()
+  patient = openkbp.list_patient_dirs(shared_openkbp / "validation-pats")[0]
+  (reference / patient.name).symlink_to(patient, target_is_directory=True)
+  predictions = tmp_path / "predictions"
+  predictions.mkdir()
+  path = predictions / f"{patient.name}.csv"
+  five_million_rows(path)
+  code, err, peak_gb, seconds = run_measured(
+      "randose_jax.evaluate",
+      [f"--reference={reference}", f"--predictions={predictions}"],
+      tmp_path,
+  )
+  check_failure(code, err, path, None, None, None)
+  assert "5,000,001 lines" in err
+  assert peak_gb < 1.0, f"peaked at {peak_gb:.2f} GB"
+  assert seconds < 60
+  print(f"evaluate, 5M rows at 128^3: {peak_gb:.2f} GB peak, {seconds:.1f} s")
+
+
+def test_final_predictions_on_a_full_disk(world, monkeypatch, capfd):
+  """A run continued from step 4 to 6 whose final predictions meet a full
+  disk at the second CSV (patched writer): one line naming that CSV's
+  path, and the step-4 predictions, zip and validation_scores.json as
+  they were (they change together or not at all)."""
+  w = world
+  outputs = [w.workdir / "predictions", w.workdir / "validation_scores.json"]
+  before = [snapshot(outputs[0]), outputs[1].read_bytes()]
+  real, full = fileio.atomic_output, _full_disk_writer(fileio.atomic_output)
+  staged = []
+
+  def writer(path, **kwargs):
+    if ".randose-staging-final" in str(path):
+      staged.append(path)
+      if len(staged) == 2:
+        return full(path, **kwargs)
+    return real(path, **kwargs)
+
+  monkeypatch.setattr(fileio, "atomic_output", writer)
+  code, out, err = run_in_process(
+      "main",
+      [
+          f"--config={DEMO}:smoke",
+          f"--workdir={w.workdir}",
+          "--config.num_train_steps=6",
+      ],
+      capfd,
+  )
+  assert "Resuming from checkpoint at step 4" in out
+  named = w.workdir / "predictions" / "validation-pats" / "pt_6.csv"
+  after = [snapshot(outputs[0]), outputs[1].read_bytes()]
+  check_failure(code, err, named, None, before, after)
+  assert "No space left on device" in err
+  # Training itself completed: the same command writes the predictions.
+  assert (w.workdir / "checkpoints" / "latest" / "6").is_dir()
+
+
+def _interrupt_second_call(monkeypatch, module, name: str):
+  """`module.name` sends SIGINT to this process at its second call, as a
+  Ctrl-C in the middle of the second patient."""
+  real = getattr(module, name)
+  calls = []
+
+  def interrupting(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+      os.kill(os.getpid(), signal.SIGINT)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(module, name, interrupting)
+
+
+@pytest.mark.parametrize("tool", ["predict", "evaluate", "dicom_import"])
+def test_ctrl_c_leaves_no_output(tool, world, monkeypatch, capfd):
+  """Ctrl-C during the second patient: one line, exit 130, the output
+  folder as it was (nothing half-written, no staging folder left)."""
+  from randose_jax.dicom import importer  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.chdir(world.tmp)
+  if tool == "predict":
+    _interrupt_second_call(monkeypatch, openkbp, "load_patient")
+    args = _predict_args(world)
+  elif tool == "evaluate":
+    _interrupt_second_call(monkeypatch, openkbp, "read_prediction_csv")
+    args = _evaluate_args(world)
+  else:
+    _interrupt_second_call(monkeypatch, importer, "import_plan")
+    args = _dicom_args(world)
+  before = snapshot(world.out)
+  code, _, err = run_in_process(tool, args, capfd)
+  assert code == 130, err
+  assert err == (
+      "interrupted by SIGINT; no output was left half-written\n"
+  ), err
+  assert snapshot(world.out) == before

@@ -59,3 +59,38 @@ def test_a_kept_path_that_never_appeared_keeps_no_empty_folders(tmp_path):
       (root / "checkpoints" / "latest").mkdir(parents=True)
       raise RuntimeError("boom")
   assert not root.exists()
+
+
+def test_stale_staging_folders_of_the_same_kind_are_removed(tmp_path):
+  """A `predict --overwrite` killed mid-way leaves its staging folder: the
+  next one removes it, and only what is surely stale."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  gone = subprocess.run(
+      [sys.executable, "-c", "import os; print(os.getpid())"],
+      capture_output=True,
+      text=True,
+      check=True,
+  )
+  dead_pid = int(gone.stdout)
+  tag = fileio._host_tag()  # pylint: disable=protected-access
+  prefix = fileio.STAGING_PREFIX
+  stale = tmp_path / f"{prefix}predict-p{dead_pid}-h{tag}-abc123"
+  keep = [
+      tmp_path / f"{prefix}evaluate-p{dead_pid}-h{tag}-abc123",  # other kind
+      tmp_path / f"{prefix}predict-p1-h{tag}-abc123",  # pid 1 lives
+      tmp_path / f"{prefix}predict-p{dead_pid}-h00000000-abc123",  # other host
+      tmp_path / f"{prefix}abc123",  # an older version's: no creator
+  ]
+  for folder in [stale, *keep]:
+    folder.mkdir()
+    (folder / "pt_1.csv").write_text("half-written\n")
+  with fileio.StagedOutput(kind="predict") as stage:
+    stage.path(tmp_path / "out" / "pt_1.csv").write_text("new\n")
+    assert not stale.exists()
+  assert all(folder.is_dir() for folder in keep)
+  assert (tmp_path / "out" / "pt_1.csv").read_text() == "new\n"
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+      ["out", *(p.name for p in keep)]
+  )

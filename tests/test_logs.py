@@ -11,13 +11,13 @@ def _record(path, level):
   return py_logging.LogRecord("absl", level, path, 1, "message", (), None)
 
 
-def test_library_info_lines_are_dropped_and_warnings_kept():
+def test_library_lines_are_dropped_from_the_console():
   f = logs.QuietLibraries()
   orbax = "/site-packages/orbax/checkpoint/_src/checkpoint_manager.py"
   assert not f.filter(_record(orbax, py_logging.INFO))
   assert not f.filter(_record(orbax, py_logging.DEBUG))
-  assert f.filter(_record(orbax, py_logging.WARNING))
-  assert f.filter(_record(orbax, py_logging.ERROR))
+  assert not f.filter(_record(orbax, py_logging.WARNING))
+  assert not f.filter(_record(orbax, py_logging.ERROR))
   assert not f.filter(
       _record("/site-packages/jax/_src/xla_bridge.py", py_logging.INFO)
   )
@@ -41,3 +41,24 @@ def test_quiet_library_logs_installs_once_and_obeys_the_environment(
     assert len(added) == 1
   finally:
     handler.filters[:] = before
+
+
+def test_library_warnings_go_to_the_log_file(tmp_path):
+  path = tmp_path / "library.log"
+  logs.library_log(tmp_path / "missing-folder" / "library.log")  # ignored
+  root = py_logging.getLogger()
+  orbax = "/site-packages/orbax/checkpoint/_src/checkpoint_manager.py"
+  handler = [h for h in root.handlers if isinstance(h, logs._LibraryLog)]
+  handler[0].handle(_record(orbax, py_logging.WARNING))  # no error
+  logs.library_log(path)
+  try:
+    (handler,) = [h for h in root.handlers if isinstance(h, logs._LibraryLog)]
+    handler.handle(_record(orbax, py_logging.WARNING))
+    handler.handle(_record(orbax, py_logging.INFO))
+    handler.handle(_record("/work/randose_jax/train.py", py_logging.ERROR))
+    handler.flush()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1 and "orbax" in lines[0], lines
+  finally:
+    root.removeHandler(handler)
+    handler.close()

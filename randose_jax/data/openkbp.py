@@ -20,6 +20,7 @@ import dataclasses
 import io
 import os
 import re
+import stat
 import zipfile
 from pathlib import Path
 
@@ -114,11 +115,42 @@ def list_patient_dirs(split_dir: str | os.PathLike) -> list[Path]:
 # ------------------------------------------------------- small files
 
 
+# A sparse CSV's first line (`,data`) is a few bytes, a row some 30 (index,
+# value, line end), and a file holds at most one row per voxel of its grid:
+# a file beyond these bounds is refused before it is read whole.
+MAX_HEADER_BYTES = 4096
+MAX_ROW_BYTES = 128
+
+
+def _check_regular(path: Path, what: str) -> None:
+  """DataError unless `path` is a regular file (opening a FIFO would wait
+  for a writer); OSError if it cannot be looked at."""
+  mode = os.stat(path).st_mode
+  if not stat.S_ISREG(mode):
+    kind = (
+        "a FIFO (named pipe)"
+        if stat.S_ISFIFO(mode)
+        else "a folder"
+        if stat.S_ISDIR(mode)
+        else "a device or socket"
+    )
+    raise DataError(f"{path}: is {kind}, not a regular file; expected {what}")
+
+
 def _read_small_numbers(path: Path, what: str) -> list[str]:
+  """The tokens of a file of a few numbers (at most MAX_HEADER_BYTES)."""
   try:
-    text = path.read_text(errors="replace")
+    _check_regular(path, what)
+    with open(path, "rb") as f:
+      data = f.read(MAX_HEADER_BYTES + 1)
   except OSError as e:
     raise DataError(f"{path}: cannot read {what}: {e}") from e
+  if len(data) > MAX_HEADER_BYTES:
+    raise DataError(
+        f"{path}: more than {MAX_HEADER_BYTES} bytes; expected {what} "
+        "(three numbers)"
+    )
+  text = data.decode(errors="replace")
   return [t for t in re.split(r"[\s,]+", text) if t]
 
 
@@ -341,17 +373,69 @@ def _raise_first_bad_line(
   raise DataError(f"{path}: not readable as 'index,value' rows: {reason}")
 
 
+def _read_bounded(path: Path, num_voxels: int) -> bytes:
+  """The bytes of a sparse CSV of a grid of `num_voxels`, or a DataError
+  (bounded memory and time) for one that cannot be such a file: not a
+  regular file (a FIFO would block), a first line over MAX_HEADER_BYTES,
+  more bytes than `num_voxels` rows of MAX_ROW_BYTES, more lines than the
+  grid has voxels (+ the header)."""
+  try:
+    _check_regular(path, "a sparse CSV")
+    with open(path, "rb", buffering=0) as f:
+      info = os.fstat(f.fileno())
+      head = f.read(MAX_HEADER_BYTES + 1)
+      if b"\n" not in head and len(head) > MAX_HEADER_BYTES:
+        raise DataError(
+            f"{path}: line 1 is longer than {MAX_HEADER_BYTES} bytes "
+            f"(starts {head[:40]!r}); expected the header line ',data'"
+        )
+      limit = MAX_HEADER_BYTES + num_voxels * MAX_ROW_BYTES
+      if info.st_size > limit:
+        raise DataError(
+            f"{path}: {info.st_size:,} bytes, more than a sparse CSV of "
+            f"{num_voxels:,} voxels can hold ({num_voxels:,} rows of at "
+            f"most {MAX_ROW_BYTES} bytes)"
+        )
+      raw = head + f.read()
+  except DataError:
+    raise
+  except OSError as e:
+    raise DataError(f"{path}: cannot read: {e}") from e
+  lines = raw.count(b"\n") + (not raw.endswith(b"\n"))
+  if lines > num_voxels + 1:
+    raise DataError(
+        f"{path}: {lines:,} lines, more than the header and one row per "
+        f"voxel of its grid ({num_voxels:,} voxels)"
+    )
+  return raw
+
+
 def _row_lines(raw: bytes, body_start: int):
   """Where each row of the body is: (line numbers, start and end offsets in
   `raw`), int64 (rows,). A row is a line that is not blank (spaces, tabs),
-  as pandas counts them; the header is line 1."""
+  as pandas counts them; the header is line 1. Memory: a few bytes per
+  byte of `raw` and per line (bool masks, one int64 per line)."""
   a = np.frombuffer(raw, np.uint8)
+  newline = a == 10
   # A line ends at \n, or at a \r not followed by \n.
-  ends = np.flatnonzero((a == 10) | ((a == 13) & (np.append(a[1:], 0) != 10)))
-  ends = np.append(ends, a.size)
+  end = a == 13
+  end[:-1] &= ~newline[1:]
+  end |= newline
+  ends = np.append(np.flatnonzero(end), a.size)
+  del end
   starts = np.append(0, ends[:-1] + 1)
-  filled = np.flatnonzero((a != 32) & (a != 9) & (a != 10) & (a != 13))
-  lines = np.unique(np.searchsorted(ends, filled[filled >= body_start]))
+  # Each segment [start, next start) holds its line and its line end (blank
+  # bytes), so "any byte not blank" over it is whether the line is filled.
+  blank = newline
+  blank |= a == 13
+  blank |= a == 32
+  blank |= a == 9
+  np.logical_not(blank, out=blank)
+  inside = starts < a.size  # a last, empty line after the final line end
+  filled = np.zeros(starts.size, bool)
+  if inside.any():
+    filled[inside] = np.logical_or.reduceat(blank, starts[inside])
+  lines = np.flatnonzero(filled & (starts >= body_start))
   return lines + 1, starts[lines], ends[lines]
 
 
@@ -412,10 +496,7 @@ def read_sparse_csv(
       index on two lines; the message names the file and the first such line.
   """
   path = Path(path)
-  try:
-    raw = path.read_bytes()
-  except OSError as e:
-    raise DataError(f"{path}: cannot read: {e}") from e
+  raw = _read_bounded(path, int(np.prod(grid_shape)))
   header_end = raw.find(b"\n")
   header = raw if header_end < 0 else raw[:header_end]
   if not header.strip():
@@ -613,7 +694,7 @@ def load_sparse_patient(
   if not patient_dir.is_dir():
     raise DataError(f"{patient_dir}: patient folder not found")
   for name in (CT_FILE, MASK_FILE, VOXEL_DIMENSIONS_FILE):
-    if not (patient_dir / name).is_file():
+    if not os.path.lexists(patient_dir / name):
       raise DataError(
           f"{patient_dir / name}: missing (every patient needs "
           f"{CT_FILE}, {MASK_FILE} and {VOXEL_DIMENSIONS_FILE})"
@@ -630,7 +711,7 @@ def load_sparse_patient(
       _sorted_unique(
           *read_sparse_csv(patient_dir / DOSE_FILE, grid, nonnegative=True)
       )
-      if (patient_dir / DOSE_FILE).is_file()
+      if os.path.lexists(patient_dir / DOSE_FILE)  # a FIFO is an error
       else (None, None)
   )
   empty = np.zeros(0, np.int64)
@@ -644,7 +725,7 @@ def load_sparse_patient(
       mask_index=read(MASK_FILE, False)[0],
       roi_index=tuple(
           read(f"{name}.csv", False)[0]
-          if (patient_dir / f"{name}.csv").is_file()
+          if os.path.lexists(patient_dir / f"{name}.csv")
           else empty
           for name in ROI_NAMES
       ),

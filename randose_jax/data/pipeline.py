@@ -40,6 +40,7 @@ from absl import flags
 import grain
 import numpy as np
 
+from randose_jax import interrupts
 from randose_jax.data import augment
 from randose_jax.data import cache as cache_lib
 from randose_jax.data import encoding
@@ -172,6 +173,8 @@ def train_dataset(
         grain.MultiprocessingOptions(
             num_workers=data_config.num_workers,
             per_worker_buffer_size=data_config.worker_buffer_size,
-        )
+        ),
+        # Ctrl-C / SIGTERM to the process group: the parent stops them.
+        worker_init_fn=interrupts.ignore_signals,
     )
   return ds.map(functools.partial(encoding.unpack, settings=cache.settings))
