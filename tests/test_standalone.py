@@ -79,3 +79,56 @@ def test_distances_on_a_real_patient(shared_openkbp):
   _, got, want = _patient_channels(patient)
   np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
   assert np.mean(got != want) < 1e-3
+
+
+def test_export_of_a_crop_downsample_geometry_model_on_a_real_patient(
+    shared_openkbp, tmp_path
+):
+  """An untrained tiny model on a real 128^3 patient (anisotropic voxels):
+  16^3 windows on the 64^3 grid of downsample 2, with the distance channels:
+  every step of the path at once, against `predict_doses`."""
+  from randose_jax import export  # pylint: disable=g-import-not-at-top
+  from randose_jax import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
+  from randose_jax import restore  # pylint: disable=g-import-not-at-top
+  from randose_jax import train  # pylint: disable=g-import-not-at-top
+  from randose_jax.data import encoding  # pylint: disable=g-import-not-at-top
+  from tests.test_predict_export import assert_export_predicts_as_the_library  # pylint: disable=g-import-not-at-top
+  from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
+
+  config = tiny_config(
+      **{
+          "data.synthetic": False,
+          "data.crop_shape": (16, 16, 16),
+          "data.geometry": True,
+      }
+  )
+  mesh = train.make_mesh(jax.devices()[:1])
+  params = train.Trainer.create(config, mesh).init_state(0).params
+  # Initial parameters predict 0 (a zero head): shaken, and raised.
+  rng = np.random.default_rng(0)
+  params["model"] = jax.tree.map(
+      lambda x: x + rng.normal(0, 0.3, x.shape).astype(x.dtype),
+      jax.device_get(params["model"]),
+  )
+  params["model"]["head"]["bias"] += 0.5
+  restored = restore.Restored(
+      config=config,
+      predictor=predictor_lib.Predictor.create(config, params["model"], mesh),
+      params=params,
+      step=0,
+      which="init",
+  )
+  patient_dir = openkbp.list_patient_dirs(shared_openkbp / "validation-pats")[0]
+  patient = openkbp.load_patient(patient_dir)
+  example = encoding.encode_patient(patient, config.data)
+  lo, hi = predictor_lib._mask_box(example)  # pylint: disable=protected-access
+  counts = [
+      len(predictor_lib.window_starts(lo[a], hi[a], 16, 64, 0.5))
+      for a in range(3)
+  ]
+  assert max(counts) > 1  # several windows, some of the 7^3 unused
+  artifact = export.export_restored(
+      restored, tmp_path / "real.zip", platforms=("cpu",)
+  )
+  assert export.load(artifact).meta["grid"] == [128, 128, 128]
+  assert_export_predicts_as_the_library(artifact, restored, [patient], False)
