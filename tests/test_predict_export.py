@@ -18,6 +18,7 @@ from randose_jax import predict
 from randose_jax import restore
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
+from tests.test_fault_table import run_in_process
 from tests.test_train import REPO, SUBPROCESS_ENV
 
 
@@ -349,10 +350,15 @@ def run_readme_snippet(artifact, patient, tmp_path) -> np.ndarray:
   return np.load(work / "dose.npy")
 
 
-def test_readme_snippet_runs_without_the_library(trained, tmp_path):
-  path = export.export_workdir(
-      trained, tmp_path / "model.zip", platforms=("cpu",)
+def test_readme_snippet_runs_without_the_library(trained, tmp_path, capfd):
+  path = tmp_path / "model.zip"
+  code, out, err = run_in_process(
+      "export",
+      [f"--workdir={trained}", f"--output={path}", "--platforms=cpu"],
+      capfd,
   )
+  assert code == 0, err
+  assert f"Exported {trained}" in out
   patient = _validation_patients(trained)[0]
   got = run_readme_snippet(path, patient, tmp_path)
   want = export.load(path).predict_patient(patient)

@@ -3,6 +3,7 @@ run with the distance channels ships, loads and predicts as its workdir
 does; the real shipped model reproduces its recorded scores on the shared
 validation patients through `predict` with no --workdir."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from randose_jax import restore
 from randose_jax import shipped
 from randose_jax import train
 from randose_jax.data import openkbp
+from tests.test_fault_table import run_in_process
 from tests.test_predict_export import assert_export_predicts_as_the_library
 from tests.test_train import REPO
 from tests.test_train import SUBPROCESS_ENV
@@ -42,7 +44,9 @@ def crop_run(tmp_path_factory):
   return workdir
 
 
-def test_crop_run_ships_and_predicts_as_its_workdir(crop_run, tmp_path):
+def test_crop_run_ships_and_predicts_as_its_workdir(
+    crop_run, tmp_path, monkeypatch, capfd
+):
   root = tmp_path / "models"
   out = shipped.ship(crop_run, "tiny", {"recipe": "test"}, root=root)
   assert shipped.available(root) == ["tiny"]
@@ -72,6 +76,15 @@ def test_crop_run_ships_and_predicts_as_its_workdir(crop_run, tmp_path):
   assert loaded.meta["grid"] == [16, 16, 16]
   assert loaded.meta["window"] == [8, 8, 8] and loaded.meta["geometry"]
   assert_export_predicts_as_the_library(artifact, got, patients, tta=False)
+  # The command exports a shipped model the same way.
+  monkeypatch.setattr(
+      shipped, "load", functools.partial(shipped.load, root=root)
+  )
+  code, _, err = run_in_process(
+      "export", ["--model=tiny", f"--output={tmp_path / 'cli.zip'}"], capfd
+  )
+  assert code == 0, err
+  assert export.load(tmp_path / "cli.zip").meta["window"] == [8, 8, 8]
   # Not replaced without asking; a damaged file is named.
   with pytest.raises(FileExistsError):
     shipped.ship(crop_run, "tiny", {}, root=root)
