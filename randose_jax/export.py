@@ -127,6 +127,7 @@ class ExportedModel:
     self.exported = exported
     self.flat_params = flat_params
     self.meta = meta
+    self._call = jax.jit(exported.call)  # compiled once, on the first call
 
   @property
   def grid(self) -> tuple:
@@ -159,10 +160,8 @@ class ExportedModel:
             f"exported model: {name} has shape {x.shape}, expected "
             f"{spec.shape}"
         )
-      args.append(
-          x.astype(bool) if spec.dtype == jnp.bool_ else x.astype(spec.dtype)
-      )
-    return np.asarray(self.exported.call(self.flat_params, *args))
+      args.append(x.astype(spec.dtype))
+    return np.asarray(self._call(self.flat_params, *args))
 
   def predict_patient(self, patient) -> np.ndarray:
     """The dose of a `Patient` (its stored CT is HU + `CT_OFFSET`)."""

@@ -69,8 +69,8 @@ def squared_edt(features: jax.Array, spacing: jax.Array) -> jax.Array:
 
   Exact and separable: along axis 0 the distance to the line's nearest
   feature, then per grid axis a = 1, 2 d2(x) = min_y d2(y) + ((x - y) *
-  spacing[a])^2 along each line (about 1.2 s for 6 channels at 128^3 on 2
-  CPU cores). A channel without feature voxels stays at `_UNREACHED`
+  spacing[a])^2 along each line (6 channels at 128^3: 1.2 s on 2 idle CPU
+  cores, 3 s beside a training run; scipy's on the box: 0.3 s). A channel without feature voxels stays at `_UNREACHED`
   (1e20)."""
   spacing = jnp.asarray(spacing, jnp.float32)
   d2 = _first_axis_d2(features, spacing[0])
