@@ -228,9 +228,9 @@ def compare_runs(new_dir, old_dir):
 
 def compare_exports(new_path, old_path):
   """Two `randose_jax.export` artifacts of those workdirs: the same members,
-  meta.json (but for the workdir-dependent config paths), params.msgpack
+  meta.json (but for the workdir-dependent config paths), params.npz
   byte for byte, the exported function's input and output shapes, and its
-  output on one seeded input, to the bit."""
+  output on one seeded patient, to the bit."""
   zips = [zipfile.ZipFile(p) for p in (new_path, old_path)]
   ok = True
   names = [sorted(z.namelist()) for z in zips]
@@ -243,9 +243,9 @@ def compare_exports(new_path, old_path):
   same = metas[0] == metas[1]
   ok &= same
   print(f"meta.json: {'IDENTICAL' if same else 'DIFFERENT'}")
-  same = zips[0].read("params.msgpack") == zips[1].read("params.msgpack")
+  same = zips[0].read("params.npz") == zips[1].read("params.npz")
   ok &= same
-  print(f"params.msgpack: {'BYTE-IDENTICAL' if same else 'DIFFERENT'}")
+  print(f"params.npz: {'BYTE-IDENTICAL' if same else 'DIFFERENT'}")
   models_ = [export.load(p) for p in (new_path, old_path)]
   avals = [
       (str(m.exported.in_avals), str(m.exported.out_avals)) for m in models_
@@ -258,12 +258,13 @@ def compare_exports(new_path, old_path):
   )
   rng = np.random.default_rng(0)
   grid = models_[0].grid
-  x = {
-      "ptv": (rng.random((1, *grid, 1)) < 0.3) * 0.9,
-      "ct": rng.normal(size=(1, *grid, 1)) * 0.5,
-      "oar": (rng.random((1, *grid, 7)) < 0.1) * 1.0,
-  }
-  ys = [m(x) for m in models_]
+  x = (
+      rng.normal(size=grid) * 500,  # ct_hu
+      rng.random((*grid, 10)) < 0.1,  # structure_masks
+      rng.random(grid) < 0.5,  # possible_dose_mask
+      np.array([3.9, 3.9, 2.5]),  # voxel_dimensions
+  )
+  ys = [m(*x) for m in models_]
   same = same_bytes(ys[0], ys[1])
   ok &= same
   print(

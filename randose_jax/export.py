@@ -1,88 +1,104 @@
-r"""Export a trained model as a self-contained inference artifact.
+r"""Export a trained model as an artifact that stands alone.
 
   python -m randose_jax.export --workdir=runs/randose --output=randose.zip \
       [--checkpoint=best] [--tta] [--conv_impl=direct] [--overwrite]
+  python -m randose_jax.export --model=NAME --output=randose.zip  # shipped
 
-The artifact is one zip file:
-  model.jaxexport   `jax.export` serialization of the forward pass (StableHLO)
-                    with a symbolic batch size, for CPU and CUDA;
-  params.msgpack    the model parameters (flax msgpack): their moving
-                    average when the run kept one (config.ema_decay > 0);
-  meta.json         input keys/channels, grid, dose scale, versions.
-`load(path)` runs it without building the model (no Flax module code needed):
-
-  model = randose_jax.export.load("randose.zip")
-  dose_target_units = model({"ptv": ptv, "ct": ct, "oar": oar})  # (N,D,H,W,1)
+The artifact is one zip file (format `FORMAT_VERSION`):
+  model.jaxexport   `jax.export` serialization (StableHLO, CPU and CUDA) of
+                    the whole prediction path (`standalone.make_predict_fn`):
+                    fn(params, ct_hu, structure_masks, possible_dose_mask,
+                    voxel_dimensions) -> dose in Gy on the patient's grid,
+                    clipped at 0, zero outside the mask; encoding, distance
+                    channels, windows and decoding happen inside;
+  params.npz        the model parameters as numpy arrays arr_0, arr_1, ...
+                    in the order the function takes them (their moving
+                    average when the run kept one, config.ema_decay > 0);
+  meta.json         the grid, the inputs' shapes and dtypes, the parameter
+                    paths, versions, the run's config.
+It runs with only jax and numpy installed (README, "Export"); in this
+library `load(path)(ct_hu, structure_masks, possible_dose_mask,
+voxel_dimensions)` or `load(path).predict_patient(patient)` does the same.
+One patient per call (no batch axis).
 
 --output is checked before the model is traced (its folder writable, no
 artifact there unless --overwrite) and written atomically: a failure leaves
 it as it was. A problem is one `error:` line naming the path (exit 2).
 """
 
+import io
 import json
 import pathlib
 import zipfile
 
 from absl import app
 from absl import flags
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from randose_jax import cli
+from randose_jax import conventions
 from randose_jax import fileio
-from randose_jax import inference
 from randose_jax import logs
 from randose_jax import restore
 from randose_jax import shipped
-from randose_jax.conventions import INPUT_CHANNELS
+from randose_jax import standalone
 from randose_jax.data import encoding
 
-FORMAT_VERSION = 1
+# 2: the function takes the user's arrays and returns Gy (standalone), the
+# parameters are params.npz; 1 took the encoded inputs (params.msgpack).
+FORMAT_VERSION = 2
 DEFAULT_PLATFORMS = ("cpu", "cuda")
+MODEL_FILE, PARAMS_FILE, META_FILE = (
+    "model.jaxexport",
+    "params.npz",
+    "meta.json",
+)
 
 
-def _input_specs(grid, batch, channels=None):
-  channels = INPUT_CHANNELS if channels is None else channels
+def input_specs(grid) -> dict:
+  """The function's inputs after the parameters, in call order."""
+  grid = tuple(int(n) for n in grid)
   return {
-      k: jax.ShapeDtypeStruct((batch, *grid, c), jnp.float32)
-      for k, c in channels.items()
+      "ct_hu": jax.ShapeDtypeStruct(grid, jnp.float32),
+      "structure_masks": jax.ShapeDtypeStruct(
+          (*grid, len(conventions.ROI_NAMES)), jnp.bool_
+      ),
+      "possible_dose_mask": jax.ShapeDtypeStruct(grid, jnp.bool_),
+      "voxel_dimensions": jax.ShapeDtypeStruct((3,), jnp.float32),
   }
 
 
 def export_model(
     model,
     model_params,
+    data_config,
     grid,
     *,
     tta=False,
-    swap_parotids=True,
     platforms=DEFAULT_PLATFORMS,
-    channels=None,
 ):
-  """`jax.export.Exported` of params, inputs -> (N, *grid, 1) float32
-  (`channels`: the inputs, `encoding.input_channels(config.data)`).
+  """`jax.export.Exported` of (flat parameter list, *`input_specs(grid)`)
+  -> float32 `grid` Gy (`standalone.make_predict_fn`).
 
   Traced once for every platform: the convs are computed the way
   `model.conv_impl` plans them on the exporting backend (with 'auto' on a
-  CPU: FFT where cheaper, planned for one sample), which is the same math on
-  every platform."""
-
-  def forward(params, inputs):
-    apply_fn = inference.make_apply_fn(model, params)
-    return inference.predict(
-        apply_fn, inputs, tta=tta, swap_parotids=swap_parotids
-    )
-
-  (batch,) = jax.export.symbolic_shape("b")
-  param_specs = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype),
-      model_params,
+  CPU: FFT where cheaper), which is the same math on every platform."""
+  leaves, treedef = jax.tree.flatten(model_params)
+  fn = standalone.make_predict_fn(model, data_config, tta=tta)
+  flat_fn = lambda flat, *args: fn(jax.tree.unflatten(treedef, flat), *args)
+  param_specs = [
+      jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype) for x in leaves
+  ]
+  return jax.export.export(jax.jit(flat_fn), platforms=tuple(platforms))(
+      param_specs, *input_specs(grid).values()
   )
-  return jax.export.export(jax.jit(forward), platforms=tuple(platforms))(
-      param_specs, _input_specs(grid, batch, channels)
-  )
+
+
+def _param_paths(model_params) -> list[str]:
+  paths, _ = jax.tree_util.tree_flatten_with_path(model_params)
+  return ["/".join(str(k.key) for k in path) for path, _ in paths]
 
 
 def save_artifact(
@@ -90,45 +106,71 @@ def save_artifact(
 ) -> pathlib.Path:
   """Writes the artifact zip atomically (`fileio.atomic_output`)."""
   path = pathlib.Path(path)
-  params_np = jax.tree.map(np.asarray, jax.device_get(model_params))
+  leaves = [
+      np.asarray(x) for x in jax.tree.leaves(jax.device_get(model_params))
+  ]
+  meta = dict(meta, params=_param_paths(model_params))
+  params = io.BytesIO()
+  np.savez(params, *leaves)
   with fileio.atomic_output(path, overwrite=overwrite) as f:
     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-      zf.writestr("model.jaxexport", bytes(exported.serialize()))
-      zf.writestr(
-          "params.msgpack", flax.serialization.msgpack_serialize(params_np)
-      )
-      zf.writestr("meta.json", json.dumps(meta, indent=2))
+      zf.writestr(MODEL_FILE, bytes(exported.serialize()))
+      zf.writestr(PARAMS_FILE, params.getvalue())
+      zf.writestr(META_FILE, json.dumps(meta, indent=2))
   return path
 
 
 class ExportedModel:
-  """A loaded artifact: call it with the encoded inputs."""
+  """A loaded artifact: call it with one patient's arrays."""
 
-  def __init__(self, exported, params, meta):
+  def __init__(self, exported, flat_params: list, meta: dict):
     self.exported = exported
-    self.params = params
+    self.flat_params = flat_params
     self.meta = meta
+    self._call = jax.jit(exported.call)  # compiled once, on the first call
 
   @property
-  def grid(self):
+  def grid(self) -> tuple:
     return tuple(self.meta["grid"])
 
-  def __call__(self, inputs) -> np.ndarray:
-    """inputs: {'ptv','ct','oar'} (and 'geom' for a model trained with the
-    distance channels, `meta['inputs']`) float32 (N, D, H, W, C) ->
-    (N, D, H, W, 1)."""
-    args = {}
-    for k, c in self.meta.get("inputs", INPUT_CHANNELS).items():
-      if k not in inputs:
-        raise ValueError(f"exported model: missing input {k!r}")
-      x = jnp.asarray(inputs[k], jnp.float32)
-      if x.ndim != 5 or x.shape[1:] != (*self.grid, c):
+  @property
+  def params(self) -> dict:
+    """The parameters as the nested dict they were exported from."""
+    tree = {}
+    for name, x in zip(self.meta["params"], self.flat_params):
+      *parents, leaf = name.split("/")
+      node = tree
+      for p in parents:
+        node = node.setdefault(p, {})
+      node[leaf] = x
+    return tree
+
+  def __call__(
+      self, ct_hu, structure_masks, possible_dose_mask, voxel_dimensions
+  ) -> np.ndarray:
+    """float32 (D, H, W) Gy of ct_hu (D, H, W) HU, structure_masks
+    (D, H, W, 10) (`conventions.ROI_NAMES` order), possible_dose_mask
+    (D, H, W) and voxel_dimensions (3,) mm; (D, H, W) is `grid`."""
+    args = []
+    given = (ct_hu, structure_masks, possible_dose_mask, voxel_dimensions)
+    for (name, spec), x in zip(input_specs(self.grid).items(), given):
+      x = np.asarray(x)
+      if x.shape != spec.shape:
         raise ValueError(
-            f"exported model: input {k!r} has shape {x.shape}, "
-            f"expected (N, {', '.join(map(str, self.grid))}, {c})"
+            f"exported model: {name} has shape {x.shape}, expected "
+            f"{spec.shape}"
         )
-      args[k] = x
-    return np.asarray(self.exported.call(self.params, args))
+      args.append(x.astype(spec.dtype))
+    return np.asarray(self._call(self.flat_params, *args))
+
+  def predict_patient(self, patient) -> np.ndarray:
+    """The dose of a `Patient` (its stored CT is HU + `CT_OFFSET`)."""
+    return self(
+        np.asarray(patient.ct, np.float32) - np.float32(conventions.CT_OFFSET),
+        patient.structure_masks,
+        patient.possible_dose_mask,
+        patient.voxel_dimensions,
+    )
 
 
 def load(path) -> ExportedModel:
@@ -137,22 +179,32 @@ def load(path) -> ExportedModel:
   try:
     with zipfile.ZipFile(path) as zf:
       names = set(zf.namelist())
-      missing = {"model.jaxexport", "params.msgpack", "meta.json"} - names
+      if META_FILE not in names:
+        raise ValueError(f"{path}: not a randose_jax export (no {META_FILE})")
+      meta = json.loads(zf.read(META_FILE))
+      version = meta.get("format_version")
+      if version != FORMAT_VERSION:
+        age = (
+            "an older"
+            if isinstance(version, int) and version < FORMAT_VERSION
+            else "a newer or unknown"
+        )
+        raise ValueError(
+            f"{path}: artifact format version {version} ({age} export), "
+            f"this library reads version {FORMAT_VERSION}: export the model "
+            "again with this library (or load it with the one that wrote it)"
+        )
+      missing = {MODEL_FILE, PARAMS_FILE} - names
       if missing:
         raise ValueError(
             f"{path}: not a randose_jax export (missing {sorted(missing)})"
         )
-      meta = json.loads(zf.read("meta.json"))
-      exported = jax.export.deserialize(bytearray(zf.read("model.jaxexport")))
-      params = flax.serialization.msgpack_restore(zf.read("params.msgpack"))
+      exported = jax.export.deserialize(bytearray(zf.read(MODEL_FILE)))
+      with np.load(io.BytesIO(zf.read(PARAMS_FILE))) as npz:
+        flat = [npz[f"arr_{i}"] for i in range(len(npz.files))]
   except zipfile.BadZipFile as e:
     raise ValueError(f"{path}: not a zip file ({e})") from e
-  if meta.get("format_version") != FORMAT_VERSION:
-    raise ValueError(
-        f"{path}: format version {meta.get('format_version')}, "
-        f"this library reads {FORMAT_VERSION}"
-    )
-  return ExportedModel(exported, params, meta)
+  return ExportedModel(exported, flat, meta)
 
 
 def export_workdir(
@@ -190,31 +242,32 @@ def export_restored(
     overwrite: bool = False,
 ) -> pathlib.Path:
   """Exports a restored model (a workdir's checkpoint or a shipped model,
-  `shipped.load`). A model trained on crops is exported at its window
-  (`meta['window']`): tile the patient's box with it as
-  `Predictor.predict_examples` does."""
+  `shipped.load`) as the standalone function on its patient grid."""
   fileio.check_output_file(output, overwrite=overwrite)
   config = restored.config
-  grid = _training_grid(config)
+  grid = patient_grid(config)
   model_params = restored.model_params  # the EMA when the run kept one
   exported = export_model(
       restored.predictor.model,
       model_params,
+      config.data,
       grid,
       tta=tta,
-      swap_parotids=config.data.swap_parotids,
       platforms=platforms,
-      channels=encoding.input_channels(config.data),
   )
   meta = {
       "format_version": FORMAT_VERSION,
       "grid": list(grid),
-      "window": list(config.data.get("crop_shape", ()) or ()),
-      "window_overlap": float(config.data.get("window_overlap", 0.5)),
-      "inputs": encoding.input_channels(config.data),
-      "output": "dose / dose_scale, (N, D, H, W, 1) float32",
-      "dose_scale_gy": float(config.data.dose_scale),
+      "inputs": {
+          name: {"shape": list(spec.shape), "dtype": str(spec.dtype)}
+          for name, spec in input_specs(grid).items()
+      },
+      "roi_names": list(conventions.ROI_NAMES),
+      "output": "dose in Gy, float32 grid, clipped at 0, 0 outside the mask",
+      "batch": "none: one patient per call",
+      "window": list(restored.predictor.window),
       "downsample": int(config.data.downsample),
+      "geometry": encoding.geometry_scale(config.data) is not None,
       "tta": bool(tta),
       "platforms": list(exported.platforms),
       "checkpoint": restored.which,
@@ -229,14 +282,12 @@ def export_restored(
   )
 
 
-def _training_grid(config):
-  """The grid the model sees: a crop-trained model's window, else OpenKBP's
-  128^3 (or the phantom grid) reduced by config.data.downsample."""
-  window = tuple(config.data.get("crop_shape", ()) or ())
-  if window:
-    return tuple(int(n) for n in window)
-  edge = config.data.synthetic_grid if config.data.synthetic else 128
-  return encoding.training_grid((edge,) * 3, config.data.downsample)
+def patient_grid(config) -> tuple:
+  """The patients' grid of a run: OpenKBP's `GRID_SHAPE`, or the phantom
+  grid of a synthetic run."""
+  if config.data.synthetic:
+    return (int(config.data.synthetic_grid),) * 3
+  return tuple(conventions.GRID_SHAPE)
 
 
 FLAGS = flags.FLAGS

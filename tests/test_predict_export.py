@@ -1,6 +1,7 @@
 """predict (CSV + zip, TTA, formats, plots, patients without dose) and export."""
 
 import json
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from randose_jax import predict
 from randose_jax import restore
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
+from tests.test_fault_table import run_in_process
 from tests.test_train import REPO, SUBPROCESS_ENV
 
 
@@ -248,26 +250,120 @@ def test_conv_impl_override_same_predictions(trained, tmp_path):
     restore.restore_from_workdir(trained, "best", conv_impl="winograd")
 
 
+def _validation_patients(workdir):
+  return [
+      openkbp.load_patient(d)
+      for d in openkbp.list_patient_dirs(
+          workdir / "synthetic" / "validation-pats"
+      )
+  ]
+
+
+def assert_export_predicts_as_the_library(artifact, restored, patients, tta):
+  """The exported function on each patient's own arrays equals
+  `predict_doses` (Gy) to float32 rounding; returns the doses."""
+  loaded = export.load(artifact)
+  got = [loaded.predict_patient(p) for p in patients]
+  want = restored.predictor.with_params(restored.model_params).predict_doses(
+      patients, tta
+  )
+  for a, b, p in zip(got, want, patients):
+    assert a.shape == b.shape == tuple(loaded.meta["grid"])
+    assert b.max() > 0 and a.min() >= 0
+    assert not a[~p.possible_dose_mask].any()
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * b.max())
+  return got
+
+
 @pytest.mark.parametrize("tta", [False, True])
 def test_exported_model_equals_the_model(trained, tmp_path, tta):
+  # The session run: whole grid, downsample 2 (16^3 patients, 8^3 model).
   path = export.export_workdir(trained, tmp_path / "model.zip", tta=tta)
-  loaded = export.load(path)
-  assert loaded.meta["grid"] == [8, 8, 8]
-  assert set(loaded.meta["platforms"]) >= {"cpu"}
   restored = restore.restore_from_workdir(trained, "best")
-  patient = openkbp.load_patient(
-      trained / "synthetic" / "validation-pats" / "pt_5"
+  assert restored.config.data.downsample == 2 and not restored.predictor.window
+  meta = export.load(path).meta
+  assert meta["grid"] == [16, 16, 16] and meta["format_version"] == 2
+  assert set(meta["platforms"]) >= {"cpu"} and meta["tta"] == tta
+  assert_export_predicts_as_the_library(
+      path, restored, _validation_patients(trained), tta
   )
-  example = encoding.encode_patient(patient, restored.config.data)
-  (want,) = restored.predictor.with_params(
-      restored.params["model"]
-  ).predict_local([example], tta)
-  batch = {k: np.stack([example[k]] * 3) for k in inference.INPUT_KEYS}
-  got = loaded(batch)  # symbolic batch size: 3 works as well as 1
-  assert got.shape == (3, 8, 8, 8, 1)
-  for row in got:
-    # Separately compiled float32 programs (batch 3 vs 1): rounding only.
-    np.testing.assert_allclose(row[..., 0], want, rtol=1e-4, atol=1e-5)
+
+
+def readme_snippet() -> str:
+  """The README's lines that run an artifact with only jax and numpy."""
+  text = (REPO / "README.md").read_text()
+  after = text.split("<!-- export-snippet -->", 1)[1]
+  return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def run_readme_snippet(artifact, patient, tmp_path) -> np.ndarray:
+  """The README snippet in a process that cannot import randose_jax: no
+  site processing (so no editable install), no PYTHONPATH, only the folder
+  that holds jax and numpy on its path, in a folder of its own."""
+  site = pathlib.Path(np.__file__).parents[1]
+  assert pathlib.Path(jax.__file__).parents[1] == site
+  work = tmp_path / "alone"
+  work.mkdir()
+  shutil.copy(artifact, work / "randose.zip")
+  np.savez(
+      work / "inputs.npz",
+      ct_hu=patient.ct.astype(np.float32) - 1024,
+      structure_masks=patient.structure_masks,
+      possible_dose_mask=patient.possible_dose_mask,
+      voxel_dimensions=patient.voxel_dimensions,
+  )
+  script = "\n".join(
+      [
+          "import sys",
+          f"sys.path.append({str(site)!r})",
+          "try:",
+          "  import randose_jax",
+          "  sys.exit('randose_jax is importable')",
+          "except ImportError:",
+          "  pass",
+          "import numpy as np",
+          "inputs = np.load('inputs.npz')",
+          "ct_hu = inputs['ct_hu']",
+          "structure_masks = inputs['structure_masks']",
+          "possible_dose_mask = inputs['possible_dose_mask']",
+          "voxel_dimensions = inputs['voxel_dimensions']",
+          readme_snippet(),
+          "np.save('dose.npy', dose_gy)",
+          "assert 'randose_jax' not in sys.modules and 'flax' not in sys.modules",
+      ]
+  )
+  (work / "run.py").write_text(script)
+  env = {
+      k: v
+      for k, v in SUBPROCESS_ENV.items()
+      if k != "PYTHONPATH" and not k.startswith("JAX_COMPILATION")
+  }
+  proc = subprocess.run(
+      [sys.executable, "-I", "-S", "run.py"],
+      cwd=work,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return np.load(work / "dose.npy")
+
+
+def test_readme_snippet_runs_without_the_library(trained, tmp_path, capfd):
+  path = tmp_path / "model.zip"
+  code, out, err = run_in_process(
+      "export",
+      [f"--workdir={trained}", f"--output={path}", "--platforms=cpu"],
+      capfd,
+  )
+  assert code == 0, err
+  assert f"Exported {trained}" in out
+  patient = _validation_patients(trained)[0]
+  got = run_readme_snippet(path, patient, tmp_path)
+  want = export.load(path).predict_patient(patient)
+  np.testing.assert_array_equal(got, want)
+  assert got.max() > 0
 
 
 def test_export_load_rejects_a_bad_file(tmp_path):
@@ -275,3 +371,13 @@ def test_export_load_rejects_a_bad_file(tmp_path):
   bad.write_bytes(b"not a zip")
   with pytest.raises(ValueError, match="bad.zip: not a zip file"):
     export.load(bad)
+  for version, age in ((1, "an older"), (3, "a newer")):
+    old = tmp_path / f"v{version}.zip"
+    with zipfile.ZipFile(old, "w") as zf:
+      zf.writestr("meta.json", json.dumps({"format_version": version}))
+      zf.writestr("params.msgpack", b"")
+    with pytest.raises(
+        ValueError,
+        match=f"v{version}.zip: artifact format version {version} " f"\\({age}",
+    ):
+      export.load(old)

@@ -3,6 +3,7 @@ run with the distance channels ships, loads and predicts as its workdir
 does; the real shipped model reproduces its recorded scores on the shared
 validation patients through `predict` with no --workdir."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -16,8 +17,9 @@ from randose_jax import export
 from randose_jax import restore
 from randose_jax import shipped
 from randose_jax import train
-from randose_jax.data import encoding
 from randose_jax.data import openkbp
+from tests.test_fault_table import run_in_process
+from tests.test_predict_export import assert_export_predicts_as_the_library
 from tests.test_train import REPO
 from tests.test_train import SUBPROCESS_ENV
 from tests.test_train import tiny_config
@@ -42,7 +44,9 @@ def crop_run(tmp_path_factory):
   return workdir
 
 
-def test_crop_run_ships_and_predicts_as_its_workdir(crop_run, tmp_path):
+def test_crop_run_ships_and_predicts_as_its_workdir(
+    crop_run, tmp_path, monkeypatch, capfd
+):
   root = tmp_path / "models"
   out = shipped.ship(crop_run, "tiny", {"recipe": "test"}, root=root)
   assert shipped.available(root) == ["tiny"]
@@ -65,22 +69,22 @@ def test_crop_run_ships_and_predicts_as_its_workdir(crop_run, tmp_path):
   ):
     np.testing.assert_array_equal(a, b)
     assert a.max() > 0
-  # Exported at its window, with the distance channels as an input.
+  # Exported standalone: the patient's arrays in, Gy out, with the windows
+  # over the mask's box and the distance channels computed inside.
   artifact = export.export_restored(got, tmp_path / "tiny.zip")
   loaded = export.load(artifact)
-  assert loaded.meta["grid"] == loaded.meta["window"] == [8, 8, 8]
-  assert loaded.meta["inputs"]["geom"] == 3
-  example = encoding.encode_patient(patients[0], got.config.data)
-  window = {
-      k: np.asarray(example[k])[None, 4:12, 4:12, 4:12]
-      for k in loaded.meta["inputs"]
-  }
-  (direct,) = got.predictor.predict_local(
-      [{k: v[0] for k, v in window.items()}]
+  assert loaded.meta["grid"] == [16, 16, 16]
+  assert loaded.meta["window"] == [8, 8, 8] and loaded.meta["geometry"]
+  assert_export_predicts_as_the_library(artifact, got, patients, tta=False)
+  # The command exports a shipped model the same way.
+  monkeypatch.setattr(
+      shipped, "load", functools.partial(shipped.load, root=root)
   )
-  np.testing.assert_allclose(
-      loaded(window)[0, ..., 0], direct, rtol=1e-5, atol=1e-6
+  code, _, err = run_in_process(
+      "export", ["--model=tiny", f"--output={tmp_path / 'cli.zip'}"], capfd
   )
+  assert code == 0, err
+  assert export.load(tmp_path / "cli.zip").meta["window"] == [8, 8, 8]
   # Not replaced without asking; a damaged file is named.
   with pytest.raises(FileExistsError):
     shipped.ship(crop_run, "tiny", {}, root=root)
