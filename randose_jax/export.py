@@ -267,7 +267,7 @@ def export_restored(
       "batch": "none: one patient per call",
       "window": list(restored.predictor.window),
       "downsample": int(config.data.downsample),
-      "geometry": encoding.geometry_scale(config.data) is not None,
+      "geometry": encoding.geometry_spec(config.data) is not None,
       "tta": bool(tta),
       "platforms": list(exported.platforms),
       "checkpoint": restored.which,

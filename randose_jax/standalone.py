@@ -104,15 +104,33 @@ def _in_box(grid, lo, hi) -> jax.Array:
   return inside
 
 
-def ptv_distances(targets, possible_dose_mask, spacing, scale_mm):
-  """`distances.dense` in JAX: float32 (D, H, W, 3) of bool targets
-  (D, H, W, 3) (PTV56, PTV63, PTV70) and mask (D, H, W)."""
+def _slab_distances(targets, spacing):
+  """float32 (D, H, W, 3): for each PTV, the distance in mm along axis 2
+  from each voxel's slice to the nearest slice holding it (`distances`'
+  slab channels; large where the PTV is absent)."""
+  w = targets.shape[2]
+  held = jnp.any(targets, axis=(0, 1))  # (W, 3)
+  k = jnp.arange(w, dtype=jnp.float32)
+  gap = jnp.abs(k[:, None] - k[None, :])[..., None]  # (W, W, 1)
+  nearest = jnp.min(jnp.where(held[None], gap, jnp.float32(1e9)), axis=1)
+  return jnp.broadcast_to(
+      (nearest * spacing[2])[None, None], targets.shape
+  ).astype(jnp.float32)
+
+
+def ptv_distances(targets, possible_dose_mask, spacing, scale_mm, slab=False):
+  """`distances.dense` in JAX: float32 (D, H, W, 3, or 6 with `slab`) of
+  bool targets (D, H, W, 3) (PTV56, PTV63, PTV70) and mask (D, H, W)."""
   grid = targets.shape[:3]
   d2 = squared_edt(jnp.concatenate([targets, ~targets], -1), spacing)
   signed = jnp.sqrt(d2[..., :_NUM_TARGETS]) - jnp.sqrt(d2[..., _NUM_TARGETS:])
+  if slab:
+    signed = jnp.concatenate([signed, _slab_distances(targets, spacing)], -1)
   lo, hi = _box(possible_dose_mask | jnp.any(targets, -1))
   lo, hi = jnp.maximum(lo - 1, 0), jnp.minimum(hi + 1, jnp.array(grid) - 1)
   present = jnp.any(targets, axis=(0, 1, 2))
+  if slab:
+    present = jnp.concatenate([present, present])
   keep = _in_box(grid, lo, hi)[..., None] & present
   out = jnp.where(
       keep,
@@ -144,9 +162,11 @@ def encode(ct_hu, structure_masks, possible_dose_mask, spacing, data_config):
       "oar": structure_masks[..., :_NUM_OARS].astype(jnp.float32),
       "mask": possible_dose_mask[..., None].astype(jnp.float32),
   }
-  scale = encoding.geometry_scale(data_config)
-  if scale is not None:
-    dense["geom"] = ptv_distances(targets, possible_dose_mask, spacing, scale)
+  spec = encoding.geometry_spec(data_config)
+  if spec is not None:
+    dense["geom"] = ptv_distances(
+        targets, possible_dose_mask, spacing, spec[0], slab=spec[1]
+    )
   f = int(data_config.downsample)
   if f == 1:
     return dense

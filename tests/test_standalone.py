@@ -35,14 +35,15 @@ def test_squared_edt_equals_scipy_with_anisotropic_spacing():
     np.testing.assert_allclose(got[..., c], want, rtol=1e-6, atol=1e-5)
 
 
-def _patient_channels(patient, scale_mm=50.0):
+def _patient_channels(patient, scale_mm=50.0, slab=False):
   sparse = openkbp.SparsePatient.from_patient(patient)
-  want = distances.dense(sparse, scale_mm)
-  got = jax.jit(standalone.ptv_distances, static_argnums=3)(
+  want = distances.dense(sparse, scale_mm, slab)
+  got = jax.jit(standalone.ptv_distances, static_argnums=(3, 4))(
       patient.structure_masks[..., 7:],
       patient.possible_dose_mask,
       np.float32(patient.voxel_dimensions),
       scale_mm,
+      slab,
   )
   return sparse, np.asarray(got), want
 
@@ -76,7 +77,8 @@ def test_distances_in_a_box_equal_those_on_the_whole_grid(tmp_path):
 def test_distances_on_a_real_patient(shared_openkbp):
   patient_dir = openkbp.list_patient_dirs(shared_openkbp / "validation-pats")[0]
   patient = openkbp.load_patient(patient_dir)
-  _, got, want = _patient_channels(patient)
+  _, got, want = _patient_channels(patient, slab=True)
+  assert got.shape[-1] == 6
   np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
   assert np.mean(got != want) < 1e-3
 
@@ -100,6 +102,7 @@ def test_export_of_a_crop_downsample_geometry_model_on_a_real_patient(
           "data.synthetic": False,
           "data.crop_shape": (16, 16, 16),
           "data.geometry": True,
+          "data.geometry_slab": True,
       }
   )
   mesh = train.make_mesh(jax.devices()[:1])
