@@ -626,7 +626,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict:
       scores = periodic.run(
           interrupts.Polling(
               trainer.predictor.with_params(trainer.eval_params(state)),
-              "predict_local",
+              "predict_doses",
           )
       )
     except interrupts.Interrupted as e:
@@ -765,7 +765,7 @@ def finish(trainer, ckpt, state, train_cache, eval_cache, workdir, config):
   return validation.final_validation(
       interrupts.Polling(
           trainer.predictor.with_params(trainer.eval_params(final)),
-          "predict_local",
+          "predict_doses",
       ),
       best_step,
       final.ema_params is not None,
