@@ -980,3 +980,38 @@ def test_imported_patients_train_validate_and_predict(tmp_path):
   patient = openkbp.load_patient(root / "validation-pats" / "pt_SYN002")
   assert not pred[~patient.possible_dose_mask].any()
   assert pred.max() > 0
+
+
+def test_a_killed_imports_staging_folder_is_removed(small_dicom, tmp_path):
+  """A dicom_import killed mid-way leaves its hidden staging folder beside
+  the output; the next import removes it (its process is gone), and leaves
+  a live process's and another command's alone."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  from randose_jax import fileio  # pylint: disable=g-import-not-at-top
+
+  dead_pid = int(
+      subprocess.run(
+          [sys.executable, "-c", "import os; print(os.getpid())"],
+          capture_output=True,
+          text=True,
+          check=True,
+      ).stdout
+  )
+  tag = fileio._host_tag()  # pylint: disable=protected-access
+  prefix = fileio.STAGING_PREFIX
+  stale = tmp_path / f"{prefix}dicom_import-p{dead_pid}-h{tag}-abc123"
+  keep = [
+      tmp_path / f"{prefix}dicom_import-p1-h{tag}-abc123",  # pid 1 lives
+      tmp_path / f"{prefix}predict-p{dead_pid}-h{tag}-abc123",  # other kind
+  ]
+  for folder in [stale, *keep]:
+    (folder / "pt_SYN001").mkdir(parents=True)
+  src, _ = _copy(small_dicom, tmp_path)
+  _import(src, tmp_path / "pats")
+  assert not stale.exists()
+  assert all(folder.is_dir() for folder in keep)
+  assert (tmp_path / "pats" / "pt_SYN001" / "ct.csv").is_file()
+  staged = [p.name for p in tmp_path.iterdir() if p.name.startswith(prefix)]
+  assert sorted(staged) == sorted(p.name for p in keep)

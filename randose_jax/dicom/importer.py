@@ -32,7 +32,6 @@ import dataclasses
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -757,7 +756,10 @@ def _import_folder(
           existing[0],
       )
   anchor = fileio.nearest_existing(output_dir)
-  staging = Path(tempfile.mkdtemp(prefix=fileio.STAGING_PREFIX, dir=anchor))
+  # An import killed mid-way left its staging folder: removed once its
+  # process is gone (only dicom_import's, only this host's).
+  fileio.remove_stale_staging(anchor, "dicom_import")
+  staging = fileio.new_staging_dir(anchor, "dicom_import")
   try:
     rows = []
     for plan in tqdm(
