@@ -19,6 +19,7 @@ from randose_jax.data import distances
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
 from randose_jax.data import phantoms
+from tests import stand_ins
 
 
 def data_config(**fields):
@@ -223,27 +224,15 @@ def test_window_starts_cover_the_span():
   assert predictor_lib.window_starts(50, 60, 32, 128, 0.5) == [39]
 
 
-class PointwiseModel(predictor_lib.Predictor):
+def PointwiseModel(config):  # pylint: disable=invalid-name
   """A Predictor whose 'network' is a pointwise function of its inputs, so
   any tiling must reproduce the whole-grid prediction inside the windows."""
-
-  def __init__(self, config):
-    super().__init__(
-        model=None,
-        params=None,
-        data_config=config,
-        mesh=None,
-        forward=lambda *args: None,
-    )
-    self.calls = []
-
-  def predict_local(self, examples, tta=False):
-    del tta
-    self.calls.append([e["ptv"].shape for e in examples])
-    return [
-        (0.9 * e["ptv"] + 0.3 * e["geom"][..., 2:] - 0.1 * e["ct"])[..., 0]
-        for e in examples
-    ]
+  return stand_ins.FunctionPredictor(
+      config,
+      lambda e: (0.9 * e["ptv"] + 0.3 * e["geom"][..., 2:] - 0.1 * e["ct"])[
+          ..., 0
+      ],
+  )
 
 
 def test_windowed_prediction_puts_windows_back(patient):

@@ -17,10 +17,10 @@ import pytest
 from randose_jax import cli
 from randose_jax import dicom_import
 from randose_jax import formats
-from randose_jax import predictor as predictor_lib
 from randose_jax.conventions import AXIS_DIRECTIONS_LPS, CT_OFFSET
 from randose_jax.data import openkbp
 from randose_jax.dicom import DicomError, geometry, importer, rasterize, roi_names, series, synthetic
+from tests import stand_ins
 
 CROP = (48, 48, 32)
 SPACING = importer.DEFAULT_SPACING
@@ -875,22 +875,12 @@ def test_occupancy_is_the_overlap():
 # ------------------------------------------------------------ predict
 
 
-class _TruthPredictor(predictor_lib.Predictor):
+def _TruthPredictor(data_config):  # pylint: disable=invalid-name
   """Stands in for a model: predicts the patient's own (imported) dose
   (encoding and decoding are the Predictor's)."""
-
-  def __init__(self, data_config):
-    super().__init__(
-        model=None,
-        params=None,
-        data_config=data_config,
-        mesh=None,
-        forward=lambda *args: None,
-    )
-
-  def predict_local(self, examples, tta=False):
-    del tta
-    return [np.asarray(e["target"]) for e in examples]
+  return stand_ins.FunctionPredictor(
+      data_config, lambda e: np.asarray(e["target"])
+  )
 
 
 @pytest.mark.parametrize("grid", ["crop", "ct"])

@@ -6,31 +6,21 @@ import numpy as np
 import pytest
 
 from tests import plain_scoring
+from tests import stand_ins
 from randose_jax import default_config
 from randose_jax import evaluation
-from randose_jax import predictor as predictor_lib
 from randose_jax import validation
 from randose_jax.data import cache as cache_lib
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
 
 
-class FixedModel(predictor_lib.Predictor):
+def FixedModel(config):  # pylint: disable=invalid-name
   """A `Predictor` whose network is a fixed function of the inputs, so every
   path scores the same (encoding and decoding are the Predictor's)."""
-
-  def __init__(self, config):
-    super().__init__(
-        model=None,
-        params=None,
-        data_config=config.data,
-        mesh=None,
-        forward=lambda *args: None,
-    )
-
-  def predict_local(self, examples, tta):
-    del tta
-    return [0.9 * e["ptv"] + 0.2 * e["mask"] - 0.1 * e["ct"] for e in examples]
+  return stand_ins.FunctionPredictor(
+      config.data, lambda e: 0.9 * e["ptv"] + 0.2 * e["mask"] - 0.1 * e["ct"]
+  )
 
 
 @pytest.fixture(params=[1, 2], ids=["downsample1", "downsample2"])
