@@ -743,10 +743,17 @@ def test_cli_negative_prediction_exits_with_message(folders):
 
 def test_prediction_on_the_wrong_grid(folders):
   reference, preds = folders
+  # A few voxels of a 17 x 16 x 16 grid: one index past the 16^3 grid.
+  dose = np.zeros((17, 16, 16))
+  dose[0, 0, 0] = dose[16, 0, 0] = 1.0
+  openkbp.write_prediction_csv(preds / 'pt_1.csv', dose, overwrite=True)
+  expect_error(reference, preds, preds / 'pt_1.csv', 'outside')
+  # Every voxel of it: more rows than the grid has voxels, refused before
+  # the file is read whole.
   openkbp.write_prediction_csv(
       preds / 'pt_1.csv', np.ones((17, 16, 16)), overwrite=True
   )
-  expect_error(reference, preds, preds / 'pt_1.csv', 'outside')
+  expect_error(reference, preds, preds / 'pt_1.csv', 'more than the header')
 
 
 @pytest.mark.parametrize('read_ahead', [0, 1, 2])
