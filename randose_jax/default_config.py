@@ -65,6 +65,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   # voxels of the 128^3 grid, so a crop near that size sees the patient at
   # full resolution for the cost of a 64^3 grid.
   data.crop_shape = ()
+  # Along an axis where the mask is longer than the crop: the crop lies
+  # inside the mask's box (inside) or its centre is uniform in the box
+  # (centre: the box's ends are sampled more often).
+  data.crop_placement = "inside"
   data.window_overlap = 0.5  # fraction of a window shared with the next
   # Input encoding (docs/design.md section 2).
   data.ct_clip = (-1024.0, 1500.0)  # HU

@@ -319,3 +319,21 @@ def test_slab_channels_through_the_packed_form(patient):
   pack = augment.transform(encoding.encode_planes(patient, config), config)
   np.testing.assert_array_equal(dense_of(pack, config)["geom"], example["geom"])
   assert cache_lib.encoding_settings(config)["geometry_slab"] is True
+
+
+def test_centre_placement_reaches_the_box_ends():
+  rng = np.random.default_rng(3)
+  grid, shape = (128, 128, 128), (64, 64, 64)
+  box = (np.array([40, 40, 40]), np.array([119, 119, 119]))  # 80 > 64
+  centres = []
+  for _ in range(400):
+    start, _ = augment.draw_crop(rng, box, grid, shape, "centre")
+    assert all(0 <= s <= n - c for s, n, c in zip(start, grid, shape))
+    centres.append(start[2] + 32)
+  # Centres uniform over the box (cut by the grid's edge at the top, where
+  # a crop ends at 127): the box's first slice is the centre of some.
+  assert min(centres) == 40 and max(centres) == 96
+  inside = [augment.draw_crop(rng, box, grid, shape)[0][2] for _ in range(400)]
+  assert min(inside) >= 40 and max(inside) <= 119 - 63
+  with pytest.raises(ValueError, match="crop_placement"):
+    augment.draw_crop(rng, box, grid, shape, "middle")

@@ -268,11 +268,24 @@ def mask_box(
   )
 
 
-def draw_crop(rng: np.random.Generator, box, grid, shape) -> tuple:
+CROP_PLACEMENTS = ("inside", "centre")
+
+
+def draw_crop(
+    rng: np.random.Generator, box, grid, shape, placement: str = "inside"
+) -> tuple:
   """(start, shape) of a random crop placed around a box, per axis: a crop
   longer than the box holds all of it (start uniform over the positions
-  that do), a shorter one lies inside it (start uniform); always inside
-  the grid. box None (empty mask): the centred crop."""
+  that do); a shorter one lies inside it (start uniform; `placement`
+  'inside'), or has its centre uniform in the box ('centre': the box's
+  ends are seen as often as with half a crop of margin, not only at a
+  crop's border); always inside the grid. box None (empty mask): the
+  centred crop."""
+  if placement not in CROP_PLACEMENTS:
+    raise ValueError(
+        f"config.data.crop_placement={placement!r}: choose from "
+        f"{CROP_PLACEMENTS}"
+    )
   start = []
   for axis, (n, c) in enumerate(zip(grid, shape)):
     if box is None:
@@ -281,6 +294,8 @@ def draw_crop(rng: np.random.Generator, box, grid, shape) -> tuple:
     lo, hi = int(box[0][axis]), int(box[1][axis])
     if c >= hi - lo + 1:
       first, last = hi - c + 1, lo
+    elif placement == "centre":
+      first, last = lo - c // 2, hi - c // 2
     else:
       first, last = lo, hi - c + 1
     first, last = max(first, 0), min(last, n - c)
@@ -313,7 +328,13 @@ def augment_planes(planes: dict, rng: np.random.Generator, data_config) -> dict:
   shape = tuple(data_config.get("crop_shape", ()) or ())
   if shape:
     box = mask_box(planes, k, mirror, flip_axis2)
-    crop = draw_crop(rng, box, planes["grid"], shape)
+    crop = draw_crop(
+        rng,
+        box,
+        planes["grid"],
+        shape,
+        data_config.get("crop_placement", "inside"),
+    )
   return transform(
       planes,
       data_config,
