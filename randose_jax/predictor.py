@@ -20,6 +20,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from randose_jax import distributed
 from randose_jax import inference
+from randose_jax.data import encoding
+from randose_jax.data import openkbp
 
 
 def _make_forward(model, mesh: Mesh, swap_parotids: bool) -> Callable:
@@ -180,9 +182,6 @@ class Predictor:
     """Doses in Gy (float64, each patient's grid, zero outside its
     possible-dose mask) for this process's patients (`Patient`s or
     `SparsePatient`s): encode -> `predict_examples` -> decode."""
-    from randose_jax.data import encoding  # pylint: disable=g-import-not-at-top
-    from randose_jax.data import openkbp  # pylint: disable=g-import-not-at-top
-
     examples = [encoding.encode_patient(p, self.data_config) for p in patients]
     preds = self.predict_examples(examples, tta)
     return [

@@ -25,10 +25,9 @@ channels overpredicted by 10-20 Gy there).
 
 The distances are computed on the bounding box of the mask and the PTVs
 grown by one voxel, which is exact inside the box (every PTV voxel lies in
-it, and its one-voxel rim is outside every PTV), in about half a second
-per 128^3 patient; `ptv_distances` keeps recent results in memory (a
-training run reads each patient once per epoch), keyed by the voxels
-themselves.
+it, and its one-voxel rim is outside every PTV); `ptv_distances` keeps
+recent results in memory (a training run reads each patient once per
+epoch), keyed by the voxels themselves.
 """
 
 from __future__ import annotations
