@@ -16,6 +16,8 @@ Variants, chosen after a colon (`--config=configs/openkbp.py:smoke`):
               "Learning per CPU-hour"): the full 128^3 resolution on 64^3
               crops around the patient, the PTV distance channels, EMA;
               widths 4..64, Adam 3e-4. The shipped model was trained so.
+  lossmask    adds the possible-dose mask as a third learned-weight region of
+              the loss (not in the paper): `:cpu_best,lossmask`.
   row1..row5  Table 2a ablations (row5 = the paper).
   loss1..loss3 Table 2b ablations (loss3 = the paper).
 Variants combine with commas: `:row3,smoke`.
@@ -86,11 +88,19 @@ def _cpu_best(config):
   config.eval_every_steps = 500
 
 
+def _lossmask(config):
+  # The possible-dose mask as a third learned-weight region of the loss
+  # (randose_jax/losses.py): the body outside the targets and organs, where
+  # the dose score is mostly made, gets its own weight.
+  config.loss.regions = tuple(config.loss.regions) + ("mask",)
+
+
 _VARIANTS = {
     "smoke": _smoke,
     "bench_cpu": _bench_cpu,
     "cpu_proxy": _cpu_proxy,
     "cpu_best": _cpu_best,
+    "lossmask": _lossmask,
 }
 for _row, _switches in default_config.ABLATION_ROWS.items():
   _VARIANTS[f"row{_row}"] = lambda c, s=_switches: c.model.update(s)

@@ -138,12 +138,14 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- loss
   config.loss = loss = ml_collections.ConfigDict()
-  loss.regions = ("ptv", "oar")  # Table 2b row 3
+  # Table 2b row 3; "mask" (the possible-dose mask as a third learned-weight
+  # region) is this library's addition, off in the paper's config.
+  loss.regions = ("ptv", "oar")
   # "uncertainty": exp(-s_r) * L1_r + s_r, s_r learned in the parameter tree.
   # "fixed": constant weights below.
   loss.mode = "uncertainty"
   loss.init_log_var = 0.0
-  loss.fixed_weights = (1.0, 1.0)  # (w_PTV, w_OAR) in "fixed" mode
+  loss.fixed_weights = (1.0, 1.0)  # (w_PTV, w_OAR[, w_mask]) in "fixed" mode
 
   # ---------------------------------------------------------- training
   config.optimizer = "adam"  # adam | adamw | sgd

@@ -5,7 +5,12 @@
 with L1_all the mean absolute error over all voxels of the batch and L1_r the
 mean over the voxels of region r only (pooled over the batch):
   PTV region: ptv > 0 (the PTV input channel);
-  OAR region: any(oar > 0) over the seven OAR channels.
+  OAR region: any(oar > 0) over the seven OAR channels;
+  mask region (not in the paper; off in its config): the possible-dose
+    mask, the voxels the dose score is computed over. With the PTV and OAR
+    weights learned to about 1 / L1_r, the paper's loss weighs the body
+    outside the targets and organs only through L1_all, a mean over the
+    whole grid (mostly air); the mask term gives it its own learned weight.
 A region with no voxels in the batch contributes 0 (no NaN, no gradient).
 
 The paper's learned weights w_r live in the parameter tree. A plain positive
@@ -29,7 +34,8 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-REGIONS = ("ptv", "oar")
+REGIONS = ("ptv", "oar", "mask")
+PAPER_REGIONS = ("ptv", "oar")  # Table 2b row 3
 MODES = ("uncertainty", "fixed")
 
 
@@ -49,29 +55,38 @@ class RegionAwareLoss(nn.Module):
   """L = L1_all + sum_r term_r (see the module docstring).
 
   Fields:
-    regions: a subset of ('ptv', 'oar'): which region terms the loss has
-      (Table 2b: () = L1 only, ('ptv',), ('ptv', 'oar') = the paper).
+    regions: a subset of ('ptv', 'oar', 'mask'): which region terms the loss
+      has (Table 2b: () = L1 only, ('ptv',), ('ptv', 'oar') = the paper;
+      'mask' is this library's addition, see the module docstring).
     mode: 'uncertainty' (learned log-variances) | 'fixed' (constant weights).
     init_log_var: initial s_r in uncertainty mode (weight exp(-s_r)).
-    fixed_weights: (w_PTV, w_OAR) in fixed mode.
+    fixed_weights: (w_PTV, w_OAR) or (w_PTV, w_OAR, w_mask) in fixed mode
+      (w_mask 1 when left out).
 
-  __call__(pred, target, ptv, oar):
+  __call__(pred, target, ptv, oar, mask=None):
     pred, target: (N, D, H, W, 1) dose in target units.
-    ptv: (N, D, H, W, 1) PTV input channel; oar: (N, D, H, W, 7) OAR masks.
+    ptv: (N, D, H, W, 1) PTV input channel; oar: (N, D, H, W, 7) OAR masks;
+    mask: (N, D, H, W, 1) possible-dose mask, needed only when 'mask' is
+    one of the regions.
   Returns (loss, metrics): loss a float32 scalar; metrics a dict of float32
   scalars l1_all, l1_ptv, l1_oar (always reported, also for regions the loss
   leaves out), weight_ptv, weight_oar (the effective weights; 0 for a region
-  not in the loss) and loss.
+  not in the loss), l1_mask and weight_mask when the mask is given, and loss.
   """
 
-  regions: Sequence[str] = REGIONS
+  regions: Sequence[str] = PAPER_REGIONS
   mode: str = "uncertainty"
   init_log_var: float = 0.0
   fixed_weights: Sequence[float] = (1.0, 1.0)
 
   @nn.compact
   def __call__(
-      self, pred: Array, target: Array, ptv: Array, oar: Array
+      self,
+      pred: Array,
+      target: Array,
+      ptv: Array,
+      oar: Array,
+      mask: Array | None = None,
   ) -> tuple[Array, dict[str, Array]]:
     unknown = set(self.regions) - set(REGIONS)
     if unknown:
@@ -80,10 +95,14 @@ class RegionAwareLoss(nn.Module):
       )
     if self.mode not in MODES:
       raise ValueError(f"loss.mode: unknown {self.mode!r}; choose from {MODES}")
-    if self.mode == "fixed" and len(self.fixed_weights) != len(REGIONS):
+    if self.mode == "fixed" and len(self.fixed_weights) not in (2, 3):
       raise ValueError(
-          f"loss.fixed_weights: expected (w_PTV, w_OAR), got "
-          f"{tuple(self.fixed_weights)}"
+          f"loss.fixed_weights: expected (w_PTV, w_OAR) or (w_PTV, w_OAR, "
+          f"w_mask), got {tuple(self.fixed_weights)}"
+      )
+    if "mask" in self.regions and mask is None:
+      raise ValueError(
+          "loss.regions has 'mask' but no possible-dose mask was given"
       )
     if pred.shape != target.shape:
       raise ValueError(
@@ -102,10 +121,20 @@ class RegionAwareLoss(nn.Module):
         "ptv": jnp.any(ptv > 0, axis=-1),
         "oar": jnp.any(oar > 0, axis=-1),
     }
+    if mask is not None:
+      if mask.shape[:-1] != pred.shape[:-1]:
+        raise ValueError(
+            f"RegionAwareLoss: mask {mask.shape} does not match pred "
+            f"{pred.shape}"
+        )
+      masks["mask"] = jnp.any(mask > 0, axis=-1)
+    weights = tuple(self.fixed_weights) + (1.0,) * (3 - len(self.fixed_weights))
     l1_all = jnp.mean(error)
     loss = l1_all
     metrics = {"l1_all": l1_all}
     for index, region in enumerate(REGIONS):
+      if region not in masks:
+        continue
       l1_r, present = masked_mean(error, masks[region])
       metrics[f"l1_{region}"] = l1_r
       weight = jnp.zeros((), jnp.float32)
@@ -120,7 +149,7 @@ class RegionAwareLoss(nn.Module):
           weight = jnp.exp(-log_var)
           term = weight * l1_r + log_var
         else:
-          weight = jnp.asarray(self.fixed_weights[index], jnp.float32)
+          weight = jnp.asarray(weights[index], jnp.float32)
           term = weight * l1_r
         loss = loss + jnp.where(present, term, 0.0)
       metrics[f"weight_{region}"] = weight

@@ -193,7 +193,9 @@ def init_params(model, loss_module, model_config, rng, channels=None) -> dict:
   m_rng, l_rng = jax.random.split(rng)
   model_params = model.init(m_rng, inputs)["params"]
   pred = jnp.zeros(inputs["ct"].shape)
-  loss_vars = loss_module.init(l_rng, pred, pred, inputs["ptv"], inputs["oar"])
+  loss_vars = loss_module.init(
+      l_rng, pred, pred, inputs["ptv"], inputs["oar"], jnp.ones_like(pred)
+  )
   return {"model": model_params, "loss": loss_vars.get("params", {})}
 
 
@@ -311,6 +313,7 @@ class Trainer:
           batch["target"],
           batch["ptv"],
           batch["oar"],
+          batch["mask"] if "mask" in self.loss_module.regions else None,
       )
       return loss, metrics
 

@@ -224,3 +224,40 @@ def test_rejects_bad_fields_and_shapes():
     )
   with pytest.raises(ValueError, match="shape"):
     losses.RegionAwareLoss().init(jax.random.key(0), pred[:1], target, ptv, oar)
+
+
+def test_the_mask_region_is_a_third_learned_term_over_the_possible_dose_mask():
+  pred, target, ptv, oar = make_batch(7)
+  rng = np.random.default_rng(8)
+  mask = (rng.random(size=ptv.shape) < 0.4).astype(np.float32)
+  module = losses.RegionAwareLoss(regions=("ptv", "oar", "mask"))
+  params = module.init(jax.random.key(0), pred, target, ptv, oar, mask)
+  assert set(params["params"]) == {"log_var_ptv", "log_var_oar", "log_var_mask"}
+  log_vars = {"ptv": 0.7, "oar": -0.4, "mask": 1.3}
+  params = {f"log_var_{r}": jnp.float32(v) for r, v in log_vars.items()}
+  loss, metrics = module.apply({"params": params}, pred, target, ptv, oar, mask)
+  error = np.abs(pred - target)[..., 0]
+  l1_mask = error[mask[..., 0] > 0].mean()
+  paper, _ = numpy_loss(
+      pred,
+      target,
+      ptv,
+      oar,
+      {r: np.exp(-log_vars[r]) for r in ("ptv", "oar")},
+      log_vars,
+  )
+  expected = paper + np.exp(-1.3) * l1_mask + 1.3
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics["l1_mask"], l1_mask, rtol=1e-5)
+  np.testing.assert_allclose(metrics["weight_mask"], np.exp(-1.3), rtol=1e-6)
+  # Fixed mode: the third weight, 1 when left out.
+  fixed = losses.RegionAwareLoss(regions=("mask",), mode="fixed")
+  loss, _ = fixed.apply({}, pred, target, ptv, oar, mask)
+  np.testing.assert_allclose(loss, error.mean() + l1_mask, rtol=1e-5)
+  fixed = losses.RegionAwareLoss(
+      regions=("mask",), mode="fixed", fixed_weights=(1.0, 1.0, 3.0)
+  )
+  loss, _ = fixed.apply({}, pred, target, ptv, oar, mask)
+  np.testing.assert_allclose(loss, error.mean() + 3 * l1_mask, rtol=1e-5)
+  with pytest.raises(ValueError, match="no possible-dose mask"):
+    module.apply({"params": params}, pred, target, ptv, oar)

@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -507,3 +508,45 @@ def test_two_processes_on_loopback(tmp_path):
   assert sorted(
       p.name for p in (tmp_path / "predictions" / "validation-pats").iterdir()
   ) == ["pt_5.csv", "pt_6.csv"]
+
+
+def test_the_mask_region_trains_with_the_batch_mask():
+  """loss.regions with 'mask': the step hands the batch's possible-dose mask
+  to the loss (its L1 and weight are in the metrics, its log-variance gets
+  a gradient); the paper's loss does not see the mask at all."""
+  rng = np.random.default_rng(0)
+  g = (2, 8, 8, 8)
+  mask = np.zeros(g + (1,))
+  mask[:, 2:6, 2:6, 2:6] = 1
+  target = rng.uniform(size=g + (1,)) * mask
+  batch = dict(
+      ptv=rng.choice([0, 0.8, 1.0], g + (1,)),
+      ct=rng.normal(size=g + (1,)),
+      oar=rng.integers(0, 2, g + (7,)).astype(float),
+      target=target,
+      mask=mask,
+  )
+  mesh = train.make_mesh(jax.devices()[:1])
+  config = tiny_config()
+  config.loss.regions = ("ptv", "oar", "mask")
+  t = train.Trainer.create(config, mesh)
+  state = t.init_state(0)
+  assert "log_var_mask" in state.params["loss"]
+  before = float(state.params["loss"]["log_var_mask"])
+  # Before the step: it donates the state's buffers.
+  pred = t.model.apply(
+      {"params": state.params["model"]},
+      train.inference.model_inputs(
+          {k: jnp.asarray(v, jnp.float32) for k, v in batch.items()}
+      ),
+  )
+  new, m = t.jit_train_step(state, t.shard_batch(batch))
+  assert float(new.params["loss"]["log_var_mask"]) != before
+  error = np.abs(np.asarray(pred) - target)[..., 0]
+  np.testing.assert_allclose(
+      float(m["l1_mask"]), error[mask[..., 0] > 0].mean(), rtol=1e-4
+  )
+  assert float(m["weight_mask"]) == pytest.approx(np.exp(-before))
+  paper = train.Trainer.create(tiny_config(), mesh)
+  _, m = paper.jit_train_step(paper.init_state(0), paper.shard_batch(batch))
+  assert "l1_mask" not in m
