@@ -33,8 +33,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from randose_jax import inference  # noqa: E402
-from randose_jax import train  # noqa: E402
+from randose_jax.inference import forward as inference  # noqa: E402
+from randose_jax.training import train  # noqa: E402
 from randose_jax.data import pipeline  # noqa: E402
 
 

@@ -91,7 +91,7 @@ def main():
     command = [
         sys.executable,
         '-m',
-        'randose_jax.evaluate',
+        'randose_jax.cli.evaluate',
         f'--reference={reference}',
         f'--predictions={tmp}',
         f'--clinical={out}',

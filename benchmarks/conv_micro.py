@@ -1,6 +1,6 @@
 """Forward seconds of one conv layer, direct against the FFT path per tile.
 
-The per-layer timings behind `conv.plan_conv`'s cost model and the table
+The per-layer timings behind `conv_planner.plan_conv`'s cost model and the table
 in benchmarks/NOTES.md ("Tiled FFT and the per-layer plan"): batch 1, fp32,
 random inputs, min over --repeats calls after one warm-up, each algorithm
 jitted on its own. A case is N:CIN:COUT:KERNELS:MODES, kernels summed as in
@@ -43,7 +43,8 @@ def parse_case(text: str):
 
 
 def time_case(n, cin, cout, kernels, mode, repeats):
-  from randose_jax.models import conv
+  from randose_jax.ops import conv_math  # pylint: disable=g-import-not-at-top
+  from randose_jax.ops import conv_planner  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(1, n, n, n, cin)), jnp.float32)
@@ -54,12 +55,12 @@ def time_case(n, cin, cout, kernels, mode, repeats):
   bias = jnp.zeros((cout,))
   if mode == "direct":
     k_max = max(kernels)
-    fn = lambda x, w: conv.conv3d(
-        x, sum(conv.pad_kernel(k, k_max) for k in w), bias, jnp.float32
+    fn = lambda x, w: conv_math.conv3d(
+        x, sum(conv_math.pad_kernel(k, k_max) for k in w), bias, jnp.float32
     )
   else:
     tile = None if mode == "whole" else int(mode)
-    fn = lambda x, w: conv.conv3d_fft(x, [w], bias, jnp.float32, tile)
+    fn = lambda x, w: conv_math.conv3d_fft(x, [w], bias, jnp.float32, tile)
   t0 = time.perf_counter()
   compiled = jax.jit(fn).lower(x, kern).compile()
   compile_s = time.perf_counter() - t0

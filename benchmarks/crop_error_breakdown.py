@@ -28,8 +28,8 @@ import common  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from randose_jax import evaluation  # noqa: E402
-from randose_jax import restore  # noqa: E402
+from randose_jax.scoring import dose_dvh as evaluation  # noqa: E402
+from randose_jax.inference import restore  # noqa: E402
 from randose_jax.data import distances  # noqa: E402
 from randose_jax.data import encoding  # noqa: E402
 from randose_jax.data import openkbp  # noqa: E402

@@ -1,4 +1,4 @@
-"""Time `randose_jax.dicom_import` on a clinic-sized synthetic patient.
+"""Time `randose_jax.cli.dicom_import` on a clinic-sized synthetic patient.
 
   python benchmarks/dicom_import.py [--slices=150] [--size=512] [--repeats=2] \
       [--json=benchmarks/results/dicom_import_vm.json]

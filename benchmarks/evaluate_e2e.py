@@ -1,4 +1,4 @@
-"""Scoring a folder of predictions end to end: `python -m randose_jax.evaluate`
+"""Scoring a folder of predictions end to end: `python -m randose_jax.cli.evaluate`
 against the official starter kit's loop, both as fresh processes.
 
 Data, made before any timing: --num patients of --data (the first in id
@@ -13,7 +13,7 @@ flat_idx = the possible-dose mask's voxels.
 
 Rows (wall seconds, process start to exit; the JSON also has the official
 process's own seconds from its first patient to its scores):
-  randose_jax.evaluate      python -m randose_jax.evaluate --reference=...
+  randose_jax.cli.evaluate      python -m randose_jax.cli.evaluate --reference=...
                             --predictions=... --json=... (this checkout)
   official kit loop         this file's `official_scores`, in a fresh
                             process: the starter kit's DoseEvaluator re-
@@ -30,11 +30,11 @@ process's own seconds from its first patient to its scores):
                             np.loadtxt calls and nothing else: the part of
                             both sides' time spent in pandas' parser for the
                             same files (randose_jax reads them too)
-  randose_jax.evaluate at ef8a8a7 (with --with_old)
+  randose_jax.cli.evaluate at ef8a8a7 (with --with_old)
                             the same command on the package as of commit
                             ef8a8a7 (its hand-written CSV parser), from a
                             `git archive` in a temporary folder
-  randose_jax.evaluate at COMMIT (with --with_commit=COMMIT, repeatable)
+  randose_jax.cli.evaluate at COMMIT (with --with_commit=COMMIT, repeatable)
                             the same, at COMMIT
 
 The rows alternate over --repeats rounds; the table gives each row's
@@ -281,14 +281,14 @@ def main(argv=None):
   parser.add_argument(
       '--with_old',
       action='store_true',
-      help=f'also time randose_jax.evaluate at {OLD_COMMIT}',
+      help=f'also time randose_jax.cli.evaluate at {OLD_COMMIT}',
   )
   parser.add_argument(
       '--with_commit',
       action='append',
       default=[],
       metavar='COMMIT',
-      help='also time randose_jax.evaluate at this commit (repeatable)',
+      help='also time randose_jax.cli.evaluate at this commit (repeatable)',
   )
   parser.add_argument(
       '--json',
@@ -334,7 +334,7 @@ def main(argv=None):
     evaluate = [
         sys.executable,
         '-m',
-        'randose_jax.evaluate',
+        'randose_jax.cli.evaluate',
         f'--reference={reference}',
         f'--predictions={predictions}',
         f'--json={out}',
@@ -348,7 +348,7 @@ def main(argv=None):
         str(out),
     ]
     rows = {
-        'randose_jax.evaluate': (evaluate, env),
+        'randose_jax.cli.evaluate': (evaluate, env),
         'official kit loop': (official, env),
         "kit's reads alone": (official + ['--reads_only'], env),
     }
@@ -364,7 +364,7 @@ def main(argv=None):
       subprocess.run(
           ['tar', '-x', '-C', str(old)], input=archive.stdout, check=True
       )
-      rows[f'randose_jax.evaluate at {commit}'] = (
+      rows[f'randose_jax.cli.evaluate at {commit}'] = (
           evaluate,
           dict(os.environ, PYTHONPATH=str(old)),
       )

@@ -67,7 +67,7 @@ if str(_ROOT) not in sys.path:
   sys.path.insert(1, str(_ROOT))
 
 import plain_scoring  # noqa: E402
-from randose_jax import evaluation  # noqa: E402
+from randose_jax.scoring import dose_dvh as evaluation  # noqa: E402
 from randose_jax.data import openkbp  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""The JAX gamma index (randose_jax.gamma) beside pymedphys, one process.
+"""The JAX gamma index (randose_jax.scoring.gamma) beside pymedphys, one process.
 
 For each patient (128^3, the shared OpenKBP validation patients by default)
 and each "prediction" made from its reference dose (no trained model's
@@ -54,7 +54,7 @@ if str(_HERE.parent) not in sys.path:
   sys.path.insert(1, str(_HERE.parent))
 
 import common  # noqa: E402
-from randose_jax import clinical  # noqa: E402
+from randose_jax.scoring import clinical  # noqa: E402
 from randose_jax.data import openkbp  # noqa: E402
 
 PREDICTIONS = {

@@ -1,4 +1,4 @@
-"""Time the gamma pass rate (randose_jax.clinical) on real 128^3 patients.
+"""Time the gamma pass rate (randose_jax.scoring.clinical) on real 128^3 patients.
 
 For each patient: the reference dose against a perturbed copy (the
 reference smoothed by a Gaussian of 1 voxel, scaled by 1.02, zero outside
@@ -41,7 +41,7 @@ if str(_HERE.parent) not in sys.path:
   sys.path.insert(1, str(_HERE.parent))
 
 import common  # noqa: E402
-from randose_jax import clinical  # noqa: E402
+from randose_jax.scoring import clinical  # noqa: E402
 from randose_jax import viz  # noqa: E402
 from randose_jax.data import openkbp  # noqa: E402
 

@@ -18,7 +18,7 @@ figures where there are some; the plan is printed at the start):
 
   0. card (nvidia-smi), versions                                      ~2 s
   1. JAX start-up, analytic conv FLOPs of each variant's network
-     (randose_jax.summary.conv_flops of the network built with direct
+     (randose_jax.models.costs.conv_flops of the network built with direct
      convs, a trace, no run; x3 for forward + backward, x batch) and the
      bf16 matmul peak (8192^3, JAX; 791 TFLOP/s on an H200)          ~15 s
   2. PyTorch twin train step (benchmarks/torch_train_step.py, cuDNN,
@@ -764,7 +764,7 @@ def host_seconds_per_batch(trainer, config, batch_np) -> float:
 def time_jax_variant(name: str, flops: dict, peak: float, order: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from randose_jax import train  # pylint: disable=g-import-not-at-top
+  from randose_jax.training import train  # pylint: disable=g-import-not-at-top
 
   config = load_config(name)
   grid = 128 // config.data.downsample
@@ -899,7 +899,7 @@ def training_run(
     plan: dict,
 ) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from randose_jax import train  # pylint: disable=g-import-not-at-top
+  from randose_jax.training import train  # pylint: disable=g-import-not-at-top
 
   config = load_config(name)
   config.data.root = ""
@@ -1146,7 +1146,7 @@ def main(argv):
         ),
     )
     from randose_jax import models  # pylint: disable=g-import-not-at-top
-    from randose_jax import summary as summary_lib  # pylint: disable=g-import-not-at-top
+    from randose_jax.models import costs as summary_lib  # pylint: disable=g-import-not-at-top
 
     try:  # no FLOP count costs the TFLOP/s figures, not the phase
       for name in dict.fromkeys(jax_variants + torch_variants):

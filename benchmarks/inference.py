@@ -1,7 +1,7 @@
 """Seconds per patient at inference, JAX against the PyTorch twin.
 
 One patient (batch 1) at the config's grid (128^3 for the paper config),
-random weights (speed only): the jitted `randose_jax.inference.predict` (the
+random weights (speed only): the jitted `randose_jax.inference.forward.predict` (the
 model forward, optionally 4-flip TTA) for each `--impls` value of
 `config.model.conv_impl`, and the twin's `time_torch_inference`, in the same
 process, alternating. On 2 shared CPU cores a full-size forward takes tens of
@@ -58,7 +58,9 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   import torch_train_step
-  from randose_jax import inference, models, train
+  from randose_jax import models
+  from randose_jax.inference import forward as inference
+  from randose_jax.training import train
 
   config = torch_train_step.load_config(args.config)
   grid = args.grid or 128 // config.data.downsample

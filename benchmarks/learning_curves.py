@@ -46,8 +46,8 @@ import common  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from randose_jax import train  # noqa: E402
-from randose_jax import validation  # noqa: E402
+from randose_jax.training import train  # noqa: E402
+from randose_jax.training import validation  # noqa: E402
 from randose_jax.data import pipeline  # noqa: E402
 
 LOSS_KEYS = ("loss", "l1_all", "l1_ptv", "l1_oar", "grad_norm")

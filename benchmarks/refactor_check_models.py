@@ -18,7 +18,7 @@ Run from a checkout's root; it imports that checkout's `randose_jax`:
 equal, arrays equal byte for byte (`tobytes`, so even the sign of a zero).
 --runs NEW OLD compares two smoke-run workdirs (`python -m randose_jax.main
 --config=configs/openkbp.py:smoke --workdir=...` in each checkout);
---exports NEW OLD two artifacts of them (`python -m randose_jax.export
+--exports NEW OLD two artifacts of them (`python -m randose_jax.cli.export
 --workdir=... --output=... --tta --platforms=cpu`, each with its checkout).
 Compiles with `jax_disable_most_optimizations` (as the tests do), the same
 on both sides.
@@ -43,7 +43,7 @@ from flax import traverse_util
 
 from configs import openkbp
 import randose_jax
-from randose_jax import export
+from randose_jax.inference import export
 from randose_jax import models
 
 SMALL = (4, 4, 8, 8, 8)
@@ -227,7 +227,7 @@ def compare_runs(new_dir, old_dir):
 
 
 def compare_exports(new_path, old_path):
-  """Two `randose_jax.export` artifacts of those workdirs: the same members,
+  """Two `randose_jax.cli.export` artifacts of those workdirs: the same members,
   meta.json (but for the workdir-dependent config paths), params.npz
   byte for byte, the exported function's input and output shapes, and its
   output on one seeded patient, to the bit."""

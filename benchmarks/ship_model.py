@@ -5,7 +5,7 @@
       --wall_s=9000 --machine="2-core VM (AMD EPYC), jax 0.10.2 CPU" \
       [--checkpoint=best] [--overwrite]
 
-Writes `randose_jax/shipped_models/<name>/` (`shipped.ship`: parameters,
+Writes `randose_jax/inference/shipped_models/<name>/` (`shipped.ship`: parameters,
 config, card.json), then loads the shipped model back as a user would
 (`shipped.load`) and scores it with the official rules at 128^3: on every
 validation patient of --data_root (the card's `validation`), and on the 6
@@ -31,9 +31,9 @@ if str(_HERE.parent) not in sys.path:
 
 import common  # noqa: E402
 
-from randose_jax import evaluation  # noqa: E402
+from randose_jax.scoring import dose_dvh as evaluation  # noqa: E402
 from randose_jax import fileio  # noqa: E402
-from randose_jax import shipped  # noqa: E402
+from randose_jax.inference import shipped  # noqa: E402
 from randose_jax.data import openkbp  # noqa: E402
 
 

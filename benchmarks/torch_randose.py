@@ -450,7 +450,7 @@ class RANDose(nn.Module):
 
 
 class RegionAwareLoss(nn.Module):
-  """The twin of `randose_jax.losses.RegionAwareLoss` (docs/design.md section 4).
+  """The twin of `randose_jax.training.losses.RegionAwareLoss` (docs/design.md section 4).
 
   L = L1_all + sum over regions r of exp(-s_r) * L1_r + s_r ('uncertainty',
   params log_var_<r>) or w_r * L1_r ('fixed'). Each L1 is a mean over its own

@@ -3,7 +3,7 @@
 The baseline the JAX implementation is compared against, so it gets its best
 settings: all cores as intra-op threads, oneDNN (mkldnn) on, the faster of the
 two memory formats (`--memory_format`), cuDNN autotuning and fused Adam on
-CUDA. A training step is the same as `randose_jax.train`'s: forward,
+CUDA. A training step is the same as `randose_jax.training.train`'s: forward,
 region-aware loss, backward, Adam (lr 1e-4) over the model and loss weights.
 
   python benchmarks/torch_train_step.py --config=configs/openkbp.py:bench_cpu \

@@ -58,9 +58,9 @@ def remat_fft_convs() -> None:
   """Experiment switch (--remat_fft): wrap every FFT conv in
   `jax.checkpoint` saving nothing, so its tile spectra are recomputed in
   the backward pass instead of kept."""
-  from randose_jax.models import conv
+  from randose_jax.ops import conv_math  # pylint: disable=g-import-not-at-top
 
-  plain = conv.conv3d_fft
+  plain = conv_math.conv3d_fft
 
   def rematted(x, kernels, bias, dtype, tile=None):
     fn = jax.checkpoint(
@@ -69,14 +69,14 @@ def remat_fft_convs() -> None:
     )
     return fn(x, kernels, bias)
 
-  conv.conv3d_fft = rematted
+  conv_math.conv3d_fft = rematted
 
 
 class JaxStep:
   """One `conv_impl`: a Trainer, its state, the compiled step."""
 
   def __init__(self, config, impl: str, batch: dict, run_first: bool = True):
-    from randose_jax import train
+    from randose_jax.training import train
 
     config = config.copy_and_resolve_references()
     config.model.conv_impl = impl

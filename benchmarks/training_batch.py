@@ -43,7 +43,7 @@ import common  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from randose_jax import train  # noqa: E402
+from randose_jax.training import train  # noqa: E402
 from randose_jax import viz  # noqa: E402
 from randose_jax.data import pipeline  # noqa: E402
 

@@ -90,7 +90,7 @@ def _cpu_best(config):
 
 def _lossmask(config):
   # The possible-dose mask as a third learned-weight region of the loss
-  # (randose_jax/losses.py): the body outside the targets and organs, where
+  # (randose_jax/training/losses.py): the body outside the targets and organs, where
   # the dose score is mostly made, gets its own weight.
   config.loss.regions = tuple(config.loss.regions) + ("mask",)
 

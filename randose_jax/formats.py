@@ -202,52 +202,6 @@ def write_nifti(
   return Path(path)
 
 
-def read_nifti(path) -> tuple[np.ndarray, np.ndarray]:
-  """Reads a 3-D NIfTI dose file into the project's axis order.
-
-  Any axis-aligned orientation is accepted (files from `write_nifti`, or
-  others): the data are reoriented to array axes (anterior->posterior,
-  right->left, superior->inferior).
-
-  Returns:
-    dose: float64 (D,H,W) values as stored (Gy for files from `write_nifti`).
-    voxel_dimensions: float64 (3,) mm per returned array axis.
-  """
-  import nibabel as nib
-  from nibabel import orientations
-
-  path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'{path}: no such NIfTI file')
-  try:
-    img = nib.load(str(path))
-  except Exception as e:  # nibabel raises several types for a bad file.
-    raise ValueError(f'{path}: not a readable NIfTI file ({e})') from e
-  data = np.asarray(img.dataobj, dtype=np.float64)
-  if data.ndim == 4 and data.shape[3] == 1:
-    data = data[..., 0]
-  if data.ndim != 3:
-    raise ValueError(f'{path}: expected a 3-D volume, got shape {data.shape}')
-  affine = img.affine
-  columns = affine[:3, :3]
-  zooms = np.linalg.norm(columns, axis=0)
-  cosines = np.abs(columns / zooms)
-  if not np.allclose(np.sort(cosines, axis=0)[:2], 0, atol=1e-4):
-    raise ValueError(
-        f'{path}: oblique affine, only axis-aligned grids are supported:\n{affine}'
-    )
-
-  # RAS+ axis codes of the project's axes: posterior, patient left, inferior.
-  target = orientations.axcodes2ornt(('P', 'L', 'I'))
-  transform = orientations.ornt_transform(
-      orientations.io_orientation(affine), target
-  )
-  dose = orientations.apply_orientation(data, transform)
-  voxel_dimensions = np.empty(3)
-  voxel_dimensions[transform[:, 0].astype(int)] = zooms
-  return np.ascontiguousarray(dose), voxel_dimensions
-
-
 # ----------------------------------------------------------------------------
 # DICOM RT Dose
 

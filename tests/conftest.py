@@ -67,7 +67,7 @@ def trained(tmp_path_factory) -> Path:
   """A workdir trained 4 steps on 16^3 phantoms (configs/demo.py:smoke, 8^3
   model grid), shared by test_fault_table and test_predict_export: read it,
   never modify it (copy it first)."""
-  from randose_jax import train  # pylint: disable=g-import-not-at-top
+  from randose_jax.training import train  # pylint: disable=g-import-not-at-top
   from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
 
   workdir = tmp_path_factory.mktemp("trained")

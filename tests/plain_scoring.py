@@ -1,6 +1,6 @@
 """A plain, per-patient implementation of the official OpenKBP scores.
 
-This is the independent reference for `randose_jax.evaluation`: it follows
+This is the independent reference for `randose_jax.scoring.dose_dvh`: it follows
 docs/design.md section 6 literally, the way the starter kit's `DoseEvaluator` does
 (one patient at a time, ROI by ROI, metric by metric, one `np.percentile` call
 per metric, boolean indexing of the full volume for every ROI). It imports

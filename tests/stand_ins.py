@@ -1,6 +1,6 @@
 """Stand-ins the tests share."""
 
-from randose_jax import predictor as predictor_lib
+from randose_jax.inference import predictor as predictor_lib
 
 
 class FunctionPredictor(predictor_lib.Predictor):

@@ -10,19 +10,20 @@ from flax import linen as nn
 import jax
 import pytest
 
-from randose_jax import cli
-from randose_jax import train
-from randose_jax import validation
+from randose_jax.cli import common as cli
+from randose_jax.training import train
+from randose_jax.training import validation
 from tests.test_fault_table import DEMO, run_in_process
 from tests.test_train import REPO, SUBPROCESS_ENV, tiny_config
+from tests import helpers
 
-CLIS = ("main", "predict", "evaluate", "export", "summary")
+CLIS = ("main", "predict", "evaluate", "export", "summary", "dicom_import")
 
 
 def test_help_exits_0_with_clean_usage_lines():
   for tool in CLIS:
     done = subprocess.run(
-        [sys.executable, "-m", f"randose_jax.{tool}", "--help"],
+        [sys.executable, "-m", helpers.command_module(tool), "--help"],
         cwd=REPO,
         env=SUBPROCESS_ENV,
         capture_output=True,
@@ -30,13 +31,50 @@ def test_help_exits_0_with_clean_usage_lines():
         timeout=120,
     )
     assert done.returncode == 0, (tool, done.stderr[-2000:])
-    assert f"python -m randose_jax.{tool}" in done.stdout, tool
+    assert "python -m randose_jax." in done.stdout, tool
     usage = done.stdout.split("flags:")[0]
     # A backslash-continued usage line keeps its line breaks: no run of
     # spaces inside a line (only the indentation at its start).
     for line in usage.splitlines():
       assert not re.search(r"\S {3,}-", line), (tool, line)
     assert done.stderr == "", (tool, done.stderr)
+
+
+def test_the_console_commands_and_the_documented_modules_exist():
+  """pyproject's [project.scripts] each name a `run` that runs a command's
+  `main`; `python -m randose_jax.main` (the design card's entry point) and
+  `python -m randose_jax.predict` (the shipped model's command) still run."""
+  import importlib  # pylint: disable=g-import-not-at-top
+
+  tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+  scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+      "scripts"
+  ]
+  assert {"randose-train", "randose-predict", "randose-evaluate"} <= set(
+      scripts
+  )
+  for name, target in scripts.items():
+    module_name, function = target.split(":")
+    module = importlib.import_module(module_name)
+    assert callable(getattr(module, function)), name
+    assert callable(module.main) and callable(module.define_flags), name
+  for shim, command in (("main", "train"), ("predict", "predict")):
+    module = importlib.import_module(f"randose_jax.{shim}")
+    assert (
+        module.run is importlib.import_module(f"randose_jax.cli.{command}").run
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", f"randose_jax.{shim}", "--help"],
+        cwd=REPO,
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "--workdir" in done.stdout, shim
+    # The usage is the command's own docstring.
+    assert f"python -m randose_jax.{shim} " in done.stdout, shim
 
 
 def _main(args, capfd):
@@ -134,7 +172,7 @@ def test_an_unexpected_exception_keeps_its_traceback(capfd):
     raise ZeroDivisionError("a bug")
 
   with pytest.raises(ZeroDivisionError):
-    cli.invoke(main, ["x"], flags.FlagValues())
+    helpers.invoke(main, ["x"], flags.FlagValues())
 
 
 # --------------------------------------- what a run says about itself

@@ -1,4 +1,4 @@
-"""Clinical metrics and the gamma index (randose_jax.clinical), checked
+"""Clinical metrics and the gamma index (randose_jax.scoring.clinical), checked
 against independent code.
 
 - Every D_x, D_Vcc, V_d and Dmean is compared with `plain_*` below (written
@@ -27,12 +27,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from randose_jax import cli
-from randose_jax import clinical
-from randose_jax import evaluate
-from randose_jax import evaluation
+from randose_jax.cli import common as cli
+from randose_jax.scoring import clinical
+from randose_jax.cli import evaluate
+from randose_jax.scoring import dose_dvh as evaluation
 from randose_jax.data import openkbp
 from tests.plain_scoring import ROI_NAMES  # written out, not the library's
+from tests import helpers
 
 REPO = Path(__file__).resolve().parents[1]
 # pt_10 lacks Esophagus, Larynx, Mandible and PTV63; pt_12 has all 3 PTVs.
@@ -586,7 +587,7 @@ def cli_folders(phantom_split, tmp_path):
 
 def run_cli(*args):
   return subprocess.run(
-      [sys.executable, '-m', 'randose_jax.evaluate', *map(str, args)],
+      [sys.executable, '-m', 'randose_jax.cli.evaluate', *map(str, args)],
       cwd=REPO,
       capture_output=True,
       text=True,
@@ -632,13 +633,13 @@ def test_cli_writes_the_clinical_tables(cli_folders, tmp_path):
 
 
 def invoke(capfd, monkeypatch, *args):
-  """`python -m randose_jax.evaluate ARGS` in this process (as cli.run):
+  """`python -m randose_jax.cli.evaluate ARGS` in this process (as cli.run):
   (exit status, stderr)."""
   values = flags.FlagValues()
   evaluate.define_flags(values)
   monkeypatch.setattr(evaluate, 'FLAGS', values)
   capfd.readouterr()
-  code = cli.invoke(evaluate.main, ['evaluate', *map(str, args)], values)
+  code = helpers.invoke(evaluate.main, ['evaluate', *map(str, args)], values)
   return code, capfd.readouterr().err
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from randose_jax import default_config
-from randose_jax import predictor as predictor_lib
+from randose_jax.inference import predictor as predictor_lib
 from randose_jax.data import augment
 from randose_jax.data import cache as cache_lib
 from randose_jax.data import distances
@@ -268,7 +268,7 @@ def test_model_takes_the_distance_channels_into_the_ptv_stem():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from randose_jax import models  # pylint: disable=g-import-not-at-top
-  from randose_jax import train  # pylint: disable=g-import-not-at-top
+  from randose_jax.training import train  # pylint: disable=g-import-not-at-top
 
   config = default_config.get_default_config()
   config.model.widths = (4, 4)
@@ -301,7 +301,7 @@ def test_model_takes_the_distance_channels_into_the_ptv_stem():
     "shape", [(64, 64), (40, 64, 64), (64, 64, 256), (64.0, 64, 64)]
 )
 def test_bad_crop_shape_is_a_config_error(shape):
-  from randose_jax import train  # pylint: disable=g-import-not-at-top
+  from randose_jax.training import train  # pylint: disable=g-import-not-at-top
 
   config = default_config.get_default_config()
   config.data.crop_shape = shape

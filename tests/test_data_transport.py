@@ -8,11 +8,12 @@ from absl import flags
 import numpy as np
 import pytest
 
-from randose_jax import cli
+from randose_jax.cli import common as cli
 from randose_jax import default_config
 from randose_jax.data import cache as cache_lib
 from randose_jax.data import openkbp
 from randose_jax.data import transport
+from tests import helpers
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +196,7 @@ def _cli(argv) -> int:
   transport.define_flags(flag_values)
   saved, transport.FLAGS = transport.FLAGS, flag_values
   try:
-    return cli.invoke(transport.main, ["transport", *argv], flag_values)
+    return helpers.invoke(transport.main, ["transport", *argv], flag_values)
   finally:
     transport.FLAGS = saved
 

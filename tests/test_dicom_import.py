@@ -1,4 +1,4 @@
-"""randose_jax.dicom_import on synthetic DICOM made here (randose_jax.dicom.synthetic):
+"""randose_jax.cli.dicom_import on synthetic DICOM made here (randose_jax.dicom.synthetic):
 geometry in four patient positions, structures (holes, several contours per
 slice), CT and dose values, ROI names, the way back to an RT Dose in the
 patient's frame, and bad inputs (one error line naming the file, nothing
@@ -14,13 +14,14 @@ import numpy as np
 import pydicom
 import pytest
 
-from randose_jax import cli
-from randose_jax import dicom_import
+from randose_jax.cli import common as cli
+from randose_jax.cli import dicom_import
 from randose_jax import formats
 from randose_jax.conventions import AXIS_DIRECTIONS_LPS, CT_OFFSET
 from randose_jax.data import openkbp
 from randose_jax.dicom import DicomError, geometry, importer, rasterize, roi_names, series, synthetic
 from tests import stand_ins
+from tests import helpers
 
 CROP = (48, 48, 32)
 SPACING = importer.DEFAULT_SPACING
@@ -452,7 +453,7 @@ def _run_cli(args, capfd):
   dicom_import.FLAGS = flag_values
   capfd.readouterr()
   try:
-    code = cli.invoke(
+    code = helpers.invoke(
         dicom_import.main, ["dicom_import", *map(str, args)], flag_values
     )
   finally:
@@ -888,7 +889,8 @@ def test_predict_writes_the_rt_dose_in_the_patient_frame(
     small_dicom, tmp_path, grid
 ):
   import types
-  from randose_jax import default_config, predict
+  from randose_jax import default_config
+  from randose_jax.cli import predict
 
   src, _ = _copy(small_dicom, tmp_path)
   _import(src, tmp_path / "pats", shape=(40, 40, 16))
@@ -939,7 +941,7 @@ def test_predict_writes_the_rt_dose_in_the_patient_frame(
 def test_imported_patients_train_validate_and_predict(tmp_path):
   """Issue 14 item 6: patients imported from DICOM (with an RT Dose) train
   and validate like OpenKBP patients, from `config.data.root`."""
-  from randose_jax import train  # pylint: disable=g-import-not-at-top
+  from randose_jax.training import train  # pylint: disable=g-import-not-at-top
   from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
 
   root = tmp_path / "data"

@@ -280,7 +280,7 @@ _MEASURE = """
 import resource, subprocess, sys, time
 t = time.perf_counter()
 done = subprocess.run(
-    [sys.executable, "-m", "randose_jax.dicom_import", *sys.argv[1:]],
+    [sys.executable, "-m", "randose_jax.cli.dicom_import", *sys.argv[1:]],
     capture_output=True, text=True)
 print(done.returncode, time.perf_counter() - t,
       resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)

@@ -23,13 +23,13 @@ import numpy as np
 import optax
 import pytest
 
-from randose_jax import checkpointing
-from randose_jax import export
-from randose_jax import inference
-from randose_jax import predict
-from randose_jax import restore
-from randose_jax import train
-from randose_jax import validation
+from randose_jax.training import checkpointing
+from randose_jax.inference import export
+from randose_jax.inference import forward as inference
+from randose_jax.cli import predict
+from randose_jax.inference import restore
+from randose_jax.training import train
+from randose_jax.training import validation
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
 from randose_jax.data import pipeline

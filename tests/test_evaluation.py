@@ -1,4 +1,4 @@
-"""The official scores (randose_jax.evaluation) and the evaluate CLI.
+"""The official scores (randose_jax.scoring.dose_dvh) and the evaluate CLI.
 
 The vectorised scores are compared with `plain_scoring`, an independent,
 literal implementation of docs/design.md section 6 (beside this file, no
@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 
 from tests import plain_scoring
-from randose_jax import evaluate
-from randose_jax import evaluation
+from randose_jax.cli import evaluate
+from randose_jax.scoring import dose_dvh as evaluation
 from randose_jax.data import openkbp
 from randose_jax.data.openkbp import DataError
 
@@ -560,7 +560,7 @@ def run_cli(*args):
       PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''),
   )
   return subprocess.run(
-      [sys.executable, '-m', 'randose_jax.evaluate', *args],
+      [sys.executable, '-m', 'randose_jax.cli.evaluate', *args],
       cwd=REPO,
       env=env,
       capture_output=True,
@@ -801,7 +801,7 @@ def test_evaluate_does_not_import_pandas():
       [
           sys.executable,
           '-c',
-          'import sys, randose_jax.evaluate; '
+          'import sys, randose_jax.cli.evaluate; '
           'sys.exit("pandas" in sys.modules)',
       ],
       capture_output=True,

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from randose_jax import evaluate
+from randose_jax.cli import evaluate
 from randose_jax.data import openkbp
 from tests.test_viz import assert_real_png
 
@@ -43,7 +43,7 @@ def test_evaluate_cli_plots(phantom_split, tmp_path):
       [
           sys.executable,
           '-m',
-          'randose_jax.evaluate',
+          'randose_jax.cli.evaluate',
           f'--reference={reference}',
           f'--predictions={preds}',
           f'--plots={plots}',

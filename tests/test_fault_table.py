@@ -69,13 +69,14 @@ from absl import flags
 import pydicom
 import pytest
 
-from randose_jax import cli
+from randose_jax.cli import common as cli
 from randose_jax import fileio
 from randose_jax.data import openkbp
 from randose_jax.data import phantoms
 from randose_jax.dicom import synthetic
 from tests.test_dicom_interop import huge_contour, huge_image
 from tests.test_train import REPO, SUBPROCESS_ENV
+from tests import helpers
 
 CLIS = ("main", "predict", "evaluate", "export", "summary", "dicom_import")
 FAULTS = (
@@ -931,7 +932,7 @@ def run_in_process(tool: str, args: list, capfd) -> tuple[int, str, str]:
   """`python -m randose_jax.<tool> ARGS`, in this process: the tool's flags
   in a fresh FlagValues, parsed and run by `cli.invoke` (what `cli.run`
   does). Returns (exit status, stdout, stderr)."""
-  module = importlib.import_module(f"randose_jax.{tool}")
+  module = importlib.import_module(helpers.command_module(tool))
   # ml_collections loads --config as the module 'config_config' with the
   # deprecated load_module(), which reuses a module of that name: a fresh
   # process has none.
@@ -942,7 +943,7 @@ def run_in_process(tool: str, args: list, capfd) -> tuple[int, str, str]:
   module.FLAGS = flag_values
   capfd.readouterr()
   try:
-    code = cli.invoke(module.main, [tool, *map(str, args)], flag_values)
+    code = helpers.invoke(module.main, [tool, *map(str, args)], flag_values)
   finally:
     module.FLAGS = saved
   out, err = capfd.readouterr()
@@ -997,7 +998,7 @@ def test_real_process(tool, fault, world, monkeypatch):
   watched = [*world.inputs, world.out]
   before = [snapshot(p) if p.is_dir() else None for p in watched]
   done = subprocess.run(
-      [sys.executable, "-m", f"randose_jax.{tool}", *args],
+      [sys.executable, "-m", helpers.command_module(tool), *args],
       cwd=world.tmp,
       env=SUBPROCESS_ENV,
       capture_output=True,
@@ -1093,7 +1094,7 @@ def test_hostile_file_in_bounded_memory(tool, case, world):
   file, 2 GB for 5M rows), the command's peak measured (`wait4`)."""
   path, args = _hostile_setup(tool, world, HOSTILE[case])
   code, err, peak_gb, seconds = run_measured(
-      f"randose_jax.{tool}", args, world.tmp
+      helpers.command_module(tool), args, world.tmp
   )
   check_failure(code, err, path, None, None, None)
   assert peak_gb < 1.0, f"{tool} peaked at {peak_gb:.2f} GB"
@@ -1113,7 +1114,7 @@ def test_five_million_rows_on_a_real_grid(shared_openkbp, tmp_path):
   path = predictions / f"{patient.name}.csv"
   five_million_rows(path)
   code, err, peak_gb, seconds = run_measured(
-      "randose_jax.evaluate",
+      "randose_jax.cli.evaluate",
       [f"--reference={reference}", f"--predictions={predictions}"],
       tmp_path,
   )

@@ -5,6 +5,7 @@ import pydicom
 import pytest
 
 from randose_jax import formats
+from tests import helpers
 
 SHAPE = (12, 16, 20)
 VOXEL_DIMENSIONS = (2.5, 3.1, 1.5)
@@ -26,7 +27,7 @@ def _assert_hot(volume):
 
 def test_nifti_round_trip(dose, tmp_path):
   path = formats.write_nifti(tmp_path / 'pt_1.nii.gz', dose, VOXEL_DIMENSIONS)
-  back, vd = formats.read_nifti(path)
+  back, vd = helpers.read_nifti(path)
   assert back.shape == SHAPE
   np.testing.assert_array_equal(back, dose.astype(np.float32))
   np.testing.assert_allclose(vd, VOXEL_DIMENSIONS, rtol=1e-6)
@@ -61,7 +62,7 @@ def test_nifti_reads_other_orientations(dose, tmp_path):
       nib.Nifti1Image(ras.astype(np.float32), affine),
       str(tmp_path / 'ras.nii.gz'),
   )
-  back, vd = formats.read_nifti(tmp_path / 'ras.nii.gz')
+  back, vd = helpers.read_nifti(tmp_path / 'ras.nii.gz')
   np.testing.assert_array_equal(back, dose.astype(np.float32))
   np.testing.assert_allclose(vd, VOXEL_DIMENSIONS, rtol=1e-6)
 

@@ -1,4 +1,4 @@
-"""The JAX gamma index (randose_jax.gamma) against analytic answers and
+"""The JAX gamma index (randose_jax.scoring.gamma) against analytic answers and
 against pymedphys (the independent reference, `gamma_impl="pymedphys"`).
 
 - Analytic phantoms: a uniform dose scaled (gamma = dose difference / DD);
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from randose_jax import clinical
-from randose_jax import gamma
+from randose_jax.scoring import clinical
+from randose_jax.scoring import gamma
 from randose_jax.data import openkbp
 
 needs_pymedphys = pytest.mark.skipif(

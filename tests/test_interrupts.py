@@ -24,7 +24,7 @@ import time
 import pytest
 
 from randose_jax import interrupts
-from randose_jax import runlock
+from randose_jax.training import runlock
 from tests.test_train import REPO, SUBPROCESS_ENV
 
 DEMO = str(REPO / "configs" / "demo.py")
@@ -52,7 +52,7 @@ def mark(hold):
     time.sleep(0.02)
 
 if point == "compile":  # the first step's batch: its compile comes next
-  from randose_jax import train
+  from randose_jax.training import train
   shard = train.Trainer.shard_batch
   def shard_batch(self, batch, _done=[]):
     if not _done:
@@ -61,7 +61,7 @@ if point == "compile":  # the first step's batch: its compile comes next
     return shard(self, batch)
   train.Trainer.shard_batch = shard_batch
 elif point == "step":  # after step N is logged
-  from randose_jax import metric_writers
+  from randose_jax.training import metric_writers
   write = metric_writers.MetricWriter.write_scalars
   def write_scalars(self, s, scalars):
     write(self, s, scalars)
@@ -77,7 +77,7 @@ elif point == "save":  # orbax committing latest/N
     return rename(src, dst, *args, **kwargs)
   os.rename = held_rename
 elif point == "validation":
-  from randose_jax import validation
+  from randose_jax.training import validation
   run = validation.ModelEvaluator.run
   def held_run(self, predictor):
     mark(hold=True)
@@ -94,7 +94,7 @@ elif point == "final":  # after the first final prediction CSV
   openkbp.write_prediction_csv = held_write
 elif point == "fill":  # before step N, once the saves are committed
   import glob
-  from randose_jax import train
+  from randose_jax.training import train
   shard = train.Trainer.shard_batch
   workdir = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
   def filling_shard_batch(self, batch, _calls=[]):
@@ -115,7 +115,7 @@ elif point == "fill":  # before step N, once the saves are committed
     return shard(self, batch)
   train.Trainer.shard_batch = filling_shard_batch
 # Where an error line came from, for a failing test's message.
-from randose_jax import cli
+from randose_jax.cli import common as cli
 import traceback
 error_line = cli.error_line
 def traced_error_line(e):
@@ -123,8 +123,8 @@ def traced_error_line(e):
     traceback.print_exception(e, file=f)
   return error_line(e)
 cli.error_line = traced_error_line
-sys.argv = ["randose_jax.main"] + sys.argv[1:]
-runpy.run_module("randose_jax.main", run_name="__main__", alter_sys=True)
+sys.argv = ["randose_jax.cli.train"] + sys.argv[1:]
+runpy.run_module("randose_jax.cli.train", run_name="__main__", alter_sys=True)
 """
 
 
@@ -298,7 +298,7 @@ def test_a_second_run_in_the_workdir_is_refused(tmp_path):
         [
             sys.executable,
             "-m",
-            "randose_jax.main",
+            "randose_jax.cli.train",
             f"--workdir={workdir}",
             *FLAGS,
         ],
@@ -324,7 +324,7 @@ def test_a_lock_dies_with_its_process(tmp_path):
           sys.executable,
           "-c",
           "import sys, time\n"
-          "from randose_jax import runlock\n"
+          "from randose_jax.training import runlock\n"
           f"runlock.RunLock({str(workdir)!r}).acquire()\n"
           "print('held', flush=True)\n"
           "time.sleep(120)\n",
@@ -400,7 +400,7 @@ def _run_to_end(workdir, tmp_path, point, extra):
 
 
 def test_metrics_on_a_full_disk_name_the_file(tmp_path, monkeypatch):
-  from randose_jax import metric_writers  # pylint: disable=g-import-not-at-top
+  from randose_jax.training import metric_writers  # pylint: disable=g-import-not-at-top
 
   writer = metric_writers.MetricWriter(tmp_path, resume_step=0)
   writer._tb = None  # pylint: disable=protected-access
@@ -429,7 +429,7 @@ def test_a_checkpoint_removed_meanwhile_is_not_unreadable(
   said as such (not 'unreadable'), and the one before it is used."""
   import shutil  # pylint: disable=g-import-not-at-top
 
-  from randose_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from randose_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
 
   workdir = shutil.copytree(trained, tmp_path / "run")
   ckpt = checkpointing.Checkpointer(workdir, async_save=False)
@@ -459,7 +459,7 @@ def test_multi_process_runs_stop_at_the_preemption_sync_point(monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-  from randose_jax import train  # pylint: disable=g-import-not-at-top
+  from randose_jax.training import train  # pylint: disable=g-import-not-at-top
 
   assert train._should_stop(7) == 0  # pylint: disable=protected-access
   monkeypatch.setattr(jax, "process_count", lambda: 2)

@@ -56,7 +56,8 @@ if kind in ("latest", "best"):
     return rename(src, dst, *args, **kwargs)
   os.rename = killing_rename
 elif kind == "step":
-  from randose_jax import metric_writers, train
+  from randose_jax.training import metric_writers
+  from randose_jax.training import train
   logged = []
   write = metric_writers.MetricWriter.write_scalars
   def write_scalars(self, s, scalars):
@@ -78,8 +79,8 @@ elif kind == "step":
       die()
     return shard(self, batch)
   train.Trainer.shard_batch = shard_batch
-sys.argv = ["randose_jax.main"] + sys.argv[1:]
-runpy.run_module("randose_jax.main", run_name="__main__", alter_sys=True)
+sys.argv = ["randose_jax.cli.train"] + sys.argv[1:]
+runpy.run_module("randose_jax.cli.train", run_name="__main__", alter_sys=True)
 """
 
 

@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from randose_jax import train
-from randose_jax import validation
+from randose_jax.training import train
+from randose_jax.training import validation
 from randose_jax.default_config import ConfigError
 from randose_jax.data import cache as cache_lib
 from randose_jax.data import openkbp
+from tests import helpers
 
 _SPEC = importlib.util.spec_from_file_location(
     "openkbp_configs",
@@ -101,7 +102,7 @@ def test_full_randose_overfits_one_real_patient(shared_openkbp, tmp_path):
   )
   patient = openkbp.load_patient(patient_dir)
   mean_gy = float(patient.dose[patient.possible_dose_mask].mean())
-  baseline = validation.evaluate_baseline(cache, mean_gy)
+  baseline = helpers.evaluate_baseline(cache, mean_gy)
   # The 16^3 grid alone costs a few Gy (the reference itself through the
   # 8x down/up-sampling); half the baseline leaves room for it.
   assert scores["dose_score"] < 0.5 * baseline["dose_score"], (scores, baseline)

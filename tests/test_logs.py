@@ -22,7 +22,9 @@ def test_library_lines_are_dropped_from_the_console():
       _record("/site-packages/jax/_src/xla_bridge.py", py_logging.INFO)
   )
   # This library's own lines stay.
-  assert f.filter(_record("/work/randose_jax/train.py", py_logging.INFO))
+  assert f.filter(
+      _record("/work/randose_jax/training/train.py", py_logging.INFO)
+  )
 
 
 def test_quiet_library_logs_installs_once_and_obeys_the_environment(
@@ -55,7 +57,9 @@ def test_library_warnings_go_to_the_log_file(tmp_path):
     (handler,) = [h for h in root.handlers if isinstance(h, logs._LibraryLog)]
     handler.handle(_record(orbax, py_logging.WARNING))
     handler.handle(_record(orbax, py_logging.INFO))
-    handler.handle(_record("/work/randose_jax/train.py", py_logging.ERROR))
+    handler.handle(
+        _record("/work/randose_jax/training/train.py", py_logging.ERROR)
+    )
     handler.flush()
     lines = path.read_text().splitlines()
     assert len(lines) == 1 and "orbax" in lines[0], lines

@@ -1,4 +1,4 @@
-"""Tests of the Region-Aware Loss (randose_jax/losses.py)."""
+"""Tests of the Region-Aware Loss (randose_jax/training/losses.py)."""
 
 import importlib.util
 import pathlib
@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from randose_jax import losses
+from randose_jax.training import losses
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 

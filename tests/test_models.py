@@ -563,7 +563,7 @@ def test_remat_gives_the_same_output():
 
 
 def test_gradients_reach_alpha_beta_and_the_loss_weights():
-  from randose_jax import losses
+  from randose_jax.training import losses
 
   grid = (8, 8, 8)
   model = models.create_model(model_config(5, (4, 8)))

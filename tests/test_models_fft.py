@@ -21,6 +21,8 @@ from flax import traverse_util
 from randose_jax import default_config
 from randose_jax import models
 from randose_jax.models import conv
+from randose_jax.ops import conv_math
+from randose_jax.ops import conv_planner
 
 
 def _rand(rng, shape, scale=1.0):
@@ -39,7 +41,7 @@ def _check_equals_direct(conv_fn, rng, k, grid, cin, cout):
   kernel = _rand(rng, (k, k, k, cin, cout), 0.3)
   bias = _rand(rng, (cout,))
   probe = _rand(rng, (2, *grid, cout))
-  direct = lambda x, w, b: conv.conv3d(x, w, b, jnp.float32)
+  direct = lambda x, w, b: conv_math.conv3d(x, w, b, jnp.float32)
 
   # Both convs, outputs and gradients (of sum(f * probe): the VJP of the
   # probe), in one compiled program: run op by op, the many small shapes of
@@ -76,7 +78,7 @@ def _check_equals_direct(conv_fn, rng, k, grid, cin, cout):
 def test_fft_conv_equals_direct_forward_and_gradients(k, grid, cin, cout):
   rng = np.random.default_rng(k * 100 + grid[0] * 10 + cin)
   _check_equals_direct(
-      lambda x, w, b: conv.conv3d_fft(x, [[w]], b, jnp.float32),
+      lambda x, w, b: conv_math.conv3d_fft(x, [[w]], b, jnp.float32),
       rng,
       k,
       grid,
@@ -91,13 +93,13 @@ def test_fft_conv_groups_sum_within_and_concatenate_across():
   x = _rand(rng, (1, 6, 7, 8, 3))
   a, b, c = (_rand(rng, (k, k, k, 3, 4), 0.3) for k in (3, 5, 7))
   bias = _rand(rng, (8,))
-  got = conv.conv3d_fft(x, [[a, b], [c]], bias, jnp.float32)
+  got = conv_math.conv3d_fft(x, [[a, b], [c]], bias, jnp.float32)
   zero = jnp.zeros((4,))
   want = jnp.concatenate(
       [
-          conv.conv3d(x, a, bias[:4], jnp.float32)
-          + conv.conv3d(x, b, zero, jnp.float32),
-          conv.conv3d(x, c, bias[4:], jnp.float32),
+          conv_math.conv3d(x, a, bias[:4], jnp.float32)
+          + conv_math.conv3d(x, b, zero, jnp.float32),
+          conv_math.conv3d(x, c, bias[4:], jnp.float32),
       ],
       axis=-1,
   )
@@ -107,14 +109,14 @@ def test_fft_conv_groups_sum_within_and_concatenate_across():
 def test_fft_length_is_smooth_and_long_enough():
   for n in range(1, 70):
     for k in (1, 3, 4, 7):
-      length = conv.fft_length(n, k)
+      length = conv_math.fft_length(n, k)
       assert length >= n + k // 2
       m = length
       for p in (2, 3, 5):
         while m % p == 0:
           m //= p
       assert m == 1
-  assert conv.fft_length(64, 7) == 72 and conv.fft_length(4, 7) == 8
+  assert conv_math.fft_length(64, 7) == 72 and conv_math.fft_length(4, 7) == 8
 
 
 @pytest.mark.parametrize(
@@ -132,7 +134,7 @@ def test_tiled_fft_conv_equals_direct_forward_and_gradients(k, grid, tile):
   """Overlap-save over tiles (some axes tiled, others whole; odd and even k;
   tiles smaller than the kernel) is the same 'SAME' conv."""
   _check_equals_direct(
-      lambda x, w, b: conv.conv3d_fft(x, [[w]], b, jnp.float32, tile),
+      lambda x, w, b: conv_math.conv3d_fft(x, [[w]], b, jnp.float32, tile),
       np.random.default_rng(k * 10 + tile),
       k,
       grid,
@@ -150,73 +152,125 @@ def test_tiled_fft_conv_groups():
   zero = jnp.zeros((4,))
   want = jnp.concatenate(
       [
-          conv.conv3d(x, a, bias[:4], jnp.float32)
-          + conv.conv3d(x, c, zero, jnp.float32),
-          conv.conv3d(x, b, bias[4:], jnp.float32),
+          conv_math.conv3d(x, a, bias[:4], jnp.float32)
+          + conv_math.conv3d(x, c, zero, jnp.float32),
+          conv_math.conv3d(x, b, bias[4:], jnp.float32),
       ],
       axis=-1,
   )
-  got = conv.conv3d_fft(x, [[a, c], [b]], bias, jnp.float32, tile=4)
+  got = conv_math.conv3d_fft(x, [[a, c], [b]], bias, jnp.float32, tile=4)
   assert _rel_err(got, want) < 1e-5
   with pytest.raises(ValueError, match="does not divide"):
-    conv.conv3d_fft(x, [[a]], bias[:4], jnp.float32, tile=3)
+    conv_math.conv3d_fft(x, [[a]], bias[:4], jnp.float32, tile=3)
 
 
 def test_plan_conv():
   """The planner against facts that hold whatever its cost constants."""
   shape = (1, 32, 32, 32, 16)
   # 'direct' means direct, and a 1x1x1 conv is never transformed.
-  assert conv.plan_conv("direct", shape, [[3, 5, 7]], 16) == ("direct", None)
+  assert conv_planner.plan_conv("direct", shape, [[3, 5, 7]], 16) == (
+      "direct",
+      None,
+  )
   for impl in ("fft", "auto"):
-    assert conv.plan_conv(impl, shape, [[1]], 16) == ("direct", None)
+    assert conv_planner.plan_conv(impl, shape, [[1]], 16) == ("direct", None)
   # 'fft' always takes the FFT path, with a tile that cuts the grid evenly.
-  algo, tile = conv.plan_conv("fft", shape, [[3, 5, 7]], 16)
+  algo, tile = conv_planner.plan_conv("fft", shape, [[3, 5, 7]], 16)
   assert algo == "fft" and tile in (None, 16, 8, 4)
   # A small grid: tiles would transform more voxels ((4 + 6)^3 per 4^3 tile
   # against 12^3 for the whole 8^3 grid) to save little spectrum, so the
   # whole grid is taken.
-  assert conv.plan_conv("fft", (1, 8, 8, 8, 2), [[3, 5, 7]], 2) == ("fft", None)
-  assert conv.fft_tiles((32, 32, 32)) == [None, 16, 8, 4]
-  assert conv.fft_tiles((16, 8, 12)) == [None, 4]  # 8 does not divide 12
+  assert conv_planner.plan_conv("fft", (1, 8, 8, 8, 2), [[3, 5, 7]], 2) == (
+      "fft",
+      None,
+  )
+  assert conv_planner.fft_tiles((32, 32, 32)) == [None, 16, 8, 4]
+  assert conv_planner.fft_tiles((16, 8, 12)) == [
+      None,
+      4,
+  ]  # 8 does not divide 12
   # Paper widths at 128^3, first MSFE (48 -> 16 channels, 3/5/7): the
   # whole-grid spectrum is 135 * 135 * 68 frequencies x 48 x 16 x 8 bytes
   # = 7.6 GB, over the 2 GiB cap, so the plan is tiled whatever the costs.
-  assert 135 * 135 * 68 * 48 * 16 * 8 > conv.MAX_SPECTRUM_BYTES
-  algo, tile = conv.plan_conv("fft", (1, 128, 128, 128, 48), [[3, 5, 7]], 16)
+  assert 135 * 135 * 68 * 48 * 16 * 8 > conv_planner.MAX_SPECTRUM_BYTES
+  algo, tile = conv_planner.plan_conv(
+      "fft", (1, 128, 128, 128, 48), [[3, 5, 7]], 16
+  )
   assert algo == "fft" and tile in (64, 32, 16, 8, 4)
   if jax.default_backend() == "cpu":
-    algo, tile = conv.plan_conv("auto", (1, 128, 128, 128, 48), [[3, 5, 7]], 16)
+    algo, tile = conv_planner.plan_conv(
+        "auto", (1, 128, 128, 128, 48), [[3, 5, 7]], 16
+    )
     assert algo == "fft" and tile is not None
     # The 8^3 x 256 channel stage stays direct (the documented plan).
-    assert conv.plan_conv("auto", (1, 8, 8, 8, 256), [[3, 5, 7]], 256) == (
+    assert conv_planner.plan_conv(
+        "auto", (1, 8, 8, 8, 256), [[3, 5, 7]], 256
+    ) == (
         "direct",
         None,
     )
   with pytest.raises(ValueError, match="conv_impl"):
-    conv.plan_conv("winograd", shape, [[3]], 16)
+    conv_planner.plan_conv("winograd", shape, [[3]], 16)
 
 
 def test_plan_conv_auto_is_direct_off_the_cpu(monkeypatch):
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   shape = (1, 128, 128, 128, 48)
-  assert conv.plan_conv("auto", shape, [[3, 5, 7]], 16) == ("direct", None)
-  assert conv.plan_conv("fft", shape, [[3, 5, 7]], 16).algorithm == "fft"
-  assert conv.plan_transposed_conv("auto") == ("direct", None)
+  # The backend passed in decides, whatever JAX's default backend is.
+  assert conv_planner.plan_conv(
+      "auto", shape, [[3, 5, 7]], 16, backend="gpu"
+  ) == ("direct", None)
+  assert conv_planner.plan_conv("auto", shape, [[3, 5, 7]], 16, backend="cpu")[
+      0
+  ] == ("fft")
+  assert conv_planner.plan_transposed_conv("auto", "gpu") == ("direct", None)
+  assert conv_planner.plan_transposed_conv("auto", "cpu") == ("matmul", None)
+  # None: JAX's default backend.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert conv_planner.plan_conv("auto", shape, [[3, 5, 7]], 16) == (
+      "direct",
+      None,
+  )
+  assert (
+      conv_planner.plan_conv("fft", shape, [[3, 5, 7]], 16).algorithm == "fft"
+  )
+  assert conv_planner.plan_transposed_conv("auto") == ("direct", None)
+
+
+def test_the_model_plans_for_the_backend_it_was_created_for(monkeypatch):
+  """create_model reads the backend once; tracing does not read it again."""
+  config = _model_config(conv_impl="auto")
+  on_gpu = models.create_model(config, backend="gpu")
+  assert on_gpu.backend == "gpu"
+  assert models.create_model(config).backend == jax.default_backend()
+  calls = []
+  real = conv_planner.plan_conv
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs.get("backend", args[5] if len(args) > 5 else None))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(conv, "plan_conv", spy)
+  monkeypatch.setattr(jax, "default_backend", lambda: "not-read")
+  jax.eval_shape(on_gpu.init, jax.random.key(0), _inputs((8, 8, 8), batch=1))
+  assert calls and set(calls) == {"gpu"}
 
 
 def test_plan_conv_respects_the_spectrum_cap(monkeypatch):
-  monkeypatch.setattr(conv, "MAX_SPECTRUM_BYTES", 1)
+  monkeypatch.setattr(conv_planner, "MAX_SPECTRUM_BYTES", 1)
   # Nothing fits: the smallest tile is taken.
-  assert conv.plan_conv("fft", (1, 16, 16, 16, 4), [[3]], 4) == ("fft", 4)
+  assert conv_planner.plan_conv("fft", (1, 16, 16, 16, 4), [[3]], 4) == (
+      "fft",
+      4,
+  )
 
 
 def test_plan_transposed_conv():
-  assert conv.plan_transposed_conv("direct") == ("direct", None)
-  assert conv.plan_transposed_conv("fft") == ("matmul", None)
-  auto = conv.plan_transposed_conv("auto").algorithm
+  assert conv_planner.plan_transposed_conv("direct") == ("direct", None)
+  assert conv_planner.plan_transposed_conv("fft") == ("matmul", None)
+  auto = conv_planner.plan_transposed_conv("auto").algorithm
   assert auto == ("matmul" if jax.default_backend() == "cpu" else "direct")
   with pytest.raises(ValueError, match="conv_impl"):
-    conv.plan_transposed_conv("winograd")
+    conv_planner.plan_transposed_conv("winograd")
 
 
 def _model_config(**overrides):
@@ -302,7 +356,7 @@ def test_model_fft_equals_direct_forward_and_gradients(overrides):
 
 def test_model_with_tiled_fft_equals_direct(monkeypatch):
   """Every FFT conv of the model forced onto the smallest tiles."""
-  monkeypatch.setattr(conv, "fft_tiles", lambda grid: [2])
+  monkeypatch.setattr(conv_planner, "fft_tiles", lambda grid: [2])
   inputs = _inputs((8, 8, 8), batch=1)
   direct = models.create_model(_model_config(conv_impl="direct"))
   tiled = models.create_model(_model_config(conv_impl="fft"))

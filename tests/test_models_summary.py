@@ -1,4 +1,5 @@
-"""Tests of randose_jax/summary.py: parameter counts and FLOPs, nothing run."""
+"""Tests of randose_jax/models/costs.py and the `randose-summary` command:
+parameter counts and FLOPs, nothing run."""
 
 import functools
 import json
@@ -18,7 +19,7 @@ import pytest
 
 from randose_jax import default_config
 from randose_jax import models
-from randose_jax import summary
+from randose_jax.models import costs as summary
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -145,7 +146,7 @@ def test_cli_prints_json_last():
       [
           sys.executable,
           "-m",
-          "randose_jax.summary",
+          "randose_jax.cli.summary",
           "--config=configs/openkbp.py:smoke,row3",
           "--grid=16",
           "--json",

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from randose_jax import export
-from randose_jax import inference
-from randose_jax import predict
-from randose_jax import restore
+from randose_jax.inference import export
+from randose_jax.inference import forward as inference
+from randose_jax.cli import predict
+from randose_jax.inference import restore
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
 from tests.test_fault_table import run_in_process
@@ -163,7 +163,7 @@ def test_predict_cli_scores_patients_with_dose(trained, tmp_path):
       [
           sys.executable,
           "-m",
-          "randose_jax.predict",
+          "randose_jax.cli.predict",
           f"--workdir={trained}",
           f"--patients={trained / 'synthetic' / 'validation-pats'}",
           f"--output={tmp_path / 'preds'}",
@@ -186,7 +186,7 @@ def test_predict_cli_scores_patients_with_dose(trained, tmp_path):
       [
           sys.executable,
           "-m",
-          "randose_jax.evaluate",
+          "randose_jax.cli.evaluate",
           f"--reference={trained / 'synthetic' / 'validation-pats'}",
           f"--predictions={tmp_path / 'preds'}",
           f"--json={tmp_path / 's.json'}",
@@ -208,7 +208,7 @@ def test_predict_cli_bad_workdir_is_a_clear_error(tmp_path):
       [
           sys.executable,
           "-m",
-          "randose_jax.predict",
+          "randose_jax.cli.predict",
           f"--workdir={tmp_path}",
           f"--patients={tmp_path}",
           f"--output={tmp_path / 'o'}",

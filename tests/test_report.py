@@ -21,13 +21,14 @@ from absl import flags
 import numpy as np
 import pytest
 
-from randose_jax import cli
-from randose_jax import clinical
-from randose_jax import evaluate
-from randose_jax import evaluation
-from randose_jax import report
+from randose_jax.cli import common as cli
+from randose_jax.scoring import clinical
+from randose_jax.cli import evaluate
+from randose_jax.scoring import dose_dvh as evaluation
+from randose_jax.scoring import report
 from randose_jax import viz
 from randose_jax.data import openkbp
+from tests import helpers
 
 NO_GAMMA = clinical.ClinicalSettings(gamma=False)
 _VOID = {"img", "meta", "br", "hr", "link", "input", "source", "col", "wbr"}
@@ -466,7 +467,7 @@ def invoke(capfd, monkeypatch, *args):
   evaluate.define_flags(values)
   monkeypatch.setattr(evaluate, "FLAGS", values)
   capfd.readouterr()
-  code = cli.invoke(evaluate.main, ["evaluate", *map(str, args)], values)
+  code = helpers.invoke(evaluate.main, ["evaluate", *map(str, args)], values)
   out = capfd.readouterr()
   return code, out.out, out.err
 

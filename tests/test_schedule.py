@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from randose_jax import default_config
-from randose_jax import train
+from randose_jax.training import train
 from randose_jax.default_config import ConfigError
 
 

@@ -1,4 +1,4 @@
-"""Models shipped in the package (`randose_jax/shipped.py`): a crop-trained
+"""Models shipped in the package (`randose_jax/inference/shipped.py`): a crop-trained
 run with the distance channels ships, loads and predicts as its workdir
 does; the real shipped model reproduces its recorded scores on the shared
 validation patients through `predict` with no --workdir."""
@@ -12,11 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from randose_jax import checkpointing
-from randose_jax import export
-from randose_jax import restore
-from randose_jax import shipped
-from randose_jax import train
+from randose_jax.training import checkpointing
+from randose_jax.inference import export
+from randose_jax.inference import restore
+from randose_jax.inference import shipped
+from randose_jax.training import train
 from randose_jax.data import openkbp
 from tests.test_fault_table import run_in_process
 from tests.test_predict_export import assert_export_predicts_as_the_library
@@ -121,7 +121,7 @@ def test_shipped_model_reproduces_its_recorded_scores(
       [
           sys.executable,
           "-m",
-          "randose_jax.predict",
+          "randose_jax.cli.predict",
           f"--model={name}",
           f"--patients={patients}",
           f"--output={tmp_path / 'preds'}",

@@ -36,7 +36,7 @@ pytestmark = [
 # save is committed: step, open fds, threads, RSS and checkpoint bytes.
 LAUNCHER = r"""
 import json, os, runpy, sys, time
-from randose_jax import checkpointing
+from randose_jax.training import checkpointing
 samples = open(os.environ["RANDOSE_SOAK_SAMPLES"], "a")
 workdir = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
 save_latest = checkpointing.Checkpointer.save_latest
@@ -61,8 +61,8 @@ def sampled_save_latest(self, step, *args, **kwargs):
   return save_latest(self, step, *args, **kwargs)
 
 checkpointing.Checkpointer.save_latest = sampled_save_latest
-sys.argv = ["randose_jax.main"] + sys.argv[1:]
-runpy.run_module("randose_jax.main", run_name="__main__", alter_sys=True)
+sys.argv = ["randose_jax.cli.train"] + sys.argv[1:]
+runpy.run_module("randose_jax.cli.train", run_name="__main__", alter_sys=True)
 """
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from randose_jax import standalone
+from randose_jax.inference import standalone
 from randose_jax.data import distances
 from randose_jax.data import openkbp
 from randose_jax.data import phantoms
@@ -89,10 +89,10 @@ def test_export_of_a_crop_downsample_geometry_model_on_a_real_patient(
   """An untrained tiny model on a real 128^3 patient (anisotropic voxels):
   16^3 windows on the 64^3 grid of downsample 2, with the distance channels:
   every step of the path at once, against `predict_doses`."""
-  from randose_jax import export  # pylint: disable=g-import-not-at-top
-  from randose_jax import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
-  from randose_jax import restore  # pylint: disable=g-import-not-at-top
-  from randose_jax import train  # pylint: disable=g-import-not-at-top
+  from randose_jax.inference import export  # pylint: disable=g-import-not-at-top
+  from randose_jax.inference import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
+  from randose_jax.inference import restore  # pylint: disable=g-import-not-at-top
+  from randose_jax.training import train  # pylint: disable=g-import-not-at-top
   from randose_jax.data import encoding  # pylint: disable=g-import-not-at-top
   from tests.test_predict_export import assert_export_predicts_as_the_library  # pylint: disable=g-import-not-at-top
   from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top

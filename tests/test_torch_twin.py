@@ -145,7 +145,7 @@ def test_converter_rejects_a_mismatched_tree():
     ],
 )
 def test_region_aware_loss_matches_jax(regions, empty_ptv):
-  from randose_jax import losses
+  from randose_jax.training import losses
 
   loss_config = default_config.get_default_config().loss
   loss_config.regions = regions

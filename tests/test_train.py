@@ -17,8 +17,8 @@ import pytest
 
 jax.config.update("jax_disable_most_optimizations", True)
 
-from randose_jax import checkpointing
-from randose_jax import train
+from randose_jax.training import checkpointing
+from randose_jax.training import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Subprocesses compile quickly too.
@@ -331,7 +331,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, sys.argv[1])
     from tests.test_train import tiny_config
-    from randose_jax import train
+    from randose_jax.training import train
     assert jax.device_count() == 4, jax.devices()
     # SGD: Adam divides by sqrt(v), which turns the rounding noise of
     # gradients that are zero in exact arithmetic (conv biases before an
@@ -381,7 +381,7 @@ def _run_main(workdir, *flags, timeout=600):
       [
           sys.executable,
           "-m",
-          "randose_jax.main",
+          "randose_jax.cli.train",
           "--config=configs/demo.py",
           f"--workdir={workdir}",
           "--config.data.synthetic_grid=16",
@@ -513,7 +513,7 @@ def test_two_processes_on_loopback(tmp_path):
 def test_the_mask_region_trains_with_the_batch_mask():
   """loss.regions with 'mask': the step hands the batch's possible-dose mask
   to the loss (its L1 and weight are in the metrics, its log-variance gets
-  a gradient); the paper's loss does not see the mask at all."""
+  a gradient); the paper's loss leaves it out (no such metric)."""
   rng = np.random.default_rng(0)
   g = (2, 8, 8, 8)
   mask = np.zeros(g + (1,))

@@ -8,11 +8,12 @@ import pytest
 from tests import plain_scoring
 from tests import stand_ins
 from randose_jax import default_config
-from randose_jax import evaluation
-from randose_jax import validation
+from randose_jax.scoring import dose_dvh as evaluation
+from randose_jax.training import validation
 from randose_jax.data import cache as cache_lib
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
+from tests import helpers
 
 
 def FixedModel(config):  # pylint: disable=invalid-name
@@ -89,7 +90,7 @@ def test_constant_baseline_equals_the_dense_path(config_and_cache):
       sum(p.dose[p.possible_dose_mask].sum() for p in patients)
       / sum(p.possible_dose_mask.sum() for p in patients)
   )
-  scores = validation.evaluate_baseline(cache, mean_gy)
+  scores = helpers.evaluate_baseline(cache, mean_gy)
   expected, plain = dense_scores(
       cache, config, lambda p: np.where(p.possible_dose_mask, mean_gy, 0.0)
   )

@@ -230,9 +230,49 @@ def test_shape_errors_name_the_file(patient, tmp_path):
     )
 
 
-def test_roi_names_match_openkbp():
-  openkbp = pytest.importorskip('randose_jax.data.openkbp')
-  assert tuple(openkbp.ROI_NAMES) == viz.DEFAULT_ROI_NAMES
+def test_every_openkbp_roi_has_its_own_colour():
+  """The colour table is keyed by name: a name spelt differently from the
+  data's (e.g. 'Spinalcord') would silently fall back to a tab20 colour
+  that may repeat another ROI's."""
+  names = (
+      'Brainstem',
+      'SpinalCord',
+      'RightParotid',
+      'LeftParotid',
+      'Esophagus',
+      'Larynx',
+      'Mandible',
+      'PTV56',
+      'PTV63',
+      'PTV70',
+  )  # written out (OpenKBP's channel order), not read from the library
+  assert viz.DEFAULT_ROI_NAMES == names
+  assert set(viz.ROI_COLOURS) == set(names)
+  colours = [viz._roi_colour(n, c) for c, n in enumerate(names)]
+  assert len(set(colours)) == len(names)
+
+
+def test_dvh_curves_take_the_colour_of_their_name(patient):
+  """Channels given in another order keep each ROI's colour."""
+  order = [9, 2, 0, 5, 1, 3, 4, 6, 7, 8]
+  names = [viz.DEFAULT_ROI_NAMES[i] for i in order]
+  fig = viz.dvh_figure(
+      patient.pred,
+      patient.dose,
+      patient.structure_masks[..., order],
+      patient.roi_present[order],
+      roi_names=names,
+      dpi=DPI,
+  )
+  legend = fig.axes[0].get_legend()
+  seen = {
+      t.get_text(): h.get_color()
+      for t, h in zip(legend.get_texts(), legend.legend_handles)
+  }
+  assert set(seen) & set(viz.ROI_COLOURS), seen
+  for name, colour in seen.items():
+    if name in viz.ROI_COLOURS:
+      assert colour == viz.ROI_COLOURS[name], name
 
 
 def test_plot_patient_inputs_without_dose(patient, tmp_path):

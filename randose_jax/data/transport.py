@@ -919,8 +919,13 @@ def main(argv):
     )
 
 
-if __name__ == "__main__":
-  from randose_jax import cli  # pylint: disable=g-import-not-at-top
+def run() -> None:
+  """The console command (pyproject [project.scripts])."""
+  from randose_jax.cli import common as cli  # pylint: disable=g-import-not-at-top
 
   define_flags()
   cli.run(main)
+
+
+if __name__ == "__main__":
+  run()

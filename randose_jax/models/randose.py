@@ -50,6 +50,7 @@ from randose_jax.conventions import INPUT_CHANNELS
 from randose_jax.default_config import ConfigError
 from randose_jax.models import blocks
 from randose_jax.models import conv as conv_lib
+from randose_jax.ops import conv_planner
 
 Array = jax.Array
 
@@ -149,6 +150,9 @@ class RANDose(nn.Module):
   remat: bool = False
   conv_impl: str = "auto"
   head_init: str = "zeros"
+  # The backend the convolutions are planned for (not a config field:
+  # `create_model` sets JAX's default backend; None: the same, when traced).
+  backend: str | None = None
 
   def __post_init__(self):
     if len(self.widths) < 1 or self.blocks_per_stage < 1:
@@ -165,7 +169,7 @@ class RANDose(nn.Module):
     _check_choice("down", self.down, ("maxpool", "conv"))
     _check_choice("up", self.up, ("transpose", "resize"))
     _check_choice("pi_resize", self.pi_resize, ("avgpool", "linear"))
-    _check_choice("conv_impl", self.conv_impl, conv_lib.CONV_IMPLS)
+    _check_choice("conv_impl", self.conv_impl, conv_planner.CONV_IMPLS)
     _check_choice("head_init", self.head_init, HEAD_INITS)
     super().__post_init__()
 
@@ -244,6 +248,7 @@ class RANDose(nn.Module):
         impl=self.conv_impl,
         dtype=dtype,
         fuse_sums=self.msfe_fused,
+        backend=self.backend,
     )
     layers = dict(
         conv=conv,
@@ -320,17 +325,19 @@ class RANDose(nn.Module):
 MODEL_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(RANDose)
-    if f.name not in ("parent", "name")
+    if f.name not in ("parent", "name", "backend")
 )
 
 
-def create_model(model_config) -> RANDose:
+def create_model(model_config, backend: str | None = None) -> RANDose:
   """`RANDose(**config.model)` (docs/design.md section 3).
 
   model_config: an ml_collections.ConfigDict or a mapping with the fields of
   `randose_jax/default_config.py`'s `config.model`; `name` must be
   'randose' (the only network). A missing field takes RANDose's default
   (the default config's). ConfigError names an unknown field or value.
+  backend: the backend whose convolution plan to use (None: JAX's default
+  backend, read now).
   """
   # Sequences read back from a JSON config are lists; the module's are tuples.
   fields = {
@@ -346,4 +353,4 @@ def create_model(model_config) -> RANDose:
         f"model.{unknown[0]}: unknown field; RANDose's fields "
         f"are {', '.join(MODEL_FIELDS)}"
     )
-  return RANDose(**fields)
+  return RANDose(**fields, backend=backend or jax.default_backend())

@@ -62,8 +62,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from randose_jax import clinical
-from randose_jax import evaluation
+from randose_jax.scoring import clinical
+from randose_jax.scoring import dose_dvh as evaluation
 from randose_jax import fileio
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ if TYPE_CHECKING:
 GAMMA_LIMITS = (("3%/3mm", 95.0), ("2%/2mm", 90.0))
 OUT_MARK = "out"
 # The definitions' words for who computed gamma (`clinical.GAMMA_IMPLS`).
-_GAMMA_BY = {"jax": "randose_jax.gamma, JAX", "pymedphys": "pymedphys"}
+_GAMMA_BY = {"jax": "randose_jax.scoring.gamma, JAX", "pymedphys": "pymedphys"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -637,6 +637,6 @@ class ReportBuilder:
         '<footer id="definitions">\n<h2>Definitions</h2>\n<ul>\n'
         + "".join(f"<li>{item}</li>\n" for item in items)
         + '</ul>\n<p class="note">Full definitions and sources: the '
-        "docstring of randose_jax/clinical.py.</p>\n</footer>\n"
+        "docstring of randose_jax/scoring/clinical.py.</p>\n</footer>\n"
         "</body>\n</html>\n"
     )

@@ -1,6 +1,6 @@
 """Models shipped inside the package: predict without training first.
 
-Each shipped model is a folder `randose_jax/shipped_models/<name>/` holding
+Each shipped model is a folder `randose_jax/inference/shipped_models/<name>/` holding
   params.msgpack  the model parameters that predict (the EMA when the run
                   kept one), `flax.serialization.msgpack_serialize` of the
                   parameter tree;
@@ -31,12 +31,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from randose_jax import checkpointing
+from randose_jax.training import checkpointing
 from randose_jax import distributed
 from randose_jax import fileio
-from randose_jax import restore
+from randose_jax.inference import restore
 from randose_jax.default_config import ConfigError
-from randose_jax.predictor import Predictor
+from randose_jax.inference.predictor import Predictor
 
 ROOT = pathlib.Path(__file__).resolve().parent / "shipped_models"
 PARAMS_FILE = "params.msgpack"
@@ -107,7 +107,7 @@ def load(
   The parameters' SHA-256 is checked against the card: a damaged or
   replaced file is a `CheckpointError` naming it.
   """
-  from randose_jax.models import conv  # pylint: disable=g-import-not-at-top
+  from randose_jax.ops import conv_planner  # pylint: disable=g-import-not-at-top
 
   where = folder(name, root)
   meta = json.loads((where / CARD_FILE).read_text())
@@ -124,7 +124,7 @@ def load(
       json.loads((where / CONFIG_FILE).read_text())
   )
   if conv_impl is not None:
-    conv.check_conv_impl(conv_impl)
+    conv_planner.check_conv_impl(conv_impl)
     config.model.conv_impl = conv_impl
   try:
     params = flax.serialization.msgpack_restore(params_path.read_bytes())

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from randose_jax import distributed
-from randose_jax import inference
+from randose_jax.inference import forward as inference
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
 

@@ -30,22 +30,22 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from randose_jax import checkpointing
+from randose_jax.training import checkpointing
 from randose_jax import fileio
-from randose_jax import inference
+from randose_jax.inference import forward as inference
 from randose_jax import interrupts
-from randose_jax import losses
+from randose_jax.training import losses
 from randose_jax import models
-from randose_jax import runlock
-from randose_jax import validation
+from randose_jax.training import runlock
+from randose_jax.training import validation
 from randose_jax.conventions import INPUT_CHANNELS
 from randose_jax.data import encoding
 from randose_jax.data import pipeline
 from randose_jax.data.prepare import prepare_data
 from randose_jax.default_config import ConfigError
 from randose_jax.distributed import make_mesh
-from randose_jax.metric_writers import MetricWriter
-from randose_jax.predictor import Predictor
+from randose_jax.training.metric_writers import MetricWriter
+from randose_jax.inference.predictor import Predictor
 
 BATCH_KEYS = ("ptv", "ct", "oar", "target", "mask")
 # Parameter initialisation uses XLA's RngBitGenerator: on the CPU, threefry
@@ -313,7 +313,7 @@ class Trainer:
           batch["target"],
           batch["ptv"],
           batch["oar"],
-          batch["mask"] if "mask" in self.loss_module.regions else None,
+          batch["mask"],
       )
       return loss, metrics
 

@@ -15,10 +15,10 @@ from typing import Any, Optional
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from randose_jax import checkpointing
+from randose_jax.training import checkpointing
 from randose_jax import distributed
 from randose_jax.default_config import ConfigError
-from randose_jax.predictor import Predictor
+from randose_jax.inference.predictor import Predictor
 
 
 @dataclasses.dataclass
@@ -78,10 +78,10 @@ def restore_from_workdir(
   are the same for every algorithm, so e.g. 'direct' predicts with a
   quarter of the memory of the CPU's FFT plan (benchmarks/NOTES.md).
   """
-  from randose_jax.models import conv  # pylint: disable=g-import-not-at-top
+  from randose_jax.ops import conv_planner  # pylint: disable=g-import-not-at-top
 
   if conv_impl is not None:
-    conv.check_conv_impl(conv_impl)
+    conv_planner.check_conv_impl(conv_impl)
   workdir = check_workdir(workdir)
   which, step = parse_checkpoint_flag(checkpoint)
   ckpt = checkpointing.Checkpointer(workdir, keep=1, async_save=False)

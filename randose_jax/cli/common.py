@@ -22,7 +22,7 @@
   progress goes to stdout. `--verbosity=0` (or RANDOSE_VERBOSE_LIBRARIES=1)
   shows the INFO log lines too.
 
-`invoke` does the same in-process and returns the exit status (tests).
+`tests/helpers.py`'s `invoke` does the same in-process (tests).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
 # starts without jax).
 _ERROR_TYPES = (
     ("randose_jax.data.openkbp", "DataError"),
-    ("randose_jax.checkpointing", "CheckpointError"),
-    ("randose_jax.train", "NonFiniteLossError"),
+    ("randose_jax.training.checkpointing", "CheckpointError"),
+    ("randose_jax.training.train", "NonFiniteLossError"),
 )
 
 
@@ -244,28 +244,16 @@ def interrupted_line(e: "interrupts.Interrupted") -> str:
 
 
 def run(main: Callable) -> None:
-  """`absl.app.run(main)` with the behaviour in this module's docstring."""
+  """`absl.app.run(main)` with the behaviour in this module's docstring.
+
+  `--help` prints the command module's docstring as its usage, also when
+  the process started elsewhere (a console script, `python -m
+  randose_jax.main`)."""
+  entry = sys.modules.get("__main__")
+  command = sys.modules.get(getattr(main, "__module__", ""))
+  if entry is not None and command is not None and entry is not command:
+    entry.__doc__ = command.__doc__
   app.run(
       lambda argv: call_main(main, argv),
       flags_parser=lambda argv: _parse_and_check(argv, flags.FLAGS),
   )
-
-
-def invoke(
-    main: Callable, argv: Sequence[str], flag_values: flags.FlagValues
-) -> int:
-  """Parses `argv` into `flag_values`, runs `main`: the exit status (what
-  `run` would exit with), in this process. Restores the log verbosity."""
-  verbosity, sys_argv = logging.get_verbosity(), sys.argv
-  try:
-    # ml_collections finds --config.* overrides in sys.argv.
-    sys.argv = list(argv)
-    rest = _parse_and_check(argv, flag_values)
-    sys.argv = sys_argv
-    call_main(main, rest, flag_values)
-  except SystemExit as e:
-    return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-  finally:
-    sys.argv = sys_argv
-    logging.set_verbosity(verbosity)
-  return 0

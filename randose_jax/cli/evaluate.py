@@ -1,6 +1,6 @@
 r"""Scores a folder of predicted doses with the official OpenKBP metrics.
 
-  python -m randose_jax.evaluate \
+  python -m randose_jax.cli.evaluate \
       --reference=provided-data/validation-pats --predictions=predictions/ \
       [--json=scores.json] [--per_roi=per_roi.csv] [--plots=DIR] \
       [--clinical=DIR] [--report=report.html] [--clinical_v_gy=20,30,40,50]
@@ -16,13 +16,13 @@ reference, difference) and `<id>_dvh.png` per patient into DIR. --clinical
 writes `clinical_metrics.csv` (per patient, ROI and metric: the reference,
 the prediction and their difference) and `clinical_summary.csv` (per ROI and
 metric over the patients) into DIR: the clinical metrics of
-`randose_jax/clinical.py` (target D_x, HI, conformity; OAR Dmean, D_cc,
+`randose_jax/scoring/clinical.py` (target D_x, HI, conformity; OAR Dmean, D_cc,
 V_d at the --clinical_v_gy doses) and, unless --gamma=false, the global
 gamma pass rates at 3%/3mm and 2%/2mm (--gamma_impl=jax, the default:
-`randose_jax/gamma.py`, under a second per 128^3 patient on 2 CPU cores;
+`randose_jax/scoring/gamma.py`, under a second per 128^3 patient on 2 CPU cores;
 --gamma_impl=pymedphys: pymedphys itself, the independent reference, 20-70 s
 per patient; see --gamma_subsample). --report writes one
-self-contained HTML file (`randose_jax/report.py`): the scores, the cohort
+self-contained HTML file (`randose_jax/scoring/report.py`): the scores, the cohort
 summary of those clinical metrics, and per patient its metrics (differences
 outside the --report_tolerance_* and --report_gamma_min tolerances
 highlighted), the DVH overlay, the dose and difference slices and a gamma map
@@ -47,11 +47,11 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from randose_jax import cli
-from randose_jax import clinical
-from randose_jax import evaluation
+from randose_jax.cli import common as cli
+from randose_jax.scoring import clinical
+from randose_jax.scoring import dose_dvh as evaluation
 from randose_jax import fileio
-from randose_jax import report
+from randose_jax.scoring import report
 from randose_jax.data import openkbp
 
 FLAGS = flags.FLAGS
@@ -115,7 +115,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
       'jax',
       list(clinical.GAMMA_IMPLS),
       'With --clinical or --report: who computes the gamma index: jax '
-      '(randose_jax/gamma.py, fast) or pymedphys (the reference '
+      '(randose_jax/scoring/gamma.py, fast) or pymedphys (the reference '
       'implementation, slow; needs the [clinical] extra). The same values '
       'up to float32 rounding.',
       flag_values=flag_values,
@@ -470,6 +470,11 @@ def main(argv):
     )
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console command (pyproject [project.scripts])."""
   define_flags()
   cli.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,7 +1,7 @@
 r"""Imports a clinic's DICOM (CT + RTSTRUCT [+ RTPLAN, RTDOSE]) as OpenKBP
 patient folders.
 
-  python -m randose_jax.dicom_import --input=DICOM_DIR --output=PATIENTS_DIR \
+  python -m randose_jax.cli.dicom_import --input=DICOM_DIR --output=PATIENTS_DIR \
       [--roi_map=map.json] [--ptv_doses=PTV_high=70,PTV_low=56] \
       [--spacing=3.90625,3.90625,2.5] [--grid_shape=128,128,128] [--overwrite]
 
@@ -23,7 +23,7 @@ warnings) is printed at the end.
 from absl import app
 from absl import flags
 
-from randose_jax import cli
+from randose_jax.cli import common as cli
 from randose_jax.conventions import GRID_SHAPE
 from randose_jax.default_config import ConfigError
 
@@ -122,6 +122,11 @@ def main(argv):
   print(f"{len(rows)} patient folder(s) written to {FLAGS.output}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The console command (pyproject [project.scripts])."""
   define_flags()
   cli.run(main)
+
+
+if __name__ == "__main__":
+  run()

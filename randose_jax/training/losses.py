@@ -67,11 +67,12 @@ class RegionAwareLoss(nn.Module):
     pred, target: (N, D, H, W, 1) dose in target units.
     ptv: (N, D, H, W, 1) PTV input channel; oar: (N, D, H, W, 7) OAR masks;
     mask: (N, D, H, W, 1) possible-dose mask, needed only when 'mask' is
-    one of the regions.
+    one of the regions (ignored otherwise).
   Returns (loss, metrics): loss a float32 scalar; metrics a dict of float32
   scalars l1_all, l1_ptv, l1_oar (always reported, also for regions the loss
   leaves out), weight_ptv, weight_oar (the effective weights; 0 for a region
-  not in the loss), l1_mask and weight_mask when the mask is given, and loss.
+  not in the loss), l1_mask and weight_mask when 'mask' is a region, and
+  loss.
   """
 
   regions: Sequence[str] = PAPER_REGIONS
@@ -121,7 +122,7 @@ class RegionAwareLoss(nn.Module):
         "ptv": jnp.any(ptv > 0, axis=-1),
         "oar": jnp.any(oar > 0, axis=-1),
     }
-    if mask is not None:
+    if mask is not None and "mask" in self.regions:
       if mask.shape[:-1] != pred.shape[:-1]:
         raise ValueError(
             f"RegionAwareLoss: mask {mask.shape} does not match pred "

@@ -1,8 +1,4 @@
-r"""Export a trained model as an artifact that stands alone.
-
-  python -m randose_jax.export --workdir=runs/randose --output=randose.zip \
-      [--checkpoint=best] [--tta] [--conv_impl=direct] [--overwrite]
-  python -m randose_jax.export --model=NAME --output=randose.zip  # shipped
+"""A trained model as an artifact that stands alone (`randose-export`).
 
 The artifact is one zip file (format `FORMAT_VERSION`):
   model.jaxexport   `jax.export` serialization (StableHLO, CPU and CUDA) of
@@ -21,9 +17,9 @@ library `load(path)(ct_hu, structure_masks, possible_dose_mask,
 voxel_dimensions)` or `load(path).predict_patient(patient)` does the same.
 One patient per call (no batch axis).
 
---output is checked before the model is traced (its folder writable, no
-artifact there unless --overwrite) and written atomically: a failure leaves
-it as it was. A problem is one `error:` line naming the path (exit 2).
+The output is checked before the model is traced (its folder writable, no
+artifact there unless overwrite) and written atomically: a failure leaves
+it as it was.
 """
 
 import io
@@ -31,20 +27,15 @@ import json
 import pathlib
 import zipfile
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from randose_jax import cli
 from randose_jax import conventions
 from randose_jax import fileio
-from randose_jax import logs
-from randose_jax import restore
-from randose_jax import shipped
-from randose_jax import standalone
 from randose_jax.data import encoding
+from randose_jax.inference import restore
+from randose_jax.inference import standalone
 
 # 2: the function takes the user's arrays and returns Gy (standalone), the
 # parameters are params.npz; 1 took the encoded inputs (params.msgpack).
@@ -288,99 +279,3 @@ def patient_grid(config) -> tuple:
   if config.data.synthetic:
     return (int(config.data.synthetic_grid),) * 3
   return tuple(conventions.GRID_SHAPE)
-
-
-FLAGS = flags.FLAGS
-
-
-def define_flags(flag_values: flags.FlagValues = FLAGS):
-  """Command-line flags (defined only when run as a program)."""
-  flags.DEFINE_string(
-      "workdir",
-      None,
-      "Training workdir holding checkpoints/ (or --model).",
-      flag_values=flag_values,
-  )
-  flags.DEFINE_string(
-      "model",
-      None,
-      "A shipped model's name (randose_jax/shipped_models/), instead of "
-      "--workdir.",
-      flag_values=flag_values,
-  )
-  flags.DEFINE_string(
-      "output", None, "Artifact path (.zip).", flag_values=flag_values
-  )
-  flags.DEFINE_string(
-      "checkpoint",
-      "best",
-      "best, latest or a step number.",
-      flag_values=flag_values,
-  )
-  flags.DEFINE_bool(
-      "tta",
-      False,
-      "Bake 4-flip test-time augmentation in.",
-      flag_values=flag_values,
-  )
-  flags.DEFINE_list(
-      "platforms",
-      list(DEFAULT_PLATFORMS),
-      "Platforms to lower for (cpu, cuda, rocm, tpu).",
-      flag_values=flag_values,
-  )
-  flags.DEFINE_enum(
-      "conv_impl",
-      None,
-      ["auto", "direct", "fft"],
-      "Override the run's model.conv_impl for the export "
-      "(the convolutions are traced once, on this backend): "
-      "'direct' for an artifact to run on GPUs, or for less "
-      "memory.",
-      flag_values=flag_values,
-  )
-  flags.DEFINE_bool(
-      "overwrite",
-      False,
-      "Replace an artifact already at --output.",
-      flag_values=flag_values,
-  )
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.quiet_library_logs()
-  if not FLAGS.output:
-    raise app.UsageError("--output is required")
-  if bool(FLAGS.workdir) == bool(FLAGS.model):
-    raise app.UsageError("give one of --workdir and --model")
-  if FLAGS.workdir:
-    path = export_workdir(
-        FLAGS.workdir,
-        FLAGS.output,
-        FLAGS.checkpoint,
-        FLAGS.tta,
-        tuple(FLAGS.platforms),
-        FLAGS.conv_impl,
-        overwrite=FLAGS.overwrite,
-    )
-    source = f"{FLAGS.workdir} ({FLAGS.checkpoint})"
-  else:
-    fileio.check_output_file(FLAGS.output, overwrite=FLAGS.overwrite)
-    restored = shipped.load(FLAGS.model, conv_impl=FLAGS.conv_impl)
-    path = export_restored(
-        restored,
-        FLAGS.output,
-        tta=FLAGS.tta,
-        platforms=tuple(FLAGS.platforms),
-        overwrite=FLAGS.overwrite,
-    )
-    source = f"the shipped model {FLAGS.model}"
-  size = path.stat().st_size / 2**20
-  print(f"Exported {source} to {path} ({size:.1f} MiB)")
-
-
-if __name__ == "__main__":
-  define_flags()
-  cli.run(main)

@@ -67,7 +67,7 @@ code; `difference` = predicted - reference.
 
 Gamma (`gamma_maps`, `gamma_pass_rates`; `gamma_map`, `gamma_pass_rate`
 for one criterion): global gamma of the prediction (evaluated dose) against
-the reference, computed (`gamma_impl`) by `randose_jax.gamma` (JAX, the
+the reference, computed (`gamma_impl`) by `randose_jax.scoring.gamma` (JAX, the
 default: pymedphys's search vectorised, the same values up to float32
 rounding, well under a second per 128^3 patient for both criteria on 2 CPU
 cores; benchmarks/NOTES.md, "Gamma in JAX") or by `pymedphys.gamma` itself
@@ -100,7 +100,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
-from randose_jax import evaluation
+from randose_jax.scoring import dose_dvh as evaluation
 from randose_jax import fileio
 from randose_jax.conventions import OAR_NAMES, ROI_NAMES, TARGET_NAMES
 from randose_jax.data import openkbp
@@ -122,7 +122,7 @@ DEFAULT_V_DOSES_GY = (20.0, 30.0, 40.0, 50.0)
 GAMMA_CRITERIA = ((3.0, 3.0), (2.0, 2.0))
 GAMMA_CUTOFF_PERCENT = 10.0
 GAMMA_ROI = "possible_dose_mask"
-# Who computes the gamma index: randose_jax.gamma, or pymedphys itself.
+# Who computes the gamma index: randose_jax.scoring.gamma, or pymedphys itself.
 GAMMA_IMPLS = ("jax", "pymedphys")
 
 UNIT_GY = "Gy"
@@ -443,7 +443,7 @@ def gamma_maps(
     region: bool (D, H, W) or None: only the points inside it are evaluated
       (e.g. the planes a figure shows, `viz.view_planes`); the normalisation
       and the low-dose threshold stay those of the whole mask.
-    gamma_impl: "jax" (`randose_jax.gamma`) or "pymedphys"; the same values
+    gamma_impl: "jax" (`randose_jax.scoring.gamma`) or "pymedphys"; the same values
       up to float32 rounding, except below 1 with `stop_at_pass` (where
       each stops its search differs).
 
@@ -482,7 +482,7 @@ def gamma_maps(
   if not points.any():
     return [np.full(reference.shape, np.nan) for _ in criteria]
   if gamma_impl == "jax":
-    from randose_jax import gamma  # pylint: disable=g-import-not-at-top
+    from randose_jax.scoring import gamma  # pylint: disable=g-import-not-at-top
 
     return gamma.gamma_index(
         reference,

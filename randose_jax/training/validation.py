@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from randose_jax import distributed
-from randose_jax import evaluation
+from randose_jax.scoring import dose_dvh as evaluation
 from randose_jax import fileio
 from randose_jax.data import openkbp
 
@@ -126,13 +126,6 @@ def evaluate(
   return ModelEvaluator(
       eval_cache, tta=tta, max_patients=max_patients, write_dir=write_dir
   ).run(predictor)
-
-
-def evaluate_baseline(
-    eval_cache, dose_gy: float, *, max_patients: int = 0
-) -> dict:
-  """`BaselineEvaluator(...).run()` in one call."""
-  return BaselineEvaluator(eval_cache, dose_gy, max_patients=max_patients).run()
 
 
 def mean_training_dose(train_cache) -> float:

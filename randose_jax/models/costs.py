@@ -1,84 +1,25 @@
-r"""Parameters and forward FLOPs of the configured network, without running it.
-
-  python -m randose_jax.summary --config=configs/openkbp.py[:variant] \
-      [--grid=128] [--json]
-
-Prints the parameter count of each top-level module (stem_*, encoder_s, pi_s,
-up_s, af_s, decoder_s, head), per kind and in total, and the forward GFLOPs of
-one sample (batch 1) at a grid^3 input. Nothing is executed: parameters come
-from `jax.eval_shape` of `init`, FLOPs from XLA's cost analysis of the lowered
-forward (`jax.jit(apply).lower(...).cost_analysis()`, HLO before optimisation;
-`--compile` uses the compiled executable's instead), cross-checked against an
-analytic count of the convolutions in the forward's jaxpr
-(2 * Cin * Cout * valid kernel taps per output voxel, per conv; padding taps
-excluded, as XLA counts them). With --json the last line printed is a JSON
-object with at least `params` and `gflops_per_sample`.
+"""What the network costs, without running it: parameters per module and
+kind, forward FLOPs (XLA's cost analysis, cross-checked against an analytic
+count of the convolutions in the forward's jaxpr) and each conv layer's plan
+(`randose_jax.ops.conv_planner`). The command is `randose-summary`
+(`randose_jax/cli/summary.py`).
 """
 
 import collections
-import json
 import re
 import time
 from typing import Any, Callable, Sequence
 
-from absl import app
-from absl import flags
 import flax.linen as nn
 import jax
 from jax.extend import core as jex_core
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 
-from randose_jax import cli
-from randose_jax import logs
 from randose_jax import models
 from randose_jax.conventions import INPUT_CHANNELS
 from randose_jax.models import conv as conv_lib
-
-FLAGS = flags.FLAGS
-
-
-def define_flags(flag_values: flags.FlagValues = FLAGS):
-  """Command-line flags (defined only when run as a program, so library
-  modules can be imported together without clashing flag names)."""
-  config_flags.DEFINE_config_file(
-      "config",
-      None,
-      "Config file, e.g. configs/openkbp.py:row3.",
-      lock_config=True,
-      flag_values=flag_values,
-  )
-  flags.DEFINE_integer(
-      "grid", 128, "Edge of the cubic input grid.", flag_values=flag_values
-  )
-  flags.DEFINE_bool(
-      "json",
-      False,
-      "Print a JSON object as the last line.",
-      flag_values=flag_values,
-  )
-  flags.DEFINE_bool(
-      "compile",
-      False,
-      "Take FLOPs from the compiled "
-      "executable (slower) instead of the lowered HLO.",
-      flag_values=flag_values,
-  )
-  flags.DEFINE_bool(
-      "plan",
-      False,
-      "Print how each conv layer is computed "
-      "here (config.model.conv_impl) instead of the summary.",
-      flag_values=flag_values,
-  )
-  flags.DEFINE_integer(
-      "batch",
-      1,
-      "Batch size of --plan (the plan depends "
-      "on it; training uses config.batch_size).",
-      flag_values=flag_values,
-  )
+from randose_jax.ops import conv_planner
 
 
 def abstract_inputs(grid: Sequence[int], batch: int = 1) -> dict[str, Any]:
@@ -261,8 +202,8 @@ def conv_plan(
     model_config, grid: Sequence[int] | int = 128, batch: int = 1
 ) -> list[dict[str, Any]]:
   """How each k^3 conv (k > 1) of `create_model(model_config)` is computed on
-  this backend (`conv.plan_conv` under `model_config.conv_impl`), in network
-  order: one dict per conv layer (`conv.plan_record`: input shape, kernels,
+  this backend (`conv_planner.plan_conv` under `model_config.conv_impl`), in network
+  order: one dict per conv layer (`conv_planner.plan_record`: input shape, kernels,
   cout, algorithm, tile, estimated seconds), from a trace (nothing runs).
   Every plan is made by `conv.Conv.plan`, which this intercepts; 1x1x1 convs
   are always direct and not listed."""
@@ -281,7 +222,7 @@ def conv_plan(
       x_shape, kernel_groups = args
       if max(max(g) for g in kernel_groups) > 1:
         records.append(
-            conv_lib.plan_record(
+            conv_planner.plan_record(
                 layer.impl,
                 x_shape,
                 kernel_groups,
@@ -334,39 +275,3 @@ def format_summary(summary: dict[str, Any]) -> str:
       f"{summary['analytic_conv_gflops_per_sample']:,.1f} GFLOPs",
   ]
   return "\n".join(lines)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if FLAGS.config is None:
-    raise app.UsageError("--config is required, e.g. configs/openkbp.py")
-  logs.quiet_library_logs()
-  factor = 2 ** (len(FLAGS.config.model.widths) - 1)
-  if FLAGS.grid < factor or FLAGS.grid % factor:
-    raise app.UsageError(
-        f"--grid={FLAGS.grid}: must be a positive multiple of {factor} (the "
-        f"{len(FLAGS.config.model.widths)}-stage network halves the grid "
-        f"{len(FLAGS.config.model.widths) - 1} times)"
-    )
-  if FLAGS.batch < 1:
-    raise app.UsageError(f"--batch={FLAGS.batch}: must be at least 1")
-  if FLAGS.plan:
-    print(
-        f"conv plan, conv_impl={FLAGS.config.model.conv_impl!r}, backend "
-        f"{jax.default_backend()}, batch {FLAGS.batch}, {FLAGS.grid}^3 "
-        "(estimates are CPU forward seconds; conv.plan_conv):"
-    )
-    print(
-        format_conv_plan(conv_plan(FLAGS.config.model, FLAGS.grid, FLAGS.batch))
-    )
-    return
-  summary = summarize(FLAGS.config.model, FLAGS.grid, FLAGS.compile)
-  print(format_summary(summary))
-  if FLAGS.json:
-    print(json.dumps(summary))
-
-
-if __name__ == "__main__":
-  define_flags()
-  cli.run(main)

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from randose_jax import conventions
-from randose_jax import inference
-from randose_jax import predictor as predictor_lib
+from randose_jax.inference import forward as inference
+from randose_jax.inference import predictor as predictor_lib
 from randose_jax.data import distances
 from randose_jax.data import encoding
 
