@@ -1,7 +1,10 @@
-"""Progress on stderr (issue 24 item 2): `progress.Counter` counts each
-patient done as it is done: a live line where stderr is a terminal, one
-plain line per patient elsewhere, with done / total, the rate and the time
-left."""
+"""Progress on stderr (issue 24 item 2): the commands that go through
+patients (evaluate with or without --clinical / --report, predict,
+dicom_import, the cache builds of training and of `transport unpack`, and
+`transport pack` / `check`) count each patient done as it is done: a live
+line where stderr is a terminal (or with --progress), one plain line per
+patient elsewhere (or with --progress=false), with done / total, the rate
+and the time left."""
 
 import io
 import logging
@@ -9,11 +12,23 @@ import re
 import sys
 import threading
 import time
+import types
 
+import numpy as np
 import pytest
 
+from randose_jax import clinical
+from randose_jax import evaluate
+from randose_jax import predict
 from randose_jax import progress
+from randose_jax.data import cache as cache_lib
 from randose_jax.data import openkbp
+from randose_jax.data import phantoms
+from randose_jax.data import prepare
+from randose_jax.data import transport
+from randose_jax.default_config import get_default_config
+from tests.test_evaluation import write_predictions
+from tests.test_fault_table import run_in_process
 
 # One plain line (written here, independently of randose_jax/progress.py).
 LINE = re.compile(
@@ -226,3 +241,326 @@ def test_a_failing_patient_is_not_counted_and_the_line_is_ended():
       counter.done("pt_1")
       raise openkbp.DataError("pt_2.csv: bad")
   assert [m["k"] for m in plain_lines(lines.getvalue())] == ["1"]
+
+
+# ------------------------------------------------------------- evaluate
+
+
+@pytest.fixture
+def folders(phantom_split, tmp_path):
+  preds = tmp_path / "predictions"
+  write_predictions(phantom_split, preds)
+  return phantom_split, preds
+
+
+NAMES = ["pt_1", "pt_2", "pt_3", "pt_4"]  # phantom_split's patients
+
+
+@pytest.mark.parametrize("read_ahead", [0, 2])
+def test_evaluate_folders_prints_each_patient_when_done(
+    folders, read_ahead, capsys
+):
+  seen = []  # stderr written before each patient's on_patient
+  capsys.readouterr()
+  evaluate.evaluate_folders(
+      *folders,
+      read_ahead=read_ahead,
+      on_patient=lambda p, d: seen.append(capsys.readouterr().err),
+  )
+  last = capsys.readouterr().err
+  assert seen[0] == ""
+  for k in range(1, 4):  # just the patient before, counted
+    assert [m["name"] for m in plain_lines(seen[k])] == [NAMES[k - 1]]
+  assert_counts("".join(seen) + last, "evaluate", NAMES)
+
+
+def test_evaluate_folders_on_a_terminal_is_live(folders, monkeypatch):
+  terminal = FakeTerminal()
+  monkeypatch.setattr(sys, "stderr", terminal)
+  evaluate.evaluate_folders(*folders)
+  monkeypatch.undo()
+  assert_live(terminal.getvalue(), "evaluate", 4)
+  assert "patient/s, pt_4" in terminal.getvalue()  # (80 columns)
+
+
+@pytest.mark.parametrize("flag", [[], ["--progress=false"]])
+def test_evaluate_command_one_line_per_patient(folders, flag, capfd):
+  reference, preds = folders
+  code, out, err = run_in_process(
+      "evaluate",
+      [f"--reference={reference}", f"--predictions={preds}", *flag],
+      capfd,
+  )
+  assert code == 0, err
+  assert out.startswith("dose score: ")
+  assert_counts(err, "evaluate", NAMES)
+
+
+def test_evaluate_command_progress_true_is_live_elsewhere(folders, capfd):
+  reference, preds = folders
+  code, _, err = run_in_process(
+      "evaluate",
+      [f"--reference={reference}", f"--predictions={preds}", "--progress"],
+      capfd,
+  )
+  assert code == 0, err
+  assert_live(err, "evaluate", 4)
+
+
+def test_evaluate_clinical_and_report_count_each_patient_after_its_steps(
+    folders, tmp_path, monkeypatch, capfd
+):
+  """Each patient's line comes after its clinical metrics (and report
+  part), before the next patient's: within the run, not at its end."""
+  reference, preds = folders
+  seen = []  # (patient, stderr since the previous clinical step)
+  real = clinical.ClinicalEvaluator.add
+
+  def add(self, patient, dose):
+    seen.append((patient.patient_id, capfd.readouterr().err))
+    return real(self, patient, dose)
+
+  monkeypatch.setattr(clinical.ClinicalEvaluator, "add", add)
+  code, _, err = run_in_process(
+      "evaluate",
+      [
+          f"--reference={reference}",
+          f"--predictions={preds}",
+          f"--clinical={tmp_path / 'clinical'}",
+          f"--report={tmp_path / 'report.html'}",
+          "--gamma=false",
+          "--progress=false",
+      ],
+      capfd,
+  )
+  assert code == 0, err
+  assert [p for p, _ in seen] == NAMES
+  assert seen[0][1] == ""
+  for k in range(1, 4):
+    assert [m["name"] for m in plain_lines(seen[k][1])] == [NAMES[k - 1]]
+  assert_counts("".join(e for _, e in seen) + err, "evaluate", NAMES)
+  assert (tmp_path / "report.html").is_file()
+
+
+def test_evaluate_failure_keeps_the_lines_then_one_error(folders, capfd):
+  reference, preds = folders
+  (preds / "pt_3.csv").write_text("0,1.0\nbroken\n")
+  code, _, err = run_in_process(
+      "evaluate", [f"--reference={reference}", f"--predictions={preds}"], capfd
+  )
+  assert code == 2, err
+  *counted, last = err.splitlines()
+  assert last.startswith(f"error: {preds / 'pt_3.csv'}"), err
+  assert [m["name"] for m in plain_lines("\n".join(counted))] == NAMES[:2]
+
+
+# ---------------------------------------------------------------- predict
+
+
+class _Predictor:
+  """Stands in for a model: the possible-dose mask at 60 Gy."""
+
+  def predict_doses(self, patients, tta):
+    del tta
+    return [np.where(p.possible_dose_mask, 60.0, 0.0) for p in patients]
+
+
+FAKE_RUN = types.SimpleNamespace(
+    config=None, predictor=_Predictor(), which="latest", step=4, uses_ema=False
+)
+
+
+def test_predict_patients_prints_each_patient_when_done(
+    phantom_split, tmp_path, capsys
+):
+  seen = []  # (stdout line, stderr before it)
+  capsys.readouterr()
+  summary = predict.predict_patients(
+      FAKE_RUN,
+      openkbp.list_patient_dirs(phantom_split),
+      tmp_path / "out",
+      log=lambda line: seen.append((line, capsys.readouterr().err)),
+  )
+  last = capsys.readouterr().err
+  assert summary["num_patients"] == 4
+  assert [line.split(":")[0] for line, _ in seen] == NAMES
+  assert seen[0][1] == ""
+  for k in range(1, 4):
+    assert [m["name"] for m in plain_lines(seen[k][1])] == [NAMES[k - 1]]
+  assert_counts("".join(e for _, e in seen) + last, "predict", NAMES)
+
+
+@pytest.mark.parametrize("flag", [[], ["--progress=false"], ["--progress"]])
+def test_predict_command(phantom_split, tmp_path, flag, monkeypatch, capfd):
+  monkeypatch.setattr(predict.restore, "check_workdir", lambda w: w)
+  monkeypatch.setattr(
+      predict.restore, "restore_from_workdir", lambda *a, **k: FAKE_RUN
+  )
+  code, out, err = run_in_process(
+      "predict",
+      [
+          f"--workdir={tmp_path / 'run'}",
+          f"--patients={phantom_split}",
+          f"--output={tmp_path / 'out'}",
+      ]
+      + flag,
+      capfd,
+  )
+  assert code == 0, err
+  for name in NAMES:  # the patient's own line stays on stdout
+    assert f"\n{name}: max 60.00 Gy" in out, out
+  if flag == ["--progress"]:
+    assert_live(err, "predict", 4)
+  else:
+    assert_counts(err, "predict", NAMES)
+
+
+# ----------------------------------------------------------- dicom_import
+
+
+def test_dicom_import_command(tmp_path, capfd):
+  from randose_jax.dicom import synthetic  # pylint: disable=g-import-not-at-top
+
+  for seed, pid in enumerate(("SYN001", "SYN002")):
+    synthetic.write_patient(
+        tmp_path / "dicom" / pid,
+        shape=(12, 72, 72),
+        spacing=(3.0, 2.2, 2.2),
+        seed=seed,
+        patient_id=pid,
+    )
+  names = ["pt_SYN001", "pt_SYN002"]
+  for k, flag in enumerate(([], ["--progress=false"], ["--progress"])):
+    code, out, err = run_in_process(
+        "dicom_import",
+        [
+            f"--input={tmp_path / 'dicom'}",
+            f"--output={tmp_path / f'out{k}'}",
+            "--grid_shape=24,24,12",
+            *flag,
+        ],
+        capfd,
+    )
+    assert code == 0, err
+    assert "2 patient folder(s) written" in out
+    if flag == ["--progress"]:
+      assert_live(err, "dicom_import", 2)
+    else:
+      assert_counts(err, "dicom_import", names)
+
+
+# ------------------------------------------------------------ the caches
+
+
+def test_build_cache_counts_the_patients_it_builds(
+    phantom_split, tmp_path, capsys
+):
+  dirs = openkbp.list_patient_dirs(phantom_split)
+  folder = tmp_path / "train-pats"
+  data = get_default_config().data
+  warnings = []
+  logger = logging.getLogger("tests.test_progress.cache")
+  logger.propagate = False
+  handler = logging.Handler()
+  handler.emit = lambda record: warnings.append(record.getMessage())
+  logger.addHandler(handler)
+  try:
+    capsys.readouterr()
+    cache_lib.build_cache(dirs, folder, data, logger)
+    assert_counts(capsys.readouterr().err, "cache train-pats", NAMES)
+    cache_lib.build_cache(dirs, folder, data, logger)  # all reused
+    assert capsys.readouterr().err == ""  # nothing to count
+    next(folder.glob("pt_3-*.npz")).unlink()
+    cache_lib.build_cache(dirs, folder, data, logger, progress=False)
+    assert_counts(capsys.readouterr().err, "cache train-pats", ["pt_3"])
+  finally:
+    logger.removeHandler(handler)
+    logger.propagate = True
+  assert len(warnings) == 1 and "rebuilding it" in warnings[0], warnings
+
+
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_training_cache_build_follows_progress_bar(
+    progress_bar, tmp_path, capsys
+):
+  from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
+
+  config = tiny_config(progress_bar=progress_bar)
+  capsys.readouterr()
+  train_cache, eval_cache, _ = prepare.prepare_data(config, tmp_path)
+  err = capsys.readouterr().err
+  if not progress_bar:
+    assert err == ""
+    return
+  lines = err.splitlines()
+  n_train, n_eval = len(train_cache), len(eval_cache)
+  assert_counts(
+      "\n".join(lines[:n_train]), "cache train-pats", train_cache.patient_ids
+  )
+  assert_counts(
+      "\n".join(lines[n_train:]),
+      "cache validation-pats",
+      eval_cache.patient_ids,
+  )
+  assert len(lines) == n_train + n_eval
+
+
+def test_transport_commands(tmp_path, capfd):
+  root = tmp_path / "root"
+  phantoms.write_phantoms(root / "train-pats", 3, grid=16, seed=0)
+  phantoms.write_phantoms(
+      root / "validation-pats", 1, grid=16, seed=1, first_id=4
+  )
+  archive = tmp_path / "a.rdt"
+  both = [
+      "train-pats/pt_1",
+      "train-pats/pt_2",
+      "train-pats/pt_3",
+      "validation-pats/pt_4",
+  ]
+  code, _, err = run_in_process(
+      "data.transport",
+      ["pack", f"--root={root}", f"--archive={archive}"],
+      capfd,
+  )
+  assert code == 0, err
+  assert_counts(err, "pack", both)
+  code, _, err = run_in_process(
+      "data.transport",
+      [
+          "unpack",
+          f"--archive={archive}",
+          f"--cache_dir={tmp_path / 'c'}",
+          "--progress=false",
+      ],
+      capfd,
+  )
+  assert code == 0, err
+  lines = err.splitlines()
+  assert_counts(
+      "\n".join(lines[:3]), "unpack train-pats", ["pt_1", "pt_2", "pt_3"]
+  )
+  assert_counts("\n".join(lines[3:]), "unpack validation-pats", ["pt_4"])
+  code, out, err = run_in_process(
+      "data.transport",
+      ["check", f"--archive={archive}", f"--root={root}"],
+      capfd,
+  )
+  assert code == 0, err
+  assert "4 patients equal to the CSVs" in out
+  assert_counts(err, "check", both)
+
+
+def test_unpack_to_cache_on_a_terminal_is_live(tmp_path, monkeypatch):
+  root = tmp_path / "root"
+  phantoms.write_phantoms(root / "train-pats", 2, grid=16, seed=0)
+  transport.pack(
+      root, tmp_path / "a.rdt", splits=["train-pats"], progress="off"
+  )
+  terminal = FakeTerminal()
+  monkeypatch.setattr(sys, "stderr", terminal)
+  transport.unpack_to_cache(
+      tmp_path / "a.rdt", tmp_path / "c", get_default_config().data
+  )
+  monkeypatch.undo()
+  assert_live(terminal.getvalue(), "unpack train-pats", 2)
