@@ -171,6 +171,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   )
   config.eval_tta = False  # 4-flip test-time augmentation at prediction
   config.max_eval_patients = 0  # 0 = all validation patients
+  # A live bar of the steps on stderr; the cache build's patients too (a
+  # live line on a terminal, one line per patient elsewhere). False: neither.
   config.progress_bar = True
   # Resume order: a checkpoint in the workdir wins, then this one, then scratch.
   config.init_checkpoint = ""  # a workdir or a checkpoint step folder

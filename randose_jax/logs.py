@@ -10,9 +10,13 @@ a file (training: `<workdir>/library.log`). `--verbosity` on the command
 line, or RANDOSE_VERBOSE_LIBRARIES=1, shows them again.
 
 `console_warnings_only` goes further for the command-line tools: they print
-their progress on stdout, so the console log (stderr) keeps warnings and
-errors only, and a failed command's stderr is its one error line. Pass
-`--verbosity=0` (or set RANDOSE_VERBOSE_LIBRARIES) to see the INFO lines.
+their results on stdout and their progress through the patients on stderr
+(`progress.py`: a live line on a terminal, else one line per patient), so
+the console log (stderr) keeps warnings and errors only, and a failed
+command's stderr ends with its one error line (after the progress lines of
+the patients done before it failed). Pass `--verbosity=0` (or set
+RANDOSE_VERBOSE_LIBRARIES) to see the INFO lines; while the live progress
+line is up, log lines are written above it.
 """
 
 import logging as py_logging

@@ -215,6 +215,11 @@ def test_command_line_check_and_errors(small_root, archive, tmp_path, capsys):
       )
       == 0
   )  # in worker processes
+  # Progress on stderr (not a terminal here): one line per patient unpacked.
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 2, err
+  assert err[0].startswith("unpack train-pats: 1/1 pt_"), err
+  assert err[1].startswith("unpack validation-pats: 1/1 pt_"), err
   config = default_config.get_default_config()
   assert (
       len(

@@ -614,6 +614,14 @@ def test_cli_end_to_end(phantom_split, tmp_path):
   )
   assert table['abs_error'].mean() == pytest.approx(dvh_score, rel=RTOL)
   assert not list(tmp_path.rglob('.*.tmp'))  # atomic writes left nothing
+  # The progress on stderr (a pipe here, not a terminal): one line per
+  # patient, counted in order, with its rate and the time left.
+  ids = [d.name for d in openkbp.list_patient_dirs(phantom_split)]
+  progress = done.stderr.splitlines()
+  assert [l.split(' done, ')[0] for l in progress] == [
+      f'evaluate: {k}/{len(ids)} {pid}' for k, pid in enumerate(ids, 1)
+  ], done.stderr
+  assert all(' s/patient, ' in l for l in progress), done.stderr
 
 
 def test_cli_error_exits_with_message(phantom_split, tmp_path):

@@ -7,8 +7,10 @@ the fault as that tool meets it, or why the fault cannot reach that tool
 (`NA`). Every fault that can reach a tool must give:
 
   * exit status 2;
-  * exactly one line on stderr, `error: ...`, naming the file (and the line
-    of the file where there is one);
+  * exactly one error line on stderr, `error: ...`, naming the file (and the
+    line of the file where there is one); before it only the progress lines
+    of the patients done before the fault (randose_jax/progress.py: one
+    line per patient where stderr is not a terminal);
   * the input folders and the output folders byte-identical to before
     (nothing half-written: no partial cache, no earlier patients' CSVs, no
     temporary files).
@@ -44,7 +46,7 @@ a tool that wrote as it went would leave the earlier patients' files behind;
 for `dicom_import`, into the last of the two synthetic DICOM patients of
 --input (SYN002; `dicom_row`): IPP = ImagePositionPatient, TS = the file
 meta's TransferSyntaxUID. The rows run in-process (each tool's `main` with
-its flags parsed by `cli.invoke`, which is what `cli.run` does in the real
+its flags parsed by `helpers.invoke`, which is what `cli.run` does in the real
 program); a few rows run as real processes too (`test_real_process`).
 """
 
@@ -56,6 +58,7 @@ import errno
 import hashlib
 import importlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -930,7 +933,7 @@ def test_the_table_covers_every_tool_and_fault():
 
 def run_in_process(tool: str, args: list, capfd) -> tuple[int, str, str]:
   """`python -m randose_jax.<tool> ARGS`, in this process: the tool's flags
-  in a fresh FlagValues, parsed and run by `cli.invoke` (what `cli.run`
+  in a fresh FlagValues, parsed and run by `helpers.invoke` (what `cli.run`
   does). Returns (exit status, stdout, stderr)."""
   module = importlib.import_module(helpers.command_module(tool))
   # ml_collections loads --config as the module 'config_config' with the
@@ -950,10 +953,32 @@ def run_in_process(tool: str, args: list, capfd) -> tuple[int, str, str]:
   return code, out, err
 
 
+# A progress line of a patient done (randose_jax/progress.py, stderr not a
+# terminal): label, count / total, the patient.
+PROGRESS_LINE = re.compile(
+    r"[\w -]+: (\d+)/(\d+) \S+ done, [\d.]+ s/patient, "
+    r"(about .+ left|.+ in all)"
+)
+
+
+def error_lines(err: str) -> list[str]:
+  """The lines of `err` that are not progress lines; each progress line
+  counts a patient below or at its total."""
+  rest = []
+  for text in err.splitlines():
+    m = PROGRESS_LINE.fullmatch(text)
+    if m is None:
+      rest.append(text)
+    else:
+      assert 0 < int(m[1]) <= int(m[2]), err
+  return rest
+
+
 def check_failure(code, err, named, line, before, after):
   assert code == 2, err
-  lines = err.splitlines()
+  lines = error_lines(err)
   assert len(lines) == 1, err
+  assert err.splitlines()[-1] == lines[0], err  # the last line
   assert lines[0].startswith("error: "), err
   assert str(named) in lines[0], (named, err)
   if line is not None:
@@ -1196,7 +1221,14 @@ def test_ctrl_c_leaves_no_output(tool, world, monkeypatch, capfd):
   before = snapshot(world.out)
   code, _, err = run_in_process(tool, args, capfd)
   assert code == 130, err
-  assert err == (
-      "interrupted by SIGINT; no output was left half-written\n"
+  assert error_lines(err) == [
+      "interrupted by SIGINT; no output was left half-written"
+  ], err
+  assert err.endswith("half-written\n"), err
+  # At most the first patient was counted done, not the one interrupted.
+  assert all(
+      int(m[1]) == 1
+      for m in map(PROGRESS_LINE.fullmatch, err.splitlines())
+      if m is not None
   ), err
   assert snapshot(world.out) == before

@@ -18,9 +18,12 @@
 - SIGINT (Ctrl-C) and SIGTERM stop the command (`interrupts`): one line
   on stderr, exit status 130 / 143, no output half-written (training saves
   a checkpoint first and says how to resume).
-- The console shows warnings and errors of the logging; this library's
-  progress goes to stdout. `--verbosity=0` (or RANDOSE_VERBOSE_LIBRARIES=1)
-  shows the INFO log lines too.
+- The console shows warnings and errors of the logging; the results go to
+  stdout, the progress through the patients to stderr (`progress.py`; a
+  live line on a terminal, else one line per patient, also with
+  `--progress=false`), before the error line of a command that fails.
+  `--verbosity=0` (or RANDOSE_VERBOSE_LIBRARIES=1) shows the INFO log
+  lines too.
 
 `tests/helpers.py`'s `invoke` does the same in-process (tests).
 """

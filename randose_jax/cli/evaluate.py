@@ -4,7 +4,8 @@ r"""Scores a folder of predicted doses with the official OpenKBP metrics.
       --reference=provided-data/validation-pats --predictions=predictions/ \
       [--json=scores.json] [--per_roi=per_roi.csv] [--plots=DIR] \
       [--clinical=DIR] [--report=report.html] [--clinical_v_gy=20,30,40,50]
-      [--gamma=false] [--gamma_subsample=1.0] [--gamma_impl=jax]
+      [--gamma=false] [--gamma_subsample=1.0] [--gamma_impl=jax] \
+      [--progress=false]
 
 --reference holds the patients (`pt_*/` folders with dose.csv); --predictions
 holds one `pt_*.csv` per patient, the submission format. Prints the dose score,
@@ -29,6 +30,13 @@ highlighted), the DVH overlay, the dose and difference slices and a gamma map
 on the same planes; it is replaced if it exists. Patients are scored one at
 a time, in id order, while two threads read the next ones.
 
+Progress goes to stderr, each patient counted once all of the above is done
+for it (`randose_jax/progress.py`): a live line on a terminal (patients
+done / total, time left, what the patient at work is at), one line per
+patient elsewhere or with --progress=false:
+
+  evaluate: 3/6 pt_203 done, 41.2 s/patient, about 2 min left
+
 The output paths are checked before any scoring, and the outputs are written
 only when every patient has been scored (plots are staged until then): a
 failed run leaves them as they were. A bad reference or prediction file, or
@@ -51,6 +59,7 @@ from randose_jax.cli import common as cli
 from randose_jax.scoring import clinical
 from randose_jax.scoring import dose_dvh as evaluation
 from randose_jax import fileio
+from randose_jax import progress as progress_lib
 from randose_jax.scoring import report
 from randose_jax.data import openkbp
 
@@ -164,6 +173,14 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
       'the pass rate becomes an estimate).',
       flag_values=flag_values,
   )
+  flags.DEFINE_boolean(
+      'progress',
+      None,
+      'Show the progress on stderr as a live line (patients done / total, '
+      'time left; default: where stderr is a terminal); false: one plain '
+      'line per patient.',
+      flag_values=flag_values,
+  )
 
 
 # Called with each reference patient and its prediction (Gy) once scored, e.g.
@@ -246,6 +263,7 @@ def evaluate_folders(
     *,
     on_patient: Optional[PatientCallback] = None,
     read_ahead: int = READ_AHEAD,
+    progress: progress_lib.Mode = None,
 ) -> evaluation.EvaluationResult:
   """Scores every prediction of `predictions_dir` against `reference_dir`.
 
@@ -256,6 +274,11 @@ def evaluate_folders(
   without it, each reference is read as voxel lists and its ct.csv is not
   read (scoring needs neither a dense volume nor the CT). The first bad
   patient in id order is the error raised, as if read in turn.
+
+  Each patient is counted done on stderr after `on_patient` returned
+  (`progress.Counter`, label 'evaluate'; `progress`: None live on a
+  terminal and one line per patient elsewhere, True live, False lines,
+  'off' nothing).
 
   Raises:
     DataError: see `match_patients`, or a bad patient or prediction file.
@@ -278,15 +301,18 @@ def evaluate_folders(
       if read_ahead > 0
       else None
   )
+  counter = progress_lib.Counter('evaluate', len(pairs), progress)
   try:
     pending = []  # futures of the next patients, in order
-    for i, (_, prediction_path) in enumerate(pairs):
+    for i, (patient_dir, prediction_path) in enumerate(pairs):
+      counter.doing(f'{patient_dir.name}: reading')
       if executor is None:
         patient, prediction = read(pairs[i])
       else:
         while len(pending) < read_ahead + 1 and (i + len(pending) < len(pairs)):
           pending.append(executor.submit(read, pairs[i + len(pending)]))
         patient, prediction = pending.pop(0).result()
+      counter.doing(f'{patient.patient_id}: scoring')
       try:
         error = evaluator.add(patient, prediction)
       except ValueError as e:
@@ -294,7 +320,9 @@ def evaluate_folders(
       logging.info('%s: dose error %.4f Gy', patient.patient_id, error)
       if on_patient is not None:
         on_patient(patient, prediction)
+      counter.done(patient.patient_id)
   finally:
+    counter.close()
     if executor is not None:
       executor.shutdown(wait=True, cancel_futures=True)
   return evaluator.result()
@@ -403,35 +431,61 @@ def main(argv):
   ):
     if builder is not None:
       stack.enter_context(builder)
-    callbacks = []
+    callbacks = []  # (what the live progress line says, callback)
     if FLAGS.plots:
       from randose_jax import viz  # pylint: disable=g-import-not-at-top
 
       plots = stage.dir(FLAGS.plots)
       callbacks.append(
-          lambda patient, dose: viz.write_patient_plots(patient, dose, plots)
+          (
+              'plots',
+              lambda patient, dose: viz.write_patient_plots(
+                  patient, dose, plots
+              ),
+          )
       )
     clinical_evaluator = None
     if FLAGS.clinical:
       clinical_evaluator = clinical.ClinicalEvaluator(clinical_settings)
+    # What the live line says while a patient is at these steps.
+    steps = ', '.join(
+        what
+        for what, wanted in (
+            ('clinical metrics', True),
+            ('gamma', clinical_settings and clinical_settings.gamma),
+            ('report', builder is not None),
+        )
+        if wanted
+    )
     if builder is not None:
       # With --clinical too, the report reuses the patient's metrics table.
       callbacks.append(
-          lambda patient, dose: builder.add(
-              patient,
-              dose,
-              None
-              if clinical_evaluator is None
-              else clinical_evaluator.add(patient, dose),
+          (
+              steps,
+              lambda patient, dose: builder.add(
+                  patient,
+                  dose,
+                  None
+                  if clinical_evaluator is None
+                  else clinical_evaluator.add(patient, dose),
+              ),
           )
       )
     elif clinical_evaluator is not None:
-      callbacks.append(clinical_evaluator.add)
+      callbacks.append((steps, clinical_evaluator.add))
     on_patient = None
     if callbacks:
-      on_patient = lambda patient, dose: [c(patient, dose) for c in callbacks]
+
+      def on_patient(patient, dose):
+        for what, callback in callbacks:
+          progress_lib.doing(f'{patient.patient_id}: {what}')
+          callback(patient, dose)
+
     result = evaluate_folders(
-        FLAGS.reference, FLAGS.predictions, on_patient=on_patient
+        FLAGS.reference,
+        FLAGS.predictions,
+        on_patient=on_patient,
+        progress=FLAGS.progress,
     )
     if FLAGS.json:
       write_json(

@@ -3,7 +3,7 @@ r"""Predict dose for patient folders with a trained workdir or a shipped model.
   python -m randose_jax.predict --workdir=runs/randose --patients=test-pats \
       --output=predictions [--checkpoint=best|latest|STEP] [--tta] \
       [--formats=csv,nifti,dicom] [--dicom_grid=crop|ct] [--plots=DIR] \
-      [--conv_impl=direct]
+      [--conv_impl=direct] [--progress=false]
   python -m randose_jax.predict --patients=test-pats --output=predictions \
       [--model=NAME]      # a model shipped in the package (randose_jax/inference/shipped.py)
 
@@ -23,6 +23,13 @@ Nothing is written until every patient has been read and checked and every
 prediction made: the files are staged beside --output and moved into place
 at the end, so a failed run (a bad patient, a full disk) leaves --output,
 the zip and --plots as they were. A problem is one `error:` line (exit 2).
+
+Each patient's line (maximum and mean dose) is printed on stdout; the
+progress goes to stderr (`randose_jax/progress.py`): a live line on a
+terminal (patients done / total, time left), one line per patient elsewhere
+or with --progress=false:
+
+  predict: 3/6 pt_203 done, 41.6 s/patient, about 2 min left
 """
 
 import errno
@@ -41,6 +48,7 @@ from randose_jax.scoring import dose_dvh as evaluation
 from randose_jax import fileio
 from randose_jax import interrupts
 from randose_jax import logs
+from randose_jax import progress as progress_lib
 from randose_jax.inference import restore
 from randose_jax.inference import shipped
 from randose_jax.data import openkbp
@@ -124,6 +132,14 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
       "memory of the CPU's FFT plan, and is slower there.",
       flag_values=flag_values,
   )
+  flags.DEFINE_bool(
+      "progress",
+      None,
+      "Show the progress on stderr as a live line (patients done / total, "
+      "time left; default: where stderr is a terminal); false: one plain "
+      "line per patient.",
+      flag_values=flag_values,
+  )
 
 
 FORMATS = ("csv", "nifti", "dicom")
@@ -198,13 +214,18 @@ def predict_patients(
     log=print,
     checked=False,
     dicom_grid="crop",
+    progress: progress_lib.Mode = None,
 ) -> dict:
   """Predicts each patient, writes the requested files; returns a summary.
 
   The outputs and every patient are checked first (`check_outputs`,
   `check_patients`; `checked=True` when the caller did), and the files are
   staged and moved into place only at the end: on any error the output
-  folder, the zip and the plots folder are as they were.
+  folder, the zip and the plots folder are as they were. `log` gets one
+  line per patient (its maximum and mean dose); each patient is counted
+  done on stderr (`progress.Counter`, label 'predict'; `progress`: None
+  live on a terminal and one line per patient elsewhere, True live, False
+  lines, 'off' nothing).
   """
   output_dir = pathlib.Path(output_dir)
   if not checked:
@@ -228,13 +249,19 @@ def predict_patients(
       "ema": restored.uses_ema,
       "output": str(output_dir),
   }
-  with fileio.StagedOutput(kind="predict") as stage:
+  with (
+      fileio.StagedOutput(kind="predict") as stage,
+      progress_lib.Counter("predict", len(patient_dirs), progress) as counter,
+  ):
     staged = stage.dir(output_dir)
     staged_plots = stage.dir(plots_dir) if plots_dir else None
     for d in patient_dirs:
       interrupts.check()  # a signal during the model work: stop here
+      counter.doing(f"{d.name}: reading")
       patient = openkbp.load_patient(d)
+      counter.doing(f"{d.name}: predicting{' (4-flip TTA)' if tta else ''}")
       (dose,) = predictor.predict_doses([patient], tta)
+      counter.doing(f"{d.name}: writing")
       if "csv" in formats:
         openkbp.write_prediction_csv(staged / f"{patient.patient_id}.csv", dose)
       extra = [f for f in formats if f != "csv"]
@@ -270,10 +297,13 @@ def predict_patients(
       if patient.dose is not None:
         evaluator.add(patient, dose)
         scored += 1
-      log(
-          f"{patient.patient_id}: max {dose.max():.2f} Gy, mean in mask "
-          f"{dose[patient.possible_dose_mask].mean():.2f} Gy"
-      )
+      interrupts.check()  # a signal during this patient: not counted
+      with counter.outside():
+        log(
+            f"{patient.patient_id}: max {dose.max():.2f} Gy, mean in mask "
+            f"{dose[patient.possible_dose_mask].mean():.2f} Gy"
+        )
+      counter.done(patient.patient_id)
     interrupts.check()  # one during the last patient: nothing is moved
     if "csv" in formats:
       zip_path = zip_path_of(output_dir)
@@ -349,6 +379,7 @@ def main(argv):
       overwrite=FLAGS.overwrite,
       checked=True,
       dicom_grid=FLAGS.dicom_grid,
+      progress=FLAGS.progress,
   )
   if "dose_score" in summary:
     print(f"dose score: {summary['dose_score']:.4f}")

@@ -51,6 +51,7 @@ from typing import Sequence
 import numpy as np
 
 from randose_jax import fileio
+from randose_jax import progress as progress_lib
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
 
@@ -289,6 +290,7 @@ def build_cache(
     cache_dir: str | os.PathLike,
     data_config,
     logger: logging.Logger | None = None,
+    progress: progress_lib.Mode = None,
 ) -> PatientCache:
   """Converts patient folders into a cache (or reuses a valid one).
 
@@ -297,6 +299,10 @@ def build_cache(
     cache_dir: the cache folder (created if needed).
     data_config: `config.data`; its encoding fields enter the cache key.
     logger: where rebuild warnings go (default: this module's logger).
+    progress: each patient file written (not those reused) counted done on
+      stderr (`progress.Counter`, label 'cache <folder name>'): None a live
+      line on a terminal and one line per patient elsewhere, True the live
+      line, False the lines, 'off' nothing.
 
   Returns:
     A `PatientCache` over the patients, in the given order.
@@ -315,6 +321,7 @@ def build_cache(
         Path(cache_dir),
         data_config,
         logger or logging.getLogger(__name__),
+        progress,
     )
 
 
@@ -329,7 +336,11 @@ def manifest_name(sources: Sequence[str], settings: dict) -> str:
 
 
 def _build_cache(
-    patient_dirs, cache_dir: Path, data_config, log: logging.Logger
+    patient_dirs,
+    cache_dir: Path,
+    data_config,
+    log: logging.Logger,
+    progress: progress_lib.Mode,
 ) -> PatientCache:
   cache_dir.mkdir(parents=True, exist_ok=True)
   settings = encoding_settings(data_config)
@@ -352,7 +363,9 @@ def _build_cache(
           e,
       )
 
-  entries = []
+  # Each patient's file reused, or to be built (None): the count to build
+  # is known before the first one is.
+  plan = []
   for patient_dir in patient_dirs:
     if not patient_dir.is_dir():
       raise openkbp.DataError(f"{patient_dir}: patient folder not found")
@@ -361,7 +374,9 @@ def _build_cache(
     path = cache_dir / file_name
     entry = known.get(key)
     if _file_ok(path, entry):
-      entries.append({**entry, "source": str(patient_dir.resolve())})
+      plan.append(
+          (patient_dir, key, {**entry, "source": str(patient_dir.resolve())})
+      )
       continue
     if entry is not None:
       log.warning(
@@ -373,11 +388,21 @@ def _build_cache(
           "build?); rebuilding it",
           path,
       )
-    data = patient_bytes(openkbp.load_sparse_patient(patient_dir))
-    with fileio.atomic_output(path, overwrite=True) as f:
-      f.write(data)
-    entries.append(
-        {
+    plan.append((patient_dir, key, None))
+
+  entries = []
+  to_build = sum(entry is None for _, _, entry in plan)
+  with progress_lib.Counter(
+      f"cache {cache_dir.name}", to_build, progress
+  ) as counter:
+    for patient_dir, key, entry in plan:
+      if entry is None:
+        counter.doing(f"{patient_dir.name}: reading")
+        file_name = f"{patient_dir.name}-{key[:16]}.npz"
+        data = patient_bytes(openkbp.load_sparse_patient(patient_dir))
+        with fileio.atomic_output(cache_dir / file_name, overwrite=True) as f:
+          f.write(data)
+        entry = {
             "patient_id": patient_dir.name,
             "source": str(patient_dir.resolve()),
             "key": key,
@@ -385,7 +410,8 @@ def _build_cache(
             "size": len(data),
             "crc32": zlib.crc32(data),
         }
-    )
+        counter.done(patient_dir.name)
+      entries.append(entry)
 
   manifest = {
       "format_version": FORMAT_VERSION,

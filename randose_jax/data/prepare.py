@@ -61,11 +61,16 @@ def prepare_data(config, workdir: pathlib.Path):
         "configs/demo.py for synthetic patients."
     )
   cache_root = pathlib.Path(data.cache_dir or workdir / "cache").expanduser()
+  # The patients built (not those reused) counted on stderr: a live line on
+  # a terminal, one line per patient elsewhere; none without progress_bar.
+  progress = None if config.get("progress_bar", True) else "off"
   caches = []
   for split in (data.train_split, data.eval_split):
     dirs = openkbp.list_patient_dirs(root / split)
     if jax.process_index() == 0:
-      cache_lib.build_cache(dirs, cache_root / split, data)
+      cache_lib.build_cache(dirs, cache_root / split, data, progress=progress)
     distributed.barrier(f"cache_{split}")
-    caches.append(cache_lib.build_cache(dirs, cache_root / split, data))
+    caches.append(
+        cache_lib.build_cache(dirs, cache_root / split, data, progress="off")
+    )
   return caches[0], caches[1], root / data.eval_split

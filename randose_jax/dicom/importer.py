@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from randose_jax import fileio
+from randose_jax import progress as progress_lib
 from randose_jax.conventions import AXIS_DIRECTIONS_LPS, CT_OFFSET, GRID_SHAPE, ROI_NAMES
 from randose_jax.data import openkbp
 from randose_jax.dicom import DicomError, geometry, rasterize, roi_names, series
@@ -703,7 +704,10 @@ def import_folder(
     mapper: ROI names (default table when None).
     shape, spacing: the import grid.
     overwrite: replace patient folders already in `output_dir` (whole).
-    progress: a tqdm bar over plans (None: only on a terminal).
+    progress: each plan counted done on stderr (`progress.Counter`, label
+      'dicom_import'): None a live line on a terminal and one line per
+      patient elsewhere, True the live line, False the lines, 'off'
+      nothing.
 
   Returns:
     One summary dict per patient folder (`import_plan`).
@@ -727,8 +731,6 @@ def import_folder(
 def _import_folder(
     input_dir, output_dir, mapper, *, shape, spacing, overwrite, progress
 ):
-  from tqdm import tqdm
-
   mapper = mapper or roi_names.RoiMapper()
   output_dir = Path(os.path.abspath(Path(output_dir).expanduser()))
   input_dir = Path(input_dir)
@@ -762,25 +764,23 @@ def _import_folder(
   staging = fileio.new_staging_dir(anchor, "dicom_import")
   try:
     rows = []
-    for plan in tqdm(
-        plans,
-        desc="patients",
-        unit="patient",
-        disable=None if progress is None else not progress,
-    ):
-      imported = import_plan(plan, mapper, shape=shape, spacing=spacing)
-      try:
-        write_patient_folder(staging / plan.folder, imported)
-      except OSError as e:  # name the user's path, not the staged one
-        staged = Path(e.filename) if e.filename is not None else None
-        if staged is None or e.errno is None or staging not in staged.parents:
-          raise
-        raise OSError(
-            e.errno,
-            e.strerror or os.strerror(e.errno),
-            str(output_dir / staged.relative_to(staging)),
-        ) from e
-      rows.append(imported.summary)
+    with progress_lib.Counter("dicom_import", len(plans), progress) as counter:
+      for plan in plans:
+        counter.doing(f"{plan.folder}: importing")
+        imported = import_plan(plan, mapper, shape=shape, spacing=spacing)
+        try:
+          write_patient_folder(staging / plan.folder, imported)
+        except OSError as e:  # name the user's path, not the staged one
+          staged = Path(e.filename) if e.filename is not None else None
+          if staged is None or e.errno is None or staging not in staged.parents:
+            raise
+          raise OSError(
+              e.errno,
+              e.strerror or os.strerror(e.errno),
+              str(output_dir / staged.relative_to(staging)),
+          ) from e
+        rows.append(imported.summary)
+        counter.done(plan.folder)
     output_dir.mkdir(parents=True, exist_ok=True)
     for plan in plans:
       final = output_dir / plan.folder

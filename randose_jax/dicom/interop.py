@@ -273,7 +273,7 @@ def _import_on_ct(src: Path, out: Path, spacing, shape) -> dict:
   from randose_jax.dicom import importer
 
   rows = importer.import_folder(
-      src, out, spacing=tuple(spacing), shape=tuple(shape), progress=False
+      src, out, spacing=tuple(spacing), shape=tuple(shape), progress="off"
   )
   return rows[0]
 
