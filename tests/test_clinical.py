@@ -29,6 +29,7 @@ import pytest
 
 from randose_jax.cli import common as cli
 from randose_jax.scoring import clinical
+from randose_jax.scoring import cohort
 from randose_jax.cli import evaluate
 from randose_jax.scoring import dose_dvh as evaluation
 from randose_jax.data import openkbp
@@ -695,9 +696,7 @@ def test_cli_failure_leaves_the_clinical_tables(
       clinical, 'gamma_available', lambda impl='pymedphys': impl == 'jax'
   )
   scored = []
-  monkeypatch.setattr(
-      evaluate, 'evaluate_folders', lambda *a, **k: scored.append(a)
-  )
+  monkeypatch.setattr(cohort, 'score_folders', lambda *a, **k: scored.append(a))
   code, err = invoke(
       capfd, monkeypatch, *inputs, f'--clinical={out}', '--gamma_impl=pymedphys'
   )

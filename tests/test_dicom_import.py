@@ -890,7 +890,7 @@ def test_predict_writes_the_rt_dose_in_the_patient_frame(
 ):
   import types
   from randose_jax import default_config
-  from randose_jax.cli import predict
+  from randose_jax.inference import predict_folders  # pylint: disable=g-import-not-at-top
 
   src, _ = _copy(small_dicom, tmp_path)
   _import(src, tmp_path / "pats", shape=(40, 40, 16))
@@ -903,7 +903,7 @@ def test_predict_writes_the_rt_dose_in_the_patient_frame(
       uses_ema=False,
   )
   out = tmp_path / "pred"
-  predict.predict_patients(
+  predict_folders.predict_patients(
       restored,
       openkbp.list_patient_dirs(tmp_path / "pats"),
       out,

@@ -26,7 +26,7 @@ import pytest
 from randose_jax.training import checkpointing
 from randose_jax.inference import export
 from randose_jax.inference import forward as inference
-from randose_jax.cli import predict
+from randose_jax.inference import predict_folders
 from randose_jax.inference import restore
 from randose_jax.training import train
 from randose_jax.training import validation
@@ -428,7 +428,7 @@ def test_predict_and_export_use_the_ema(ema_run, tmp_path):
   assert np.abs(with_ema - raw).max() > 1e-2
   # predict writes the EMA's dose.
   out = tmp_path / "preds"
-  summary = predict.predict_patients(
+  summary = predict_folders.predict_patients(
       restored, openkbp.list_patient_dirs(patients), out, log=lambda *_: None
   )
   assert summary["ema"] is True

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from tests import plain_scoring
-from randose_jax.cli import evaluate
+from randose_jax.scoring import cohort
 from randose_jax.scoring import dose_dvh as evaluation
 from randose_jax.data import openkbp
 from randose_jax.data.openkbp import DataError
@@ -638,7 +638,7 @@ def test_shared_patients_through_the_folders(shared_openkbp, tmp_path):
     shutil.copytree(shared_openkbp / d, reference / Path(d).name)
   cases = write_predictions(reference, tmp_path / 'predictions')
   seen = []
-  result = evaluate.evaluate_folders(
+  result = cohort.evaluate_folders(
       reference,
       tmp_path / 'predictions',
       on_patient=lambda patient, prediction: seen.append(patient.patient_id),
@@ -646,7 +646,7 @@ def test_shared_patients_through_the_folders(shared_openkbp, tmp_path):
   assert_matches_plain(result, cases)
   assert seen == ['pt_10', 'pt_43']
   # Without on_patient: voxel lists, no CT read; the same numbers.
-  sparse = evaluate.evaluate_folders(reference, tmp_path / 'predictions')
+  sparse = cohort.evaluate_folders(reference, tmp_path / 'predictions')
   np.testing.assert_array_equal(sparse.dose_errors, result.dose_errors)
   np.testing.assert_array_equal(
       sparse.predicted_metrics, result.predicted_metrics
@@ -669,10 +669,10 @@ def test_scores_without_on_patient_are_the_same(folders):
   """The callback-free path (voxel lists, ct.csv unread) scores exactly as
   the dense one."""
   reference, preds = folders
-  dense = evaluate.evaluate_folders(
+  dense = cohort.evaluate_folders(
       reference, preds, on_patient=lambda patient, dose: None
   )
-  sparse = evaluate.evaluate_folders(reference, preds)
+  sparse = cohort.evaluate_folders(reference, preds)
   assert sparse.patient_ids == dense.patient_ids
   np.testing.assert_array_equal(sparse.dose_errors, dense.dose_errors)
   np.testing.assert_array_equal(
@@ -685,9 +685,48 @@ def test_scores_without_on_patient_are_the_same(folders):
 
 def expect_error(reference, preds, *words):
   with pytest.raises(DataError) as info:
-    evaluate.evaluate_folders(reference, preds)
+    cohort.evaluate_folders(reference, preds)
   for word in words:
     assert str(word) in str(info.value)
+
+
+class _Recorder:
+  """A scorer that records what it is given, in order."""
+
+  def __init__(self, name, log):
+    self.name, self.log = name, log
+
+  def add(self, patient, prediction):
+    assert patient.ct is not None  # scorers get dense patients
+    self.log.append((self.name, patient.patient_id, float(prediction.max())))
+
+  def result(self):
+    return len(self.log)
+
+
+def test_score_folders_hands_each_patient_to_every_scorer_in_order(folders):
+  reference, preds = folders
+  log = []
+  result = cohort.score_folders(
+      reference, preds, [_Recorder('a', log), _Recorder('b', log)]
+  )
+  ids = result.patient_ids
+  assert len(ids) >= 2
+  assert [(n, i) for n, i, _ in log] == [
+      (n, i) for i in ids for n in ('a', 'b')
+  ]
+  plain = cohort.score_folders(reference, preds)
+  np.testing.assert_array_equal(plain.dose_errors, result.dose_errors)
+
+
+def test_the_predictions_zip_gets_a_hint(folders, tmp_path):
+  reference, preds = folders
+  archive = shutil.make_archive(str(preds), 'zip', preds)
+  with pytest.raises(DataError) as info:
+    cohort.evaluate_folders(reference, archive)
+  message = str(info.value)
+  assert message.startswith(f'{archive}: a file, not a predictions folder')
+  assert 'the submission zip' in message and str(preds) in message
 
 
 def test_missing_prediction(folders):
@@ -770,8 +809,8 @@ def test_read_ahead_scores_and_fails_as_read_in_turn(folders, read_ahead):
   patient in id order is the error, whether it fails reading or scoring
   and whatever a later patient holds."""
   reference, preds = folders
-  in_turn = evaluate.evaluate_folders(reference, preds, read_ahead=0)
-  result = evaluate.evaluate_folders(reference, preds, read_ahead=read_ahead)
+  in_turn = cohort.evaluate_folders(reference, preds, read_ahead=0)
+  result = cohort.evaluate_folders(reference, preds, read_ahead=read_ahead)
   assert result.patient_ids == in_turn.patient_ids
   np.testing.assert_array_equal(result.dose_errors, in_turn.dose_errors)
   np.testing.assert_array_equal(
@@ -790,7 +829,7 @@ def test_read_ahead_scores_and_fails_as_read_in_turn(folders, read_ahead):
       [reference / 'pt_3' / 'dose.csv', 'line 2'],
   ):
     with pytest.raises(DataError) as info:
-      evaluate.evaluate_folders(reference, preds, read_ahead=read_ahead)
+      cohort.evaluate_folders(reference, preds, read_ahead=read_ahead)
     for word in expected:
       assert str(word) in str(info.value)
     if 'pt_1' in expected:

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from randose_jax.cli import evaluate
+from randose_jax.scoring import cohort
 from randose_jax.data import openkbp
 from tests.test_viz import assert_real_png
 
@@ -69,7 +69,7 @@ def test_on_patient_sees_each_scored_patient(phantom_split, tmp_path):
   preds = tmp_path / 'predictions'
   ids = _perturbed_predictions(phantom_split, preds)
   seen = {}
-  result = evaluate.evaluate_folders(
+  result = cohort.evaluate_folders(
       phantom_split,
       preds,
       on_patient=lambda patient, dose: seen.setdefault(

@@ -14,7 +14,7 @@ import pytest
 
 from randose_jax.inference import export
 from randose_jax.inference import forward as inference
-from randose_jax.cli import predict
+from randose_jax.inference import predict_folders
 from randose_jax.inference import restore
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
@@ -122,7 +122,7 @@ def test_predict_writes_csv_zip_formats_and_plots(trained, tmp_path):
   patients = _patients_without_dose(trained, tmp_path)
   out = tmp_path / "out"
   restored = restore.restore_from_workdir(trained, "best")
-  summary = predict.predict_patients(
+  summary = predict_folders.predict_patients(
       restored,
       openkbp.list_patient_dirs(patients),
       out,
@@ -153,7 +153,7 @@ def test_predict_writes_csv_zip_formats_and_plots(trained, tmp_path):
     assert (tmp_path / "plots" / f"{pid}_slices.png").is_file()
   # Refuses to overwrite what is there without --overwrite.
   with pytest.raises(FileExistsError, match="already holds predictions"):
-    predict.predict_patients(
+    predict_folders.predict_patients(
         restored, openkbp.list_patient_dirs(patients), out, log=lambda *_: None
     )
 

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from randose_jax.scoring import clinical
-from randose_jax.cli import evaluate
+from randose_jax.scoring import cohort
 from randose_jax.cli import predict
+from randose_jax.inference import predict_folders
 from randose_jax import progress
 from randose_jax.data import cache as cache_lib
 from randose_jax.data import openkbp
@@ -262,7 +263,7 @@ def test_evaluate_folders_prints_each_patient_when_done(
 ):
   seen = []  # stderr written before each patient's on_patient
   capsys.readouterr()
-  evaluate.evaluate_folders(
+  cohort.evaluate_folders(
       *folders,
       read_ahead=read_ahead,
       on_patient=lambda p, d: seen.append(capsys.readouterr().err),
@@ -277,7 +278,7 @@ def test_evaluate_folders_prints_each_patient_when_done(
 def test_evaluate_folders_on_a_terminal_is_live(folders, monkeypatch):
   terminal = FakeTerminal()
   monkeypatch.setattr(sys, "stderr", terminal)
-  evaluate.evaluate_folders(*folders)
+  cohort.evaluate_folders(*folders)
   monkeypatch.undo()
   assert_live(terminal.getvalue(), "evaluate", 4)
   assert "patient/s, pt_4" in terminal.getvalue()  # (80 columns)
@@ -375,7 +376,7 @@ def test_predict_patients_prints_each_patient_when_done(
 ):
   seen = []  # (stdout line, stderr before it)
   capsys.readouterr()
-  summary = predict.predict_patients(
+  summary = predict_folders.predict_patients(
       FAKE_RUN,
       openkbp.list_patient_dirs(phantom_split),
       tmp_path / "out",

@@ -37,7 +37,6 @@ from typing import Callable, Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from randose_jax import interrupts
 from randose_jax import logs

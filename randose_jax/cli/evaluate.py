@@ -43,25 +43,18 @@ failed run leaves them as they were. A bad reference or prediction file, or
 an unusable output path, is one `error:` line naming the file (exit 2).
 """
 
-import concurrent.futures
 import contextlib
-import json
-import os
 from pathlib import Path
-from typing import Callable, Optional
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 
+from randose_jax import fileio
 from randose_jax.cli import common as cli
 from randose_jax.scoring import clinical
-from randose_jax.scoring import dose_dvh as evaluation
-from randose_jax import fileio
-from randose_jax import progress as progress_lib
+from randose_jax.scoring import cohort
 from randose_jax.scoring import report
-from randose_jax.data import openkbp
 
 FLAGS = flags.FLAGS
 
@@ -183,164 +176,6 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
   )
 
 
-# Called with each reference patient and its prediction (Gy) once scored, e.g.
-# to plot it while it is in memory.
-PatientCallback = Callable[[openkbp.Patient, np.ndarray], None]
-
-
-def _names(paths, limit: int = 10) -> str:
-  names = [str(p) for p in paths]
-  more = f' and {len(names) - limit} more' if len(names) > limit else ''
-  return ', '.join(names[:limit]) + more
-
-
-def match_patients(reference_dir, predictions_dir) -> list[tuple[Path, Path]]:
-  """Pairs each reference patient folder with its prediction file.
-
-  Returns:
-    [(reference patient folder, prediction CSV)] in patient id order.
-
-  Raises:
-    DataError: a missing or empty folder, a reference patient without
-      dose.csv, a reference patient without a prediction, or a prediction
-      without a reference patient (all problems of a kind in one message).
-  """
-  patient_dirs = openkbp.list_patient_dirs(reference_dir)
-  no_dose = [
-      d / openkbp.DOSE_FILE
-      for d in patient_dirs
-      if not (d / openkbp.DOSE_FILE).is_file()
-  ]
-  if no_dose:
-    raise openkbp.DataError(
-        f'{reference_dir}: {len(no_dose)} reference patient(s) have no dose '
-        f'to score against: missing {_names(no_dose)}'
-    )
-  predictions_dir = Path(predictions_dir)
-  if not predictions_dir.is_dir():
-    raise openkbp.DataError(f'{predictions_dir}: predictions folder not found')
-  predictions = {
-      p.stem: p for p in predictions_dir.glob('pt_*.csv') if p.is_file()
-  }
-  if not predictions:
-    raise openkbp.DataError(
-        f'{predictions_dir}: no prediction files (pt_*.csv) in it'
-    )
-  missing = [
-      predictions_dir / f'{d.name}.csv'
-      for d in patient_dirs
-      if d.name not in predictions
-  ]
-  references = {d.name for d in patient_dirs}
-  unmatched = [
-      p for name, p in sorted(predictions.items()) if name not in references
-  ]
-  problems = []
-  if missing:
-    problems.append(
-        f'{len(missing)} reference patient(s) of '
-        f'{reference_dir} have no prediction: missing '
-        f'{_names(missing)}'
-    )
-  if unmatched:
-    problems.append(
-        f'{len(unmatched)} prediction(s) have no reference '
-        f'patient folder in {reference_dir}: {_names(unmatched)}'
-    )
-  if problems:
-    raise openkbp.DataError('; '.join(problems))
-  return [(d, predictions[d.name]) for d in patient_dirs]
-
-
-# Patients read ahead of the one being scored, by this many threads (pyarrow
-# parses without holding the GIL): the reading is most of the time.
-READ_AHEAD = min(2, os.cpu_count() or 1)
-
-
-def evaluate_folders(
-    reference_dir,
-    predictions_dir,
-    *,
-    on_patient: Optional[PatientCallback] = None,
-    read_ahead: int = READ_AHEAD,
-    progress: progress_lib.Mode = None,
-) -> evaluation.EvaluationResult:
-  """Scores every prediction of `predictions_dir` against `reference_dir`.
-
-  Patients are scored one at a time, in id order, while up to `read_ahead`
-  threads read the next ones (0: read each in turn); so at most
-  1 + read_ahead patients are in memory. `on_patient(patient, prediction)`,
-  if given, sees each patient (a dense `Patient`) after it is scored;
-  without it, each reference is read as voxel lists and its ct.csv is not
-  read (scoring needs neither a dense volume nor the CT). The first bad
-  patient in id order is the error raised, as if read in turn.
-
-  Each patient is counted done on stderr after `on_patient` returned
-  (`progress.Counter`, label 'evaluate'; `progress`: None live on a
-  terminal and one line per patient elsewhere, True live, False lines,
-  'off' nothing).
-
-  Raises:
-    DataError: see `match_patients`, or a bad patient or prediction file.
-  """
-
-  def read(pair):
-    patient_dir, prediction_path = pair
-    if on_patient is None:
-      patient = openkbp.load_sparse_patient(patient_dir, with_ct=False)
-    else:
-      patient = openkbp.load_patient(patient_dir)
-    return patient, openkbp.read_prediction_csv(
-        prediction_path, patient.grid_shape
-    )
-
-  pairs = match_patients(reference_dir, predictions_dir)
-  evaluator = evaluation.Evaluator()
-  executor = (
-      concurrent.futures.ThreadPoolExecutor(read_ahead)
-      if read_ahead > 0
-      else None
-  )
-  counter = progress_lib.Counter('evaluate', len(pairs), progress)
-  try:
-    pending = []  # futures of the next patients, in order
-    for i, (patient_dir, prediction_path) in enumerate(pairs):
-      counter.doing(f'{patient_dir.name}: reading')
-      if executor is None:
-        patient, prediction = read(pairs[i])
-      else:
-        while len(pending) < read_ahead + 1 and (i + len(pending) < len(pairs)):
-          pending.append(executor.submit(read, pairs[i + len(pending)]))
-        patient, prediction = pending.pop(0).result()
-      counter.doing(f'{patient.patient_id}: scoring')
-      try:
-        error = evaluator.add(patient, prediction)
-      except ValueError as e:
-        raise openkbp.DataError(f'{prediction_path}: {e}') from e
-      logging.info('%s: dose error %.4f Gy', patient.patient_id, error)
-      if on_patient is not None:
-        on_patient(patient, prediction)
-      counter.done(patient.patient_id)
-  finally:
-    counter.close()
-    if executor is not None:
-      executor.shutdown(wait=True, cancel_futures=True)
-  return evaluator.result()
-
-
-def write_json(result: evaluation.EvaluationResult, path, **extra) -> None:
-  """The scores (dose first), counts and per-patient dose errors, atomically."""
-  summary = dict(result.summary(), **extra)
-  with fileio.atomic_output(path, overwrite=True) as f:
-    f.write((json.dumps(summary, indent=2) + '\n').encode())
-
-
-def write_per_roi(result: evaluation.EvaluationResult, path) -> None:
-  """CSV: patient_id, roi, metric, reference, prediction, abs_error (Gy)."""
-  with fileio.atomic_output(path, overwrite=True) as f:
-    f.write(result.metric_table().to_csv(index=False).encode())
-
-
 def clinical_settings_from_flags() -> clinical.ClinicalSettings:
   """--clinical_v_gy, --gamma, --gamma_subsample, --gamma_impl as settings;
   a bad value, or --gamma_impl=pymedphys without pymedphys, is a usage error
@@ -394,15 +229,6 @@ def tolerances_from_flags() -> report.Tolerances:
   )
 
 
-def format_scores(result: evaluation.EvaluationResult) -> str:
-  return (
-      f'dose score: {result.dose_score:.4f} Gy '
-      f'(mean over {result.num_patients} patients)\n'
-      f'DVH score: {result.dvh_score:.4f} Gy '
-      f'(mean over {result.num_dvh_metrics} DVH metrics)'
-  )
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -431,71 +257,32 @@ def main(argv):
   ):
     if builder is not None:
       stack.enter_context(builder)
-    callbacks = []  # (what the live progress line says, callback)
+    scorers = []  # each patient goes through them in turn
     if FLAGS.plots:
-      from randose_jax import viz  # pylint: disable=g-import-not-at-top
-
-      plots = stage.dir(FLAGS.plots)
-      callbacks.append(
-          (
-              'plots',
-              lambda patient, dose: viz.write_patient_plots(
-                  patient, dose, plots
-              ),
-          )
-      )
+      scorers.append(cohort.PatientPlots(stage.dir(FLAGS.plots)))
     clinical_evaluator = None
     if FLAGS.clinical:
       clinical_evaluator = clinical.ClinicalEvaluator(clinical_settings)
-    # What the live line says while a patient is at these steps.
-    steps = ', '.join(
-        what
-        for what, wanted in (
-            ('clinical metrics', True),
-            ('gamma', clinical_settings and clinical_settings.gamma),
-            ('report', builder is not None),
-        )
-        if wanted
-    )
     if builder is not None:
       # With --clinical too, the report reuses the patient's metrics table.
-      callbacks.append(
-          (
-              steps,
-              lambda patient, dose: builder.add(
-                  patient,
-                  dose,
-                  None
-                  if clinical_evaluator is None
-                  else clinical_evaluator.add(patient, dose),
-              ),
-          )
-      )
+      scorers.append(report.ReportScorer(builder, clinical_evaluator))
     elif clinical_evaluator is not None:
-      callbacks.append((steps, clinical_evaluator.add))
-    on_patient = None
-    if callbacks:
-
-      def on_patient(patient, dose):
-        for what, callback in callbacks:
-          progress_lib.doing(f'{patient.patient_id}: {what}')
-          callback(patient, dose)
-
-    result = evaluate_folders(
+      scorers.append(clinical_evaluator)
+    result = cohort.score_folders(
         FLAGS.reference,
         FLAGS.predictions,
-        on_patient=on_patient,
+        scorers,
         progress=FLAGS.progress,
     )
     if FLAGS.json:
-      write_json(
+      cohort.write_json(
           result,
           stage.path(FLAGS.json),
           reference=str(Path(FLAGS.reference).resolve()),
           predictions=str(Path(FLAGS.predictions).resolve()),
       )
     if FLAGS.per_roi:
-      write_per_roi(result, stage.path(FLAGS.per_roi))
+      cohort.write_per_roi(result, stage.path(FLAGS.per_roi))
     if builder is not None:
       builder.write(
           stage.path(FLAGS.report),
@@ -514,7 +301,7 @@ def main(argv):
               for name in (clinical.METRICS_FILE, clinical.SUMMARY_FILE)
           ],
       )
-  print(format_scores(result))
+  print(cohort.format_scores(result))
   if FLAGS.report:
     print(f'report: {FLAGS.report}')
   if FLAGS.clinical:

@@ -749,11 +749,21 @@ class ClinicalEvaluator:
   for patient, prediction in pairs:
     clinical.add(patient, prediction)
   clinical.write(folder)   # clinical_metrics.csv, clinical_summary.csv
+
+  A `cohort.Scorer`: `add` per patient, `result()` the metrics table.
   """
 
   def __init__(self, settings: ClinicalSettings = ClinicalSettings()):
     self.settings = settings
     self._tables: list[pd.DataFrame] = []
+
+  @property
+  def name(self) -> str:
+    """What the progress line says while a patient is at this step."""
+    return "clinical metrics" + (", gamma" if self.settings.gamma else "")
+
+  def result(self) -> pd.DataFrame:
+    return self.table()
 
   def add(
       self, patient: openkbp.Patient, prediction: np.ndarray

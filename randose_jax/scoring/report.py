@@ -640,3 +640,31 @@ class ReportBuilder:
         "docstring of randose_jax/scoring/clinical.py.</p>\n</footer>\n"
         "</body>\n</html>\n"
     )
+
+
+class ReportScorer:
+  """The report as a `cohort.Scorer`: each patient's section added to
+  `builder`, with the metrics table of `clinical_evaluator` when the
+  clinical metrics are computed too (then each patient's metrics are
+  computed once, for both)."""
+
+  def __init__(
+      self,
+      builder: ReportBuilder,
+      clinical_evaluator: clinical.ClinicalEvaluator | None = None,
+  ):
+    self.builder = builder
+    self.clinical_evaluator = clinical_evaluator
+    steps = ["clinical metrics"]
+    if builder.settings.gamma:
+      steps.append("gamma")
+    self.name = ", ".join(steps + ["report"])
+
+  def add(self, patient: openkbp.Patient, prediction: np.ndarray) -> None:
+    metrics = None
+    if self.clinical_evaluator is not None:
+      metrics = self.clinical_evaluator.add(patient, prediction)
+    self.builder.add(patient, prediction, metrics)
+
+  def result(self) -> ReportBuilder:
+    return self.builder
