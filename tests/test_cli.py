@@ -10,7 +10,6 @@ from flax import linen as nn
 import jax
 import pytest
 
-from randose_jax.cli import common as cli
 from randose_jax.training import train
 from randose_jax.training import validation
 from tests.test_fault_table import DEMO, run_in_process

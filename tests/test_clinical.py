@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from randose_jax.cli import common as cli
 from randose_jax.scoring import clinical
 from randose_jax.scoring import cohort
 from randose_jax.cli import evaluate

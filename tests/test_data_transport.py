@@ -8,12 +8,12 @@ from absl import flags
 import numpy as np
 import pytest
 
-from randose_jax.cli import common as cli
 from randose_jax import default_config
 from randose_jax.data import cache as cache_lib
 from randose_jax.data import openkbp
 from randose_jax.data import transport
 from tests import helpers
+from randose_jax.cli import transport as command
 
 
 @pytest.fixture(scope="module")
@@ -193,12 +193,12 @@ def test_truncated_or_foreign_files_are_refused(archive, tmp_path):
 
 def _cli(argv) -> int:
   flag_values = flags.FlagValues()
-  transport.define_flags(flag_values)
-  saved, transport.FLAGS = transport.FLAGS, flag_values
+  command.define_flags(flag_values)
+  saved, command.FLAGS = command.FLAGS, flag_values
   try:
-    return helpers.invoke(transport.main, ["transport", *argv], flag_values)
+    return helpers.invoke(command.main, ["transport", *argv], flag_values)
   finally:
-    transport.FLAGS = saved
+    command.FLAGS = saved
 
 
 def test_command_line_check_and_errors(small_root, archive, tmp_path, capsys):

@@ -14,7 +14,6 @@ import numpy as np
 import pydicom
 import pytest
 
-from randose_jax.cli import common as cli
 from randose_jax.cli import dicom_import
 from randose_jax import formats
 from randose_jax.conventions import AXIS_DIRECTIONS_LPS, CT_OFFSET

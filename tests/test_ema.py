@@ -23,7 +23,7 @@ import numpy as np
 import optax
 import pytest
 
-from randose_jax.training import checkpointing
+from randose_jax import checkpointing
 from randose_jax.inference import export
 from randose_jax.inference import forward as inference
 from randose_jax.inference import predict_folders

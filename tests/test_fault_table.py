@@ -72,7 +72,6 @@ from absl import flags
 import pydicom
 import pytest
 
-from randose_jax.cli import common as cli
 from randose_jax import fileio
 from randose_jax.data import openkbp
 from randose_jax.data import phantoms

@@ -429,7 +429,7 @@ def test_a_checkpoint_removed_meanwhile_is_not_unreadable(
   said as such (not 'unreadable'), and the one before it is used."""
   import shutil  # pylint: disable=g-import-not-at-top
 
-  from randose_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from randose_jax import checkpointing  # pylint: disable=g-import-not-at-top
 
   workdir = shutil.copytree(trained, tmp_path / "run")
   ckpt = checkpointing.Checkpointer(workdir, async_save=False)

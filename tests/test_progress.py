@@ -520,14 +520,14 @@ def test_transport_commands(tmp_path, capfd):
       "validation-pats/pt_4",
   ]
   code, _, err = run_in_process(
-      "data.transport",
+      "transport",
       ["pack", f"--root={root}", f"--archive={archive}"],
       capfd,
   )
   assert code == 0, err
   assert_counts(err, "pack", both)
   code, _, err = run_in_process(
-      "data.transport",
+      "transport",
       [
           "unpack",
           f"--archive={archive}",
@@ -543,7 +543,7 @@ def test_transport_commands(tmp_path, capfd):
   )
   assert_counts("\n".join(lines[3:]), "unpack validation-pats", ["pt_4"])
   code, out, err = run_in_process(
-      "data.transport",
+      "transport",
       ["check", f"--archive={archive}", f"--root={root}"],
       capfd,
   )

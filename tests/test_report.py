@@ -21,7 +21,6 @@ from absl import flags
 import numpy as np
 import pytest
 
-from randose_jax.cli import common as cli
 from randose_jax.scoring import clinical
 from randose_jax.cli import evaluate
 from randose_jax.scoring import dose_dvh as evaluation

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from randose_jax.training import checkpointing
+from randose_jax import checkpointing
 from randose_jax.inference import export
 from randose_jax.inference import restore
 from randose_jax.inference import shipped

@@ -36,7 +36,7 @@ pytestmark = [
 # save is committed: step, open fds, threads, RSS and checkpoint bytes.
 LAUNCHER = r"""
 import json, os, runpy, sys, time
-from randose_jax.training import checkpointing
+from randose_jax import checkpointing
 samples = open(os.environ["RANDOSE_SOAK_SAMPLES"], "a")
 workdir = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
 save_latest = checkpointing.Checkpointer.save_latest

@@ -17,7 +17,7 @@ import pytest
 
 jax.config.update("jax_disable_most_optimizations", True)
 
-from randose_jax.training import checkpointing
+from randose_jax import checkpointing
 from randose_jax.training import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

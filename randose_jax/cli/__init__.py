@@ -6,6 +6,7 @@
   export.py        a model as a standalone jax.export artifact
   summary.py       parameters, FLOPs and the convolution plan of a config
   dicom_import.py  DICOM plans -> OpenKBP patient folders
+  transport.py     the transport archive: pack, unpack into a cache, check
   common.py        what every command shares: flag parsing, `error:` lines,
                    signals
 

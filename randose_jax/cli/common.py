@@ -50,7 +50,7 @@ HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
 # starts without jax).
 _ERROR_TYPES = (
     ("randose_jax.data.openkbp", "DataError"),
-    ("randose_jax.training.checkpointing", "CheckpointError"),
+    ("randose_jax.checkpointing", "CheckpointError"),
     ("randose_jax.training.train", "NonFiniteLossError"),
 )
 

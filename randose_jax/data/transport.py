@@ -67,19 +67,14 @@ import json
 import lzma
 import os
 import struct
-import time
 import zlib
 from concurrent import futures
 import multiprocessing
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
 import numpy as np
 
-from randose_jax import default_config
 from randose_jax import fileio
 from randose_jax import progress as progress_lib
 from randose_jax.data import cache as cache_lib
@@ -828,152 +823,48 @@ def compare(
   return worst
 
 
-# ---------------------------------------------------- command line
+def check_archive(archive_path, root, progress=None) -> tuple[int, float]:
+  """Compares every patient of the archive with the CSVs under `root`
+  (`<root>/<split>/pt_*`): CT, voxel sets and voxel sizes bit-exact, the
+  dose within the archive's bound. Returns (patients compared, the largest
+  dose error in Gy).
 
-
-FLAGS = flags.FLAGS
-
-
-def define_flags(fv: flags.FlagValues = FLAGS):
-  """Flags of the command line (defined only when run as a program)."""
-  flags.DEFINE_string(
-      "root", None, "OpenKBP data folder (pack, check).", flag_values=fv
-  )
-  flags.DEFINE_string("archive", None, "The archive file.", flag_values=fv)
-  flags.DEFINE_list(
-      "splits", list(DEFAULT_SPLITS), "Split folders to pack.", flag_values=fv
-  )
-  flags.DEFINE_integer(
-      "dose_decimals",
-      DEFAULT_DOSE_DECIMALS,
-      "pack: dose stored in steps of 10^-N Gy (error <= half).",
-      flag_values=fv,
-  )
-  flags.DEFINE_bool(
-      "overwrite", False, "pack: replace an existing archive.", flag_values=fv
-  )
-  flags.DEFINE_string(
-      "cache_dir",
-      None,
-      "unpack: write the cache here (<cache_dir>/<split>/).",
-      flag_values=fv,
-  )
-  config_flags.DEFINE_config_file(
-      "config",
-      None,
-      "unpack: config whose data settings the cache is for "
-      "(default: the default config's).",
-      flag_values=fv,
-      lock_config=True,
-  )
-  flags.DEFINE_integer(
-      "workers", 1, "Processes that encode / decode patients.", flag_values=fv
-  )
-  flags.DEFINE_bool(
-      "progress",
-      None,
-      "Show the progress on stderr as a live line (patients done / total, "
-      "time left; default: where stderr is a terminal); false: one plain "
-      "line per patient.",
-      flag_values=fv,
-  )
-
-
-def main(argv):
-  """pack | unpack | check (see the module docstring)."""
-  if len(argv) != 2 or argv[1] not in ("pack", "unpack", "check"):
-    raise app.UsageError("give one command: pack, unpack or check")
-  needed = {
-      "pack": ("root", "archive"),
-      "unpack": ("archive", "cache_dir"),
-      "check": ("archive", "root"),
-  }[argv[1]]
-  for name in needed:
-    if not FLAGS[name].value:
-      raise app.UsageError(f"{argv[1]} needs --{name}")
-  start = time.perf_counter()
-  if argv[1] == "pack":
-    header = pack(
-        FLAGS.root,
-        FLAGS.archive,
-        splits=FLAGS.splits,
-        dose_decimals=FLAGS.dose_decimals,
-        overwrite=FLAGS.overwrite,
-        workers=FLAGS.workers,
-        progress=FLAGS.progress,
-    )
-    size = Path(FLAGS.archive).stat().st_size
-    worst = max(
-        (e["dose"]["max_error_gy"] for e in header["patients"] if e["dose"]),
-        default=0.0,
-    )
-    print(
-        f"{FLAGS.archive}: {len(header['patients'])} patients "
-        f"({', '.join(f'{s} {len(p)}' for s, p in header['splits'].items())}), "
-        f"{size / 2**20:.2f} MiB, dose error <= {worst:.6f} Gy "
-        f"(bound {header['max_dose_error_gy']}), {time.perf_counter() - start:.0f} s"
-    )
-  elif argv[1] == "unpack":
-    config = (
-        default_config.get_default_config()
-        if FLAGS.config is None
-        else FLAGS.config
-    )
-    caches = unpack_to_cache(
-        FLAGS.archive,
-        FLAGS.cache_dir,
-        config.data,
-        workers=FLAGS.workers,
-        progress=FLAGS.progress,
-    )
-    for split, cache in caches.items():
-      print(
-          f"{FLAGS.cache_dir}/{split}: {len(cache)} patients, "
-          f"{cache.num_bytes / 2**20:.1f} MiB"
+  Raises:
+    DataError: a split folder holding other patients than the archive, or
+      a patient that differs.
+  """
+  archive = open_archive(archive_path)
+  for split, ids in archive.splits.items():
+    on_disk = [d.name for d in openkbp.list_patient_dirs(Path(root) / split)]
+    if sorted(on_disk) != sorted(ids):
+      raise openkbp.DataError(
+          f"{Path(root) / split}: holds {len(on_disk)} patients, the "
+          f"archive {len(ids)}; differing: "
+          f"{sorted(set(on_disk) ^ set(ids))[:10]}"
       )
-    print(f"unpacked in {time.perf_counter() - start:.0f} s")
-  else:
-    archive = open_archive(FLAGS.archive)
-    for split, ids in archive.splits.items():
-      on_disk = [
-          d.name for d in openkbp.list_patient_dirs(Path(FLAGS.root) / split)
-      ]
-      if sorted(on_disk) != sorted(ids):
-        raise openkbp.DataError(
-            f"{Path(FLAGS.root) / split}: holds {len(on_disk)} patients, the "
-            f"archive {len(ids)}; differing: "
-            f"{sorted(set(on_disk) ^ set(ids))[:10]}"
-        )
-    worst, count = 0.0, 0
-    entries = archive.entries()
-    with progress_lib.Counter("check", len(entries), FLAGS.progress) as counter:
-      for entry in entries:
-        original = openkbp.load_sparse_patient(
-            Path(FLAGS.root) / entry["split"] / entry["patient_id"]
-        )
-        worst = max(
-            worst,
-            compare(
-                original,
-                archive.read(entry),
-                archive.header["max_dose_error_gy"],
-            ),
-        )
-        count += 1
-        counter.done(f"{entry['split']}/{entry['patient_id']}")
-    print(
-        f"{FLAGS.archive}: {count} patients equal to the CSVs in {FLAGS.root} "
-        f"(CT, voxel sets, voxel sizes bit-exact; dose error <= {worst:.6f} Gy)"
-    )
-
-
-def run() -> None:
-  """The console command (pyproject [project.scripts])."""
-  from randose_jax.cli import common as cli  # pylint: disable=g-import-not-at-top
-
-  define_flags()
-  cli.run(main)
+  worst, count = 0.0, 0
+  entries = archive.entries()
+  with progress_lib.Counter("check", len(entries), progress) as counter:
+    for entry in entries:
+      original = openkbp.load_sparse_patient(
+          Path(root) / entry["split"] / entry["patient_id"]
+      )
+      worst = max(
+          worst,
+          compare(
+              original,
+              archive.read(entry),
+              archive.header["max_dose_error_gy"],
+          ),
+      )
+      count += 1
+      counter.done(f"{entry['split']}/{entry['patient_id']}")
+  return count, worst
 
 
 if __name__ == "__main__":
+  # `python -m randose_jax.data.transport` runs the command
+  # (randose_jax/cli/transport.py, also `randose-transport`).
+  from randose_jax.cli.transport import run  # pylint: disable=g-import-not-at-top
+
   run()

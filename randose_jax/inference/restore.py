@@ -15,7 +15,7 @@ from typing import Any, Optional
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from randose_jax.training import checkpointing
+from randose_jax import checkpointing
 from randose_jax import distributed
 from randose_jax.default_config import ConfigError
 from randose_jax.inference.predictor import Predictor

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from randose_jax.training import checkpointing
+from randose_jax import checkpointing
 from randose_jax import distributed
 from randose_jax import fileio
 from randose_jax.inference import restore

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from randose_jax.training import checkpointing
+from randose_jax import checkpointing
 from randose_jax import fileio
 from randose_jax.inference import forward as inference
 from randose_jax import interrupts
