@@ -17,6 +17,7 @@ Variant, chosen after a colon (`--config=configs/demo.py:smoke`):
           (the quickstart notebook under RANDOSE_SMOKE=1); it learns nothing.
 """
 
+from randose_jax import config_check
 from randose_jax import default_config
 
 
@@ -57,11 +58,6 @@ def get_config(variant: str = ""):
   config.log_every_steps = 50
   config.eval_every_steps = 300
   config.checkpoint_every_steps = 300
-  if variant:
-    if variant not in _VARIANTS:
-      raise ValueError(
-          f"configs/demo.py: unknown variant {variant!r}; "
-          f"choose from {sorted(_VARIANTS)}"
-      )
-    _VARIANTS[variant](config)
-  return config
+  return config_check.apply_variants(
+      config, variant, _VARIANTS, "configs/demo.py"
+  )

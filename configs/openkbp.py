@@ -27,6 +27,7 @@ Expected result of the paper config (paper Table 1, test set): dose score
 
 import pathlib
 
+from randose_jax import config_check
 from randose_jax import default_config
 
 # The 26 real patients beside a checkout of this repository.
@@ -111,12 +112,9 @@ for _row, _regions in default_config.LOSS_ROWS.items():
 
 
 def get_config(variants: str = ""):
-  config = default_config.get_default_config()
-  for name in filter(None, (v.strip() for v in variants.split(","))):
-    if name not in _VARIANTS:
-      raise ValueError(
-          f"configs/openkbp.py: unknown variant {name!r}; "
-          f"choose from {sorted(_VARIANTS)}"
-      )
-    _VARIANTS[name](config)
-  return config
+  return config_check.apply_variants(
+      default_config.get_default_config(),
+      variants,
+      _VARIANTS,
+      "configs/openkbp.py",
+  )

@@ -21,6 +21,7 @@ import jax
 from ml_collections import config_flags
 
 from randose_jax.cli import common as cli
+from randose_jax import config_check
 from randose_jax import distributed
 from randose_jax import fileio
 from randose_jax import logs
@@ -77,6 +78,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_library_logs()
+  # The config is checked once, before anything is written or started.
+  config_check.check_config(FLAGS.config)
   fileio.check_output_dir(FLAGS.workdir)
   distributed.maybe_initialize(
       FLAGS.distributed,

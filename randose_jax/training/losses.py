@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from randose_jax.default_config import ConfigError
+
 Array = jax.Array
 
 REGIONS = ("ptv", "oar", "mask")
@@ -91,18 +93,20 @@ class RegionAwareLoss(nn.Module):
   ) -> tuple[Array, dict[str, Array]]:
     unknown = set(self.regions) - set(REGIONS)
     if unknown:
-      raise ValueError(
+      raise ConfigError(
           f"loss.regions: unknown {sorted(unknown)}; choose from {REGIONS}"
       )
     if self.mode not in MODES:
-      raise ValueError(f"loss.mode: unknown {self.mode!r}; choose from {MODES}")
+      raise ConfigError(
+          f"loss.mode: unknown {self.mode!r}; choose from {MODES}"
+      )
     if self.mode == "fixed" and len(self.fixed_weights) not in (2, 3):
-      raise ValueError(
+      raise ConfigError(
           f"loss.fixed_weights: expected (w_PTV, w_OAR) or (w_PTV, w_OAR, "
           f"w_mask), got {tuple(self.fixed_weights)}"
       )
     if "mask" in self.regions and mask is None:
-      raise ValueError(
+      raise ConfigError(
           "loss.regions has 'mask' but no possible-dose mask was given"
       )
     if pred.shape != target.shape:

@@ -31,6 +31,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from randose_jax import checkpointing
+from randose_jax import config_check
 from randose_jax import fileio
 from randose_jax.inference import forward as inference
 from randose_jax import interrupts
@@ -147,29 +148,6 @@ def ema_update(ema, params, decay: float, step):
   )
 
 
-def check_crop_shape(config) -> tuple:
-  """`config.data.crop_shape` checked: () or three positive integers, each
-  divisible by 2^(S-1) (the network's pooling) and at most the training
-  grid's edge (128 // downsample, or the phantoms' grid)."""
-  shape = tuple(config.data.get("crop_shape", ()) or ())
-  if not shape:
-    return ()
-  factor = 2 ** (len(config.model.widths) - 1)
-  edge = config.data.synthetic_grid if config.data.synthetic else 128
-  edge //= max(int(config.data.downsample), 1)
-  if (
-      len(shape) != 3
-      or not all(isinstance(n, int) and 0 < n <= edge for n in shape)
-      or any(n % factor for n in shape)
-  ):
-    raise ConfigError(
-        f"config.data.crop_shape={shape}: must be () or three integers, "
-        f"each a multiple of {factor} (2^(S-1), S = {len(config.model.widths)}"
-        f" stages) and at most the training grid's {edge}"
-    )
-  return shape
-
-
 def _copy_float32(tree):
   """A fresh float32 copy (its own buffers: the train step donates both)."""
   return jax.tree.map(lambda x: jnp.copy(x.astype(jnp.float32)), tree)
@@ -210,10 +188,11 @@ class Trainer:
   tx: optax.GradientTransformation
   schedule: Callable
   mesh: Mesh
+  # `config.ema_decay`, read once (0: no moving average of the parameters).
+  ema_decay: float = 0.0
 
   @classmethod
   def create(cls, config, mesh: Optional[Mesh] = None) -> "Trainer":
-    ema_decay_of(config)
     tx, schedule = create_optimizer(config)
     return cls(
         config=config,
@@ -222,6 +201,7 @@ class Trainer:
         tx=tx,
         schedule=schedule,
         mesh=mesh or make_mesh(),
+        ema_decay=ema_decay_of(config),
     )
 
   @property
@@ -231,11 +211,6 @@ class Trainer:
   @property
   def data_sharding(self) -> NamedSharding:
     return NamedSharding(self.mesh, P("data"))
-
-  @property
-  def ema_decay(self) -> float:
-    """`config.ema_decay` (0: no moving average of the parameters)."""
-    return ema_decay_of(self.config)
 
   def _init_state(self, rng) -> TrainState:
     params = init_params(
@@ -512,8 +487,7 @@ def _should_stop(step: int) -> int:
 
 
 def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict:
-  ema_decay_of(config)
-  check_crop_shape(config)
+  config_check.check_config(config)
   if config.batch_size % jax.device_count():
     raise ConfigError(
         f"config.batch_size={config.batch_size} must be divisible by the "
