@@ -533,7 +533,9 @@ def pack(
   jobs = [
       (split, d)
       for split in splits
-      for d in openkbp.list_patient_dirs(root / split)
+      for d in openkbp.list_patient_dirs(
+          openkbp.split_dir(root, split, what="--root")
+      )
   ]
   encoded = _map(_encode_dir, [(d, dose_decimals) for _, d in jobs], workers)
   with progress_lib.Counter("pack", len(jobs), progress) as counter:
@@ -936,7 +938,10 @@ def main(argv):
     archive = open_archive(FLAGS.archive)
     for split, ids in archive.splits.items():
       on_disk = [
-          d.name for d in openkbp.list_patient_dirs(Path(FLAGS.root) / split)
+          d.name
+          for d in openkbp.list_patient_dirs(
+              openkbp.split_dir(FLAGS.root, split, what="--root")
+          )
       ]
       if sorted(on_disk) != sorted(ids):
         raise openkbp.DataError(
