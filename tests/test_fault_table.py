@@ -1,7 +1,7 @@
 """The fault table: every command-line tool against every fault of one list.
 
-This table is the documentation of what a failed command does (the README
-links here). For each tool (`main`, `predict`, `evaluate`, `export`,
+This table is the documentation of what a failed command does
+(docs/commands.md links here). For each tool (`main`, `predict`, `evaluate`, `export`,
 `summary`, `dicom_import`) and each fault in `FAULTS`, `TABLE` holds either
 the fault as that tool meets it, or why the fault cannot reach that tool
 (`NA`). Every fault that can reach a tool must give:
@@ -609,7 +609,7 @@ TABLE: dict[str, dict[str, object]] = {
         "dicom_import": NA(
             "DICOM gives positions (mm), not voxel indices; a "
             "contour off the CT's slices is skipped with a "
-            "warning (README)"
+            "warning (docs/dicom.md)"
         ),
     },
     "duplicate index": {
@@ -746,7 +746,7 @@ TABLE: dict[str, dict[str, object]] = {
     },
     "output already present": {
         "main": NA(
-            "main resumes the run in an existing --workdir (README: "
+            "main resumes the run in an existing --workdir (docs/training.md: "
             "'Running the same command in the same workdir resumes')"
         ),
         "predict": Row(
@@ -758,7 +758,7 @@ TABLE: dict[str, dict[str, object]] = {
         ),
         "evaluate": NA(
             "evaluate replaces --json, --per_roi and --clinical's "
-            "tables atomically (README, evaluate's --help)"
+            "tables atomically (docs/commands.md, evaluate's --help)"
         ),
         "export": Row(
             lambda w, mp: (
