@@ -7,7 +7,7 @@ small RANDose on 2 CPU cores in a few minutes and prints its validation dose
 score next to the score of always predicting the mean training dose inside the
 possible-dose mask, which it must clearly beat.
 
-Its measured time and scores are in the README ("Performance") and
+Its measured time and scores are in the README, docs/performance.md and
 benchmarks/NOTES.md.
 
 Variant, chosen after a colon (`--config=configs/demo.py:smoke`):

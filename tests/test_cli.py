@@ -209,7 +209,10 @@ def test_run_announces_its_validations_and_explains_itself(
   assert out.count("note: the loss is negative from step 2") == 1
   assert "log-variance" in out
   # Not beating the baseline after 4 steps is said to be expected.
-  beaten = summary["dose_score"] < summary["baseline_mean_dose_score"]
+  beaten = (
+      summary["dose_score"] < summary["baseline_mean_dose_score"]
+      and summary["dvh_score"] < summary["baseline_mean_dvh_score"]
+  )
   assert ("does not beat the mean-dose baseline" in out) != beaten
   if not beaten:
     assert "4 training steps are far too few" in out
@@ -220,3 +223,30 @@ def test_short_run_note_says_so_only_for_short_runs():
   assert "far too few" not in validation.short_run_note(
       tiny_config(num_train_steps=5000)
   )
+
+
+@pytest.mark.parametrize(
+    "dose,dvh,says",
+    [
+        (3.0, 4.0, None),
+        (12.0, 4.0, "on the dose score:"),
+        # The issue's case: a better dose score, a worse DVH score.
+        (3.0, 31.0, "on the DVH score:"),
+        (12.0, 31.0, "on the dose score and the DVH score:"),
+    ],
+)
+def test_baseline_note_for_a_worse_dose_or_dvh_score(dose, dvh, says):
+  """A run that does not beat the mean-dose baseline on either score gets
+  the note, naming the score(s); one that beats both gets none."""
+  summary = {
+      "dose_score": dose,
+      "dvh_score": dvh,
+      "baseline_mean_dose_score": 10.0,
+      "baseline_mean_dvh_score": 30.0,
+  }
+  note = validation.baseline_note(summary, tiny_config())
+  if says is None:
+    assert note is None
+  else:
+    assert note.startswith("note: the model does not beat the mean-dose")
+    assert says in note and "4 training steps are far too few" in note

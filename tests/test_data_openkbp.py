@@ -104,6 +104,69 @@ def test_list_patient_dirs_empty_or_missing(tmp_path):
     openkbp.list_patient_dirs(tmp_path / "absent")
 
 
+def _provided_data(tmp_path: Path) -> Path:
+  """An OpenKBP provided-data/ of two splits, one patient (ct.csv) each."""
+  root = tmp_path / "open-kbp" / "provided-data"
+  for split, pid in (("train-pats", "pt_1"), ("validation-pats", "pt_2")):
+    (root / split / pid).mkdir(parents=True)
+    (root / split / pid / "ct.csv").write_text(",data\n")
+  return root
+
+
+@pytest.mark.parametrize(
+    "given,what_it_is",
+    [
+        ("provided-data/train-pats", "a split folder itself"),
+        ("provided-data/validation-pats", "a split folder itself"),
+        ("provided-data/train-pats/pt_1", "one patient's folder"),
+        (".", "the folder above provided-data/"),
+    ],
+)
+def test_data_root_one_level_off_says_where_to_point(
+    tmp_path, given, what_it_is
+):
+  """The issue's path mistake: config.data.root at train-pats/ itself (or
+  a patient, or the repository above provided-data/) is refused naming the
+  path given and the folder to give instead."""
+  root = _provided_data(tmp_path)
+  wrong = (root.parent / given).resolve()
+  with pytest.raises(DataError) as info:
+    openkbp.split_dir(wrong, "train-pats")
+  message = str(info.value)
+  assert message.startswith(f"{wrong}: config.data.root is {what_it_is}")
+  assert "the folder that holds train-pats/ and validation-pats/" in message
+  assert message.endswith(f", here {root}")
+  assert openkbp.split_dir(root, "validation-pats") == root / "validation-pats"
+
+
+def test_data_root_missing_or_without_splits(tmp_path):
+  with pytest.raises(DataError, match="--root: folder not found"):
+    openkbp.split_dir(tmp_path / "absent", "train-pats", what="--root")
+  with pytest.raises(DataError) as info:
+    openkbp.split_dir(tmp_path, "train-pats")
+  assert "a folder without train-pats/" in str(info.value)
+  assert ", here" not in str(info.value)
+
+
+def test_patients_folder_one_level_off_says_which_to_give(tmp_path):
+  """--patients / --reference given one patient's folder, or the data root
+  holding the splits: the message says what was given and what to give."""
+  root = _provided_data(tmp_path)
+  with pytest.raises(DataError) as info:
+    openkbp.list_patient_dirs(root / "train-pats" / "pt_1")
+  assert str(info.value) == (
+      f"{root / 'train-pats' / 'pt_1'}: no patient folders (pt_*) in it: "
+      "it is one patient's folder; give the folder that holds the pt_* "
+      f"folders ({root / 'train-pats'})"
+  )
+  with pytest.raises(DataError) as info:
+    openkbp.list_patient_dirs(root)
+  assert str(info.value) == (
+      f"{root}: no patient folders (pt_*) in it: it holds train-pats/, "
+      f"validation-pats/; give one of them, e.g. {root / 'train-pats'}"
+  )
+
+
 def write_csv(path: Path, lines: list[str], newline: str = "\n") -> Path:
   path.write_text(newline.join([",data"] + lines) + newline)
   return path

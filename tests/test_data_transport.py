@@ -11,6 +11,7 @@ import pytest
 from randose_jax import default_config
 from randose_jax.data import cache as cache_lib
 from randose_jax.data import openkbp
+from randose_jax.data import phantoms
 from randose_jax.data import transport
 from tests import helpers
 from randose_jax.cli import transport as command
@@ -241,3 +242,19 @@ def test_command_line_check_and_errors(small_root, archive, tmp_path, capsys):
   assert not (tmp_path / "c").exists()
   assert _cli(["pack", f"--root={small_root}", f"--archive={archive}"]) == 2
   assert "already exists" in capsys.readouterr().err
+
+
+def test_pack_root_at_a_split_folder_says_where_to_point(tmp_path):
+  """pack --root given train-pats/ itself: the error names it and the
+  folder to give (the one holding the splits); nothing is written."""
+  phantoms.write_phantoms(tmp_path / "root" / "train-pats", 1, grid=16)
+  phantoms.write_phantoms(
+      tmp_path / "root" / "validation-pats", 1, grid=16, first_id=2
+  )
+  with pytest.raises(openkbp.DataError) as info:
+    transport.pack(tmp_path / "root" / "train-pats", tmp_path / "a.rdt")
+  assert str(info.value).startswith(
+      f"{tmp_path / 'root' / 'train-pats'}: --root is a split folder itself"
+  )
+  assert str(info.value).endswith(f", here {tmp_path / 'root'}")
+  assert not (tmp_path / "a.rdt").exists()

@@ -626,7 +626,7 @@ def test_cli_end_to_end(phantom_split, tmp_path):
 
 def test_cli_error_exits_with_message(phantom_split, tmp_path):
   done = run_cli(f'--reference={phantom_split}', f'--predictions={tmp_path}')
-  assert done.returncode == 2  # README: every CLI error exits 2
+  assert done.returncode == 2  # docs/commands.md: every CLI error exits 2
   assert f'{tmp_path}: no prediction files (pt_*.csv)' in done.stderr
   assert 'Traceback' not in done.stderr
 
@@ -783,7 +783,7 @@ def test_cli_negative_prediction_exits_with_message(folders):
   lines[1] = lines[1].split(',')[0] + ',-7.5'
   path.write_text('\n'.join(lines) + '\n')
   done = run_cli(f'--reference={reference}', f'--predictions={preds}')
-  assert done.returncode == 2  # README: every CLI error exits 2
+  assert done.returncode == 2  # docs/commands.md: every CLI error exits 2
   assert f'{path}: line 2: dose -7.5 Gy is negative' in done.stderr
   assert 'Traceback' not in done.stderr
 

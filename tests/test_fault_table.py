@@ -1,7 +1,7 @@
 """The fault table: every command-line tool against every fault of one list.
 
-This table is the documentation of what a failed command does (the README
-links here). For each tool (`main`, `predict`, `evaluate`, `export`,
+This table is the documentation of what a failed command does
+(docs/commands.md links here). For each tool (`main`, `predict`, `evaluate`, `export`,
 `summary`, `dicom_import`) and each fault in `FAULTS`, `TABLE` holds either
 the fault as that tool meets it, or why the fault cannot reach that tool
 (`NA`). Every fault that can reach a tool must give:
@@ -40,12 +40,16 @@ the fault as that tool meets it, or why the fault cannot reach that tool
 | header line too long       | ct.csv          | ct.csv           | a prediction CSV      | NA             | NA           | NA                   |
 | more rows than voxels      | dose.csv        | mask             | a prediction CSV      | NA             | NA           | NA                   |
 | not a regular file (FIFO)  | ct.csv          | dose.csv         | a prediction CSV      | NA             | NA           | NA                   |
+| folder one level off       | root=train-pats | --patients=pt_6  | --reference=pt_6      | NA             | NA           | NA                   |
 
 Faults in patient files are put into the last patient of the split, so that
 a tool that wrote as it went would leave the earlier patients' files behind;
 for `dicom_import`, into the last of the two synthetic DICOM patients of
 --input (SYN002; `dicom_row`): IPP = ImagePositionPatient, TS = the file
-meta's TransferSyntaxUID. The rows run in-process (each tool's `main` with
+meta's TransferSyntaxUID. "Folder one level off" is the common path
+mistake: a data root pointing at `train-pats/` itself, a patient's folder
+given for the folder of patients; its error line also says what to give
+instead (`Row.says`). The rows run in-process (each tool's `main` with
 its flags parsed by `helpers.invoke`, which is what `cli.run` does in the real
 program); a few rows run as real processes too (`test_real_process`).
 """
@@ -105,6 +109,7 @@ FAULTS = (
     "header line too long",
     "more rows than voxels",
     "not a regular file",
+    "folder one level off",
 )
 
 DEMO = str(REPO / "configs" / "demo.py")
@@ -374,9 +379,10 @@ def under_a_file(w: World, name: str) -> Path:
 class Row:
   """A fault as one tool meets it: `setup(world, monkeypatch)` breaks the
   world and returns (the file the error must name, its line or None) and
-  the arguments of the tool."""
+  the arguments of the tool; `says`: words the error line must hold too."""
 
   setup: Callable
+  says: tuple = ()
 
 
 @dataclasses.dataclass
@@ -602,7 +608,7 @@ TABLE: dict[str, dict[str, object]] = {
         "dicom_import": NA(
             "DICOM gives positions (mm), not voxel indices; a "
             "contour off the CT's slices is skipped with a "
-            "warning (README)"
+            "warning (docs/dicom.md)"
         ),
     },
     "duplicate index": {
@@ -739,7 +745,7 @@ TABLE: dict[str, dict[str, object]] = {
     },
     "output already present": {
         "main": NA(
-            "main resumes the run in an existing --workdir (README: "
+            "main resumes the run in an existing --workdir (docs/training.md: "
             "'Running the same command in the same workdir resumes')"
         ),
         "predict": Row(
@@ -751,7 +757,7 @@ TABLE: dict[str, dict[str, object]] = {
         ),
         "evaluate": NA(
             "evaluate replaces --json, --per_roi and --clinical's "
-            "tables atomically (README, evaluate's --help)"
+            "tables atomically (docs/commands.md, evaluate's --help)"
         ),
         "export": Row(
             lambda w, mp: (
@@ -869,6 +875,46 @@ TABLE["more rows than voxels"] = csv_fault_row(
     too_many_rows, "dose.csv", "possible_dose_mask.csv"
 )
 TABLE["not a regular file"] = csv_fault_row(fifo, "ct.csv", "dose.csv")
+
+
+def _one_level_off(w: World, args: list, flag: str, given: Path) -> tuple:
+  """`args` with --flag=given instead of its value: (given, None), args."""
+  changed = [a for a in args if not a.startswith(f"--{flag}=")]
+  return (given, None), [*changed, f"--{flag}={given}"]
+
+
+ONE_PATIENT = ("one patient's folder", "give the folder that holds the pt_*")
+TABLE["folder one level off"] = {
+    # The issue's case: the data root at train-pats/ itself.
+    "main": Row(
+        lambda w, mp: _inputs(w, [w.root])
+        or _one_level_off(
+            w, _main_args(w), "config.data.root", w.root / "train-pats"
+        ),
+        says=(
+            "config.data.root is a split folder itself",
+            "the folder that holds train-pats/ and validation-pats/",
+        ),
+    ),
+    "predict": Row(
+        lambda w, mp: _inputs(w, [w.patients, w.workdir])
+        or _one_level_off(w, _predict_args(w), "patients", w.patients / "pt_6"),
+        says=ONE_PATIENT,
+    ),
+    "evaluate": Row(
+        lambda w, mp: _inputs(w, [w.reference, w.predictions])
+        or _one_level_off(
+            w, _evaluate_args(w), "reference", w.reference / "pt_6"
+        ),
+        says=ONE_PATIENT,
+    ),
+    "export": NA("export reads no patient folder (only --workdir's run)"),
+    "summary": NO_DATA_SUMMARY,
+    "dicom_import": NA(
+        "dicom_import scans --input recursively: any folder above the "
+        "DICOM files holds them"
+    ),
+}
 
 
 def _inputs(w: World, inputs: list) -> None:
@@ -1000,6 +1046,8 @@ def test_fault(tool, fault, world, monkeypatch, capfd):
       for p in watched
   ]
   check_failure(code, err, named, line, before, after)
+  for words in TABLE[fault][tool].says:
+    assert words in err, (words, err)
 
 
 # A few rows as real processes: what a user's shell sees.

@@ -99,7 +99,9 @@ def list_patient_dirs(split_dir: str | os.PathLike) -> list[Path]:
   """The `pt_*` folders of a split folder, in numeric id order.
 
   Raises:
-    DataError: the folder does not exist or holds no `pt_*` folder.
+    DataError: the folder does not exist or holds no `pt_*` folder (the
+      message says so when it is one patient's folder, or a data root
+      holding split folders, instead of a folder of patients).
   """
   split_dir = Path(split_dir)
   if not split_dir.is_dir():
@@ -108,8 +110,74 @@ def list_patient_dirs(split_dir: str | os.PathLike) -> list[Path]:
       p for p in split_dir.iterdir() if p.is_dir() and p.name.startswith("pt_")
   ]
   if not dirs:
-    raise DataError(f"{split_dir}: no patient folders (pt_*) in it")
+    message = f"{split_dir}: no patient folders (pt_*) in it"
+    if _is_patient_folder(split_dir):
+      message += (
+          ": it is one patient's folder; give the folder that holds the "
+          f"pt_* folders ({split_dir.parent})"
+      )
+    else:
+      splits = [n for n in SPLIT_NAMES if (split_dir / n).is_dir()]
+      if splits:
+        message += (
+            f": it holds {', '.join(s + '/' for s in splits)}; give one of "
+            f"them, e.g. {split_dir / splits[0]}"
+        )
+    raise DataError(message)
   return sorted(dirs, key=_patient_sort_key)
+
+
+# The split folders of OpenKBP's provided-data/.
+SPLIT_NAMES = ("train-pats", "validation-pats", "test-pats")
+
+
+def _is_patient_folder(folder: Path) -> bool:
+  return folder.name.startswith("pt_") or (folder / CT_FILE).is_file()
+
+
+def split_dir(
+    root: str | os.PathLike, split: str, what: str = "config.data.root"
+) -> Path:
+  """`root/split`, the folder of one split under a data root.
+
+  Raises:
+    DataError: `root/split` is not a folder. The message names `root` and
+      says to point `what` at the folder holding the split folders; when
+      `root` is itself a split folder (`train-pats/`, a folder of `pt_*`
+      folders) or one patient's folder, it says so, with the folder above
+      it when that one holds `split`.
+  """
+  root = Path(root)
+  folder = root / split
+  if folder.is_dir():
+    return folder
+  expected = (
+      f"point {what} at the folder that holds train-pats/ and "
+      "validation-pats/ (OpenKBP's provided-data/)"
+  )
+  if not root.is_dir():
+    raise DataError(f"{root}: {what}: folder not found; {expected}")
+  above = None
+  if root.name in SPLIT_NAMES or any(
+      p.is_dir() and p.name.startswith("pt_") for p in root.iterdir()
+  ):
+    what_it_is, above = (
+        "a split folder itself (it holds pt_* folders)",
+        root.parent,
+    )
+  elif _is_patient_folder(root):
+    what_it_is, above = "one patient's folder", root.parent.parent
+  elif (root / "provided-data" / split).is_dir():
+    what_it_is, above = (
+        "the folder above provided-data/",
+        root / "provided-data",
+    )
+  else:
+    what_it_is = f"a folder without {split}/"
+  message = f"{root}: {what} is {what_it_is}, not the data root: {expected}"
+  if above is not None and (above / split).is_dir():
+    message += f", here {above}"
+  raise DataError(message)
 
 
 # ------------------------------------------------------- small files

@@ -66,7 +66,7 @@ def prepare_data(config, workdir: pathlib.Path):
   progress = None if config.get("progress_bar", True) else "off"
   caches = []
   for split in (data.train_split, data.eval_split):
-    dirs = openkbp.list_patient_dirs(root / split)
+    dirs = openkbp.list_patient_dirs(openkbp.split_dir(root, split))
     if jax.process_index() == 0:
       cache_lib.build_cache(dirs, cache_root / split, data, progress=progress)
     distributed.barrier(f"cache_{split}")

@@ -528,7 +528,9 @@ def pack(
   jobs = [
       (split, d)
       for split in splits
-      for d in openkbp.list_patient_dirs(root / split)
+      for d in openkbp.list_patient_dirs(
+          openkbp.split_dir(root, split, what="--root")
+      )
   ]
   encoded = _map(_encode_dir, [(d, dose_decimals) for _, d in jobs], workers)
   with progress_lib.Counter("pack", len(jobs), progress) as counter:
@@ -835,7 +837,12 @@ def check_archive(archive_path, root, progress=None) -> tuple[int, float]:
   """
   archive = open_archive(archive_path)
   for split, ids in archive.splits.items():
-    on_disk = [d.name for d in openkbp.list_patient_dirs(Path(root) / split)]
+    on_disk = [
+        d.name
+        for d in openkbp.list_patient_dirs(
+            openkbp.split_dir(root, split, what="--root")
+        )
+    ]
     if sorted(on_disk) != sorted(ids):
       raise openkbp.DataError(
           f"{Path(root) / split}: holds {len(on_disk)} patients, the "

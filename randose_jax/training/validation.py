@@ -217,8 +217,9 @@ def final_validation(
         f"Predictions: {out_dir} (zip: {zip_path})",
         flush=True,
     )
-    if summary["dose_score"] >= summary["baseline_mean_dose_score"]:
-      print(short_run_note(config), flush=True)
+    note = baseline_note(summary, config)
+    if note:
+      print(note, flush=True)
   return summary
 
 
@@ -239,19 +240,36 @@ def _name_final(e: OSError, stage: pathlib.Path, workdir: pathlib.Path):
   raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(final)) from e
 
 
-def short_run_note(config) -> str:
-  """Said when the model did not beat the mean-dose baseline."""
+def baseline_note(summary: dict, config) -> Optional[str]:
+  """The note printed under the final scores when the model does not beat
+  the mean-dose baseline on the dose score, the DVH score or both; None
+  when it beats it on both."""
+  worse = [
+      name
+      for name, key in (
+          ("dose score", "dose_score"),
+          ("DVH score", "dvh_score"),
+      )
+      if summary[key] >= summary[f"baseline_mean_{key}"]
+  ]
+  return short_run_note(config, worse) if worse else None
+
+
+def short_run_note(config, worse=("dose score",)) -> str:
+  """Said when the model did not beat the mean-dose baseline on the
+  scores named in `worse` ("dose score", "DVH score")."""
   steps = config.num_train_steps
+  on = " and the ".join(worse)
   if steps < 1000:
     return (
-        f"note: the model does not beat the mean-dose baseline: {steps} "
-        "training steps are far too few to learn a dose (the demo "
+        f"note: the model does not beat the mean-dose baseline on the {on}: "
+        f"{steps} training steps are far too few to learn a dose (the demo "
         "trains 1,200 steps to beat it; the paper 80,000). This is "
         "expected of a short test run; train longer for meaningful "
         "scores."
     )
   return (
-      f"note: the model does not beat the mean-dose baseline after "
-      f"{steps} steps: check the learning rate, the data and "
+      f"note: the model does not beat the mean-dose baseline on the {on} "
+      f"after {steps} steps: check the learning rate, the data and "
       "metrics.jsonl (train/l1_all should fall)."
   )
