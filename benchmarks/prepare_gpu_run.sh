@@ -13,7 +13,7 @@
 #                   kept if both splits are already there; or, with
 #                   --data=DIR (a full OpenKBP folder: DIR/train-pats,
 #                   DIR/validation-pats), only openkbp.rdt, the transport
-#                   archive of all of DIR's patients (randose_jax.data.transport:
+#                   archive of all of DIR's patients (randose_jax.cli.transport:
 #                   CT and voxel sets lossless, dose within 0.005 Gy; 42.9 MiB
 #                   for 120 + 33 patients), kept if already there; the device
 #                   command then unpacks it into a cache in /tmp first
@@ -81,10 +81,10 @@ if [[ -n "$DATA" ]]; then
     echo "archive: .gpu_cache/openkbp.rdt already packed"
   else
     mkdir -p .gpu_cache
-    python3 -m randose_jax.data.transport pack --root="$DATA" \
+    python3 -m randose_jax.cli.transport pack --root="$DATA" \
         --archive=.gpu_cache/openkbp.rdt --workers=2
   fi
-  python3 -m randose_jax.data.transport check --archive=.gpu_cache/openkbp.rdt --root="$DATA"
+  python3 -m randose_jax.cli.transport check --archive=.gpu_cache/openkbp.rdt --root="$DATA"
 elif [[ -d .gpu_cache/train-pats && -d .gpu_cache/validation-pats ]]; then
   rm -f .gpu_cache/openkbp.rdt
   echo "cache: .gpu_cache/ already built"
@@ -120,7 +120,7 @@ RUN='PYTHONUNBUFFERED=1 python3 benchmarks/gpu_run.py --out=$OUT --budget_s=420'
 echo
 echo 'Device call (carry [".whl", ".gpu_cache", ".gpu_snapshot"], timeout_s about 480):'
 if [[ -n "$DATA" ]]; then
-  echo "$INSTALL && python3 -m randose_jax.data.transport unpack --archive=../.gpu_cache/openkbp.rdt --cache_dir=/tmp/gpu_cache --config=configs/openkbp.py --workers=8 >\$OUT/unpack.txt 2>&1 && $RUN --cache_dir=/tmp/gpu_cache 2>&1 | tee \$OUT/log.txt"
+  echo "$INSTALL && python3 -m randose_jax.cli.transport unpack --archive=../.gpu_cache/openkbp.rdt --cache_dir=/tmp/gpu_cache --config=configs/openkbp.py --workers=8 >\$OUT/unpack.txt 2>&1 && $RUN --cache_dir=/tmp/gpu_cache 2>&1 | tee \$OUT/log.txt"
 else
   echo "$INSTALL && $RUN --cache_dir=../.gpu_cache 2>&1 | tee \$OUT/log.txt"
 fi
