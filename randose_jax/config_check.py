@@ -49,12 +49,6 @@ def apply_variants(
   return config
 
 
-def grid_factor(widths) -> int:
-  """2^(S-1): what every grid edge the network sees must be a multiple of
-  (S = len(widths) stages, each but the last halving the grid)."""
-  return 2 ** (len(tuple(widths)) - 1)
-
-
 def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
@@ -197,7 +191,7 @@ def problems_of(config) -> list[str]:
   except ConfigError as e:
     c.problems.append(str(e))
   widths = tuple(c.get("model.widths") or ())
-  factor = grid_factor(widths) if widths else 1
+  factor = models.grid_factor(widths) if widths else 1
   downsample = c.get("data.downsample")
   if _is_int(downsample) and downsample >= 1 and widths:
     edge = (

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from randose_jax import viz
+from tests import plain_scoring
 
 ROI = {name: c for c, name in enumerate(viz.DEFAULT_ROI_NAMES)}
 DPI = 50  # Low resolution keeps each render well under a second.
@@ -234,18 +235,7 @@ def test_every_openkbp_roi_has_its_own_colour():
   """The colour table is keyed by name: a name spelt differently from the
   data's (e.g. 'Spinalcord') would silently fall back to a tab20 colour
   that may repeat another ROI's."""
-  names = (
-      'Brainstem',
-      'SpinalCord',
-      'RightParotid',
-      'LeftParotid',
-      'Esophagus',
-      'Larynx',
-      'Mandible',
-      'PTV56',
-      'PTV63',
-      'PTV70',
-  )  # written out (OpenKBP's channel order), not read from the library
+  names = plain_scoring.ROI_NAMES  # written out, not the library's
   assert viz.DEFAULT_ROI_NAMES == names
   assert set(viz.ROI_COLOURS) == set(names)
   colours = [viz._roi_colour(n, c) for c, n in enumerate(names)]

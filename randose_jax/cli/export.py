@@ -4,23 +4,10 @@ r"""Export a trained model as an artifact that stands alone.
       [--checkpoint=best] [--tta] [--conv_impl=direct] [--overwrite]
   python -m randose_jax.cli.export --model=NAME --output=randose.zip  # shipped
 
-The library part is `randose_jax/inference/export.py`. The artifact is one
-zip file (format `FORMAT_VERSION`):
-  model.jaxexport   `jax.export` serialization (StableHLO, CPU and CUDA) of
-                    the whole prediction path (`standalone.make_predict_fn`):
-                    fn(params, ct_hu, structure_masks, possible_dose_mask,
-                    voxel_dimensions) -> dose in Gy on the patient's grid,
-                    clipped at 0, zero outside the mask; encoding, distance
-                    channels, windows and decoding happen inside;
-  params.npz        the model parameters as numpy arrays arr_0, arr_1, ...
-                    in the order the function takes them (their moving
-                    average when the run kept one, config.ema_decay > 0);
-  meta.json         the grid, the inputs' shapes and dtypes, the parameter
-                    paths, versions, the run's config.
-It runs with only jax and numpy installed (README, "Export"); in this
-library `load(path)(ct_hu, structure_masks, possible_dose_mask,
-voxel_dimensions)` or `load(path).predict_patient(patient)` does the same.
-One patient per call (no batch axis).
+Writes one zip file that runs without this library, with only jax and
+numpy installed (README, "Export"): the whole prediction path from the CT
+in HU, the structure masks, the possible-dose mask and the voxel size to the
+dose in Gy. Its format and `load` are `randose_jax/inference/export.py`.
 
 --output is checked before the model is traced (its folder writable, no
 artifact there unless --overwrite) and written atomically: a failure leaves

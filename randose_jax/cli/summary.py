@@ -24,6 +24,7 @@ import jax
 from ml_collections import config_flags
 
 from randose_jax import logs
+from randose_jax import models
 from randose_jax.cli import common as cli
 from randose_jax.models import costs
 
@@ -78,7 +79,7 @@ def main(argv):
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. configs/openkbp.py")
   logs.quiet_library_logs()
-  factor = 2 ** (len(FLAGS.config.model.widths) - 1)
+  factor = models.grid_factor(FLAGS.config.model.widths)
   if FLAGS.grid < factor or FLAGS.grid % factor:
     raise app.UsageError(
         f"--grid={FLAGS.grid}: must be a positive multiple of {factor} (the "

@@ -22,6 +22,8 @@ from randose_jax.models.conv import Conv
 from randose_jax.models.randose import RANDose
 from randose_jax.models.randose import Stage
 from randose_jax.models.randose import create_model
+from randose_jax.models.randose import grid_factor
+from randose_jax.models.randose import input_specs
 
 __all__ = [
     "AttentionFusion",
@@ -39,5 +41,7 @@ __all__ = [
     "UNetBlock",
     "Upsample",
     "create_model",
+    "grid_factor",
+    "input_specs",
     "resize_ptv",
 ]

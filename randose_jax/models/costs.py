@@ -13,22 +13,16 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 from jax.extend import core as jex_core
-import jax.numpy as jnp
 import numpy as np
 
 from randose_jax import models
-from randose_jax.conventions import INPUT_CHANNELS
 from randose_jax.models import conv as conv_lib
 from randose_jax.ops import conv_planner
 
 
 def abstract_inputs(grid: Sequence[int], batch: int = 1) -> dict[str, Any]:
   """ShapeDtypeStructs of the model inputs at `grid` (D, H, W)."""
-  grid = tuple(grid)
-  return {
-      k: jax.ShapeDtypeStruct((batch, *grid, c), jnp.float32)
-      for k, c in INPUT_CHANNELS.items()
-  }
+  return models.input_specs(grid, batch)
 
 
 def abstract_params(model, inputs) -> Any:

@@ -228,7 +228,7 @@ class RANDose(nn.Module):
             f"others (N, D, H, W) = {grid}"
         )
       grid = shape[:4]
-    factor = 2 ** (len(self.widths) - 1)
+    factor = grid_factor(self.widths)
     if any(n % factor for n in grid[1:]):
       raise ValueError(
           f"RANDose: grid {grid[1:]} is not divisible by "
@@ -322,6 +322,24 @@ class RANDose(nn.Module):
 
 
 # config.model's fields: RANDose's, and `name` (which network).
+def grid_factor(widths) -> int:
+  """2^(S-1): what every grid edge the network sees must be a multiple of
+  (S = len(widths) stages, each but the last halving the grid)."""
+  return 2 ** (len(tuple(widths)) - 1)
+
+
+def input_specs(grid, batch: int = 1, channels=None) -> dict:
+  """ShapeDtypeStructs of the model's inputs, float32 (batch, *grid, C):
+  `channels` maps each input to its channels (default `INPUT_CHANNELS`;
+  `encoding.input_channels(config.data)` for a run with the `geom` input).
+  The one statement of the inputs (training's init, `costs`)."""
+  channels = INPUT_CHANNELS if channels is None else channels
+  return {
+      k: jax.ShapeDtypeStruct((batch, *tuple(grid), c), jnp.float32)
+      for k, c in channels.items()
+  }
+
+
 MODEL_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(RANDose)

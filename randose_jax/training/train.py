@@ -39,7 +39,6 @@ from randose_jax.training import losses
 from randose_jax import models
 from randose_jax.training import runlock
 from randose_jax.training import validation
-from randose_jax.conventions import INPUT_CHANNELS
 from randose_jax.data import encoding
 from randose_jax.data import pipeline
 from randose_jax.data.prepare import prepare_data
@@ -161,9 +160,9 @@ def dummy_inputs(
   run's); parameters do not depend on the grid, so the smallest valid grid
   (2^(S-1) per axis) is used by default."""
   if grid is None:
-    grid = (2 ** (len(model_config.widths) - 1),) * 3
-  channels = INPUT_CHANNELS if channels is None else channels
-  return {k: jnp.zeros((batch, *grid, c)) for k, c in channels.items()}
+    grid = (models.grid_factor(model_config.widths),) * 3
+  specs = models.input_specs(grid, batch, channels)
+  return {k: jnp.zeros(s.shape, s.dtype) for k, s in specs.items()}
 
 
 def init_params(model, loss_module, model_config, rng, channels=None) -> dict:
