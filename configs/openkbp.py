@@ -13,11 +13,12 @@ Variants, chosen after a colon (`--config=configs/openkbp.py:smoke`):
   cpu_proxy   about an hour of real learning on 2 CPU cores: 64^3, widths
               4..64, Adam 3e-4, 1,500 steps (point data.root at the full set).
   cpu_best    the best recipe found for 2 CPU cores (benchmarks/NOTES.md,
-              "Learning per CPU-hour"): the full 128^3 resolution on 64^3
-              crops around the patient, the PTV distance channels, EMA;
-              widths 4..64, Adam 3e-4. The shipped model was trained so.
+              "Full resolution at the proxy's cost"): the full 128^3
+              resolution on 64^3 crops around the patient, the PTV distance
+              and slab channels, the mask region in the loss, EMA; widths
+              4..64, Adam 3e-4. The shipped model was trained so.
   lossmask    adds the possible-dose mask as a third learned-weight region of
-              the loss (not in the paper): `:cpu_best,lossmask`.
+              the loss (not in the paper; part of cpu_best).
   row1..row5  Table 2a ablations (row5 = the paper).
   loss1..loss3 Table 2b ablations (loss3 = the paper).
 Variants combine with commas: `:row3,smoke`.
@@ -73,27 +74,33 @@ def _cpu_proxy(config):
   config.checkpoint_every_steps = 250
 
 
+def _lossmask(config):
+  # The possible-dose mask as a third learned-weight region of the loss
+  # (randose_jax/training/losses.py): the body outside the targets and
+  # organs, where the dose score is mostly made, gets its own weight.
+  if "mask" not in config.loss.regions:
+    config.loss.regions = tuple(config.loss.regions) + ("mask",)
+
+
 def _cpu_best(config):
   # cpu_proxy's network and optimiser at full resolution for the proxy's
   # cost: random 64^3 crops of the 128^3 grid placed around the
   # possible-dose mask (prediction: overlapping windows over the mask's
-  # box), each voxel's signed distance to the three PTV levels as input
-  # channels, and the EMA of the parameters.
+  # box), each voxel's signed distance to the three PTV levels and to
+  # their slabs of slices as input channels, the mask region in the loss,
+  # and the EMA of the parameters.
   _cpu_proxy(config)
   config.data.downsample = 1
   config.data.crop_shape = (64, 64, 64)
   config.data.geometry = True
   config.data.geometry_slab = True
+  # The possible-dose mask as a third learned-weight region of the loss:
+  # 7.69 / 5.24 at step 500 and 5.02 / 2.34 at step 3500 against 8.84 /
+  # 6.17 at step 500 without it (same seed; benchmarks/NOTES.md).
+  _lossmask(config)
   config.ema_decay = 0.999
   config.num_train_steps = 20_000
   config.eval_every_steps = 500
-
-
-def _lossmask(config):
-  # The possible-dose mask as a third learned-weight region of the loss
-  # (randose_jax/training/losses.py): the body outside the targets and organs, where
-  # the dose score is mostly made, gets its own weight.
-  config.loss.regions = tuple(config.loss.regions) + ("mask",)
 
 
 _VARIANTS = {
