@@ -141,7 +141,7 @@ def main(argv=None):
       "repeats": args.repeats,
       "rows": rows,
       "load_average_start": load_start,
-      "torch_version": __import__("torch").__version__,
+      "torch_version": getattr(torch_train_step.torch, "__version__", None),
       **common.machine_info(),
   }
   path = common.write_result(result, args.json, "inference", args.config)

@@ -26,7 +26,11 @@ import sys
 import time
 
 import numpy as np
-import torch
+
+try:  # torch is a benchmark-only dependency: --no_torch runs need none
+  import torch
+except ImportError:
+  torch = None
 
 _HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
@@ -36,7 +40,10 @@ if str(_HERE.parent) not in sys.path:
   )  # so a config file can import randose_jax
 
 import common  # noqa: E402
-import torch_randose  # noqa: E402
+try:
+  import torch_randose  # noqa: E402
+except ImportError:  # no torch
+  torch_randose = None
 
 PAROTIDS = (2, 3)  # RightParotid, LeftParotid in the OAR channels
 
