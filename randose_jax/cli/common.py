@@ -263,3 +263,16 @@ def run(main: Callable) -> None:
       lambda argv: call_main(main, argv),
       flags_parser=lambda argv: _parse_and_check(argv, flags.FLAGS),
   )
+
+
+def define_progress_flag(flag_values: flags.FlagValues) -> None:
+  """`--progress`, the same on every command that counts patients
+  (`randose_jax/progress.py`)."""
+  flags.DEFINE_bool(
+      "progress",
+      None,
+      "Show the progress on stderr as a live line (patients done / total, "
+      "time left; default: where stderr is a terminal); false: one plain "
+      "line per patient.",
+      flag_values=flag_values,
+  )

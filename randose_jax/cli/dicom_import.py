@@ -79,14 +79,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
       "Replace patient folders already in --output.",
       flag_values=flag_values,
   )
-  flags.DEFINE_bool(
-      "progress",
-      None,
-      "Show the progress on stderr as a live line (patients done / total, "
-      "time left; default: where stderr is a terminal); false: one plain "
-      "line per patient.",
-      flag_values=flag_values,
-  )
+  cli.define_progress_flag(flag_values)
 
 
 def _numbers(name: str, values, kind, count: int = 3):

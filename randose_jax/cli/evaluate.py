@@ -166,14 +166,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
       'the pass rate becomes an estimate).',
       flag_values=flag_values,
   )
-  flags.DEFINE_boolean(
-      'progress',
-      None,
-      'Show the progress on stderr as a live line (patients done / total, '
-      'time left; default: where stderr is a terminal); false: one plain '
-      'line per patient.',
-      flag_values=flag_values,
-  )
+  cli.define_progress_flag(flag_values)
 
 
 def clinical_settings_from_flags() -> clinical.ClinicalSettings:

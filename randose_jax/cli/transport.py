@@ -62,14 +62,7 @@ def define_flags(fv: flags.FlagValues = FLAGS):
   flags.DEFINE_integer(
       "workers", 1, "Processes that encode / decode patients.", flag_values=fv
   )
-  flags.DEFINE_bool(
-      "progress",
-      None,
-      "Show the progress on stderr as a live line (patients done / total, "
-      "time left; default: where stderr is a terminal); false: one plain "
-      "line per patient.",
-      flag_values=fv,
-  )
+  cli.define_progress_flag(fv)
 
 
 def main(argv):
