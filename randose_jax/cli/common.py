@@ -234,11 +234,13 @@ def call_main(
     print(interrupted_line(e), file=sys.stderr, flush=True)
     sys.exit(e.exit_code)
   except user_errors() as e:  # pylint: disable=catching-non-exception
-    for problem in getattr(e, "problems", ())[:-1]:  # ConfigErrors: each
-      print(f"error: {_one_line(problem)}", file=sys.stderr, flush=True)
-    if getattr(e, "problems", None):
-      fail(_one_line(e.problems[-1]))
-    fail(error_line(e))
+    # ConfigErrors hold several problems: one `error:` line each.
+    lines = [_one_line(p) for p in getattr(e, "problems", ())] or [
+        error_line(e)
+    ]
+    for line in lines[:-1]:
+      print(f"error: {line}", file=sys.stderr, flush=True)
+    fail(lines[-1])
 
 
 def interrupted_line(e: "interrupts.Interrupted") -> str:
