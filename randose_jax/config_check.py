@@ -252,6 +252,13 @@ def problems_of(config) -> list[str]:
       "warmup_steps",
       f"must be >= 0 and below num_train_steps ({steps})",
   )
+  c.need(
+      _is_int(c.get("lr_decay_start"))
+      and c.get("lr_decay_start") >= 0
+      and (not _is_int(steps) or c.get("lr_decay_start") < max(steps, 1)),
+      "lr_decay_start",
+      f"must be >= 0 and below num_train_steps ({steps})",
+  )
   c.positive("grad_clip_norm", zero_ok=True)
   decay = c.get("ema_decay")
   c.need(

@@ -152,6 +152,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.learning_rate = 1e-4
   config.lr_schedule = "constant"  # constant | cosine
   config.warmup_steps = 0
+  # "cosine" only: hold the rate constant until this step, then decay to 0
+  # at num_train_steps (e.g. a long constant-rate run resumed for its
+  # decay). 0 = decay right after the warm-up.
+  config.lr_decay_start = 0
   config.grad_clip_norm = 0.0  # 0 = no clipping
   # Exponential moving average of the model parameters (not the loss's
   # region weights), updated every step: ema = d * ema + (1 - d) * params,

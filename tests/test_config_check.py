@@ -52,6 +52,7 @@ BAD = [
     ("optimizer", "lamb", "choose from"),
     ("learning_rate", math.nan, "finite number > 0"),
     ("warmup_steps", 80_000, "below num_train_steps"),
+    ("lr_decay_start", -1, "below num_train_steps"),
     ("ema_decay", 1.0, ">= 0 and < 1"),
     ("batch_size", 0, "integer >= 1"),
     ("max_eval_patients", -1, "integer >= 0"),

@@ -1,5 +1,6 @@
 """The learning-rate schedules of `config.lr_schedule` / `warmup_steps`."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -48,6 +49,37 @@ def test_cosine_without_warmup():
   assert lrs[100] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_cosine_from_decay_start():
+  # A constant-rate run resumed at step 40 for its decay: the rate holds
+  # until then, and half a cosine over the 60 steps left.
+  lrs = _lrs(_config(lr_schedule="cosine", lr_decay_start=40))
+  np.testing.assert_allclose(lrs[:41], 1e-3, rtol=1e-6)
+  assert lrs[70] == pytest.approx(0.5e-3, rel=1e-5)
+  assert lrs[100] == pytest.approx(0.0, abs=1e-9)
+  assert np.all(np.diff(lrs[40:]) < 0)
+
+
+def test_decay_start_with_warmup():
+  lrs = _lrs(_config(lr_schedule="cosine", warmup_steps=10, lr_decay_start=50))
+  assert lrs[5] == pytest.approx(0.5e-3, rel=1e-6)
+  np.testing.assert_allclose(lrs[10:51], 1e-3, rtol=1e-6)
+  assert lrs[75] == pytest.approx(0.5e-3, rel=1e-5)
+  assert lrs[100] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_constant_state_restores_into_the_decay():
+  # The optimizer state of a constant-rate run has the tree a decaying one
+  # expects, so its checkpoint resumes under the decay.
+  params = {"w": np.zeros((3,), np.float32)}
+  constant, _ = train.create_optimizer(_config())
+  decay, _ = train.create_optimizer(
+      _config(lr_schedule="cosine", lr_decay_start=40)
+  )
+  assert jax.tree.structure(constant.init(params)) == jax.tree.structure(
+      decay.init(params)
+  )
+
+
 def test_constant_with_warmup():
   lrs = _lrs(_config(warmup_steps=10))
   assert lrs[5] == pytest.approx(0.5e-3, rel=1e-6)
@@ -60,6 +92,8 @@ def test_constant_with_warmup():
         (dict(lr_schedule="linear"), "lr_schedule"),
         (dict(warmup_steps=100), "warmup_steps"),
         (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(lr_decay_start=100), "lr_decay_start"),
+        (dict(lr_decay_start=-5), "lr_decay_start"),
     ],
 )
 def test_bad_schedule_is_a_config_error(fields, field):

@@ -86,14 +86,26 @@ def create_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
         f"config.warmup_steps={warmup}: must be >= 0 and below "
         f"num_train_steps ({config.num_train_steps})"
     )
+  if not 0 <= config.lr_decay_start < max(config.num_train_steps, 1):
+    raise ConfigError(
+        f"config.lr_decay_start={config.lr_decay_start}: must be >= 0 and "
+        f"below num_train_steps ({config.num_train_steps})"
+    )
   if config.lr_schedule == "constant":
     schedule = optax.constant_schedule(lr)
   elif config.lr_schedule == "cosine":
-    # Cosine from lr to 0 over the steps after the warm-up, so that the
-    # last step (num_train_steps) trains at ~0 whatever the warm-up.
+    # Cosine from lr to 0 over the steps after the warm-up (or after
+    # lr_decay_start, if later: constant lr until then), so that the last
+    # step (num_train_steps) trains at ~0. A run resumed from a
+    # constant-rate checkpoint decays from where it stopped this way.
+    start = max(warmup, config.lr_decay_start)
     schedule = optax.cosine_decay_schedule(
-        lr, max(1, config.num_train_steps - warmup)
+        lr, max(1, config.num_train_steps - start)
     )
+    if start > warmup:
+      schedule = optax.join_schedules(
+          [optax.constant_schedule(lr), schedule], [start - warmup]
+      )
   else:
     raise ConfigError(f"config.lr_schedule: unknown {config.lr_schedule!r}")
   if warmup:
