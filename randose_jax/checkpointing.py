@@ -4,10 +4,11 @@ Layout under `<workdir>/checkpoints/`:
   latest/<step>/{state, data, config, meta}   kept: the last `keep` saves
   best/<step>/{state, data, config, meta}     kept: the best validation dose score
 
-`state` is the train state (step, params, optimizer state, and `ema_params`,
-the moving average of the model parameters, only in runs with
-`config.ema_decay > 0`), `data` the grain iterator state (so a resume continues the same example stream), `config` the
-run's config and `meta` small JSON facts (step, validation scores).
+`state` is the train state as training hands it over (a dict of arrays;
+what its entries mean is training's business, `training.train.saveable_state`),
+`data` the grain iterator state (so a resume continues the same example
+stream), `config` the run's config and `meta` small JSON facts (step,
+validation scores).
 Orbax writes each save into a temporary folder and renames it when complete,
 so a run killed mid-save leaves the previous checkpoints intact.
 
@@ -27,7 +28,7 @@ import os
 import pathlib
 import shutil
 import sys
-from typing import Any, Optional
+from typing import Optional
 
 from etils import epath
 import jax
@@ -37,9 +38,6 @@ import orbax.checkpoint as ocp
 from randose_jax import interrupts
 
 ITEMS = ("state", "data", "config", "meta")
-# The entry of the saved state that only some checkpoints hold (runs with
-# config.ema_decay > 0): the EMA of params['model'], the same tree.
-EMA_KEY = "ema_params"
 # Where unreadable checkpoints are moved, relative to the workdir.
 UNREADABLE_DIR = os.path.join("checkpoints", "unreadable")
 
@@ -252,10 +250,12 @@ class Checkpointer:
     """Restores the newest readable checkpoint (or `step`) of `which`.
 
     Returns a dict with `state`, `data`, `config`, `meta` and `step`, or None
-    when there is no checkpoint. The restored state holds `ema_params`
-    exactly when the checkpoint does, whether or not `abstract_state` asks
-    for it (a run may switch its EMA on or off between resumes; the caller
-    decides what to do). A checkpoint that fails to read is skipped
+    when there is no checkpoint. The restored state holds the top-level
+    entries the checkpoint holds, whether or not `abstract_state` (a dict)
+    names them: an entry it names that was not saved is left out, one it
+    does not name comes back as saved, placed like `abstract_state`'s
+    leaves (e.g. a run that switched an option with its own state on or off
+    between resumes; the caller decides what to do). A checkpoint that fails to read is skipped
     with a one-line warning in favour of the one before it; with
     `set_aside_unreadable` (training, which will write those steps again)
     process 0 also moves each skipped folder to `checkpoints/unreadable/`
@@ -283,7 +283,7 @@ class Checkpointer:
         if abstract_state is None:
           target = _saved_abstract(self.root / which / str(s), sharding)
         else:
-          target = _fit_ema_entry(abstract_state, self.root / which / str(s))
+          target = _fit_to_saved(abstract_state, self.root / which / str(s))
         restored = manager.restore(
             s,
             args=ocp.args.Composite(
@@ -421,37 +421,22 @@ def _saved_abstract(step_dir: pathlib.Path, sharding):
   )
 
 
-def _fit_ema_entry(abstract_state, step_dir: pathlib.Path):
-  """`abstract_state` with `ema_params` present exactly when the checkpoint
-  at `step_dir` holds it (orbax restores only an identical tree): dropped
-  when the checkpoint has none (written with the EMA off), added as the
-  shape of `params['model']` when it has one the caller did not ask for."""
+def _fit_to_saved(abstract_state, step_dir: pathlib.Path):
+  """`abstract_state` (a dict) with exactly the top-level entries the
+  checkpoint at `step_dir` holds (orbax restores only an identical tree):
+  entries it does not hold are dropped; entries the caller did not name
+  take their shapes and dtypes from the checkpoint's metadata and the
+  sharding of the caller's first leaf."""
   if not isinstance(abstract_state, dict):
     return abstract_state
   saved = saved_state_keys(step_dir / "state")
   if saved is None:
-    return abstract_state
-  if EMA_KEY in abstract_state and EMA_KEY not in saved:
-    return {k: v for k, v in abstract_state.items() if k != EMA_KEY}
-  if (
-      EMA_KEY in saved
-      and EMA_KEY not in abstract_state
-      and isinstance(abstract_state.get("params"), dict)
-      and "model" in abstract_state["params"]
-  ):
-    return dict(abstract_state, **{EMA_KEY: abstract_state["params"]["model"]})
-  return abstract_state
-
-
-def as_saveable(state) -> dict[str, Any]:
-  """The train state as saved: `ema_params` only when the run keeps an EMA
-  (with the EMA off, the tree is exactly what earlier versions saved)."""
-  out = {
-      "step": state.step,
-      "params": state.params,
-      "opt_state": state.opt_state,
-  }
-  ema = getattr(state, EMA_KEY, None)
-  if ema is not None:
-    out[EMA_KEY] = ema
-  return out
+    return abstract_state  # the restore itself then reports what is wrong
+  target = {k: v for k, v in abstract_state.items() if k in saved}
+  missing = saved - set(target)
+  if missing:
+    leaves = jax.tree.leaves(abstract_state)
+    sharding = getattr(leaves[0], "sharding", None) if leaves else None
+    metadata = _saved_abstract(step_dir, sharding)
+    target.update({k: metadata[k] for k in missing})
+  return target

@@ -95,7 +95,7 @@ def _state_of(workdir, which="latest", step=None) -> dict:
   )
   ckpt = checkpointing.Checkpointer(workdir, keep=3, async_save=False)
   got = ckpt.restore(
-      checkpointing.as_saveable(trainer.abstract_state()), which, step
+      train.saveable_state(trainer.abstract_state()), which, step
   )
   ckpt.close()
   return jax.device_get(got["state"])
@@ -180,12 +180,12 @@ def test_ema_off_is_the_step_and_state_before_the_option():
   old = (old.step, old.params, old.opt_state)
   # No new leaf in the state, nothing new in what a checkpoint saves.
   assert len(jax.tree.leaves(state)) == len(jax.tree.leaves(old))
-  assert set(checkpointing.as_saveable(state)) == {
+  assert set(train.saveable_state(state)) == {
       "step",
       "params",
       "opt_state",
   }
-  assert set(checkpointing.as_saveable(trainer.abstract_state())) == {
+  assert set(train.saveable_state(trainer.abstract_state())) == {
       "step",
       "params",
       "opt_state",
@@ -395,9 +395,7 @@ def _with_distinct_ema(ema_run, tmp_path):
       ml_collections.ConfigDict(config_dict), _mesh()
   )
   ckpt = checkpointing.Checkpointer(workdir, keep=3, async_save=False)
-  got = ckpt.restore(
-      checkpointing.as_saveable(trainer.abstract_state()), "best"
-  )
+  got = ckpt.restore(train.saveable_state(trainer.abstract_state()), "best")
   rng = np.random.default_rng(0)
   state = dict(jax.device_get(got["state"]))
   state["ema_params"] = jax.tree.map(

@@ -62,7 +62,7 @@ def _params_of(workdir, which="latest", step=None):
   )
   ckpt = checkpointing.Checkpointer(workdir, keep=3, async_save=False)
   got = ckpt.restore(
-      checkpointing.as_saveable(trainer.abstract_state()), which, step
+      train.saveable_state(trainer.abstract_state()), which, step
   )
   ckpt.close()
   return jax.device_get(got["state"]["params"]), got

@@ -23,6 +23,18 @@ from randose_jax.inference import forward as inference
 from randose_jax.data import encoding
 from randose_jax.data import openkbp
 
+# The entry of a saved train state that holds the exponential moving average
+# of params['model'] (runs with config.ema_decay > 0); absent otherwise.
+EMA_KEY = "ema_params"
+
+
+def params_to_predict(params, ema_params=None):
+  """The model parameters a trained model predicts with: the moving average
+  of the parameters when the run kept one (`ema_params`), else the trained
+  model parameters (`params['model']`). Validation, predict, export and the
+  shipped models all decide so, here."""
+  return params["model"] if ema_params is None else ema_params
+
 
 def _make_forward(model, mesh: Mesh, swap_parotids: bool) -> Callable:
   def fwd(params, inputs, tta):

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from randose_jax import checkpointing
 from randose_jax import distributed
 from randose_jax.default_config import ConfigError
+from randose_jax.inference import predictor as predictor_lib
 from randose_jax.inference.predictor import Predictor
 
 
@@ -36,9 +37,8 @@ class Restored:
 
   @property
   def model_params(self):
-    """What predict and export use: the EMA when saved, else the trained
-    model parameters."""
-    return self.ema_params if self.uses_ema else self.params["model"]
+    """What predict and export use (`predictor.params_to_predict`)."""
+    return predictor_lib.params_to_predict(self.params, self.ema_params)
 
 
 def parse_checkpoint_flag(value: str) -> tuple[str, Optional[int]]:
@@ -99,9 +99,9 @@ def restore_from_workdir(
   if got is None:
     raise checkpointing.CheckpointError(f"{workdir}: no {which} checkpoint")
   params = got["state"]["params"]
-  ema_params = got["state"].get(checkpointing.EMA_KEY)
+  ema_params = got["state"].get(predictor_lib.EMA_KEY)
   predictor = Predictor.create(
-      config, params["model"] if ema_params is None else ema_params, mesh
+      config, predictor_lib.params_to_predict(params, ema_params), mesh
   )
   return Restored(
       config=config,

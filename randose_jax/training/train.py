@@ -45,6 +45,7 @@ from randose_jax.data.prepare import prepare_data
 from randose_jax.default_config import ConfigError
 from randose_jax.distributed import make_mesh
 from randose_jax.training.metric_writers import MetricWriter
+from randose_jax.inference import predictor as predictor_lib
 from randose_jax.inference.predictor import Predictor
 
 BATCH_KEYS = ("ptv", "ct", "oar", "target", "mask")
@@ -64,6 +65,21 @@ class TrainState:
   params: Any  # {'model': ..., 'loss': ...}
   opt_state: Any
   ema_params: Any = None
+
+
+def saveable_state(state) -> dict[str, Any]:
+  """The train state (or its abstract shapes) as checkpointed: `ema_params`
+  (`predictor.EMA_KEY`) only when the run keeps an EMA, so that with the EMA
+  off the tree is exactly what earlier versions saved. The checkpointer
+  restores whichever of these entries a checkpoint holds."""
+  out = {
+      "step": state.step,
+      "params": state.params,
+      "opt_state": state.opt_state,
+  }
+  if state.ema_params is not None:
+    out[predictor_lib.EMA_KEY] = state.ema_params
+  return out
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -257,11 +273,9 @@ class Trainer:
 
   @staticmethod
   def eval_params(state: TrainState):
-    """The model parameters validation uses: the EMA when the state has one,
-    else the trained parameters."""
-    if state.ema_params is not None:
-      return state.ema_params
-    return state.params["model"]
+    """The model parameters validation uses, as predict would
+    (`predictor.params_to_predict`)."""
+    return predictor_lib.params_to_predict(state.params, state.ema_params)
 
   def fit_ema(self, state: TrainState, source: str) -> TrainState:
     """`state` (restored from `source`) with the EMA this run keeps: the
@@ -397,7 +411,7 @@ def learned_scalars(params) -> dict:
 def _restore_or_init(
     trainer: Trainer, ckpt: checkpointing.Checkpointer, config
 ) -> tuple[TrainState, Optional[dict], int]:
-  abstract = checkpointing.as_saveable(trainer.abstract_state())
+  abstract = saveable_state(trainer.abstract_state())
   # Unreadable checkpoints are moved aside: training writes their steps again.
   restored = ckpt.restore(abstract, "latest", set_aside_unreadable=True)
   if restored is None:
@@ -590,7 +604,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict:
         meta["validation_pending"] = True
       ckpt.save_latest(
           done,
-          checkpointing.as_saveable(state),
+          saveable_state(state),
           train_iter.get_state(),
           config_dict,
           meta,
@@ -629,7 +643,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict:
       best_score = scores["dose_score"]
       ckpt.save_best(
           at,
-          checkpointing.as_saveable(state),
+          saveable_state(state),
           train_iter.get_state(),
           config_dict,
           dict(step=at, **scores),
@@ -702,7 +716,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict:
     if do_ckpt:
       ckpt.save_latest(
           step,
-          checkpointing.as_saveable(state),
+          saveable_state(state),
           train_iter.get_state(),
           config_dict,
           dict(step=step),
@@ -744,7 +758,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict:
 
 def finish(trainer, ckpt, state, train_cache, eval_cache, workdir, config):
   """Scores the best checkpoint, writes its validation predictions + zip."""
-  abstract = checkpointing.as_saveable(trainer.abstract_state())
+  abstract = saveable_state(trainer.abstract_state())
   best = ckpt.restore(abstract, "best")
   # The best checkpoint's EMA when it holds one (what chose it), as predict
   # and export do.
