@@ -90,21 +90,66 @@ def _hash(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+def entry_key(patient_id: str, settings: dict, **origin) -> str:
+  """The key of a cached patient: a hash of the file format, the encoding
+  settings, the patient and what identifies its source (`origin`: the CSV
+  files' names, sizes and times, or an archive entry's checksum), so that a
+  changed source or setting never reuses a stale file."""
+  return _hash(
+      {
+          "format": FORMAT_VERSION,
+          "settings": settings,
+          "patient": patient_id,
+          **origin,
+      }
+  )
+
+
 def patient_key(patient_dir: Path, settings: dict) -> str:
-  """Hash of the format, the settings and every source file's name/size/mtime."""
+  """`entry_key` of a patient folder: every source file's name/size/mtime."""
   files = sorted(
       (p.name, p.stat().st_size, p.stat().st_mtime_ns)
       for p in patient_dir.iterdir()
       if p.is_file()
   )
-  return _hash(
-      {
-          "format": FORMAT_VERSION,
-          "settings": settings,
-          "patient": patient_dir.name,
-          "files": files,
-      }
+  return entry_key(patient_dir.name, settings, files=files)
+
+
+def write_patient_file(
+    cache_dir: Path, patient: openkbp.SparsePatient, source: str, key: str
+) -> dict:
+  """Writes one patient's cache file (`<id>-<key16>.npz`, atomically) and
+  returns its manifest entry. Every writer of a cache (the CSVs here, an
+  archive in `transport`) goes through this and `write_manifest`."""
+  data = patient_bytes(patient)
+  file_name = f"{patient.patient_id}-{key[:16]}.npz"
+  with fileio.atomic_output(Path(cache_dir) / file_name, overwrite=True) as f:
+    f.write(data)
+  return {
+      "patient_id": patient.patient_id,
+      "source": source,
+      "key": key,
+      "file": file_name,
+      "size": len(data),
+      "crc32": zlib.crc32(data),
+  }
+
+
+def write_manifest(cache_dir: Path, entries: list, settings: dict) -> Path:
+  """Writes the manifest of a cache of `entries` (their sources name it,
+  `manifest_name`) and returns its path."""
+  manifest = {
+      "format_version": FORMAT_VERSION,
+      "settings": settings,
+      "key": _hash([entry["key"] for entry in entries]),
+      "patients": entries,
+  }
+  path = Path(cache_dir) / manifest_name(
+      [entry["source"] for entry in entries], settings
   )
+  with fileio.atomic_output(path, overwrite=True) as f:
+    f.write(json.dumps(manifest, indent=1).encode())
+  return path
 
 
 # ---------------------------------------------------------- file format
@@ -344,9 +389,6 @@ def _build_cache(
 ) -> PatientCache:
   cache_dir.mkdir(parents=True, exist_ok=True)
   settings = encoding_settings(data_config)
-  manifest_path = cache_dir / manifest_name(
-      [str(p.resolve()) for p in patient_dirs], settings
-  )
 
   # Files listed by any manifest here can be reused: the training and the
   # validation caches may share a folder.
@@ -398,29 +440,16 @@ def _build_cache(
     for patient_dir, key, entry in plan:
       if entry is None:
         counter.doing(f"{patient_dir.name}: reading")
-        file_name = f"{patient_dir.name}-{key[:16]}.npz"
-        data = patient_bytes(openkbp.load_sparse_patient(patient_dir))
-        with fileio.atomic_output(cache_dir / file_name, overwrite=True) as f:
-          f.write(data)
-        entry = {
-            "patient_id": patient_dir.name,
-            "source": str(patient_dir.resolve()),
-            "key": key,
-            "file": file_name,
-            "size": len(data),
-            "crc32": zlib.crc32(data),
-        }
+        entry = write_patient_file(
+            cache_dir,
+            openkbp.load_sparse_patient(patient_dir),
+            str(patient_dir.resolve()),
+            key,
+        )
         counter.done(patient_dir.name)
       entries.append(entry)
 
-  manifest = {
-      "format_version": FORMAT_VERSION,
-      "settings": settings,
-      "key": _hash([entry["key"] for entry in entries]),
-      "patients": entries,
-  }
-  with fileio.atomic_output(manifest_path, overwrite=True) as f:
-    f.write(json.dumps(manifest, indent=1).encode())
+  write_manifest(cache_dir, entries, settings)
   return PatientCache(cache_dir, entries, settings)
 
 

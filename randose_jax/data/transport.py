@@ -62,7 +62,6 @@ File layout (little-endian):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import lzma
 import os
@@ -680,38 +679,22 @@ def open_archive(path: str | os.PathLike) -> Archive:
 # ---------------------------------------------------- into a cache
 
 
-def _hash(obj) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
 def _write_cache_file(job) -> dict:
-  """Decodes one patient and writes its cache file; returns its manifest
-  entry (the fields `cache.build_cache` writes)."""
+  """Decodes one patient and writes its cache file (`cache.py`'s format and
+  entry); returns its manifest entry."""
   archive, entry, cache_dir, settings = job
-  patient = archive.read(entry)
-  data = cache_lib.patient_bytes(patient)
-  key = _hash(
-      {
-          "format": cache_lib.FORMAT_VERSION,
-          "settings": settings,
-          "patient": entry["patient_id"],
-          "archive": entry["content_crc32"],
-          "dose_decimals": archive.dose_decimals,
-      }
+  key = cache_lib.entry_key(
+      entry["patient_id"],
+      settings,
+      archive=entry["content_crc32"],
+      dose_decimals=archive.dose_decimals,
   )
-  file_name = f"{entry['patient_id']}-{key[:16]}.npz"
-  with fileio.atomic_output(Path(cache_dir) / file_name, overwrite=True) as f:
-    f.write(data)
-  return {
-      "patient_id": entry["patient_id"],
-      "source": (
-          f"{archive.path.resolve()}#{entry['split']}/{entry['patient_id']}"
-      ),
-      "key": key,
-      "file": file_name,
-      "size": len(data),
-      "crc32": zlib.crc32(data),
-  }
+  return cache_lib.write_patient_file(
+      cache_dir,
+      archive.read(entry),
+      f"{archive.path.resolve()}#{entry['split']}/{entry['patient_id']}",
+      key,
+  )
 
 
 def unpack_to_cache(
@@ -761,15 +744,7 @@ def unpack_to_cache(
         for entry in _map(_write_cache_file, jobs, workers):
           entries.append(entry)
           counter.done(entry["patient_id"])
-      manifest = {
-          "format_version": cache_lib.FORMAT_VERSION,
-          "settings": settings,
-          "key": _hash([e["key"] for e in entries]),
-          "patients": entries,
-      }
-      name = cache_lib.manifest_name([e["source"] for e in entries], settings)
-      with fileio.atomic_output(cache_dir / name, overwrite=True) as f:
-        f.write(json.dumps(manifest, indent=1).encode())
+      cache_lib.write_manifest(cache_dir, entries, settings)
       caches[split] = cache_lib.open_cache(cache_dir, data_config)
   return caches
 
