@@ -1,10 +1,12 @@
 """Scoring a cohort: prediction files against reference patient folders.
 
-`score_folders` is the one loop over the patients (`evaluate`, the
-notebook): each patient read once (the next ones read ahead in threads),
-scored for the dose and DVH scores (`dose_dvh.Evaluator`), then handed to
-each `Scorer` (clinical metrics, the report, plots), and counted on the
-progress line. `write_json`, `write_per_roi` and `format_scores` give the
+`score_patients` is the one loop over the patients: each patient scored
+for the dose and DVH scores (`dose_dvh.Evaluator`), then handed to each
+`Scorer` (clinical metrics, the report, plots, prediction files), and
+counted on the progress line. `score_folders` feeds it a predictions
+folder (`evaluate`, the notebook: each patient read once, the next ones
+read ahead in threads); training's validation feeds it its model's
+predictions of the cached patients. `write_json`, `write_per_roi` and `format_scores` give the
 scores to files and people. The command is `randose-evaluate`
 (`randose_jax/cli/evaluate.py`).
 """
@@ -205,9 +207,9 @@ def score_folders(
     read_ahead: int = READ_AHEAD,
     progress: progress_lib.Mode = None,
 ) -> evaluation.EvaluationResult:
-  """The one loop over a cohort's patients: scores every prediction of
-  `predictions_dir` against `reference_dir` (`dose_dvh.Evaluator`, the dose
-  and DVH scores) and hands each patient to `scorers` in turn.
+  """Scores every prediction of `predictions_dir` against `reference_dir`
+  (`dose_dvh.Evaluator`, the dose and DVH scores) and hands each patient to
+  `scorers` in turn: `score_patients` over the folders.
 
   Patients are read one at a time, in id order, while up to `read_ahead`
   threads read the next ones (0: read each in turn); so at most
@@ -233,14 +235,14 @@ def score_folders(
     )
 
   pairs = match_patients(reference_dir, predictions_dir)
-  evaluator = evaluation.Evaluator()
   executor = (
       concurrent.futures.ThreadPoolExecutor(read_ahead)
       if read_ahead > 0
       else None
   )
   counter = progress_lib.Counter('evaluate', len(pairs), progress)
-  try:
+
+  def items():
     pending = []  # futures of the next patients, in order
     for i, (patient_dir, prediction_path) in enumerate(pairs):
       counter.doing(f'{patient_dir.name}: reading')
@@ -250,21 +252,70 @@ def score_folders(
         while len(pending) < read_ahead + 1 and (i + len(pending) < len(pairs)):
           pending.append(executor.submit(read, pairs[i + len(pending)]))
         patient, prediction = pending.pop(0).result()
-      counter.doing(f'{patient.patient_id}: scoring')
-      try:
-        error = evaluator.add(patient, prediction)
-      except ValueError as e:
-        raise openkbp.DataError(f'{prediction_path}: {e}') from e
-      logging.info('%s: dose error %.4f Gy', patient.patient_id, error)
-      for scorer in scorers:
-        counter.doing(f'{patient.patient_id}: {scorer.name}')
-        scorer.add(patient, prediction)
-      counter.done(patient.patient_id)
+      yield patient, prediction, prediction_path
+
+  try:
+    return score_patients(items(), scorers, counter=counter).result()
   finally:
     counter.close()
     if executor is not None:
       executor.shutdown(wait=True, cancel_futures=True)
-  return evaluator.result()
+
+
+def score_patients(
+    items,
+    scorers: Sequence[Scorer] = (),
+    *,
+    evaluator: Optional[evaluation.Evaluator] = None,
+    counter: Optional[progress_lib.Counter] = None,
+) -> evaluation.Evaluator:
+  """The one loop over a cohort's patients, wherever they come from
+  (prediction files against reference folders: `score_folders`; a model's
+  predictions of the cached validation patients: training's validation).
+
+  Each `(patient, prediction, source)` of `items` is scored for the dose
+  and DVH scores (`evaluator`, a new `dose_dvh.Evaluator` by default), then
+  handed to each scorer in turn, then counted done on `counter`. Returns
+  the evaluator: its `result()`, or its `partial_sums()` to add over
+  processes.
+
+  Raises:
+    DataError: a prediction that cannot be scored, naming its `source`.
+  """
+  evaluator = evaluation.Evaluator() if evaluator is None else evaluator
+  for patient, prediction, source in items:
+    if counter is not None:
+      counter.doing(f'{patient.patient_id}: scoring')
+    try:
+      error = evaluator.add(patient, prediction)
+    except ValueError as e:
+      raise openkbp.DataError(f'{source}: {e}') from e
+    logging.info('%s: dose error %.4f Gy', patient.patient_id, error)
+    for scorer in scorers:
+      if counter is not None:
+        counter.doing(f'{patient.patient_id}: {scorer.name}')
+      scorer.add(patient, prediction)
+    if counter is not None:
+      counter.done(patient.patient_id)
+  return evaluator
+
+
+class PredictionFiles:
+  """Each prediction written as the official `<folder>/pt_*.csv`
+  (overwriting: the folder is the run's own)."""
+
+  name = 'writing'
+
+  def __init__(self, folder):
+    self.folder = Path(folder)
+
+  def add(self, patient, prediction) -> None:
+    openkbp.write_prediction_csv(
+        self.folder / f'{patient.patient_id}.csv', prediction, overwrite=True
+    )
+
+  def result(self) -> Path:
+    return self.folder
 
 
 def write_json(result: evaluation.EvaluationResult, path, **extra) -> None:

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from randose_jax import distributed
+from randose_jax.scoring import cohort
 from randose_jax.scoring import dose_dvh as evaluation
 from randose_jax import fileio
 from randose_jax.data import openkbp
@@ -42,21 +43,20 @@ def _score(
   if max_patients:
     n = min(n, max_patients)
   indices = distributed.local_indices(n)
-  evaluator = evaluation.Evaluator()
   real = [i for i in indices if i is not None]
   padded = [i if i is not None else (real[-1] if real else 0) for i in indices]
   step = jax.local_device_count()
-  for start in range(0, len(indices), step):
-    chunk = indices[start : start + step]
-    patients = [eval_cache.sparse(i) for i in padded[start : start + step]]
-    for i, patient, dose in zip(chunk, patients, doses_of(patients)):
-      if i is None:
-        continue
-      evaluator.add(patient, dose)
-      if write_dir is not None:
-        openkbp.write_prediction_csv(
-            write_dir / f"{patient.patient_id}.csv", dose, overwrite=True
-        )
+
+  def items():
+    for start in range(0, len(indices), step):
+      chunk = indices[start : start + step]
+      patients = [eval_cache.sparse(i) for i in padded[start : start + step]]
+      for i, patient, dose in zip(chunk, patients, doses_of(patients)):
+        if i is not None:  # not a process's padding
+          yield patient, dose, patient.patient_id
+
+  scorers = [] if write_dir is None else [cohort.PredictionFiles(write_dir)]
+  evaluator = cohort.score_patients(items(), scorers)
   sums = distributed.allreduce_sums(
       np.asarray(evaluator.partial_sums(), np.float64)
   )
