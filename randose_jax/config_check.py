@@ -245,20 +245,15 @@ def problems_of(config) -> list[str]:
   c.choice("lr_schedule", ("constant", "cosine"))
   c.integer("num_train_steps", 1)
   steps = c.get("num_train_steps")
-  c.need(
-      _is_int(c.get("warmup_steps"))
-      and c.get("warmup_steps") >= 0
-      and (not _is_int(steps) or c.get("warmup_steps") < max(steps, 1)),
-      "warmup_steps",
-      f"must be >= 0 and below num_train_steps ({steps})",
-  )
-  c.need(
-      _is_int(c.get("lr_decay_start"))
-      and c.get("lr_decay_start") >= 0
-      and (not _is_int(steps) or c.get("lr_decay_start") < max(steps, 1)),
-      "lr_decay_start",
-      f"must be >= 0 and below num_train_steps ({steps})",
-  )
+  for field in ("warmup_steps", "lr_decay_start"):  # a step of the run
+    value = c.get(field)
+    c.need(
+        _is_int(value)
+        and value >= 0
+        and (not _is_int(steps) or value < max(steps, 1)),
+        field,
+        f"must be >= 0 and below num_train_steps ({steps})",
+    )
   c.positive("grad_clip_norm", zero_ok=True)
   decay = c.get("ema_decay")
   c.need(
