@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 
 from randose_jax.training import train  # noqa: E402
 from randose_jax.training import validation  # noqa: E402
+from randose_jax.data import cache as cache_lib  # noqa: E402
 from randose_jax.data import pipeline  # noqa: E402
 
 LOSS_KEYS = ("loss", "l1_all", "l1_ptv", "l1_oar", "grad_norm")
@@ -97,6 +98,24 @@ def variant_config(base_spec: str, variant: str, overrides: list):
   for a in filter(None, assignments.split(";")):
     apply_override(config, a)
   return name, config
+
+
+def variant_caches(config, first, first_caches, workdir) -> tuple:
+  """(train, validation) caches for `config`: the first variant's when the
+  encoding settings agree, else its own (a cache holds each patient
+  encoded for one set of settings: grid, geometry channels)."""
+  if cache_lib.encoding_settings(config.data) == cache_lib.encoding_settings(
+      first.data
+  ):
+    return tuple(first_caches)
+  t = time.time()
+  caches = train.prepare_data(config, workdir)[:2]
+  print(
+      f"  its own caches (other encoding settings) ready in "
+      f"{time.time() - t:.1f} s",
+      flush=True,
+  )
+  return caches
 
 
 def run_variant(
@@ -237,6 +256,8 @@ def run_variant(
       "steps": step,
       "compile_seconds": round(compile_s or 0.0, 2),
       "train_seconds": round(train_s, 2),
+      # Steps after the first (which compiles) per second of training.
+      "steps_per_second": round((step - 1) / train_s, 4) if train_s else None,
       "wall_seconds": round(wall_s, 2),
       "curve": curve,
       "evals": evals,
@@ -411,6 +432,9 @@ def main(argv=None):
     # A schedule (lr_schedule='cosine') spans this run's --steps; a run cut
     # by --budget_s stops before its end.
     config.num_train_steps = args.steps
+    caches = variant_caches(
+        config, first, (train_cache, eval_cache), pathlib.Path("/tmp")
+    )
     decay = train.ema_decay_of(config)
     print(
         f"variant {name}: widths {tuple(config.model.widths)}, lr "
@@ -429,8 +453,7 @@ def main(argv=None):
     run = run_variant(
         name,
         config,
-        train_cache,
-        eval_cache,
+        *caches,
         steps=args.steps,
         eval_every=args.eval_every,
         budget_s=args.budget_s,
@@ -456,7 +479,7 @@ def main(argv=None):
     pathlib.Path(f"{stem}.json").write_text(json.dumps(result) + "\n")
     plot(result, pathlib.Path(args.png or f"{stem}.png"))
   print(
-      "\nvariant       steps  train s  dose   DVH   (baseline "
+      "\nvariant       steps  train s  steps/s  dose   DVH   (baseline "
       f"{baseline['dose_score']:.2f} / {baseline['dvh_score']:.2f})"
   )
   for run in result["runs"]:
@@ -468,7 +491,7 @@ def main(argv=None):
     )
     print(
         f"{run['name']:<13} {run['steps']:>5} {run['train_seconds']:>8.0f} "
-        f"{run['final_dose_score']:6.2f} {run['final_dvh_score']:6.2f}{raw}"
+        f"{run['steps_per_second'] or 0:8.3f} {run['final_dose_score']:6.2f} {run['final_dvh_score']:6.2f}{raw}"
     )
   print(f"wrote {stem}.json and {args.png or f'{stem}.png'}")
 

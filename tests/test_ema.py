@@ -511,6 +511,30 @@ def test_learning_curves_validates_with_the_ema_and_records_both(tmp_path):
   assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_learning_curves_gives_other_encodings_their_own_caches(tmp_path):
+  # cpu_proxy then cpu_best in one harness: the second adds geometry
+  # channels, so the first's caches would feed its model the wrong inputs.
+  lc = _learning_curves()
+  first = tiny_config()
+  caches = train.prepare_data(first, tmp_path)[:2]
+  same = lc.variant_caches(tiny_config(seed=3), first, caches, tmp_path)
+  assert same == tuple(caches)
+  geometry = tiny_config(**{"data.geometry": True})
+  own = lc.variant_caches(geometry, first, caches, tmp_path)
+  assert own[0] is not caches[0] and own[1] is not caches[1]
+  run = lc.run_variant(
+      "geometry",
+      geometry,
+      *own,
+      steps=2,
+      eval_every=2,
+      max_eval_patients=1,
+      log=lambda *_: None,
+  )
+  assert run["steps"] == 2 and math.isfinite(run["final_dose_score"])
+  assert run["steps_per_second"] > 0
+
+
 def test_learning_curves_reports_each_eval_and_scores_final_tta(tmp_path):
   lc = _learning_curves()
   config = tiny_config(eval_every_steps=100)
