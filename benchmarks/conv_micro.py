@@ -44,7 +44,6 @@ def parse_case(text: str):
 
 def time_case(n, cin, cout, kernels, mode, repeats):
   from randose_jax.ops import conv_math  # pylint: disable=g-import-not-at-top
-  from randose_jax.ops import conv_planner  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(1, n, n, n, cin)), jnp.float32)

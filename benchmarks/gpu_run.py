@@ -898,7 +898,6 @@ def training_run(
     order: int,
     plan: dict,
 ) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
   from randose_jax.training import train  # pylint: disable=g-import-not-at-top
 
   config = load_config(name)

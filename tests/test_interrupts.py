@@ -14,7 +14,6 @@ the signal has arrived (`interrupts.requested()`), then lets it go on.
 import errno
 import json
 import os
-import pathlib
 import signal
 import socket
 import subprocess
@@ -23,7 +22,6 @@ import time
 
 import pytest
 
-from randose_jax import interrupts
 from randose_jax.training import runlock
 from tests.test_train import REPO, SUBPROCESS_ENV
 
@@ -43,7 +41,6 @@ LAUNCHER = r"""
 import os, runpy, sys, time
 point, _, arg = os.environ["RANDOSE_TEST_POINT"].partition(":")
 marker = os.environ["RANDOSE_TEST_MARKER"]
-from randose_jax import interrupts
 
 def mark(hold):
   open(marker, "w").close()
