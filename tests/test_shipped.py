@@ -139,3 +139,56 @@ def test_shipped_model_reproduces_its_recorded_scores(
       recorded["dose_score"], rel=1e-3
   )
   assert summary["dvh_score"] == pytest.approx(recorded["dvh_score"], rel=1e-3)
+
+
+@pytest.mark.parametrize("name", shipped.available() or ["(none shipped)"])
+def test_shipped_model_predicts_a_dicom_import(name, tmp_path):
+  """A clinic's DICOM (synthetic here) imported, then `predict` with no
+  --workdir: the shipped model writes an RT Dose in the patient's frame,
+  zero outside the possible-dose mask and highest in the PTV70."""
+  import pydicom  # pylint: disable=g-import-not-at-top
+
+  from randose_jax.dicom import importer  # pylint: disable=g-import-not-at-top
+  from randose_jax.dicom import synthetic  # pylint: disable=g-import-not-at-top
+
+  assert name in shipped.available(), "no model is shipped in the package"
+  record = synthetic.write_patient(
+      tmp_path / "export",
+      shape=(40, 64, 64),
+      spacing=(4.0, 2.5, 2.5),
+      patient_id="DCM001",
+  )
+  importer.import_folder(tmp_path / "export", tmp_path / "pats", progress=False)
+  out = tmp_path / "preds"
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "randose_jax.cli.predict",
+          f"--model={name}",
+          f"--patients={tmp_path / 'pats'}",
+          f"--output={out}",
+          "--formats=csv,dicom",
+      ],
+      cwd=REPO,
+      env=SUBPROCESS_ENV,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"shipped model {name}" in proc.stdout
+  patient = openkbp.load_patient(tmp_path / "pats" / "pt_DCM001")
+  dose = openkbp.read_prediction_csv(out / "pt_DCM001.csv", patient.grid_shape)
+  mask = patient.possible_dose_mask
+  assert np.isfinite(dose).all() and not dose[~mask].any()
+  ptv70 = patient.structure_masks[..., openkbp.ROI_NAMES.index("PTV70")]
+  assert ptv70.any(), "the import lost the PTV70"
+  outside = mask & ~patient.structure_masks[..., -3:].any(-1)
+  # The model puts the high dose on the target: its mean in the PTV70 is
+  # near the prescription and well above the rest of the body's.
+  assert 50 < dose[ptv70].mean() < 85, dose[ptv70].mean()
+  assert dose[ptv70].mean() > 2 * dose[outside].mean()
+  ds = pydicom.dcmread(out / "pt_DCM001.dcm")
+  assert ds.Modality == "RTDOSE"
+  assert ds.FrameOfReferenceUID == record["uids"]["frame"]
