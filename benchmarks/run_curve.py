@@ -5,8 +5,9 @@
       --json=benchmarks/results/cpu_best_runs_vm.json [--notes=...]
 
 Reads `<workdir>/train.log` (the console, each line prefixed with the Unix
-time, as `benchmarks/runs/README.md` runs it) for the wall time of each
-validation from the run's first line, and `<workdir>/metrics.jsonl` for the
+time, as `benchmarks/runs/README.md` runs it; a resumed run's console
+appended to the one before) for the wall time of each validation from the
+run's first line, the time between sessions left out, and `<workdir>/metrics.jsonl` for the
 exact scores; writes (or replaces, by name) one entry of `--json`'s `runs`:
 each validation's step, wall_s, dose and DVH score, the best one, the last
 one within an hour, and this machine.
@@ -26,6 +27,25 @@ sys.path.insert(0, str(_HERE))
 import common  # noqa: E402
 
 _VALIDATION = re.compile(r"(\d+) step (\d+): validation dose score")
+_RESUMING = re.compile(r"^\d+ Resuming from checkpoint at step")
+
+
+def training_seconds(lines: list[str]) -> list[int]:
+  """Each console line's seconds of the run so far: from the first line,
+  with the time between sessions left out (a resumed run's console is
+  appended to the one before; each "Resuming from checkpoint" line starts a
+  new session, which goes on from where the last line before it was)."""
+  out, offset, start, last = [], 0, None, None
+  for line in lines:
+    t = int(line.split()[0])
+    if start is None:
+      start = t
+    elif _RESUMING.search(line):
+      offset += last - start
+      start = t
+    out.append(offset + t - start)
+    last = t
+  return out
 
 
 def curve(workdir: pathlib.Path) -> list[dict]:
@@ -33,12 +53,11 @@ def curve(workdir: pathlib.Path) -> list[dict]:
   lines = (workdir / "train.log").read_text().splitlines()
   if not lines:
     raise ValueError(f"{workdir / 'train.log'}: empty")
-  start = int(lines[0].split()[0])
   walls = {}
-  for line in lines:
+  for line, wall in zip(lines, training_seconds(lines)):
     m = _VALIDATION.match(line)
     if m:
-      walls[int(m[2])] = int(m[1]) - start
+      walls[int(m[2])] = wall
   evals = []
   for line in (workdir / "metrics.jsonl").read_text().splitlines():
     row = json.loads(line)
