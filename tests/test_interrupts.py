@@ -41,6 +41,7 @@ LAUNCHER = r"""
 import os, runpy, sys, time
 point, _, arg = os.environ["RANDOSE_TEST_POINT"].partition(":")
 marker = os.environ["RANDOSE_TEST_MARKER"]
+from randose_jax import interrupts
 
 def mark(hold):
   open(marker, "w").close()
