@@ -98,3 +98,14 @@ def read_nifti(path) -> tuple[np.ndarray, np.ndarray]:
   voxel_dimensions = np.empty(3)
   voxel_dimensions[transform[:, 0].astype(int)] = zooms
   return np.ascontiguousarray(dose), voxel_dimensions
+
+
+def load_benchmark(name: str):
+  """A script of `benchmarks/` (not a package) imported as a module."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  path = Path(__file__).resolve().parents[1] / 'benchmarks' / f'{name}.py'
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -11,7 +11,6 @@
 """
 
 import functools
-import importlib.util
 import json
 import math
 import shutil
@@ -34,8 +33,9 @@ from randose_jax.data import encoding
 from randose_jax.data import openkbp
 from randose_jax.data import pipeline
 from randose_jax.default_config import ConfigError
+from tests import helpers
 from tests.test_fault_table import DEMO, run_in_process
-from tests.test_train import REPO, tiny_config
+from tests.test_train import tiny_config
 
 
 def _mesh():
@@ -455,12 +455,7 @@ def test_predict_and_export_use_the_ema(ema_run, tmp_path):
 
 
 def _learning_curves():
-  spec = importlib.util.spec_from_file_location(
-      "learning_curves", REPO / "benchmarks" / "learning_curves.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_benchmark("learning_curves")
 
 
 def test_learning_curves_validates_with_the_ema_and_records_both(tmp_path):

@@ -1,19 +1,9 @@
 """benchmarks/run_curve.py: a run's curve from its console and metrics, a
 resumed run's time between sessions left out."""
 
-import importlib.util
 import json
 
-from tests.test_train import REPO
-
-
-def _run_curve():
-  spec = importlib.util.spec_from_file_location(
-      "run_curve", REPO / "benchmarks" / "run_curve.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from tests import helpers
 
 
 def test_a_resumed_run_counts_training_time_only(tmp_path):
@@ -36,6 +26,6 @@ def test_a_resumed_run_counts_training_time_only(tmp_path):
   (tmp_path / "metrics.jsonl").write_text(
       "".join(json.dumps(r) + "\n" for r in rows)
   )
-  evals = _run_curve().curve(tmp_path)
+  evals = helpers.load_benchmark("run_curve").curve(tmp_path)
   assert [(e["step"], e["wall_s"]) for e in evals] == [(10, 600), (20, 1200)]
   assert evals[1]["dose_score"] == 4.0 and evals[1]["num_patients"] == 33

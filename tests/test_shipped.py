@@ -102,6 +102,30 @@ def test_unknown_model_is_a_clear_error(tmp_path):
     shipped.folder("nope", tmp_path / "x")
 
 
+def _predict_with(name, patients, output, *flags):
+  """`predict --model=name` (no --workdir) in a fresh process; it must
+  succeed and say it used the shipped model."""
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "randose_jax.cli.predict",
+          f"--model={name}",
+          f"--patients={patients}",
+          f"--output={output}",
+          *flags,
+      ],
+      cwd=REPO,
+      env=SUBPROCESS_ENV,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"shipped model {name}" in proc.stdout
+  return proc
+
+
 @pytest.mark.parametrize("name", shipped.available() or ["(none shipped)"])
 def test_shipped_model_reproduces_its_recorded_scores(
     name, shared_openkbp, tmp_path
@@ -117,23 +141,7 @@ def test_shipped_model_reproduces_its_recorded_scores(
   assert sorted(recorded["patients"]) == sorted(
       d.name for d in openkbp.list_patient_dirs(patients)
   )
-  proc = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "randose_jax.cli.predict",
-          f"--model={name}",
-          f"--patients={patients}",
-          f"--output={tmp_path / 'preds'}",
-      ],
-      cwd=REPO,
-      env=SUBPROCESS_ENV,
-      capture_output=True,
-      text=True,
-      timeout=900,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f"shipped model {name}" in proc.stdout
+  proc = _predict_with(name, patients, tmp_path / "preds")
   summary = json.loads(proc.stdout.splitlines()[-1])
   assert summary["dose_score"] == pytest.approx(
       recorded["dose_score"], rel=1e-3
@@ -160,24 +168,7 @@ def test_shipped_model_predicts_a_dicom_import(name, tmp_path):
   )
   importer.import_folder(tmp_path / "export", tmp_path / "pats", progress=False)
   out = tmp_path / "preds"
-  proc = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "randose_jax.cli.predict",
-          f"--model={name}",
-          f"--patients={tmp_path / 'pats'}",
-          f"--output={out}",
-          "--formats=csv,dicom",
-      ],
-      cwd=REPO,
-      env=SUBPROCESS_ENV,
-      capture_output=True,
-      text=True,
-      timeout=900,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f"shipped model {name}" in proc.stdout
+  _predict_with(name, tmp_path / "pats", out, "--formats=csv,dicom")
   patient = openkbp.load_patient(tmp_path / "pats" / "pt_DCM001")
   dose = openkbp.read_prediction_csv(out / "pt_DCM001.csv", patient.grid_shape)
   mask = patient.possible_dose_mask
