@@ -115,6 +115,11 @@ def patient_key(patient_dir: Path, settings: dict) -> str:
   return entry_key(patient_dir.name, settings, files=files)
 
 
+def file_name(patient_id: str, key: str) -> str:
+  """The cache file of a patient with this `entry_key`."""
+  return f"{patient_id}-{key[:16]}.npz"
+
+
 def write_patient_file(
     cache_dir: Path, patient: openkbp.SparsePatient, source: str, key: str
 ) -> dict:
@@ -122,14 +127,14 @@ def write_patient_file(
   returns its manifest entry. Every writer of a cache (the CSVs here, an
   archive in `transport`) goes through this and `write_manifest`."""
   data = patient_bytes(patient)
-  file_name = f"{patient.patient_id}-{key[:16]}.npz"
-  with fileio.atomic_output(Path(cache_dir) / file_name, overwrite=True) as f:
+  name = file_name(patient.patient_id, key)
+  with fileio.atomic_output(Path(cache_dir) / name, overwrite=True) as f:
     f.write(data)
   return {
       "patient_id": patient.patient_id,
       "source": source,
       "key": key,
-      "file": file_name,
+      "file": name,
       "size": len(data),
       "crc32": zlib.crc32(data),
   }
@@ -412,8 +417,7 @@ def _build_cache(
     if not patient_dir.is_dir():
       raise openkbp.DataError(f"{patient_dir}: patient folder not found")
     key = patient_key(patient_dir, settings)
-    file_name = f"{patient_dir.name}-{key[:16]}.npz"
-    path = cache_dir / file_name
+    path = cache_dir / file_name(patient_dir.name, key)
     entry = known.get(key)
     if _file_ok(path, entry):
       plan.append(
