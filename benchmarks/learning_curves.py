@@ -1,7 +1,7 @@
 """Learning curves of several model / recipe variants on the same batches.
 
 Trains each variant from the same seed on the same stream of training
-batches (the real `train_dataset` pipeline, seeded alike) with the real
+batches (the real `training_batches` pipeline, seeded alike) with the real
 `Trainer.jit_train_step`, records the training losses every step and, every
 `--eval_every` steps, the validation dose score and DVH score (official
 rules, at the patients' own 128^3 grid) of the current parameters. One JSON
@@ -131,11 +131,16 @@ def run_variant(
     final_tta=False,
     log=print,
     on_eval=None,
+    coarse_cache=None,
 ) -> dict:
-  """Trains one variant; `on_eval(partial)` sees the run after each eval."""
+  """Trains one variant; `on_eval(partial)` sees the run after each eval.
+  `coarse_cache`: the coarse phase's patients, for a variant with
+  progressive resizing (`data.coarse_steps`)."""
   trainer = train.Trainer.create(config)
   state = trainer.init_state(config.seed)
-  ds = pipeline.train_dataset(train_cache, config, seed=config.seed)
+  ds = pipeline.training_batches(
+      train_cache, config, seed=config.seed, coarse_cache=coarse_cache
+  )
   it = iter(ds)
   curve = {k: [] for k in LOSS_KEYS}
   evals = []
@@ -435,6 +440,7 @@ def main(argv=None):
     caches = variant_caches(
         config, first, (train_cache, eval_cache), pathlib.Path("/tmp")
     )
+    coarse_cache = train.prepare_coarse_data(config, pathlib.Path("/tmp"))
     decay = train.ema_decay_of(config)
     print(
         f"variant {name}: widths {tuple(config.model.widths)}, lr "
@@ -460,6 +466,7 @@ def main(argv=None):
         final_tta=args.final_tta,
         max_eval_patients=args.max_eval_patients,
         on_eval=write_partial,
+        coarse_cache=coarse_cache,
     )
     # The keys of a run's validation_scores.json, for this variant's end.
     run.update(

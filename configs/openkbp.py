@@ -19,6 +19,10 @@ Variants, chosen after a colon (`--config=configs/openkbp.py:smoke`):
               4..64, Adam 3e-4. The shipped model was trained so.
   lossmask    adds the possible-dose mask as a third learned-weight region of
               the loss (not in the paper; part of cpu_best).
+  progressive progressive resizing: the first 600 steps on the whole grid
+              at half the resolution (64^3), the rest on the training grid
+              (`:cpu_best,progressive`; a lever under measurement, not part
+              of cpu_best).
   row1..row5  Table 2a ablations (row5 = the paper).
   loss1..loss3 Table 2b ablations (loss3 = the paper).
 Variants combine with commas: `:row3,smoke`.
@@ -103,12 +107,21 @@ def _cpu_best(config):
   config.eval_every_steps = 500
 
 
+def _progressive(config):
+  # Progressive resizing (data.coarse_steps): the patient's whole extent at
+  # 64^3 first, then the training grid (cpu_best: 64^3 crops at full
+  # resolution, the same tensor size, so the same compiled step).
+  config.data.coarse_steps = 600
+  config.data.coarse_downsample = 2
+
+
 _VARIANTS = {
     "smoke": _smoke,
     "bench_cpu": _bench_cpu,
     "cpu_proxy": _cpu_proxy,
     "cpu_best": _cpu_best,
     "lossmask": _lossmask,
+    "progressive": _progressive,
 }
 for _row, _switches in default_config.ABLATION_ROWS.items():
   _VARIANTS[f"row{_row}"] = lambda c, s=_switches: c.model.update(s)

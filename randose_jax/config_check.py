@@ -219,6 +219,33 @@ def problems_of(config) -> list[str]:
           f"(2^(S-1), S = {len(widths)} stages) and at most the training "
           f"grid's {train_edge}",
       )
+    coarse_steps = c.get("data.coarse_steps")
+    if (
+        c.need(
+            _is_int(coarse_steps) and coarse_steps >= 0,
+            "data.coarse_steps",
+            "must be an integer >= 0 (0 = no coarse phase)",
+        )
+        and coarse_steps
+    ):
+      run_steps = c.get("num_train_steps")
+      c.need(
+          not _is_int(run_steps) or coarse_steps < run_steps,
+          "data.coarse_steps",
+          f"must be below num_train_steps ({run_steps}): the run ends on "
+          "the training grid",
+      )
+      coarse = c.get("data.coarse_downsample")
+      c.need(
+          _is_int(coarse)
+          and coarse > downsample
+          and edge % coarse == 0
+          and (edge // coarse) % factor == 0,
+          "data.coarse_downsample",
+          f"must be an integer above data.downsample ({downsample}) that "
+          f"divides the grid ({edge}) into a whole multiple of {factor} "
+          f"(2^(S-1), S = {len(widths)} stages)",
+      )
   # ------------------------------------------------------------- loss
   regions = tuple(r for r in c.get("loss.regions") or () if r)
   c.need(

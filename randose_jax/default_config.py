@@ -70,6 +70,14 @@ def get_default_config() -> ml_collections.ConfigDict:
   # (centre: the box's ends are sampled more often).
   data.crop_placement = "inside"
   data.window_overlap = 0.5  # fraction of a window shared with the next
+  # Progressive resizing: the first `coarse_steps` training steps see the
+  # whole grid reduced by `coarse_downsample` (the 128^3 grid at 2: 64^3,
+  # the patient's whole extent at half the resolution), the rest the
+  # training grid above (downsample, crop_shape). The network is fully
+  # convolutional and the geometry channels are in mm, so the same
+  # parameters carry over. 0 = off (the paper).
+  data.coarse_steps = 0
+  data.coarse_downsample = 2
   # Input encoding (docs/design.md section 2).
   data.ct_clip = (-1024.0, 1500.0)  # HU
   data.ct_scale = 1000.0  # HU per unit

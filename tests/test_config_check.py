@@ -29,6 +29,7 @@ def _config_module(name):
         ("openkbp", "smoke"),
         ("openkbp", "cpu_proxy"),
         ("openkbp", "cpu_best,lossmask"),
+        ("openkbp", "cpu_best,progressive"),
         ("openkbp", "row1,loss2"),
         ("demo", ""),
         ("demo", "smoke"),
@@ -46,6 +47,8 @@ BAD = [
     ("data.ptv_values", (0.9, 0.8, 1.0), "increasing"),
     ("data.geometry_slab", True, "needs config.data.geometry"),
     ("data.crop_shape", (64, 64, 60), "multiple of 16"),
+    ("data.coarse_steps", -1, "integer >= 0"),
+    ("data.coarse_steps", 80_000, "below num_train_steps"),
     ("model.norm", "batch", "model.norm"),
     ("loss.regions", ("ptv", "body"), "choose regions"),
     ("loss.mode", "learned", "choose from"),
@@ -112,3 +115,18 @@ def test_an_unknown_variant_names_the_file_and_the_choices():
     _config_module("openkbp").get_config("cpu_best,lossmsk")
   assert "configs/openkbp.py: unknown variant 'lossmsk'" in str(info.value)
   assert "'lossmask'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "coarse,ok", [(2, True), (4, True), (1, False), (3, False), (256, False)]
+)
+def test_the_coarse_grid_is_checked_when_there_is_a_coarse_phase(coarse, ok):
+  config = default_config.get_default_config()
+  config.data.coarse_downsample = coarse
+  assert config_check.problems_of(config) == []  # no coarse phase: unused
+  config.data.coarse_steps = 100
+  problems = config_check.problems_of(config)
+  if ok:
+    assert problems == []
+  else:
+    assert len(problems) == 1 and "data.coarse_downsample" in problems[0]

@@ -177,3 +177,104 @@ def test_downsampled_training_batches(phantom_split, tmp_path, config):
   assert_batches_equal(
       batches, take(iter(pipeline.train_dataset(cache, config, seed=0)), 2)
   )
+
+
+@pytest.fixture
+def progressive(phantom_split, tmp_path, config):
+  """(config with a 3-batch coarse phase at 8^3, fine cache, coarse cache)."""
+  config.data.coarse_steps = 3
+  config.data.coarse_downsample = 2
+  dirs = openkbp.list_patient_dirs(phantom_split)
+  fine = cache_lib.build_cache(dirs, tmp_path / "fine", config.data)
+  coarse = cache_lib.build_cache(
+      dirs, tmp_path / "coarse", pipeline.coarse_config(config).data
+  )
+  return config, fine, coarse
+
+
+def test_coarse_phase_then_the_training_grid(progressive):
+  config, fine, coarse = progressive
+  assert pipeline.coarse_config(config).data.downsample == 2
+  assert config.data.downsample == 1  # the caller's config is untouched
+  batches = take(
+      iter(
+          pipeline.training_batches(fine, config, seed=0, coarse_cache=coarse)
+      ),
+      5,
+  )
+  assert [b["ct"].shape[1:4] for b in batches] == [(8, 8, 8)] * 3 + [
+      (16, 16, 16)
+  ] * 2
+  # Each phase is the stream its own dataset gives from the same seed.
+  coarse_only = pipeline.coarse_config(config)
+  assert_batches_equal(
+      batches[:3],
+      take(iter(pipeline.train_dataset(coarse, coarse_only, seed=0)), 3),
+  )
+  assert_batches_equal(
+      batches[3:], take(iter(pipeline.train_dataset(fine, config, seed=0)), 2)
+  )
+
+
+@pytest.mark.parametrize("taken", [0, 2, 3, 4])
+def test_coarse_then_fine_state_restores_the_stream(progressive, taken):
+  """Saved in the coarse phase, at the switch, or after it."""
+  config, fine, coarse = progressive
+  make = lambda: iter(
+      pipeline.training_batches(fine, config, seed=5, coarse_cache=coarse)
+  )
+  it = make()
+  take(it, taken)
+  state = it.get_state()
+  assert state["phase"] == ("coarse" if taken < 3 else "fine")
+  expected = take(it, 3)
+  fresh = make()
+  fresh.set_state(state)
+  assert_batches_equal(take(fresh, 3), expected)
+  fresh.close()
+  it.close()
+
+
+def test_coarse_then_fine_refuses_a_plain_position(progressive):
+  config, fine, coarse = progressive
+  plain = iter(pipeline.train_dataset(fine, config, seed=0)).get_state()
+  it = iter(
+      pipeline.training_batches(fine, config, seed=0, coarse_cache=coarse)
+  )
+  with pytest.raises(ValueError, match="coarse phase"):
+    it.set_state(plain)
+
+
+def test_a_coarse_phase_needs_its_cache(progressive):
+  config, fine, _ = progressive
+  with pytest.raises(ValueError, match="coarse cache"):
+    pipeline.training_batches(fine, config, seed=0)
+  config.data.coarse_steps = 0  # off: the plain dataset
+  assert isinstance(
+      pipeline.training_batches(fine, config, seed=0),
+      type(pipeline.train_dataset(fine, config, seed=0)),
+  )
+
+
+def test_coarse_then_fine_with_worker_processes(progressive):
+  """The coarse phase's workers stop at the switch; the batches are those
+  of each phase's own dataset with workers."""
+  config, fine, coarse = progressive
+  config.data.num_workers = 1
+  it = iter(
+      pipeline.training_batches(fine, config, seed=2, coarse_cache=coarse)
+  )
+  try:
+    got = [{k: np.array(v) for k, v in b.items()} for b in take(it, 5)]
+    assert it.phase == "fine"
+  finally:
+    it.close()
+  coarse_only = pipeline.coarse_config(config)
+  want = []
+  for cache, cfg, n in ((coarse, coarse_only, 3), (fine, config, 2)):
+    one = iter(pipeline.train_dataset(cache, cfg, seed=2))
+    try:
+      want += [{k: np.array(v) for k, v in b.items()} for b in take(one, n)]
+    finally:
+      one.close()
+  assert_batches_equal(got, want)

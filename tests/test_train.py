@@ -149,6 +149,36 @@ def test_resume_equals_straight_run(tmp_path, finished_run):
   _assert_trees_close(straight, resumed)
 
 
+def test_progressive_resizing_trains_and_resumes_in_its_coarse_phase(
+    tmp_path, finished_run, capsys
+):
+  """A coarse phase (4^3 for the first 3 steps, then the 8^3 training grid)
+  changes what is learned, and a run killed after its step-2 checkpoint
+  (in the coarse phase) resumes to the straight run's parameters."""
+  mesh = train.make_mesh(jax.devices()[:1])
+  config = tiny_config(
+      eval_every_steps=100,
+      **{"data.coarse_steps": 3, "data.coarse_downsample": 4},
+  )
+  straight_dir = tmp_path / "straight"
+  train.train_and_evaluate(config, straight_dir, mesh=mesh)
+  assert "the first 3 on the whole grid reduced by 4" in capsys.readouterr().out
+  straight, _ = _params_of(straight_dir, step=4)
+  plain, _ = _params_of(finished_run, step=4)  # the same run without it
+  assert not all(
+      np.allclose(x, y)
+      for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(plain))
+  )
+  killed = tmp_path / "killed"
+  shutil.copytree(straight_dir, killed)
+  shutil.rmtree(killed / "checkpoints" / "latest" / "4")
+  _, got = _params_of(killed, step=2)
+  assert got["data"]["phase"] == "coarse" and got["data"]["batches_taken"] == 2
+  train.train_and_evaluate(config, killed, mesh=mesh)
+  resumed, _ = _params_of(killed, step=4)
+  _assert_trees_close(straight, resumed)
+
+
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog, finished_run):
   _copy_run(finished_run, tmp_path)
   step_dir = tmp_path / "checkpoints" / "latest" / "4" / "state"

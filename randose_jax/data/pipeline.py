@@ -29,12 +29,18 @@ Choices, with the reason (benchmarks/input_pipeline.py, benchmarks/NOTES.md):
 The iterators are grain `DatasetIterator`s: `it.get_state()` and
 `it.set_state(state)` save and restore the position, so a resumed run
 continues the same stream.
+
+Progressive resizing (`config.data.coarse_steps` > 0, `training_batches`):
+the first batches come from a second dataset over a cache of the whole grid
+reduced by `data.coarse_downsample` (`coarse_config`), the rest from the
+training grid's; the position saved says which phase and where in it.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 from absl import flags
 import grain
@@ -178,3 +184,114 @@ def train_dataset(
         worker_init_fn=interrupts.ignore_signals,
     )
   return ds.map(functools.partial(encoding.unpack, settings=cache.settings))
+
+
+def coarse_config(config):
+  """The config of the coarse phase of progressive resizing: `config` with
+  the whole grid reduced by `data.coarse_downsample` (no crops) and no
+  coarse phase of its own. Its `data` gives the coarse cache's settings."""
+  coarse = config.copy_and_resolve_references()
+  coarse.data.downsample = int(config.data.coarse_downsample)
+  coarse.data.crop_shape = ()
+  coarse.data.coarse_steps = 0
+  return coarse
+
+
+class CoarseThenFine:
+  """Batches of `coarse` for the first `coarse_batches`, then of `fine`:
+  an iterable like a grain dataset, whose iterator saves and restores its
+  position (`get_state` / `set_state`, JSON-able) and closes the phase's
+  worker processes (`close`; the coarse ones at the switch)."""
+
+  def __init__(self, coarse, fine, coarse_batches: int):
+    self.coarse, self.fine = coarse, fine
+    self.coarse_batches = int(coarse_batches)
+
+  def __iter__(self) -> "CoarseThenFineIterator":
+    return CoarseThenFineIterator(self)
+
+
+class CoarseThenFineIterator:
+  """The iterator of `CoarseThenFine` (each phase's grain iterator is made
+  when that phase begins)."""
+
+  def __init__(self, source: CoarseThenFine):
+    self._source = source
+    self._taken = 0
+    self._coarse = None
+    self._fine = None
+
+  @property
+  def phase(self) -> str:
+    return "coarse" if self._taken < self._source.coarse_batches else "fine"
+
+  def _current(self):
+    if self.phase == "coarse":
+      if self._coarse is None:
+        self._coarse = iter(self._source.coarse)
+      return self._coarse
+    if self._coarse is not None:  # the switch: the coarse workers stop
+      self._coarse.close()
+      self._coarse = None
+    if self._fine is None:
+      self._fine = iter(self._source.fine)
+    return self._fine
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._current())
+    self._taken += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {
+        "batches_taken": self._taken,
+        "phase": self.phase,
+        "iterator": self._current().get_state(),
+    }
+
+  def set_state(self, state) -> None:
+    if not isinstance(state, dict) or "batches_taken" not in state:
+      raise ValueError(
+          "the saved input position is not one of a run with a coarse phase "
+          "(config.data.coarse_steps): resume with the config that saved it"
+      )
+    self.close()
+    self._taken = int(state["batches_taken"])
+    self._current().set_state(state["iterator"])
+
+  def close(self) -> None:
+    for it in (self._coarse, self._fine):
+      if it is not None:
+        it.close()
+    self._coarse = self._fine = None
+
+
+def training_batches(
+    cache: cache_lib.PatientCache,
+    config,
+    *,
+    seed: int,
+    coarse_cache: Optional[cache_lib.PatientCache] = None,
+    process_index: int = 0,
+    process_count: int = 1,
+):
+  """`train_dataset`, preceded by `config.data.coarse_steps` batches of
+  the coarse phase (`coarse_cache`: the training patients encoded with
+  `coarse_config(config).data`) when progressive resizing is on."""
+  share = dict(
+      seed=seed, process_index=process_index, process_count=process_count
+  )
+  fine = train_dataset(cache, config, **share)
+  steps = int(config.data.get("coarse_steps", 0))
+  if not steps:
+    return fine
+  if coarse_cache is None:
+    raise ValueError(
+        f"config.data.coarse_steps={steps} needs the coarse cache (the "
+        "training patients encoded with pipeline.coarse_config(config).data)"
+    )
+  coarse = train_dataset(coarse_cache, coarse_config(config), **share)
+  return CoarseThenFine(coarse, fine, steps)

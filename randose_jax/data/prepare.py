@@ -2,7 +2,8 @@
 
 `prepare_data(config, workdir)` returns the training cache, the validation
 cache and the validation patients' folder (None when only a prebuilt cache
-is given). Process 0 writes what is missing (phantoms, cache files); the
+is given); `prepare_coarse_data` the training cache of progressive
+resizing's coarse phase. Process 0 writes what is missing (phantoms, cache files); the
 other processes wait for it, then open the same caches.
 """
 
@@ -15,11 +16,13 @@ from randose_jax import distributed
 from randose_jax.data import cache as cache_lib
 from randose_jax.data import openkbp
 from randose_jax.data import phantoms
+from randose_jax.data import pipeline
 from randose_jax.default_config import ConfigError
 
 
-def prepare_data(config, workdir: pathlib.Path):
-  """Patient folders -> (train cache, eval cache, eval split dir)."""
+def prepare_data(config, workdir: pathlib.Path, *, train_only: bool = False):
+  """Patient folders -> (train cache, eval cache, eval split dir); with
+  `train_only`, the training split alone: (train cache, None, None)."""
   data = config.data
   if data.synthetic:
     root = workdir / "synthetic"
@@ -48,8 +51,11 @@ def prepare_data(config, workdir: pathlib.Path):
     logging.info(
         "config.data.root is empty: using the prebuilt cache in %s", cache_root
     )
+    train_cache = cache_lib.open_cache(cache_root / data.train_split, data)
+    if train_only:
+      return train_cache, None, None
     return (
-        cache_lib.open_cache(cache_root / data.train_split, data),
+        train_cache,
         cache_lib.open_cache(cache_root / data.eval_split, data),
         None,
     )
@@ -65,7 +71,10 @@ def prepare_data(config, workdir: pathlib.Path):
   # a terminal, one line per patient elsewhere; none without progress_bar.
   progress = None if config.get("progress_bar", True) else "off"
   caches = []
-  for split in (data.train_split, data.eval_split):
+  splits = (
+      (data.train_split,) if train_only else (data.train_split, data.eval_split)
+  )
+  for split in splits:
     dirs = openkbp.list_patient_dirs(openkbp.split_dir(root, split))
     if jax.process_index() == 0:
       cache_lib.build_cache(dirs, cache_root / split, data, progress=progress)
@@ -73,4 +82,16 @@ def prepare_data(config, workdir: pathlib.Path):
     caches.append(
         cache_lib.build_cache(dirs, cache_root / split, data, progress="off")
     )
+  if train_only:
+    return caches[0], None, None
   return caches[0], caches[1], root / data.eval_split
+
+
+def prepare_coarse_data(config, workdir: pathlib.Path):
+  """The training cache of progressive resizing's coarse phase
+  (`pipeline.coarse_config`), or None when `config.data.coarse_steps` is 0."""
+  if not config.data.get("coarse_steps", 0):
+    return None
+  return prepare_data(pipeline.coarse_config(config), workdir, train_only=True)[
+      0
+  ]

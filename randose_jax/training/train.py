@@ -41,6 +41,7 @@ from randose_jax.training import runlock
 from randose_jax.training import validation
 from randose_jax.data import encoding
 from randose_jax.data import pipeline
+from randose_jax.data.prepare import prepare_coarse_data
 from randose_jax.data.prepare import prepare_data
 from randose_jax.default_config import ConfigError
 from randose_jax.distributed import make_mesh
@@ -528,6 +529,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict:
   ):
     workdir.mkdir(parents=True, exist_ok=True)
     train_cache, eval_cache, eval_dir = prepare_data(config, workdir)
+    coarse_cache = prepare_coarse_data(config, workdir)
     trainer = Trainer.create(config, mesh)
     ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
     try:
@@ -539,10 +541,11 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict:
   # From here a signal stops training at a step boundary (`stop` below).
   interrupts.defer()
   local_batch = config.batch_size // jax.process_count()
-  train_ds = pipeline.train_dataset(
+  train_ds = pipeline.training_batches(
       train_cache,
       config,
       seed=config.seed,
+      coarse_cache=coarse_cache,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
   )
@@ -817,9 +820,16 @@ def training_plan(config, num_eval: int, start_step: int) -> str:
       if decay
       else "the trained parameters (config.ema_decay=0: no moving average)"
   )
+  coarse = config.data.get("coarse_steps", 0)
+  grid = (
+      f" (the first {coarse} on the whole grid reduced by "
+      f"{config.data.coarse_downsample}: config.data.coarse_steps)"
+      if coarse
+      else ""
+  )
   return (
       f"Training {config.model.name} for {config.num_train_steps} steps"
-      f"{start}, batch {config.batch_size}; every "
+      f"{grid}{start}, batch {config.batch_size}; every "
       f"{config.eval_every_steps} steps and at the end a validation "
       f"scores {some}; then the best checkpoint is scored on all "
       f"{num_eval} and its predictions written. Validation uses "
