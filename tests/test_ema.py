@@ -574,3 +574,34 @@ def test_learning_curves_reports_each_eval_and_scores_final_tta(tmp_path):
   )
   assert run["final_dose_score"] == pytest.approx(plain["dose_score"], rel=1e-5)
   assert want["dose_score"] != pytest.approx(plain["dose_score"], rel=1e-6)
+
+
+def test_learning_curves_trains_a_coarse_phase_and_can_skip_the_raw_eval(
+    tmp_path,
+):
+  lc = _learning_curves()
+  config = tiny_config(
+      ema_decay=0.5, **{"data.coarse_steps": 2, "data.coarse_downsample": 4}
+  )
+  train_cache, eval_cache, _ = train.prepare_data(config, tmp_path)
+  coarse = train.prepare_coarse_data(config, tmp_path)
+  assert coarse.settings["downsample"] == 4
+  kwargs = dict(steps=3, eval_every=3, max_eval_patients=1, log=lambda *_: None)
+  run = lc.run_variant(
+      "coarse",
+      config,
+      train_cache,
+      eval_cache,
+      coarse_cache=coarse,
+      raw_eval=False,
+      **kwargs,
+  )
+  assert "raw_dose_score" not in run["evals"][-1]
+  assert "final_raw_dose_score" not in run
+  with pytest.raises(ValueError, match="coarse cache"):
+    lc.run_variant("no_cache", config, train_cache, eval_cache, **kwargs)
+  config.data.coarse_steps = 0  # the same run without its coarse phase
+  plain = lc.run_variant(
+      "plain", config, train_cache, eval_cache, raw_eval=False, **kwargs
+  )
+  assert plain["curve"]["loss"][0] != pytest.approx(run["curve"]["loss"][0])
