@@ -29,6 +29,10 @@ EMA only, half the validation time).
 A variant with progressive resizing (`data.coarse_steps`, e.g.
 `--config=configs/openkbp.py:cpu_best --variants=progressive`) trains its
 coarse phase on its own cache of the training patients, as training does.
+
+`--resume` keeps the variants a previous run of the same command finished
+(in its `--json` file) and runs the rest: a comparison longer than one
+sitting. Each run records the machine at its end (`machine`).
 """
 
 from __future__ import annotations
@@ -121,6 +125,42 @@ def variant_caches(config, first, first_caches, workdir) -> tuple:
       flush=True,
   )
   return caches
+
+
+# What must agree for a finished variant of an earlier run to be kept.
+_RESUME_KEYS = (
+    "config",
+    "overrides",
+    "data_root",
+    "num_train_patients",
+    "num_eval_patients",
+    "settings",
+)
+
+
+def kept_runs(path: pathlib.Path, result: dict, names) -> list:
+  """The finished variants of the earlier run in `path` (`--resume`): those
+  of `names` run to their end under the same config, data and settings
+  (a variant cut short, `in_progress`, runs again). Raises ValueError naming
+  the file and the field when the earlier run was another experiment."""
+  if not path.is_file():
+    return []
+  try:
+    earlier = json.loads(path.read_text())
+  except ValueError as e:
+    raise ValueError(f"--resume: {path} is not readable JSON ({e})") from e
+  for key in _RESUME_KEYS:
+    if earlier.get(key) != result.get(key):
+      raise ValueError(
+          f"--resume: {path} holds another experiment: its {key} is "
+          f"{earlier.get(key)!r}, this run's {result.get(key)!r} (give "
+          "another --json, or run without --resume to replace it)"
+      )
+  return [
+      run
+      for run in earlier.get("runs", [])
+      if run.get("name") in names and not run.get("in_progress")
+  ]
 
 
 def run_variant(
@@ -385,6 +425,13 @@ def main(argv=None):
       help="validate a variant with an EMA with the EMA only (not also "
       "with the trained parameters): half its validation time",
   )
+  p.add_argument(
+      "--resume",
+      action="store_true",
+      help="keep the variants the --json file already holds finished (same "
+      "config, data and settings) and run the others: a long comparison "
+      "over several sessions",
+  )
   p.add_argument("--json", default="")
   p.add_argument("--png", default="")
   args = p.parse_args(argv)
@@ -429,6 +476,14 @@ def main(argv=None):
           "dvh_score": baseline["dvh_score"],
       },
       "machine": common.machine_info(),
+      "settings": {
+          "steps": args.steps,
+          "budget_s": args.budget_s,
+          "eval_every": args.eval_every,
+          "max_eval_patients": args.max_eval_patients,
+          "final_tta": args.final_tta,
+          "raw_eval": not args.skip_raw,
+      },
       "runs": [],
   }
   grid = 128 // first.data.downsample
@@ -443,7 +498,19 @@ def main(argv=None):
       else common.RESULTS_DIR
       / f"learning_curves_{common.machine_info()['hostname']}"
   )
+  kept = {}
+  if args.resume:
+    kept = {
+        run["name"]: run
+        for run in kept_runs(
+            pathlib.Path(f"{stem}.json"), result, [n for n, _ in variants]
+        )
+    }
   for name, config in variants:
+    if name in kept:
+      print(f"variant {name}: kept from {stem}.json (--resume)", flush=True)
+      result["runs"].append(kept[name])
+      continue
     config.data.root = args.data_root
     config.data.cache_dir = first.data.cache_dir
     config.data.num_workers = 0
@@ -493,6 +560,7 @@ def main(argv=None):
         baseline_mean_dvh_score=baseline["dvh_score"],
         num_train_patients=len(train_cache),
         wall_s=run["wall_seconds"],
+        machine=common.machine_info(),
     )
     result["runs"].append(run)
     result["machine_end"] = common.machine_info()

@@ -605,3 +605,36 @@ def test_learning_curves_trains_a_coarse_phase_and_can_skip_the_raw_eval(
       "plain", config, train_cache, eval_cache, raw_eval=False, **kwargs
   )
   assert plain["curve"]["loss"][0] != pytest.approx(run["curve"]["loss"][0])
+
+
+def test_learning_curves_resume_keeps_only_finished_variants_of_the_same_run(
+    tmp_path,
+):
+  lc = _learning_curves()
+  result = {
+      "config": "configs/openkbp.py:cpu_best",
+      "overrides": [],
+      "data_root": "/data",
+      "num_train_patients": 120,
+      "num_eval_patients": 33,
+      "settings": {"steps": 100, "budget_s": 1800.0, "eval_every": 250},
+  }
+  path = tmp_path / "curves.json"
+  assert lc.kept_runs(path, result, ["a"]) == []  # nothing yet
+  earlier = dict(
+      result,
+      runs=[
+          {"name": "a", "steps": 100},
+          {"name": "b", "steps": 40, "in_progress": True},
+          {"name": "c", "steps": 100},
+      ],
+  )
+  path.write_text(json.dumps(earlier))
+  kept = lc.kept_runs(path, result, ["a", "b"])
+  assert [r["name"] for r in kept] == ["a"]  # b was cut short, c not asked
+  other = dict(result, settings=dict(result["settings"], budget_s=3600.0))
+  with pytest.raises(ValueError, match=r"curves.json.*settings"):
+    lc.kept_runs(path, other, ["a"])
+  path.write_text("{not json")
+  with pytest.raises(ValueError, match="curves.json is not readable"):
+    lc.kept_runs(path, result, ["a"])
