@@ -16,7 +16,11 @@ the curves side by side.
 A variant is a comma-free name: `rowN`, `lossN` (configs/openkbp.py), or
 `name:field=value;field=value` for config overrides (`model.` / `loss.` /
 top-level fields), e.g. `--variant=row5_lr1e-3:learning_rate=1e-3` (one
-`--variant` per such variant: values may hold commas). Variants run one
+`--variant` per such variant: values may hold commas), or
+`name@variant,variant[:field=value;...]`: the config file's named variants
+(after those of `--config`), then overrides, under the label `name`, e.g.
+`--variant="centre@cpu_best:data.crop_placement='centre'"` next to
+`--variants=cpu_proxy,cpu_best` on `--config=configs/openkbp.py`. Variants run one
 after another in this process, so wall times are comparable between them.
 
 A variant with a moving average of the parameters (`config.ema_decay > 0`,
@@ -99,7 +103,11 @@ def variant_config(base_spec: str, variant: str, overrides: list):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   named = [v for v in base_variants.split(",") if v]
-  if not assignments:
+  label, at, own_variants = name.partition("@")
+  if at:  # label@named,variants[:assignments]
+    named += [v for v in own_variants.split(",") if v]
+    name = label
+  elif not assignments:
     named.append(name)
   config = module.get_config(",".join(named))
   for o in overrides:

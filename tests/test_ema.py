@@ -638,3 +638,18 @@ def test_learning_curves_resume_keeps_only_finished_variants_of_the_same_run(
   path.write_text("{not json")
   with pytest.raises(ValueError, match="curves.json is not readable"):
     lc.kept_runs(path, result, ["a"])
+
+
+def test_learning_curves_variant_names_config_variants_and_overrides():
+  lc = _learning_curves()
+  openkbp = DEMO.replace("demo.py", "openkbp.py")
+  name, config = lc.variant_config(
+      openkbp, "centre@cpu_best,progressive:data.crop_placement='centre'", []
+  )
+  assert name == "centre"
+  assert config.data.crop_shape == (64, 64, 64)  # cpu_best
+  assert config.data.coarse_steps > 0  # progressive
+  assert config.data.crop_placement == "centre"
+  name, plain = lc.variant_config(openkbp, "cpu_best", [])
+  assert name == "cpu_best" and plain.data.crop_placement == "inside"
+  assert plain.data.coarse_steps == 0
