@@ -3,8 +3,8 @@
 `prepare_data(config, workdir)` returns the training cache, the validation
 cache and the validation patients' folder (None when only a prebuilt cache
 is given); `prepare_coarse_data` the training cache of progressive
-resizing's coarse phase. Process 0 writes what is missing (phantoms, cache files); the
-other processes wait for it, then open the same caches.
+resizing's coarse phase. Process 0 writes what is missing (phantoms, cache
+files); the other processes wait for it, then open the same caches.
 """
 
 import logging
@@ -92,6 +92,6 @@ def prepare_coarse_data(config, workdir: pathlib.Path):
   (`pipeline.coarse_config`), or None when `config.data.coarse_steps` is 0."""
   if not config.data.get("coarse_steps", 0):
     return None
-  return prepare_data(pipeline.coarse_config(config), workdir, train_only=True)[
-      0
-  ]
+  coarse = pipeline.coarse_config(config)
+  train_cache, _, _ = prepare_data(coarse, workdir, train_only=True)
+  return train_cache
