@@ -20,8 +20,9 @@ top-level fields), e.g. `--variant=row5_lr1e-3:learning_rate=1e-3` (one
 `name@variant,variant[:field=value;...]`: the config file's named variants
 (after those of `--config`), then overrides, under the label `name`, e.g.
 `--variant="centre@cpu_best:data.crop_placement='centre'"` next to
-`--variants=cpu_proxy,cpu_best` on `--config=configs/openkbp.py`. Variants run one
-after another in this process, so wall times are comparable between them.
+`--variants=cpu_proxy,cpu_best` on `--config=configs/openkbp.py`. Variants
+run one after another in this process, so wall times are comparable
+between them.
 
 A variant with a moving average of the parameters (`config.ema_decay > 0`,
 e.g. `--variant=ema:ema_decay=0.999`) is validated as training validates

@@ -179,6 +179,33 @@ def test_progressive_resizing_trains_and_resumes_in_its_coarse_phase(
   _assert_trees_close(straight, resumed)
 
 
+@pytest.mark.parametrize("saved,resumed", [(0, 1), (1, 0)])
+def test_resume_with_another_coarse_phase_is_a_clear_error(
+    tmp_path, finished_run, saved, resumed
+):
+  """A run saved without a coarse phase resumed with one, or the reverse:
+  the saved input position does not fit; the error names the checkpoint
+  folder and leaves the checkpoints as they were."""
+  mesh = train.make_mesh(jax.devices()[:1])
+  coarse = lambda steps: tiny_config(
+      eval_every_steps=100,
+      **{"data.coarse_steps": steps, "data.coarse_downsample": 4},
+  )
+  if saved:
+    train.train_and_evaluate(coarse(saved), tmp_path, mesh=mesh)
+  else:
+    _copy_run(finished_run, tmp_path)
+  shutil.rmtree(tmp_path / "checkpoints" / "latest" / "4")
+  latest = tmp_path / "checkpoints" / "latest"
+  before = sorted(p.name for p in latest.iterdir())
+  with pytest.raises(
+      checkpointing.CheckpointError,
+      match=rf"checkpoints.*step 2.*coarse_steps={resumed};",
+  ):
+    train.train_and_evaluate(coarse(resumed), tmp_path, mesh=mesh)
+  assert sorted(p.name for p in latest.iterdir()) == before
+
+
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog, finished_run):
   _copy_run(finished_run, tmp_path)
   step_dir = tmp_path / "checkpoints" / "latest" / "4" / "state"

@@ -552,7 +552,18 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict:
   with interrupts.ignored_in_children():  # workers: the parent stops them
     train_iter = iter(train_ds)
     if restored is not None:
-      train_iter.set_state(restored["data"])
+      try:
+        train_iter.set_state(restored["data"])
+      except (ValueError, KeyError, TypeError) as e:
+        ckpt.close()
+        _stop_workers(train_iter)
+        raise checkpointing.CheckpointError(
+            f"{ckpt.root}: the input position saved at step {start_step} "
+            "does not fit this config's input pipeline (config.data."
+            f"coarse_steps={config.data.get('coarse_steps', 0)}; it must be "
+            "what it was when the run was saved); the checkpoint is "
+            f"unchanged ({checkpointing.brief_error(e)})"
+        ) from None
     # grain starts its worker processes with the first batch.
     first_batch = (
         next(train_iter) if start_step < config.num_train_steps else None
